@@ -1,0 +1,58 @@
+"""AUTOMATIC1111 sampler names -> fresh diffusers schedulers.
+
+Each request gets a new scheduler built from the model's own scheduler config,
+because diffusers schedulers keep per-run state (timesteps, step index, solver
+history) and are not safe to share between concurrent requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+_KARRAS = {"use_karras_sigmas": True}
+_SDE = {"algorithm_type": "sde-dpmsolver++"}
+
+# Canonical name (src.schema.SCHEDULER_NAMES) -> (class, config overrides). The overrides follow the diffusers docs'
+# table of A1111 equivalents.
+SCHEDULERS: Mapping[str, tuple[type[SchedulerMixin], dict[str, Any]]] = MappingProxyType(
+    {
+        "DPM++ 2M": (DPMSolverMultistepScheduler, {}),
+        "DPM++ 2M Karras": (DPMSolverMultistepScheduler, _KARRAS),
+        "DPM++ 2M SDE": (DPMSolverMultistepScheduler, _SDE),
+        "DPM++ 2M SDE Karras": (DPMSolverMultistepScheduler, {**_SDE, **_KARRAS}),
+        "DPM2": (KDPM2DiscreteScheduler, {}),
+        "DPM2 a": (KDPM2AncestralDiscreteScheduler, {}),
+        "Euler": (EulerDiscreteScheduler, {}),
+        "Euler a": (EulerAncestralDiscreteScheduler, {}),
+        "Heun": (HeunDiscreteScheduler, {}),
+        "LMS": (LMSDiscreteScheduler, {}),
+        "LMS Karras": (LMSDiscreteScheduler, _KARRAS),
+        # SD 1.5's config says clip_sample=False, but a config without the key
+        # would get DDIM's default (True), which clips latents and ruins images.
+        "DDIM": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
+        "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
+        "UniPC": (UniPCMultistepScheduler, {}),
+    }
+)
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any]) -> SchedulerMixin:
+    """Build a new scheduler ``name`` (a canonical name from the schema) from a model's config."""
+    scheduler_class, overrides = SCHEDULERS[name]
+    return scheduler_class.from_config(dict(base_config), **overrides)

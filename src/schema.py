@@ -1,0 +1,320 @@
+"""The wire contract: the request model, the response models, and their errors.
+
+``GenerateRequest`` is the only place where a job's input is checked and where
+its defaults are set. Limits that operators configure (``MAX_SIDE``,
+``MAX_STEPS``, ...) reach the model through pydantic's validation context, as
+any object with the attributes of ``RequestLimits`` (the worker passes its
+``Settings``), so that this module imports nothing of the worker's own.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Protocol
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+MAX_PROMPT_CHARS = 2000
+SEED_MAX = 2**32 - 1
+SIDE_STEP = 64
+GUIDANCE_MAX = 30.0
+
+# AUTOMATIC1111's sampler names; src/schedulers.py maps each to diffusers.
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Karras",
+    "DPM2",
+    "DPM2 a",
+    "Euler",
+    "Euler a",
+    "Heun",
+    "LMS",
+    "LMS Karras",
+    "DDIM",
+    "PNDM",
+    "UniPC",
+)
+_SCHEDULERS_BY_KEY = {name.casefold(): name for name in SCHEDULER_NAMES}
+
+
+class InputError(ValueError):
+    """A job's input breaks the contract. The message names every bad field."""
+
+
+class RequestLimits(Protocol):
+    """What the request model needs from the worker's configuration (read-only)."""
+
+    @property
+    def max_side(self) -> int: ...
+    @property
+    def max_steps(self) -> int: ...
+    @property
+    def max_images(self) -> int: ...
+    @property
+    def max_pixels(self) -> int: ...
+    @property
+    def default_steps(self) -> int: ...
+    @property
+    def default_scheduler(self) -> str: ...
+
+
+def canonical_scheduler(name: str) -> str:
+    """Return the canonical spelling of a scheduler name, matched without regard to case.
+
+    Raises:
+        ValueError: the name is not one of ``SCHEDULER_NAMES``; the message lists them.
+    """
+    try:
+        return _SCHEDULERS_BY_KEY[name.strip().casefold()]
+    except KeyError:
+        raise ValueError(f"must be one of: {', '.join(SCHEDULER_NAMES)} (case does not matter)") from None
+
+
+def check_limits(limits: RequestLimits) -> None:
+    """Check the configured defaults against the contract, at startup.
+
+    Raises:
+        ValueError: naming the setting, its value and the rule.
+    """
+    try:
+        canonical_scheduler(limits.default_scheduler)
+    except ValueError as error:
+        raise ValueError(f"DEFAULT_SCHEDULER={limits.default_scheduler!r}: {error}") from None
+
+
+def _limits(info: ValidationInfo) -> RequestLimits:
+    limits = (info.context or {}).get("limits")
+    if limits is None:
+        raise RuntimeError("GenerateRequest needs context={'limits': ...}; use parse_input()")
+    return limits
+
+
+# Fields whose upper bound or default is configured, and the setting that holds it.
+CONFIGURED_MAXIMUM = {
+    "width": "max_side",
+    "height": "max_side",
+    "num_inference_steps": "max_steps",
+    "num_images": "max_images",
+}
+CONFIGURED_DEFAULT = {"num_inference_steps": "default_steps", "scheduler": "default_scheduler"}
+
+
+class GenerateRequest(BaseModel):
+    """One text-to-image job. Unknown fields are errors, so typos fail loudly.
+
+    Each field's description is its rule as the README states it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: StrictStr = Field(
+        max_length=MAX_PROMPT_CHARS,
+        description=f"What to draw. Not blank; at most {MAX_PROMPT_CHARS} characters.",
+    )
+    negative_prompt: StrictStr = Field(
+        "",
+        max_length=MAX_PROMPT_CHARS,
+        description=f"What to steer away from. At most {MAX_PROMPT_CHARS} characters.",
+    )
+    width: StrictInt = Field(
+        512,
+        ge=SIDE_STEP,
+        multiple_of=SIDE_STEP,
+        description=f"Pixels. A multiple of {SIDE_STEP}, from {SIDE_STEP} to `MAX_SIDE`.",
+    )
+    height: StrictInt = Field(
+        512,
+        ge=SIDE_STEP,
+        multiple_of=SIDE_STEP,
+        description=f"Pixels. A multiple of {SIDE_STEP}, from {SIDE_STEP} to `MAX_SIDE`.",
+    )
+    num_inference_steps: StrictInt = Field(ge=1, description="Denoising steps, 1 to `MAX_STEPS`.")
+    guidance_scale: float = Field(
+        7.5,
+        strict=True,
+        ge=0.0,
+        le=GUIDANCE_MAX,
+        allow_inf_nan=False,
+        description=f"A finite number from 0 to {GUIDANCE_MAX:g}. At 1 or less, guidance is off.",
+    )
+    seed: StrictInt | None = Field(
+        None,
+        validate_default=True,
+        description=(
+            f"0 to {SEED_MAX}; null or -1 picks a random 32-bit seed. "
+            "Image i uses seed + i (mod 2^32), returned with each image."
+        ),
+    )
+    num_images: StrictInt = Field(
+        1,
+        ge=1,
+        description="1 to `MAX_IMAGES`, and width x height x num_images at most `MAX_PIXELS`.",
+    )
+    scheduler: StrictStr = Field(
+        description=f"One of {', '.join(SCHEDULER_NAMES)}; case does not matter.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _configured_defaults(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict):
+            limits = _limits(info)
+            defaults = {name: getattr(limits, setting) for name, setting in CONFIGURED_DEFAULT.items()}
+            data = {**defaults, **data}
+        return data
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator(*CONFIGURED_MAXIMUM)
+    @classmethod
+    def _within_configured_maximum(cls, value: int, info: ValidationInfo) -> int:
+        setting = CONFIGURED_MAXIMUM[str(info.field_name)]
+        maximum = getattr(_limits(info), setting)
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum} ({setting.upper()})")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _resolve_seed(cls, value: int | None) -> int:
+        # Drawn here, once, so that the seed in the response is the one that was used.
+        if value is None or value == -1:
+            return secrets.randbelow(SEED_MAX + 1)
+        if not 0 <= value <= SEED_MAX:
+            raise ValueError(f"must be 0 to {SEED_MAX}, or -1 or null for a random seed")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return canonical_scheduler(value)
+
+    @model_validator(mode="after")
+    def _within_max_pixels(self, info: ValidationInfo) -> GenerateRequest:
+        max_pixels = _limits(info).max_pixels
+        pixels = self.width * self.height * self.num_images
+        if pixels > max_pixels:
+            raise ValueError(
+                f"width x height x num_images = {self.width} x {self.height} x {self.num_images} "
+                f"= {pixels} pixels: must be at most {max_pixels} (MAX_PIXELS); "
+                "ask for fewer or smaller images"
+            )
+        return self
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image: seed + i, wrapped into 0..2^32-1 so each can be asked for alone."""
+        assert self.seed is not None  # resolved by _resolve_seed
+        return [(self.seed + index) % (SEED_MAX + 1) for index in range(self.num_images)]
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``value`` as it came in, abbreviated when long so an error stays readable."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+    return f"{text[: limit - 20]}... ({size})"
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One line naming every bad field, the value received and the rule it broke."""
+    allowed = ", ".join(GenerateRequest.model_fields)
+    problems = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"]) or "input"
+        kind = item["type"]
+        message = item["msg"].removeprefix("Value error, ")
+        message = message.replace("Input should be", "must be").replace("String should have", "must have")
+        if kind == "extra_forbidden":
+            message = f"unknown field; the fields are: {allowed}"
+        if kind == "missing":
+            problems.append(f"{field}: required")
+        elif field == "input":
+            problems.append(message)
+        else:
+            problems.append(f"{field}={_shown(item['input'])}: {message}")
+    return "invalid input: " + "; ".join(problems)
+
+
+def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
+    """Validate a RunPod job's ``input`` into a ``GenerateRequest``.
+
+    Raises:
+        InputError: the job or its input breaks the contract; the message says where.
+    """
+    if not isinstance(job, dict):
+        raise InputError(f"job: must be an object with an 'input' field, got {type(job).__name__}")
+    if "input" not in job:
+        raise InputError("input: required; the job must carry an 'input' object with at least a 'prompt'")
+    data = job["input"]
+    if not isinstance(data, dict):
+        raise InputError(
+            f"input={_shown(data)}: must be an object of generation parameters "
+            f'such as {{"prompt": "a fox"}}, got {type(data).__name__ if data is not None else "null"}'
+        )
+    try:
+        return GenerateRequest.model_validate(data, context={"limits": limits})
+    except ValidationError as error:
+        raise InputError(describe_errors(error)) from None
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage of the job."""
+
+    inference: float = Field(description="Text encoding, denoising and VAE decoding.")
+    encode: float = Field(description="Turning images into the response's format.")
+    total: float = Field(description="The whole job, from input to response.")
+
+
+class ImageResult(BaseModel):
+    """One generated image."""
+
+    image: str = Field(description="Base64 of the PNG file, with no `data:` prefix.")
+    seed: int = Field(description="The seed that regenerates this image alone.")
+
+
+class Metadata(BaseModel):
+    """What was generated and how; enough to reproduce every image."""
+
+    prompt: str = Field(description="The prompt, as given.")
+    negative_prompt: str = Field(description="The negative prompt, as given.")
+    width: int = Field(description="Image width in pixels.")
+    height: int = Field(description="Image height in pixels.")
+    num_inference_steps: int = Field(description="Denoising steps run.")
+    guidance_scale: float = Field(description="Classifier-free guidance used.")
+    scheduler: str = Field(description="The canonical name of the scheduler used.")
+    seeds: list[int] = Field(description="The seed of each image, in order.")
+    model: str = Field(description="`MODEL_ID`, with `@MODEL_REVISION` when one is set.")
+    device: str = Field(description="`cuda` or `cpu`.")
+    dtype: str = Field(description="The torch dtype the model ran in, such as `float16`.")
+    timings_ms: Timings = Field(description="Milliseconds per stage; see below.")
+    version: str = Field(description="The worker's version.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the user should know about this result, such as a prompt longer than CLIP reads.",
+    )
+
+
+class GenerateResponse(BaseModel):
+    """A successful job's output."""
+
+    images: list[ImageResult]
+    metadata: Metadata

@@ -1,0 +1,121 @@
+"""Environment -> one validated ``Settings`` object, read once at startup.
+
+Every variable the worker reads is declared here, with its default and its
+rule. ``load_settings`` is called once per process; nothing else in the worker
+reads ``os.environ`` for its own configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class SettingsError(ValueError):
+    """A configuration variable is missing a rule it must follow; startup stops."""
+
+
+class Settings(BaseModel):
+    """The worker's configuration. Field aliases are the environment variable names."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    model_id: str = Field(
+        DEFAULT_MODEL_ID,
+        alias="MODEL_ID",
+        min_length=1,
+        description="Hub id of a diffusers SD 1.5 repo, or a path to a local diffusers folder.",
+    )
+    model_revision: str | None = Field(
+        None,
+        alias="MODEL_REVISION",
+        description="Hub revision (branch, tag or commit) to load; unset means the default branch.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", alias="DEVICE", description="`auto` uses CUDA when a GPU is visible, else the CPU."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto",
+        alias="DTYPE",
+        description="`auto` is float16 on CUDA and float32 on the CPU. The CPU always runs float32.",
+    )
+    max_side: int = Field(
+        1024,
+        alias="MAX_SIDE",
+        ge=512,
+        le=4096,
+        multiple_of=64,
+        description="Largest width or height a request may ask; a multiple of 64, from 512 (the default size) to 4096.",
+    )
+    max_steps: int = Field(
+        150, alias="MAX_STEPS", ge=1, le=1000, description="Largest `num_inference_steps`; 1 to 1000."
+    )
+    max_images: int = Field(
+        4, alias="MAX_IMAGES", ge=1, le=64, description="Largest `num_images` per request; 1 to 64."
+    )
+    max_pixels: int = Field(
+        1_048_576,
+        alias="MAX_PIXELS",
+        ge=512 * 512,
+        description="Largest width x height x num_images per request; at least 262144 (one default 512x512 image).",
+    )
+    default_steps: int = Field(
+        25,
+        alias="DEFAULT_STEPS",
+        ge=1,
+        description="`num_inference_steps` when a request gives none; at most `MAX_STEPS`.",
+    )
+    default_scheduler: str = Field(
+        "DPM++ 2M Karras",
+        alias="DEFAULT_SCHEDULER",
+        min_length=1,
+        description="`scheduler` when a request gives none; one of the `scheduler` names.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", alias="LOG_LEVEL", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR."
+    )
+
+    @field_validator("device", "dtype", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Settings:
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"DEFAULT_STEPS={self.default_steps}: must not exceed MAX_STEPS={self.max_steps}")
+        return self
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the worker's variables from ``environ`` (default: ``os.environ``).
+
+    Unset and empty variables take their defaults.
+
+    Raises:
+        SettingsError: one message naming every bad variable, its value and its rule.
+    """
+    environ = os.environ if environ is None else environ
+    names = [field.alias for field in Settings.model_fields.values() if field.alias]
+    present = {name: environ[name].strip() for name in names if environ.get(name, "").strip()}
+    try:
+        return Settings.model_validate(present)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors(include_url=False):
+            name = str(item["loc"][0]) if item["loc"] else ""
+            message = item["msg"].removeprefix("Value error, ")
+            if name:
+                message = f"{name}={present.get(name)!r}: {message.replace('Input should be', 'must be')}"
+            problems.append(message)
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

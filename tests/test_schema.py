@@ -1,0 +1,557 @@
+"""The request contract (src/schema.py): every rule, its message, and the defaults.
+
+Pure pydantic: no model and no torch, except the scheduler-mapping tests at the
+end, which build real diffusers schedulers on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from src.schema import (
+    CONFIGURED_DEFAULT,
+    CONFIGURED_MAXIMUM,
+    SCHEDULER_NAMES,
+    GenerateRequest,
+    InputError,
+    canonical_scheduler,
+    check_limits,
+    parse_input,
+)
+from src.settings import Settings, SettingsError, load_settings
+
+LIMITS = load_settings({})
+PROMPT = {"prompt": "a fox in the snow"}
+ALL_FIELDS = "prompt, negative_prompt, width, height, num_inference_steps, guidance_scale, seed, num_images, scheduler"
+
+
+def parse(data: Any, limits: Settings = LIMITS) -> GenerateRequest:
+    return parse_input({"input": data}, limits)
+
+
+def error_of(data: Any, limits: Settings = LIMITS) -> str:
+    with pytest.raises(InputError) as caught:
+        parse(data, limits)
+    return str(caught.value)
+
+
+def with_prompt(**fields: Any) -> dict[str, Any]:
+    return {**PROMPT, **fields}
+
+
+# (input, field the message must name, exact text it must contain: value and rule where the value is short)
+BAD_INPUTS = [
+    # prompt
+    pytest.param({}, "prompt", "prompt: required", id="prompt-missing"),
+    pytest.param({"prompt": ""}, "prompt", "prompt='': must not be blank", id="prompt-empty"),
+    pytest.param({"prompt": "   "}, "prompt", "prompt='   ': must not be blank", id="prompt-spaces"),
+    pytest.param({"prompt": " \t\n "}, "prompt", ": must not be blank", id="prompt-whitespace"),
+    pytest.param({"prompt": 42}, "prompt", "prompt=42: must be a valid string", id="prompt-int"),
+    pytest.param({"prompt": ["a fox"]}, "prompt", "prompt=['a fox']: must be a valid string", id="prompt-list"),
+    pytest.param({"prompt": None}, "prompt", "prompt=None: must be a valid string", id="prompt-null"),
+    pytest.param({"prompt": "x" * 2001}, "prompt", "must have at most 2000 characters", id="prompt-2001-chars"),
+    # negative_prompt
+    pytest.param(
+        with_prompt(negative_prompt="n" * 2001),
+        "negative_prompt",
+        "must have at most 2000 characters",
+        id="negative-2001-chars",
+    ),
+    pytest.param(
+        with_prompt(negative_prompt=5),
+        "negative_prompt",
+        "negative_prompt=5: must be a valid string",
+        id="negative-int",
+    ),
+    pytest.param(
+        with_prompt(negative_prompt=None),
+        "negative_prompt",
+        "negative_prompt=None: must be a valid string",
+        id="negative-null",
+    ),
+    # width and height
+    pytest.param(with_prompt(width=500), "width", "width=500: must be a multiple of 64", id="width-500"),
+    pytest.param(with_prompt(width=0), "width", "width=0: must be greater than or equal to 64", id="width-0"),
+    pytest.param(with_prompt(width=-64), "width", "width=-64: must be greater than or equal to 64", id="width-neg"),
+    pytest.param(with_prompt(width=1088), "width", "width=1088: must be at most 1024 (MAX_SIDE)", id="width-1088"),
+    pytest.param(with_prompt(width=2048), "width", "width=2048: must be at most 1024 (MAX_SIDE)", id="width-2048"),
+    pytest.param(with_prompt(width=True), "width", "width=True: must be a valid integer", id="width-bool"),
+    pytest.param(with_prompt(width=512.5), "width", "width=512.5: must be a valid integer", id="width-512.5"),
+    pytest.param(with_prompt(width=512.0), "width", "width=512.0: must be a valid integer", id="width-512.0"),
+    pytest.param(with_prompt(width="512"), "width", "width='512': must be a valid integer", id="width-str"),
+    pytest.param(with_prompt(width=None), "width", "width=None: must be a valid integer", id="width-null"),
+    pytest.param(with_prompt(height=500), "height", "height=500: must be a multiple of 64", id="height-500"),
+    pytest.param(with_prompt(height=0), "height", "height=0: must be greater than or equal to 64", id="height-0"),
+    pytest.param(with_prompt(height=1088), "height", "height=1088: must be at most 1024 (MAX_SIDE)", id="height-1088"),
+    pytest.param(with_prompt(height=True), "height", "height=True: must be a valid integer", id="height-bool"),
+    pytest.param(with_prompt(height="512"), "height", "height='512': must be a valid integer", id="height-str"),
+    # num_inference_steps
+    pytest.param(
+        with_prompt(num_inference_steps=0),
+        "num_inference_steps",
+        "num_inference_steps=0: must be greater than or equal to 1",
+        id="steps-0",
+    ),
+    pytest.param(
+        with_prompt(num_inference_steps=-1),
+        "num_inference_steps",
+        "num_inference_steps=-1: must be greater than or equal to 1",
+        id="steps-neg",
+    ),
+    pytest.param(
+        with_prompt(num_inference_steps=151),
+        "num_inference_steps",
+        "num_inference_steps=151: must be at most 150 (MAX_STEPS)",
+        id="steps-151",
+    ),
+    pytest.param(
+        with_prompt(num_inference_steps=1.5),
+        "num_inference_steps",
+        "num_inference_steps=1.5: must be a valid integer",
+        id="steps-float",
+    ),
+    pytest.param(
+        with_prompt(num_inference_steps=True),
+        "num_inference_steps",
+        "num_inference_steps=True: must be a valid integer",
+        id="steps-bool",
+    ),
+    pytest.param(
+        with_prompt(num_inference_steps="25"),
+        "num_inference_steps",
+        "num_inference_steps='25': must be a valid integer",
+        id="steps-str",
+    ),
+    # guidance_scale
+    pytest.param(
+        with_prompt(guidance_scale=-0.1),
+        "guidance_scale",
+        "guidance_scale=-0.1: must be greater than or equal to 0",
+        id="guidance-neg",
+    ),
+    pytest.param(
+        with_prompt(guidance_scale=30.5),
+        "guidance_scale",
+        "guidance_scale=30.5: must be less than or equal to 30",
+        id="guidance-30.5",
+    ),
+    pytest.param(
+        with_prompt(guidance_scale=math.nan),
+        "guidance_scale",
+        "guidance_scale=nan: must be a finite number",
+        id="guidance-nan",
+    ),
+    pytest.param(
+        with_prompt(guidance_scale=math.inf),
+        "guidance_scale",
+        "guidance_scale=inf: must be a finite number",
+        id="guidance-inf",
+    ),
+    pytest.param(
+        with_prompt(guidance_scale=-math.inf),
+        "guidance_scale",
+        "guidance_scale=-inf: must be a finite number",
+        id="guidance-neg-inf",
+    ),
+    pytest.param(
+        with_prompt(guidance_scale=True),
+        "guidance_scale",
+        "guidance_scale=True: must be a valid number",
+        id="guidance-bool",
+    ),
+    pytest.param(
+        with_prompt(guidance_scale="7.5"),
+        "guidance_scale",
+        "guidance_scale='7.5': must be a valid number",
+        id="guidance-str",
+    ),
+    pytest.param(
+        with_prompt(guidance_scale=None),
+        "guidance_scale",
+        "guidance_scale=None: must be a valid number",
+        id="guidance-null",
+    ),
+    # seed
+    pytest.param(
+        with_prompt(seed=-2), "seed", "seed=-2: must be 0 to 4294967295, or -1 or null for a random seed", id="seed-neg"
+    ),
+    pytest.param(with_prompt(seed=2**32), "seed", "seed=4294967296: must be 0 to 4294967295", id="seed-2**32"),
+    pytest.param(with_prompt(seed=1.5), "seed", "seed=1.5: must be a valid integer", id="seed-float"),
+    pytest.param(with_prompt(seed=True), "seed", "seed=True: must be a valid integer", id="seed-bool"),
+    pytest.param(with_prompt(seed="42"), "seed", "seed='42': must be a valid integer", id="seed-str"),
+    # num_images
+    pytest.param(
+        with_prompt(num_images=0), "num_images", "num_images=0: must be greater than or equal to 1", id="images-0"
+    ),
+    pytest.param(
+        with_prompt(num_images=5), "num_images", "num_images=5: must be at most 4 (MAX_IMAGES)", id="images-5"
+    ),
+    pytest.param(
+        with_prompt(num_images=True), "num_images", "num_images=True: must be a valid integer", id="images-bool"
+    ),
+    pytest.param(with_prompt(num_images=2.0), "num_images", "num_images=2.0: must be a valid integer", id="images-2.0"),
+    # width x height x num_images
+    pytest.param(
+        with_prompt(width=1024, height=1024, num_images=2),
+        "num_images",
+        "width x height x num_images = 1024 x 1024 x 2 = 2097152 pixels: must be at most 1048576 (MAX_PIXELS)",
+        id="pixels-1024x1024x2",
+    ),
+    pytest.param(
+        with_prompt(width=768, height=768, num_images=2),
+        "num_images",
+        "= 1179648 pixels: must be at most 1048576 (MAX_PIXELS)",
+        id="pixels-768x768x2",
+    ),
+    # scheduler
+    pytest.param(with_prompt(scheduler="foo"), "scheduler", "scheduler='foo': must be one of: ", id="scheduler-foo"),
+    pytest.param(with_prompt(scheduler=""), "scheduler", "scheduler='': must be one of: ", id="scheduler-empty"),
+    pytest.param(with_prompt(scheduler=3), "scheduler", "scheduler=3: must be a valid string", id="scheduler-int"),
+    pytest.param(
+        with_prompt(scheduler=None), "scheduler", "scheduler=None: must be a valid string", id="scheduler-null"
+    ),
+    # unknown fields
+    pytest.param(with_prompt(steps=30), "steps", "steps=30: unknown field; the fields are: ", id="unknown-steps"),
+    pytest.param({"Prompt": "a fox"}, "Prompt", "Prompt='a fox': unknown field", id="unknown-Prompt"),
+    pytest.param(with_prompt(cfg=7), "cfg", "cfg=7: unknown field", id="unknown-cfg"),
+]
+
+
+@pytest.mark.parametrize(("bad", "field", "expected"), BAD_INPUTS)
+def test_bad_input_is_refused_with_field_and_rule(bad: dict[str, Any], field: str, expected: str) -> None:
+    message = error_of(bad)
+    assert message.startswith("invalid input: ")
+    assert field in message
+    assert expected in message
+
+
+def test_bad_input_table_is_large_and_distinct() -> None:
+    assert len(BAD_INPUTS) >= 35
+    assert len({param.id for param in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+def test_unknown_field_message_lists_the_real_fields() -> None:
+    assert f"unknown field; the fields are: {ALL_FIELDS}" in error_of(with_prompt(steps=30))
+
+
+def test_misspelled_prompt_is_unknown_and_prompt_still_required() -> None:
+    message = error_of({"Prompt": "a fox"})
+    assert "prompt: required" in message
+    assert "Prompt='a fox': unknown field" in message
+
+
+def test_every_bad_field_is_named_in_one_message() -> None:
+    bad = {
+        "prompt": "",
+        "negative_prompt": 1,
+        "width": 500,
+        "height": 2048,
+        "num_inference_steps": 0,
+        "guidance_scale": "high",
+        "seed": -5,
+        "num_images": 9,
+        "scheduler": "foo",
+        "steps": 30,
+    }
+    message = error_of(bad)
+    for field in bad:
+        assert f"{field}=" in message, field
+    assert message.count("; ") >= len(bad) - 1
+
+
+def test_long_bad_value_is_abbreviated() -> None:
+    message = error_of({"prompt": "x" * 10_000})
+    assert len(message) < 300
+    assert "x" * 100 not in message
+    assert "must have at most 2000 characters" in message
+
+
+def test_bad_scheduler_message_lists_every_name() -> None:
+    message = error_of(with_prompt(scheduler="Euler b"))
+    for name in SCHEDULER_NAMES:
+        assert name in message
+    assert f"must be one of: {', '.join(SCHEDULER_NAMES)} (case does not matter)" in message
+
+
+@pytest.mark.parametrize(
+    ("job", "mentions"),
+    [
+        pytest.param(None, "job", id="none"),
+        pytest.param([{"input": PROMPT}], "job", id="list"),
+        pytest.param("a fox", "job", id="string"),
+        pytest.param({}, "input", id="no-input"),
+        pytest.param({"inputs": PROMPT}, "input", id="misspelled-input"),
+        pytest.param({"input": None}, "input", id="input-null"),
+        pytest.param({"input": "a fox"}, "input", id="input-string"),
+        pytest.param({"input": [1, 2]}, "input", id="input-list"),
+        pytest.param({"input": 5}, "input", id="input-int"),
+    ],
+)
+def test_broken_job_is_refused(job: Any, mentions: str) -> None:
+    with pytest.raises(InputError, match=mentions):
+        parse_input(job, LIMITS)
+
+
+def test_input_of_wrong_type_says_what_it_got() -> None:
+    with pytest.raises(InputError, match=r"^input='a fox': must be an object .* got str$"):
+        parse("a fox")
+    with pytest.raises(InputError, match=r"got null$"):
+        parse(None)
+
+
+def test_defaults() -> None:
+    request = parse({"prompt": "a fox"})
+    assert request.prompt == "a fox"
+    assert request.negative_prompt == ""
+    assert (request.width, request.height) == (512, 512)
+    assert request.num_inference_steps == 25
+    assert request.guidance_scale == 7.5
+    assert request.num_images == 1
+    assert request.scheduler == "DPM++ 2M Karras"
+    assert request.seed is not None
+    assert 0 <= request.seed < 2**32
+
+
+def test_full_valid_request_is_kept() -> None:
+    data = {
+        "prompt": "a fox",
+        "negative_prompt": "blurry",
+        "width": 640,
+        "height": 384,
+        "num_inference_steps": 30,
+        "guidance_scale": 5.5,
+        "seed": 42,
+        "num_images": 2,
+        "scheduler": "Euler a",
+    }
+    assert parse(data).model_dump() == data
+
+
+def test_integer_guidance_scale_becomes_float() -> None:
+    request = parse(with_prompt(guidance_scale=7))
+    assert request.guidance_scale == 7.0
+    assert isinstance(request.guidance_scale, float)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        pytest.param("width", 64, id="width-64"),
+        pytest.param("width", 1024, id="width-1024"),
+        pytest.param("height", 64, id="height-64"),
+        pytest.param("height", 1024, id="height-1024"),
+        pytest.param("num_inference_steps", 1, id="steps-1"),
+        pytest.param("num_inference_steps", 150, id="steps-150"),
+        pytest.param("guidance_scale", 0, id="guidance-0"),
+        pytest.param("guidance_scale", 0.0, id="guidance-0.0"),
+        pytest.param("guidance_scale", 30, id="guidance-30"),
+        pytest.param("seed", 0, id="seed-0"),
+        pytest.param("seed", 4294967295, id="seed-max"),
+        pytest.param("num_images", 4, id="images-4"),
+        pytest.param("negative_prompt", "n" * 2000, id="negative-2000-chars"),
+        pytest.param("prompt", "x" * 2000, id="prompt-2000-chars"),
+    ],
+)
+def test_boundary_is_accepted(field: str, value: Any) -> None:
+    request = parse({**PROMPT, field: value})
+    assert getattr(request, field) == value
+
+
+def test_largest_request_within_max_pixels_is_accepted() -> None:
+    request = parse(with_prompt(width=1024, height=1024, num_images=1))
+    assert request.width * request.height * request.num_images == LIMITS.max_pixels
+    request = parse(with_prompt(width=512, height=512, num_images=4))
+    assert len(request.seeds) == 4
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(PROMPT, id="absent"),
+        pytest.param(with_prompt(seed=None), id="null"),
+        pytest.param(with_prompt(seed=-1), id="minus-one"),
+    ],
+)
+def test_random_seed_is_drawn(data: dict[str, Any]) -> None:
+    seeds = {parse(data).seed for _ in range(3)}
+    assert all(seed is not None and 0 <= seed < 2**32 for seed in seeds)
+    assert len(seeds) > 1  # three equal draws from 2**32 would be a broken generator
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        pytest.param("euler A", "Euler a", id="euler-A"),
+        pytest.param("dpm++ 2m karras", "DPM++ 2M Karras", id="lowercase"),
+        pytest.param("DPM++ 2M SDE KARRAS", "DPM++ 2M SDE Karras", id="uppercase"),
+        pytest.param("unipc", "UniPC", id="unipc"),
+        pytest.param("  DDIM  ", "DDIM", id="padded"),
+    ],
+)
+def test_scheduler_matched_without_case(given: str, canonical: str) -> None:
+    assert parse(with_prompt(scheduler=given)).scheduler == canonical
+    assert canonical_scheduler(given) == canonical
+
+
+def test_every_canonical_name_maps_to_itself() -> None:
+    for name in SCHEDULER_NAMES:
+        assert canonical_scheduler(name) == name
+
+
+@pytest.mark.parametrize(
+    ("seed", "num_images", "seeds"),
+    [
+        pytest.param(42, 1, [42], id="one"),
+        pytest.param(42, 3, [42, 43, 44], id="three"),
+        pytest.param(4294967295, 3, [4294967295, 0, 1], id="wraps"),
+        pytest.param(4294967294, 2, [4294967294, 4294967295], id="reaches-max"),
+        pytest.param(0, 4, [0, 1, 2, 3], id="zero"),
+    ],
+)
+def test_seeds_are_consecutive_and_wrap(seed: int, num_images: int, seeds: list[int]) -> None:
+    assert parse(with_prompt(seed=seed, num_images=num_images)).seeds == seeds
+
+
+def test_request_is_frozen() -> None:
+    request = parse(PROMPT)
+    with pytest.raises(ValueError, match="frozen"):
+        request.width = 1024  # type: ignore[misc]
+
+
+def test_model_needs_limits() -> None:
+    with pytest.raises(RuntimeError, match="parse_input"):
+        GenerateRequest.model_validate(PROMPT)
+
+
+def test_configured_fields_name_real_settings() -> None:
+    for field, setting in {**CONFIGURED_MAXIMUM, **CONFIGURED_DEFAULT}.items():
+        assert field in GenerateRequest.model_fields
+        assert setting in Settings.model_fields
+
+
+# Limits from settings, not from constants in the schema.
+CUSTOM = load_settings(
+    {
+        "MAX_SIDE": "768",
+        "MAX_STEPS": "50",
+        "MAX_IMAGES": "2",
+        "MAX_PIXELS": str(768 * 768),
+        "DEFAULT_STEPS": "30",
+        "DEFAULT_SCHEDULER": "euler a",
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        pytest.param(with_prompt(width=832), "width=832: must be at most 768 (MAX_SIDE)", id="width"),
+        pytest.param(with_prompt(height=1024), "height=1024: must be at most 768 (MAX_SIDE)", id="height"),
+        pytest.param(
+            with_prompt(num_inference_steps=51), "num_inference_steps=51: must be at most 50 (MAX_STEPS)", id="steps"
+        ),
+        pytest.param(with_prompt(num_images=3), "num_images=3: must be at most 2 (MAX_IMAGES)", id="images"),
+        pytest.param(
+            with_prompt(width=768, height=768, num_images=2),
+            "= 1179648 pixels: must be at most 589824 (MAX_PIXELS)",
+            id="pixels",
+        ),
+    ],
+)
+def test_custom_limits_are_enforced(bad: dict[str, Any], expected: str) -> None:
+    assert expected in error_of(bad, CUSTOM)
+
+
+def test_custom_limits_accept_their_maximum() -> None:
+    request = parse(with_prompt(width=768, height=768, num_inference_steps=50), CUSTOM)
+    assert (request.width, request.height, request.num_inference_steps) == (768, 768, 50)
+    request = parse(with_prompt(width=384, height=768, num_images=2), CUSTOM)
+    assert request.num_images == 2
+
+
+def test_custom_defaults_come_from_settings() -> None:
+    request = parse(PROMPT, CUSTOM)
+    assert request.num_inference_steps == 30
+    assert request.scheduler == "Euler a"
+
+
+def test_request_overrides_configured_defaults() -> None:
+    request = parse(with_prompt(num_inference_steps=10, scheduler="DDIM"), CUSTOM)
+    assert (request.num_inference_steps, request.scheduler) == (10, "DDIM")
+
+
+def test_max_side_cannot_be_set_below_the_default_size() -> None:
+    """A bare request is 512x512, so MAX_SIDE below 512 would refuse every request that gives no size."""
+    with pytest.raises(SettingsError, match="MAX_SIDE='256': must be greater than or equal to 512"):
+        load_settings({"MAX_SIDE": "256"})
+
+
+@pytest.mark.parametrize("name", ["foo", "", "Euler b"])
+def test_unknown_default_scheduler_is_refused_at_startup(name: str) -> None:
+    with pytest.raises(ValueError, match=f"DEFAULT_SCHEDULER={name!r}: must be one of: DPM\\+\\+ 2M"):
+        check_limits(load_settings({}).model_copy(update={"default_scheduler": name}))
+
+
+def test_default_scheduler_in_any_case_is_accepted() -> None:
+    limits = load_settings({"DEFAULT_SCHEDULER": "euler A"})
+    check_limits(limits)
+    assert parse(PROMPT, limits).scheduler == "Euler a"
+
+
+# The mapping from A1111 names to diffusers classes (diffusers is imported only here).
+EXPECTED_CLASSES = {
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "DPM++ 2M Karras": "DPMSolverMultistepScheduler",
+    "DPM++ 2M SDE": "DPMSolverMultistepScheduler",
+    "DPM++ 2M SDE Karras": "DPMSolverMultistepScheduler",
+    "DPM2": "KDPM2DiscreteScheduler",
+    "DPM2 a": "KDPM2AncestralDiscreteScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler a": "EulerAncestralDiscreteScheduler",
+    "Heun": "HeunDiscreteScheduler",
+    "LMS": "LMSDiscreteScheduler",
+    "LMS Karras": "LMSDiscreteScheduler",
+    "DDIM": "DDIMScheduler",
+    "PNDM": "PNDMScheduler",
+    "UniPC": "UniPCMultistepScheduler",
+}
+
+
+def test_scheduler_names_and_mapping_agree() -> None:
+    from src.schedulers import SCHEDULERS
+
+    assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
+    assert set(SCHEDULER_NAMES) == set(EXPECTED_CLASSES)
+    assert len(SCHEDULER_NAMES) == len(set(SCHEDULER_NAMES))
+    assert load_settings({}).default_scheduler in SCHEDULER_NAMES
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_make_scheduler_builds_the_mapped_class(name: str) -> None:
+    from builder.tiny_model import SD15_SCHEDULER_CONFIG
+    from src.schedulers import SCHEDULERS, make_scheduler
+
+    scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
+    assert type(scheduler) is SCHEDULERS[name][0]
+    assert type(scheduler).__name__ == EXPECTED_CLASSES[name]
+    assert scheduler.config.num_train_timesteps == 1000
+    assert scheduler.config.get("use_karras_sigmas", False) is ("Karras" in name)
+    if "SDE" in name:
+        assert scheduler.config.algorithm_type == "sde-dpmsolver++"
+    if name == "DDIM":
+        assert scheduler.config.clip_sample is False
+    scheduler.set_timesteps(4)
+    assert len(scheduler.timesteps) >= 4
+
+
+def test_make_scheduler_returns_a_new_object_each_time() -> None:
+    from builder.tiny_model import SD15_SCHEDULER_CONFIG
+    from src.schedulers import make_scheduler
+
+    first = make_scheduler("Euler a", SD15_SCHEDULER_CONFIG)
+    second = make_scheduler("Euler a", SD15_SCHEDULER_CONFIG)
+    assert first is not second
+    assert SD15_SCHEDULER_CONFIG.get("use_karras_sigmas") is None  # the base config is not modified

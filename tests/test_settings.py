@@ -1,0 +1,154 @@
+"""The worker's configuration (src/settings.py): defaults, parsing, and the errors that stop startup."""
+
+from __future__ import annotations
+
+import pytest
+
+from src.settings import Settings, SettingsError, load_settings
+
+VARIABLES = [field.alias for field in Settings.model_fields.values() if field.alias]
+
+DEFAULTS = {
+    "model_id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "model_revision": None,
+    "device": "auto",
+    "dtype": "auto",
+    "max_side": 1024,
+    "max_steps": 150,
+    "max_images": 4,
+    "max_pixels": 1048576,
+    "default_steps": 25,
+    "default_scheduler": "DPM++ 2M Karras",
+    "log_level": "INFO",
+}
+
+
+def test_every_setting_has_a_variable() -> None:
+    assert sorted(VARIABLES) == sorted(name.upper() for name in DEFAULTS)
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    assert load_settings({}).model_dump() == DEFAULTS
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    settings = load_settings({"PATH": "/usr/bin", "HOME": "/root", "max_side": "1000", "RUNPOD_POD_ID": "x"})
+    assert settings.model_dump() == DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("environ", "attribute", "expected"),
+    [
+        pytest.param({"MAX_SIDE": "768"}, "max_side", 768, id="max-side"),
+        pytest.param({"MAX_SIDE": " 768 "}, "max_side", 768, id="max-side-padded"),
+        pytest.param({"MAX_STEPS": "50"}, "max_steps", 50, id="max-steps"),
+        pytest.param({"MAX_IMAGES": "8"}, "max_images", 8, id="max-images"),
+        pytest.param({"MAX_PIXELS": "2097152"}, "max_pixels", 2097152, id="max-pixels"),
+        pytest.param({"DEFAULT_STEPS": "30"}, "default_steps", 30, id="default-steps"),
+        pytest.param({"DEFAULT_STEPS": "150"}, "default_steps", 150, id="default-steps-at-max"),
+        pytest.param({"DEFAULT_SCHEDULER": "Euler a"}, "default_scheduler", "Euler a", id="default-scheduler"),
+        pytest.param({"DEVICE": "CPU"}, "device", "cpu", id="device-upper"),
+        pytest.param({"DEVICE": " Cuda "}, "device", "cuda", id="device-mixed"),
+        pytest.param({"DTYPE": "Float16"}, "dtype", "float16", id="dtype-mixed"),
+        pytest.param({"DTYPE": "BFLOAT16"}, "dtype", "bfloat16", id="dtype-upper"),
+        pytest.param({"DTYPE": "float32"}, "dtype", "float32", id="dtype-float32"),
+        pytest.param({"LOG_LEVEL": "debug"}, "log_level", "DEBUG", id="log-level-lower"),
+        pytest.param({"MODEL_ID": "/models/sd15"}, "model_id", "/models/sd15", id="model-id-path"),
+        pytest.param({"MODEL_REVISION": "fp16"}, "model_revision", "fp16", id="model-revision"),
+    ],
+)
+def test_value_parses_from_string(environ: dict[str, str], attribute: str, expected: object) -> None:
+    assert getattr(load_settings(environ), attribute) == expected
+
+
+def test_default_steps_may_follow_a_larger_max_steps() -> None:
+    settings = load_settings({"MAX_STEPS": "500", "DEFAULT_STEPS": "300"})
+    assert (settings.max_steps, settings.default_steps) == (500, 300)
+
+
+@pytest.mark.parametrize("blank", ["", "   "], ids=["empty", "spaces"])
+@pytest.mark.parametrize("variable", VARIABLES)
+def test_blank_value_means_default(variable: str, blank: str) -> None:
+    assert load_settings({variable: blank}).model_dump() == DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param({"DEVICE": "gpu"}, "DEVICE='gpu': must be 'auto', 'cuda' or 'cpu'", id="device"),
+        pytest.param({"DTYPE": "half"}, "DTYPE='half': must be 'auto', 'float16', 'bfloat16' or 'float32'", id="dtype"),
+        pytest.param({"MAX_SIDE": "1000"}, "MAX_SIDE='1000': must be a multiple of 64", id="max-side-not-64"),
+        pytest.param({"MAX_SIDE": "abc"}, "MAX_SIDE='abc': must be a valid integer", id="max-side-not-int"),
+        pytest.param({"MAX_SIDE": "0"}, "MAX_SIDE='0': must be greater than or equal to 512", id="max-side-0"),
+        pytest.param({"MAX_SIDE": "8192"}, "MAX_SIDE='8192': must be less than or equal to 4096", id="max-side-big"),
+        pytest.param({"MAX_STEPS": "0"}, "MAX_STEPS='0': must be greater than or equal to 1", id="max-steps-0"),
+        pytest.param({"MAX_IMAGES": "-1"}, "MAX_IMAGES='-1': must be greater than or equal to 1", id="max-images"),
+        pytest.param({"MAX_PIXELS": "10"}, "MAX_PIXELS='10': must be greater than or equal to 262144", id="max-pixels"),
+        pytest.param({"DEFAULT_STEPS": "0"}, "DEFAULT_STEPS='0': must be greater than or equal to 1", id="steps-0"),
+        pytest.param(
+            {"DEFAULT_STEPS": "200"}, "DEFAULT_STEPS=200: must not exceed MAX_STEPS=150", id="steps-over-default-max"
+        ),
+        pytest.param(
+            {"MAX_STEPS": "40", "DEFAULT_STEPS": "50"},
+            "DEFAULT_STEPS=50: must not exceed MAX_STEPS=40",
+            id="steps-over-set-max",
+        ),
+        pytest.param(
+            {"MAX_STEPS": "20"}, "DEFAULT_STEPS=25: must not exceed MAX_STEPS=20", id="default-steps-over-set-max"
+        ),
+        pytest.param(
+            {"LOG_LEVEL": "LOUD"}, "LOG_LEVEL='LOUD': must be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'", id="log-level"
+        ),
+    ],
+)
+def test_bad_value_is_refused(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    message = str(caught.value)
+    assert message.startswith("invalid configuration: ")
+    assert expected in message
+
+
+def test_several_bad_variables_in_one_message() -> None:
+    environ = {"DEVICE": "gpu", "DTYPE": "half", "MAX_SIDE": "1000", "MAX_IMAGES": "-1", "LOG_LEVEL": "LOUD"}
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    message = str(caught.value)
+    for variable, value in environ.items():
+        assert f"{variable}='{value}'" in message
+    assert message.count("; ") == len(environ) - 1
+
+
+def test_load_settings_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("MAX_SIDE", "768")
+    monkeypatch.setenv("DEVICE", "CPU")
+    settings = load_settings()
+    assert settings.max_side == 768
+    assert settings.device == "cpu"
+    assert settings.max_steps == 150
+
+
+def test_load_settings_refuses_bad_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("LOG_LEVEL", "LOUD")
+    with pytest.raises(SettingsError, match="LOG_LEVEL='LOUD'"):
+        load_settings()
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({})
+    with pytest.raises(ValueError, match="frozen"):
+        settings.max_side = 2048  # type: ignore[misc]
+
+
+def test_unknown_default_scheduler_stops_the_worker_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings cannot import the schema's scheduler names, so the worker checks them as it reads the settings."""
+    import handler
+
+    monkeypatch.setenv("DEFAULT_SCHEDULER", "foo")
+    monkeypatch.setattr(handler, "_settings", None)
+    with pytest.raises(SettingsError, match="DEFAULT_SCHEDULER='foo': must be one of"):
+        handler.get_settings()
