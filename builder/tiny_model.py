@@ -1,0 +1,156 @@
+"""Write a tiny random-weight pipeline shaped like Stable Diffusion 1.5.
+
+Usage::
+
+    python -m builder.tiny_model DIR
+
+The pipeline is built from the real diffusers and transformers classes at tiny
+sizes and saved with ``save_pretrained``, so ``MODEL_ID=DIR`` loads it through
+exactly the code that loads SD 1.5. Nothing is downloaded. Its images are
+noise; it exists so that tests and smoke runs exercise the real code offline.
+
+The shapes that matter to the worker follow SD 1.5: 4 latent channels, a VAE
+with 4 blocks (scale factor 8), a CLIP text encoder with a 77-token context,
+and SD 1.5's default scheduler config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+CONTEXT_LENGTH = 77
+TEXT_WIDTH = 32
+
+# SD 1.5's scheduler config (scheduler/scheduler_config.json on the hub).
+SD15_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, which CLIP's BPE uses."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+
+
+def write_tokenizer_files(directory: Path) -> None:
+    """Write a byte-level CLIP vocab and merges: every byte, alone and word-final.
+
+    With no merges beyond single bytes, every string tokenizes (one token per
+    byte), which is all a random-weight text encoder needs.
+    """
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def build_tiny_pipeline(workdir: Path) -> StableDiffusionPipeline:
+    """Build the tiny pipeline; ``workdir`` receives the tokenizer's source files."""
+    write_tokenizer_files(workdir)
+    tokenizer = CLIPTokenizer(
+        vocab=str(workdir / "vocab.json"),
+        merges=str(workdir / "merges.txt"),
+        model_max_length=CONTEXT_LENGTH,
+    )
+    vocab = tokenizer.get_vocab()
+
+    # Each block gets its own seed, as diffusers' own tests do, so that a change
+    # to one block's shape does not change the weights of the others.
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=CONTEXT_LENGTH,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def write_tiny_model(directory: Path) -> Path:
+    """Save the tiny pipeline to ``directory`` with ``save_pretrained``; return it."""
+    directory = Path(directory)
+    with tempfile.TemporaryDirectory() as workdir:
+        pipeline = build_tiny_pipeline(Path(workdir))
+    pipeline.save_pretrained(directory)
+    return directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m builder.tiny_model", description=__doc__.split("\n")[0])
+    parser.add_argument("directory", type=Path, help="folder to write the pipeline into")
+    args = parser.parse_args(argv)
+    path = write_tiny_model(args.directory)
+    print(f"tiny SD 1.5-shaped pipeline written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""RunPod serverless handler for Stable Diffusion 1.5 text-to-image.
+
+Stages: settings (read once) -> engine (loaded once) -> parse the input ->
+generate -> encode the response. Run it as a program to preload the model and
+serve jobs; import it to get ``handler`` with nothing loaded until the first job.
+
+    python handler.py                        # runs test_input.json, writes images to output/
+    python handler.py --test_input '{"input": {"prompt": "a fox"}}'
+    python handler.py --rp_serve_api         # runpod's local HTTP API
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from src.errors import WorkerError
+from src.outputs import encode_response
+from src.schema import InputError, check_limits, parse_input
+from src.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from src.engine import Engine
+
+log = logging.getLogger("handler")
+
+_lock = threading.Lock()
+_settings: Settings | None = None
+_engine: Engine | None = None
+
+
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use and checked
+    against the request contract (the schema cannot import the settings, nor the reverse)."""
+    global _settings
+    with _lock:
+        if _settings is None:
+            settings = load_settings()
+            try:
+                check_limits(settings)
+            except ValueError as error:
+                raise SettingsError(f"invalid configuration: {error}") from None
+            _settings = settings
+        return _settings
+
+
+def get_engine() -> Engine:
+    """The process's engine, loaded on first use (or preloaded by ``main``)."""
+    # Imported here, not at the top, so that `import handler` stays cheap: torch
+    # and diffusers take seconds to import, and tests of the contract need neither.
+    from src.engine import Engine
+
+    global _engine
+    settings = get_settings()
+    with _lock:
+        if _engine is None:
+            _engine = Engine.load(settings)
+        return _engine
+
+
+def _unexpected(job: Any, error: Exception) -> dict[str, str]:
+    """Log an unexpected failure with its traceback, and answer it in short."""
+    log.exception("job %s failed", job.get("id") if isinstance(job, dict) else None)
+    reason = (str(error).splitlines() or [""])[0][:300]
+    return {"error": f"generation failed: {type(error).__name__}: {reason} (traceback in the worker log)"}
+
+
+def handler(job: Any) -> dict[str, Any]:
+    """Run one RunPod job. Returns the response, or ``{"error": message}``; never raises."""
+    started = time.perf_counter()
+    try:
+        request = parse_input(job, get_settings())
+        engine = get_engine()
+        generation = engine.generate(request)
+        return encode_response(request, generation, engine, started).model_dump()
+    except (InputError, SettingsError, WorkerError) as error:
+        return {"error": str(error)}
+    except Exception as error:  # noqa: BLE001 - logged with its traceback; the worker serves the next job
+        return _unexpected(job, error)
+
+
+def main() -> int:
+    """Preload the model, then run locally or serve jobs the way RunPod does."""
+    from src import local
+
+    try:
+        settings = get_settings()
+    except SettingsError as error:
+        print(f"startup failed: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        get_engine()
+    except WorkerError as error:
+        log.error("startup failed: %s", error)
+        return 1
+
+    if local.is_local_run(sys.argv[1:]):
+        return local.run_local(handler, sys.argv[1:])
+
+    import runpod
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    # runpod logs at DEBUG unless told otherwise, and at DEBUG it prints every
+    # job's output: 4 KB of base64 per job. Keep its default for those who ask.
+    if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
+        RunPodLogger().set_level("INFO")
+    runpod.serverless.start({"handler": handler})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

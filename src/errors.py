@@ -1,0 +1,13 @@
+"""Expected failures: the worker answers them with their message and goes on.
+
+Anything else that goes wrong is unexpected: it is logged with its traceback
+and answered in short. Input errors live with the contract, in ``src.schema``.
+"""
+
+
+class WorkerError(RuntimeError):
+    """A failure the user can act on; its message says what happened and what to do."""
+
+
+class ModelLoadError(WorkerError):
+    """The model cannot be loaded; the message names the model and the ways out."""

@@ -1,0 +1,98 @@
+"""Shared fixtures: the tiny real SD 1.5-shaped pipeline, built once per test session."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import handler
+from builder.tiny_model import write_tiny_model
+from src.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight pipeline saved with save_pretrained, as `python -m builder.tiny_model` does."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+@pytest.fixture(scope="session")
+def offline_env(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An environment for subprocesses: the tiny model, an empty hub cache, no hub."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RUNPOD_", "MODEL_", "HF_"))}
+    env.update(
+        MODEL_ID=str(tiny_model_dir),
+        HF_HOME=str(tmp_path_factory.mktemp("hf-home")),
+        # A closed port on loopback: any attempt to reach the hub fails at once.
+        HF_ENDPOINT="http://127.0.0.1:9",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def worker(tiny_model_dir: Path) -> Iterator[None]:
+    """`handler.handler` backed by the tiny model, loaded on the first job as in production."""
+    with pytest.MonkeyPatch.context() as patch:
+        for field in Settings.model_fields.values():
+            patch.delenv(str(field.alias), raising=False)
+        patch.setenv("MODEL_ID", str(tiny_model_dir))
+        patch.setattr(handler, "_settings", None)
+        patch.setattr(handler, "_engine", None)
+        yield
+
+
+def decode_png(data: str) -> Image.Image:
+    """Decode a base64 PNG from a response, checking that it is one."""
+    raw = base64.b64decode(data, validate=True)
+    assert raw.startswith(b"\x89PNG\r\n\x1a\n"), "not a PNG"
+    image = Image.open(io.BytesIO(raw))
+    image.load()
+    return image
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_handler_cli(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `python handler.py ARGS` the way the README says, from ``cwd``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "handler.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def wait_for_port(port: int, process: subprocess.Popen[str], deadline_s: float = 120) -> None:
+    """Wait until something listens on 127.0.0.1:port, or fail with the process's output."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            pytest.fail(f"server exited with {process.returncode}:\n{output[-3000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"nothing listened on port {port} within {deadline_s} s")
