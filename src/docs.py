@@ -1,0 +1,129 @@
+"""The README's tables, rendered from the schema and the settings so they cannot drift.
+
+    python -m src.docs          # rewrite the tables in README.md
+    python -m src.docs --check  # exit 1 when README.md is out of date
+
+Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from src.schema import CONFIGURED_DEFAULT, GenerateRequest, ImageResult, Metadata, Timings
+from src.settings import Settings
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+_JSON_TYPES = {"string": "string", "integer": "integer", "number": "number", "array": "list", "object": "object"}
+
+
+def _json_type(schema: dict[str, Any]) -> str:
+    if "anyOf" in schema:
+        return " or ".join(_json_type(option) for option in schema["anyOf"])
+    if schema.get("type") == "null":
+        return "null"
+    if "$ref" in schema:
+        return "object"
+    if schema.get("type") == "array":
+        return f"list of {_json_type(schema.get('items', {}))}"
+    return _JSON_TYPES.get(schema.get("type", ""), "any")
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def input_table() -> str:
+    """Markdown table of the request fields: type, default and rule."""
+    schema = GenerateRequest.model_json_schema()
+    lines = [_row("field", "type", "default", "rule"), _row("---", "---", "---", "---")]
+    for name, prop in schema["properties"].items():
+        if name in CONFIGURED_DEFAULT:
+            setting = CONFIGURED_DEFAULT[name]
+            default = f"`{setting.upper()}` ({_literal(Settings.model_fields[setting].default)})"
+        elif name in schema.get("required", []):
+            default = "required"
+        else:
+            default = f"`{_literal(prop.get('default'))}`"
+        lines.append(_row(f"`{name}`", _json_type(prop), default, prop.get("description", "")))
+    return "\n".join(lines)
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def settings_table() -> str:
+    """Markdown table of the environment variables the worker reads."""
+    lines = [_row("variable", "default", "meaning"), _row("---", "---", "---")]
+    for field in Settings.model_fields.values():
+        default = field.default
+        shown = "unset" if default is None else f"`{default}`"
+        lines.append(_row(f"`{field.alias}`", shown, field.description or ""))
+    return "\n".join(lines)
+
+
+def _model_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+    rows = []
+    schema = model.model_json_schema()
+    for name, prop in schema["properties"].items():
+        rows.append(_row(f"`{prefix}{name}`", _json_type(prop), prop.get("description", "")))
+    return rows
+
+
+def output_table() -> str:
+    """Markdown table of what a successful job returns."""
+    lines = [_row("field", "type", "meaning"), _row("---", "---", "---")]
+    lines += _model_rows(ImageResult, "images[].")
+    lines += _model_rows(Metadata, "metadata.")
+    lines += _model_rows(Timings, "metadata.timings_ms.")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "inputs": input_table,
+    "settings": settings_table,
+    "outputs": output_table,
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every marked table replaced by its freshly rendered version."""
+    for name, make in TABLES.items():
+        start, end = f"<!-- {name}:start -->\n", f"\n<!-- {name}:end -->"
+        if start not in text or end not in text:
+            raise ValueError(f"README has no {start.strip()} ... {end.strip()} markers")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + start + make() + end + tail
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.docs", description="Render the README's tables.")
+    parser.add_argument("--check", action="store_true", help="exit 1 when README.md is out of date")
+    args = parser.parse_args(argv)
+    current = README.read_text(encoding="utf-8")
+    fresh = render(current)
+    if args.check:
+        if fresh != current:
+            print("README.md tables are out of date: run `python -m src.docs`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(fresh, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
