@@ -93,6 +93,9 @@ def main() -> int:
         print(f"startup failed: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # transformers warns at import, twice per class, that torchvision is missing and
+    # it will use PIL image processors; this worker uses no image processor at all.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     try:
         get_engine()
     except WorkerError as error:

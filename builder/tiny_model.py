@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 CONTEXT_LENGTH = 77
 TEXT_WIDTH = 32
@@ -72,6 +73,10 @@ def write_tokenizer_files(directory: Path) -> None:
 
 def build_tiny_pipeline(workdir: Path) -> StableDiffusionPipeline:
     """Build the tiny pipeline; ``workdir`` receives the tokenizer's source files."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     write_tokenizer_files(workdir)
     tokenizer = CLIPTokenizer(
         vocab=str(workdir / "vocab.json"),
@@ -147,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m builder.tiny_model", description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path, help="folder to write the pipeline into")
     args = parser.parse_args(argv)
+    # Keep the terminal quiet: no torchvision notice (no image processor is used) and no
+    # progress bars for writing a 4 MB model.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     path = write_tiny_model(args.directory)
     print(f"tiny SD 1.5-shaped pipeline written to {path}")
     return 0
