@@ -19,18 +19,20 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from src.errors import WorkerError
-from src.outputs import encode_response
+from src.outputs import check_inline_fits, encode_response
 from src.schema import InputError, check_limits, parse_input
 from src.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from src.engine import Engine
+    from src.storage import S3Storage
 
 log = logging.getLogger("handler")
 
 _lock = threading.Lock()
 _settings: Settings | None = None
 _engine: Engine | None = None
+_storage: S3Storage | None = None
 
 
 def get_settings() -> Settings:
@@ -62,6 +64,20 @@ def get_engine() -> Engine:
         return _engine
 
 
+def get_storage() -> S3Storage | None:
+    """The process's S3 client, created on first use; None when no bucket is configured."""
+    global _storage
+    settings = get_settings()
+    if not settings.bucket_configured:
+        return None
+    from src.storage import S3Storage
+
+    with _lock:
+        if _storage is None:
+            _storage = S3Storage(settings)
+        return _storage
+
+
 def _unexpected(job: Any, error: Exception) -> dict[str, str]:
     """Log an unexpected failure with its traceback, and answer it in short."""
     log.exception("job %s failed", job.get("id") if isinstance(job, dict) else None)
@@ -73,10 +89,21 @@ def handler(job: Any) -> dict[str, Any]:
     """Run one RunPod job. Returns the response, or ``{"error": message}``; never raises."""
     started = time.perf_counter()
     try:
-        request = parse_input(job, get_settings())
+        settings = get_settings()
+        request = parse_input(job, settings)
+        check_inline_fits(request, settings)
         engine = get_engine()
         generation = engine.generate(request)
-        return encode_response(request, generation, engine, started).model_dump()
+        response = encode_response(
+            request,
+            generation,
+            engine,
+            settings=settings,
+            storage=get_storage(),
+            job_id=str(job.get("id") or ""),
+            started=started,
+        )
+        return response.model_dump(exclude_none=True)
     except (InputError, SettingsError, WorkerError) as error:
         return {"error": str(error)}
     except Exception as error:  # noqa: BLE001 - logged with its traceback; the worker serves the next job
@@ -98,6 +125,7 @@ def main() -> int:
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     try:
         get_engine()
+        get_storage()
     except WorkerError as error:
         log.error("startup failed: %s", error)
         return 1

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from src.schema import CONFIGURED_DEFAULT, GenerateRequest, ImageResult, Metadata, Timings
+from src.schema import CONFIGURED_DEFAULT, GenerateRequest, InlineImage, Metadata, Timings, UploadedImage
 from src.settings import Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -69,23 +69,30 @@ def settings_table() -> str:
     lines = [_row("variable", "default", "meaning"), _row("---", "---", "---")]
     for field in Settings.model_fields.values():
         default = field.default
-        shown = "unset" if default is None else f"`{default}`"
+        if default is None:
+            shown = "unset"
+        elif default == "":
+            shown = "empty"
+        else:
+            shown = f"`{str(default).lower() if isinstance(default, bool) else default}`"
         lines.append(_row(f"`{field.alias}`", shown, field.description or ""))
     return "\n".join(lines)
 
 
-def _model_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
-    rows = []
+def _model_rows(model: type[BaseModel], prefix: str, note: str = "", skip: tuple[str, ...] = ()) -> list[str]:
     schema = model.model_json_schema()
-    for name, prop in schema["properties"].items():
-        rows.append(_row(f"`{prefix}{name}`", _json_type(prop), prop.get("description", "")))
-    return rows
+    return [
+        _row(f"`{prefix}{name}`", _json_type(prop), note + prop.get("description", ""))
+        for name, prop in schema["properties"].items()
+        if name not in skip
+    ]
 
 
 def output_table() -> str:
     """Markdown table of what a successful job returns."""
     lines = [_row("field", "type", "meaning"), _row("---", "---", "---")]
-    lines += _model_rows(ImageResult, "images[].")
+    lines += _model_rows(InlineImage, "images[].")
+    lines += _model_rows(UploadedImage, "images[].", note="Uploaded only, in place of `image`. ", skip=("seed",))
     lines += _model_rows(Metadata, "metadata.")
     lines += _model_rows(Timings, "metadata.timings_ms.")
     return "\n".join(lines)

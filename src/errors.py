@@ -11,3 +11,11 @@ class WorkerError(RuntimeError):
 
 class ModelLoadError(WorkerError):
     """The model cannot be loaded; the message names the model and the ways out."""
+
+
+class StorageError(WorkerError):
+    """An S3 upload failed after boto3's retries; the message names endpoint, bucket and error code."""
+
+
+class ResponseTooLargeError(WorkerError):
+    """The inline answer is larger than RunPod accepts; the message gives the ways out."""

@@ -10,7 +10,7 @@ any object with the attributes of ``RequestLimits`` (the worker passes its
 from __future__ import annotations
 
 import secrets
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -68,6 +68,8 @@ class RequestLimits(Protocol):
     def default_steps(self) -> int: ...
     @property
     def default_scheduler(self) -> str: ...
+    @property
+    def bucket_configured(self) -> bool: ...
 
 
 def canonical_scheduler(name: str) -> str:
@@ -165,6 +167,18 @@ class GenerateRequest(BaseModel):
     scheduler: StrictStr = Field(
         description=f"One of {', '.join(SCHEDULER_NAMES)}; case does not matter.",
     )
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png",
+        description="`png`, `jpeg` or `webp`; case does not matter. Each file carries its parameters.",
+    )
+    output_quality: StrictInt = Field(
+        90, ge=1, le=100, description="1 to 100, for `jpeg` and `webp`; lower is smaller. PNG is lossless."
+    )
+    output_type: Literal["auto", "s3", "base64"] = Field(
+        "auto",
+        description="`base64`: inline. `s3`: upload, return URLs (needs `BUCKET_NAME`). "
+        "`auto`: `s3` when a bucket is configured, else `base64`.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -174,6 +188,18 @@ class GenerateRequest(BaseModel):
             defaults = {name: getattr(limits, setting) for name, setting in CONFIGURED_DEFAULT.items()}
             data = {**defaults, **data}
         return data
+
+    @field_validator("output_format", "output_type", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("output_type")
+    @classmethod
+    def _s3_needs_a_bucket(cls, value: str, info: ValidationInfo) -> str:
+        if value == "s3" and not _limits(info).bucket_configured:
+            raise ValueError("needs a bucket, and none is configured: set BUCKET_NAME, or use 'base64'")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -280,15 +306,26 @@ class Timings(BaseModel):
     """Milliseconds spent in each stage of the job."""
 
     inference: float = Field(description="Text encoding, denoising and VAE decoding.")
-    encode: float = Field(description="Turning images into the response's format.")
+    encode: float = Field(description="Writing the image files.")
+    upload: float | None = Field(None, description="Uploading to S3; present only when the job uploaded.")
     total: float = Field(description="The whole job, from input to response.")
 
 
-class ImageResult(BaseModel):
-    """One generated image."""
+class InlineImage(BaseModel):
+    """One image returned inline."""
 
-    image: str = Field(description="Base64 of the PNG file, with no `data:` prefix.")
+    image: str = Field(description="Base64 of the image file, with no `data:` prefix.")
     seed: int = Field(description="The seed that regenerates this image alone.")
+
+
+class UploadedImage(BaseModel):
+    """One image uploaded to S3."""
+
+    url: str = Field(description="Presigned GET URL, valid for `URL_EXPIRY_SECONDS`.")
+    bucket: str = Field(description="The bucket it is in.")
+    key: str = Field(description="Its key: `{BUCKET_PREFIX}{job id}/{index}-{seed}.{ext}`.")
+    seed: int = Field(description="The seed that regenerates this image alone.")
+    format: str = Field(description="`png`, `jpeg` or `webp`.")
 
 
 class Metadata(BaseModel):
@@ -305,6 +342,7 @@ class Metadata(BaseModel):
     model: str = Field(description="`MODEL_ID`, with `@MODEL_REVISION` when one is set.")
     device: str = Field(description="`cuda` or `cpu`.")
     dtype: str = Field(description="The torch dtype the model ran in, such as `float16`.")
+    output_format: str = Field(description="`png`, `jpeg` or `webp`.")
     timings_ms: Timings = Field(description="Milliseconds per stage; see below.")
     version: str = Field(description="The worker's version.")
     warnings: list[str] = Field(
@@ -316,5 +354,7 @@ class Metadata(BaseModel):
 class GenerateResponse(BaseModel):
     """A successful job's output."""
 
-    images: list[ImageResult]
+    images: list[InlineImage | UploadedImage] = Field(
+        description="One entry per image, in seed order: inline, or uploaded (or inline after a failed upload)."
+    )
     metadata: Metadata

@@ -11,9 +11,11 @@ import os
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Variables whose values never appear in a message.
+_SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY"})
 
 
 class SettingsError(ValueError):
@@ -76,6 +78,41 @@ class Settings(BaseModel):
         min_length=1,
         description="`scheduler` when a request gives none; one of the `scheduler` names.",
     )
+    embed_parameters: bool = Field(
+        True,
+        alias="EMBED_PARAMETERS",
+        description="Write the generation parameters into each image file (PNG text chunk, EXIF UserComment).",
+    )
+    max_response_mb: float = Field(
+        20.0,
+        alias="MAX_RESPONSE_MB",
+        gt=0,
+        le=1000,
+        description="Largest inline (base64) answer, in MB. RunPod refuses more than 20 on /runsync, 10 on /run.",
+    )
+    bucket_name: str | None = Field(
+        None, alias="BUCKET_NAME", description="S3 bucket for uploads. Unset: no uploads, images come back inline."
+    )
+    bucket_endpoint_url: str | None = Field(
+        None,
+        alias="BUCKET_ENDPOINT_URL",
+        description="S3 endpoint, such as `https://s3.us-east-1.amazonaws.com` or an R2/MinIO URL; unset: AWS.",
+    )
+    bucket_access_key_id: str | None = Field(None, alias="BUCKET_ACCESS_KEY_ID", description="S3 access key id.")
+    bucket_secret_access_key: SecretStr | None = Field(
+        None, alias="BUCKET_SECRET_ACCESS_KEY", description="S3 secret key. Never logged or returned."
+    )
+    bucket_region: str | None = Field(None, alias="BUCKET_REGION", description="S3 region; unset: `us-east-1`.")
+    bucket_prefix: str = Field(
+        "", alias="BUCKET_PREFIX", description="Prepended to every object key, such as `renders/`."
+    )
+    url_expiry_seconds: int = Field(
+        604_800,
+        alias="URL_EXPIRY_SECONDS",
+        ge=1,
+        le=604_800,
+        description="Lifetime of presigned URLs; at most 604800 (7 days, the SigV4 maximum).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", alias="LOG_LEVEL", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR."
     )
@@ -85,16 +122,33 @@ class Settings(BaseModel):
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("bucket_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _defaults_within_limits(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.default_steps > self.max_steps:
             raise ValueError(f"DEFAULT_STEPS={self.default_steps}: must not exceed MAX_STEPS={self.max_steps}")
+        if (self.bucket_access_key_id is None) != (self.bucket_secret_access_key is None):
+            raise ValueError(
+                "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY: set both or neither "
+                "(neither: boto3 finds credentials itself, e.g. from an instance role)"
+            )
         return self
+
+    @property
+    def bucket_configured(self) -> bool:
+        """True when uploads are possible: a bucket is named."""
+        return self.bucket_name is not None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -116,6 +170,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             name = str(item["loc"][0]) if item["loc"] else ""
             message = item["msg"].removeprefix("Value error, ")
             if name:
-                message = f"{name}={present.get(name)!r}: {message.replace('Input should be', 'must be')}"
+                value = "<hidden>" if name in _SECRETS else repr(present.get(name))
+                message = f"{name}={value}: {message.replace('Input should be', 'must be')}"
             problems.append(message)
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -9,10 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 from PIL import Image
 
 import handler
@@ -96,3 +100,67 @@ def wait_for_port(port: int, process: subprocess.Popen[str], deadline_s: float =
                 return
         time.sleep(0.2)
     pytest.fail(f"nothing listened on port {port} within {deadline_s} s")
+
+
+SECRET = "test-secret-never-printed-8c1f"
+ACCESS_KEY = "test-access-key"
+
+
+@dataclass
+class S3Server:
+    """A real S3 server (moto's server mode) on 127.0.0.1, and a client for checking it."""
+
+    server: ThreadedMotoServer
+    url: str
+
+    def client(self) -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET,
+        )
+
+
+@pytest.fixture
+def s3_server() -> Iterator[S3Server]:
+    """A fresh S3 server per test, so a test may stop it."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield S3Server(server, f"http://127.0.0.1:{port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def configure(worker: None) -> Iterator[Callable[..., None]]:
+    """Set worker variables for one test: the settings and the S3 client are rebuilt, the model is kept."""
+    del worker
+    with pytest.MonkeyPatch.context() as patch:
+
+        def apply(**variables: str) -> None:
+            for name, value in variables.items():
+                patch.setenv(name, value)
+            patch.setattr(handler, "_settings", None)
+            patch.setattr(handler, "_storage", None)
+
+        apply()
+        yield apply
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server, configure: Callable[..., None]) -> str:
+    """A bucket on the test server, with the worker configured to upload to it."""
+    name = "renders"
+    s3_server.client().create_bucket(Bucket=name)
+    configure(
+        BUCKET_NAME=name,
+        BUCKET_ENDPOINT_URL=s3_server.url,
+        BUCKET_ACCESS_KEY_ID=ACCESS_KEY,
+        BUCKET_SECRET_ACCESS_KEY=SECRET,
+        BUCKET_PREFIX="test/",
+    )
+    return name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import socket
@@ -10,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import pytest
+import requests
 from PIL import Image
 
-from tests.conftest import ROOT, run_handler_cli
+from tests.conftest import ROOT, free_port, run_handler_cli, wait_for_port
 
 FOX = json.dumps({"input": {"prompt": "a fox", "num_inference_steps": 2, "seed": 11}})
 
@@ -127,3 +130,40 @@ def test_silent_hub_cannot_hang_startup(tmp_path: Path, offline_env: dict[str, s
     assert result.returncode == 1
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.stderr
     assert "Ways out" in result.stderr
+
+
+def test_s3_run_as_the_readme_says(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    """moto_server on loopback, the BUCKET_* variables, one job with output_type s3, the URL fetched."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_port(port, server)
+        endpoint = f"http://127.0.0.1:{port}"
+        credentials = {"BUCKET_ACCESS_KEY_ID": "test", "BUCKET_SECRET_ACCESS_KEY": "test"}
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="renders")
+        env = {**offline_env, **credentials, "BUCKET_ENDPOINT_URL": endpoint, "BUCKET_NAME": "renders"}
+        job = json.dumps({"input": {"prompt": "a fox", "num_inference_steps": 2, "output_type": "s3", "seed": 3}})
+
+        result = run_handler_cli(["--test_input", job], env, tmp_path)
+
+        assert result.returncode == 0, result.stderr[-3000:]
+        [url] = [word for word in result.stdout.split() if word.startswith(endpoint)]
+        response = requests.get(url, timeout=10)
+        assert response.headers["Content-Type"] == "image/png"
+        with Image.open(io.BytesIO(response.content)) as image:
+            assert image.size == (512, 512)
+            assert "Seed: 3" in image.text["parameters"]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

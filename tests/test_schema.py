@@ -326,6 +326,9 @@ def test_full_valid_request_is_kept() -> None:
         "seed": 42,
         "num_images": 2,
         "scheduler": "Euler a",
+        "output_format": "webp",
+        "output_quality": 70,
+        "output_type": "base64",
     }
     assert parse(data).model_dump() == data
 

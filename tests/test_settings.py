@@ -19,6 +19,15 @@ DEFAULTS = {
     "max_pixels": 1048576,
     "default_steps": 25,
     "default_scheduler": "DPM++ 2M Karras",
+    "embed_parameters": True,
+    "max_response_mb": 20.0,
+    "bucket_name": None,
+    "bucket_endpoint_url": None,
+    "bucket_access_key_id": None,
+    "bucket_secret_access_key": None,
+    "bucket_region": None,
+    "bucket_prefix": "",
+    "url_expiry_seconds": 604800,
     "log_level": "INFO",
 }
 
@@ -152,3 +161,43 @@ def test_unknown_default_scheduler_stops_the_worker_at_startup(monkeypatch: pyte
     monkeypatch.setattr(handler, "_settings", None)
     with pytest.raises(SettingsError, match="DEFAULT_SCHEDULER='foo': must be one of"):
         handler.get_settings()
+
+
+def test_bucket_variables_parse() -> None:
+    settings = load_settings(
+        {
+            "BUCKET_NAME": "renders",
+            "BUCKET_ENDPOINT_URL": "http://127.0.0.1:9000",
+            "BUCKET_ACCESS_KEY_ID": "id",
+            "BUCKET_SECRET_ACCESS_KEY": "s3cr3t",
+            "URL_EXPIRY_SECONDS": "3600",
+            "EMBED_PARAMETERS": "false",
+            "MAX_RESPONSE_MB": "10",
+        }
+    )
+    assert settings.bucket_configured
+    assert settings.bucket_secret_access_key is not None
+    assert settings.bucket_secret_access_key.get_secret_value() == "s3cr3t"
+    assert "s3cr3t" not in repr(settings)
+    assert (settings.url_expiry_seconds, settings.embed_parameters, settings.max_response_mb) == (3600, False, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param({"URL_EXPIRY_SECONDS": "604801"}, "URL_EXPIRY_SECONDS='604801'", id="expiry-over-7-days"),
+        pytest.param({"BUCKET_ENDPOINT_URL": "minio:9000"}, "must be an http:// or https:// URL", id="endpoint"),
+        pytest.param({"BUCKET_ACCESS_KEY_ID": "id"}, "set both or neither", id="key-without-secret"),
+        pytest.param({"MAX_RESPONSE_MB": "0"}, "MAX_RESPONSE_MB='0'", id="response-limit-zero"),
+        pytest.param({"EMBED_PARAMETERS": "maybe"}, "EMBED_PARAMETERS='maybe'", id="embed-not-boolean"),
+    ],
+)
+def test_bad_bucket_variables_are_refused(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError, match=expected.replace("?", "\\?")):
+        load_settings(environ)
+
+
+def test_a_bad_secret_is_never_echoed() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"BUCKET_SECRET_ACCESS_KEY": "hunter2", "BUCKET_ACCESS_KEY_ID": "id", "MAX_SIDE": "x"})
+    assert "hunter2" not in str(caught.value)

@@ -1,0 +1,1 @@
+"""Benchmarks. Each script prints the machine it ran on with its figures."""

@@ -1,0 +1,105 @@
+"""S3 uploads through boto3: one client per process, a batch's images in parallel.
+
+Unlike runpod's ``rp_upload``, nothing here is implicit: the bucket is the one
+named by ``BUCKET_NAME``, and a failed upload is an error the caller sees,
+never a silent local file path. Messages name the endpoint, the bucket, the
+key and the S3 error code, and never a credential.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from src.errors import StorageError
+from src.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_PARALLEL_UPLOADS = 8
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """Where one image went, and how to fetch it."""
+
+    url: str
+    bucket: str
+    key: str
+
+
+# (file bytes, seed, file extension, content type) for one image.
+Upload = tuple[bytes, int, str, str]
+
+
+class S3Storage:
+    """Uploads image files to one bucket and presigns GET URLs for them."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.bucket_name is None:
+            raise ValueError("S3Storage needs BUCKET_NAME")
+        self.bucket = settings.bucket_name
+        self.endpoint = settings.bucket_endpoint_url or "AWS S3"
+        self._prefix = settings.bucket_prefix
+        self._expiry = settings.url_expiry_seconds
+        secret = settings.bucket_secret_access_key
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=settings.bucket_endpoint_url,
+            region_name=settings.bucket_region or "us-east-1",
+            aws_access_key_id=settings.bucket_access_key_id,
+            aws_secret_access_key=secret.get_secret_value() if secret else None,
+            config=Config(
+                signature_version="s3v4",
+                # standard mode: up to 3 attempts with exponential backoff and jitter.
+                retries={"mode": "standard", "max_attempts": 3},
+                connect_timeout=5,
+                read_timeout=30,
+                # Custom endpoints (MinIO, R2, a test server) rarely serve virtual-hosted buckets.
+                s3={"addressing_style": "path" if settings.bucket_endpoint_url else "auto"},
+                max_pool_connections=MAX_PARALLEL_UPLOADS,
+            ),
+        )
+        self._pool = ThreadPoolExecutor(max_workers=MAX_PARALLEL_UPLOADS, thread_name_prefix="s3-upload")
+
+    def key_for(self, job_id: str, index: int, seed: int, extension: str) -> str:
+        """``{prefix}{job_id}/{index}-{seed}.{ext}``; a job without an id gets a random one."""
+        safe_id = _UNSAFE_KEY_CHARS.sub("-", job_id).strip("-.") or f"job-{uuid.uuid4().hex}"
+        return f"{self._prefix}{safe_id}/{index}-{seed}.{extension}"
+
+    def upload_all(self, job_id: str, uploads: Sequence[Upload]) -> list[Uploaded | StorageError]:
+        """Upload every file in parallel; each result is where it went or why it failed."""
+        futures = [
+            self._pool.submit(self._upload_one, self.key_for(job_id, index, seed, extension), data, content_type)
+            for index, (data, seed, extension, content_type) in enumerate(uploads)
+        ]
+        return [future.result() for future in futures]
+
+    def _upload_one(self, key: str, data: bytes, content_type: str) -> Uploaded | StorageError:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            url = self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self._expiry
+            )
+        except (ClientError, BotoCoreError) as error:
+            return StorageError(f"upload to s3://{self.bucket}/{key} at {self.endpoint} failed: {_describe(error)}")
+        return Uploaded(url=url, bucket=self.bucket, key=key)
+
+
+def _describe(error: ClientError | BotoCoreError) -> str:
+    """The S3 error code and its first line; botocore's messages carry no credentials."""
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        code = details.get("Code", "Unknown")
+        message = details.get("Message") or str(error)
+        return f"{code}: {message}"
+    return f"{type(error).__name__}: {str(error).splitlines()[0]}"

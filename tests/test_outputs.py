@@ -1,0 +1,327 @@
+"""Output formats, parameters inside the files, S3 against a real local server, the size guard."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+from PIL import ExifTags, Image
+
+import handler
+from tests.conftest import ACCESS_KEY, SECRET, S3Server, decode_png
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+FAST = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
+def run(job_id: str = "job-1", **fields: object) -> dict[str, Any]:
+    return handler.handler({"id": job_id, "input": {"prompt": "a fox", **FAST, **fields}})
+
+
+def open_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def user_comment(image: Image.Image) -> str:
+    raw = image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+    assert raw.startswith(b"UNICODE\x00")
+    return raw[8:].decode("utf-16-be")
+
+
+# --- formats and embedded parameters -------------------------------------------------------
+
+
+def test_png_carries_a1111_parameters() -> None:
+    result = run(seed=77, negative_prompt="blurry", guidance_scale=6.5, scheduler="euler a")
+
+    image = decode_png(result["images"][0]["image"])
+    model = result["metadata"]["model"]
+    assert image.text["parameters"] == (
+        "a fox\nNegative prompt: blurry\n"
+        f"Steps: 2, Sampler: Euler a, CFG scale: 6.5, Seed: 77, Size: 64x64, Model: {model}"
+    )
+
+
+def test_each_image_of_a_batch_carries_its_own_seed() -> None:
+    result = run(seed=10, num_images=2)
+
+    seeds = [decode_png(item["image"]).text["parameters"].split("Seed: ")[1].split(",")[0] for item in result["images"]]
+    assert seeds == ["10", "11"]
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("JPEG", "JPEG")])
+def test_lossy_formats_decode_and_carry_parameters_in_exif(output_format: str, pil_format: str) -> None:
+    result = run(seed=5, output_format=output_format, width=128)
+
+    image = open_image(base64.b64decode(result["images"][0]["image"]))
+    assert image.format == pil_format
+    assert image.size == (128, 64)
+    assert result["metadata"]["output_format"] == output_format.lower()
+    assert "Seed: 5" in user_comment(image)
+    assert user_comment(image).startswith("a fox\n")
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_lower_quality_gives_smaller_files(output_format: str) -> None:
+    sizes = [
+        len(
+            base64.b64decode(
+                run(seed=3, width=256, height=256, output_format=output_format, output_quality=quality)["images"][0][
+                    "image"
+                ]
+            )
+        )
+        for quality in (20, 90)
+    ]
+
+    assert sizes[0] < sizes[1]
+
+
+def test_embedding_can_be_turned_off(configure: Callable[..., None]) -> None:
+    configure(EMBED_PARAMETERS="false")
+
+    png = decode_png(run()["images"][0]["image"])
+    jpeg = open_image(base64.b64decode(run(output_format="jpeg")["images"][0]["image"]))
+
+    assert "parameters" not in png.text
+    assert ExifTags.Base.UserComment not in jpeg.getexif().get_ifd(ExifTags.IFD.Exif)
+
+
+def test_quality_with_png_is_reported_not_dropped_silently() -> None:
+    result = run(output_quality=50)
+
+    assert any("output_quality=50" in warning for warning in result["metadata"]["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"output_format": "gif"}, "output_format='gif'"),
+        ({"output_quality": 0}, "output_quality=0"),
+        ({"output_quality": 101}, "output_quality=101"),
+        ({"output_quality": 80.5}, "output_quality=80.5"),
+        ({"output_type": "url"}, "output_type='url'"),
+        ({"output_type": "s3"}, "output_type='s3': needs a bucket"),
+    ],
+)
+def test_bad_output_fields_are_refused(fields: dict[str, object], named: str) -> None:
+    result = run(**fields)
+
+    assert set(result) == {"error"}
+    assert named in result["error"]
+
+
+# --- S3 --------------------------------------------------------------------------------------
+
+
+def test_upload_then_presigned_get_gives_the_same_bytes(s3_server: S3Server, bucket: str) -> None:
+    result = run(job_id="job-get", seed=9, num_images=2, output_type="s3", output_format="webp")
+
+    assert "timings_ms" in result["metadata"]
+    assert result["metadata"]["timings_ms"]["upload"] > 0
+    for index, item in enumerate(result["images"]):
+        assert set(item) == {"url", "bucket", "key", "seed", "format"}
+        assert item["bucket"] == bucket
+        assert item["key"] == f"test/job-get/{index}-{9 + index}.webp"
+        assert item["format"] == "webp"
+        response = requests.get(item["url"], timeout=10)
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "image/webp"
+        stored = s3_server.client().get_object(Bucket=bucket, Key=item["key"])["Body"].read()
+        assert response.content == stored
+        image = open_image(response.content)
+        assert (image.format, image.size) == ("WEBP", (64, 64))
+        assert f"Seed: {9 + index}" in user_comment(image)
+
+
+def test_auto_uploads_when_a_bucket_is_configured(bucket: str) -> None:
+    result = run(output_type="auto")
+
+    [item] = result["images"]
+    assert item["bucket"] == bucket
+    assert requests.get(item["url"], timeout=10).headers["Content-Type"] == "image/png"
+
+
+def test_base64_stays_inline_even_with_a_bucket(bucket: str) -> None:
+    del bucket
+    result = run(output_type="base64")
+
+    assert set(result["images"][0]) == {"image", "seed"}
+    assert "upload" not in result["metadata"]["timings_ms"]
+
+
+def test_missing_bucket_fails_s3_and_falls_back_under_auto(s3_server: S3Server, configure: Callable[..., None]) -> None:
+    configure(
+        BUCKET_NAME="no-such-bucket",
+        BUCKET_ENDPOINT_URL=s3_server.url,
+        BUCKET_ACCESS_KEY_ID=ACCESS_KEY,
+        BUCKET_SECRET_ACCESS_KEY=SECRET,
+    )
+
+    failed = run(output_type="s3")
+    assert set(failed) == {"error"}
+    assert "no-such-bucket" in failed["error"]
+    assert s3_server.url in failed["error"]
+    assert "NoSuchBucket" in failed["error"]
+
+    fallback = run(output_type="auto", seed=4)
+    assert decode_png(fallback["images"][0]["image"]).size == (64, 64)
+    assert fallback["images"][0]["seed"] == 4
+    [warning] = fallback["metadata"]["warnings"]
+    assert "NoSuchBucket" in warning
+    assert "returned inline" in warning
+
+
+def _stop_server_at_image(s3_server: S3Server, index: int) -> None:
+    """Stop the S3 server once images before ``index`` are stored, as image ``index`` starts uploading.
+
+    The seam is boto3's own event system, on the worker's one S3 client.
+    """
+    client = handler.get_storage()._client
+    stored: set[int] = set()
+    earlier_done = threading.Event()
+
+    def stop(params: dict[str, Any], context: dict[str, Any], **_: object) -> None:
+        context["image_index"] = this = int(params["Key"].split("/")[-1].split("-")[0])
+        if this == index:
+            assert earlier_done.wait(timeout=30)
+            s3_server.server.stop()
+
+    def note_stored(context: dict[str, Any], **_: object) -> None:
+        stored.add(context["image_index"])
+        if stored >= set(range(index)):
+            earlier_done.set()
+
+    if index == 0:
+        earlier_done.set()
+    client.meta.events.register("before-parameter-build.s3.PutObject", stop)
+    client.meta.events.register("after-call.s3.PutObject", note_stored)
+
+
+def test_server_stopped_mid_batch_auto_falls_back_with_warnings(s3_server: S3Server, bucket: str) -> None:
+    _stop_server_at_image(s3_server, 2)
+
+    result = run(output_type="auto", seed=100, num_images=4)
+
+    images = result["images"]
+    assert [item["seed"] for item in images] == [100, 101, 102, 103], "no image lost, order kept"
+    assert [set(item) for item in images[:2]] == [{"url", "bucket", "key", "seed", "format"}] * 2
+    assert "image" in images[2], "the image whose upload failed is inline"
+    inline = [index for index, item in enumerate(images) if "image" in item]
+    warnings = result["metadata"]["warnings"]
+    assert len(warnings) == len(inline)
+    assert all(bucket in warning for warning in warnings)
+    for index in inline:
+        assert decode_png(images[index]["image"]).size == (64, 64)
+
+
+def test_server_stopped_mid_batch_s3_is_a_clear_error(s3_server: S3Server, bucket: str) -> None:
+    _stop_server_at_image(s3_server, 1)
+
+    result = run(output_type="s3", num_images=3)
+
+    assert set(result) == {"error"}
+    assert bucket in result["error"]
+    assert s3_server.url in result["error"]
+    assert "EndpointConnectionError" in result["error"]
+
+
+def test_concurrent_jobs_do_not_collide(bucket: str) -> None:
+    results: dict[str, dict[str, Any]] = {}
+
+    def job(job_id: str, prompt: str) -> None:
+        results[job_id] = handler.handler(
+            {"id": job_id, "input": {"prompt": prompt, **FAST, "seed": 1, "output_type": "s3"}}
+        )
+
+    threads = [threading.Thread(target=job, args=(f"job-{n}", f"prompt {n}")) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    keys = {results[f"job-{n}"]["images"][0]["key"] for n in range(2)}
+    assert keys == {"test/job-0/0-1.png", "test/job-1/0-1.png"}
+    for n in range(2):
+        fetched = requests.get(results[f"job-{n}"]["images"][0]["url"], timeout=10).content
+        assert open_image(fetched).text["parameters"].startswith(f"prompt {n}\n")
+    del bucket
+
+
+def test_secrets_never_reach_logs_errors_or_responses(
+    s3_server: S3Server, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        ok = run(output_type="s3")
+        _stop_server_at_image(s3_server, 0)
+        failed = run(output_type="s3")
+        fallback = run(output_type="auto")
+
+    for captured in (
+        caplog.text,
+        json.dumps(ok),
+        json.dumps(failed),
+        json.dumps(fallback),
+        repr(handler.get_settings()),
+    ):
+        assert SECRET not in captured
+    assert "error" in failed
+    assert fallback["metadata"]["warnings"]
+    del bucket
+
+
+# --- the size guard ----------------------------------------------------------------------------
+
+
+def test_request_that_cannot_fit_inline_is_refused_before_generating(configure: Callable[..., None]) -> None:
+    configure(MAX_RESPONSE_MB="0.5")
+    engine = handler.get_engine()
+    calls = []
+    hook = engine._pipeline.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        result = run(width=512, height=512, num_images=4)
+    finally:
+        hook.remove()
+
+    assert set(result) == {"error"}
+    assert "MAX_RESPONSE_MB=0.5" in result["error"]
+    assert "would be at least" in result["error"]
+    assert "jpeg" in result["error"]
+    assert "S3" in result["error"]
+    assert calls == [], "nothing was generated"
+
+
+def test_answer_over_the_limit_after_encoding_is_a_clear_error(configure: Callable[..., None]) -> None:
+    configure(MAX_RESPONSE_MB="0.01")
+
+    result = run(seed=1)
+
+    assert set(result) == {"error"}
+    assert "MAX_RESPONSE_MB=0.01" in result["error"]
+    assert " MB inline" in result["error"]
+
+
+def test_answer_under_the_limit_is_returned(configure: Callable[..., None]) -> None:
+    configure(MAX_RESPONSE_MB="0.1")
+
+    result = run(seed=1)
+
+    assert len(result["images"]) == 1
+
+
+def test_too_large_for_inline_goes_to_s3_under_auto(configure: Callable[..., None], bucket: str) -> None:
+    configure(MAX_RESPONSE_MB="0.01")
+
+    result = run(seed=1, output_type="auto")
+
+    assert result["images"][0]["bucket"] == bucket
