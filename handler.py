@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from src.errors import WorkerError
@@ -33,6 +34,8 @@ _lock = threading.Lock()
 _settings: Settings | None = None
 _engine: Engine | None = None
 _storage: S3Storage | None = None
+# Sends progress to RunPod; set by main() only when RunPod is there to receive it.
+_send_progress: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
 
 
 def get_settings() -> Settings:
@@ -78,6 +81,14 @@ def get_storage() -> S3Storage | None:
         return _storage
 
 
+def _progress_reporter(job: dict[str, Any]) -> Callable[[dict[str, Any]], None] | None:
+    """Progress for this job goes to RunPod when running there; elsewhere nowhere."""
+    send = _send_progress
+    if send is None:
+        return None
+    return lambda progress: send(job, progress)
+
+
 def _unexpected(job: Any, error: Exception) -> dict[str, str]:
     """Log an unexpected failure with its traceback, and answer it in short."""
     log.exception("job %s failed", job.get("id") if isinstance(job, dict) else None)
@@ -93,7 +104,9 @@ def handler(job: Any) -> dict[str, Any]:
         request = parse_input(job, settings)
         check_inline_fits(request, settings)
         engine = get_engine()
-        generation = engine.generate(request)
+        generation = engine.generate(
+            request, timeout_s=settings.generation_timeout_seconds, on_progress=_progress_reporter(job)
+        )
         response = encode_response(
             request,
             generation,
@@ -133,6 +146,7 @@ def main() -> int:
     if local.is_local_run(sys.argv[1:]):
         return local.run_local(handler, sys.argv[1:])
 
+    global _send_progress
     import runpod
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
@@ -140,7 +154,11 @@ def main() -> int:
     # job's output: 4 KB of base64 per job. Keep its default for those who ask.
     if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
         RunPodLogger().set_level("INFO")
-    runpod.serverless.start({"handler": handler})
+    # progress_update posts to RunPod's output webhook; with none (the local HTTP API) it would only fail.
+    if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+        _send_progress = runpod.serverless.progress_update
+    # GPU work runs one job at a time whatever this says; see the README, "Concurrency".
+    runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda _current: settings.concurrency})
     return 0
 
 

@@ -4,25 +4,41 @@ Each request gets its own scheduler and its own light pipeline object around
 the shared models, so nothing shared is mutated per request. Each image gets
 its own CPU ``torch.Generator`` seeded with its own seed, so a seed means the
 same image on every device and image i of a batch can be regenerated alone.
+
+Around that, the engine keeps a job from hurting the worker: admission by
+estimated memory (sub-batches, or a refusal before any work), one frugal retry
+after an out-of-memory error, a deadline checked at every denoising step, a
+float32 re-decode when the VAE gives NaN, and progress reports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.loader import load_pipeline, resolve_device, resolve_dtype
+from src.memory import GIB, Plan, Profile, Setup, choose_profile, plan_sub_batch, setup_for, sub_batches
 from src.schedulers import make_scheduler
 from src.schema import GenerateRequest
 from src.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# At most one progress report per this many seconds.
+PROGRESS_INTERVAL_S = 1.0
+
+ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,40 @@ class Generation:
     seeds: list[int]
     inference_ms: float
     warnings: list[str] = field(default_factory=list)
+    # One flag per image when the safety checker is on; None when it is off.
+    nsfw: list[bool] | None = None
+
+
+@dataclass
+class _Job:
+    """The state of one request while it runs: its deadline, progress and warnings."""
+
+    request: GenerateRequest
+    deadline: float
+    timeout_s: float
+    total_steps: int
+    on_progress: ProgressCallback | None
+    warnings: list[str]
+    steps_done: int = 0
+    last_report: float = 0.0
+
+    def on_step_end(self, _pipeline: object, _step: int, _timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' ``callback_on_step_end``, on the request's own pipeline."""
+        self.step_finished()
+        return tensors
+
+    def step_finished(self) -> None:
+        """Count a denoising step, report progress now and then, and stop the job when it is late."""
+        self.steps_done += 1
+        now = time.monotonic()
+        if self.on_progress and (now - self.last_report >= PROGRESS_INTERVAL_S or self.steps_done == self.total_steps):
+            self.last_report = now
+            self.on_progress({"step": self.steps_done, "total_steps": self.total_steps})
+        if now > self.deadline:
+            raise GenerationTimeoutError(
+                f"generation stopped: it ran past GENERATION_TIMEOUT_SECONDS={self.timeout_s:g} "
+                f"at denoising step {self.steps_done} of {self.total_steps}"
+            )
 
 
 class Engine:
@@ -45,17 +95,21 @@ class Engine:
         settings: Settings,
         device: torch.device,
         dtype: torch.dtype,
+        profile: Profile,
+        gpu_bytes: int | None,
     ) -> None:
         self.settings = settings
         self.device = device
         self.dtype = dtype
+        self.profile = profile
+        self.gpu_bytes = gpu_bytes
         self._pipeline = pipeline
         # Serializes GPU work: one request holds the models at a time.
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
-        """Resolve the device and dtype, and load the model named by ``settings``.
+        """Resolve device, dtype and memory profile, load the model and place it.
 
         Raises:
             ModelLoadError: the model cannot be loaded; the message says what to do.
@@ -63,15 +117,25 @@ class Engine:
         started = time.perf_counter()
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        pipeline = load_pipeline(settings, device, dtype)
+        gpu_bytes = _gpu_bytes(settings) if device.type == "cuda" else None
+        profile = choose_profile(device.type, gpu_bytes, settings.memory_profile)
+        pipeline = load_pipeline(settings, dtype)
+        if profile is Profile.LOW:
+            pipeline.enable_model_cpu_offload()
+        elif profile is Profile.MINIMAL:
+            pipeline.enable_sequential_cpu_offload()
+        else:
+            pipeline.to(device)
         log.info(
-            "loaded %s on %s (%s) in %.1f s",
+            "loaded %s on %s (%s, %s profile%s) in %.1f s",
             settings.model_id,
             device,
             str(dtype).removeprefix("torch."),
+            profile.value,
+            f", {gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "",
             time.perf_counter() - started,
         )
-        return cls(pipeline, settings=settings, device=device, dtype=dtype)
+        return cls(pipeline, settings=settings, device=device, dtype=dtype, profile=profile, gpu_bytes=gpu_bytes)
 
     @property
     def model_name(self) -> str:
@@ -83,37 +147,174 @@ class Engine:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
-    def generate(self, request: GenerateRequest) -> Generation:
+    def generate(
+        self, request: GenerateRequest, *, timeout_s: float, on_progress: ProgressCallback | None = None
+    ) -> Generation:
         """Run one request and return its images, in seed order.
 
-        Raises whatever the pipeline raises; the caller decides how to answer.
+        ``timeout_s`` bounds the denoising; ``on_progress`` receives ``{"step", "total_steps"}``
+        about once a second.
+
+        Raises:
+            AdmissionError: the request cannot fit on this GPU even one image at a time.
+            GenerationTimeoutError: it ran past GENERATION_TIMEOUT_SECONDS.
+            OutOfMemoryError: the GPU ran out of memory, twice.
+            BadImageError: the images hold NaN even after a float32 decode.
         """
-        # 1. Say what the text encoder will not see.
-        warnings = self._prompt_warnings(request)
+        # 1. Admission: how many images fit at once, or a refusal before any work.
+        plan = plan_sub_batch(
+            self.profile,
+            request.width,
+            request.height,
+            request.num_images,
+            gpu_bytes=self.gpu_bytes,
+            dtype_bytes=self.dtype.itemsize,
+        )
+        job = _Job(
+            request=request,
+            deadline=time.monotonic() + timeout_s,
+            timeout_s=timeout_s,
+            total_steps=request.num_inference_steps * len(sub_batches(request.num_images, plan.batch)),
+            on_progress=on_progress,
+            # 2. Say what the text encoder will not see.
+            warnings=self._prompt_warnings(request),
+        )
 
-        # 2. A pipeline object of the request's own, around the shared models.
-        pipeline = self._pipeline_for(request.scheduler)
-
-        # 3. One CPU generator per image, so that image i depends on seed i alone.
-        seeds = request.seeds
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-
-        # 4. Encode the prompt, denoise and decode, one request at a time.
-        with self._lock:
+        # 3. Generate, one request at a time; after an OOM, free memory and retry frugally once.
+        with self._lock, torch.inference_mode():
             started = time.perf_counter()
-            output = pipeline(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                num_images_per_prompt=request.num_images,
-                generator=generators,
-                output_type="pil",
-            )
+            try:
+                images, nsfw = self._run(job, plan, frugal=False)
+            except torch.cuda.OutOfMemoryError:
+                self._release_memory()
+                job.warnings.append(
+                    "the GPU ran out of memory; the job was retried one image at a time "
+                    "with attention slicing and VAE tiling"
+                )
+                log.warning(
+                    "out of GPU memory at %dx%d x%d; retrying frugally",
+                    request.width,
+                    request.height,
+                    request.num_images,
+                )
+                job.steps_done, job.total_steps = 0, request.num_inference_steps * request.num_images
+                try:
+                    images, nsfw = self._run(job, Plan(batch=1, vae_tiling=True), frugal=True)
+                except torch.cuda.OutOfMemoryError:
+                    self._release_memory()
+                    raise OutOfMemoryError(self._oom_message(request)) from None
             inference_ms = (time.perf_counter() - started) * 1000
-        return Generation(images=list(output.images), seeds=seeds, inference_ms=inference_ms, warnings=warnings)
+        return Generation(
+            images=images, seeds=request.seeds, inference_ms=inference_ms, warnings=job.warnings, nsfw=nsfw
+        )
+
+    def _run(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None]:
+        """Denoise and decode the request in sub-batches, as admission planned."""
+        request = job.request
+        pipeline = self._pipeline_for(request.scheduler)
+        images: list[Image.Image] = []
+        flags: list[bool] = []
+        for chunk in sub_batches(request.num_images, plan.batch):
+            seeds = [request.seeds[index] for index in chunk]
+            setup = setup_for(
+                self.profile, request.width, request.height, len(chunk), frugal=frugal, tiling=plan.vae_tiling
+            )
+            with self._switches(setup):
+                latents = pipeline(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    width=request.width,
+                    height=request.height,
+                    num_inference_steps=request.num_inference_steps,
+                    guidance_scale=request.guidance_scale,
+                    num_images_per_prompt=len(chunk),
+                    generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
+                    output_type="latent",
+                    callback_on_step_end=job.on_step_end,
+                ).images
+                decoded = self._decode(latents, list(chunk), job.warnings)
+            chunk_images, chunk_flags = self._finish(pipeline, decoded, list(chunk), job.warnings)
+            images += chunk_images
+            flags += chunk_flags or []
+        return images, (flags if pipeline.safety_checker is not None else None)
+
+    def _decode(self, latents: torch.Tensor, indices: list[int], warnings: list[str]) -> torch.Tensor:
+        """Latents -> images in [-1, 1]; a float32 decode again when fp16 overflowed to NaN or inf."""
+        vae = self._pipeline.vae
+        scaled = latents / vae.config.scaling_factor
+        decoded = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        if bool(torch.isfinite(decoded).all()):
+            return decoded
+        dtype = str(vae.dtype).removeprefix("torch.")
+        warnings.append(
+            f"the VAE decode of image(s) {_listed(indices)} gave NaN or infinity in {dtype} "
+            "(black images on some cards); they were decoded again in float32"
+        )
+        log.warning("NaN in the VAE decode of images %s; decoding again in float32", indices)
+        original = vae.dtype
+        try:
+            vae.to(dtype=torch.float32)
+            decoded = vae.decode(scaled.to(torch.float32), return_dict=False)[0]
+        finally:
+            vae.to(dtype=original)
+        if not bool(torch.isfinite(decoded).all()):
+            raise BadImageError(
+                f"image(s) {_listed(indices)} hold NaN or infinity even after a float32 VAE decode; "
+                "try another seed or scheduler"
+            )
+        return decoded
+
+    def _finish(
+        self, pipeline: StableDiffusionPipeline, decoded: torch.Tensor, indices: list[int], warnings: list[str]
+    ) -> tuple[list[Image.Image], list[bool] | None]:
+        """Run the safety checker when it is on, and turn the tensors into PIL images."""
+        checked, flags = pipeline.run_safety_checker(decoded, self.device, decoded.dtype)
+        if flags is None:
+            images = pipeline.image_processor.postprocess(decoded, output_type="pil")
+        else:
+            flags = [bool(flag) for flag in flags]
+            # Flagged images were zeroed by the checker; not denormalizing them keeps them black.
+            images = pipeline.image_processor.postprocess(
+                checked, output_type="pil", do_denormalize=[not flag for flag in flags]
+            )
+            flagged = [index for index, flag in zip(indices, flags, strict=True) if flag]
+            if flagged:
+                warnings.append(f"image(s) {_listed(flagged)} flagged by the safety checker and blacked out")
+        for index, image, flag in zip(indices, images, flags or [False] * len(indices), strict=True):
+            if not flag and image.getextrema() in (((0, 0),) * 3, ((0, 0),)):
+                warnings.append(f"image {index} is entirely black")
+        return images, flags
+
+    @contextlib.contextmanager
+    def _switches(self, setup: Setup) -> Iterator[None]:
+        """Apply a profile's switches to the shared models for one run, and undo them after.
+
+        Safe because the caller holds the lock: no other request sees them.
+        """
+        vae, pipeline = self._pipeline.vae, self._pipeline
+        vae.use_slicing, vae.use_tiling = setup.vae_slicing, setup.vae_tiling
+        if setup.attention_slicing:
+            pipeline.enable_attention_slicing()
+        try:
+            yield
+        finally:
+            vae.use_slicing = vae.use_tiling = False
+            if setup.attention_slicing:
+                pipeline.disable_attention_slicing()
+
+    def _release_memory(self) -> None:
+        """After an OOM: collect what the failed run left, and hand the cache back to the driver."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _oom_message(self, request: GenerateRequest) -> str:
+        memory = f"{self.gpu_bytes / GIB:.1f} GiB" if self.gpu_bytes else "this device's memory"
+        return (
+            f"{request.width}x{request.height} x{request.num_images} ran out of GPU memory ({memory}, "
+            f"{self.profile.value} profile) even one image at a time with attention slicing and VAE tiling; "
+            "ask for a smaller size"
+        )
 
     def _pipeline_for(self, scheduler_name: str) -> StableDiffusionPipeline:
         """A new pipeline object sharing the loaded models, with a fresh scheduler.
@@ -124,7 +325,7 @@ class Engine:
         scheduler = make_scheduler(scheduler_name, base.scheduler.config)
         pipeline = type(base)(
             **{**base.components, "scheduler": scheduler},
-            requires_safety_checker=False,
+            requires_safety_checker=base.safety_checker is not None,
         )
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
@@ -141,3 +342,17 @@ class Engine:
                     "(start and end markers included) and ignores the rest"
                 )
         return warnings
+
+
+def _gpu_bytes(settings: Settings) -> int:
+    """The GPU memory this worker may use: the card's, or GPU_MEMORY_GB, which also caps the process."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    if settings.gpu_memory_gb is None:
+        return int(total)
+    allowed = min(int(settings.gpu_memory_gb * GIB), total)
+    torch.cuda.set_per_process_memory_fraction(allowed / total)
+    return allowed
+
+
+def _listed(indices: list[int]) -> str:
+    return ", ".join(str(index) for index in indices)

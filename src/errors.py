@@ -19,3 +19,19 @@ class StorageError(WorkerError):
 
 class ResponseTooLargeError(WorkerError):
     """The inline answer is larger than RunPod accepts; the message gives the ways out."""
+
+
+class AdmissionError(WorkerError):
+    """The request cannot fit on this GPU even one image at a time; refused before any work."""
+
+
+class GenerationTimeoutError(WorkerError):
+    """The job ran past GENERATION_TIMEOUT_SECONDS and was stopped at a denoising step."""
+
+
+class OutOfMemoryError(WorkerError):
+    """The GPU ran out of memory, and the frugal retry did too."""
+
+
+class BadImageError(WorkerError):
+    """The decoded images hold NaN or infinity even after a float32 decode."""

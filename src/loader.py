@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -94,8 +95,10 @@ def _probe_hub(model_id: str, revision: str | None) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def load_pipeline(settings: Settings, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """Load ``settings.model_id`` (a local folder or a hub id) onto ``device`` in ``dtype``.
+def load_pipeline(settings: Settings, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """Load ``settings.model_id`` (a local folder or a hub id) in ``dtype``, on the CPU.
+
+    The engine places it on the device, as its memory profile says.
 
     A hub id is read from the local cache when it is there, and downloaded
     only after the hub has answered a quick look-up.
@@ -109,14 +112,11 @@ def load_pipeline(settings: Settings, device: torch.device, dtype: torch.dtype) 
     transformers_logging.disable_progress_bar()
 
     model_id, revision = settings.model_id, settings.model_revision
-    options = {
-        "dtype": dtype,
-        "revision": revision,
-        # The safety checker is off in this worker (see the README); without this
-        # flag diffusers warns about it on every load.
-        "safety_checker": None,
-        "requires_safety_checker": False,
-    }
+    options: dict[str, Any] = {"dtype": dtype, "revision": revision}
+    if not settings.safety_checker:
+        # Off by default (see the README). Without requires_safety_checker=False,
+        # diffusers warns about it on every load.
+        options.update(safety_checker=None, requires_safety_checker=False)
     folder = Path(model_id).expanduser()
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
@@ -137,4 +137,9 @@ def load_pipeline(settings: Settings, device: torch.device, dtype: torch.dtype) 
             log.info("%s is not in the local cache; asking the hub", model_id)
             _probe_hub(model_id, revision)
             pipeline = StableDiffusionPipeline.from_pretrained(model_id, **options)
-    return pipeline.to(device)
+    if settings.safety_checker and getattr(pipeline, "safety_checker", None) is None:
+        raise ModelLoadError(
+            f"SAFETY_CHECKER=true, but MODEL_ID={model_id!r} has no safety_checker and feature_extractor; "
+            "use a model that ships them (SD 1.5 does) or set SAFETY_CHECKER=false"
+        )
+    return pipeline

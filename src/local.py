@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from src.outputs import FORMATS
+
 DEFAULT_TEST_INPUT = Path("test_input.json")
 
 
@@ -63,14 +65,17 @@ def write_images(output: Mapping[str, Any], folder: Path) -> list[str]:
     lines = []
     metadata = output.get("metadata", {})
     size = f"{metadata.get('width')}x{metadata.get('height')}"
+    extension = FORMATS[metadata.get("output_format", "png")].extension
     for index, item in enumerate(output.get("images", [])):
         if "image" in item:
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{index}-{item['seed']}.png"
+            path = folder / f"{index}-{item['seed']}.{extension}"
             path.write_bytes(base64.b64decode(item["image"]))
-            lines.append(f"  {path}  {size}  seed {item['seed']}")
+            where = str(path)
         else:
-            lines.append(f"  {item.get('url', '?')}  seed {item.get('seed')}")
+            where = str(item.get("url", "?"))
+        flagged = "  flagged nsfw" if item.get("nsfw") else ""
+        lines.append(f"  {where}  {size}  seed {item['seed']}{flagged}")
     return lines
 
 
@@ -82,7 +87,8 @@ def summarize(job_id: str, output: Mapping[str, Any], image_lines: list[str]) ->
         f"job {job_id}: COMPLETED, {len(image_lines)} image(s) in {timings.get('total', 0):.0f} ms "
         f"(inference {timings.get('inference', 0):.0f} ms, encode {timings.get('encode', 0):.0f} ms)",
         *image_lines,
-        f"  model {metadata.get('model')} on {metadata.get('device')} ({metadata.get('dtype')}), "
+        f"  model {metadata.get('model')} on {metadata.get('device')} ({metadata.get('dtype')}, "
+        f"{metadata.get('memory_profile')} profile), "
         f"{metadata.get('scheduler')}, {metadata.get('num_inference_steps')} steps, "
         f"guidance {metadata.get('guidance_scale')}",
     ]

@@ -68,6 +68,7 @@ class EncodedImage:
     data: bytes
     seed: int
     format: str
+    nsfw: bool | None = None
 
 
 def a1111_parameters(request: GenerateRequest, seed: int, model: str) -> str:
@@ -174,8 +175,9 @@ def encode_response(
             ),
             seed=seed,
             format=request.output_format,
+            nsfw=None if generation.nsfw is None else generation.nsfw[index],
         )
-        for image, seed in zip(generation.images, generation.seeds, strict=True)
+        for index, (image, seed) in enumerate(zip(generation.images, generation.seeds, strict=True))
     ]
     encode_ms = (time.perf_counter() - encode_started) * 1000
 
@@ -198,6 +200,7 @@ def encode_response(
             model=engine.model_name,
             device=engine.device.type,
             dtype=engine.dtype_name,
+            memory_profile=engine.profile.value,
             timings_ms=Timings(
                 inference=round(generation.inference_ms, 1),
                 encode=round(encode_ms, 1),
@@ -218,7 +221,7 @@ def encode_response(
 
 
 def _inline(item: EncodedImage) -> InlineImage:
-    return InlineImage(image=base64.b64encode(item.data).decode("ascii"), seed=item.seed)
+    return InlineImage(image=base64.b64encode(item.data).decode("ascii"), seed=item.seed, nsfw=item.nsfw)
 
 
 def _upload(
@@ -245,6 +248,13 @@ def _upload(
             images.append(_inline(item))
         else:
             images.append(
-                UploadedImage(url=result.url, bucket=result.bucket, key=result.key, seed=item.seed, format=item.format)
+                UploadedImage(
+                    url=result.url,
+                    bucket=result.bucket,
+                    key=result.key,
+                    seed=item.seed,
+                    format=item.format,
+                    nsfw=item.nsfw,
+                )
             )
     return images

@@ -316,6 +316,9 @@ class InlineImage(BaseModel):
 
     image: str = Field(description="Base64 of the image file, with no `data:` prefix.")
     seed: int = Field(description="The seed that regenerates this image alone.")
+    nsfw: bool | None = Field(
+        None, description="Flagged by the safety checker; present only when `SAFETY_CHECKER` is on."
+    )
 
 
 class UploadedImage(BaseModel):
@@ -326,6 +329,7 @@ class UploadedImage(BaseModel):
     key: str = Field(description="Its key: `{BUCKET_PREFIX}{job id}/{index}-{seed}.{ext}`.")
     seed: int = Field(description="The seed that regenerates this image alone.")
     format: str = Field(description="`png`, `jpeg` or `webp`.")
+    nsfw: bool | None = Field(None, description="As for inline images.")
 
 
 class Metadata(BaseModel):
@@ -342,6 +346,7 @@ class Metadata(BaseModel):
     model: str = Field(description="`MODEL_ID`, with `@MODEL_REVISION` when one is set.")
     device: str = Field(description="`cuda` or `cpu`.")
     dtype: str = Field(description="The torch dtype the model ran in, such as `float16`.")
+    memory_profile: str = Field(description="`high`, `balanced`, `low`, `minimal` or `cpu`; see Memory.")
     output_format: str = Field(description="`png`, `jpeg` or `webp`.")
     timings_ms: Timings = Field(description="Milliseconds per stage; see below.")
     version: str = Field(description="The worker's version.")

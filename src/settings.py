@@ -78,6 +78,35 @@ class Settings(BaseModel):
         min_length=1,
         description="`scheduler` when a request gives none; one of the `scheduler` names.",
     )
+    memory_profile: Literal["auto", "high", "balanced", "low", "minimal"] = Field(
+        "auto",
+        alias="MEMORY_PROFILE",
+        description="`auto` picks by GPU memory: `high` >= 10 GB, `balanced` 6-10, `low` 4-6, `minimal` below.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        alias="GPU_MEMORY_GB",
+        gt=0,
+        description="Use at most this much GPU memory (caps this process); unset: the whole card.",
+    )
+    generation_timeout_seconds: float = Field(
+        300.0,
+        alias="GENERATION_TIMEOUT_SECONDS",
+        gt=0,
+        description="A job still denoising after this long is stopped at its next step and answered with an error.",
+    )
+    safety_checker: bool = Field(
+        False,
+        alias="SAFETY_CHECKER",
+        description="Load SD's safety checker; each image then carries `nsfw` and flagged images are blacked out.",
+    )
+    concurrency: int = Field(
+        1,
+        alias="CONCURRENCY",
+        ge=1,
+        le=8,
+        description="Jobs runpod hands this worker at once. GPU work still runs one job at a time.",
+    )
     embed_parameters: bool = Field(
         True,
         alias="EMBED_PARAMETERS",
@@ -117,7 +146,7 @@ class Settings(BaseModel):
         "INFO", alias="LOG_LEVEL", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR."
     )
 
-    @field_validator("device", "dtype", mode="before")
+    @field_validator("device", "dtype", "memory_profile", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

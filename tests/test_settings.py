@@ -19,6 +19,11 @@ DEFAULTS = {
     "max_pixels": 1048576,
     "default_steps": 25,
     "default_scheduler": "DPM++ 2M Karras",
+    "memory_profile": "auto",
+    "gpu_memory_gb": None,
+    "generation_timeout_seconds": 300.0,
+    "safety_checker": False,
+    "concurrency": 1,
     "embed_parameters": True,
     "max_response_mb": 20.0,
     "bucket_name": None,
@@ -201,3 +206,36 @@ def test_a_bad_secret_is_never_echoed() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings({"BUCKET_SECRET_ACCESS_KEY": "hunter2", "BUCKET_ACCESS_KEY_ID": "id", "MAX_SIDE": "x"})
     assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param({"MEMORY_PROFILE": "huge"}, "MEMORY_PROFILE='huge'", id="profile"),
+        pytest.param({"GPU_MEMORY_GB": "0"}, "GPU_MEMORY_GB='0'", id="gpu-memory-zero"),
+        pytest.param({"GENERATION_TIMEOUT_SECONDS": "-1"}, "GENERATION_TIMEOUT_SECONDS='-1'", id="timeout-negative"),
+        pytest.param({"SAFETY_CHECKER": "perhaps"}, "SAFETY_CHECKER='perhaps'", id="safety-checker"),
+        pytest.param({"CONCURRENCY": "0"}, "CONCURRENCY='0'", id="concurrency-zero"),
+    ],
+)
+def test_bad_memory_and_runtime_variables_are_refused(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError, match=expected):
+        load_settings(environ)
+
+
+def test_memory_and_runtime_variables_parse() -> None:
+    settings = load_settings(
+        {
+            "MEMORY_PROFILE": "Balanced",
+            "GPU_MEMORY_GB": "6",
+            "GENERATION_TIMEOUT_SECONDS": "0.5",
+            "SAFETY_CHECKER": "true",
+            "CONCURRENCY": "2",
+        }
+    )
+    assert (settings.memory_profile, settings.gpu_memory_gb, settings.generation_timeout_seconds) == (
+        "balanced",
+        6.0,
+        0.5,
+    )
+    assert (settings.safety_checker, settings.concurrency) == (True, 2)

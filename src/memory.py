@@ -1,0 +1,145 @@
+"""Memory profiles by GPU size, and admission: will this request fit, and in what sub-batches?
+
+The estimates are deliberately simple and conservative: SD 1.5's fp16 weights,
+plus activations that grow with the latent area for the UNet and with the
+image area for the VAE decoder. They were set from the published figures for
+SD 1.5 in fp16 with PyTorch's SDPA attention and are checked on a real GPU by
+``bench/gpu_check.py``. Their job is to keep a request from running out of
+memory halfway through, not to predict the peak to the megabyte.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from src.errors import AdmissionError
+
+GIB = 1024**3
+
+
+class Profile(enum.StrEnum):
+    """How the pipeline is set up for the memory the device has."""
+
+    HIGH = "high"  # >= 10 GB: everything on the GPU, nothing traded for memory
+    BALANCED = "balanced"  # 6-10 GB: VAE slicing for batches, VAE tiling above 768²
+    LOW = "low"  # 4-6 GB: as balanced, plus model CPU offload
+    MINIMAL = "minimal"  # < 4 GB: sequential CPU offload
+    CPU = "cpu"  # no GPU: float32 on the CPU
+
+
+def choose_profile(device_type: str, gpu_bytes: int | None, setting: str = "auto") -> Profile:
+    """The profile for a device: ``setting`` when not ``auto``, else by the GPU's memory."""
+    if device_type != "cuda":
+        return Profile.CPU
+    if setting != "auto":
+        return Profile(setting)
+    gib = (gpu_bytes or 0) / GIB
+    if gib >= 10:
+        return Profile.HIGH
+    if gib >= 5.5:  # a "6 GB" GTX 1060 reports 5.93 GiB
+        return Profile.BALANCED
+    if gib >= 3.5:
+        return Profile.LOW
+    return Profile.MINIMAL
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The pipeline switches a profile implies for one run."""
+
+    vae_slicing: bool
+    vae_tiling: bool
+    attention_slicing: bool
+
+
+# Above this side, the VAE decodes in tiles on small cards: its activations grow with the image area.
+TILING_ABOVE_SIDE = 768
+
+
+def setup_for(
+    profile: Profile, width: int, height: int, batch: int, *, frugal: bool = False, tiling: bool = False
+) -> Setup:
+    """The switches for a run of ``batch`` images.
+
+    ``frugal`` is the retry after an out-of-memory error; ``tiling`` forces VAE
+    tiling, which admission asks for when an image does not fit without it.
+    """
+    small_card = profile in (Profile.BALANCED, Profile.LOW, Profile.MINIMAL)
+    return Setup(
+        vae_slicing=frugal or (small_card and batch > 1),
+        vae_tiling=frugal or tiling or (small_card and max(width, height) > TILING_ABOVE_SIDE),
+        # Attention slicing slows SDPA down, so it is only the fallback after an OOM.
+        attention_slicing=frugal,
+    )
+
+
+# --- the estimate ------------------------------------------------------------------------------
+
+# SD 1.5's weights in fp16: UNet 1.72 GB, text encoder 0.25 GB, VAE 0.17 GB.
+WEIGHTS_FP16 = {"unet": 1.72e9, "text_encoder": 0.25e9, "vae": 0.17e9}
+# CUDA context, cuDNN/cuBLAS workspaces and the allocator's slack.
+OVERHEAD = 0.6e9
+# UNet activations per latent pixel per image in the CFG batch (the batch is doubled), fp16, SDPA.
+UNET_BYTES_PER_LATENT_PIXEL = 75e3
+# VAE decoder activations per output pixel for one image, fp16; a decode in tiles of 512² caps it.
+VAE_BYTES_PER_PIXEL = 5.5e3
+VAE_TILE_PIXELS = 512 * 512
+
+
+def estimate_peak_bytes(
+    profile: Profile, width: int, height: int, batch: int, dtype_bytes: int = 2, *, tiling: bool = False
+) -> float:
+    """Estimated peak GPU memory for generating ``batch`` images of ``width`` x ``height`` at once."""
+    scale = dtype_bytes / 2
+    weights = sum(WEIGHTS_FP16.values()) * scale
+    if profile is Profile.LOW:  # model offload: one component on the GPU at a time
+        weights = WEIGHTS_FP16["unet"] * scale
+    elif profile is Profile.MINIMAL:  # sequential offload: one layer at a time
+        weights = 0.2e9 * scale
+    latent_pixels = (width // 8) * (height // 8)
+    unet = UNET_BYTES_PER_LATENT_PIXEL * latent_pixels * 2 * batch * scale
+    setup = setup_for(profile, width, height, batch, tiling=tiling)
+    decoded_at_once = 1 if setup.vae_slicing else batch
+    pixels = min(width * height, VAE_TILE_PIXELS) if setup.vae_tiling else width * height
+    vae = VAE_BYTES_PER_PIXEL * pixels * decoded_at_once * scale
+    return OVERHEAD + weights + max(unet, vae)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a request runs: images per sub-batch, and whether VAE tiling is forced to make it fit."""
+
+    batch: int
+    vae_tiling: bool = False
+
+
+def plan_sub_batch(
+    profile: Profile, width: int, height: int, num_images: int, *, gpu_bytes: int | None, dtype_bytes: int = 2
+) -> Plan:
+    """The largest sub-batch whose estimate fits the GPU; with VAE tiling when nothing fits without it.
+
+    On the CPU there is no GPU budget and the whole request runs at once.
+
+    Raises:
+        AdmissionError: not even one image fits, tiled; the message names the size and the memory.
+    """
+    if profile is Profile.CPU or gpu_bytes is None:
+        return Plan(num_images)
+    budget = gpu_bytes * 0.95
+    # Tiling is the last resort: it is slower, so every untiled sub-batch size is tried first.
+    for tiling in (False, True):
+        for batch in range(num_images, 0, -1):
+            if estimate_peak_bytes(profile, width, height, batch, dtype_bytes, tiling=tiling) <= budget:
+                return Plan(batch, vae_tiling=tiling)
+    need = estimate_peak_bytes(profile, width, height, 1, dtype_bytes, tiling=True)
+    raise AdmissionError(
+        f"{width}x{height} needs about {need / GIB:.1f} GiB of GPU memory even one image at a time "
+        f"with VAE tiling ({profile.value} profile), and this GPU has {gpu_bytes / GIB:.1f} GiB: "
+        "ask for a smaller size"
+    )
+
+
+def sub_batches(count: int, size: int) -> list[range]:
+    """``range(count)`` cut into consecutive pieces of at most ``size``."""
+    return [range(start, min(start + size, count)) for start in range(0, count, max(size, 1))]
