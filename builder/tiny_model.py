@@ -22,7 +22,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -71,10 +71,32 @@ def write_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def build_tiny_pipeline(workdir: Path) -> StableDiffusionPipeline:
+def build_tiny_safety_checker() -> tuple[Any, Any]:
+    """A tiny random StableDiffusionSafetyChecker and its CLIP image processor (32x32 inputs).
+
+    Its concept thresholds are SD's (weights of 1 against cosine similarities), so with
+    random embeddings it flags nothing; tests that need a flag lower the weights.
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tower = {"hidden_size": TEXT_WIDTH, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        vision_config={**tower, "image_size": 32, "patch_size": 4},
+        projection_dim=TEXT_WIDTH,
+    )
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(config)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
+def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False) -> StableDiffusionPipeline:
     """Build the tiny pipeline; ``workdir`` receives the tokenizer's source files."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     write_tokenizer_files(workdir)
@@ -127,23 +149,30 @@ def build_tiny_pipeline(workdir: Path) -> StableDiffusionPipeline:
             pad_token_id=vocab["<|endoftext|>"],
         )
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    checker, processor = build_tiny_safety_checker() if safety_checker else (None, None)
+    return assemble_pipeline(
+        {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet}, checker, processor
     )
 
 
-def write_tiny_model(directory: Path) -> Path:
-    """Save the tiny pipeline to ``directory`` with ``save_pretrained``; return it."""
+def assemble_pipeline(models: dict[str, Any], checker: Any = None, processor: Any = None) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline around ``models`` (vae, text_encoder, tokenizer, unet), with SD 1.5's scheduler."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        **models,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=checker,
+        feature_extractor=processor,
+        requires_safety_checker=checker is not None,
+    )
+
+
+def write_tiny_model(directory: Path, *, safety_checker: bool = False) -> Path:
+    """Save the tiny pipeline (with a tiny safety checker if asked) to ``directory``; return it."""
     directory = Path(directory)
     with tempfile.TemporaryDirectory() as workdir:
-        pipeline = build_tiny_pipeline(Path(workdir))
+        pipeline = build_tiny_pipeline(Path(workdir), safety_checker=safety_checker)
     pipeline.save_pretrained(directory)
     return directory
 
@@ -151,6 +180,7 @@ def write_tiny_model(directory: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m builder.tiny_model", description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path, help="folder to write the pipeline into")
+    parser.add_argument("--safety-checker", action="store_true", help="include a tiny random safety checker")
     args = parser.parse_args(argv)
     # Keep the terminal quiet: no torchvision notice (no image processor is used) and no
     # progress bars for writing a 4 MB model.
@@ -160,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    path = write_tiny_model(args.directory)
+    path = write_tiny_model(args.directory, safety_checker=args.safety_checker)
     print(f"tiny SD 1.5-shaped pipeline written to {path}")
     return 0
 

@@ -164,3 +164,15 @@ def bucket(s3_server: S3Server, configure: Callable[..., None]) -> str:
         BUCKET_PREFIX="test/",
     )
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_checker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a tiny random safety checker and its CLIP image processor."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-sd15-checker"), safety_checker=True)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size, from /proc."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")

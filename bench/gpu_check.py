@@ -1,0 +1,144 @@
+"""Does the worker fit a 6 GB GTX 1060? SD 1.5's full architecture on a GPU capped at 6 GiB.
+
+    python -m bench.gpu_check                 # on a machine with one NVIDIA GPU, under 8 minutes
+    python -m bench.gpu_check --tiny DIR      # smoke run of the same code on the CPU with the tiny model
+
+It builds SD 1.5 with random weights in fp16 (same memory and time as the real
+weights), caps the process at 6 GiB with ``torch.cuda.set_per_process_memory_fraction``,
+and runs the worker's own engine in the ``balanced`` profile at 512² x1, 768² x1
+and 512² x4, recording whether each finished, its sub-batch, its peak memory and
+its time. Then it provokes a real out-of-memory error (admission told the card
+is 80 GiB, so 1024² x4 runs whole) and shows the frugal retry recover. It ends
+with a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from src.engine import Engine
+from src.errors import WorkerError
+from src.loader import load_pipeline
+from src.memory import GIB, Profile, plan_sub_batch
+from src.schema import parse_input
+from src.settings import load_settings
+
+CAP_GIB = 6.0
+STEPS = 20
+# The checks ask for more than the default limits allow (1024² x4).
+LIMITS = {"MAX_PIXELS": str(1024 * 1024 * 4)}
+
+
+@dataclass
+class Case:
+    name: str
+    width: int
+    height: int
+    num_images: int
+    profile: Profile = Profile.BALANCED
+    admission_gib: float | None = None  # what admission is told the card has; None: the cap
+
+
+def run_case(engine: Engine, case: Case, steps: int) -> str:
+    """Run one case; return its table row."""
+    engine.profile = case.profile
+    engine.gpu_bytes = int((case.admission_gib or CAP_GIB) * GIB) if engine.device.type == "cuda" else None
+    request = parse_input(
+        {
+            "input": {
+                "prompt": "a red fox in a snowy forest, detailed fur",
+                "width": case.width,
+                "height": case.height,
+                "num_images": case.num_images,
+                "num_inference_steps": steps,
+                "seed": 1,
+            }
+        },
+        engine.settings,
+    )
+    plan = plan_sub_batch(
+        case.profile, case.width, case.height, case.num_images, gpu_bytes=engine.gpu_bytes, dtype_bytes=2
+    )
+    batch = f"{plan.batch}{' tiled' if plan.vae_tiling else ''}"
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    outcome, note = "yes", ""
+    try:
+        generation = engine.generate(request, timeout_s=600)
+        note = "; ".join(generation.warnings)
+    except WorkerError as error:
+        outcome, note = "no", str(error)
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() / GIB if engine.device.type == "cuda" else float("nan")
+    return f"| {case.name} | {case.profile.value} | {outcome} | {batch} | {peak:.2f} | {seconds:.1f} | {note[:160]} |"
+
+
+def build_engine(tiny: Path | None) -> Engine:
+    """The worker's engine around SD 1.5's architecture on the GPU, or around the tiny model on the CPU."""
+    if tiny is not None:
+        settings = load_settings({**LIMITS, "MODEL_ID": str(tiny), "DEVICE": "cpu"})
+        pipeline = load_pipeline(settings, torch.float32)
+        return Engine(
+            pipeline,
+            settings=settings,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            profile=Profile.CPU,
+            gpu_bytes=None,
+        )
+    from bench.sd15_random import build_sd15_random, check_parameter_counts
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(CAP_GIB * GIB / total, 1.0))
+    pipeline = build_sd15_random("cuda", torch.float16)
+    check_parameter_counts(pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    settings = load_settings({**LIMITS, "MODEL_ID": "sd15-random-weights", "GPU_MEMORY_GB": str(CAP_GIB)})
+    return Engine(
+        pipeline,
+        settings=settings,
+        device=torch.device("cuda"),
+        dtype=torch.float16,
+        profile=Profile.BALANCED,
+        gpu_bytes=int(CAP_GIB * GIB),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", type=Path, help="a tiny model folder: smoke-run on the CPU instead")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    args = parser.parse_args()
+    if args.tiny is None and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny DIR for a CPU smoke run")
+
+    started = time.perf_counter()
+    engine = build_engine(args.tiny)
+    device = torch.cuda.get_device_name(0) if engine.device.type == "cuda" else "CPU (tiny model)"
+    print(f"# GPU check: {device}, capped at {CAP_GIB:g} GiB, torch {torch.__version__}, {datetime.date.today()}")
+    print(f"model ready in {time.perf_counter() - started:.0f} s; {args.steps} steps, DPM++ 2M Karras\n")
+    cases = [
+        Case("512² x1", 512, 512, 1),
+        Case("768² x1", 768, 768, 1),
+        Case("512² x4", 512, 512, 4),
+        # A real OOM: admission is told the card has 80 GiB, so 1024² x4 runs whole and the frugal retry must save it.
+        Case("1024² x4, forced OOM", 1024, 1024, 4, profile=Profile.HIGH, admission_gib=80),
+        Case("512² x1 after the OOM", 512, 512, 1),
+    ]
+    print("| case | profile | finished | sub-batch | peak GiB | seconds | warnings or error |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for case in cases:
+        print(run_case(engine, case, args.steps), flush=True)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
