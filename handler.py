@@ -157,6 +157,12 @@ def main() -> int:
     # progress_update posts to RunPod's output webhook; with none (the local HTTP API) it would only fail.
     if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
         _send_progress = runpod.serverless.progress_update
+    # On RunPod, a worker whose torch cannot use its GPU refuses jobs instead of failing each one.
+    if _engine is not None and _engine.device.type == "cuda":
+        from src import gpu
+
+        runpod.serverless.register_fitness_check(gpu.check_kernels)
+        runpod.serverless.register_fitness_check(gpu.check_fp16)
     # GPU work runs one job at a time whatever this says; see the README, "Concurrency".
     runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda _current: settings.concurrency})
     return 0

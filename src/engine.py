@@ -140,7 +140,7 @@ class Engine:
     @property
     def model_name(self) -> str:
         """The model as the response reports it: MODEL_ID, with @revision when one is set."""
-        revision = self.settings.model_revision
+        revision = self.settings.revision
         return f"{self.settings.model_id}@{revision}" if revision else self.settings.model_id
 
     @property

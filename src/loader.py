@@ -8,7 +8,9 @@ message that says what to do.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +97,39 @@ def _probe_hub(model_id: str, revision: str | None) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+# Written by builder/cache_model.py next to the weights it downloads: what they are.
+BAKED_SOURCE_FILE = "source.json"
+
+
+@dataclass(frozen=True)
+class BakedSource:
+    """Which model, revision and file variant a baked folder holds."""
+
+    model_id: str
+    revision: str | None
+    variant: str | None
+    safety_checker: bool
+
+    def matches(self, model_id: str, revision: str | None) -> bool:
+        return (self.model_id, self.revision) == (model_id, revision)
+
+
+def read_baked_source(folder: Path) -> BakedSource | None:
+    """The baked folder's ``source.json``, or None when there is no usable one."""
+    try:
+        return BakedSource(**json.loads((folder / BAKED_SOURCE_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def load_pipeline(settings: Settings, dtype: torch.dtype) -> StableDiffusionPipeline:
     """Load ``settings.model_id`` (a local folder or a hub id) in ``dtype``, on the CPU.
 
     The engine places it on the device, as its memory profile says.
 
-    A hub id is read from the local cache when it is there, and downloaded
-    only after the hub has answered a quick look-up.
+    MODEL_ID at its revision is loaded from MODEL_DIR, offline, when the build baked
+    it there. Otherwise a hub id is read from the local cache when it is there, and
+    downloaded only after the hub has answered a quick look-up.
 
     Raises:
         ModelLoadError: the folder is not a diffusers pipeline, or the weights are
@@ -111,14 +139,20 @@ def load_pipeline(settings: Settings, dtype: torch.dtype) -> StableDiffusionPipe
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
-    model_id, revision = settings.model_id, settings.model_revision
-    options: dict[str, Any] = {"dtype": dtype, "revision": revision}
+    model_id, revision = settings.model_id, settings.revision
+    options: dict[str, Any] = {"dtype": dtype}
     if not settings.safety_checker:
         # Off by default (see the README). Without requires_safety_checker=False,
         # diffusers warns about it on every load.
         options.update(safety_checker=None, requires_safety_checker=False)
     folder = Path(model_id).expanduser()
-    if folder.is_dir():
+    baked = read_baked_source(Path(settings.model_dir))
+    if baked is not None and baked.matches(model_id, revision):
+        log.info("loading %s@%s from %s, baked at build time", model_id, revision, settings.model_dir)
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options
+        )
+    elif folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(
                 f"MODEL_ID={model_id!r} is a folder but not a diffusers pipeline: it has no "
@@ -131,12 +165,14 @@ def load_pipeline(settings: Settings, dtype: torch.dtype) -> StableDiffusionPipe
         )
     else:
         try:
-            pipeline = StableDiffusionPipeline.from_pretrained(model_id, local_files_only=True, **options)
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                model_id, local_files_only=True, revision=revision, **options
+            )
             log.info("loaded %s from the local Hugging Face cache", model_id)
         except OSError:
             log.info("%s is not in the local cache; asking the hub", model_id)
             _probe_hub(model_id, revision)
-            pipeline = StableDiffusionPipeline.from_pretrained(model_id, **options)
+            pipeline = StableDiffusionPipeline.from_pretrained(model_id, revision=revision, **options)
     if settings.safety_checker and getattr(pipeline, "safety_checker", None) is None:
         raise ModelLoadError(
             f"SAFETY_CHECKER=true, but MODEL_ID={model_id!r} has no safety_checker and feature_extractor; "

@@ -14,6 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The commit of DEFAULT_MODEL_ID that builds bake and runs load, so that both agree
+# and a change upstream never changes the images silently.
+DEFAULT_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 # Variables whose values never appear in a message.
 _SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY"})
 
@@ -36,7 +39,15 @@ class Settings(BaseModel):
     model_revision: str | None = Field(
         None,
         alias="MODEL_REVISION",
-        description="Hub revision (branch, tag or commit) to load; unset means the default branch.",
+        description="Hub revision (branch, tag or commit). Unset: a pinned commit for the default model, "
+        "the default branch for any other.",
+    )
+    model_dir: str = Field(
+        "/models/sd15",
+        alias="MODEL_DIR",
+        min_length=1,
+        description="Folder `builder/cache_model.py` fills at build time. When it holds MODEL_ID at its revision, "
+        "the worker loads it from there, offline.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", alias="DEVICE", description="`auto` uses CUDA when a GPU is visible, else the CPU."
@@ -173,6 +184,13 @@ class Settings(BaseModel):
                 "(neither: boto3 finds credentials itself, e.g. from an instance role)"
             )
         return self
+
+    @property
+    def revision(self) -> str | None:
+        """The hub revision to use: MODEL_REVISION, else the pinned one for the default model."""
+        if self.model_revision is not None:
+            return self.model_revision
+        return DEFAULT_MODEL_REVISION if self.model_id == DEFAULT_MODEL_ID else None
 
     @property
     def bucket_configured(self) -> bool:
