@@ -11,6 +11,7 @@ VARIABLES = [field.alias for field in Settings.model_fields.values() if field.al
 DEFAULTS = {
     "model_id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "model_revision": None,
+    "model_dir": "/models/sd15",
     "device": "auto",
     "dtype": "auto",
     "max_side": 1024,

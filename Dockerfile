@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1.7
+# Stable Diffusion 1.5 worker for RunPod serverless.
+#
+#   docker build -t sd15-worker .                       # "full": SD 1.5 baked into /models/sd15
+#   docker build --target slim -t sd15-worker:slim .    # "slim": no weights; MODEL_DIR on a network volume
+#   docker build --build-arg SAFETY_CHECKER=true ...    # bake and load the safety checker too
+#   docker build --secret id=hf_token,env=HF_TOKEN ...  # only for gated or private models
+ARG PYTHON_VERSION=3.11
+
+# --- deps: a virtual environment with torch and the requirements, built once and copied ---------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS deps
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, in a layer of its own (several GB, rarely changes), from PyTorch's CUDA 12.6
+# index: the cu126 builds are the last with Pascal (sm_61, GTX 1060) kernels, and they run
+# Volta, Turing, Ampere, Ada and Hopper too. The wheel brings its CUDA libraries; the host
+# brings only the driver.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
+
+# --- app: the worker's code on a slim base --------------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS app
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    HF_HOME=/tmp/hf-home \
+    MODEL_DIR=/models/sd15
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /app
+COPY handler.py test_input.json ./
+COPY src/ src/
+COPY builder/ builder/
+# Healthy when torch sees the GPU, has kernels for it, and fp16 math is finite.
+HEALTHCHECK --interval=5m --timeout=60s --start-period=2m --retries=3 \
+    CMD ["python", "-m", "builder.selfcheck", "--quick"]
+CMD ["python", "-u", "handler.py"]
+
+# --- slim: no weights in the image; bake them once into a network volume (see the README) ---------
+FROM app AS slim
+ENV MODEL_DIR=/runpod-volume/models/sd15
+
+# --- full (default): SD 1.5 baked in at build time, loaded offline at run time ---------------------
+FROM app AS full
+ARG BAKE_MODEL=true
+ARG MODEL_ID=stable-diffusion-v1-5/stable-diffusion-v1-5
+ARG MODEL_REVISION=
+ARG SAFETY_CHECKER=false
+ENV MODEL_ID=${MODEL_ID} \
+    MODEL_REVISION=${MODEL_REVISION} \
+    SAFETY_CHECKER=${SAFETY_CHECKER}
+# The weights go to /models/sd15, not HF_HOME, which a network volume at /runpod-volume could hide.
+RUN --mount=type=secret,id=hf_token,env=HF_TOKEN \
+    if [ "$BAKE_MODEL" = "true" ]; then python -m builder.cache_model; fi

