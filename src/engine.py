@@ -126,6 +126,7 @@ class Engine:
             pipeline.enable_sequential_cpu_offload()
         else:
             pipeline.to(device)
+        fast = settings.fast_mode and _apply_fast_mode(pipeline, device, profile)
         log.info(
             "loaded %s on %s (%s, %s profile%s) in %.1f s",
             settings.model_id,
@@ -135,7 +136,20 @@ class Engine:
             f", {gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "",
             time.perf_counter() - started,
         )
-        return cls(pipeline, settings=settings, device=device, dtype=dtype, profile=profile, gpu_bytes=gpu_bytes)
+        engine = cls(pipeline, settings=settings, device=device, dtype=dtype, profile=profile, gpu_bytes=gpu_bytes)
+        if fast:
+            engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """Run the production shape once (512², one image, the default scheduler) so that compilation
+        and CUDA's lazy start happen before the first job, inside the cold start."""
+        started = time.perf_counter()
+        request = GenerateRequest.model_validate(
+            {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, context={"limits": self.settings}
+        )
+        self.generate(request, timeout_s=3600)
+        log.info("warmed up in %.1f s", time.perf_counter() - started)
 
     @property
     def model_name(self) -> str:
@@ -183,9 +197,9 @@ class Engine:
         # 3. Generate, one request at a time; after an OOM, free memory and retry frugally once.
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
-            try:
-                images, nsfw = self._run(job, plan, frugal=False)
-            except torch.cuda.OutOfMemoryError:
+            result = self._attempt(job, plan, frugal=False)
+            if result is None:
+                # Outside the except block, so the failed run's tensors went with its traceback.
                 self._release_memory()
                 job.warnings.append(
                     "the GPU ran out of memory; the job was retried one image at a time "
@@ -198,15 +212,22 @@ class Engine:
                     request.num_images,
                 )
                 job.steps_done, job.total_steps = 0, request.num_inference_steps * request.num_images
-                try:
-                    images, nsfw = self._run(job, Plan(batch=1, vae_tiling=True), frugal=True)
-                except torch.cuda.OutOfMemoryError:
+                result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
+                if result is None:
                     self._release_memory()
-                    raise OutOfMemoryError(self._oom_message(request)) from None
+                    raise OutOfMemoryError(self._oom_message(request))
+            images, nsfw = result
             inference_ms = (time.perf_counter() - started) * 1000
         return Generation(
             images=images, seeds=request.seeds, inference_ms=inference_ms, warnings=job.warnings, nsfw=nsfw
         )
+
+    def _attempt(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None] | None:
+        """``_run``, or None when the GPU ran out of memory."""
+        try:
+            return self._run(job, plan, frugal=frugal)
+        except torch.cuda.OutOfMemoryError:
+            return None
 
     def _run(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None]:
         """Denoise and decode the request in sub-batches, as admission planned."""
@@ -293,14 +314,16 @@ class Engine:
         """
         vae, pipeline = self._pipeline.vae, self._pipeline
         vae.use_slicing, vae.use_tiling = setup.vae_slicing, setup.vae_tiling
+        processors = pipeline.unet.attn_processors if setup.attention_slicing else None
         if setup.attention_slicing:
             pipeline.enable_attention_slicing()
         try:
             yield
         finally:
             vae.use_slicing = vae.use_tiling = False
-            if setup.attention_slicing:
-                pipeline.disable_attention_slicing()
+            if processors is not None:
+                # Put back exactly what was there (SDPA, or FAST_MODE's fused processors).
+                pipeline.unet.set_attn_processor(processors)
 
     def _release_memory(self) -> None:
         """After an OOM: collect what the failed run left, and hand the cache back to the driver."""
@@ -342,6 +365,32 @@ class Engine:
                     "(start and end markers included) and ignores the rest"
                 )
         return warnings
+
+
+def _apply_fast_mode(pipeline: StableDiffusionPipeline, device: torch.device, profile: Profile) -> bool:
+    """FAST_MODE's speed-ups, where they help: returns whether they were applied.
+
+    channels_last suits tensor cores; fused QKV projections make one matmul of three;
+    regional compilation compiles the UNet's repeated transformer block once, so the
+    compile costs seconds, not minutes. Pascal has no tensor cores and Triton does not
+    support it, so it never gets them; offloaded models cannot be compiled in place.
+    """
+    if device.type != "cuda":
+        log.warning("FAST_MODE ignored: it needs a CUDA GPU, and this worker runs on %s", device.type)
+        return False
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (7, 0):
+        log.warning("FAST_MODE ignored on compute capability %d.%d (Pascal or older)", *capability)
+        return False
+    if profile in (Profile.LOW, Profile.MINIMAL):
+        log.warning("FAST_MODE ignored with the %s profile: CPU offload and compilation do not mix", profile.value)
+        return False
+    pipeline.unet.to(memory_format=torch.channels_last)
+    pipeline.vae.to(memory_format=torch.channels_last)
+    pipeline.fuse_qkv_projections()
+    pipeline.unet.compile_repeated_blocks(fullgraph=True)
+    log.info("FAST_MODE: channels_last, fused QKV projections, compiled UNet blocks")
+    return True
 
 
 def _gpu_bytes(settings: Settings) -> int:

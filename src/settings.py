@@ -118,6 +118,12 @@ class Settings(BaseModel):
         le=8,
         description="Jobs runpod hands this worker at once. GPU work still runs one job at a time.",
     )
+    fast_mode: bool = Field(
+        False,
+        alias="FAST_MODE",
+        description="On GPUs of compute capability 7.0 or newer: channels_last, fused QKV, a compiled UNet "
+        "and a warm-up at start (slower start, faster jobs). Ignored, with a warning, elsewhere.",
+    )
     embed_parameters: bool = Field(
         True,
         alias="EMBED_PARAMETERS",

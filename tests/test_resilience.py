@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -282,3 +283,16 @@ def test_safety_checker_is_off_by_default(clean: list[str]) -> None:
     assert all("nsfw" not in item for item in result["images"])
     assert handler.get_engine()._pipeline.safety_checker is None
     assert result["metadata"]["memory_profile"] == "cpu"
+
+
+def test_fast_mode_is_ignored_with_a_warning_on_the_cpu(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from src.engine import Engine
+    from src.settings import load_settings
+
+    with caplog.at_level(logging.WARNING, logger="src.engine"):
+        engine = Engine.load(load_settings({"MODEL_ID": str(tiny_model_dir), "FAST_MODE": "true"}))
+
+    assert "FAST_MODE ignored" in caplog.text
+    request = parse_input({"input": JOB}, engine.settings)
+    generation = engine.generate(request, timeout_s=60)
+    assert [image.size for image in generation.images] == [(64, 64), (64, 64)]

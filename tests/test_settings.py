@@ -25,6 +25,7 @@ DEFAULTS = {
     "generation_timeout_seconds": 300.0,
     "safety_checker": False,
     "concurrency": 1,
+    "fast_mode": False,
     "embed_parameters": True,
     "max_response_mb": 20.0,
     "bucket_name": None,
