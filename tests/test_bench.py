@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,31 +22,33 @@ def test_random_sd15_has_sd15_parameter_counts() -> None:
     assert pipeline.vae_scale_factor == 8
 
 
-def test_gpu_check_smoke_runs_on_the_cpu_with_the_tiny_model(tiny_model_dir: Path) -> None:
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bench.<args>` from the project root, as the README says; fails with its stderr."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", "--tiny", str(tiny_model_dir), "--steps", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
     )
-
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_gpu_check_smoke_runs_on_the_cpu_with_the_tiny_model(tiny_model_dir: Path) -> None:
+    result = run_bench("bench.gpu_check", "--tiny", str(tiny_model_dir), "--steps", "1")
+
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 6, result.stdout
     assert all("| yes |" in row for row in rows[1:])
 
 
 def test_encode_benchmark_prints_every_format() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.encode", "--repeat", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    result = run_bench("bench.encode", "--repeat", "1")
 
     for name in ("| png |", "| jpeg |", "| webp |"):
         assert name in result.stdout
+
+
+def test_cpu_benchmark_quick_run_writes_the_table_and_the_json(tmp_path: Path) -> None:
+    run_bench("bench.run", "--quick", "--out", str(tmp_path))
+
+    report = json.loads((tmp_path / "cpu.json").read_text())
+    assert set(report["ratios"]["tiny"]) == {"cold_start", "handler_overhead_256", "handler_overhead_512", "peak_rss"}
+    assert "| tiny | 512² | 25 |" in (tmp_path / "cpu.md").read_text()
