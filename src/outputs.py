@@ -71,10 +71,14 @@ class EncodedImage:
 
 
 def a1111_parameters(request: GenerateRequest, seed: int, model: str) -> str:
-    """The parameters text AUTOMATIC1111 writes into its images, for one image."""
+    """The parameters text AUTOMATIC1111 writes into its images, for one image.
+
+    Like A1111, it has no "Negative prompt:" line when the negative prompt is empty.
+    """
+    negative = f"Negative prompt: {request.negative_prompt}\n" if request.negative_prompt else ""
     return (
         f"{request.prompt}\n"
-        f"Negative prompt: {request.negative_prompt}\n"
+        f"{negative}"
         f"Steps: {request.num_inference_steps}, Sampler: {request.scheduler}, "
         f"CFG scale: {request.guidance_scale:g}, Seed: {seed}, "
         f"Size: {request.width}x{request.height}, Model: {model}"

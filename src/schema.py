@@ -9,7 +9,10 @@ any object with the attributes of ``RequestLimits`` (the worker passes its
 
 from __future__ import annotations
 
+import difflib
+import re
 import secrets
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol
 
 from pydantic import (
@@ -28,6 +31,10 @@ MAX_PROMPT_CHARS = 2000
 SEED_MAX = 2**32 - 1
 SIDE_STEP = 64
 GUIDANCE_MAX = 30.0
+# An input error names at most this many problems (one per request field), in at most this many characters.
+MAX_PROBLEMS_SHOWN = 12
+MAX_ERROR_CHARS = 2048
+_INVALID = "invalid input: "
 
 # AUTOMATIC1111's sampler names; src/schedulers.py maps each to diffusers.
 SCHEDULER_NAMES: tuple[str, ...] = (
@@ -46,7 +53,56 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "PNDM",
     "UniPC",
 )
-_SCHEDULERS_BY_KEY = {name.casefold(): name for name in SCHEDULER_NAMES}
+# Other spellings of each: A1111's k-diffusion names and ComfyUI's sampler_name values, alone
+# or joined to ComfyUI's scheduler "karras". Case, spaces, underscores, hyphens, colons and
+# brackets do not matter (see _name_key), so "dpmpp_2m karras" and "DPM++ 2M (Karras)" need no entry.
+SCHEDULER_ALIASES: Mapping[str, str] = {
+    "k_euler_a": "Euler a",
+    "euler_ancestral": "Euler a",
+    "k_euler_ancestral": "Euler a",
+    "k_euler": "Euler",
+    "k_heun": "Heun",
+    "dpm_2": "DPM2",
+    "k_dpm_2": "DPM2",
+    "dpm_2_a": "DPM2 a",
+    "k_dpm_2_a": "DPM2 a",
+    "dpm_2_ancestral": "DPM2 a",
+    "k_dpm_2_ancestral": "DPM2 a",
+    "k_lms": "LMS",
+    "k_lms_karras": "LMS Karras",
+    "k_lms_ka": "LMS Karras",
+    "dpmpp_2m": "DPM++ 2M",
+    "k_dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "k_dpmpp_2m_karras": "DPM++ 2M Karras",
+    "k_dpmpp_2m_ka": "DPM++ 2M Karras",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "k_dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "k_dpmpp_2m_sde_ka": "DPM++ 2M SDE Karras",
+    "plms": "PNDM",
+    "uni_pc": "UniPC",
+    "uni_pc_bh2": "UniPC",
+}
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+OUTPUT_FORMAT_ALIASES: Mapping[str, str] = {"jpg": "jpeg", "jpe": "jpeg"}
+_SEPARATORS = re.compile(r"[\s_:()-]+")
+
+
+def _name_key(name: str) -> str:
+    # Separators fold to one space, never to nothing, so "DPM2 a" and "DPM2" stay apart.
+    return _SEPARATORS.sub(" ", name.casefold()).strip()
+
+
+def _names_by_key(canonical: Iterable[str], aliases: Mapping[str, str]) -> dict[str, str]:
+    names = {_name_key(alias): target for alias, target in aliases.items()}
+    names.update({_name_key(name): name for name in canonical})
+    return names
+
+
+_SCHEDULERS_BY_KEY = _names_by_key(SCHEDULER_NAMES, SCHEDULER_ALIASES)
+_FORMATS_BY_KEY = _names_by_key(OUTPUT_FORMATS, OUTPUT_FORMAT_ALIASES)
 
 
 class InputError(ValueError):
@@ -72,16 +128,31 @@ class RequestLimits(Protocol):
     def bucket_configured(self) -> bool: ...
 
 
+def _canonical(name: str, names_by_key: Mapping[str, str], kind: str, listed: Iterable[str]) -> str:
+    key = _name_key(name)
+    if key in names_by_key:
+        return names_by_key[key]
+    close = difflib.get_close_matches(key, names_by_key, n=1)
+    suggestion = f"did you mean {names_by_key[close[0]]!r}? " if close else ""
+    raise ValueError(f"unknown {kind}; {suggestion}The {kind}s are: {', '.join(listed)}")
+
+
 def canonical_scheduler(name: str) -> str:
-    """Return the canonical spelling of a scheduler name, matched without regard to case.
+    """The canonical (A1111) name of a scheduler given by that name or an alias, in any case.
 
     Raises:
-        ValueError: the name is not one of ``SCHEDULER_NAMES``; the message lists them.
+        ValueError: the name is unknown; the message suggests the closest one and lists them all.
     """
-    try:
-        return _SCHEDULERS_BY_KEY[name.strip().casefold()]
-    except KeyError:
-        raise ValueError(f"must be one of: {', '.join(SCHEDULER_NAMES)} (case does not matter)") from None
+    return _canonical(name, _SCHEDULERS_BY_KEY, "scheduler", SCHEDULER_NAMES)
+
+
+def canonical_output_format(name: str) -> str:
+    """``png``, ``jpeg`` or ``webp`` for that name or an alias such as ``jpg``, in any case.
+
+    Raises:
+        ValueError: the name is unknown; the message suggests the closest one and lists them all.
+    """
+    return _canonical(name, _FORMATS_BY_KEY, "output format", OUTPUT_FORMATS)
 
 
 def check_limits(limits: RequestLimits) -> None:
@@ -165,11 +236,12 @@ class GenerateRequest(BaseModel):
         description="1 to `MAX_IMAGES`, and width x height x num_images at most `MAX_PIXELS`.",
     )
     scheduler: StrictStr = Field(
-        description=f"One of {', '.join(SCHEDULER_NAMES)}; case does not matter.",
+        description=f"One of {', '.join(SCHEDULER_NAMES)}; case does not matter, and k-diffusion and ComfyUI "
+        "names such as `euler_ancestral` or `dpmpp_2m_karras` are accepted too.",
     )
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png",
-        description="`png`, `jpeg` or `webp`; case does not matter. Each file carries its parameters.",
+        description="`png`, `jpeg` (`jpg` accepted) or `webp`; case does not matter. Each file carries its parameters.",
     )
     output_quality: StrictInt = Field(
         90, ge=1, le=100, description="1 to 100, for `jpeg` and `webp`; lower is smaller. PNG is lossless."
@@ -189,7 +261,12 @@ class GenerateRequest(BaseModel):
             data = {**defaults, **data}
         return data
 
-    @field_validator("output_format", "output_type", mode="before")
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _known_output_format(cls, value: Any) -> Any:
+        return canonical_output_format(value) if isinstance(value, str) else value
+
+    @field_validator("output_type", mode="before")
     @classmethod
     def _case_insensitive(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -260,24 +337,48 @@ def _shown(value: Any, limit: int = 60) -> str:
     return f"{text[: limit - 20]}... ({size})"
 
 
+def _field_name(name: str, limit: int = 40) -> str:
+    """A field name as it came in, abbreviated when long: unknown keys can be of any length."""
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 20]}... ({len(name)} characters)"
+
+
 def describe_errors(error: ValidationError) -> str:
-    """One line naming every bad field, the value received and the rule it broke."""
-    allowed = ", ".join(GenerateRequest.model_fields)
+    """One line naming each bad field, the value received and the rule it broke.
+
+    At most ``MAX_PROBLEMS_SHOWN`` problems are spelled out, and the line stays within
+    ``MAX_ERROR_CHARS``: an input with thousands of unknown keys still gets a readable answer.
+    The allowed fields are listed once, when a field is unknown.
+    """
     problems = []
+    unknown_field = False
     for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "input"
+        field = _field_name(".".join(str(part) for part in item["loc"])) or "input"
         kind = item["type"]
         message = item["msg"].removeprefix("Value error, ")
         message = message.replace("Input should be", "must be").replace("String should have", "must have")
         if kind == "extra_forbidden":
-            message = f"unknown field; the fields are: {allowed}"
+            unknown_field = True
+            message = "unknown field"
         if kind == "missing":
             problems.append(f"{field}: required")
         elif field == "input":
             problems.append(message)
         else:
             problems.append(f"{field}={_shown(item['input'])}: {message}")
-    return "invalid input: " + "; ".join(problems)
+    fields_note = f"; the fields are: {', '.join(GenerateRequest.model_fields)}" if unknown_field else ""
+    # Room for "; ... and 99999 more problems" as well.
+    budget = MAX_ERROR_CHARS - len(_INVALID) - len(fields_note) - 40
+    shown: list[str] = []
+    for problem in problems[:MAX_PROBLEMS_SHOWN]:
+        budget -= len(problem) + 2
+        if budget < 0 and shown:
+            break
+        shown.append(problem)
+    if len(problems) > len(shown):
+        shown.append(f"... and {len(problems) - len(shown)} more problems")
+    return _INVALID + "; ".join(shown) + fields_note
 
 
 def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
@@ -326,7 +427,10 @@ class UploadedImage(BaseModel):
 
     url: str = Field(description="Presigned GET URL, valid for `URL_EXPIRY_SECONDS`.")
     bucket: str = Field(description="The bucket it is in.")
-    key: str = Field(description="Its key: `{BUCKET_PREFIX}{job id}/{index}-{seed}.{ext}`.")
+    key: str = Field(
+        description="Its key: `{BUCKET_PREFIX}{job id}/{index}-{seed}.{ext}`; a job without an id gets "
+        "one random `job-...` folder for all its images."
+    )
     seed: int = Field(description="The seed that regenerates this image alone.")
     format: str = Field(description="`png`, `jpeg` or `webp`.")
     nsfw: bool | None = Field(None, description="As for inline images.")

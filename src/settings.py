@@ -8,8 +8,10 @@ reads ``os.environ`` for its own configuration.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -19,6 +21,15 @@ DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 # Variables whose values never appear in a message.
 _SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY"})
+# Variables holding URLs whose user:password@ part never appears in a message.
+_URLS = frozenset({"BUCKET_ENDPOINT_URL"})
+# From after the scheme to the last "@": greedy, so a password holding "/" or "@" is hidden whole.
+_USERINFO = re.compile(r"^([^:/]*://)?.*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced by ``<hidden>@``, even when it does not parse."""
+    return _USERINFO.sub(lambda match: f"{match.group(1) or ''}<hidden>@", url, count=1)
 
 
 class SettingsError(ValueError):
@@ -92,13 +103,15 @@ class Settings(BaseModel):
     memory_profile: Literal["auto", "high", "balanced", "low", "minimal"] = Field(
         "auto",
         alias="MEMORY_PROFILE",
-        description="`auto` picks by GPU memory: `high` >= 10 GB, `balanced` 6-10, `low` 4-6, `minimal` below.",
+        description="`auto` picks by GPU memory: `high` 10 GiB or more, `balanced` 5.5 to 10 GiB "
+        "(a GTX 1060 6GB reports 5.93 GiB), `low` 3.5 to 5.5 GiB, `minimal` below 3.5 GiB.",
     )
     gpu_memory_gb: float | None = Field(
         None,
         alias="GPU_MEMORY_GB",
         gt=0,
-        description="Use at most this much GPU memory (caps this process); unset: the whole card.",
+        description="Use at most this much GPU memory, in GiB (2^30 bytes), such as `7.5`; "
+        "it caps this process. Unset: the whole card.",
     )
     generation_timeout_seconds: float = Field(
         300.0,
@@ -142,7 +155,8 @@ class Settings(BaseModel):
     bucket_endpoint_url: str | None = Field(
         None,
         alias="BUCKET_ENDPOINT_URL",
-        description="S3 endpoint, such as `https://s3.us-east-1.amazonaws.com` or an R2/MinIO URL; unset: AWS.",
+        description="S3 endpoint, such as `https://s3.us-east-1.amazonaws.com` or an R2/MinIO URL; unset: AWS. "
+        "No credentials in it: they go in the two variables below.",
     )
     bucket_access_key_id: str | None = Field(None, alias="BUCKET_ACCESS_KEY_ID", description="S3 access key id.")
     bucket_secret_access_key: SecretStr | None = Field(
@@ -171,8 +185,20 @@ class Settings(BaseModel):
     @field_validator("bucket_endpoint_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        # Any "@", checked before parsing: a password holding "/", "?" or "#" would fool urlsplit.
+        if "@" in value:
+            raise ValueError("must not carry credentials; use BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - parses the port, raising ValueError when it is not one
+        except ValueError:
+            raise ValueError("is not a valid URL: its host or port cannot be read") from None
+        if not parts.hostname:
+            raise ValueError("must name a host, such as http://127.0.0.1:9000")
         return value
 
     @field_validator("log_level", mode="before")
@@ -223,7 +249,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             name = str(item["loc"][0]) if item["loc"] else ""
             message = item["msg"].removeprefix("Value error, ")
             if name:
-                value = "<hidden>" if name in _SECRETS else repr(present.get(name))
+                value = present.get(name)
+                if name in _SECRETS:
+                    value = "<hidden>"
+                elif name in _URLS and value is not None:
+                    value = repr(redact_url(value))
+                else:
+                    value = repr(value)
                 message = f"{name}={value}: {message.replace('Input should be', 'must be')}"
             problems.append(message)
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -20,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from src.errors import StorageError
-from src.settings import Settings
+from src.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -45,41 +45,63 @@ class S3Storage:
     """Uploads image files to one bucket and presigns GET URLs for them."""
 
     def __init__(self, settings: Settings) -> None:
+        """Create the process's S3 client; no request is sent yet.
+
+        Raises:
+            StorageError: boto3 refuses the configuration (an endpoint or region it cannot use,
+                an AWS profile it cannot find); the message names the bucket, the endpoint and the problem.
+        """
         if settings.bucket_name is None:
             raise ValueError("S3Storage needs BUCKET_NAME")
         self.bucket = settings.bucket_name
-        self.endpoint = settings.bucket_endpoint_url or "AWS S3"
+        self.endpoint = redact_url(settings.bucket_endpoint_url) if settings.bucket_endpoint_url else "AWS S3"
         self._prefix = settings.bucket_prefix
         self._expiry = settings.url_expiry_seconds
         secret = settings.bucket_secret_access_key
-        self._client = boto3.client(
-            "s3",
-            endpoint_url=settings.bucket_endpoint_url,
-            region_name=settings.bucket_region or "us-east-1",
-            aws_access_key_id=settings.bucket_access_key_id,
-            aws_secret_access_key=secret.get_secret_value() if secret else None,
-            config=Config(
-                signature_version="s3v4",
-                # standard mode: up to 3 attempts with exponential backoff and jitter.
-                retries={"mode": "standard", "max_attempts": 3},
-                connect_timeout=5,
-                read_timeout=30,
-                # Custom endpoints (MinIO, R2, a test server) rarely serve virtual-hosted buckets.
-                s3={"addressing_style": "path" if settings.bucket_endpoint_url else "auto"},
-                max_pool_connections=MAX_PARALLEL_UPLOADS,
-            ),
-        )
+        try:
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=settings.bucket_endpoint_url,
+                region_name=settings.bucket_region or "us-east-1",
+                aws_access_key_id=settings.bucket_access_key_id,
+                aws_secret_access_key=secret.get_secret_value() if secret else None,
+                config=Config(
+                    signature_version="s3v4",
+                    # standard mode: up to 3 attempts with exponential backoff and jitter.
+                    retries={"mode": "standard", "max_attempts": 3},
+                    connect_timeout=5,
+                    read_timeout=30,
+                    # Custom endpoints (MinIO, R2, a test server) rarely serve virtual-hosted buckets.
+                    s3={"addressing_style": "path" if settings.bucket_endpoint_url else "auto"},
+                    max_pool_connections=MAX_PARALLEL_UPLOADS,
+                ),
+            )
+        # botocore's setup errors are BotoCoreError (InvalidRegionError, ProfileNotFound) or a bare
+        # ValueError ("Invalid endpoint: ..."); either would escape main() as a traceback.
+        except (BotoCoreError, ValueError) as error:
+            problem = f"{type(error).__name__}: {redact_url((str(error).splitlines() or [''])[0])}"
+            if secret is not None and secret.get_secret_value():
+                problem = problem.replace(secret.get_secret_value(), "<hidden>")
+            raise StorageError(
+                f"cannot set up the S3 client for bucket {self.bucket!r} at {self.endpoint}: {problem}; "
+                "check BUCKET_ENDPOINT_URL, BUCKET_REGION and any AWS_* variables"
+            ) from None
         self._pool = ThreadPoolExecutor(max_workers=MAX_PARALLEL_UPLOADS, thread_name_prefix="s3-upload")
 
-    def key_for(self, job_id: str, index: int, seed: int, extension: str) -> str:
-        """``{prefix}{job_id}/{index}-{seed}.{ext}``; a job without an id gets a random one."""
-        safe_id = _UNSAFE_KEY_CHARS.sub("-", job_id).strip("-.") or f"job-{uuid.uuid4().hex}"
-        return f"{self._prefix}{safe_id}/{index}-{seed}.{extension}"
+    @staticmethod
+    def job_folder(job_id: str) -> str:
+        """The job's id made safe for a key; a job without one gets a random one, once per call."""
+        return _UNSAFE_KEY_CHARS.sub("-", job_id).strip("-.") or f"job-{uuid.uuid4().hex}"
+
+    def key_for(self, folder: str, index: int, seed: int, extension: str) -> str:
+        """``{prefix}{folder}/{index}-{seed}.{ext}``, ``folder`` being the job's ``job_folder``."""
+        return f"{self._prefix}{folder}/{index}-{seed}.{extension}"
 
     def upload_all(self, job_id: str, uploads: Sequence[Upload]) -> list[Uploaded | StorageError]:
-        """Upload every file in parallel; each result is where it went or why it failed."""
+        """Upload every file in parallel, all under one folder; each result is where it went or why it failed."""
+        folder = self.job_folder(job_id)
         futures = [
-            self._pool.submit(self._upload_one, self.key_for(job_id, index, seed, extension), data, content_type)
+            self._pool.submit(self._upload_one, self.key_for(folder, index, seed, extension), data, content_type)
             for index, (data, seed, extension, content_type) in enumerate(uploads)
         ]
         return [future.result() for future in futures]

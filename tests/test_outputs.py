@@ -259,16 +259,25 @@ def test_concurrent_jobs_do_not_collide(bucket: str) -> None:
 
 
 def test_secrets_never_reach_logs_errors_or_responses(
-    s3_server: S3Server, bucket: str, caplog: pytest.LogCaptureFixture
+    s3_server: S3Server, bucket: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     with caplog.at_level(logging.DEBUG):
         ok = run(output_type="s3")
         _stop_server_at_image(s3_server, 0)
         failed = run(output_type="s3")
         fallback = run(output_type="auto")
+    printed = capfd.readouterr()
 
+    # The check means something only if botocore's DEBUG records (requests, headers, signing) were captured.
+    botocore_debug = [
+        record for record in caplog.records if record.name.startswith("botocore") and record.levelno == logging.DEBUG
+    ]
+    assert any("PutObject" in record.getMessage() for record in botocore_debug), "botocore's DEBUG log was captured"
     for captured in (
         caplog.text,
+        "\n".join(record.getMessage() for record in caplog.records),
+        printed.out,
+        printed.err,
         json.dumps(ok),
         json.dumps(failed),
         json.dumps(fallback),
@@ -325,3 +334,92 @@ def test_too_large_for_inline_goes_to_s3_under_auto(configure: Callable[..., Non
     result = run(seed=1, output_type="auto")
 
     assert result["images"][0]["bucket"] == bucket
+
+
+# --- aliases, embedded parameters, one folder per job, S3 setup errors ------------------------
+
+
+def test_aliases_come_back_as_canonical_names() -> None:
+    result = run(seed=2, scheduler="euler_a", output_format="jpg")
+
+    assert result["metadata"]["scheduler"] == "Euler a"
+    assert result["metadata"]["output_format"] == "jpeg"
+    image = open_image(base64.b64decode(result["images"][0]["image"]))
+    assert (image.format, image.size) == ("JPEG", (64, 64))
+    assert "Sampler: Euler a," in user_comment(image)
+
+
+def test_parameters_leave_out_an_empty_negative_prompt() -> None:
+    """As A1111 writes them: no "Negative prompt:" line at all when there is none."""
+    result = run(seed=77, scheduler="Euler a")
+
+    parameters = decode_png(result["images"][0]["image"]).text["parameters"]
+    assert parameters == (
+        "a fox\n"
+        f"Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 77, Size: 64x64, Model: {result['metadata']['model']}"
+    )
+
+
+def test_a_job_without_an_id_uploads_into_one_folder(s3_server: S3Server, bucket: str) -> None:
+    result = handler.handler({"input": {"prompt": "a fox", **FAST, "seed": 5, "num_images": 3, "output_type": "s3"}})
+
+    keys = [item["key"] for item in result["images"]]
+    folders = {key.rsplit("/", 1)[0] for key in keys}
+    assert len(folders) == 1, keys
+    [folder] = folders
+    assert folder.startswith("test/job-")
+    assert [key.rsplit("/", 1)[1] for key in keys] == ["0-5.png", "1-6.png", "2-7.png"]
+    listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=folder + "/")
+    assert sorted(item["Key"] for item in listed["Contents"]) == keys
+
+
+@pytest.mark.parametrize(
+    ("variables", "names"),
+    [
+        pytest.param(
+            {"BUCKET_REGION": "us east 1"}, ["'renders'", "AWS S3", "InvalidRegionError", "us east 1"], id="region"
+        ),
+        pytest.param(
+            {"BUCKET_ENDPOINT_URL": "http://my minio:9000"},
+            ["'renders'", "at http://my minio:9000", "Invalid endpoint"],
+            id="endpoint",
+        ),
+    ],
+)
+def test_bad_s3_setup_is_a_storage_error_naming_the_endpoint(variables: dict[str, str], names: list[str]) -> None:
+    from src.errors import StorageError
+    from src.settings import load_settings
+    from src.storage import S3Storage
+
+    settings = load_settings(
+        {"BUCKET_NAME": "renders", "BUCKET_ACCESS_KEY_ID": ACCESS_KEY, "BUCKET_SECRET_ACCESS_KEY": SECRET, **variables}
+    )
+    with pytest.raises(StorageError) as caught:
+        S3Storage(settings)
+    message = str(caught.value)
+    assert message.startswith("cannot set up the S3 client for bucket ")
+    for name in names:
+        assert name in message
+    assert SECRET not in message
+    assert ACCESS_KEY not in message
+
+
+def test_bad_s3_setup_stops_startup_with_a_message(
+    configure: Callable[..., None], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.argv", ["handler.py"])
+    configure(
+        BUCKET_NAME="renders",
+        BUCKET_REGION="us east 1",
+        BUCKET_SECRET_ACCESS_KEY=SECRET,
+        BUCKET_ACCESS_KEY_ID=ACCESS_KEY,
+    )
+
+    with caplog.at_level(logging.ERROR, logger="handler"):
+        status = handler.main()
+
+    assert status == 1
+    [record] = [record for record in caplog.records if record.name == "handler"]
+    assert record.getMessage().startswith("startup failed: cannot set up the S3 client for bucket 'renders'")
+    assert "us east 1" in record.getMessage()
+    assert SECRET not in caplog.text

@@ -14,6 +14,7 @@ import pytest
 from src.schema import (
     CONFIGURED_DEFAULT,
     CONFIGURED_MAXIMUM,
+    SCHEDULER_ALIASES,
     SCHEDULER_NAMES,
     GenerateRequest,
     InputError,
@@ -207,8 +208,10 @@ BAD_INPUTS = [
         id="pixels-768x768x2",
     ),
     # scheduler
-    pytest.param(with_prompt(scheduler="foo"), "scheduler", "scheduler='foo': must be one of: ", id="scheduler-foo"),
-    pytest.param(with_prompt(scheduler=""), "scheduler", "scheduler='': must be one of: ", id="scheduler-empty"),
+    pytest.param(
+        with_prompt(scheduler="foo"), "scheduler", "scheduler='foo': unknown scheduler; The", id="scheduler-foo"
+    ),
+    pytest.param(with_prompt(scheduler=""), "scheduler", "scheduler='': unknown scheduler; The", id="scheduler-empty"),
     pytest.param(with_prompt(scheduler=3), "scheduler", "scheduler=3: must be a valid string", id="scheduler-int"),
     pytest.param(
         with_prompt(scheduler=None), "scheduler", "scheduler=None: must be a valid string", id="scheduler-null"
@@ -260,6 +263,46 @@ def test_every_bad_field_is_named_in_one_message() -> None:
     for field in bad:
         assert f"{field}=" in message, field
     assert message.count("; ") >= len(bad) - 1
+    assert "more problems" not in message
+
+
+def test_thousands_of_unknown_fields_give_a_short_error() -> None:
+    bad = with_prompt(**{f"extra_{index:04d}": "v" * 1000 for index in range(3000)})
+    message = error_of(bad)
+    assert len(message) <= 2048
+    assert message.startswith("invalid input: extra_0000='vvv")
+    assert "extra_0001='vvv" in message
+    assert "v" * 100 not in message
+    assert message.count("the fields are: ") == 1
+    assert message.count(ALL_FIELDS) == 1
+    shown = message.count(": unknown field")
+    assert 5 <= shown < 3000
+    assert f"... and {3000 - shown} more problems" in message
+
+
+def test_every_field_wrong_with_huge_names_and_values_still_fits() -> None:
+    huge = "x" * 100_000
+    bad = {
+        "prompt": huge,
+        "negative_prompt": huge,
+        "width": 500,
+        "height": 2048,
+        "num_inference_steps": huge,
+        "guidance_scale": huge,
+        "seed": huge,
+        "num_images": huge,
+        "scheduler": huge,
+        "output_format": huge,
+        "output_quality": huge,
+        "output_type": huge,
+        **{f"{index}{huge}": [huge] * 10 for index in range(1000)},
+    }
+    message = error_of(bad)
+    assert len(message) <= 2048
+    assert "x" * 100 not in message
+    assert message.startswith("invalid input: prompt='xxx")
+    assert "negative_prompt=" in message
+    assert "more problems" in message
 
 
 def test_long_bad_value_is_abbreviated() -> None:
@@ -273,7 +316,7 @@ def test_bad_scheduler_message_lists_every_name() -> None:
     message = error_of(with_prompt(scheduler="Euler b"))
     for name in SCHEDULER_NAMES:
         assert name in message
-    assert f"must be one of: {', '.join(SCHEDULER_NAMES)} (case does not matter)" in message
+    assert f"The schedulers are: {', '.join(SCHEDULER_NAMES)}" in message
 
 
 @pytest.mark.parametrize(
@@ -404,6 +447,117 @@ def test_every_canonical_name_maps_to_itself() -> None:
         assert canonical_scheduler(name) == name
 
 
+# k-diffusion names as A1111 spells them internally, and ComfyUI's sampler_name values,
+# alone or joined to ComfyUI's scheduler "karras".
+SCHEDULER_SPELLINGS = {
+    "Euler a": ["euler_a", "k_euler_a", "euler_ancestral", "k_euler_ancestral", "Euler Ancestral", "EULER-A"],
+    "Euler": ["euler", "k_euler"],
+    "Heun": ["heun", "k_heun"],
+    "DPM2": ["dpm_2", "k_dpm_2", "dpm2"],
+    "DPM2 a": ["dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral", "dpm2_a", "dpm_2_a"],
+    "LMS": ["lms", "k_lms"],
+    "LMS Karras": ["lms_karras", "k_lms_karras", "k_lms_ka", "lms karras"],
+    "DPM++ 2M": ["dpmpp_2m", "k_dpmpp_2m", "dpm++_2m", "DPMPP 2M"],
+    "DPM++ 2M Karras": [
+        "dpmpp_2m_karras",
+        "k_dpmpp_2m_karras",
+        "k_dpmpp_2m_ka",
+        "dpmpp_2m karras",
+        "dpmpp_2m:karras",
+        "DPM++ 2M (Karras)",
+        "dpm++_2m_karras",
+    ],
+    "DPM++ 2M SDE": ["dpmpp_2m_sde", "k_dpmpp_2m_sde"],
+    "DPM++ 2M SDE Karras": ["dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_ka", "dpmpp_2m_sde karras"],
+    "DDIM": ["ddim"],
+    "PNDM": ["pndm", "plms", "PLMS"],
+    "UniPC": ["uni_pc", "unipc", "uni_pc_bh2", "UNI-PC"],
+}
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [
+        pytest.param(alias, canonical, id=alias)
+        for canonical, aliases in SCHEDULER_SPELLINGS.items()
+        for alias in aliases
+    ],
+)
+def test_scheduler_alias_becomes_the_canonical_name(alias: str, canonical: str) -> None:
+    assert canonical_scheduler(alias) == canonical
+    assert canonical_scheduler(f"  {alias.upper()} ") == canonical
+    assert parse(with_prompt(scheduler=alias)).scheduler == canonical
+
+
+def test_every_listed_alias_reaches_its_own_canonical_name() -> None:
+    """Spellings are folded (case, spaces, underscores, hyphens); no two may fold onto different names."""
+    assert set(SCHEDULER_ALIASES.values()) <= set(SCHEDULER_NAMES)
+    for alias, canonical in SCHEDULER_ALIASES.items():
+        assert canonical_scheduler(alias) == canonical, alias
+    assert canonical_scheduler("DPM2") != canonical_scheduler("DPM2 a")
+    assert canonical_scheduler("Euler") != canonical_scheduler("Euler a")
+
+
+@pytest.mark.parametrize(
+    ("given", "canonical"),
+    [
+        ("jpg", "jpeg"),
+        ("JPG", "jpeg"),
+        ("jpe", "jpeg"),
+        ("jpeg", "jpeg"),
+        (" Jpeg ", "jpeg"),
+        ("png", "png"),
+        ("PNG", "png"),
+        ("webp", "webp"),
+        ("WebP", "webp"),
+    ],
+)
+def test_output_format_alias_becomes_the_canonical_name(given: str, canonical: str) -> None:
+    assert parse(with_prompt(output_format=given)).output_format == canonical
+
+
+def test_output_format_schema_lists_only_canonical_names() -> None:
+    prop = GenerateRequest.model_json_schema()["properties"]["output_format"]
+    assert prop["enum"] == ["png", "jpeg", "webp"]
+    assert "jpg" in prop["description"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param(
+            {"scheduler": "Eulr a"},
+            "scheduler='Eulr a': unknown scheduler; did you mean 'Euler a'? The schedulers are: DPM++ 2M, ",
+            id="eulr-a",
+        ),
+        pytest.param({"scheduler": "dpmpp_2m_karas"}, "did you mean 'DPM++ 2M Karras'?", id="comfy-typo"),
+        pytest.param({"scheduler": "euler_ancestrl"}, "did you mean 'Euler a'?", id="alias-typo"),
+        pytest.param({"scheduler": "k_heunn"}, "did you mean 'Heun'?", id="k-heunn"),
+        pytest.param(
+            {"output_format": "pnj"},
+            "output_format='pnj': unknown output format; did you mean 'png'? The output formats are: png, jpeg, webp",
+            id="pnj",
+        ),
+        pytest.param({"output_format": "jgp"}, "did you mean 'jpeg'?", id="jgp"),
+    ],
+)
+def test_unknown_name_suggests_the_closest(fields: dict[str, Any], expected: str) -> None:
+    assert expected in error_of(with_prompt(**fields))
+
+
+@pytest.mark.parametrize("fields", [{"scheduler": "foo"}, {"output_format": "gif"}], ids=["scheduler", "format"])
+def test_unknown_name_with_nothing_close_suggests_nothing(fields: dict[str, Any]) -> None:
+    message = error_of(with_prompt(**fields))
+    assert "unknown" in message
+    assert "did you mean" not in message
+
+
+def test_default_scheduler_may_be_an_alias() -> None:
+    limits = load_settings({"DEFAULT_SCHEDULER": "k_dpmpp_2m_karras"})
+    check_limits(limits)
+    assert parse(PROMPT, limits).scheduler == "DPM++ 2M Karras"
+
+
 @pytest.mark.parametrize(
     ("seed", "num_images", "seeds"),
     [
@@ -494,7 +648,7 @@ def test_max_side_cannot_be_set_below_the_default_size() -> None:
 
 @pytest.mark.parametrize("name", ["foo", "", "Euler b"])
 def test_unknown_default_scheduler_is_refused_at_startup(name: str) -> None:
-    with pytest.raises(ValueError, match=f"DEFAULT_SCHEDULER={name!r}: must be one of: DPM\\+\\+ 2M"):
+    with pytest.raises(ValueError, match=f"DEFAULT_SCHEDULER={name!r}: unknown scheduler; .*The schedulers are: DPM"):
         check_limits(load_settings({}).model_copy(update={"default_scheduler": name}))
 
 

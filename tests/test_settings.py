@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from src.settings import Settings, SettingsError, load_settings
@@ -166,7 +168,7 @@ def test_unknown_default_scheduler_stops_the_worker_at_startup(monkeypatch: pyte
 
     monkeypatch.setenv("DEFAULT_SCHEDULER", "foo")
     monkeypatch.setattr(handler, "_settings", None)
-    with pytest.raises(SettingsError, match="DEFAULT_SCHEDULER='foo': must be one of"):
+    with pytest.raises(SettingsError, match="DEFAULT_SCHEDULER='foo': unknown scheduler; The schedulers are: "):
         handler.get_settings()
 
 
@@ -202,6 +204,96 @@ def test_bucket_variables_parse() -> None:
 def test_bad_bucket_variables_are_refused(environ: dict[str, str], expected: str) -> None:
     with pytest.raises(SettingsError, match=expected.replace("?", "\\?")):
         load_settings(environ)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param("http://[bad", "BUCKET_ENDPOINT_URL='http://[bad': is not a valid URL", id="bracket"),
+        pytest.param("http://minio:port", "BUCKET_ENDPOINT_URL='http://minio:port': is not a valid URL", id="port"),
+        pytest.param("http://minio:99999", "is not a valid URL", id="port-out-of-range"),
+        pytest.param("http://", "BUCKET_ENDPOINT_URL='http://': must name a host", id="no-host"),
+        pytest.param("https://:9000", "must name a host", id="port-without-host"),
+        pytest.param("https:///bucket", "must name a host", id="path-without-host"),
+    ],
+)
+def test_endpoint_must_be_a_url_with_a_host(url: str, expected: str) -> None:
+    with pytest.raises(SettingsError, match=expected.replace("[", "\\[")):
+        load_settings({"BUCKET_ENDPOINT_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9000",
+        "http://[::1]:9000",
+        "https://s3.us-east-1.amazonaws.com",
+        "https://0123abcd.r2.cloudflarestorage.com",
+        "http://minio:9000/",
+    ],
+)
+def test_good_endpoints_are_kept(url: str) -> None:
+    assert load_settings({"BUCKET_ENDPOINT_URL": url}).bucket_endpoint_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param("http://admin:hunter2@minio:9000", "'http://<hidden>@minio:9000'", id="user-and-password"),
+        pytest.param("https://hunter2@s3.example.com", "'https://<hidden>@s3.example.com'", id="user-only"),
+        pytest.param("http://admin:hun/ter2@minio:9000", "'http://<hidden>@minio:9000'", id="slash-in-password"),
+        pytest.param("http://admin:hunter2@[bad", "'http://<hidden>@[bad'", id="unparseable"),
+    ],
+)
+def test_endpoint_with_credentials_is_refused_without_echoing_them(url: str, shown: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"BUCKET_ENDPOINT_URL": url})
+    message = str(caught.value)
+    assert f"BUCKET_ENDPOINT_URL={shown}: " in message
+    assert "must not carry credentials; use BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY" in message
+    assert "hunter2" not in message
+    assert "ter2" not in message
+    assert "admin" not in message
+
+
+def _description(variable: str) -> str:
+    [field] = [field for field in Settings.model_fields.values() if field.alias == variable]
+    return field.description or ""
+
+
+@pytest.mark.parametrize("variable", ["MEMORY_PROFILE", "GPU_MEMORY_GB"])
+def test_memory_sizes_are_described_in_gib(variable: str) -> None:
+    description = _description(variable)
+    assert "GiB" in description
+    # "GB" alone would be 10^9 bytes; the only GB allowed is inside a product name such as "GTX 1060 6GB".
+    assert re.search(r"\bGB\b", description) is None, description
+
+
+def test_gpu_memory_gb_is_described_as_gib() -> None:
+    # src/engine.py _gpu_bytes reads GPU_MEMORY_GB as gpu_memory_gb * 2**30 (src.memory.GIB).
+    assert "in GiB (2^30 bytes)" in _description("GPU_MEMORY_GB")
+
+
+@pytest.mark.parametrize(
+    ("gib", "profile"),
+    [
+        (10, "high"),
+        (9.99, "balanced"),
+        (5.93, "balanced"),
+        (5.5, "balanced"),
+        (5.49, "low"),
+        (3.5, "low"),
+        (3.49, "minimal"),
+    ],
+)
+def test_memory_profile_description_matches_choose_profile(gib: float, profile: str) -> None:
+    from src.memory import GIB, choose_profile
+
+    description = _description("MEMORY_PROFILE")
+    assert "`high` 10 GiB or more, `balanced` 5.5 to 10 GiB" in description
+    assert "`low` 3.5 to 5.5 GiB, `minimal` below 3.5 GiB" in description
+    assert GIB == 2**30
+    assert choose_profile("cuda", int(gib * GIB)).value == profile
 
 
 def test_a_bad_secret_is_never_echoed() -> None:
