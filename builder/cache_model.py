@@ -125,7 +125,7 @@ def bake(settings: Settings) -> Path:
     """Download, verify and label MODEL_DIR. Returns the folder."""
     destination = Path(settings.model_dir)
     baked = read_baked_source(destination)
-    if baked is not None and baked.matches(settings.model_id, settings.revision):
+    if baked is not None and baked.matches(settings.model_id, settings.revision, settings.safety_checker):
         log.info("%s already holds %s@%s; verifying", destination, settings.model_id, settings.revision)
     else:
         destination.mkdir(parents=True, exist_ok=True)

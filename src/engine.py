@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,8 @@ class Generation:
     images: list[Image.Image]
     seeds: list[int]
     inference_ms: float
+    # Time spent waiting for the GPU while another job held it.
+    queue_ms: float = 0.0
     warnings: list[str] = field(default_factory=list)
     # One flag per image when the safety checker is on; None when it is off.
     nsfw: list[bool] | None = None
@@ -55,33 +58,59 @@ class Generation:
 
 @dataclass
 class _Job:
-    """The state of one request while it runs: its deadline, progress and warnings."""
+    """The state of one request while it runs: its deadline, progress and warnings.
+
+    Steps are counted as the user asked for them. Second-order schedulers (Heun,
+    DPM2) run the UNet about twice per step and PNDM once more than asked, so the
+    pipeline's own step index is mapped onto the request's steps.
+    """
 
     request: GenerateRequest
-    deadline: float
     timeout_s: float
+    # Denoising steps of one run (one sub-batch), as the request counts them.
+    steps_per_run: int
     total_steps: int
     on_progress: ProgressCallback | None
     warnings: list[str]
+    # Seconds, monotonic: the engine's clock.
+    clock: Callable[[], float] = time.monotonic
+    # Set when the job gets the GPU: time spent waiting for it is not the job's.
+    deadline: float = float("inf")
     steps_done: int = 0
+    runs_done: int = 0
     last_report: float = 0.0
+    last_reported_step: int = 0
 
-    def on_step_end(self, _pipeline: object, _step: int, _timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
-        """diffusers' ``callback_on_step_end``, on the request's own pipeline."""
-        self.step_finished()
+    def start(self) -> None:
+        """Start the clock and the count: the job holds the GPU from now on."""
+        self.deadline = self.clock() + self.timeout_s
+        self.steps_done = self.runs_done = self.last_reported_step = 0
+        self.last_report = 0.0
+
+    def on_step_end(self, pipeline: Any, index: int, _timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' ``callback_on_step_end``, called after each of the pipeline's ``num_timesteps`` iterations."""
+        iterations = max(int(pipeline.num_timesteps), 1)
+        # Rounded down, so the run's last step is counted at its last iteration, not before.
+        in_run = min((index + 1) * self.steps_per_run // iterations, self.steps_per_run)
+        self.step_finished(self.runs_done * self.steps_per_run + in_run)
         return tensors
 
-    def step_finished(self) -> None:
-        """Count a denoising step, report progress now and then, and stop the job when it is late."""
-        self.steps_done += 1
-        now = time.monotonic()
-        if self.on_progress and (now - self.last_report >= PROGRESS_INTERVAL_S or self.steps_done == self.total_steps):
-            self.last_report = now
-            self.on_progress({"step": self.steps_done, "total_steps": self.total_steps})
+    def run_finished(self) -> None:
+        self.runs_done += 1
+
+    def step_finished(self, steps_done: int) -> None:
+        """Record progress, report it now and then, and stop the job when it is late."""
+        self.steps_done = steps_done
+        now = self.clock()
+        advanced = steps_done > self.last_reported_step
+        due = now - self.last_report >= PROGRESS_INTERVAL_S or steps_done == self.total_steps
+        if self.on_progress and advanced and due:
+            self.last_report, self.last_reported_step = now, steps_done
+            self.on_progress({"step": steps_done, "total_steps": self.total_steps})
         if now > self.deadline:
             raise GenerationTimeoutError(
                 f"generation stopped: it ran past GENERATION_TIMEOUT_SECONDS={self.timeout_s:g} "
-                f"at denoising step {self.steps_done} of {self.total_steps}"
+                f"at denoising step {max(steps_done, 1)} of {self.total_steps}"
             )
 
 
@@ -106,6 +135,10 @@ class Engine:
         self._pipeline = pipeline
         # Serializes GPU work: one request holds the models at a time.
         self._lock = threading.Lock()
+        # diffusers' tqdm bar on stderr, for a person at a terminal (local one-shot runs); off in a worker.
+        self.show_progress_bar = False
+        # Reads deadlines and progress intervals; a seam through which tests control time.
+        self.clock: Callable[[], float] = time.monotonic
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -120,12 +153,14 @@ class Engine:
         gpu_bytes = _gpu_bytes(settings) if device.type == "cuda" else None
         profile = choose_profile(device.type, gpu_bytes, settings.memory_profile)
         pipeline = load_pipeline(settings, dtype)
+        _drop_repeated_truncation_warning()
         if profile is Profile.LOW:
             pipeline.enable_model_cpu_offload()
         elif profile is Profile.MINIMAL:
             pipeline.enable_sequential_cpu_offload()
         else:
-            pipeline.to(device)
+            # On the CPU in half precision diffusers warns that it "will fail"; torch 2.13 runs it.
+            pipeline.to(device, silence_dtype_warnings=True)
         fast = settings.fast_mode and _apply_fast_mode(pipeline, device, profile)
         log.info(
             "loaded %s on %s (%s, %s profile%s) in %.1f s",
@@ -166,8 +201,8 @@ class Engine:
     ) -> Generation:
         """Run one request and return its images, in seed order.
 
-        ``timeout_s`` bounds the denoising; ``on_progress`` receives ``{"step", "total_steps"}``
-        about once a second.
+        ``timeout_s`` bounds the work from the moment the job gets the GPU; ``on_progress``
+        receives ``{"step", "total_steps"}`` about once a second, and at the last step.
 
         Raises:
             AdmissionError: the request cannot fit on this GPU even one image at a time.
@@ -183,20 +218,28 @@ class Engine:
             request.num_images,
             gpu_bytes=self.gpu_bytes,
             dtype_bytes=self.dtype.itemsize,
+            safety_checker=self._pipeline.safety_checker is not None,
         )
+        steps = request.num_inference_steps
         job = _Job(
             request=request,
-            deadline=time.monotonic() + timeout_s,
             timeout_s=timeout_s,
-            total_steps=request.num_inference_steps * len(sub_batches(request.num_images, plan.batch)),
+            steps_per_run=steps,
+            total_steps=steps * len(sub_batches(request.num_images, plan.batch)),
             on_progress=on_progress,
-            # 2. Say what the text encoder will not see.
-            warnings=self._prompt_warnings(request),
+            warnings=[],
+            clock=self.clock,
         )
 
-        # 3. Generate, one request at a time; after an OOM, free memory and retry frugally once.
+        # 2. Wait for the GPU: one request at a time. The deadline starts once it is ours.
+        queued = time.perf_counter()
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
+            job.start()
+            # 3. Say what the text encoder will not see (the tokenizer is shared, so under the lock).
+            job.warnings += self._prompt_warnings(request)
+
+            # 4. Generate; after an OOM, free memory and retry frugally once.
             result = self._attempt(job, plan, frugal=False)
             if result is None:
                 # Outside the except block, so the failed run's tensors went with its traceback.
@@ -211,7 +254,8 @@ class Engine:
                     request.height,
                     request.num_images,
                 )
-                job.steps_done, job.total_steps = 0, request.num_inference_steps * request.num_images
+                job.total_steps = steps * request.num_images
+                job.start()
                 result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
                 if result is None:
                     self._release_memory()
@@ -219,15 +263,22 @@ class Engine:
             images, nsfw = result
             inference_ms = (time.perf_counter() - started) * 1000
         return Generation(
-            images=images, seeds=request.seeds, inference_ms=inference_ms, warnings=job.warnings, nsfw=nsfw
+            images=images,
+            seeds=request.seeds,
+            inference_ms=inference_ms,
+            queue_ms=(started - queued) * 1000,
+            warnings=job.warnings,
+            nsfw=nsfw,
         )
 
     def _attempt(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None] | None:
         """``_run``, or None when the GPU ran out of memory."""
         try:
             return self._run(job, plan, frugal=frugal)
-        except torch.cuda.OutOfMemoryError:
-            return None
+        except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if is_out_of_memory(error):
+                return None
+            raise
 
     def _run(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None]:
         """Denoise and decode the request in sub-batches, as admission planned."""
@@ -253,6 +304,7 @@ class Engine:
                     output_type="latent",
                     callback_on_step_end=job.on_step_end,
                 ).images
+                job.run_finished()
                 decoded = self._decode(latents, list(chunk), job.warnings)
             chunk_images, chunk_flags = self._finish(pipeline, decoded, list(chunk), job.warnings)
             images += chunk_images
@@ -273,11 +325,12 @@ class Engine:
         )
         log.warning("NaN in the VAE decode of images %s; decoding again in float32", indices)
         original = vae.dtype
+        # torch's own Module.to: diffusers' override warns on every cast about fp32 modules the VAE does not have.
         try:
-            vae.to(dtype=torch.float32)
+            torch.nn.Module.to(vae, dtype=torch.float32)
             decoded = vae.decode(scaled.to(torch.float32), return_dict=False)[0]
         finally:
-            vae.to(dtype=original)
+            torch.nn.Module.to(vae, dtype=original)
         if not bool(torch.isfinite(decoded).all()):
             raise BadImageError(
                 f"image(s) {_listed(indices)} hold NaN or infinity even after a float32 VAE decode; "
@@ -289,7 +342,10 @@ class Engine:
         self, pipeline: StableDiffusionPipeline, decoded: torch.Tensor, indices: list[int], warnings: list[str]
     ) -> tuple[list[Image.Image], list[bool] | None]:
         """Run the safety checker when it is on, and turn the tensors into PIL images."""
-        checked, flags = pipeline.run_safety_checker(decoded, self.device, decoded.dtype)
+        # The checker's own dtype: after a float32 re-decode the images are float32, the checker is not.
+        checker = pipeline.safety_checker
+        checker_dtype = checker.dtype if checker is not None else self.dtype
+        checked, flags = pipeline.run_safety_checker(decoded, self.device, checker_dtype)
         if flags is None:
             images = pipeline.image_processor.postprocess(decoded, output_type="pil")
         else:
@@ -350,7 +406,7 @@ class Engine:
             **{**base.components, "scheduler": scheduler},
             requires_safety_checker=base.safety_checker is not None,
         )
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline.set_progress_bar_config(disable=not self.show_progress_bar, file=sys.stderr, leave=False)
         return pipeline
 
     def _prompt_warnings(self, request: GenerateRequest) -> list[str]:
@@ -358,7 +414,8 @@ class Engine:
         limit = tokenizer.model_max_length
         warnings = []
         for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-            tokens = len(tokenizer(text, truncation=False).input_ids)
+            # verbose=False: transformers would warn about the length itself, in other words.
+            tokens = len(tokenizer(text, truncation=False, verbose=False).input_ids)
             if tokens > limit:
                 warnings.append(
                     f"{name} is {tokens} tokens; CLIP reads the first {limit} "
@@ -401,6 +458,43 @@ def _gpu_bytes(settings: Settings) -> int:
     allowed = min(int(settings.gpu_memory_gb * GIB), total)
     torch.cuda.set_per_process_memory_fraction(allowed / total)
     return allowed
+
+
+class _TruncationWarningFilter(logging.Filter):
+    """Drops diffusers' own "input was truncated" warning, which dumps the cut text to stderr.
+
+    The engine says the same in the job's ``metadata.warnings``, once, in words that name the field.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The following part of your input was truncated")
+
+
+_TRUNCATION_FILTER = _TruncationWarningFilter()
+
+
+def _drop_repeated_truncation_warning() -> None:
+    # Every SD pipeline class copies encode_prompt, and with it this warning, into its own module.
+    for name in ("pipeline_stable_diffusion",):
+        logger = logging.getLogger(f"diffusers.pipelines.stable_diffusion.{name}")
+        if _TRUNCATION_FILTER not in logger.filters:
+            logger.addFilter(_TRUNCATION_FILTER)
+
+
+# How cuBLAS, cuDNN and the CUDA runtime word an allocation failure that torch raises as a plain RuntimeError.
+_OUT_OF_MEMORY_MARKERS = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` means the GPU ran out of memory, whichever library noticed first."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _OUT_OF_MEMORY_MARKERS)
 
 
 def _listed(indices: list[int]) -> str:

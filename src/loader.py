@@ -50,14 +50,14 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> float16 on CUDA, float32 on the CPU. The CPU always runs float32,
-    because half precision there is slow and partly unsupported."""
-    if device.type == "cpu":
-        if setting not in ("auto", "float32"):
-            log.warning("DTYPE=%s ignored on the CPU: running float32", setting)
-        return torch.float32
+    """``auto`` -> float16 on CUDA, float32 on the CPU; any other setting is used as it is.
+
+    float32 is the CPU's default because half precision there is several times slower;
+    float16 and bfloat16 still run on the CPU (torch's CPU kernels have them), which lets
+    the half-precision paths be exercised without a GPU.
+    """
     if setting == "auto":
-        return torch.float16
+        return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[setting]
 
 
@@ -110,8 +110,13 @@ class BakedSource:
     variant: str | None
     safety_checker: bool
 
-    def matches(self, model_id: str, revision: str | None) -> bool:
+    def holds(self, model_id: str, revision: str | None) -> bool:
+        """Whether the folder holds this model at this revision, whatever else it holds."""
         return (self.model_id, self.revision) == (model_id, revision)
+
+    def matches(self, model_id: str, revision: str | None, safety_checker: bool) -> bool:
+        """Whether the folder holds everything a worker with these settings loads."""
+        return self.holds(model_id, revision) and (self.safety_checker or not safety_checker)
 
 
 def read_baked_source(folder: Path) -> BakedSource | None:
@@ -147,7 +152,14 @@ def load_pipeline(settings: Settings, dtype: torch.dtype) -> StableDiffusionPipe
         options.update(safety_checker=None, requires_safety_checker=False)
     folder = Path(model_id).expanduser()
     baked = read_baked_source(Path(settings.model_dir))
-    if baked is not None and baked.matches(model_id, revision):
+    if baked is not None and baked.holds(model_id, revision) and settings.safety_checker and not baked.safety_checker:
+        raise ModelLoadError(
+            f"SAFETY_CHECKER=true, but MODEL_DIR={settings.model_dir!r} holds {model_id}@{revision} baked "
+            "without the safety checker. Bake it with the checker: `docker build --build-arg "
+            "SAFETY_CHECKER=true ...`, or `SAFETY_CHECKER=true python -m builder.cache_model` with this "
+            "MODEL_DIR; or set SAFETY_CHECKER=false"
+        )
+    if baked is not None and baked.matches(model_id, revision, settings.safety_checker):
         log.info("loading %s@%s from %s, baked at build time", model_id, revision, settings.model_dir)
         pipeline = StableDiffusionPipeline.from_pretrained(
             settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options

@@ -1,4 +1,4 @@
-"""Memory profiles by GPU size, and admission: will this request fit, and in what sub-batches?
+"""Memory profiles by GPU size (in GiB, 2^30 bytes), and admission: will this request fit, and in what sub-batches?
 
 The estimates are deliberately simple and conservative: SD 1.5's fp16 weights,
 plus activations that grow with the latent area for the UNet and with the
@@ -21,10 +21,10 @@ GIB = 1024**3
 class Profile(enum.StrEnum):
     """How the pipeline is set up for the memory the device has."""
 
-    HIGH = "high"  # >= 10 GB: everything on the GPU, nothing traded for memory
-    BALANCED = "balanced"  # 6-10 GB: VAE slicing for batches, VAE tiling above 768²
-    LOW = "low"  # 4-6 GB: as balanced, plus model CPU offload
-    MINIMAL = "minimal"  # < 4 GB: sequential CPU offload
+    HIGH = "high"  # 10 GiB or more: everything on the GPU, nothing traded for memory
+    BALANCED = "balanced"  # 5.5 to 10 GiB: VAE slicing for batches, VAE tiling above 768²
+    LOW = "low"  # 3.5 to 5.5 GiB: as balanced, plus model CPU offload
+    MINIMAL = "minimal"  # under 3.5 GiB: sequential CPU offload
     CPU = "cpu"  # no GPU: float32 on the CPU
 
 
@@ -78,6 +78,9 @@ def setup_for(
 
 # SD 1.5's weights in fp16: UNet 1.72 GB, text encoder 0.25 GB, VAE 0.17 GB.
 WEIGHTS_FP16 = {"unet": 1.72e9, "text_encoder": 0.25e9, "vae": 0.17e9}
+# The safety checker (CLIP ViT-L/14 vision tower and projection, 304 M parameters) in fp16. diffusers
+# keeps it on the GPU in both offload profiles too (it is excluded from CPU offload).
+SAFETY_CHECKER_FP16 = 0.61e9
 # CUDA context, cuDNN/cuBLAS workspaces and the allocator's slack.
 OVERHEAD = 0.6e9
 # UNet activations per latent pixel per image in the CFG batch (the batch is doubled), fp16, SDPA.
@@ -88,15 +91,25 @@ VAE_TILE_PIXELS = 512 * 512
 
 
 def estimate_peak_bytes(
-    profile: Profile, width: int, height: int, batch: int, dtype_bytes: int = 2, *, tiling: bool = False
+    profile: Profile,
+    width: int,
+    height: int,
+    batch: int,
+    dtype_bytes: int = 2,
+    *,
+    tiling: bool = False,
+    safety_checker: bool = False,
 ) -> float:
-    """Estimated peak GPU memory for generating ``batch`` images of ``width`` x ``height`` at once."""
+    """Estimated peak GPU memory for generating ``batch`` images of ``width`` x ``height`` at once,
+    with the safety checker's weights when it is loaded."""
     scale = dtype_bytes / 2
     weights = sum(WEIGHTS_FP16.values()) * scale
     if profile is Profile.LOW:  # model offload: one component on the GPU at a time
         weights = WEIGHTS_FP16["unet"] * scale
     elif profile is Profile.MINIMAL:  # sequential offload: one layer at a time
         weights = 0.2e9 * scale
+    if safety_checker:
+        weights += SAFETY_CHECKER_FP16 * scale
     latent_pixels = (width // 8) * (height // 8)
     unet = UNET_BYTES_PER_LATENT_PIXEL * latent_pixels * 2 * batch * scale
     setup = setup_for(profile, width, height, batch, tiling=tiling)
@@ -115,7 +128,14 @@ class Plan:
 
 
 def plan_sub_batch(
-    profile: Profile, width: int, height: int, num_images: int, *, gpu_bytes: int | None, dtype_bytes: int = 2
+    profile: Profile,
+    width: int,
+    height: int,
+    num_images: int,
+    *,
+    gpu_bytes: int | None,
+    dtype_bytes: int = 2,
+    safety_checker: bool = False,
 ) -> Plan:
     """The largest sub-batch whose estimate fits the GPU; with VAE tiling when nothing fits without it.
 
@@ -130,12 +150,16 @@ def plan_sub_batch(
     # Tiling is the last resort: it is slower, so every untiled sub-batch size is tried first.
     for tiling in (False, True):
         for batch in range(num_images, 0, -1):
-            if estimate_peak_bytes(profile, width, height, batch, dtype_bytes, tiling=tiling) <= budget:
+            estimate = estimate_peak_bytes(
+                profile, width, height, batch, dtype_bytes, tiling=tiling, safety_checker=safety_checker
+            )
+            if estimate <= budget:
                 return Plan(batch, vae_tiling=tiling)
-    need = estimate_peak_bytes(profile, width, height, 1, dtype_bytes, tiling=True)
+    need = estimate_peak_bytes(profile, width, height, 1, dtype_bytes, tiling=True, safety_checker=safety_checker)
+    checker = ", safety checker included" if safety_checker else ""
     raise AdmissionError(
         f"{width}x{height} needs about {need / GIB:.1f} GiB of GPU memory even one image at a time "
-        f"with VAE tiling ({profile.value} profile), and this GPU has {gpu_bytes / GIB:.1f} GiB: "
+        f"with VAE tiling ({profile.value} profile{checker}), and this GPU has {gpu_bytes / GIB:.1f} GiB: "
         "ask for a smaller size"
     )
 

@@ -205,6 +205,7 @@ def encode_response(
             dtype=engine.dtype_name,
             memory_profile=engine.profile.value,
             timings_ms=Timings(
+                queue=round(generation.queue_ms, 1),
                 inference=round(generation.inference_ms, 1),
                 encode=round(encode_ms, 1),
                 upload=None if upload_ms is None else round(upload_ms, 1),

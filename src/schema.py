@@ -406,7 +406,10 @@ def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
 class Timings(BaseModel):
     """Milliseconds spent in each stage of the job."""
 
-    inference: float = Field(description="Text encoding, denoising and VAE decoding.")
+    queue: float = Field(description="Waiting for the GPU while other jobs held it (with `CONCURRENCY` above 1).")
+    inference: float = Field(
+        description="Text encoding, denoising and VAE decoding, from the moment the job had the GPU."
+    )
     encode: float = Field(description="Writing the image files.")
     upload: float | None = Field(None, description="Uploading to S3; present only when the job uploaded.")
     total: float = Field(description="The whole job, from input to response.")

@@ -66,7 +66,8 @@ class Settings(BaseModel):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto",
         alias="DTYPE",
-        description="`auto` is float16 on CUDA and float32 on the CPU. The CPU always runs float32.",
+        description="`auto` is float16 on CUDA and float32 on the CPU. float16 and bfloat16 also run on the CPU, "
+        "several times slower than float32 there.",
     )
     max_side: int = Field(
         1024,
@@ -117,7 +118,8 @@ class Settings(BaseModel):
         300.0,
         alias="GENERATION_TIMEOUT_SECONDS",
         gt=0,
-        description="A job still denoising after this long is stopped at its next step and answered with an error.",
+        description="A job still denoising this long after it got the GPU is stopped at its next step and "
+        "answered with an error. Time spent waiting for the GPU does not count.",
     )
     safety_checker: bool = Field(
         False,

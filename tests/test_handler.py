@@ -47,7 +47,8 @@ def test_response_has_the_documented_shape() -> None:
         "timings_ms",
         "version",
     } <= set(metadata)
-    assert set(metadata["timings_ms"]) == {"inference", "encode", "total"}
+    assert set(metadata["timings_ms"]) == {"queue", "inference", "encode", "total"}
+    assert metadata["timings_ms"]["queue"] >= 0
     assert metadata["prompt"] == "a fox"
     assert metadata["negative_prompt"] == "blurry"
     assert (metadata["width"], metadata["height"]) == (128, 192)
