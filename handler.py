@@ -98,8 +98,23 @@ def _unexpected(job: Any, error: Exception) -> dict[str, str]:
 
 
 def handler(job: Any) -> dict[str, Any]:
-    """Run one RunPod job. Returns the response, or ``{"error": message}``; never raises."""
+    """Run one RunPod job. Returns the response, or ``{"error": message}``; never raises.
+
+    Its end is logged in one line, with no payload: the id, COMPLETED or FAILED, the time, the error's first line.
+    """
     started = time.perf_counter()
+    response = _answer(job, started)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    job_id = job.get("id") if isinstance(job, dict) else None
+    if "error" in response:
+        reason = (str(response["error"]).splitlines() or [""])[0][:300]
+        log.info("job %s FAILED in %.0f ms: %s", job_id, elapsed_ms, reason)
+    else:
+        log.info("job %s COMPLETED in %.0f ms", job_id, elapsed_ms)
+    return response
+
+
+def _answer(job: Any, started: float) -> dict[str, Any]:
     try:
         settings = get_settings()
         request = parse_input(job, settings)
@@ -173,9 +188,14 @@ def serve(settings: Settings) -> None:
 
 
 def main() -> int:
-    """Preload the model, then run one job locally or serve jobs. Returns the exit status."""
+    """Read the command line, preload the model, then run one job locally or serve jobs.
+
+    Returns the exit status: 2 for bad settings, 1 when the model does not load. ``--help``
+    and a bad command line exit (0 and 2) before anything is loaded.
+    """
     from src import local
 
+    run = local.read_command_line(sys.argv[1:])
     try:
         settings = prepare()
     except SettingsError as error:
@@ -184,10 +204,13 @@ def main() -> int:
     except WorkerError as error:
         log.error("startup failed: %s", error)
         return 1
-    if local.is_local_run(sys.argv[1:]):
-        return local.run_local(handler, sys.argv[1:])
-    serve(settings)
-    return 0
+    if run is None:
+        serve(settings)
+        return 0
+    # diffusers' progress bar, on a terminal only: in a log it is noise.
+    if sys.stderr.isatty():
+        get_engine().show_progress_bar = True
+    return local.run_local(handler, run)
 
 
 if __name__ == "__main__":

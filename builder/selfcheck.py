@@ -2,9 +2,14 @@
 
     python -m builder.selfcheck          # a readable report
     python -m builder.selfcheck --json   # the same, as JSON
-    python -m builder.selfcheck --quick  # skip the tiny-model generation (the image's HEALTHCHECK)
+    python -m builder.selfcheck --quick  # skip the tiny-model generation
+    python -m builder.selfcheck --liveness  # only: is the worker (PID 1) running? (the image's HEALTHCHECK)
 
 Exit codes: 0 all good, 1 a check failed, 2 no usable GPU.
+
+``--liveness`` reads /proc and nothing else: no torch, no CUDA context. The
+HEALTHCHECK runs every minute next to a worker that may hold 95% of the card,
+and a CUDA context takes GPU memory of its own.
 
 It reports torch and CUDA versions, the GPU and its compute capability,
 whether this torch build has kernels for it (a GTX 1060 under a CUDA 12.8+
@@ -128,6 +133,25 @@ def check(quick: bool = False) -> Report:
     return report
 
 
+def liveness(pid: int = 1) -> tuple[bool, str]:
+    """Whether process ``pid`` is the worker and running: not a zombie, not stopped, and its
+    command line runs ``handler.py``. Returns the answer and a line saying why."""
+    proc = Path("/proc") / str(pid)
+    try:
+        # The state follows the command name, which is in parentheses and may hold spaces or ")".
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        arguments = [arg.decode(errors="replace") for arg in (proc / "cmdline").read_bytes().split(b"\0") if arg]
+    except FileNotFoundError:
+        return False, f"no process {pid}"
+    except OSError as error:
+        return False, f"cannot read {proc}: {error}"
+    if state in ("Z", "X", "T", "t"):
+        return False, f"worker {pid} is not running (state {state})"
+    if not any(Path(arg).name == "handler.py" for arg in arguments):
+        return False, f"process {pid} is not the worker: {' '.join(arguments)[:200]}"
+    return True, f"worker {pid} is running"
+
+
 def render(report: Report) -> str:
     """The report for a person."""
     lines = [f"status: {report.status}", f"torch {report.torch}, CUDA {report.cuda or 'none (CPU build)'}"]
@@ -149,7 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m builder.selfcheck", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
     parser.add_argument("--quick", action="store_true", help="skip the tiny-model generation")
+    parser.add_argument(
+        "--liveness", action="store_true", help="only check that the worker process runs; reads /proc, touches no GPU"
+    )
+    parser.add_argument("--pid", type=int, default=1, help="the worker's process id for --liveness (default: 1)")
     args = parser.parse_args(argv)
+    if args.liveness:
+        alive, why = liveness(args.pid)
+        print(why)
+        return EXIT_OK if alive else EXIT_FAILED
     import logging
 
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)

@@ -2,7 +2,9 @@
 
 runpod's local mode logs the whole result, base64 and all. This runs the job
 through the same ``run_job`` wrapper that RunPod uses, then writes each image
-into an output folder and prints a summary of a few lines instead.
+into an output folder and prints a summary of a few lines instead. The command
+line is read here too, before anything heavy is imported, so that ``--help`` or
+a bad flag answers at once.
 """
 
 from __future__ import annotations
@@ -12,35 +14,104 @@ import asyncio
 import base64
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from src.outputs import FORMATS
 
 DEFAULT_TEST_INPUT = Path("test_input.json")
+# A job id becomes one folder name: anything else turns into "-", so "../x" or "/abs" cannot lead out.
+_UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def is_local_run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> bool:
+@dataclass(frozen=True)
+class LocalRun:
+    """One job to run here, and the folder its images go to."""
+
+    job: dict[str, Any]
+    folder: Path
+    rp_log_level: str | None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The worker's command line: the local-run flags, and runpod's own, which ``runpod.serverless.start``
+    reads again from ``sys.argv`` (same names, types and defaults as runpod 1.12's parser)."""
+    parser = argparse.ArgumentParser(
+        prog="python handler.py",
+        description="Stable Diffusion 1.5 worker for RunPod. Off RunPod and without --rp_serve_api, it runs one "
+        "job, writes its images to files and exits.",
+        epilog="Exit status of a local run: 0 the job completed, 1 it failed or the model did not load, "
+        "2 the command line or a setting is wrong.",
+        allow_abbrev=False,  # runpod sees the same argv: a shortened flag would mean one thing here, another there
+    )
+    local = parser.add_argument_group("local run (one job, then exit)")
+    local.add_argument(
+        "--test_input", help=f"the job as JSON, such as '{{\"input\": {{...}}}}'; default: {DEFAULT_TEST_INPUT}"
+    )
+    local.add_argument(
+        "--output_dir", type=Path, default=Path("output"), help="where images are written (default: output)"
+    )
+    runpod = parser.add_argument_group("runpod (passed through to runpod.serverless.start)")
+    runpod.add_argument("--rp_serve_api", action="store_true", help="serve runpod's local HTTP API instead")
+    runpod.add_argument("--rp_api_host", default="localhost", help="the API's host (default: localhost)")
+    runpod.add_argument("--rp_api_port", type=int, default=8000, help="the API's port (default: 8000)")
+    runpod.add_argument("--rp_api_concurrency", type=int, default=1, help="the API's uvicorn workers (default: 1)")
+    runpod.add_argument(
+        "--rp_log_level", help="runpod's log level: ERROR, WARN, INFO or DEBUG (default: WARN in local runs, else INFO)"
+    )
+    runpod.add_argument("--rp_debugger", action="store_true", help="runpod's debugger output")
+    return parser
+
+
+def is_local_run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> bool:
     """True when runpod would run one local test job (its ``worker._is_local`` rule),
     rather than serve its HTTP API or take jobs from RunPod."""
     environ = os.environ if environ is None else environ
-    if "--rp_serve_api" in argv or environ.get("RUNPOD_REALTIME_PORT"):
+    if args.rp_serve_api or environ.get("RUNPOD_REALTIME_PORT"):
         return False
-    asks_test_input = any(arg == "--test_input" or arg.startswith("--test_input=") for arg in argv)
-    return asks_test_input or not environ.get("RUNPOD_WEBHOOK_GET_JOB")
+    return args.test_input is not None or not environ.get("RUNPOD_WEBHOOK_GET_JOB")
 
 
-def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python handler.py", description="Run one job locally.")
-    parser.add_argument(
-        "--test_input", help=f"the job as JSON, such as '{{\"input\": {{...}}}}'; default: {DEFAULT_TEST_INPUT}"
-    )
-    parser.add_argument("--output_dir", type=Path, default=Path("output"), help="where images are written")
-    parser.add_argument("--rp_log_level", help="runpod's log level (default: WARN in local runs)")
-    return parser.parse_args(argv)
+def read_command_line(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> LocalRun | None:
+    """Parse and check the command line; cheap, so it runs before torch is imported or the model loads.
+
+    Returns the job to run once here, or None when runpod takes the jobs (its HTTP API, or RunPod).
+    Exits as argparse does: 0 after ``--help``; 2 with the usage for an unknown flag, a bad value,
+    an unusable job or no job at all.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not is_local_run(args, environ):
+        return None
+    try:
+        job = _load_job(args.test_input)
+        local_id = time.strftime("local-%Y%m%d-%H%M%S")
+        if not job.get("id"):
+            job["id"] = local_id
+        folder = job_folder(args.output_dir, str(job["id"]), fallback=local_id)
+    except ValueError as error:
+        parser.error(str(error))
+    return LocalRun(job=job, folder=folder, rp_log_level=args.rp_log_level)
+
+
+def job_folder(output_dir: Path, job_id: str, fallback: str) -> Path:
+    """The folder for one job's images: ``output_dir`` / the job id made into one safe name.
+
+    Characters outside ``A-Z a-z 0-9 . _ -`` become ``-`` and leading dots go: ``../x`` gives
+    ``-x`` and ``/abs`` gives ``-abs``; an id with nothing left gives ``fallback``.
+
+    Raises:
+        ValueError: the folder still resolves outside ``output_dir`` (a link inside it leads out).
+    """
+    folder = output_dir / (_UNSAFE_IN_NAMES.sub("-", job_id).lstrip(".") or fallback)
+    if not folder.resolve().is_relative_to(output_dir.resolve()):
+        raise ValueError(f"job id {job_id!r}: its folder {folder} resolves outside {output_dir}")
+    return folder
 
 
 def _load_job(test_input: str | None) -> dict[str, Any]:
@@ -96,24 +167,18 @@ def summarize(job_id: str, output: Mapping[str, Any], image_lines: list[str]) ->
     return "\n".join(lines)
 
 
-def run_local(handler: Callable[[Any], Any], argv: Sequence[str]) -> int:
-    """Run one job locally. Returns the exit status: 0 done, 1 the job failed, 2 bad invocation."""
+def run_local(handler: Callable[[Any], Any], run: LocalRun) -> int:
+    """Run one job locally. Returns the exit status: 0 done, 1 the job failed."""
     from runpod.serverless.modules.rp_job import run_job
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
-    args = _parse_args(argv)
-    RunPodLogger().set_level(args.rp_log_level or "WARN")
-    try:
-        job = _load_job(args.test_input)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    job_id = str(job.setdefault("id", time.strftime("local-%Y%m%d-%H%M%S")))
+    RunPodLogger().set_level(run.rp_log_level or "WARN")
+    job_id = str(run.job["id"])
 
-    result = asyncio.run(run_job(handler, job))
+    result = asyncio.run(run_job(handler, run.job))
     if "error" in result:
         print(f"job {job_id}: FAILED: {result['error']}", file=sys.stderr)
         return 1
     output = result.get("output", {})
-    print(summarize(job_id, output, write_images(output, args.output_dir / job_id)))
+    print(summarize(job_id, output, write_images(output, run.folder)))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -205,8 +206,76 @@ def test_dockerignore_keeps_tests_outputs_and_caches_out() -> None:
         assert entry in ignored
 
 
-def test_the_image_runs_the_same_python_the_ci_tests() -> None:
-    assert sys.version_info[:2] == (3, 11)
+def healthcheck_command() -> list[str]:
+    """The HEALTHCHECK's exec-form command, as the Dockerfile declares it."""
+    match = re.search(r"^HEALTHCHECK .*?CMD (\[[^\n]*\])$", DOCKERFILE, re.MULTILINE | re.DOTALL)
+    assert match, "the Dockerfile has an exec-form HEALTHCHECK"
+    return json.loads(match.group(1))
+
+
+def test_healthcheck_touches_no_gpu() -> None:
+    """It runs every few minutes next to a worker that may hold 95% of the card: no torch, no CUDA context."""
+    command = healthcheck_command()
+    assert command[0] == "python"
+    assert "--quick" not in command
+
+    result = subprocess.run(
+        [sys.executable, *command[1:]],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPROFILEIMPORTTIME": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    imported = set(re.findall(r"^import time:.*\|\s*(\S+)\s*$", result.stderr, re.MULTILINE))
+    assert "builder" in imported, result.stderr[-2000:]
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "diffusers", "transformers")}
+    assert result.returncode in (0, 1), result.stdout + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_liveness_passes_while_the_handler_runs(tmp_path: Path) -> None:
+    """A process started as the image starts the worker (`python -u handler.py`) is alive; another is not the worker."""
+    script = tmp_path / "handler.py"
+    script.write_text("import time\ntime.sleep(120)\n", encoding="utf-8")
+    worker = subprocess.Popen([sys.executable, "-u", "handler.py"], cwd=tmp_path)
+    try:
+        alive = subprocess.run(
+            [sys.executable, "-m", "builder.selfcheck", "--liveness", "--pid", str(worker.pid)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        other = subprocess.run(
+            [sys.executable, "-m", "builder.selfcheck", "--liveness", "--pid", str(os.getpid())],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        worker.kill()
+        worker.wait()
+    gone = subprocess.run(
+        [sys.executable, "-m", "builder.selfcheck", "--liveness", "--pid", str(worker.pid)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert alive.returncode == 0, alive.stdout + alive.stderr
+    assert f"worker {worker.pid} is running" in alive.stdout
+    assert other.returncode == 1
+    assert "not the worker" in other.stdout
+    assert gone.returncode == 1
+    assert "no process" in gone.stdout
 
 
 # --- docker compose ----------------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -13,8 +17,25 @@ import requests
 from tests.conftest import ROOT, decode_png, free_port, wait_for_port
 
 
+@dataclass
+class Server:
+    """The local API's address, and everything the process has printed so far."""
+
+    url: str
+    lines: list[str] = field(default_factory=list)
+
+    def wait_for_output(self, text: str, deadline_s: float = 60) -> str:
+        """The output once it holds ``text``; the process prints it before it answers, so this is a formality."""
+        deadline = time.monotonic() + deadline_s
+        while text not in (output := "".join(self.lines)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{text!r} not in the output within {deadline_s} s:\n{output[-3000:]}")
+            time.sleep(0.1)
+        return output
+
+
 @pytest.fixture(scope="module")
-def api_url(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     process = subprocess.Popen(
         [
@@ -32,9 +53,13 @@ def api_url(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         stderr=subprocess.STDOUT,
         text=True,
     )
+    served = Server(f"http://127.0.0.1:{port}")
     try:
         wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
+        # Drained in a thread: the tests read it, and a full pipe would stall the server.
+        assert process.stdout is not None
+        threading.Thread(target=lambda: served.lines.extend(process.stdout or []), daemon=True).start()
+        yield served
     finally:
         process.terminate()
         try:
@@ -42,6 +67,11 @@ def api_url(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactor
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def api_url(server: Server) -> str:
+    return server.url
 
 
 def post(api_url: str, payload: dict) -> dict:
@@ -67,3 +97,14 @@ def test_runsync_bad_input_fails_then_the_next_job_completes(api_url: str) -> No
 
     good = post(api_url, {"input": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 1}})
     assert good["status"] == "COMPLETED"
+
+
+def test_the_log_tells_each_job_s_end(server: Server) -> None:
+    good = post(server.url, {"input": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 1}})
+    bad = post(server.url, {"input": {"prompt": "a fox", "width": 500}})
+
+    output = server.wait_for_output(f"job {bad['id']} FAILED in ")
+    assert re.search(rf"INFO handler: job {good['id']} COMPLETED in \d+ ms$", output, re.MULTILINE)
+    failed = rf"INFO handler: job {bad['id']} FAILED in \d+ ms: invalid input: width=500: must be a multiple of 64$"
+    assert re.search(failed, output, re.MULTILINE)
+    assert "iVBOR" not in output, "no base64 in the log"

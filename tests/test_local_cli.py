@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
+import pty
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import pytest
 import requests
 from PIL import Image
 
+from src import local
 from tests.conftest import ROOT, free_port, run_handler_cli, wait_for_port
 
 FOX = json.dumps({"input": {"prompt": "a fox", "num_inference_steps": 2, "seed": 11}})
@@ -65,6 +71,104 @@ def test_no_arguments_runs_test_input_json(tmp_path: Path, offline_env: dict[str
     assert png.name == f"0-{expected['seed']}.png"
     with Image.open(png) as image:
         assert image.size == (expected["width"], expected["height"])
+
+
+@pytest.mark.parametrize("job_id", ["../escaped", "/absolute/escaped"], ids=["parent", "absolute"])
+def test_job_id_cannot_write_outside_the_output_folder(
+    tmp_path: Path, offline_env: dict[str, str], job_id: str
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    if job_id.startswith("/"):
+        job_id = str(tmp_path / "escaped")
+    job = {"id": job_id, "input": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2}}
+
+    result = run_handler_cli(["--test_input", json.dumps(job)], offline_env, work)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    [png] = tmp_path.rglob("*.png")
+    assert png.parent.parent == work / "output"
+    assert png.parent.name.endswith("-escaped")
+    assert str(png.relative_to(work)) in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("job_id", "folder"),
+    [
+        ("run-7", "run-7"),
+        ("a b/c:d", "a-b-c-d"),
+        ("../x", "-x"),
+        ("/abs", "-abs"),
+        (".hidden", "hidden"),
+        ("..", None),
+        ("", None),
+        ("ünï", "-n-"),
+    ],
+)
+def test_job_folder_is_one_safe_name_inside_the_output_folder(tmp_path: Path, job_id: str, folder: str | None) -> None:
+    path = local.job_folder(tmp_path / "output", job_id, fallback="local-1")
+
+    assert path == tmp_path / "output" / (folder or "local-1")
+
+
+def test_job_folder_refuses_a_link_that_leads_out(tmp_path: Path) -> None:
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "job").symlink_to(tmp_path)
+
+    with pytest.raises(ValueError, match="outside"):
+        local.job_folder(tmp_path / "output", "job", fallback="local-1")
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    job = json.dumps({"input": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2}})
+
+    result = run_handler_cli(["--test_input", job], offline_env, tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "it/s" not in result.stderr
+    assert "s/it" not in result.stderr
+    assert "2/2" not in result.stderr
+
+
+@pytest.mark.skipif(
+    "show_progress_bar" not in (ROOT / "src" / "engine.py").read_text(encoding="utf-8"),
+    reason="Engine.show_progress_bar is not in src/engine.py yet",
+)
+def test_progress_bar_on_a_terminal(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    """stderr on a pseudo-terminal: diffusers' bar is drawn there; stdout, a pipe, holds only the summary."""
+    job = json.dumps({"input": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2}})
+    controller, terminal = pty.openpty()
+    # A new pseudo-terminal is 0x0, and tqdm draws nothing in no columns; give it a real terminal's size.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "handler.py"), "--test_input", job],
+            cwd=tmp_path,
+            env=offline_env,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+        )
+        os.close(terminal)
+        drawn = bytearray()
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        stdout, _ = process.communicate(timeout=120)
+    finally:
+        os.close(controller)
+
+    assert process.returncode == 0, drawn.decode(errors="replace")[-3000:]
+    on_terminal = drawn.decode(errors="replace")
+    assert "2/2" in on_terminal
+    assert "it/s" in on_terminal or "s/it" in on_terminal
+    assert "it/s" not in stdout
+    assert "COMPLETED" in stdout
 
 
 def test_failed_job_exits_non_zero_with_the_error(tmp_path: Path, offline_env: dict[str, str]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 
 import pytest
 from runpod.serverless.modules.rp_job import run_job
@@ -32,3 +34,18 @@ def test_run_job_reports_bad_input_as_a_job_error() -> None:
     assert set(result) == {"error"}
     assert "num_images=99" in result["error"]
     assert "MAX_IMAGES" in result["error"]
+
+
+def test_each_job_s_end_is_logged_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    good = {"id": "rp-3", "input": {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 1}}
+    bad = {"id": "rp-4", "input": {"prompt": "a fox", "num_images": 99}}
+
+    with caplog.at_level(logging.INFO, logger="handler"):
+        asyncio.run(run_job(handler.handler, good))
+        asyncio.run(run_job(handler.handler, bad))
+
+    ends = [record.getMessage() for record in caplog.records if record.name == "handler"]
+    assert re.fullmatch(r"job rp-3 COMPLETED in \d+ ms", ends[0])
+    assert re.fullmatch(r"job rp-4 FAILED in \d+ ms: invalid input: num_images=99: .*", ends[1])
+    assert "\n" not in ends[1]
+    assert len(ends) == 2
