@@ -153,7 +153,7 @@ class Engine:
         gpu_bytes = _gpu_bytes(settings) if device.type == "cuda" else None
         profile = choose_profile(device.type, gpu_bytes, settings.memory_profile)
         pipeline = load_pipeline(settings, dtype)
-        _drop_repeated_truncation_warning()
+        _drop_long_prompt_warnings()
         if profile is Profile.LOW:
             pipeline.enable_model_cpu_offload()
         elif profile is Profile.MINIMAL:
@@ -414,7 +414,6 @@ class Engine:
         limit = tokenizer.model_max_length
         warnings = []
         for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-            # verbose=False: transformers would warn about the length itself, in other words.
             tokens = len(tokenizer(text, truncation=False, verbose=False).input_ids)
             if tokens > limit:
                 warnings.append(
@@ -460,25 +459,35 @@ def _gpu_bytes(settings: Settings) -> int:
     return allowed
 
 
-class _TruncationWarningFilter(logging.Filter):
-    """Drops diffusers' own "input was truncated" warning, which dumps the cut text to stderr.
+class _LongPromptWarningFilter(logging.Filter):
+    """Drops the libraries' own words about a prompt longer than CLIP reads.
 
-    The engine says the same in the job's ``metadata.warnings``, once, in words that name the field.
+    transformers warns that the token sequence is too long, and diffusers dumps the cut
+    text to stderr. The engine says it once, in the job's ``metadata.warnings``, naming the field.
     """
 
+    MESSAGES = (
+        "Token indices sequence length is longer than the specified maximum",
+        "The following part of your input was truncated",
+    )
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("The following part of your input was truncated")
+        return not record.getMessage().startswith(self.MESSAGES)
 
 
-_TRUNCATION_FILTER = _TruncationWarningFilter()
+_LONG_PROMPT_FILTER = _LongPromptWarningFilter()
+# The loggers that say it: the tokenizer's base class, and each pipeline module's copy of encode_prompt.
+_LONG_PROMPT_LOGGERS = (
+    "transformers.tokenization_utils_base",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+)
 
 
-def _drop_repeated_truncation_warning() -> None:
-    # Every SD pipeline class copies encode_prompt, and with it this warning, into its own module.
-    for name in ("pipeline_stable_diffusion",):
-        logger = logging.getLogger(f"diffusers.pipelines.stable_diffusion.{name}")
-        if _TRUNCATION_FILTER not in logger.filters:
-            logger.addFilter(_TRUNCATION_FILTER)
+def _drop_long_prompt_warnings() -> None:
+    for name in _LONG_PROMPT_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LONG_PROMPT_FILTER not in logger.filters:
+            logger.addFilter(_LONG_PROMPT_FILTER)
 
 
 # How cuBLAS, cuDNN and the CUDA runtime word an allocation failure that torch raises as a plain RuntimeError.

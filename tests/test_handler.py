@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import handler
-from src.schema import SCHEDULER_NAMES
+from src.engine import Engine
+from src.schema import SCHEDULER_NAMES, parse_input
+from src.settings import load_settings
 from tests.conftest import ROOT, decode_png
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -142,6 +145,36 @@ def test_prompt_longer_than_clip_reads_is_reported() -> None:
     result = run(prompt="a fox " * 40)
 
     assert any("prompt is" in warning and "77" in warning for warning in result["metadata"]["warnings"])
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_long_prompt_is_reported_once_and_not_by_the_libraries(tiny_model_dir: Path) -> None:
+    # A new engine: transformers warns once per tokenizer, so an engine that already warned proves nothing.
+    engine = Engine.load(load_settings({"MODEL_ID": str(tiny_model_dir)}))
+    request = parse_input(
+        {"input": {"prompt": "a fox " * 40, "negative_prompt": "blurry " * 80, **FAST}}, engine.settings
+    )
+    # diffusers and transformers log through their own top loggers, which do not propagate to the root.
+    records = Records()
+    libraries = [logging.getLogger("diffusers"), logging.getLogger("transformers")]
+    for logger in libraries:
+        logger.addHandler(records)
+    try:
+        generation = engine.generate(request, timeout_s=600)
+    finally:
+        for logger in libraries:
+            logger.removeHandler(records)
+
+    assert [warning.split(" is ")[0] for warning in generation.warnings] == ["prompt", "negative_prompt"]
+    assert records.messages == []
 
 
 def test_short_prompt_has_no_warnings() -> None:
