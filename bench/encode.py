@@ -1,6 +1,6 @@
 """Encode time and file size of PNG, JPEG and WebP at 512² and 1024², as the worker writes them.
 
-    python -m bench.encode [--repeat 5]
+    python -m bench.encode [--repeat 5] [--out bench/results/encode.md]
 
 The images stand in for SD output: colour noise whose amplitude spectrum
 falls off as 1/f^1.5, like a natural photograph's, tuned so that a 512²
@@ -12,13 +12,18 @@ Encoding goes through src.outputs.encode_image, parameters chunk included.
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from bench.machine import cpu_name
 from src import outputs
 
 SPECTRAL_EXPONENT = 1.5
@@ -53,13 +58,19 @@ def measure(image: Image.Image, fmt: str, quality: int, repeat: int) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="also write the table, with machine, date and command, to this file")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, Pillow {Image.__version__}")
+    started = time.time()
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} ({cpu_name()}); "
+        f"Python {platform.python_version()}, Pillow {Image.__version__}; {datetime.date.today().isoformat()}.",
+        f"Command: `{' '.join(['python -m bench.encode', *sys.argv[1:]])}`; median of {args.repeat} encodes each.",
+        "",
+    ]
     cases = [("png", 0, level) for level in (0, 1, 3, 6)]
-    cases += [("jpeg", quality, None) for quality in (75, 90, 95)]
+    cases += [("jpeg", quality, 0) for quality in (75, 90, 95)]  # JPEG has no knob here
     cases += [("webp", quality, method) for quality in (90,) for method in (0, 2, 4, 6)]
-    print("| format | setting | side | encode ms | size KB | base64 KB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    lines += ["| format | setting | side | encode ms | size KB | base64 KB |", "| --- | --- | --- | --- | --- | --- |"]
     default_png, default_webp = outputs.PNG_COMPRESS_LEVEL, outputs.WEBP_METHOD
     for side in (512, 1024):
         image = natural_image(side)
@@ -73,8 +84,14 @@ def main() -> None:
             else:
                 setting = f"quality={quality}"
             ms, size = measure(image, fmt, quality, args.repeat)
-            print(f"| {fmt} | {setting} | {side} | {ms:.1f} | {size / 1024:.0f} | {size * 4 / 3 / 1024:.0f} |")
+            lines.append(f"| {fmt} | {setting} | {side} | {ms:.1f} | {size / 1024:.0f} | {size * 4 / 3 / 1024:.0f} |")
     outputs.PNG_COMPRESS_LEVEL, outputs.WEBP_METHOD = default_png, default_webp
+    table = "\n".join(lines) + "\n"
+    print(table, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table, encoding="utf-8")
+        print(f"written to {args.out} in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """The CPU benchmark: the worker against bare diffusers, side by side, in one run.
 
-    python -m bench.run                 # tiny and full-size random SD 1.5; about 6 minutes on 2 cores
-    python -m bench.run --quick         # tiny model only, one repeat (what the test suite runs)
+    python -m bench.run                 # tiny and full-size random SD 1.5; about 8 to 12 minutes on 2 cores
+    python -m bench.run --quick         # tiny model only, one repeat
+    python -m bench.run --smoke --out DIR   # tiny model, 64², 2 steps, one repeat: seconds (the test suite)
 
-Writes bench/results/cpu.md (a markdown table) and bench/results/cpu.json.
+Writes bench/results/cpu.md (a markdown table) and bench/results/cpu.json, which
+also record the command, the CPU, the load average before and after, and the
+run's wall time.
 
 For each model (the tiny one; SD 1.5's full architecture with random weights,
 saved as safetensors) it measures, each in fresh processes or alternating in
@@ -37,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.machine import cpu_name, load_average
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_MODEL_DIR = Path(os.environ.get("BENCH_MODEL_CACHE", Path(tempfile.gettempdir()) / "sd15-random-bench"))
@@ -234,14 +239,20 @@ PLANS = {
     "tiny": ([256, 512], [25, 25], 5),
     "full": ([256, 512], [2, 1], 2),
 }
+# --smoke: the whole path (every child, the table, the JSON) at the smallest size, for the test suite.
+SMOKE_PLAN = ([64], [2], 1)
+# Cold starts per side; the cold-start ratio is the noisiest figure, so it gets the most.
+COLD_REPEAT = 5
 
 
-def run(quick: bool) -> dict[str, Any]:
-    models = prepare_models(quick)
+def run(quick: bool, smoke: bool = False) -> dict[str, Any]:
+    models = prepare_models(quick or smoke)
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "cpu": cpu_name(),
         "python": platform.python_version(),
+        "load_average_before": load_average(),
         "models": {},
     }
     import diffusers
@@ -249,9 +260,9 @@ def run(quick: bool) -> dict[str, Any]:
 
     report["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__}
     for name, folder in models.items():
-        sides, steps, repeat = PLANS[name]
-        repeat = 1 if quick else repeat
-        cold_repeat = 1 if quick else 3
+        sides, steps, repeat = SMOKE_PLAN if smoke else PLANS[name]
+        repeat = 1 if quick or smoke else repeat
+        cold_repeat = 1 if quick or smoke else COLD_REPEAT
         entry: dict[str, Any] = {"cold": {"worker": [], "bare": []}}
         for _ in range(cold_repeat):
             for role in ("bare", "worker"):
@@ -262,6 +273,7 @@ def run(quick: bool) -> dict[str, Any]:
         }
         report["models"][name] = entry
         print(f"measured {name}", file=sys.stderr, flush=True)
+    report["load_average_after"] = load_average()
     return report
 
 
@@ -278,8 +290,10 @@ def ratios(entry: dict[str, Any]) -> dict[str, float]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"Machine: {report['machine']}; Python {report['python']}, torch {report['versions']['torch']}, "
-        f"diffusers {report['versions']['diffusers']}; {report['date']}.",
+        f"Machine: {report['machine']} ({report['cpu']}); Python {report['python']}, "
+        f"torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}; {report['date']}.",
+        f"Command: `{report['command']}`, {report['seconds']:.0f} s; load average (1 min) "
+        f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} after.",
         "",
         "| model | size | steps | worker job | bare pipeline | overhead | steps/s | VAE decode | encode+b64 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -321,10 +335,12 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model only, one repeat")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 64², 2 steps, one repeat: seconds")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for cpu.md and cpu.json")
     args = parser.parse_args()
     started = time.time()
-    report = run(args.quick)
+    report = run(args.quick, smoke=args.smoke)
+    report["command"] = " ".join(["python -m bench.run", *sys.argv[1:]])
     report["ratios"] = {name: ratios(entry) for name, entry in report["models"].items()}
     report["seconds"] = round(time.time() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,14 @@ from src.settings import Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-_JSON_TYPES = {"string": "string", "integer": "integer", "number": "number", "array": "list", "object": "object"}
+_JSON_TYPES = {
+    "string": "string",
+    "integer": "integer",
+    "number": "number",
+    "boolean": "boolean",
+    "array": "list",
+    "object": "object",
+}
 
 
 def _json_type(schema: dict[str, Any]) -> str:
@@ -92,7 +99,8 @@ def output_table() -> str:
     """Markdown table of what a successful job returns."""
     lines = [_row("field", "type", "meaning"), _row("---", "---", "---")]
     lines += _model_rows(InlineImage, "images[].")
-    lines += _model_rows(UploadedImage, "images[].", note="Uploaded only, in place of `image`. ", skip=("seed",))
+    # seed and nsfw mean the same for both kinds of image: listed once, with the inline ones.
+    lines += _model_rows(UploadedImage, "images[].", note="Uploaded only, in place of `image`. ", skip=("seed", "nsfw"))
     lines += _model_rows(Metadata, "metadata.")
     lines += _model_rows(Timings, "metadata.timings_ms.")
     return "\n".join(lines)

@@ -421,7 +421,9 @@ class InlineImage(BaseModel):
     image: str = Field(description="Base64 of the image file, with no `data:` prefix.")
     seed: int = Field(description="The seed that regenerates this image alone.")
     nsfw: bool | None = Field(
-        None, description="Flagged by the safety checker; present only when `SAFETY_CHECKER` is on."
+        None,
+        description="Flagged by the safety checker; present only when `SAFETY_CHECKER` is on, "
+        "for inline and uploaded images alike.",
     )
 
 

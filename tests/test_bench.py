@@ -46,9 +46,13 @@ def test_encode_benchmark_prints_every_format() -> None:
         assert name in result.stdout
 
 
-def test_cpu_benchmark_quick_run_writes_the_table_and_the_json(tmp_path: Path) -> None:
-    run_bench("bench.run", "--quick", "--out", str(tmp_path))
+def test_cpu_benchmark_smoke_run_writes_the_table_and_the_json(tmp_path: Path) -> None:
+    # --smoke runs every part of the benchmark (cold starts, warm jobs, peak RSS) at 64², 2 steps, once.
+    run_bench("bench.run", "--smoke", "--out", str(tmp_path))
 
     report = json.loads((tmp_path / "cpu.json").read_text())
-    assert set(report["ratios"]["tiny"]) == {"cold_start", "handler_overhead_256", "handler_overhead_512", "peak_rss"}
-    assert "| tiny | 512² | 25 |" in (tmp_path / "cpu.md").read_text()
+    assert set(report["ratios"]["tiny"]) == {"cold_start", "handler_overhead_64", "peak_rss"}
+    assert report["command"] == f"python -m bench.run --smoke --out {tmp_path}"
+    table = (tmp_path / "cpu.md").read_text()
+    assert "| tiny | 64² | 2 |" in table
+    assert f"Command: `{report['command']}`" in table

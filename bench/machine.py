@@ -1,0 +1,22 @@
+"""The machine a benchmark ran on, as its results files record it."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, or the architecture where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages: on a shared machine they say how busy it was."""
+    return [round(value, 2) for value in os.getloadavg()]
