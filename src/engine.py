@@ -406,7 +406,7 @@ class Engine:
             **{**base.components, "scheduler": scheduler},
             requires_safety_checker=base.safety_checker is not None,
         )
-        pipeline.set_progress_bar_config(disable=not self.show_progress_bar, file=sys.stderr, leave=False)
+        pipeline.set_progress_bar_config(disable=not self.show_progress_bar, file=sys.stderr)
         return pipeline
 
     def _prompt_warnings(self, request: GenerateRequest) -> list[str]:

