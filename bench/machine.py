@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 
 def cpu_name() -> str:
@@ -20,3 +22,12 @@ def cpu_name() -> str:
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages: on a shared machine they say how busy it was."""
     return [round(value, 2) for value in os.getloadavg()]
+
+
+def write_results(out: Path, stem: str, report: dict[str, Any], table: str) -> None:
+    """Write ``stem``.json (the report) and ``stem``.md (its table) into ``out``, and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / f"{stem}.md").write_text(table, encoding="utf-8")
+    print(table)
+    print(f"written to {out / f'{stem}.md'} and {out / f'{stem}.json'} in {report['seconds']:.0f} s")

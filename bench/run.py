@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.machine import cpu_name, load_average
+from bench.machine import cpu_name, load_average, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_MODEL_DIR = Path(os.environ.get("BENCH_MODEL_CACHE", Path(tempfile.gettempdir()) / "sd15-random-bench"))
@@ -343,12 +343,7 @@ def main() -> None:
     report["command"] = " ".join(["python -m bench.run", *sys.argv[1:]])
     report["ratios"] = {name: ratios(entry) for name, entry in report["models"].items()}
     report["seconds"] = round(time.time() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    table = markdown(report)
-    (args.out / "cpu.md").write_text(table, encoding="utf-8")
-    print(table)
-    print(f"written to {args.out / 'cpu.md'} and {args.out / 'cpu.json'} in {report['seconds']:.0f} s")
+    write_results(args.out, "cpu", report, markdown(report))
 
 
 if __name__ == "__main__":

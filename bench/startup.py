@@ -35,7 +35,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from bench.machine import cpu_name, load_average
+from bench.machine import cpu_name, load_average, write_results
 from bench.run import FULL_MODEL_DIR, RESULTS
 
 VARIANTS = {
@@ -189,12 +189,7 @@ def main() -> None:
     report["load_average_after"] = load_average()
     report["command"] = " ".join(["python -m bench.startup", *sys.argv[1:]])
     report["seconds"] = round(time.time() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "startup.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    table = markdown(report)
-    (args.out / "startup.md").write_text(table, encoding="utf-8")
-    print(table)
-    print(f"written to {args.out / 'startup.md'} and {args.out / 'startup.json'} in {report['seconds']:.0f} s")
+    write_results(args.out, "startup", report, markdown(report))
 
 
 if __name__ == "__main__":

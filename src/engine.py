@@ -76,15 +76,18 @@ class _Job:
     clock: Callable[[], float] = time.monotonic
     # Set when the job gets the GPU: time spent waiting for it is not the job's.
     deadline: float = float("inf")
-    steps_done: int = 0
     runs_done: int = 0
     last_report: float = 0.0
     last_reported_step: int = 0
 
     def start(self) -> None:
-        """Start the clock and the count: the job holds the GPU from now on."""
+        """Start the clock: the job holds the GPU from now on."""
         self.deadline = self.clock() + self.timeout_s
-        self.steps_done = self.runs_done = self.last_reported_step = 0
+
+    def count_again(self, total_steps: int) -> None:
+        """Count from the first step again, for the frugal retry; the deadline stays as it was."""
+        self.total_steps = total_steps
+        self.runs_done = self.last_reported_step = 0
         self.last_report = 0.0
 
     def on_step_end(self, pipeline: Any, index: int, _timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +103,6 @@ class _Job:
 
     def step_finished(self, steps_done: int) -> None:
         """Record progress, report it now and then, and stop the job when it is late."""
-        self.steps_done = steps_done
         now = self.clock()
         advanced = steps_done > self.last_reported_step
         due = now - self.last_report >= PROGRESS_INTERVAL_S or steps_done == self.total_steps
@@ -254,8 +256,7 @@ class Engine:
                     request.height,
                     request.num_images,
                 )
-                job.total_steps = steps * request.num_images
-                job.start()
+                job.count_again(steps * request.num_images)
                 result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
                 if result is None:
                     self._release_memory()

@@ -20,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from src.errors import StorageError
-from src.settings import Settings, redact_url
+from src.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class S3Storage:
         if settings.bucket_name is None:
             raise ValueError("S3Storage needs BUCKET_NAME")
         self.bucket = settings.bucket_name
-        self.endpoint = redact_url(settings.bucket_endpoint_url) if settings.bucket_endpoint_url else "AWS S3"
+        # Settings refuse credentials in the endpoint, so it can be named in every message.
+        self.endpoint = settings.bucket_endpoint_url or "AWS S3"
         self._prefix = settings.bucket_prefix
         self._expiry = settings.url_expiry_seconds
         secret = settings.bucket_secret_access_key
@@ -79,7 +80,7 @@ class S3Storage:
         # botocore's setup errors are BotoCoreError (InvalidRegionError, ProfileNotFound) or a bare
         # ValueError ("Invalid endpoint: ..."); either would escape main() as a traceback.
         except (BotoCoreError, ValueError) as error:
-            problem = f"{type(error).__name__}: {redact_url((str(error).splitlines() or [''])[0])}"
+            problem = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
             if secret is not None and secret.get_secret_value():
                 problem = problem.replace(secret.get_secret_value(), "<hidden>")
             raise StorageError(

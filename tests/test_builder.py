@@ -236,39 +236,30 @@ def test_healthcheck_touches_no_gpu() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_liveness_passes_while_the_handler_runs(tmp_path: Path) -> None:
-    """A process started as the image starts the worker (`python -u handler.py`) is alive; another is not the worker."""
-    script = tmp_path / "handler.py"
-    script.write_text("import time\ntime.sleep(120)\n", encoding="utf-8")
-    worker = subprocess.Popen([sys.executable, "-u", "handler.py"], cwd=tmp_path)
-    try:
-        alive = subprocess.run(
-            [sys.executable, "-m", "builder.selfcheck", "--liveness", "--pid", str(worker.pid)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        other = subprocess.run(
-            [sys.executable, "-m", "builder.selfcheck", "--liveness", "--pid", str(os.getpid())],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        worker.kill()
-        worker.wait()
-    gone = subprocess.run(
-        [sys.executable, "-m", "builder.selfcheck", "--liveness", "--pid", str(worker.pid)],
+def liveness(pid: int) -> subprocess.CompletedProcess[str]:
+    """`python -m builder.selfcheck --liveness --pid PID`, as the image's HEALTHCHECK runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "builder.selfcheck", "--liveness", "--pid", str(pid)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_liveness_passes_while_the_handler_runs(tmp_path: Path) -> None:
+    """A process started as the image starts the worker (`python -u handler.py`) is alive; another is not the worker."""
+    script = tmp_path / "handler.py"
+    script.write_text("import time\ntime.sleep(120)\n", encoding="utf-8")
+    worker = subprocess.Popen([sys.executable, "-u", "handler.py"], cwd=tmp_path)
+    try:
+        alive = liveness(worker.pid)
+        other = liveness(os.getpid())
+    finally:
+        worker.kill()
+        worker.wait()
+    gone = liveness(worker.pid)
 
     assert alive.returncode == 0, alive.stdout + alive.stderr
     assert f"worker {worker.pid} is running" in alive.stdout

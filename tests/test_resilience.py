@@ -266,6 +266,23 @@ def test_a_slow_step_trips_the_timeout_at_that_step_then_the_next_job_works(engi
     assert same_pixels(generate(engine), clean)
 
 
+def test_the_frugal_retry_runs_against_the_same_deadline(tiny_model_dir: Path) -> None:
+    engine = load_engine(tiny_model_dir, "float32")
+    clock = engine.clock
+    assert isinstance(clock, FakeClock)
+
+    def fault(call: int, _inputs: Any, output: Any) -> Any:
+        clock.advance(50 if call == 1 else 20)  # the failed try takes 50 s of 60, each retried step 20 s
+        if call == 1:
+            raise CUDA_OOM
+        return output
+
+    with injected(engine._pipeline.unet, fault), pytest.raises(GenerationTimeoutError) as raised:
+        generate(engine, timeout_s=60, num_images=1)
+
+    assert str(raised.value).endswith("at denoising step 1 of 3")
+
+
 @pytest.mark.parametrize("scheduler", ["Heun", "DPM2", "DPM2 a", "PNDM"])
 def test_timeout_names_the_requested_step_for_every_kind_of_scheduler(tiny_model_dir: Path, scheduler: str) -> None:
     engine = load_engine(tiny_model_dir, "float32")
