@@ -17,6 +17,7 @@ import datetime
 import gc
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -147,6 +148,7 @@ def main() -> None:
     lines = [
         f"{name} (compute capability {capability[0]}.{capability[1]}), torch {torch.__version__}, "
         f"{datetime.date.today()}; SD 1.5 architecture, random fp16 weights, {SIDE}², {STEPS} steps, DPM++ 2M Karras",
+        f"Command: `{' '.join(['python -m bench.gpu_bench', *sys.argv[1:]])}`, {time.time() - started:.0f} s.",
         "",
         "| mode | cold start | batch 1 job | speed-up | batch 4 job | speed-up | plain steps/s (b1, b4) | peak GiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ def main() -> None:
     engine = build_engine(args.tiny)
     device = torch.cuda.get_device_name(0) if engine.device.type == "cuda" else "CPU (tiny model)"
     print(f"# GPU check: {device}, capped at {CAP_GIB:g} GiB, torch {torch.__version__}, {datetime.date.today()}")
+    print(f"Command: `{' '.join(['python -m bench.gpu_check', *sys.argv[1:]])}`")
     print(f"model ready in {time.perf_counter() - started:.0f} s; {args.steps} steps, DPM++ 2M Karras\n")
     cases = [
         Case("512² x1", 512, 512, 1),

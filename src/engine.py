@@ -247,8 +247,7 @@ class Engine:
                 # Outside the except block, so the failed run's tensors went with its traceback.
                 self._release_memory()
                 job.warnings.append(
-                    "the GPU ran out of memory; the job was retried one image at a time "
-                    "with attention slicing and VAE tiling"
+                    "the GPU ran out of memory; the job was retried one image at a time with VAE tiling"
                 )
                 log.warning(
                     "out of GPU memory at %dx%d x%d; retrying frugally",
@@ -369,18 +368,12 @@ class Engine:
 
         Safe because the caller holds the lock: no other request sees them.
         """
-        vae, pipeline = self._pipeline.vae, self._pipeline
+        vae = self._pipeline.vae
         vae.use_slicing, vae.use_tiling = setup.vae_slicing, setup.vae_tiling
-        processors = pipeline.unet.attn_processors if setup.attention_slicing else None
-        if setup.attention_slicing:
-            pipeline.enable_attention_slicing()
         try:
             yield
         finally:
             vae.use_slicing = vae.use_tiling = False
-            if processors is not None:
-                # Put back exactly what was there (SDPA, or FAST_MODE's fused processors).
-                pipeline.unet.set_attn_processor(processors)
 
     def _release_memory(self) -> None:
         """After an OOM: collect what the failed run left, and hand the cache back to the driver."""
@@ -392,7 +385,7 @@ class Engine:
         memory = f"{self.gpu_bytes / GIB:.1f} GiB" if self.gpu_bytes else "this device's memory"
         return (
             f"{request.width}x{request.height} x{request.num_images} ran out of GPU memory ({memory}, "
-            f"{self.profile.value} profile) even one image at a time with attention slicing and VAE tiling; "
+            f"{self.profile.value} profile) even one image at a time with VAE tiling; "
             "ask for a smaller size"
         )
 

@@ -50,7 +50,6 @@ class Setup:
 
     vae_slicing: bool
     vae_tiling: bool
-    attention_slicing: bool
 
 
 # Above this side, the VAE decodes in tiles on small cards: its activations grow with the image area.
@@ -64,13 +63,17 @@ def setup_for(
 
     ``frugal`` is the retry after an out-of-memory error; ``tiling`` forces VAE
     tiling, which admission asks for when an image does not fit without it.
+
+    There is no attention slicing, not even in the retry: diffusers' sliced processor
+    materialises the attention scores (4 GiB per slice of a 1024² image's first
+    self-attention), which SDPA's memory-efficient kernels never hold. Under a
+    6 GiB cap it turned a recoverable 1024² OOM into a failed retry
+    (``python -m bench.gpu_check``, H200 capped at 6 GiB).
     """
     small_card = profile in (Profile.BALANCED, Profile.LOW, Profile.MINIMAL)
     return Setup(
         vae_slicing=frugal or (small_card and batch > 1),
         vae_tiling=frugal or tiling or (small_card and max(width, height) > TILING_ABOVE_SIDE),
-        # Attention slicing slows SDPA down, so it is only the fallback after an OOM.
-        attention_slicing=frugal,
     )
 
 

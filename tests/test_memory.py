@@ -27,8 +27,8 @@ from src.memory import (
 GTX_1060 = 6_370_000_000
 GPU_PROFILES = [Profile.HIGH, Profile.BALANCED, Profile.LOW, Profile.MINIMAL]
 SMALL_CARD_PROFILES = [Profile.BALANCED, Profile.LOW, Profile.MINIMAL]
-NOTHING = Setup(vae_slicing=False, vae_tiling=False, attention_slicing=False)
-EVERYTHING = Setup(vae_slicing=True, vae_tiling=True, attention_slicing=True)
+NOTHING = Setup(vae_slicing=False, vae_tiling=False)
+EVERYTHING = Setup(vae_slicing=True, vae_tiling=True)
 
 
 # --- choose_profile ------------------------------------------------------------------------------
@@ -110,14 +110,14 @@ def test_high_never_slices_or_tiles(width: int, height: int, batch: int) -> None
     ("width", "height", "batch", "expected"),
     [
         pytest.param(512, 512, 1, NOTHING, id="512x512x1-nothing"),
-        pytest.param(512, 512, 2, Setup(True, False, False), id="512x512x2-slicing"),
-        pytest.param(512, 512, 4, Setup(True, False, False), id="512x512x4-slicing"),
+        pytest.param(512, 512, 2, Setup(True, False), id="512x512x2-slicing"),
+        pytest.param(512, 512, 4, Setup(True, False), id="512x512x4-slicing"),
         pytest.param(768, 768, 1, NOTHING, id="768x768x1-nothing"),
-        pytest.param(768, 512, 3, Setup(True, False, False), id="768x512x3-slicing"),
-        pytest.param(832, 832, 1, Setup(False, True, False), id="832x832x1-tiling"),
-        pytest.param(1024, 512, 1, Setup(False, True, False), id="1024x512x1-tiling"),
-        pytest.param(512, 1024, 1, Setup(False, True, False), id="512x1024x1-tiling"),
-        pytest.param(1024, 1024, 2, Setup(True, True, False), id="1024x1024x2-slicing-tiling"),
+        pytest.param(768, 512, 3, Setup(True, False), id="768x512x3-slicing"),
+        pytest.param(832, 832, 1, Setup(False, True), id="832x832x1-tiling"),
+        pytest.param(1024, 512, 1, Setup(False, True), id="1024x512x1-tiling"),
+        pytest.param(512, 1024, 1, Setup(False, True), id="512x1024x1-tiling"),
+        pytest.param(1024, 1024, 2, Setup(True, True), id="1024x1024x2-slicing-tiling"),
     ],
 )
 def test_small_cards_slice_batches_and_tile_above_768(
