@@ -151,6 +151,33 @@ class Settings(BaseModel):
         le=1000,
         description="Largest inline (base64) answer, in MB. RunPod refuses more than 20 on /runsync, 10 on /run.",
     )
+    image_urls: bool = Field(
+        True,
+        alias="IMAGE_URLS",
+        description="Accept http:// and https:// URLs as image inputs. `false` refuses them; base64 and "
+        "`s3://` inputs still work.",
+    )
+    image_urls_allow_private: bool = Field(
+        False,
+        alias="IMAGE_URLS_ALLOW_PRIVATE",
+        description="Let image URLs reach loopback, private, link-local, shared and cloud metadata addresses. "
+        "Off, a URL whose host resolves to one is refused, and the connection goes to the checked address.",
+    )
+    max_input_image_mb: float = Field(
+        20.0,
+        alias="MAX_INPUT_IMAGE_MB",
+        gt=0,
+        le=200,
+        description="Largest image input file (base64, URL or `s3://`), in MB (10^6 bytes) before decoding; "
+        "above 0, at most 200.",
+    )
+    image_fetch_timeout_seconds: float = Field(
+        15.0,
+        alias="IMAGE_FETCH_TIMEOUT_SECONDS",
+        gt=0,
+        le=300,
+        description="Time allowed to fetch one image URL, redirects and body included; above 0, at most 300.",
+    )
     bucket_name: str | None = Field(
         None, alias="BUCKET_NAME", description="S3 bucket for uploads. Unset: no uploads, images come back inline."
     )

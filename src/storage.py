@@ -1,4 +1,4 @@
-"""S3 uploads through boto3: one client per process, a batch's images in parallel.
+"""S3 through boto3: one client per process, a batch's images uploaded in parallel, image inputs read back.
 
 Unlike runpod's ``rp_upload``, nothing here is implicit: the bucket is the one
 named by ``BUCKET_NAME``, and a failed upload is an error the caller sees,
@@ -25,6 +25,7 @@ from src.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_PARALLEL_UPLOADS = 8
+_READ_CHUNK_BYTES = 64 * 1024
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -116,6 +117,32 @@ class S3Storage:
         except (ClientError, BotoCoreError) as error:
             return StorageError(f"upload to s3://{self.bucket}/{key} at {self.endpoint} failed: {_describe(error)}")
         return Uploaded(url=url, bucket=self.bucket, key=key)
+
+    def read(self, key: str, limit_bytes: int) -> bytes:
+        """The object ``key`` of this bucket, read in chunks; reading stops once it passes ``limit_bytes``.
+
+        Raises:
+            StorageError: the object is missing or cannot be read (the message names ``s3://bucket/key``,
+                the endpoint and the S3 error code), or it holds more than ``limit_bytes``.
+        """
+        where = f"s3://{self.bucket}/{key}"
+        too_large = f"{where} at {self.endpoint} holds more than {limit_bytes} bytes, the limit; stopped reading"
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = response["Body"]
+            try:
+                if response.get("ContentLength", 0) > limit_bytes:
+                    raise StorageError(too_large)
+                data = bytearray()
+                for chunk in body.iter_chunks(_READ_CHUNK_BYTES):
+                    data += chunk
+                    if len(data) > limit_bytes:
+                        raise StorageError(too_large)
+            finally:
+                body.close()
+        except (ClientError, BotoCoreError) as error:
+            raise StorageError(f"reading {where} at {self.endpoint} failed: {_describe(error)}") from None
+        return bytes(data)
 
 
 def _describe(error: ClientError | BotoCoreError) -> str:
