@@ -1,7 +1,7 @@
-"""RunPod serverless handler for Stable Diffusion 1.5 text-to-image.
+"""RunPod serverless handler for Stable Diffusion 1.5: text-to-image, img2img, inpaint, outpaint, hires fix.
 
 Stages: settings (read once) -> engine (loaded once) -> parse the input ->
-generate -> encode the response. Run it as a program to preload the model and
+read its images -> generate -> encode the response. Run it as a program to preload the model and
 serve jobs; import it to get ``handler`` with nothing loaded until the first job.
 
     python handler.py                        # runs test_input.json, writes images to output/
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from src.canvas import prepare_inputs
 from src.errors import WorkerError
 from src.outputs import check_inline_fits, encode_response
 from src.schema import InputError, check_limits, parse_input
@@ -118,10 +119,16 @@ def _answer(job: Any, started: float) -> dict[str, Any]:
     try:
         settings = get_settings()
         request = parse_input(job, settings)
+        # Input images are read before the job waits for the GPU: a slow download never holds it.
+        inputs = prepare_inputs(request, settings, get_storage())
+        request = inputs.request
         check_inline_fits(request, settings)
         engine = get_engine()
         generation = engine.generate(
-            request, timeout_s=settings.generation_timeout_seconds, on_progress=_progress_reporter(job)
+            request,
+            images=inputs.images,
+            timeout_s=settings.generation_timeout_seconds,
+            on_progress=_progress_reporter(job),
         )
         response = encode_response(
             request,
@@ -131,6 +138,7 @@ def _answer(job: Any, started: float) -> dict[str, Any]:
             storage=get_storage(),
             job_id=str(job.get("id") or ""),
             started=started,
+            inputs=inputs,
         )
         return response.model_dump(exclude_none=True)
     except (InputError, SettingsError, WorkerError) as error:

@@ -55,12 +55,32 @@ def input_table() -> str:
         if name in CONFIGURED_DEFAULT:
             setting = CONFIGURED_DEFAULT[name]
             default = f"`{setting.upper()}` ({_literal(Settings.model_fields[setting].default)})"
-        elif name in schema.get("required", []):
-            default = "required"
         else:
-            default = f"`{_literal(prop.get('default'))}`"
+            default = _default_cell(name, prop, schema)
         lines.append(_row(f"`{name}`", _json_type(prop), default, prop.get("description", "")))
+        # The fields of a nested object (hires, outpaint), each on its own row after it.
+        annotation = GenerateRequest.model_fields[name].annotation
+        nested = next((arg for arg in getattr(annotation, "__args__", ()) if isinstance(arg, type)), None)
+        if nested is not None and issubclass(nested, BaseModel):
+            lines += _nested_rows(nested, f"{name}.")
     return "\n".join(lines)
+
+
+def _nested_rows(model: type[BaseModel], prefix: str) -> list[str]:
+    schema = model.model_json_schema()
+    return [
+        _row(f"`{prefix}{name}`", _json_type(prop), _default_cell(name, prop, schema), prop.get("description", ""))
+        for name, prop in schema["properties"].items()
+    ]
+
+
+def _default_cell(name: str, prop: dict[str, Any], schema: dict[str, Any]) -> str:
+    """A field's default as the table shows it: its own words (``shown_default``), required, or the value."""
+    if "shown_default" in prop:
+        return str(prop["shown_default"])
+    if name in schema.get("required", []):
+        return "required"
+    return f"`{_literal(prop.get('default'))}`"
 
 
 def _literal(value: Any) -> str:

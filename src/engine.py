@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
+from src import canvas, tasks
+from src.canvas import TaskImages
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.loader import load_pipeline, resolve_device, resolve_dtype
 from src.memory import GIB, Plan, Profile, Setup, choose_profile, plan_sub_batch, setup_for, sub_batches
@@ -67,8 +69,6 @@ class _Job:
 
     request: GenerateRequest
     timeout_s: float
-    # Denoising steps of one run (one sub-batch), as the request counts them.
-    steps_per_run: int
     total_steps: int
     on_progress: ProgressCallback | None
     warnings: list[str]
@@ -76,7 +76,9 @@ class _Job:
     clock: Callable[[], float] = time.monotonic
     # Set when the job gets the GPU: time spent waiting for it is not the job's.
     deadline: float = float("inf")
-    runs_done: int = 0
+    # Steps of the pipeline call running now, and of those finished before it, as the request counts them.
+    run_steps: int = 0
+    steps_before: int = 0
     last_report: float = 0.0
     last_reported_step: int = 0
 
@@ -87,19 +89,23 @@ class _Job:
     def count_again(self, total_steps: int) -> None:
         """Count from the first step again, for the frugal retry; the deadline stays as it was."""
         self.total_steps = total_steps
-        self.runs_done = self.last_reported_step = 0
+        self.steps_before = self.last_reported_step = 0
         self.last_report = 0.0
+
+    def run_started(self, steps: int) -> None:
+        """A pipeline call of ``steps`` denoising steps begins."""
+        self.run_steps = steps
 
     def on_step_end(self, pipeline: Any, index: int, _timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
         """diffusers' ``callback_on_step_end``, called after each of the pipeline's ``num_timesteps`` iterations."""
         iterations = max(int(pipeline.num_timesteps), 1)
         # Rounded down, so the run's last step is counted at its last iteration, not before.
-        in_run = min((index + 1) * self.steps_per_run // iterations, self.steps_per_run)
-        self.step_finished(self.runs_done * self.steps_per_run + in_run)
+        in_run = min((index + 1) * self.run_steps // iterations, self.run_steps)
+        self.step_finished(self.steps_before + in_run)
         return tensors
 
     def run_finished(self) -> None:
-        self.runs_done += 1
+        self.steps_before += self.run_steps
 
     def step_finished(self, steps_done: int) -> None:
         """Record progress, report it now and then, and stop the job when it is late."""
@@ -199,11 +205,18 @@ class Engine:
         return str(self.dtype).removeprefix("torch.")
 
     def generate(
-        self, request: GenerateRequest, *, timeout_s: float, on_progress: ProgressCallback | None = None
+        self,
+        request: GenerateRequest,
+        *,
+        images: TaskImages | None = None,
+        timeout_s: float,
+        on_progress: ProgressCallback | None = None,
     ) -> Generation:
         """Run one request and return its images, in seed order.
 
-        ``timeout_s`` bounds the work from the moment the job gets the GPU; ``on_progress``
+        ``images`` are the request's input images at its size (``canvas.prepare``), for every
+        task but text-to-image, whose request has its size resolved. ``timeout_s`` bounds the work
+        from the moment the job gets the GPU; ``on_progress``
         receives ``{"step", "total_steps"}`` about once a second, and at the last step.
 
         Raises:
@@ -212,21 +225,22 @@ class Engine:
             OutOfMemoryError: the GPU ran out of memory, twice.
             BadImageError: the images hold NaN even after a float32 decode.
         """
-        # 1. Admission: how many images fit at once, or a refusal before any work.
+        # 1. Admission: how many images fit at once, or a refusal before any work, sized by the largest pass.
+        width, height = request.output_size
+        passes = tasks.passes(request, images)
         plan = plan_sub_batch(
             self.profile,
-            request.width,
-            request.height,
+            width,
+            height,
             request.num_images,
             gpu_bytes=self.gpu_bytes,
             dtype_bytes=self.dtype.itemsize,
             safety_checker=self._pipeline.safety_checker is not None,
         )
-        steps = request.num_inference_steps
+        steps = sum(step.denoising_steps for step in passes)
         job = _Job(
             request=request,
             timeout_s=timeout_s,
-            steps_per_run=steps,
             total_steps=steps * len(sub_batches(request.num_images, plan.batch)),
             on_progress=on_progress,
             warnings=[],
@@ -242,28 +256,23 @@ class Engine:
             job.warnings += self._prompt_warnings(request)
 
             # 4. Generate; after an OOM, free memory and retry frugally once.
-            result = self._attempt(job, plan, frugal=False)
+            result = self._attempt(job, passes, images, plan, frugal=False)
             if result is None:
                 # Outside the except block, so the failed run's tensors went with its traceback.
                 self._release_memory()
                 job.warnings.append(
                     "the GPU ran out of memory; the job was retried one image at a time with VAE tiling"
                 )
-                log.warning(
-                    "out of GPU memory at %dx%d x%d; retrying frugally",
-                    request.width,
-                    request.height,
-                    request.num_images,
-                )
+                log.warning("out of GPU memory at %dx%d x%d; retrying frugally", width, height, request.num_images)
                 job.count_again(steps * request.num_images)
-                result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
+                result = self._attempt(job, passes, images, Plan(batch=1, vae_tiling=True), frugal=True)
                 if result is None:
                     self._release_memory()
                     raise OutOfMemoryError(self._oom_message(request))
-            images, nsfw = result
+            pictures, nsfw = result
             inference_ms = (time.perf_counter() - started) * 1000
         return Generation(
-            images=images,
+            images=pictures,
             seeds=request.seeds,
             inference_ms=inference_ms,
             queue_ms=(started - queued) * 1000,
@@ -271,45 +280,80 @@ class Engine:
             nsfw=nsfw,
         )
 
-    def _attempt(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None] | None:
+    def _attempt(
+        self, job: _Job, passes: list[tasks.Pass], images: TaskImages | None, plan: Plan, *, frugal: bool
+    ) -> tuple[list[Image.Image], list[bool] | None] | None:
         """``_run``, or None when the GPU ran out of memory."""
         try:
-            return self._run(job, plan, frugal=frugal)
+            return self._run(job, passes, images, plan, frugal=frugal)
         except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if is_out_of_memory(error):
                 return None
             raise
 
-    def _run(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None]:
-        """Denoise and decode the request in sub-batches, as admission planned."""
+    def _run(
+        self, job: _Job, passes: list[tasks.Pass], images: TaskImages | None, plan: Plan, *, frugal: bool
+    ) -> tuple[list[Image.Image], list[bool] | None]:
+        """Denoise and decode the request in sub-batches, as admission planned, pass after pass."""
         request = job.request
-        pipeline = self._pipeline_for(request.scheduler)
-        images: list[Image.Image] = []
+        width, height = request.output_size
+        results: list[Image.Image] = []
         flags: list[bool] = []
         for chunk in sub_batches(request.num_images, plan.batch):
-            seeds = [request.seeds[index] for index in chunk]
-            setup = setup_for(
-                self.profile, request.width, request.height, len(chunk), frugal=frugal, tiling=plan.vae_tiling
-            )
+            indices = list(chunk)
+            # One generator per image, carried through every pass: image i depends on its seed alone.
+            generators = [torch.Generator(device="cpu").manual_seed(request.seeds[index]) for index in indices]
+            setup = setup_for(self.profile, width, height, len(indices), frugal=frugal, tiling=plan.vae_tiling)
             with self._switches(setup):
-                latents = pipeline(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    width=request.width,
-                    height=request.height,
-                    num_inference_steps=request.num_inference_steps,
-                    guidance_scale=request.guidance_scale,
-                    num_images_per_prompt=len(chunk),
-                    generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
-                    output_type="latent",
-                    callback_on_step_end=job.on_step_end,
-                ).images
-                job.run_finished()
-                decoded = self._decode(latents, list(chunk), job.warnings)
-            chunk_images, chunk_flags = self._finish(pipeline, decoded, list(chunk), job.warnings)
-            images += chunk_images
+                latents: torch.Tensor | None = None
+                for step in passes:
+                    latents = self._denoise(job, step, latents, generators, indices)
+                assert latents is not None
+                decoded = self._decode(latents, indices, job.warnings)
+            chunk_images, chunk_flags = self._finish(decoded, indices, job.warnings)
+            results += [canvas.paste_back(request, images, image) for image in chunk_images]
             flags += chunk_flags or []
-        return images, (flags if pipeline.safety_checker is not None else None)
+        return results, (flags if self._pipeline.safety_checker is not None else None)
+
+    def _denoise(
+        self,
+        job: _Job,
+        step: tasks.Pass,
+        previous: torch.Tensor | None,
+        generators: list[torch.Generator],
+        indices: list[int],
+    ) -> torch.Tensor:
+        """One pipeline call for the images ``indices``; returns its latents."""
+        request = job.request
+        arguments = step.arguments_for(len(indices))
+        if step.upscale_to is not None:
+            assert previous is not None, "an upscaling pass follows another"
+            arguments["image"] = self._upscaled(previous, step, indices, job.warnings)
+        pipeline = self._pipeline_for(request.scheduler, step.pipeline_class)
+        job.run_started(step.denoising_steps)
+        latents = pipeline(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            num_inference_steps=step.steps,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=len(indices),
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=job.on_step_end,
+            **arguments,
+        ).images
+        job.run_finished()
+        return latents
+
+    def _upscaled(
+        self, latents: torch.Tensor, step: tasks.Pass, indices: list[int], warnings: list[str]
+    ) -> torch.Tensor | list[Image.Image]:
+        """The previous pass's result at the hires size: latents enlarged, or images decoded and enlarged."""
+        assert step.upscale_to is not None
+        if step.upscaler == "latent":
+            return tasks.upscale_latents(latents, step.upscale_to, self._pipeline.vae_scale_factor)
+        images = self._pipeline.image_processor.postprocess(self._decode(latents, indices, warnings), output_type="pil")
+        return [image.resize(step.upscale_to, Image.Resampling.LANCZOS) for image in images]
 
     def _decode(self, latents: torch.Tensor, indices: list[int], warnings: list[str]) -> torch.Tensor:
         """Latents -> images in [-1, 1]; a float32 decode again when fp16 overflowed to NaN or inf."""
@@ -339,9 +383,10 @@ class Engine:
         return decoded
 
     def _finish(
-        self, pipeline: StableDiffusionPipeline, decoded: torch.Tensor, indices: list[int], warnings: list[str]
+        self, decoded: torch.Tensor, indices: list[int], warnings: list[str]
     ) -> tuple[list[Image.Image], list[bool] | None]:
         """Run the safety checker when it is on, and turn the tensors into PIL images."""
+        pipeline = self._pipeline
         # The checker's own dtype: after a float32 re-decode the images are float32, the checker is not.
         checker = pipeline.safety_checker
         checker_dtype = checker.dtype if checker is not None else self.dtype
@@ -383,20 +428,24 @@ class Engine:
 
     def _oom_message(self, request: GenerateRequest) -> str:
         memory = f"{self.gpu_bytes / GIB:.1f} GiB" if self.gpu_bytes else "this device's memory"
+        width, height = request.output_size
         return (
-            f"{request.width}x{request.height} x{request.num_images} ran out of GPU memory ({memory}, "
+            f"{width}x{height} x{request.num_images} ran out of GPU memory ({memory}, "
             f"{self.profile.value} profile) even one image at a time with VAE tiling; "
             "ask for a smaller size"
         )
 
-    def _pipeline_for(self, scheduler_name: str) -> StableDiffusionPipeline:
-        """A new pipeline object sharing the loaded models, with a fresh scheduler.
+    def _pipeline_for(
+        self, scheduler_name: str, pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline
+    ) -> Any:
+        """A new pipeline object of ``pipeline_class`` sharing the loaded models, with a fresh scheduler.
 
-        Building it costs about a millisecond; it copies no weights.
+        Building it costs about a millisecond; it copies no weights. Every task's class takes
+        the same components, so one copy of the weights serves them all.
         """
         base = self._pipeline
         scheduler = make_scheduler(scheduler_name, base.scheduler.config)
-        pipeline = type(base)(
+        pipeline = pipeline_class(
             **{**base.components, "scheduler": scheduler},
             requires_safety_checker=base.safety_checker is not None,
         )

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument(
         "--output_dir", type=Path, default=Path("output"), help="where images are written (default: output)"
     )
+    local.add_argument(
+        "--image",
+        type=Path,
+        metavar="FILE",
+        help="an image file, sent as the job's `image` (img2img, inpaint, outpaint); replaces one in the JSON",
+    )
+    local.add_argument("--mask", type=Path, metavar="FILE", help="an image file, sent as the job's `mask`")
     runpod = parser.add_argument_group("runpod (passed through to runpod.serverless.start)")
     runpod.add_argument("--rp_serve_api", action="store_true", help="serve runpod's local HTTP API instead")
     runpod.add_argument("--rp_api_host", default="localhost", help="the API's host (default: localhost)")
@@ -87,9 +94,12 @@ def read_command_line(argv: Sequence[str], environ: Mapping[str, str] | None = N
     parser = build_parser()
     args = parser.parse_args(argv)
     if not is_local_run(args, environ):
+        if args.image or args.mask:
+            parser.error("--image and --mask are for a local run; over the HTTP API, send the image in the JSON")
         return None
     try:
         job = _load_job(args.test_input)
+        _attach_files(job, {"image": args.image, "mask": args.mask})
         local_id = time.strftime("local-%Y%m%d-%H%M%S")
         if not job.get("id"):
             job["id"] = local_id
@@ -131,11 +141,25 @@ def _load_job(test_input: str | None) -> dict[str, Any]:
     return job
 
 
+def _attach_files(job: dict[str, Any], files: Mapping[str, Path | None]) -> None:
+    """Put each given file into the job's input as base64. Raises ValueError when one cannot be read."""
+    for field, path in files.items():
+        if path is None:
+            continue
+        if not isinstance(job.get("input"), dict):
+            raise ValueError(f'--{field} needs a job whose input is an object, such as {{"input": {{...}}}}')
+        try:
+            job["input"][field] = base64.b64encode(path.read_bytes()).decode("ascii")
+        except OSError as error:
+            raise ValueError(f"--{field} {path}: cannot be read: {error.strerror or error}") from None
+
+
 def write_images(output: Mapping[str, Any], folder: Path) -> list[str]:
     """Write each inline image of a job's output to ``folder``; return one summary line per image."""
     lines = []
     metadata = output.get("metadata", {})
-    size = f"{metadata.get('width')}x{metadata.get('height')}"
+    scale = (metadata.get("hires") or {}).get("scale", 1)
+    size = f"{int(metadata.get('width', 0) * scale)}x{int(metadata.get('height', 0) * scale)}"
     extension = FORMATS[metadata.get("output_format", "png")].extension
     for index, item in enumerate(output.get("images", [])):
         if "image" in item:
@@ -160,7 +184,7 @@ def summarize(job_id: str, output: Mapping[str, Any], image_lines: list[str]) ->
         *image_lines,
         f"  model {metadata.get('model')} on {metadata.get('device')} ({metadata.get('dtype')}, "
         f"{metadata.get('memory_profile')} profile), "
-        f"{metadata.get('scheduler')}, {metadata.get('num_inference_steps')} steps, "
+        f"{metadata.get('task', 'txt2img')}, {metadata.get('scheduler')}, {metadata.get('num_inference_steps')} steps, "
         f"guidance {metadata.get('guidance_scale')}",
     ]
     lines += [f"  warning: {warning}" for warning in metadata.get("warnings", [])]

@@ -20,9 +20,18 @@ from PIL import ExifTags, Image, PngImagePlugin
 
 from src import __version__
 from src.errors import ResponseTooLargeError, StorageError
-from src.schema import GenerateRequest, GenerateResponse, InlineImage, Metadata, Timings, UploadedImage
+from src.schema import (
+    TASK_FIELDS,
+    GenerateRequest,
+    GenerateResponse,
+    InlineImage,
+    Metadata,
+    Timings,
+    UploadedImage,
+)
 
 if TYPE_CHECKING:
+    from src.canvas import Inputs
     from src.engine import Engine, Generation
     from src.settings import Settings
     from src.storage import S3Storage
@@ -55,8 +64,12 @@ FORMATS = {
 PNG_COMPRESS_LEVEL = 1
 WEBP_METHOD = 2
 _BASE64_GROWTH = 4 / 3
-# The request fields the metadata repeats, as the request resolved them (defaults filled in).
-_ECHOED_FIELDS = set(Metadata.model_fields) & set(GenerateRequest.model_fields)
+# The request fields every job's metadata repeats, as the request resolved them (defaults filled in);
+# the fields of one task come from GenerateRequest.task_fields.
+_TASK_FIELDS = {name for names in TASK_FIELDS.values() for name in names}
+_ECHOED_FIELDS = (set(Metadata.model_fields) & set(GenerateRequest.model_fields)) - _TASK_FIELDS
+# A1111's names for the hires upscalers.
+_HIRES_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 _USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF 2.3 character code for UTF-16 text, as A1111 writes it
 
 
@@ -70,19 +83,47 @@ class EncodedImage:
     nsfw: bool | None = None
 
 
-def a1111_parameters(request: GenerateRequest, seed: int, model: str) -> str:
+def a1111_parameters(
+    request: GenerateRequest, seed: int, model: str, source_size: tuple[int, int] | None = None
+) -> str:
     """The parameters text AUTOMATIC1111 writes into its images, for one image.
 
-    Like A1111, it has no "Negative prompt:" line when the negative prompt is empty.
+    Like A1111, it has no "Negative prompt:" line when the negative prompt is empty, and
+    names only what the task used: ``Denoising strength`` and ``Mask blur`` with an image,
+    ``Hires upscale``, ``Hires steps`` and ``Hires upscaler`` with hires fix.
     """
+    width, height = request.size
+    fields = {
+        "Steps": request.num_inference_steps,
+        "Sampler": request.scheduler,
+        "CFG scale": f"{request.guidance_scale:g}",
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model,
+    }
+    task = request.task
+    if task != "txt2img":
+        fields["Denoising strength"] = f"{request.strength:g}"
+        fields["Resize mode"] = request.resize_mode
+        if source_size is not None:
+            fields["Source size"] = f"{source_size[0]}x{source_size[1]}"
+    if task in ("inpaint", "outpaint"):
+        fields["Mask blur"] = request.mask_blur
+        if request.inpaint_area == "masked":
+            fields["Inpaint area"] = "Only masked"
+            fields["Masked area padding"] = request.inpaint_padding
+        if not request.keep_unmasked:
+            fields["Keep unmasked"] = "False"
+    if request.outpaint is not None:
+        margins = request.outpaint
+        fields["Outpaint"] = f'"left {margins.left}, right {margins.right}, top {margins.top}, bottom {margins.bottom}"'
+    if request.hires is not None:
+        fields["Denoising strength"] = f"{request.hires.strength:g}"
+        fields["Hires upscale"] = f"{request.hires.scale:g}"
+        fields["Hires steps"] = request.hires.steps
+        fields["Hires upscaler"] = _HIRES_UPSCALER_NAMES[request.hires.upscaler]
     negative = f"Negative prompt: {request.negative_prompt}\n" if request.negative_prompt else ""
-    return (
-        f"{request.prompt}\n"
-        f"{negative}"
-        f"Steps: {request.num_inference_steps}, Sampler: {request.scheduler}, "
-        f"CFG scale: {request.guidance_scale:g}, Seed: {seed}, "
-        f"Size: {request.width}x{request.height}, Model: {model}"
-    )
+    return f"{request.prompt}\n{negative}" + ", ".join(f"{name}: {value}" for name, value in fields.items())
 
 
 def encode_image(image: Image.Image, output_format: str, quality: int, parameters: str | None) -> bytes:
@@ -117,10 +158,15 @@ def _megabytes(size: float) -> str:
 
 def _too_large(request: GenerateRequest, size: float, limit: float, when: str) -> ResponseTooLargeError:
     return ResponseTooLargeError(
-        f"the answer {when} {_megabytes(size)} inline ({request.num_images} x {request.width}x{request.height} "
+        f"the answer {when} {_megabytes(size)} inline ({request.num_images} x {_size(request)} "
         f"{request.output_format}, base64), over MAX_RESPONSE_MB={limit / 1_000_000:g}. Ways out: "
         "output_format 'jpeg' or 'webp', fewer or smaller images, or S3 (set BUCKET_NAME and use output_type 's3')"
     )
+
+
+def _size(request: GenerateRequest) -> str:
+    width, height = request.output_size
+    return f"{width}x{height}"
 
 
 def check_inline_fits(request: GenerateRequest, settings: Settings) -> None:
@@ -131,7 +177,8 @@ def check_inline_fits(request: GenerateRequest, settings: Settings) -> None:
     """
     if _goes_to_s3(request, settings):
         return
-    pixels = request.width * request.height * request.num_images
+    width, height = request.output_size
+    pixels = width * height * request.num_images
     smallest = pixels * FORMATS[request.output_format].min_bytes_per_pixel * _BASE64_GROWTH
     limit = settings.max_response_mb * 1_000_000
     if smallest > limit:
@@ -151,16 +198,19 @@ def encode_response(
     storage: S3Storage | None,
     job_id: str,
     started: float,
+    inputs: Inputs | None = None,
 ) -> GenerateResponse:
     """Encode every image, deliver it inline or to S3, and wrap the lot with its metadata.
 
-    ``started`` is the ``time.perf_counter()`` reading taken when the job arrived.
+    ``started`` is the ``time.perf_counter()`` reading taken when the job arrived; ``inputs``
+    are the job's input images as read, when it had any.
 
     Raises:
         StorageError: an upload failed and the request asked for ``s3`` explicitly.
         ResponseTooLargeError: the inline answer is over ``MAX_RESPONSE_MB``.
     """
-    warnings = list(generation.warnings)
+    source_size = inputs.source_size if inputs is not None else None
+    warnings = [*(inputs.warnings if inputs is not None else []), *generation.warnings]
     if "output_quality" in request.model_fields_set and not FORMATS[request.output_format].lossy:
         warnings.append(
             f"output_quality={request.output_quality} has no effect on {request.output_format}: it is lossless"
@@ -174,7 +224,7 @@ def encode_response(
                 image,
                 request.output_format,
                 request.output_quality,
-                a1111_parameters(request, seed, engine.model_name) if settings.embed_parameters else None,
+                a1111_parameters(request, seed, engine.model_name, source_size) if settings.embed_parameters else None,
             ),
             seed=seed,
             format=request.output_format,
@@ -199,12 +249,16 @@ def encode_response(
         images=images,
         metadata=Metadata(
             **request.model_dump(include=_ECHOED_FIELDS),
+            **request.task_fields(),
+            source_width=source_size[0] if source_size else None,
+            source_height=source_size[1] if source_size else None,
             seeds=generation.seeds,
             model=engine.model_name,
             device=engine.device.type,
             dtype=engine.dtype_name,
             memory_profile=engine.profile.value,
             timings_ms=Timings(
+                inputs=None if inputs is None or inputs.read_ms is None else round(inputs.read_ms, 1),
                 queue=round(generation.queue_ms, 1),
                 inference=round(generation.inference_ms, 1),
                 encode=round(encode_ms, 1),

@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -85,6 +86,25 @@ SCHEDULER_ALIASES: Mapping[str, str] = {
     "uni_pc": "UniPC",
     "uni_pc_bh2": "UniPC",
 }
+# How an input image meets width x height, as AUTOMATIC1111's resize modes 0, 1 and 2.
+RESIZE_MODES: tuple[str, ...] = ("resize", "crop", "fill")
+RESIZE_MODE_ALIASES: Mapping[str, str] = {
+    "0": "resize",
+    "1": "crop",
+    "2": "fill",
+    "just resize": "resize",
+    "stretch": "resize",
+    "crop and resize": "crop",
+    "resize and fill": "fill",
+}
+STRENGTH_DEFAULT = 0.75
+HIRES_STRENGTH_DEFAULT = 0.5
+HIRES_SCALE_MAX = 2.0
+MASK_BLUR_MAX = 64
+INPAINT_PADDING_MAX = 256
+# The size a job runs at is a multiple of this; hires' second pass only needs the latent grid's 8.
+HIRES_SIDE_STEP = 8
+Task = Literal["txt2img", "img2img", "inpaint", "outpaint"]
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 OUTPUT_FORMAT_ALIASES: Mapping[str, str] = {"jpg": "jpeg", "jpe": "jpeg"}
 _SEPARATORS = re.compile(r"[\s_:()-]+")
@@ -103,6 +123,7 @@ def _names_by_key(canonical: Iterable[str], aliases: Mapping[str, str]) -> dict[
 
 _SCHEDULERS_BY_KEY = _names_by_key(SCHEDULER_NAMES, SCHEDULER_ALIASES)
 _FORMATS_BY_KEY = _names_by_key(OUTPUT_FORMATS, OUTPUT_FORMAT_ALIASES)
+_RESIZE_MODES_BY_KEY = _names_by_key(RESIZE_MODES, RESIZE_MODE_ALIASES)
 
 
 class InputError(ValueError):
@@ -184,6 +205,112 @@ CONFIGURED_MAXIMUM = {
 CONFIGURED_DEFAULT = {"num_inference_steps": "default_steps", "scheduler": "default_scheduler"}
 
 
+def canonical_resize_mode(value: Any) -> Any:
+    """``resize``, ``crop`` or ``fill`` for that name, A1111's number (0, 1, 2) or A1111's label, in any case.
+
+    Raises:
+        ValueError: the name is unknown; the message suggests the closest one and lists them all.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return value  # pydantic refuses it with its own message
+    return _canonical(str(value), _RESIZE_MODES_BY_KEY, "resize mode", RESIZE_MODES)
+
+
+class Outpaint(BaseModel):
+    """Pixels added on each side of the input image; the new area is painted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    left: StrictInt = Field(0, ge=0, multiple_of=SIDE_STEP, description=f"Pixels, a multiple of {SIDE_STEP}.")
+    right: StrictInt = Field(0, ge=0, multiple_of=SIDE_STEP, description=f"Pixels, a multiple of {SIDE_STEP}.")
+    top: StrictInt = Field(0, ge=0, multiple_of=SIDE_STEP, description=f"Pixels, a multiple of {SIDE_STEP}.")
+    bottom: StrictInt = Field(0, ge=0, multiple_of=SIDE_STEP, description=f"Pixels, a multiple of {SIDE_STEP}.")
+
+    @model_validator(mode="after")
+    def _grows(self) -> Outpaint:
+        if not (self.left or self.right or self.top or self.bottom):
+            raise ValueError("must add pixels on at least one side: left, right, top or bottom")
+        return self
+
+    @property
+    def added(self) -> tuple[int, int]:
+        """Pixels added to the width and to the height."""
+        return self.left + self.right, self.top + self.bottom
+
+
+class Hires(BaseModel):
+    """A1111's hires fix: a second, img2img pass at a larger size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(
+        2.0,
+        strict=True,
+        ge=1.0,
+        le=HIRES_SCALE_MAX,
+        allow_inf_nan=False,
+        description=f"1.0 to {HIRES_SCALE_MAX:g}: the second pass runs at width x scale by height x scale, "
+        f"which must be multiples of {HIRES_SIDE_STEP} within `MAX_SIDE` and `MAX_PIXELS`.",
+    )
+    steps: StrictInt = Field(
+        ge=1,
+        description="Steps of the second pass, 1 to `MAX_STEPS`.",
+        json_schema_extra={"shown_default": "`num_inference_steps`"},
+    )
+    strength: float = Field(
+        HIRES_STRENGTH_DEFAULT,
+        strict=True,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=f"Denoising strength of the second pass, above 0 and at most 1; default {HIRES_STRENGTH_DEFAULT}. "
+        "It runs int(steps x strength) steps, at least 1.",
+    )
+    upscaler: Literal["latent", "lanczos"] = Field(
+        "latent",
+        description="`latent`: the latents are enlarged (A1111's Latent). "
+        "`lanczos`: the image is decoded, enlarged with Lanczos and encoded again.",
+    )
+
+    @field_validator("upscaler", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("steps")
+    @classmethod
+    def _within_max_steps(cls, value: int, info: ValidationInfo) -> int:
+        maximum = _limits(info).max_steps
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum} (MAX_STEPS)")
+        return value
+
+    @model_validator(mode="after")
+    def _runs_a_step(self) -> Hires:
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(
+                f"steps x strength = {self.steps} x {self.strength:g} runs int({self.steps * self.strength:g}) = 0 "
+                "steps: it must run at least 1; raise steps or strength"
+            )
+        return self
+
+    @property
+    def denoising_steps(self) -> int:
+        return int(self.steps * self.strength)
+
+
+# Fields that mean something only for some tasks; asking for one elsewhere is an error, never ignored.
+IMAGE_FIELDS = ("mask", "strength", "resize_mode", "outpaint")
+MASK_FIELDS = ("mask_blur", "inpaint_area", "inpaint_padding", "keep_unmasked")
+# The fields each task reports in its metadata, beyond those every job has.
+TASK_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "txt2img": ("hires",),
+    "img2img": ("strength", "resize_mode"),
+    "inpaint": ("strength", "resize_mode", *MASK_FIELDS),
+    "outpaint": ("strength", "resize_mode", *MASK_FIELDS, "outpaint"),
+}
+
+
 class GenerateRequest(BaseModel):
     """One text-to-image job. Unknown fields are errors, so typos fail loudly.
 
@@ -201,17 +328,22 @@ class GenerateRequest(BaseModel):
         max_length=MAX_PROMPT_CHARS,
         description=f"What to steer away from. At most {MAX_PROMPT_CHARS} characters.",
     )
-    width: StrictInt = Field(
-        512,
+    width: StrictInt | None = Field(
+        None,
         ge=SIDE_STEP,
         multiple_of=SIDE_STEP,
-        description=f"Pixels. A multiple of {SIDE_STEP}, from {SIDE_STEP} to `MAX_SIDE`.",
+        description=f"Pixels. A multiple of {SIDE_STEP}, from {SIDE_STEP} to `MAX_SIDE`. With an `image`: the size "
+        f"of the result; unset, the image's, scaled to fit `MAX_SIDE` and `MAX_PIXELS` and rounded down to "
+        f"multiples of {SIDE_STEP} (plus the `outpaint` margins); with only one of width and height, the other "
+        "keeps the image's proportions.",
+        json_schema_extra={"shown_default": "`512`; with an `image`, its size"},
     )
-    height: StrictInt = Field(
-        512,
+    height: StrictInt | None = Field(
+        None,
         ge=SIDE_STEP,
         multiple_of=SIDE_STEP,
-        description=f"Pixels. A multiple of {SIDE_STEP}, from {SIDE_STEP} to `MAX_SIDE`.",
+        description=f"Pixels. A multiple of {SIDE_STEP}, from {SIDE_STEP} to `MAX_SIDE`. With an `image`: as `width`.",
+        json_schema_extra={"shown_default": "`512`; with an `image`, its size"},
     )
     num_inference_steps: StrictInt = Field(ge=1, description="Denoising steps, 1 to `MAX_STEPS`.")
     guidance_scale: float = Field(
@@ -251,6 +383,63 @@ class GenerateRequest(BaseModel):
         description="`base64`: inline. `s3`: upload, return URLs (needs `BUCKET_NAME`). "
         "`auto`: `s3` when a bucket is configured, else `base64`.",
     )
+    image: StrictStr | None = Field(
+        None,
+        description="An input image: base64 (a `data:image/...;base64,` prefix is fine), an `https://` or "
+        "`http://` URL, or `s3://BUCKET_NAME/key`. PNG, JPEG or WebP. With it the job is img2img, "
+        "inpaint (with `mask`) or outpaint (with `outpaint`).",
+    )
+    mask: StrictStr | None = Field(
+        None,
+        description="Where to paint, in the forms `image` takes, the image's size: white repaints, "
+        "black keeps, grey is partial. Needs `image`.",
+    )
+    strength: float = Field(
+        STRENGTH_DEFAULT,
+        strict=True,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="How much of the image is repainted (A1111's denoising strength), above 0 and at most 1. "
+        "It runs int(num_inference_steps x strength) steps, at least 1. Needs `image`.",
+    )
+    resize_mode: Literal["resize", "crop", "fill"] = Field(
+        "resize",
+        description="How the image meets width x height: `resize` stretches, `crop` fills and crops the centre, "
+        "`fill` fits and pads with its stretched edges; A1111's 0, 1 and 2 are accepted. Needs `image`.",
+    )
+    mask_blur: StrictInt = Field(
+        4,
+        ge=0,
+        le=MASK_BLUR_MAX,
+        description=f"Pixels of Gaussian blur on the mask's edge, 0 to {MASK_BLUR_MAX}. With `mask` or `outpaint`.",
+    )
+    inpaint_area: Literal["whole", "masked"] = Field(
+        "whole",
+        description="`whole` repaints at the image's size; `masked` repaints only the masked region, "
+        'enlarged to width x height, and pastes it back (A1111\'s "only masked"). With `mask` or `outpaint`.',
+    )
+    inpaint_padding: StrictInt = Field(
+        32,
+        ge=0,
+        le=INPAINT_PADDING_MAX,
+        description=f"Pixels around the masked region with `inpaint_area` `masked`, 0 to {INPAINT_PADDING_MAX}.",
+    )
+    keep_unmasked: StrictBool = Field(
+        True,
+        description="Pixels outside the mask come back exactly as they were in the image (brought to the job's "
+        "size). `false` returns what the model drew everywhere. With `mask` or `outpaint`.",
+    )
+    outpaint: Outpaint | None = Field(
+        None,
+        description="`{left, right, top, bottom}` pixels, multiples of 64, added around the image; "
+        "the new area is painted. The grown canvas obeys `MAX_SIDE` and `MAX_PIXELS`. Needs `image`, not `mask`.",
+    )
+    hires: Hires | None = Field(
+        None,
+        description="Text-to-image in two passes, as A1111's hires fix: `{scale, steps, strength, upscaler}`; "
+        "see below. Not with `image`.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -258,8 +447,24 @@ class GenerateRequest(BaseModel):
         if isinstance(data, dict):
             limits = _limits(info)
             defaults = {name: getattr(limits, setting) for name, setting in CONFIGURED_DEFAULT.items()}
+            if data.get("image") is None:
+                # With an image, the size comes from it: see resolve_size.
+                defaults.update(width=512, height=512)
             data = {**defaults, **data}
+            hires = data.get("hires")
+            if isinstance(hires, dict) and "steps" not in hires:
+                data["hires"] = {**hires, "steps": data["num_inference_steps"]}
         return data
+
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _known_resize_mode(cls, value: Any) -> Any:
+        return canonical_resize_mode(value)
+
+    @field_validator("inpaint_area", mode="before")
+    @classmethod
+    def _inpaint_area_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -287,7 +492,9 @@ class GenerateRequest(BaseModel):
 
     @field_validator(*CONFIGURED_MAXIMUM)
     @classmethod
-    def _within_configured_maximum(cls, value: int, info: ValidationInfo) -> int:
+    def _within_configured_maximum(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:  # null width or height: the image's size; _fields_fit_the_task refuses it without one
+            return value
         setting = CONFIGURED_MAXIMUM[str(info.field_name)]
         maximum = getattr(_limits(info), setting)
         if value > maximum:
@@ -309,23 +516,191 @@ class GenerateRequest(BaseModel):
     def _known_scheduler(cls, value: str) -> str:
         return canonical_scheduler(value)
 
+    @field_validator("image", "mask")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty: give base64, a data: URI, an http(s):// URL or an s3:// URL")
+        return value
+
     @model_validator(mode="after")
-    def _within_max_pixels(self, info: ValidationInfo) -> GenerateRequest:
-        max_pixels = _limits(info).max_pixels
-        pixels = self.width * self.height * self.num_images
-        if pixels > max_pixels:
-            raise ValueError(
-                f"width x height x num_images = {self.width} x {self.height} x {self.num_images} "
-                f"= {pixels} pixels: must be at most {max_pixels} (MAX_PIXELS); "
-                "ask for fewer or smaller images"
-            )
+    def _fields_fit_the_task(self) -> GenerateRequest:
+        """A field another task uses is an error, never silently ignored."""
+        given = self.model_fields_set
+        problems = []
+        if self.image is None:
+            problems += [
+                f"{name}=None: must be a valid integer (null takes the size of an `image`, and there is none)"
+                for name in ("width", "height")
+                if getattr(self, name) is None
+            ]
+            problems += [f"{name}: needs an image (set `image`)" for name in IMAGE_FIELDS if name in given]
+            problems += [f"{name}: needs an image and a mask or outpaint" for name in MASK_FIELDS if name in given]
+        else:
+            if self.hires is not None:
+                problems.append("hires: is for text-to-image; with an image, `strength` sets how much is repainted")
+            if self.mask is not None and self.outpaint is not None:
+                problems.append("mask: not with outpaint, whose new area is the mask")
+            if self.mask is None and self.outpaint is None:
+                problems += [f"{name}: needs a mask or outpaint" for name in MASK_FIELDS if name in given]
+            if int(self.num_inference_steps * self.strength) < 1:
+                problems.append(
+                    f"num_inference_steps x strength = {self.num_inference_steps} x {self.strength:g} runs "
+                    f"int({self.num_inference_steps * self.strength:g}) = 0 denoising steps: it must run at "
+                    "least 1; raise num_inference_steps or strength"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo) -> GenerateRequest:
+        if self.width is not None and self.height is not None:
+            check_size(self, self.width, self.height, _limits(info))
+        return self
+
+    @property
+    def task(self) -> Task:
+        """What the job does: txt2img, img2img, inpaint or outpaint."""
+        if self.image is None:
+            return "txt2img"
+        if self.mask is not None:
+            return "inpaint"
+        return "outpaint" if self.outpaint is not None else "img2img"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """width x height, once resolved (with an image: by resolve_size)."""
+        if self.width is None or self.height is None:
+            raise RuntimeError("the size of an image job is known once its image is read: use resolve_size()")
+        return self.width, self.height
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images the job returns: the hires pass's size, or width x height."""
+        width, height = self.size
+        if self.hires is None:
+            return width, height
+        return int(width * self.hires.scale), int(height * self.hires.scale)
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps of the first pass as the pipeline runs them: img2img runs int(steps x strength)."""
+        if self.image is None:
+            return self.num_inference_steps
+        return int(self.num_inference_steps * self.strength)
+
+    def task_fields(self) -> dict[str, Any]:
+        """The task and the fields it used, for the metadata."""
+        # The values themselves, not dumps: hires and outpaint pass into the metadata without a second validation.
+        used = {name: getattr(self, name) for name in TASK_FIELDS[self.task]}
+        return {"task": self.task, **{name: value for name, value in used.items() if value is not None}}
 
     @property
     def seeds(self) -> list[int]:
         """The seed of each image: seed + i, wrapped into 0..2^32-1 so each can be asked for alone."""
         assert self.seed is not None  # resolved by _resolve_seed
         return [(self.seed + index) % (SEED_MAX + 1) for index in range(self.num_images)]
+
+
+def check_size(request: GenerateRequest, width: int, height: int, limits: RequestLimits) -> None:
+    """Check a job's size, its outpaint canvas and its hires pass against the limits.
+
+    Raises:
+        ValueError: naming the fields, the sizes and the rule.
+    """
+    max_pixels, max_side = limits.max_pixels, limits.max_side
+    pixels = width * height * request.num_images
+    if pixels > max_pixels:
+        raise ValueError(
+            f"width x height x num_images = {width} x {height} x {request.num_images} "
+            f"= {pixels} pixels: must be at most {max_pixels} (MAX_PIXELS); "
+            "ask for fewer or smaller images"
+        )
+    if request.outpaint is not None:
+        added_width, added_height = request.outpaint.added
+        if width - added_width < SIDE_STEP or height - added_height < SIDE_STEP:
+            raise ValueError(
+                f"outpaint: a {width}x{height} result with {added_width} and {added_height} pixels added leaves "
+                f"{width - added_width}x{height - added_height} for the image: each side must be at least {SIDE_STEP}"
+            )
+    if request.hires is not None:
+        target_width, target_height = int(width * request.hires.scale), int(height * request.hires.scale)
+        target = f"{width}x{height} x {request.hires.scale:g} = {target_width}x{target_height}"
+        if target_width % HIRES_SIDE_STEP or target_height % HIRES_SIDE_STEP:
+            raise ValueError(f"hires.scale: {target}: both sides must be multiples of {HIRES_SIDE_STEP}")
+        if max(target_width, target_height) > max_side:
+            raise ValueError(f"hires.scale: {target}: each side must be at most {max_side} (MAX_SIDE)")
+        target_pixels = target_width * target_height * request.num_images
+        if target_pixels > max_pixels:
+            raise ValueError(
+                f"hires.scale: {target} x {request.num_images} images = {target_pixels} pixels: "
+                f"must be at most {max_pixels} (MAX_PIXELS)"
+            )
+
+
+def _floor_to_side_step(value: float) -> int:
+    return max(SIDE_STEP, int(value) // SIDE_STEP * SIDE_STEP)
+
+
+def resolve_size(
+    request: GenerateRequest, image_size: tuple[int, int], limits: RequestLimits
+) -> tuple[GenerateRequest, list[str]]:
+    """The request with its size settled from its input image, and a warning when the image is resized.
+
+    Without ``width`` and ``height``, the image keeps its size, scaled down to fit ``MAX_SIDE``
+    and ``MAX_PIXELS`` (with the outpaint margins and every image of the batch) and rounded
+    down to multiples of 64; with one of them, the other follows the image's aspect ratio.
+
+    Raises:
+        InputError: the grown canvas or the hires pass breaks a limit.
+    """
+    image_width, image_height = image_size
+    added_width, added_height = request.outpaint.added if request.outpaint is not None else (0, 0)
+    warnings = []
+    if request.width is not None and request.height is not None:
+        width, height = request.width, request.height
+    elif request.width is not None:
+        width = request.width
+        height = _floor_to_side_step((width - added_width) * image_height / image_width) + added_height
+    elif request.height is not None:
+        height = request.height
+        width = _floor_to_side_step((height - added_height) * image_width / image_height) + added_width
+    else:
+        scale = min(
+            1.0,
+            (limits.max_side - added_width) / image_width,
+            (limits.max_side - added_height) / image_height,
+        )
+        while True:
+            part_width, part_height = (
+                _floor_to_side_step(image_width * scale),
+                _floor_to_side_step(image_height * scale),
+            )
+            width, height = part_width + added_width, part_height + added_height
+            if width * height * request.num_images <= limits.max_pixels or part_width == part_height == SIDE_STEP:
+                break
+            scale *= 0.98
+        if (part_width, part_height) != image_size:
+            warnings.append(
+                f"image: {image_width}x{image_height} was brought to {part_width}x{part_height}: without width and "
+                f"height the job takes the image's size, fitted to MAX_SIDE={limits.max_side} and "
+                f"MAX_PIXELS={limits.max_pixels} and rounded down to multiples of {SIDE_STEP}"
+            )
+    problems = [
+        f"{name}={value}: must be at most {limits.max_side} (MAX_SIDE)"
+        for name, value in (("width", width), ("height", height))
+        if value > limits.max_side
+    ]
+    if not problems:
+        try:
+            check_size(request, width, height, limits)
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        source = f"the image is {image_width}x{image_height}"
+        raise InputError(f"{_INVALID}{'; '.join(problems)} ({source})")
+    return request.model_copy(update={"width": width, "height": height}), warnings
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -406,6 +781,9 @@ def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
 class Timings(BaseModel):
     """Milliseconds spent in each stage of the job."""
 
+    inputs: float | None = Field(
+        None, description="Reading the input images (download, decode, resize); present when the job had any."
+    )
     queue: float = Field(description="Waiting for the GPU while other jobs held it (with `CONCURRENCY` above 1).")
     inference: float = Field(
         description="Text encoding, denoising and VAE decoding, from the moment the job had the GPU."
@@ -446,9 +824,12 @@ class Metadata(BaseModel):
 
     prompt: str = Field(description="The prompt, as given.")
     negative_prompt: str = Field(description="The negative prompt, as given.")
-    width: int = Field(description="Image width in pixels.")
-    height: int = Field(description="Image height in pixels.")
-    num_inference_steps: int = Field(description="Denoising steps run.")
+    task: Task = Field(description="`txt2img`, `img2img`, `inpaint` or `outpaint`.")
+    width: int = Field(description="Width the job ran at; with `hires`, its first pass.")
+    height: int = Field(description="Height the job ran at; with `hires`, its first pass.")
+    num_inference_steps: int = Field(
+        description="Steps asked for; img2img, inpaint and outpaint run int(steps x strength) of them."
+    )
     guidance_scale: float = Field(description="Classifier-free guidance used.")
     scheduler: str = Field(description="The canonical name of the scheduler used.")
     seeds: list[int] = Field(description="The seed of each image, in order.")
@@ -457,6 +838,16 @@ class Metadata(BaseModel):
     dtype: str = Field(description="The torch dtype the model ran in, such as `float16`.")
     memory_profile: str = Field(description="`high`, `balanced`, `low`, `minimal` or `cpu`; see Memory.")
     output_format: str = Field(description="`png`, `jpeg` or `webp`.")
+    source_width: int | None = Field(None, description="The input image's width, after EXIF rotation.")
+    source_height: int | None = Field(None, description="The input image's height, after EXIF rotation.")
+    strength: float | None = Field(None, description="With an image: the denoising strength used.")
+    resize_mode: str | None = Field(None, description="With an image: how it met width x height.")
+    mask_blur: int | None = Field(None, description="Inpaint and outpaint: the mask blur used.")
+    inpaint_area: str | None = Field(None, description="Inpaint and outpaint: `whole` or `masked`.")
+    inpaint_padding: int | None = Field(None, description="Inpaint and outpaint: the padding used.")
+    keep_unmasked: bool | None = Field(None, description="Inpaint and outpaint: whether unmasked pixels were kept.")
+    outpaint: Outpaint | None = Field(None, description="Outpaint: the pixels added on each side.")
+    hires: Hires | None = Field(None, description="Hires fix: scale, steps, strength and upscaler, as run.")
     timings_ms: Timings = Field(description="Milliseconds per stage; see below.")
     version: str = Field(description="The worker's version.")
     warnings: list[str] = Field(

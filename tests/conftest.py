@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -79,6 +80,19 @@ def decode_png(data: str) -> Image.Image:
     image = Image.open(io.BytesIO(raw))
     image.load()
     return image
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """An RGB image of random pixels: every pixel differs, so a changed one shows."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def box_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """A black mask with a white box: repaint the box, keep the rest."""
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, box)
+    return mask
 
 
 def free_port() -> int:

@@ -185,3 +185,43 @@ def test_real_oom_under_the_cap_is_answered_and_the_next_job_works(capped_engine
     assert len(after.images) == 2
     assert not after.warnings, "the next job runs normally"
     assert torch.cuda.max_memory_reserved() <= cap, "the process never held more than GPU_MEMORY_GB"
+
+
+# --- image tasks in float16 -------------------------------------------------------------------------
+
+
+def test_image_tasks_run_in_float16_on_the_gpu(cuda_engine: Engine) -> None:
+    """img2img, inpaint (whole and masked), outpaint and both hires upscalers: finite, the right size,
+    the same twice, and inpaint keeps the unmasked pixels exactly."""
+    from PIL import Image
+
+    from src.canvas import prepare
+    from src.schema import resolve_size
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (128, 192, 3), dtype=np.uint8))
+    mask = Image.new("L", (192, 128), 0)
+    mask.paste(255, (64, 32, 128, 96))
+    cases = [
+        ({"image": "x"}, None, (192, 128)),
+        ({"image": "x", "mask": "y"}, mask, (192, 128)),
+        ({"image": "x", "mask": "y", "inpaint_area": "masked"}, mask, (192, 128)),
+        ({"image": "x", "outpaint": {"left": 64}}, None, (256, 128)),
+        ({"width": 128, "height": 128, "hires": {"scale": 1.5}}, None, (192, 192)),
+        ({"width": 128, "height": 128, "hires": {"scale": 2.0, "upscaler": "lanczos"}}, None, (256, 256)),
+    ]
+    for fields, case_mask, size in cases:
+        request = request_for(cuda_engine, num_images=2, **fields)
+        images = None
+        if request.image is not None:
+            request, _ = resolve_size(request, image.size, cuda_engine.settings)
+            images, _ = prepare(request, image, case_mask)
+        first = cuda_engine.generate(request, images=images, timeout_s=120)
+        second = cuda_engine.generate(request, images=images, timeout_s=120)
+        assert [picture.size for picture in first.images] == [size, size], fields
+        assert not any("NaN" in warning for warning in first.warnings), first.warnings
+        for a, b in zip(pixels(first), pixels(second), strict=True):
+            assert np.abs(a - b).max() <= 2, f"{fields}: the same seed gives the same picture"
+        if fields.get("mask") and "inpaint_area" not in fields:
+            kept = np.asarray(mask) == 0
+            assert (pixels(first)[0][kept] == np.asarray(image, dtype=np.int16)[kept]).all()

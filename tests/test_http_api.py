@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 from tests.conftest import ROOT, decode_png, free_port, wait_for_port
 
@@ -108,3 +111,27 @@ def test_the_log_tells_each_job_s_end(server: Server) -> None:
     failed = rf"INFO handler: job {bad['id']} FAILED in \d+ ms: invalid input: width=500: must be a multiple of 64$"
     assert re.search(failed, output, re.MULTILINE)
     assert "iVBOR" not in output, "no base64 in the log"
+
+
+def test_every_image_task_over_http(api_url: str) -> None:
+    """img2img, inpaint, outpaint and hires fix through runpod's local API, with a base64 image and mask."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 64), (200, 120, 40)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    buffer = io.BytesIO()
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (32, 16, 96, 48))
+    mask.save(buffer, format="PNG")
+    mask_b64 = base64.b64encode(buffer.getvalue()).decode()
+    jobs = {
+        "img2img": ({"image": f"data:image/png;base64,{image}"}, (128, 64)),
+        "inpaint": ({"image": image, "mask": mask_b64}, (128, 64)),
+        "outpaint": ({"image": image, "outpaint": {"left": 64}}, (192, 64)),
+        "txt2img": ({"width": 64, "height": 64, "hires": {"scale": 1.5}}, (96, 96)),
+    }
+    for task, (fields, size) in jobs.items():
+        body = post(api_url, {"input": {"prompt": "a fox", "num_inference_steps": 2, **fields}})
+        assert body["status"] == "COMPLETED", body
+        assert body["output"]["metadata"]["task"] == task
+        [item] = body["output"]["images"]
+        assert decode_png(item["image"]).size == size

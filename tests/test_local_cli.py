@@ -276,3 +276,30 @@ def test_s3_run_as_the_readme_says(tmp_path: Path, offline_env: dict[str, str]) 
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_image_and_mask_files_from_the_command_line(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    Image.new("RGB", (128, 64), (30, 90, 160)).save(tmp_path / "photo.png")
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (0, 0, 64, 64))
+    mask.save(tmp_path / "mask.png")
+
+    result = run_handler_cli(
+        ["--image", "photo.png", "--mask", "mask.png", "--test_input", FOX, "--output_dir", "out"],
+        offline_env,
+        tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    [png] = (tmp_path / "out").rglob("*.png")
+    with Image.open(png) as image:
+        assert image.size == (128, 64)
+    assert "inpaint" in result.stdout
+    assert "128x64" in result.stdout
+
+
+def test_an_unreadable_image_file_exits_2(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    result = run_handler_cli(["--image", "missing.png", "--test_input", FOX], offline_env, tmp_path)
+
+    assert result.returncode == 2
+    assert "--image missing.png: cannot be read" in result.stderr

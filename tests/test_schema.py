@@ -21,6 +21,7 @@ from src.schema import (
     canonical_scheduler,
     check_limits,
     parse_input,
+    resolve_size,
 )
 from src.settings import Settings, SettingsError, load_settings
 
@@ -373,7 +374,8 @@ def test_full_valid_request_is_kept() -> None:
         "output_quality": 70,
         "output_type": "base64",
     }
-    assert parse(data).model_dump() == data
+    assert parse(data).model_dump(include=set(data)) == data
+    assert parse(data).task == "txt2img"
 
 
 def test_integer_guidance_scale_becomes_float() -> None:
@@ -712,3 +714,156 @@ def test_make_scheduler_returns_a_new_object_each_time() -> None:
     second = make_scheduler("Euler a", SD15_SCHEDULER_CONFIG)
     assert first is not second
     assert SD15_SCHEDULER_CONFIG.get("use_karras_sigmas") is None  # the base config is not modified
+
+
+# --- image inputs: img2img, inpaint, outpaint, hires fix ------------------------------------------
+
+IMAGE = {**PROMPT, "image": "aGVsbG8="}
+
+BAD_IMAGE_INPUTS = [
+    pytest.param(with_prompt(image=""), "image='': must not be empty", id="image-empty"),
+    pytest.param(with_prompt(image=42), "image=42: must be a valid string", id="image-int"),
+    pytest.param({**IMAGE, "mask": " "}, "mask=' ': must not be empty", id="mask-blank"),
+    pytest.param({**IMAGE, "strength": 0}, "strength=0: must be greater than 0", id="strength-0"),
+    pytest.param({**IMAGE, "strength": 1.5}, "strength=1.5: must be less than or equal to 1", id="strength-1.5"),
+    pytest.param({**IMAGE, "strength": "0.5"}, "strength='0.5': must be a valid number", id="strength-str"),
+    pytest.param(
+        {**IMAGE, "num_inference_steps": 3, "strength": 0.3},
+        "num_inference_steps x strength = 3 x 0.3 runs int(0.9) = 0 denoising steps: it must run at least 1",
+        id="steps-times-strength-0",
+    ),
+    pytest.param(with_prompt(strength=0.5), "strength: needs an image", id="strength-without-image"),
+    pytest.param(with_prompt(mask="aGVsbG8="), "mask: needs an image", id="mask-without-image"),
+    pytest.param(with_prompt(resize_mode="crop"), "resize_mode: needs an image", id="resize-mode-without-image"),
+    pytest.param(with_prompt(outpaint={"left": 64}), "outpaint: needs an image", id="outpaint-without-image"),
+    pytest.param(with_prompt(mask_blur=8), "mask_blur: needs an image and a mask or outpaint", id="blur-txt2img"),
+    pytest.param({**IMAGE, "mask_blur": 8}, "mask_blur: needs a mask or outpaint", id="blur-img2img"),
+    pytest.param({**IMAGE, "keep_unmasked": False}, "keep_unmasked: needs a mask or outpaint", id="keep-img2img"),
+    pytest.param({**IMAGE, "inpaint_area": "masked"}, "inpaint_area: needs a mask or outpaint", id="area-img2img"),
+    pytest.param({**IMAGE, "mask_blur": -1}, "mask_blur=-1: must be greater than or equal to 0", id="blur-negative"),
+    pytest.param({**IMAGE, "mask_blur": 65}, "mask_blur=65: must be less than or equal to 64", id="blur-65"),
+    pytest.param({**IMAGE, "inpaint_area": "all"}, "inpaint_area='all': must be 'whole' or 'masked'", id="area-bad"),
+    pytest.param({**IMAGE, "resize_mode": "squash"}, "resize_mode='squash': unknown resize mode", id="resize-bad"),
+    pytest.param({**IMAGE, "resize_mode": 3}, "resize_mode=3: unknown resize mode", id="resize-3"),
+    pytest.param({**IMAGE, "outpaint": {"left": 50}}, "outpaint.left=50: must be a multiple of 64", id="outpaint-50"),
+    pytest.param({**IMAGE, "outpaint": {}}, "must add pixels on at least one side", id="outpaint-empty"),
+    pytest.param({**IMAGE, "outpaint": {"middle": 64}}, "outpaint.middle=64: unknown field", id="outpaint-unknown"),
+    pytest.param(
+        {**IMAGE, "mask": "aGVsbG8=", "outpaint": {"left": 64}}, "mask: not with outpaint", id="mask-and-outpaint"
+    ),
+    pytest.param(
+        {**IMAGE, "width": 1024, "height": 512, "outpaint": {"left": 64}, "num_inference_steps": 10},
+        "",
+        id="outpaint-fits",
+    ),
+    pytest.param(
+        {**IMAGE, "width": 1024, "height": 1024, "outpaint": {"left": 1024}},
+        "outpaint: a 1024x1024 result with 1024 and 0 pixels added leaves 0x1024 for the image",
+        id="outpaint-leaves-nothing",
+    ),
+    pytest.param({**IMAGE, "hires": {"scale": 1.5}}, "hires: is for text-to-image", id="hires-with-image"),
+    pytest.param(with_prompt(hires={"scale": 2.5}), "hires.scale=2.5: must be less than or equal to 2", id="hires-2.5"),
+    pytest.param(with_prompt(hires={"scale": 0.5}), "hires.scale=0.5: must be greater than or equal to 1", id="h-0.5"),
+    pytest.param(
+        with_prompt(hires={"scale": 1.9}), "512x512 x 1.9 = 972x972: both sides must be multiples of 8", id="h-1.9"
+    ),
+    pytest.param(
+        with_prompt(width=768, height=768, hires={"scale": 1.5}),
+        "768x768 x 1.5 = 1152x1152: each side must be at most 1024 (MAX_SIDE)",
+        id="hires-past-max-side",
+    ),
+    pytest.param(
+        with_prompt(width=1024, height=640, hires={"scale": 1.5}),
+        "hires.scale: 1024x640 x 1.5 = 1536x960",
+        id="hires-past-max-side-wide",
+    ),
+    pytest.param(
+        with_prompt(width=512, height=512, num_images=4, hires={"scale": 2.0}),
+        "1024x1024 x 4 images = 4194304 pixels: must be at most 1048576 (MAX_PIXELS)",
+        id="hires-past-max-pixels",
+    ),
+    pytest.param(with_prompt(hires={"scale": 1.5, "steps": 0}), "hires.steps=0: must be greater than", id="hs-0"),
+    pytest.param(with_prompt(hires={"scale": 1.5, "steps": 151}), "hires.steps=151: must be at most 150", id="hs-151"),
+    pytest.param(
+        with_prompt(hires={"scale": 1.5, "steps": 1, "strength": 0.5}),
+        "steps x strength = 1 x 0.5 runs int(0.5) = 0 steps",
+        id="hires-no-step",
+    ),
+    pytest.param(with_prompt(hires={"scale": 1.5, "upscaler": "esrgan"}), "hires.upscaler='esrgan'", id="hu-bad"),
+    pytest.param(with_prompt(width=None), "width=None: must be a valid integer", id="width-null-without-image"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), BAD_IMAGE_INPUTS)
+def test_image_fields_are_checked(data: dict[str, Any], expected: str) -> None:
+    if not expected:
+        parse(data)
+        return
+    assert expected in error_of(data)
+
+
+def test_the_task_follows_from_the_fields() -> None:
+    assert parse(PROMPT).task == "txt2img"
+    assert parse(with_prompt(hires={})).task == "txt2img"
+    assert parse(IMAGE).task == "img2img"
+    assert parse({**IMAGE, "mask": "bWFzaw=="}).task == "inpaint"
+    assert parse({**IMAGE, "outpaint": {"top": 64}}).task == "outpaint"
+
+
+def test_image_defaults_are_a1111s() -> None:
+    request = parse({**IMAGE, "mask": "bWFzaw=="})
+    assert (request.strength, request.resize_mode, request.mask_blur) == (0.75, "resize", 4)
+    assert (request.inpaint_area, request.inpaint_padding, request.keep_unmasked) == ("whole", 32, True)
+    assert (request.width, request.height) == (None, None), "an image job takes the image's size"
+    hires = parse(with_prompt(num_inference_steps=30, hires={})).hires
+    assert hires is not None
+    assert (hires.scale, hires.steps, hires.strength, hires.upscaler) == (2.0, 30, 0.5, "latent")
+
+
+@pytest.mark.parametrize(
+    ("given", "mode"),
+    [(0, "resize"), (1, "crop"), (2, "fill"), ("Crop and resize", "crop"), ("FILL", "fill"), ("Just resize", "resize")],
+)
+def test_resize_mode_takes_a1111_numbers_and_labels(given: Any, mode: str) -> None:
+    assert parse({**IMAGE, "resize_mode": given}).resize_mode == mode
+
+
+def test_task_fields_name_only_what_the_task_used() -> None:
+    assert parse(PROMPT).task_fields() == {"task": "txt2img"}
+    assert parse(IMAGE).task_fields() == {"task": "img2img", "strength": 0.75, "resize_mode": "resize"}
+    outpaint = parse({**IMAGE, "outpaint": {"left": 64}}).task_fields()
+    assert outpaint["outpaint"].model_dump() == {"left": 64, "right": 0, "top": 0, "bottom": 0}
+    assert outpaint["mask_blur"] == 4
+
+
+@pytest.mark.parametrize(
+    ("image_size", "fields", "size", "warned"),
+    [
+        pytest.param((512, 512), {}, (512, 512), False, id="kept"),
+        pytest.param((1500, 1000), {}, (1024, 640), True, id="fit-max-side"),
+        pytest.param((700, 500), {}, (640, 448), True, id="rounded-down"),
+        pytest.param((1024, 1024), {"num_images": 4}, (512, 512), True, id="fit-max-pixels-per-batch"),
+        pytest.param((40, 30), {}, (64, 64), True, id="tiny-is-raised-to-64"),
+        pytest.param((1024, 768), {"width": 512}, (512, 384), False, id="height-follows-width"),
+        pytest.param((1024, 768), {"height": 384}, (512, 384), False, id="width-follows-height"),
+        pytest.param((512, 512), {"outpaint": {"left": 128}}, (640, 512), False, id="outpaint-grows"),
+        pytest.param((1024, 1024), {"outpaint": {"left": 128}}, (1024, 896), True, id="outpaint-fits-max-side"),
+        pytest.param((333, 333), {"width": 640, "height": 448}, (640, 448), False, id="given-size-wins"),
+    ],
+)
+def test_resolve_size_takes_the_image_size_within_the_limits(
+    image_size: tuple[int, int], fields: dict[str, Any], size: tuple[int, int], warned: bool
+) -> None:
+    resolved, warnings = resolve_size(parse({**IMAGE, **fields}), image_size, LIMITS)
+
+    assert resolved.size == size
+    assert bool(warnings) is warned
+    assert all("MAX_SIDE" in warning and "MAX_PIXELS" in warning for warning in warnings)
+
+
+def test_resolve_size_refuses_an_outpaint_past_the_limits() -> None:
+    request = parse({**IMAGE, "width": 1024, "outpaint": {"top": 512, "bottom": 512}})
+    with pytest.raises(InputError) as raised:
+        resolve_size(request, (1024, 1024), LIMITS)
+    assert "MAX_SIDE" in str(raised.value) or "MAX_PIXELS" in str(raised.value)
+    assert "the image is 1024x1024" in str(raised.value)

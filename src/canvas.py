@@ -1,0 +1,204 @@
+"""Input images brought to the job's size: A1111's resize modes, the outpaint canvas, the mask, the crop.
+
+Everything here runs on the CPU before the job takes the GPU. The geometry is
+diffusers' own (``VaeImageProcessor.resize``, ``get_crop_region`` and
+``apply_overlay``, which copy AUTOMATIC1111's), so the worker and bare
+diffusers see the same pixels.
+
+The one place the worker goes further: with ``keep_unmasked``, a pixel the
+mask leaves black comes back byte for byte as it was. The blurred edge feathers
+inwards only, where diffusers' overlay would also blend a few pixels outside
+the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageChops, ImageFilter
+
+from src.schema import GenerateRequest, InputError, resolve_size
+
+if TYPE_CHECKING:
+    from diffusers.image_processor import VaeImageProcessor
+
+    from src.settings import Settings
+    from src.storage import S3Storage
+
+# diffusers' names for A1111's resize modes 0, 1 and 2.
+_DIFFUSERS_RESIZE_MODES = {"resize": "default", "crop": "crop", "fill": "fill"}
+
+
+@functools.cache
+def _processor() -> VaeImageProcessor:
+    # Only its PIL geometry is used, which does not depend on the VAE. Imported here: diffusers takes
+    # seconds to import, and `import handler` stays cheap.
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor()
+
+
+@dataclass(frozen=True)
+class TaskImages:
+    """The images of one job, at the size the pipeline works at."""
+
+    # What the pipeline starts from, at width x height (for inpaint_area "masked": the crop, enlarged).
+    image: Image.Image
+    # Where it paints (L, blurred), the same size as ``image``; None for img2img.
+    mask: Image.Image | None = None
+    # The whole image at the job's size, onto which the painted part is pasted back.
+    original: Image.Image | None = None
+    # Where the painted pixels show when pasted back (L); black is the original, untouched.
+    overlay: Image.Image | None = None
+    # The region of ``original`` that was painted, for inpaint_area "masked".
+    crop: tuple[int, int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A job ready for the GPU: its request with the size settled, and its images at that size."""
+
+    request: GenerateRequest
+    images: TaskImages | None = None
+    # The input image's size after EXIF rotation.
+    source_size: tuple[int, int] | None = None
+    warnings: list[str] = field(default_factory=list)
+    # Reading (downloading, decoding) and preparing the images.
+    read_ms: float | None = None
+
+
+def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Storage | None) -> Inputs:
+    """Read the request's image and mask, settle its size and bring them to it: all before the GPU.
+
+    Raises:
+        InputError: an image cannot be read, or does not fit the request; the message names the field.
+    """
+    if request.image is None:
+        return Inputs(request=request)
+    from src.images import load_image, load_mask
+
+    started = time.perf_counter()
+    image = load_image(request.image, "image", settings, storage)
+    mask = load_mask(request.mask, "mask", settings, storage) if request.mask is not None else None
+    resolved, warnings = resolve_size(request, image.image.size, settings)
+    images, more = prepare(resolved, image.image, mask.image if mask else None)
+    return Inputs(
+        request=resolved,
+        images=images,
+        source_size=image.image.size,
+        warnings=[*image.warnings, *(mask.warnings if mask else []), *warnings, *more],
+        read_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+def fit(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
+    """``image`` at ``width`` x ``height`` as A1111's resize mode does it; untouched when it already is."""
+    if image.size == (width, height):
+        return image
+    resized = _processor().resize(image, height=height, width=width, resize_mode=_DIFFUSERS_RESIZE_MODES[resize_mode])
+    assert isinstance(resized, Image.Image)
+    return resized
+
+
+def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | None) -> tuple[TaskImages, list[str]]:
+    """Bring ``image`` (and ``mask``) to the request's size for its task.
+
+    ``request`` has its size resolved (``schema.resolve_size``).
+
+    Raises:
+        InputError: the mask is not the image's size, or is all black.
+    """
+    width, height = request.size
+    warnings = _stretch_warning(request, image)
+    if request.task == "img2img":
+        return TaskImages(image=fit(image, width, height, request.resize_mode)), warnings
+    if request.outpaint is not None:
+        original, painted = _outpaint_canvas(request, image)
+    else:
+        assert mask is not None  # the task is inpaint
+        if mask.size != image.size:
+            raise InputError(
+                f"mask: is {mask.size[0]}x{mask.size[1]} and the image is {image.size[0]}x{image.size[1]}: "
+                "they must be the same size (after EXIF rotation)"
+            )
+        original = fit(image, width, height, request.resize_mode)
+        painted = fit(mask.convert("L"), width, height, request.resize_mode)
+        if painted.getextrema()[1] == 0:
+            raise InputError("mask: is all black, so nothing would be repainted; paint white where the image changes")
+    blurred = painted.filter(ImageFilter.GaussianBlur(request.mask_blur)) if request.mask_blur else painted
+    # The overlay is the blurred mask, but black wherever the mask was black: those pixels stay exact.
+    overlay = ImageChops.darker(blurred, painted.point(lambda value: 255 if value else 0))
+    if request.inpaint_area == "whole":
+        return TaskImages(image=original, mask=blurred, original=original, overlay=overlay), warnings
+    crop = _processor().get_crop_region(blurred, width, height, pad=request.inpaint_padding)
+    return (
+        TaskImages(
+            image=fit(original.crop(crop), width, height, "fill"),
+            mask=fit(blurred.crop(crop), width, height, "fill"),
+            original=original,
+            overlay=overlay,
+            crop=crop,
+        ),
+        warnings,
+    )
+
+
+def _outpaint_canvas(request: GenerateRequest, image: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """The grown canvas, its new area filled with the image's stretched edges, and the mask of what is painted.
+
+    The mask reaches ``mask_blur`` pixels into the image, so that the seam is painted over and blended.
+    """
+    assert request.outpaint is not None
+    margins = request.outpaint
+    width, height = request.size
+    added_width, added_height = margins.added
+    part = fit(image, width - added_width, height - added_height, request.resize_mode)
+    pixels = np.pad(
+        np.asarray(part), ((margins.top, margins.bottom), (margins.left, margins.right), (0, 0)), mode="edge"
+    )
+    canvas = Image.fromarray(pixels, mode="RGB")
+    mask = Image.new("L", (width, height), 255)
+    reach = request.mask_blur
+    kept = (
+        margins.left + reach if margins.left else 0,
+        margins.top + reach if margins.top else 0,
+        width - margins.right - reach if margins.right else width,
+        height - margins.bottom - reach if margins.bottom else height,
+    )
+    if kept[0] < kept[2] and kept[1] < kept[3]:
+        mask.paste(0, kept)
+    return canvas, mask
+
+
+def _stretch_warning(request: GenerateRequest, image: Image.Image) -> list[str]:
+    """A warning when ``resize`` stretches the image out of its proportions by more than 1%."""
+    if request.resize_mode != "resize":
+        return []
+    width, height = request.size
+    if request.outpaint is not None:
+        width, height = width - request.outpaint.added[0], height - request.outpaint.added[1]
+    ratio = (width / height) / (image.width / image.height)
+    if abs(ratio - 1) <= 0.01:
+        return []
+    return [
+        f"image: {image.width}x{image.height} was stretched to {width}x{height}, out of its proportions "
+        "(resize_mode 'resize'); 'crop' or 'fill' keep them"
+    ]
+
+
+def paste_back(request: GenerateRequest, images: TaskImages | None, painted: Image.Image) -> Image.Image:
+    """The painted result on the original: unmasked pixels kept, or the crop pasted where it came from."""
+    if images is None or images.original is None or images.overlay is None:
+        return painted
+    if request.keep_unmasked:
+        return _processor().apply_overlay(images.overlay, images.original, painted, images.crop)
+    if images.crop is None:
+        return painted
+    # Not keeping the unmasked pixels still puts the painted crop back where it came from, whole.
+    region = Image.new("L", images.original.size, 0)
+    region.paste(255, images.crop)
+    return _processor().apply_overlay(region, images.original, painted, images.crop)

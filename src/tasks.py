@@ -1,0 +1,104 @@
+"""What runs for each task: which diffusers pipeline, built from the shared components, with which arguments.
+
+A job is one or two passes. Text-to-image, img2img, inpaint and outpaint are
+one pass each; hires fix adds an img2img pass at the larger size that starts
+from the first pass's result. The engine runs the passes inside its guard rails
+(lock, admission, deadline, OOM retry, NaN guard); nothing here touches them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+
+from src.canvas import TaskImages
+from src.schema import GenerateRequest
+
+PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "txt2img": StableDiffusionPipeline,
+    "img2img": StableDiffusionImg2ImgPipeline,
+    "inpaint": StableDiffusionInpaintPipeline,
+    "outpaint": StableDiffusionInpaintPipeline,
+}
+# A1111's names for the hires upscalers, as its parameters text writes them.
+HIRES_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One call of a diffusers pipeline."""
+
+    pipeline_class: type[DiffusionPipeline]
+    # num_inference_steps as given to the pipeline, and the steps it runs (fewer with strength below 1).
+    steps: int
+    denoising_steps: int
+    # The task's own arguments (size, image, mask, strength).
+    arguments: dict[str, Any] = field(default_factory=dict)
+    # Hires: the image comes from the previous pass, enlarged to this size by this upscaler.
+    upscale_to: tuple[int, int] | None = None
+    upscaler: str = "latent"
+
+    def arguments_for(self, count: int) -> dict[str, Any]:
+        """The task's arguments for a call that makes ``count`` images.
+
+        The inpaint pipeline encodes one image with the first image's generator and repeats
+        the result; given one copy per image, it encodes each with that image's own
+        generator, so image i depends on its seed alone, in a batch or by itself.
+        """
+        arguments = dict(self.arguments)
+        if self.pipeline_class is StableDiffusionInpaintPipeline:
+            arguments["image"] = [arguments["image"]] * count
+        return arguments
+
+
+def passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
+    """The passes of ``request``, whose size is resolved and whose images are at that size."""
+    width, height = request.size
+    task = request.task
+    if task == "txt2img":
+        first = Pass(
+            StableDiffusionPipeline,
+            steps=request.num_inference_steps,
+            denoising_steps=request.num_inference_steps,
+            arguments={"width": width, "height": height},
+        )
+        if request.hires is None:
+            return [first]
+        hires = request.hires
+        second = Pass(
+            StableDiffusionImg2ImgPipeline,
+            steps=hires.steps,
+            denoising_steps=hires.denoising_steps,
+            arguments={"strength": hires.strength},
+            upscale_to=request.output_size,
+            upscaler=hires.upscaler,
+        )
+        return [first, second]
+    assert images is not None, f"a {task} job needs its images"
+    arguments: dict[str, Any] = {"image": images.image, "strength": request.strength}
+    if images.mask is not None:
+        arguments.update(mask_image=images.mask, width=width, height=height)
+    return [
+        Pass(
+            PIPELINES[task],
+            steps=request.num_inference_steps,
+            denoising_steps=request.denoising_steps,
+            arguments=arguments,
+        )
+    ]
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], scale_factor: int) -> torch.Tensor:
+    """Latents enlarged for the hires pass, as A1111's "Latent" upscaler: bilinear, no antialias."""
+    width, height = size
+    return torch.nn.functional.interpolate(
+        latents, size=(height // scale_factor, width // scale_factor), mode="bilinear", antialias=False
+    )

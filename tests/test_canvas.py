@@ -1,0 +1,166 @@
+"""Input images brought to the job's size (src/canvas.py): resize modes, masks, the outpaint canvas, the crop.
+
+Pure PIL and diffusers' image processor: no model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.canvas import TaskImages, fit, paste_back, prepare
+from src.schema import GenerateRequest, InputError, parse_input, resolve_size
+from src.settings import load_settings
+from tests.conftest import box_mask, noise_image
+
+LIMITS = load_settings({})
+
+
+def request(**fields: Any) -> GenerateRequest:
+    return parse_input({"input": {"prompt": "a fox", "image": "aGVsbG8=", **fields}}, LIMITS)
+
+
+def prepared(image: Image.Image, mask: Image.Image | None = None, **fields: Any) -> tuple[TaskImages, list[str]]:
+    if mask is not None:
+        fields["mask"] = "bWFzaw=="  # the reference; the mask itself is the image given here
+    resolved, _ = resolve_size(request(**fields), image.size, LIMITS)
+    return prepare(resolved, image, mask)
+
+
+@pytest.mark.parametrize(
+    ("mode", "corner"),
+    [
+        # Stretched: the corner pixel is the image's own corner, blended by Lanczos.
+        pytest.param("resize", None, id="resize"),
+        # Cropped: a 2:1 image into 1:1 loses its sides, so the left column is from the middle third.
+        pytest.param("crop", "inside", id="crop"),
+        # Filled: the image fits in the middle, the bands above and below repeat its edges.
+        pytest.param("fill", "band", id="fill"),
+    ],
+)
+def test_resize_modes_are_a1111s(mode: str, corner: str | None) -> None:
+    left, right = Image.new("RGB", (128, 128), (255, 0, 0)), Image.new("RGB", (128, 128), (0, 0, 255))
+    image = Image.new("RGB", (256, 128))
+    image.paste(left, (0, 0))
+    image.paste(right, (128, 0))
+
+    fitted = fit(image, 128, 128, mode)
+
+    assert fitted.size == (128, 128)
+    top_left = fitted.getpixel((0, 0))
+    if mode == "resize":
+        assert top_left[0] > 200, "stretched: the red half still covers the left"
+    elif mode == "crop":
+        assert min(top_left[0], fitted.getpixel((127, 64))[2]) > 200, "the centre, red then blue"
+    else:
+        assert fitted.getpixel((64, 0)) == fitted.getpixel((64, 31)), "the band above repeats the edge"
+
+
+def test_an_image_at_the_size_is_not_touched() -> None:
+    image = noise_image(192, 128)
+    assert fit(image, 192, 128, "resize") is image
+
+
+def test_stretching_out_of_proportion_is_said() -> None:
+    _, warnings = prepared(noise_image(256, 128), width=256, height=256)
+    assert any("stretched to 256x256, out of its proportions" in warning for warning in warnings)
+    _, warnings = prepared(noise_image(256, 128), width=256, height=256, resize_mode="crop")
+    assert warnings == []
+
+
+def test_a_mask_of_another_size_names_both_sizes() -> None:
+    with pytest.raises(InputError) as raised:
+        prepared(noise_image(192, 128), Image.new("L", (128, 128), 255))
+    assert str(raised.value) == (
+        "mask: is 128x128 and the image is 192x128: they must be the same size (after EXIF rotation)"
+    )
+
+
+def test_an_all_black_mask_is_refused() -> None:
+    with pytest.raises(InputError, match="mask: is all black"):
+        prepared(noise_image(128, 128), Image.new("L", (128, 128), 0))
+
+
+def test_inpaint_keeps_every_unmasked_pixel_exactly() -> None:
+    image, mask = noise_image(192, 128), box_mask(192, 128, (64, 32, 128, 96))
+    images, _ = prepared(image, mask, mask_blur=8)
+    painted = noise_image(192, 128, seed=1)
+
+    resolved, _ = resolve_size(request(mask="bWFzaw==", mask_blur=8), image.size, LIMITS)
+    result = np.asarray(paste_back(resolved, images, painted))
+
+    kept = np.asarray(mask) == 0
+    assert (result[kept] == np.asarray(image)[kept]).all(), "outside the mask: the input's bytes"
+    inside = np.asarray(mask) == 255
+    assert (result[inside] != np.asarray(image)[inside]).any(), "inside: the painted pixels"
+    assert images.mask is not None
+    assert images.mask.getextrema() == (0, 255)
+
+
+def test_keep_unmasked_false_returns_the_painted_image() -> None:
+    image, mask = noise_image(128, 128), box_mask(128, 128, (32, 32, 96, 96))
+    resolved, _ = resolve_size(request(mask="bWFzaw==", keep_unmasked=False), image.size, LIMITS)
+    images, _ = prepare(resolved, image, mask)
+    painted = noise_image(128, 128, seed=2)
+    assert paste_back(resolved, images, painted) is painted
+
+
+def test_the_mask_blur_feathers_inwards() -> None:
+    image, mask = noise_image(128, 128), box_mask(128, 128, (32, 32, 96, 96))
+    images, _ = prepared(image, mask, mask_blur=6)
+
+    assert images.overlay is not None
+    assert images.mask is not None
+    overlay, blurred = np.asarray(images.overlay), np.asarray(images.mask)
+    assert overlay[64, 64] == 255, "full inside"
+    assert 0 < overlay[32, 64] < 255, "partial on the edge"
+    assert overlay[31, 64] == 0, "the overlay stops at the mask"
+    assert blurred[31, 64] > 0, "the pipeline's mask reaches out"
+
+
+def test_masked_area_crops_the_region_and_pastes_it_back() -> None:
+    image, mask = noise_image(256, 256), box_mask(256, 256, (160, 160, 192, 192))
+    resolved, _ = resolve_size(
+        request(mask="bWFzaw==", inpaint_area="masked", inpaint_padding=16, mask_blur=0), image.size, LIMITS
+    )
+    images, _ = prepare(resolved, image, mask)
+
+    assert images.crop == (144, 144, 208, 208), "the mask's box and 16 px around it, square like the job"
+    assert images.image.size == (256, 256), "the crop is painted at the job's size"
+    painted = noise_image(256, 256, seed=3)
+    result = np.asarray(paste_back(resolved, images, painted))
+    assert (result[:144] == np.asarray(image)[:144]).all(), "outside the crop: untouched"
+    assert (result[170, 170] != np.asarray(image)[170, 170]).any()
+
+
+def test_masked_area_without_keep_unmasked_pastes_the_whole_crop() -> None:
+    image, mask = noise_image(256, 256), box_mask(256, 256, (160, 160, 192, 192))
+    resolved, _ = resolve_size(
+        request(mask="bWFzaw==", inpaint_area="masked", inpaint_padding=16, keep_unmasked=False), image.size, LIMITS
+    )
+    images, _ = prepare(resolved, image, mask)
+    result = np.asarray(paste_back(resolved, images, noise_image(256, 256, seed=3)))
+
+    assert images.crop is not None
+    assert (result[:100] == np.asarray(image)[:100]).all(), "outside the crop: the input"
+    x1, y1, _, _ = images.crop
+    assert (result[y1 + 1, x1 + 1] != np.asarray(image)[y1 + 1, x1 + 1]).any(), "the crop's corner: painted"
+
+
+def test_outpaint_grows_the_canvas_and_masks_the_new_area() -> None:
+    image = noise_image(128, 128)
+    images, _ = prepared(image, outpaint={"left": 64, "bottom": 64}, mask_blur=4)
+
+    assert images.image.size == (192, 192)
+    canvas = np.asarray(images.image)
+    assert (canvas[:128, 64:] == np.asarray(image)).all(), "the image sits where it was"
+    assert (canvas[:128, 0] == np.asarray(image)[:, 0]).all(), "the new area repeats the image's edge"
+    assert images.mask is not None
+    assert images.overlay is not None
+    overlay = np.asarray(images.overlay)
+    assert (overlay[100, 10], overlay[180, 100]) == (255, 255), "the new area is painted"
+    assert (overlay[60, 64 + 4 + 1], overlay[128 - 4 - 2, 100]) == (0, 0), "the image, beyond the seam, is kept"
+    assert overlay[60, 64] > 0, "the mask reaches mask_blur pixels into the image, over the seam"

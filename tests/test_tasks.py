@@ -1,0 +1,329 @@
+"""img2img, inpaint, outpaint and hires fix on the tiny real pipeline, through handler.handler.
+
+Each task end to end, the same bytes twice, the unmasked pixels kept, the same
+pictures as bare diffusers' own pipelines, one copy of the weights for every
+task, and bad inputs answered with the field while the next job runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+from PIL import Image
+
+import handler
+from src.schedulers import make_scheduler
+from tests.conftest import box_mask, decode_png, noise_image
+from tests.test_resilience import CUDA_OOM, injected, raises_on
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+FAST = {"num_inference_steps": 4, "seed": 11}
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+IMAGE = noise_image(128, 64)
+MASK = box_mask(128, 64, (32, 16, 96, 48))
+
+
+def run(**fields: Any) -> dict[str, Any]:
+    return handler.handler({"id": "task-job", "input": {"prompt": "a fox", **FAST, **fields}})
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    result = run(**fields)
+    assert "error" not in result, result["error"]
+    return result
+
+
+def images_of(result: dict[str, Any]) -> list[Image.Image]:
+    return [decode_png(item["image"]) for item in result["images"]]
+
+
+def array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def engine() -> Any:
+    return handler.get_engine()
+
+
+# --- each task, end to end --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "task", "size"),
+    [
+        pytest.param({"image": png_base64(IMAGE)}, "img2img", (128, 64), id="img2img"),
+        pytest.param({"image": png_base64(IMAGE), "mask": png_base64(MASK)}, "inpaint", (128, 64), id="inpaint"),
+        pytest.param(
+            {"image": png_base64(IMAGE), "mask": png_base64(MASK), "inpaint_area": "masked"},
+            "inpaint",
+            (128, 64),
+            id="inpaint-masked",
+        ),
+        pytest.param(
+            {"image": png_base64(IMAGE), "outpaint": {"left": 64, "top": 64}}, "outpaint", (192, 128), id="outpaint"
+        ),
+        pytest.param({"width": 64, "height": 64, "hires": {"scale": 2.0}}, "txt2img", (128, 128), id="hires-latent"),
+        pytest.param(
+            {"width": 64, "height": 64, "hires": {"scale": 1.5, "upscaler": "lanczos", "steps": 3}},
+            "txt2img",
+            (96, 96),
+            id="hires-lanczos",
+        ),
+    ],
+)
+def test_each_task_runs_end_to_end(fields: dict[str, Any], task: str, size: tuple[int, int]) -> None:
+    result = ok(**fields, num_images=2)
+
+    assert result["metadata"]["task"] == task
+    assert [image.size for image in images_of(result)] == [size, size]
+    assert [item["seed"] for item in result["images"]] == [11, 12]
+    parameters = images_of(result)[0].text["parameters"]
+    if task == "txt2img":
+        assert "Hires upscale: " in parameters
+        assert "Hires steps: " in parameters
+        assert "Hires upscaler: " in parameters
+        assert "Source size" not in parameters
+    else:
+        assert "Denoising strength: 0.75" in parameters
+        assert "Source size: 128x64" in parameters
+        assert result["metadata"]["source_width"] == 128
+        assert result["metadata"]["source_height"] == 64
+        assert result["metadata"]["timings_ms"]["inputs"] >= 0
+    if task in ("inpaint", "outpaint"):
+        assert "Mask blur: 4" in parameters
+
+
+def test_the_metadata_names_what_ran_and_only_that() -> None:
+    img2img = ok(image=png_base64(IMAGE), strength=0.5)["metadata"]
+    assert (img2img["task"], img2img["strength"], img2img["resize_mode"]) == ("img2img", 0.5, "resize")
+    assert "mask_blur" not in img2img
+    assert "hires" not in img2img
+
+    txt2img = ok(width=64, height=64)["metadata"]
+    assert txt2img["task"] == "txt2img"
+    assert not {"strength", "resize_mode", "mask_blur", "source_width", "hires"} & set(txt2img)
+    assert "inputs" not in txt2img["timings_ms"]
+
+    hires = ok(width=64, height=64, hires={"scale": 1.5})["metadata"]
+    assert hires["hires"] == {"scale": 1.5, "steps": 4, "strength": 0.5, "upscaler": "latent"}
+    assert (hires["width"], hires["height"]) == (64, 64), "the first pass, as A1111's Size"
+
+
+def test_an_image_without_a_size_keeps_its_own_and_a_large_one_is_fitted() -> None:
+    assert images_of(ok(image=png_base64(noise_image(192, 128))))[0].size == (192, 128)
+
+    result = ok(image=png_base64(noise_image(1100, 700)), num_inference_steps=1, strength=1.0)
+    assert images_of(result)[0].size == (1024, 640)
+    assert any("1100x700 was brought to 1024x640" in warning for warning in result["metadata"]["warnings"])
+
+
+def test_the_same_request_twice_gives_the_same_bytes() -> None:
+    for fields in (
+        {"image": png_base64(IMAGE)},
+        {"image": png_base64(IMAGE), "mask": png_base64(MASK)},
+        {"width": 64, "height": 64, "hires": {"scale": 1.5, "upscaler": "lanczos"}},
+    ):
+        first, second = ok(**fields), ok(**fields)
+        assert [item["image"] for item in first["images"]] == [item["image"] for item in second["images"]]
+
+
+def test_image_i_is_its_own_seed_alone() -> None:
+    batch = ok(image=png_base64(IMAGE), num_images=2)
+    alone = ok(image=png_base64(IMAGE), seed=12)
+    assert np.array_equal(array(images_of(batch)[1]), array(images_of(alone)[0]))
+
+
+def test_inpaint_keeps_the_unmasked_pixels_byte_for_byte() -> None:
+    result = ok(image=png_base64(IMAGE), mask=png_base64(MASK), mask_blur=6)
+
+    painted, source = array(images_of(result)[0]), array(IMAGE)
+    kept = np.asarray(MASK) == 0
+    assert np.array_equal(painted[kept], source[kept])
+    assert not np.array_equal(painted[~kept], source[~kept])
+
+    free = ok(image=png_base64(IMAGE), mask=png_base64(MASK), mask_blur=6, keep_unmasked=False)
+    assert not np.array_equal(array(images_of(free)[0])[kept], source[kept]), "without it, the model's pixels"
+
+
+def test_outpaint_keeps_the_image_and_paints_around_it() -> None:
+    result = ok(image=png_base64(IMAGE), outpaint={"right": 64, "bottom": 64}, mask_blur=4)
+    painted = array(images_of(result)[0])
+    assert painted.shape == (128, 192, 3)
+    assert np.array_equal(painted[: 64 - 4 - 1, : 128 - 4 - 1], array(IMAGE)[: 64 - 4 - 1, : 128 - 4 - 1])
+
+
+# --- the same pictures as bare diffusers ----------------------------------------------------------
+
+
+def bare(pipeline_class: type, scheduler: str = "DPM++ 2M Karras") -> Any:
+    base = engine()._pipeline
+    components = {**base.components, "scheduler": make_scheduler(scheduler, base.scheduler.config)}
+    pipeline = pipeline_class(**components, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.mark.parametrize("scheduler", ["DPM++ 2M Karras", "Euler a", "DDIM"])
+def test_img2img_matches_bare_diffusers(scheduler: str) -> None:
+    result = ok(image=png_base64(IMAGE), strength=0.6, scheduler=scheduler, num_images=2)
+
+    reference = bare(StableDiffusionImg2ImgPipeline, scheduler)(
+        "a fox",
+        image=IMAGE,
+        strength=0.6,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(seed) for seed in (11, 12)],
+    ).images
+    for ours, theirs in zip(images_of(result), reference, strict=True):
+        assert np.abs(array(ours) - array(theirs)).max() <= 1
+
+
+def test_inpaint_matches_bare_diffusers() -> None:
+    result = ok(image=png_base64(IMAGE), mask=png_base64(MASK), mask_blur=0, keep_unmasked=False)
+
+    reference = bare(StableDiffusionInpaintPipeline)(
+        "a fox",
+        image=IMAGE,
+        mask_image=MASK,
+        strength=0.75,
+        width=128,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(11),
+    ).images[0]
+    assert np.abs(array(images_of(result)[0]) - array(reference)).max() <= 1
+
+
+# --- one copy of the weights --------------------------------------------------------------------
+
+
+def test_every_task_runs_on_the_same_weights() -> None:
+    pipeline = engine()._pipeline
+    seen: list[set[int]] = []
+
+    def record(module: torch.nn.Module, _inputs: Any) -> None:
+        seen.append({parameter.data_ptr() for parameter in module.parameters()})
+
+    loaded = {parameter.data_ptr() for parameter in pipeline.unet.parameters()}
+    handle = pipeline.unet.register_forward_pre_hook(record)
+    try:
+        ok(width=64, height=64, num_inference_steps=1)
+        ok(width=64, height=64, num_inference_steps=2, hires={"scale": 1.5})
+        ok(image=png_base64(IMAGE), num_inference_steps=2, strength=0.5)
+        ok(image=png_base64(IMAGE), mask=png_base64(MASK), num_inference_steps=2, strength=0.5)
+        ok(image=png_base64(IMAGE), outpaint={"left": 64}, num_inference_steps=2, strength=0.5)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 + 2 + 1 + 1 + 1 + 1
+    assert all(pointers == loaded for pointers in seen)
+
+
+# --- guard rails: progress, OOM retry ------------------------------------------------------------
+
+
+def progress_of(fields: dict[str, Any]) -> list[dict[str, int]]:
+    from src.schema import parse_input
+
+    request = parse_input({"input": {"prompt": "a fox", **FAST, **fields}}, handler.get_settings())
+    from src.canvas import prepare_inputs
+
+    inputs = prepare_inputs(request, handler.get_settings(), None)
+    reports: list[dict[str, int]] = []
+    engine().generate(inputs.request, images=inputs.images, timeout_s=600, on_progress=reports.append)
+    return reports
+
+
+def test_progress_counts_the_steps_that_run() -> None:
+    # img2img at strength 0.5 runs int(8 x 0.5) = 4 steps; hires runs 8 then int(6 x 0.5) = 3.
+    assert progress_of({"image": png_base64(IMAGE), "num_inference_steps": 8, "strength": 0.5})[-1] == {
+        "step": 4,
+        "total_steps": 4,
+    }
+    hires = progress_of({"width": 64, "height": 64, "num_inference_steps": 8, "hires": {"scale": 1.5, "steps": 6}})
+    assert hires[-1] == {"step": 11, "total_steps": 11}
+
+
+def test_an_oom_in_img2img_is_retried_and_gives_the_same_picture() -> None:
+    fields = {"image": png_base64(IMAGE), "mask": png_base64(MASK), "num_images": 2}
+    clean = ok(**fields)
+    with injected(engine()._pipeline.unet, raises_on(lambda call: call == 1, CUDA_OOM)):
+        retried = ok(**fields)
+
+    assert any("ran out of memory" in warning for warning in retried["metadata"]["warnings"])
+    for first, second in zip(images_of(clean), images_of(retried), strict=True):
+        assert np.abs(array(first) - array(second)).max() <= 2
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+
+def gif() -> str:
+    buffer = io.BytesIO()
+    noise_image(64, 64).save(buffer, format="GIF")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+BAD = [
+    pytest.param({"image": png_base64(IMAGE)[:200]}, "image", id="truncated-base64"),
+    pytest.param({"image": base64.b64encode(b"just some text, no picture").decode()}, "image", id="text-file"),
+    pytest.param({"image": ""}, "image", id="empty"),
+    pytest.param({"image": png_base64(IMAGE), "mask": png_base64(box_mask(64, 64, (0, 0, 8, 8)))}, "mask", id="size"),
+    pytest.param({"image": png_base64(IMAGE), "strength": 0}, "strength", id="strength-0"),
+    pytest.param({"image": png_base64(IMAGE), "strength": 1.5}, "strength", id="strength-1.5"),
+    pytest.param(
+        {"image": png_base64(IMAGE), "num_inference_steps": 1, "strength": 0.5}, "num_inference_steps", id="no-step"
+    ),
+    pytest.param({"image": png_base64(IMAGE), "outpaint": {"left": 1024}}, "MAX_SIDE", id="outpaint-past-max-side"),
+    pytest.param({"width": 512, "height": 512, "num_images": 4, "hires": {"scale": 2.0}}, "MAX_PIXELS", id="hires"),
+    pytest.param({"image": gif()}, "image", id="gif"),
+    pytest.param({"image": png_base64(noise_image(1, 1))}, "image", id="1x1"),
+]
+
+
+@pytest.mark.parametrize(("fields", "named"), BAD)
+def test_bad_inputs_name_the_field_and_the_next_job_runs(fields: dict[str, Any], named: str) -> None:
+    result = run(**fields)
+
+    assert set(result) == {"error"}
+    assert named in result["error"]
+    assert len(result["error"]) < 2100, "no payload echoed back"
+    ok(width=64, height=64, num_inference_steps=1)
+
+
+# --- s3:// input ---------------------------------------------------------------------------------
+
+
+def test_an_image_from_the_configured_bucket(bucket: str, s3_server: Any) -> None:
+    s3_server.client().put_object(Bucket=bucket, Key="inputs/fox.png", Body=base64.b64decode(png_base64(IMAGE)))
+
+    result = ok(image=f"s3://{bucket}/inputs/fox.png", output_type="base64")
+    assert result["metadata"]["task"] == "img2img"
+    assert images_of(result)[0].size == IMAGE.size
+
+    missing = run(image=f"s3://{bucket}/inputs/nothing.png", output_type="base64")
+    assert "image" in missing["error"]
+    assert "inputs/nothing.png" in missing["error"]
+
+
+def test_inpaint_image_i_is_its_own_seed_alone() -> None:
+    fields = {"image": png_base64(IMAGE), "mask": png_base64(MASK)}
+    batch = ok(**fields, num_images=2)
+    alone = ok(**fields, seed=12)
+    assert np.array_equal(array(images_of(batch)[1]), array(images_of(alone)[0]))
