@@ -435,10 +435,13 @@ def _read_body(response: urllib3.BaseHTTPResponse, deadline: float, settings: Se
     if encoding not in ("", "identity"):
         raise _FetchError(f"it came with Content-Encoding: {encoding}; an image is expected as is")
     data = bytearray()
+    sock = getattr(getattr(response, "connection", None), "sock", None)
     while True:
-        # The clock is checked between chunks, so a server that drips bytes is cut at the deadline; one that
-        # goes silent is cut by the read timeout, set to the time that remained when the request was sent.
-        _remaining(deadline, settings)
+        # The clock is checked between chunks, so a server that drips bytes is cut at the deadline; the
+        # socket's timeout follows the deadline down, so one that goes silent is cut at it too.
+        remaining = _remaining(deadline, settings)
+        if sock is not None:
+            sock.settimeout(remaining)
         chunk = response.read1(_CHUNK_BYTES, decode_content=False)
         if not chunk:
             return bytes(data)

@@ -149,6 +149,13 @@ def make_handler(stop: threading.Event, seen: dict[str, dict[str, str]]) -> type
                 while not stop.wait(0.5):
                     self.wfile.write(b"\x89")
                     self.wfile.flush()
+            elif path == "/silent":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.end_headers()
+                self.wfile.write(PNG[:16])
+                self.wfile.flush()
+                stop.wait()  # then nothing more, until the test server stops
             elif path == "/endless":
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
@@ -323,6 +330,12 @@ def test_a_dripping_server_is_cut_at_the_deadline(server: Server) -> None:
 
     assert message.startswith(f"image: {server.url}/drip: timed out")
     assert "IMAGE_FETCH_TIMEOUT_SECONDS=1" in message
+
+
+def test_a_server_that_goes_silent_mid_body_is_cut_at_the_deadline(server: Server) -> None:
+    message = fetch_error(f"{server.url}/silent", IMAGE_FETCH_TIMEOUT_SECONDS="1")
+
+    assert message.startswith(f"image: {server.url}/silent: timed out")
 
 
 def test_an_endless_body_is_cut_at_the_byte_limit(server: Server) -> None:
