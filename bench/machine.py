@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -22,6 +23,17 @@ def cpu_name() -> str:
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages: on a shared machine they say how busy it was."""
     return [round(value, 2) for value in os.getloadavg()]
+
+
+def report_header() -> dict[str, Any]:
+    """What every results file starts with: the date, the machine, its CPU, Python, and how busy it was."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "cpu": cpu_name(),
+        "python": platform.python_version(),
+        "load_average_before": load_average(),
+    }
 
 
 def write_results(out: Path, stem: str, report: dict[str, Any], table: str) -> None:

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.machine import cpu_name, load_average, write_results
+from bench.machine import load_average, report_header, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_MODEL_DIR = Path(os.environ.get("BENCH_MODEL_CACHE", Path(tempfile.gettempdir()) / "sd15-random-bench"))
@@ -248,11 +246,7 @@ COLD_REPEAT = 5
 def run(quick: bool, smoke: bool = False) -> dict[str, Any]:
     models = prepare_models(quick or smoke)
     report: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-        "cpu": cpu_name(),
-        "python": platform.python_version(),
-        "load_average_before": load_average(),
+        **report_header(),
         "models": {},
     }
     import diffusers

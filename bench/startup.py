@@ -22,10 +22,8 @@ start until ready:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from bench.machine import cpu_name, load_average, write_results
+from bench.machine import cpu_name, load_average, report_header, write_results
 from bench.run import FULL_MODEL_DIR, RESULTS
 
 VARIANTS = {
@@ -178,12 +176,8 @@ def main() -> None:
         parser.error(f"{args.model} holds no diffusers model: run `python -m bench.run` first, or pass --model")
     started = time.time()
     report: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-        "cpu": cpu_name(),
-        "python": platform.python_version(),
+        **report_header(),
         "model": "SD 1.5's architecture, random weights" if args.model == FULL_MODEL_DIR else str(args.model),
-        "load_average_before": load_average(),
     }
     report.update(measure(args.model, args.repeat))
     report["load_average_after"] = load_average()

@@ -56,3 +56,18 @@ def test_cpu_benchmark_smoke_run_writes_the_table_and_the_json(tmp_path: Path) -
     table = (tmp_path / "cpu.md").read_text()
     assert "| tiny | 64² | 2 |" in table
     assert f"Command: `{report['command']}`" in table
+
+
+def test_tasks_benchmark_smoke_run_writes_every_task_and_the_rss_ratio(tmp_path: Path) -> None:
+    # The tiny model at 128², one timed job per side and task after the warm-ups, and the two RSS processes.
+    run_bench("bench.tasks", "--repeat", "1", "--out", str(tmp_path))
+
+    report = json.loads((tmp_path / "tasks.json").read_text())
+    assert set(report["ratios"]) == {"txt2img", "img2img", "inpaint", "outpaint", "hires", "peak_rss"}
+    assert report["rss"]["txt2img"]["jobs"] == ["txt2img"] * 5
+    assert report["rss"]["all"]["jobs"] == ["txt2img", "img2img", "inpaint", "outpaint", "hires"]
+    assert report["command"] == f"python -m bench.tasks --repeat 1 --out {tmp_path}"
+    table = (tmp_path / "tasks.md").read_text()
+    for row in ("| tiny txt2img | 128² | 10 |", "| tiny inpaint | 128² | 7 |", "| tiny hires | 128² → 256² | 10 + 5 |"):
+        assert row in table
+    assert f"Command: `{report['command']}`" in table
