@@ -278,24 +278,37 @@ def test_s3_run_as_the_readme_says(tmp_path: Path, offline_env: dict[str, str]) 
         server.wait(timeout=20)
 
 
-def test_image_and_mask_files_from_the_command_line(tmp_path: Path, offline_env: dict[str, str]) -> None:
+# (flags with files, input fields) -> (task, image size)
+CLI_TASKS = [
+    pytest.param((["--image", "photo.png"], {}), ("img2img", (128, 64)), id="img2img"),
+    pytest.param((["--image", "photo.png", "--mask", "mask.png"], {}), ("inpaint", (128, 64)), id="inpaint"),
+    pytest.param((["--image", "photo.png"], {"outpaint": {"top": 64}}), ("outpaint", (128, 128)), id="outpaint"),
+    pytest.param(([], {"width": 64, "height": 64, "hires": {"scale": 1.5}}), ("txt2img", (96, 96)), id="hires"),
+]
+
+
+@pytest.mark.parametrize(("command", "expected"), CLI_TASKS)
+def test_each_task_from_the_command_line(
+    tmp_path: Path,
+    offline_env: dict[str, str],
+    command: tuple[list[str], dict[str, object]],
+    expected: tuple[str, tuple[int, int]],
+) -> None:
+    (files, fields), (task, size) = command, expected
     Image.new("RGB", (128, 64), (30, 90, 160)).save(tmp_path / "photo.png")
     mask = Image.new("L", (128, 64), 0)
     mask.paste(255, (0, 0, 64, 64))
     mask.save(tmp_path / "mask.png")
+    job = json.dumps({"input": {"prompt": "a fox", "num_inference_steps": 2, "seed": 11, **fields}})
 
-    result = run_handler_cli(
-        ["--image", "photo.png", "--mask", "mask.png", "--test_input", FOX, "--output_dir", "out"],
-        offline_env,
-        tmp_path,
-    )
+    result = run_handler_cli([*files, "--test_input", job, "--output_dir", "out"], offline_env, tmp_path)
 
     assert result.returncode == 0, result.stderr[-3000:]
     [png] = (tmp_path / "out").rglob("*.png")
     with Image.open(png) as image:
-        assert image.size == (128, 64)
-    assert "inpaint" in result.stdout
-    assert "128x64" in result.stdout
+        assert image.size == size
+    assert f", {task}, " in result.stdout
+    assert f"{size[0]}x{size[1]}" in result.stdout
 
 
 def test_an_unreadable_image_file_exits_2(tmp_path: Path, offline_env: dict[str, str]) -> None:
