@@ -311,8 +311,13 @@ class Engine:
                 assert latents is not None
                 decoded = self._decode(latents, indices, job.warnings)
             chunk_images, chunk_flags = self._finish(decoded, indices, job.warnings)
-            results += [canvas.paste_back(request, images, image) for image in chunk_images]
-            flags += chunk_flags or []
+            chunk_flags = chunk_flags or [False] * len(indices)
+            # A flagged image stays black: nothing of the input is pasted onto it.
+            results += [
+                image if flagged else canvas.paste_back(request, images, image)
+                for image, flagged in zip(chunk_images, chunk_flags, strict=True)
+            ]
+            flags += chunk_flags
         return results, (flags if self._pipeline.safety_checker is not None else None)
 
     def _denoise(

@@ -395,6 +395,22 @@ def test_flagged_images_are_blacked_out_and_reported(checked_engine: Engine) -> 
     assert any("flagged by the safety checker" in warning for warning in result.warnings)
 
 
+def test_a_flagged_inpaint_stays_black_without_the_input_pasted_back(checked_engine: Engine) -> None:
+    from src.canvas import prepare
+    from src.schema import resolve_size
+    from tests.conftest import box_mask, noise_image
+
+    image, mask = noise_image(64, 64), box_mask(64, 64, (16, 16, 48, 48))
+    request = make_request(checked_engine, image="eA==", mask="eA==", num_images=1)
+    request, _ = resolve_size(request, image.size, checked_engine.settings)
+    images, _ = prepare(request, image, mask)
+    with everything_flagged(checked_engine):
+        result = checked_engine.generate(request, images=images, timeout_s=600)
+
+    assert result.nsfw == [True]
+    assert np.asarray(result.images[0]).max() == 0
+
+
 def test_safety_checker_after_a_float32_redecode_gets_input_in_its_own_dtype(checked_engine: Engine) -> None:
     checker = checked_engine._pipeline.safety_checker
     clip_dtypes: list[torch.dtype] = []
