@@ -126,7 +126,8 @@ def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | No
                 "they must be the same size (after EXIF rotation)"
             )
         original = fit(image, width, height, request.resize_mode)
-        painted = fit(mask.convert("L"), width, height, request.resize_mode)
+        # diffusers' crop and fill modes return RGB; the mask stays greyscale.
+        painted = fit(mask.convert("L"), width, height, request.resize_mode).convert("L")
         if painted.getextrema()[1] == 0:
             raise InputError("mask: is all black, so nothing would be repainted; paint white where the image changes")
     blurred = painted.filter(ImageFilter.GaussianBlur(request.mask_blur)) if request.mask_blur else painted
@@ -138,7 +139,7 @@ def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | No
     return (
         TaskImages(
             image=fit(original.crop(crop), width, height, "fill"),
-            mask=fit(blurred.crop(crop), width, height, "fill"),
+            mask=fit(blurred.crop(crop), width, height, "fill").convert("L"),
             original=original,
             overlay=overlay,
             crop=crop,

@@ -164,3 +164,17 @@ def test_outpaint_grows_the_canvas_and_masks_the_new_area() -> None:
     assert (overlay[100, 10], overlay[180, 100]) == (255, 255), "the new area is painted"
     assert (overlay[60, 64 + 4 + 1], overlay[128 - 4 - 2, 100]) == (0, 0), "the image, beyond the seam, is kept"
     assert overlay[60, 64] > 0, "the mask reaches mask_blur pixels into the image, over the seam"
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop", "fill"])
+def test_the_mask_follows_the_image_in_every_resize_mode(mode: str) -> None:
+    image, mask = noise_image(192, 128), box_mask(192, 128, (80, 40, 112, 88))
+    images, _ = prepared(image, mask, resize_mode=mode, width=128, height=128)
+
+    assert images.mask is not None
+    assert images.overlay is not None
+    assert (images.mask.mode, images.overlay.mode) == ("L", "L")
+    assert images.mask.size == images.image.size == (128, 128)
+    assert np.asarray(images.overlay)[64, 64] > 200, "the centre of the box is still painted"
+    with pytest.raises(InputError, match="mask: is all black"):
+        prepared(image, Image.new("L", (192, 128), 0), resize_mode=mode, width=128, height=128)
