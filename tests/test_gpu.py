@@ -193,6 +193,17 @@ def test_real_oom_under_the_cap_is_answered_and_the_next_job_works(capped_engine
 def test_image_tasks_run_in_float16_on_the_gpu(cuda_engine: Engine) -> None:
     """img2img, inpaint (whole and masked), outpaint and both hires upscalers: finite, the right size,
     the same twice, and inpaint keeps the unmasked pixels exactly."""
+    run_image_tasks(cuda_engine)
+
+
+@pytest.mark.parametrize("profile", ["balanced", "low"])
+def test_image_tasks_run_in_the_small_card_profiles(tiny_model_dir: Path, profile: str) -> None:
+    """The same tasks with VAE slicing and tiling (balanced) and with model CPU offload (low), where the VAE's
+    encode must reach the GPU through diffusers' hooks."""
+    run_image_tasks(load_engine(tiny_model_dir, MEMORY_PROFILE=profile))
+
+
+def run_image_tasks(cuda_engine: Engine) -> None:
     from PIL import Image
 
     from src.canvas import prepare
