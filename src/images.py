@@ -218,8 +218,10 @@ def _from_base64(text: str, field: str, settings: Settings, limit: int) -> bytes
         size = len(compact) * 3 // 4
         raise InputError(f"{field}: {_abbreviate(compact)} decodes to about {size} bytes, over {_limit_text(settings)}")
     compact += "=" * (-len(compact) % 4)  # tolerate missing padding
+    # The URL-safe alphabet (base64url: "-" and "_" for "+" and "/") is what some clients send.
+    altchars = b"-_" if ("-" in compact or "_" in compact) and not ("+" in compact or "/" in compact) else None
     try:
-        return base64.b64decode(compact, validate=True)
+        return base64.b64decode(compact, altchars=altchars, validate=True)
     except binascii.Error as error:
         raise InputError(f"{field}: not valid base64 ({error}): {_abbreviate(compact)}") from None
 

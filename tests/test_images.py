@@ -842,3 +842,14 @@ def test_s3_without_a_bucket_is_refused() -> None:
 
 def test_an_s3_reference_needs_a_key() -> None:
     assert decode_error("s3://inputs") == "image: 's3://inputs': must be s3://BUCKET/KEY"
+
+
+def test_the_url_safe_base64_alphabet_is_accepted() -> None:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 32), 60).convert("RGB").save(buffer, format="PNG")
+    standard, url_safe = base64.b64encode(buffer.getvalue()), base64.urlsafe_b64encode(buffer.getvalue())
+    assert standard != url_safe, "the file's base64 holds + or /"
+
+    loaded = decode(url_safe.decode())
+
+    assert loaded.image.size == (64, 32)
