@@ -27,13 +27,13 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from src import canvas, tasks
+from src import canvas, prompts, tasks
 from src.canvas import TaskImages
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.loader import load_pipeline, resolve_device, resolve_dtype
 from src.memory import GIB, Plan, Profile, Setup, choose_profile, plan_sub_batch, setup_for, sub_batches
 from src.schedulers import make_scheduler
-from src.schema import GenerateRequest
+from src.schema import GenerateRequest, InputError
 from src.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
     # One flag per image when the safety checker is on; None when it is off.
     nsfw: list[bool] | None = None
+    # {"prompt": {"tokens", "chunks"}, "negative_prompt": {...}}: what CLIP read.
+    prompt_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +70,9 @@ class _Job:
     """
 
     request: GenerateRequest
+    # The pipeline calls it makes, and its input images at its size (None for text-to-image).
+    passes: list[tasks.Pass]
+    images: TaskImages | None
     timeout_s: float
     total_steps: int
     on_progress: ProgressCallback | None
@@ -75,6 +80,8 @@ class _Job:
     # Seconds, monotonic: the engine's clock.
     clock: Callable[[], float] = time.monotonic
     # Set when the job gets the GPU: time spent waiting for it is not the job's.
+    # Both prompts' embeddings, encoded once the job has the GPU.
+    encoded: prompts.Encoded | None = None
     deadline: float = float("inf")
     # Steps of the pipeline call running now, and of those finished before it, as the request counts them.
     run_steps: int = 0
@@ -240,6 +247,8 @@ class Engine:
         steps = sum(step.denoising_steps for step in passes)
         job = _Job(
             request=request,
+            passes=passes,
+            images=images,
             timeout_s=timeout_s,
             total_steps=steps * len(sub_batches(request.num_images, plan.batch)),
             on_progress=on_progress,
@@ -252,11 +261,11 @@ class Engine:
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
             job.start()
-            # 3. Say what the text encoder will not see (the tokenizer is shared, so under the lock).
-            job.warnings += self._prompt_warnings(request)
+            # 3. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
+            job.encoded = self._encode_prompts(request)
 
             # 4. Generate; after an OOM, free memory and retry frugally once.
-            result = self._attempt(job, passes, images, plan, frugal=False)
+            result = self._attempt(job, plan, frugal=False)
             if result is None:
                 # Outside the except block, so the failed run's tensors went with its traceback.
                 self._release_memory()
@@ -265,7 +274,7 @@ class Engine:
                 )
                 log.warning("out of GPU memory at %dx%d x%d; retrying frugally", width, height, request.num_images)
                 job.count_again(steps * request.num_images)
-                result = self._attempt(job, passes, images, Plan(batch=1, vae_tiling=True), frugal=True)
+                result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
                 if result is None:
                     self._release_memory()
                     raise OutOfMemoryError(self._oom_message(request))
@@ -278,22 +287,35 @@ class Engine:
             queue_ms=(started - queued) * 1000,
             warnings=job.warnings,
             nsfw=nsfw,
+            prompt_tokens=job.encoded.counts if job.encoded else {},
         )
 
-    def _attempt(
-        self, job: _Job, passes: list[tasks.Pass], images: TaskImages | None, plan: Plan, *, frugal: bool
-    ) -> tuple[list[Image.Image], list[bool] | None] | None:
+    def _encode_prompts(self, request: GenerateRequest) -> prompts.Encoded:
+        """Both prompts' embeddings, A1111's syntax read; a prompt that cannot be encoded is an input error."""
+        pipeline = self._pipeline
+        try:
+            return prompts.encode_prompts(
+                request.prompt,
+                request.negative_prompt,
+                tokenizer=pipeline.tokenizer,
+                text_encoder=pipeline.text_encoder,
+                device=pipeline._execution_device,
+                clip_skip=request.clip_skip,
+                max_chunks=self.settings.max_prompt_chunks,
+            )
+        except prompts.PromptError as error:
+            raise InputError(f"invalid input: {error}") from None
+
+    def _attempt(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None] | None:
         """``_run``, or None when the GPU ran out of memory."""
         try:
-            return self._run(job, passes, images, plan, frugal=frugal)
+            return self._run(job, plan, frugal=frugal)
         except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if is_out_of_memory(error):
                 return None
             raise
 
-    def _run(
-        self, job: _Job, passes: list[tasks.Pass], images: TaskImages | None, plan: Plan, *, frugal: bool
-    ) -> tuple[list[Image.Image], list[bool] | None]:
+    def _run(self, job: _Job, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None]:
         """Denoise and decode the request in sub-batches, as admission planned, pass after pass."""
         request = job.request
         width, height = request.output_size
@@ -306,7 +328,7 @@ class Engine:
             setup = setup_for(self.profile, width, height, len(indices), frugal=frugal, tiling=plan.vae_tiling)
             with self._switches(setup):
                 latents: torch.Tensor | None = None
-                for step in passes:
+                for step in job.passes:
                     latents = self._denoise(job, step, latents, generators, indices)
                 assert latents is not None
                 decoded = self._decode(latents, indices, job.warnings)
@@ -314,7 +336,7 @@ class Engine:
             chunk_flags = chunk_flags or [False] * len(indices)
             # A flagged image stays black: nothing of the input is pasted onto it.
             results += [
-                image if flagged else canvas.paste_back(request, images, image)
+                image if flagged else canvas.paste_back(request, job.images, image)
                 for image, flagged in zip(chunk_images, chunk_flags, strict=True)
             ]
             flags += chunk_flags
@@ -329,7 +351,8 @@ class Engine:
         indices: list[int],
     ) -> torch.Tensor:
         """One pipeline call for the images ``indices``; returns its latents."""
-        request = job.request
+        request, encoded = job.request, job.encoded
+        assert encoded is not None, "the prompts are encoded before the first pass"
         arguments = step.arguments_for(len(indices))
         if step.upscale_to is not None:
             assert previous is not None, "an upscaling pass follows another"
@@ -337,8 +360,8 @@ class Engine:
         pipeline = self._pipeline_for(request.scheduler, step.pipeline_class)
         job.run_started(step.denoising_steps)
         latents = pipeline(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
+            prompt_embeds=encoded.prompt_embeds,
+            negative_prompt_embeds=encoded.negative_prompt_embeds,
             num_inference_steps=step.steps,
             guidance_scale=request.guidance_scale,
             num_images_per_prompt=len(indices),
@@ -457,19 +480,6 @@ class Engine:
         pipeline.set_progress_bar_config(disable=not self.show_progress_bar, file=sys.stderr)
         return pipeline
 
-    def _prompt_warnings(self, request: GenerateRequest) -> list[str]:
-        tokenizer = self._pipeline.tokenizer
-        limit = tokenizer.model_max_length
-        warnings = []
-        for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-            tokens = len(tokenizer(text, truncation=False, verbose=False).input_ids)
-            if tokens > limit:
-                warnings.append(
-                    f"{name} is {tokens} tokens; CLIP reads the first {limit} "
-                    "(start and end markers included) and ignores the rest"
-                )
-        return warnings
-
 
 def _apply_fast_mode(pipeline: StableDiffusionPipeline, device: torch.device, profile: Profile) -> bool:
     """FAST_MODE's speed-ups, where they help: returns whether they were applied.
@@ -508,27 +518,20 @@ def _gpu_bytes(settings: Settings) -> int:
 
 
 class _LongPromptWarningFilter(logging.Filter):
-    """Drops the libraries' own words about a prompt longer than CLIP reads.
+    """Drops transformers' warning that a token sequence is longer than CLIP's 77.
 
-    transformers warns that the token sequence is too long, and diffusers dumps the cut
-    text to stderr. The engine says it once, in the job's ``metadata.warnings``, naming the field.
+    src/prompts.py tokenizes a long prompt whole and encodes it in chunks of 75, so
+    nothing is cut, and the warning would tell the log the opposite.
     """
 
-    MESSAGES = (
-        "Token indices sequence length is longer than the specified maximum",
-        "The following part of your input was truncated",
-    )
+    MESSAGE = "Token indices sequence length is longer than the specified maximum"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.MESSAGES)
+        return not record.getMessage().startswith(self.MESSAGE)
 
 
 _LONG_PROMPT_FILTER = _LongPromptWarningFilter()
-# The loggers that say it: the tokenizer's base class, and each pipeline module's copy of encode_prompt.
-_LONG_PROMPT_LOGGERS = (
-    "transformers.tokenization_utils_base",
-    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
-)
+_LONG_PROMPT_LOGGERS = ("transformers.tokenization_utils_base",)
 
 
 def _drop_long_prompt_warnings() -> None:

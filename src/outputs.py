@@ -101,6 +101,8 @@ def a1111_parameters(
         "Size": f"{width}x{height}",
         "Model": model,
     }
+    if request.clip_skip != 1:
+        fields["Clip skip"] = request.clip_skip
     task = request.task
     if task != "txt2img":
         fields["Denoising strength"] = f"{request.strength:g}"
@@ -253,6 +255,7 @@ def encode_response(
             source_width=source_size[0] if source_size else None,
             source_height=source_size[1] if source_size else None,
             seeds=generation.seeds,
+            prompt_tokens=generation.prompt_tokens,
             model=engine.model_name,
             device=engine.device.type,
             dtype=engine.dtype_name,

@@ -146,6 +146,8 @@ class RequestLimits(Protocol):
     @property
     def default_scheduler(self) -> str: ...
     @property
+    def default_clip_skip(self) -> int: ...
+    @property
     def bucket_configured(self) -> bool: ...
 
 
@@ -202,7 +204,12 @@ CONFIGURED_MAXIMUM = {
     "num_inference_steps": "max_steps",
     "num_images": "max_images",
 }
-CONFIGURED_DEFAULT = {"num_inference_steps": "default_steps", "scheduler": "default_scheduler"}
+CONFIGURED_DEFAULT = {
+    "num_inference_steps": "default_steps",
+    "scheduler": "default_scheduler",
+    "clip_skip": "default_clip_skip",
+}
+CLIP_SKIP_MAX = 12
 
 
 def canonical_resize_mode(value: Any) -> Any:
@@ -370,6 +377,12 @@ class GenerateRequest(BaseModel):
     scheduler: StrictStr = Field(
         description=f"One of {', '.join(SCHEDULER_NAMES)}; case does not matter, and k-diffusion and ComfyUI "
         "names such as `euler_ancestral` or `dpmpp_2m_karras` are accepted too.",
+    )
+    clip_skip: StrictInt = Field(
+        ge=1,
+        le=CLIP_SKIP_MAX,
+        description=f"1 to {CLIP_SKIP_MAX}, as A1111 counts: 1 reads CLIP's last layer, 2 the one before it "
+        "(through the final layer norm), and so on.",
     )
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png",
@@ -819,6 +832,13 @@ class UploadedImage(BaseModel):
     nsfw: bool | None = Field(None, description="As for inline images.")
 
 
+class PromptTokens(BaseModel):
+    """How long one prompt was, as CLIP read it."""
+
+    tokens: int = Field(description="Tokens of the prompt, its start and end tokens not counted.")
+    chunks: int = Field(description="Chunks of 75 tokens it was encoded in, each read by CLIP alone.")
+
+
 class Metadata(BaseModel):
     """What was generated and how; enough to reproduce every image."""
 
@@ -832,6 +852,10 @@ class Metadata(BaseModel):
     )
     guidance_scale: float = Field(description="Classifier-free guidance used.")
     scheduler: str = Field(description="The canonical name of the scheduler used.")
+    clip_skip: int = Field(description="The CLIP layer read, counted from the last as A1111 counts it.")
+    prompt_tokens: dict[str, PromptTokens] = Field(
+        description="For `prompt` and `negative_prompt`: its tokens and the chunks of 75 they were encoded in."
+    )
     seeds: list[int] = Field(description="The seed of each image, in order.")
     model: str = Field(description="`MODEL_ID`, with `@MODEL_REVISION` when one is set.")
     device: str = Field(description="`cuda` or `cpu`.")
@@ -852,7 +876,7 @@ class Metadata(BaseModel):
     version: str = Field(description="The worker's version.")
     warnings: list[str] = Field(
         default_factory=list,
-        description="What the user should know about this result, such as a prompt longer than CLIP reads.",
+        description="What the user should know about this result, such as an input image that was resized.",
     )
 
 

@@ -101,6 +101,20 @@ class Settings(BaseModel):
         min_length=1,
         description="`scheduler` when a request gives none; one of the `scheduler` names.",
     )
+    default_clip_skip: int = Field(
+        1,
+        alias="DEFAULT_CLIP_SKIP",
+        ge=1,
+        le=12,
+        description="`clip_skip` when a request gives none, 1 to 12; 2 for most anime checkpoints.",
+    )
+    max_prompt_chunks: int = Field(
+        8,
+        alias="MAX_PROMPT_CHUNKS",
+        ge=1,
+        le=64,
+        description="Most chunks of 75 tokens a prompt may encode to (8: 600 tokens); 1 to 64.",
+    )
     memory_profile: Literal["auto", "high", "balanced", "low", "minimal"] = Field(
         "auto",
         alias="MEMORY_PROFILE",

@@ -30,6 +30,8 @@ DEFAULTS = {
     "fast_mode": False,
     "embed_parameters": True,
     "max_response_mb": 20.0,
+    "default_clip_skip": 1,
+    "max_prompt_chunks": 8,
     "image_urls": True,
     "image_urls_allow_private": False,
     "max_input_image_mb": 20.0,

@@ -1,0 +1,205 @@
+"""A1111's prompt syntax (src/prompts.py): parsing, chunks of 75, weights, clip skip, through the handler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import handler
+from src.prompts import CHUNK_TOKENS, parse_prompt_attention, to_chunks
+from src.schedulers import make_scheduler
+from tests.conftest import decode_png
+
+FAST = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 5}
+
+
+# --- parsing ---------------------------------------------------------------------------------------
+
+PARSED = [
+    # The issue's own examples.
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("((text))", [("text", 1.1 * 1.1)]),
+    ("", [("", 1.0)]),
+    # A1111's own docstring, float bits and all.
+    ("normal text", [("normal text", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    (
+        "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+        [
+            ("a ", 1.0),
+            ("house", 1.5730000000000004),
+            (" ", 1.1),
+            ("on", 1.0),
+            (" a ", 1.1),
+            ("hill", 0.55),
+            (", sun, ", 1.1),
+            ("sky", 1.4641000000000006),
+            (".", 1.1),
+        ],
+    ),
+    # Brackets, escapes and weights.
+    ("[text]", [("text", 1 / 1.1)]),
+    ("(text:1.5)", [("text", 1.5)]),
+    ("(text:1.0)", [("text", 1.0)]),
+    ("\\(word\\)", [("(word)", 1.0)]),
+    ("a \\\\ b", [("a \\ b", 1.0)]),
+    ("a lone \\ slash", [("a lone  slash", 1.0)]),
+    ("unclosed ]) stray", [("unclosed ]) stray", 1.0)]),
+    ("x: y", [("x: y", 1.0)]),
+    ("(w:-1)", [("w", -1.0)]),
+    ("(w:0)", [("w", 0.0)]),
+    ("(w:1e3)", [("w:1e3", 1.1)]),  # "1e3" is no number in this syntax: the bracket is a plain 1.1
+    ("(b:1.2.3)", [("b:1.2.3)", 1.1)]),
+    # BREAK.
+    ("a BREAK b", [("a", 1.0), ("BREAK", -1), ("b", 1.0)]),
+    ("BREAK a", [("", 1.0), ("BREAK", -1), ("a", 1.0)]),
+    ("a BREAK", [("a", 1.0), ("BREAK", -1), ("", 1.0)]),
+    ("a BREAK BREAK b", [("a", 1.0), ("BREAK", -1), ("", 1.0), ("BREAK", -1), ("b", 1.0)]),
+    ("(a BREAK b)", [("a", 1.1), ("BREAK", -1), ("b", 1.1)]),
+    ("BREAKFAST", [("BREAKFAST", 1.0)]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PARSED)
+def test_parse_prompt_attention_reads_as_a1111(text: str, expected: list[tuple[str, float]]) -> None:
+    assert parse_prompt_attention(text) == expected
+
+
+@pytest.mark.parametrize("text", ["(" * 2000, "(a" * 1000, "[a)" * 666, "\\" * 2000, ":" * 2000, ")" * 2000])
+def test_parsing_tolerates_any_bracket_soup(text: str) -> None:
+    runs = parse_prompt_attention(text)
+    assert runs
+    assert all(isinstance(piece, str) for piece, _ in runs)
+
+
+# --- chunks ---------------------------------------------------------------------------------------
+
+
+def tokenizer() -> Any:
+    return handler.get_engine()._pipeline.tokenizer
+
+
+@pytest.mark.usefixtures("worker")
+def test_chunks_are_77_tokens_each_with_start_end_and_padding() -> None:
+    words = "fox " * 60  # 2 tokens each on the tiny tokenizer: 120 tokens
+    chunks = to_chunks(words, tokenizer())
+
+    assert chunks.tokens == len(tokenizer()(words, add_special_tokens=False).input_ids)
+    assert len(chunks.ids) == -(-chunks.tokens // CHUNK_TOKENS)
+    for row, weights in zip(chunks.ids, chunks.weights, strict=True):
+        assert len(row) == len(weights) == 77
+        assert row[0] == tokenizer().bos_token_id
+    assert chunks.ids[-1][-1] == tokenizer().pad_token_id
+
+
+@pytest.mark.usefixtures("worker")
+def test_break_closes_a_chunk_and_weights_follow_their_tokens() -> None:
+    chunks = to_chunks("a fox BREAK (a cat:1.5)", tokenizer())
+
+    assert len(chunks.ids) == 2
+    assert set(chunks.weights[1]) == {1.0, 1.5}
+    assert set(chunks.weights[0]) == {1.0}
+    assert len(to_chunks("BREAK a", tokenizer()).ids) == 2, "BREAK at the start leaves an empty first chunk"
+
+
+# --- through the handler ---------------------------------------------------------------------------
+
+
+def run(**fields: Any) -> dict[str, Any]:
+    return handler.handler({"id": "prompt-job", "input": {"prompt": "a fox", **FAST, **fields}})
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    result = run(**fields)
+    assert "error" not in result, result["error"]
+    return result
+
+
+def pixels(result: dict[str, Any]) -> np.ndarray:
+    return np.asarray(decode_png(result["images"][0]["image"]), dtype=np.int16)
+
+
+def same_image(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """The same pixels, byte for byte (the files differ anyway: each embeds its own prompt)."""
+    return np.array_equal(pixels(first), pixels(second))
+
+
+pytestmark_worker = pytest.mark.usefixtures("worker")
+
+
+@pytestmark_worker
+def test_an_unweighted_prompt_gives_bare_diffusers_bytes() -> None:
+    result = ok(prompt="a red fox in the snow", negative_prompt="blurry")
+    base = handler.get_engine()._pipeline
+    pipeline = StableDiffusionPipeline(
+        **{**base.components, "scheduler": make_scheduler("DPM++ 2M Karras", base.scheduler.config)},
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    reference = pipeline(
+        "a red fox in the snow",
+        negative_prompt="blurry",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]
+
+    assert np.array_equal(pixels(result), np.asarray(reference, dtype=np.int16))
+
+
+@pytestmark_worker
+def test_weights_change_the_image_and_a_weight_of_one_does_not() -> None:
+    plain = ok(prompt="a fox in the snow")
+    assert same_image(ok(prompt="a (fox:1.0) in the snow"), plain)
+    assert not same_image(ok(prompt="a (fox:1.3) in the snow"), plain)
+    assert not same_image(ok(prompt="a \\(fox\\) in the snow"), ok(prompt="a (fox) in the snow"))
+
+
+@pytestmark_worker
+def test_a_long_prompt_is_read_past_token_77() -> None:
+    head = "a fox in the snow, " * 10  # past 100 tokens on the tiny tokenizer
+    first, second = ok(prompt=head + "red fur"), ok(prompt=head + "blue fur")
+
+    assert not same_image(first, second), "words after token 100 change the picture"
+    assert first["metadata"]["warnings"] == []
+    assert first["metadata"]["prompt_tokens"]["prompt"]["chunks"] >= 2
+
+
+@pytestmark_worker
+def test_clip_skip_2_differs_and_is_recorded_only_when_not_1() -> None:
+    default, one, two = ok(), ok(clip_skip=1), ok(clip_skip=2)
+
+    assert same_image(default, one)
+    assert not same_image(one, two)
+    assert two["metadata"]["clip_skip"] == 2
+    assert "Clip skip: 2" in decode_png(two["images"][0]["image"]).text["parameters"]
+    assert "Clip skip" not in decode_png(one["images"][0]["image"]).text["parameters"]
+
+
+@pytestmark_worker
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        pytest.param({"clip_skip": 0}, "clip_skip=0", id="clip-skip-0"),
+        pytest.param({"clip_skip": 13}, "clip_skip=13", id="clip-skip-13"),
+        pytest.param({"clip_skip": "2"}, "clip_skip='2'", id="clip-skip-str"),
+        pytest.param({"clip_skip": True}, "clip_skip=True", id="clip-skip-bool"),
+        pytest.param({"clip_skip": 3}, "clip_skip=3: this model's text encoder has 2 layers", id="past-the-layers"),
+        pytest.param({"prompt": "fox " * 400}, "prompt: ", id="more-than-8-chunks"),
+    ],
+)
+def test_bad_prompt_settings_name_the_field_and_the_next_job_runs(fields: dict[str, Any], named: str) -> None:
+    result = run(**fields)
+
+    assert set(result) == {"error"}
+    assert named in result["error"]
+    if "prompt" in fields:
+        assert "chunks of 75; at most 8 (MAX_PROMPT_CHUNKS)" in result["error"]
+    ok()
