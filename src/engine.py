@@ -28,6 +28,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from src import canvas, prompts, tasks
+from src.adapters import Embedding, load_embeddings
 from src.canvas import TaskImages
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.loader import load_pipeline, resolve_device, resolve_dtype
@@ -58,6 +59,8 @@ class Generation:
     nsfw: list[bool] | None = None
     # {"prompt": {"tokens", "chunks"}, "negative_prompt": {...}}: what CLIP read.
     prompt_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The textual-inversion embeddings the prompts named, with A1111's short hash of each file.
+    embeddings: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +157,8 @@ class Engine:
         self.show_progress_bar = False
         # Reads deadlines and progress intervals; a seam through which tests control time.
         self.clock: Callable[[], float] = time.monotonic
+        # Textual-inversion embeddings by name, from EMBEDDINGS_DIR.
+        self.embeddings: dict[str, Embedding] = {}
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -161,6 +166,7 @@ class Engine:
 
         Raises:
             ModelLoadError: the model cannot be loaded; the message says what to do.
+            AdapterError: a file in EMBEDDINGS_DIR cannot be used; the message names it.
         """
         started = time.perf_counter()
         device = resolve_device(settings.device)
@@ -176,6 +182,7 @@ class Engine:
         else:
             # On the CPU in half precision diffusers warns that it "will fail"; torch 2.13 runs it.
             pipeline.to(device, silence_dtype_warnings=True)
+        embeddings = load_embeddings(settings.embeddings_dir, int(pipeline.text_encoder.config.hidden_size))
         fast = settings.fast_mode and _apply_fast_mode(pipeline, device, profile)
         log.info(
             "loaded %s on %s (%s, %s profile%s) in %.1f s",
@@ -187,6 +194,7 @@ class Engine:
             time.perf_counter() - started,
         )
         engine = cls(pipeline, settings=settings, device=device, dtype=dtype, profile=profile, gpu_bytes=gpu_bytes)
+        engine.embeddings = embeddings
         if fast:
             engine.warm_up()
         return engine
@@ -288,6 +296,9 @@ class Engine:
             warnings=job.warnings,
             nsfw=nsfw,
             prompt_tokens=job.encoded.counts if job.encoded else {},
+            embeddings={name: self.embeddings[name].short_hash for name in job.encoded.embeddings}
+            if job.encoded
+            else {},
         )
 
     def _encode_prompts(self, request: GenerateRequest) -> prompts.Encoded:
@@ -302,6 +313,7 @@ class Engine:
                 device=pipeline._execution_device,
                 clip_skip=request.clip_skip,
                 max_chunks=self.settings.max_prompt_chunks,
+                embeddings=self.embeddings,
             )
         except prompts.PromptError as error:
             raise InputError(f"invalid input: {error}") from None

@@ -13,6 +13,10 @@ class ModelLoadError(WorkerError):
     """The model cannot be loaded; the message names the model and the ways out."""
 
 
+class AdapterError(WorkerError):
+    """A file in an allow-listed folder (EMBEDDINGS_DIR) cannot be used; the message names it and why."""
+
+
 class StorageError(WorkerError):
     """An S3 upload failed after boto3's retries; the message names endpoint, bucket and error code."""
 

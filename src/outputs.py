@@ -84,7 +84,11 @@ class EncodedImage:
 
 
 def a1111_parameters(
-    request: GenerateRequest, seed: int, model: str, source_size: tuple[int, int] | None = None
+    request: GenerateRequest,
+    seed: int,
+    model: str,
+    source_size: tuple[int, int] | None = None,
+    embeddings: dict[str, str] | None = None,
 ) -> str:
     """The parameters text AUTOMATIC1111 writes into its images, for one image.
 
@@ -124,6 +128,8 @@ def a1111_parameters(
         fields["Hires upscale"] = f"{request.hires.scale:g}"
         fields["Hires steps"] = request.hires.steps
         fields["Hires upscaler"] = _HIRES_UPSCALER_NAMES[request.hires.upscaler]
+    if embeddings:
+        fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'
     negative = f"Negative prompt: {request.negative_prompt}\n" if request.negative_prompt else ""
     return f"{request.prompt}\n{negative}" + ", ".join(f"{name}: {value}" for name, value in fields.items())
 
@@ -226,7 +232,9 @@ def encode_response(
                 image,
                 request.output_format,
                 request.output_quality,
-                a1111_parameters(request, seed, engine.model_name, source_size) if settings.embed_parameters else None,
+                a1111_parameters(request, seed, engine.model_name, source_size, generation.embeddings)
+                if settings.embed_parameters
+                else None,
             ),
             seed=seed,
             format=request.output_format,
@@ -256,6 +264,7 @@ def encode_response(
             source_height=source_size[1] if source_size else None,
             seeds=generation.seeds,
             prompt_tokens=generation.prompt_tokens,
+            embeddings=generation.embeddings or None,
             model=engine.model_name,
             device=engine.device.type,
             dtype=engine.dtype_name,

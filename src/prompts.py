@@ -12,8 +12,10 @@ or pydantic; the engine calls ``encode_prompts`` under the GPU lock.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -121,73 +123,152 @@ def _merged(pieces: list[str], weights: np.ndarray) -> list[tuple[str, float]]:
     return runs
 
 
+@dataclass
+class Row:
+    """One chunk as CLIP reads it: 77 token ids, their weights, and the embedding vectors to put in."""
+
+    ids: list[int]
+    weights: list[float]
+    # (position in the row, vectors) of each textual-inversion embedding the chunk holds.
+    vectors: list[tuple[int, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class Chunks:
-    """A prompt as CLIP reads it: rows of 77 token ids and their weights."""
+    """A prompt as CLIP reads it, chunk by chunk."""
 
-    ids: list[list[int]]
-    weights: list[list[float]]
-    # Tokens of the prompt itself, start, end and padding not counted.
+    rows: list[Row]
+    # Tokens of the prompt itself, start, end and padding not counted; an embedding counts its vectors.
     tokens: int
+    # The embeddings it named, in order of first use.
+    embeddings: list[str]
 
 
-def to_chunks(text: str, tokenizer: Any) -> Chunks:
+class _ChunkBuilder:
+    """Lays tokens out in chunks of 75, as A1111 does: a full chunk near a comma carries the words
+    after the comma to the next, and an embedding moves to the next chunk whole."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.comma = tokenizer.convert_tokens_to_ids(",</w>") if ",</w>" in tokenizer.get_vocab() else None
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows: list[Row] = []
+        self.current = Row([], [], [])
+        self.last_comma = -1
+        self.tokens = 0
+
+    def close(self) -> None:
+        """End the current chunk: wrap it in start and end tokens and pad it to 77 (diffusers' layout)."""
+        row = self.current
+        padding = CHUNK_TOKENS - len(row.ids)
+        row.ids = [self.tokenizer.bos_token_id, *row.ids, self.tokenizer.eos_token_id, *[self.pad] * padding]
+        row.weights = [1.0, *row.weights, *[1.0] * (padding + 1)]
+        self.rows.append(row)
+        self.current, self.last_comma = Row([], [], []), -1
+
+    def add_token(self, token: int, weight: float) -> None:
+        row = self.current
+        if token == self.comma:
+            self.last_comma = len(row.ids)
+        elif (
+            len(row.ids) == CHUNK_TOKENS and self.last_comma != -1 and CHUNK_TOKENS - self.last_comma <= COMMA_BACKTRACK
+        ):
+            # The chunk is full: the words after its last comma go on to the next one.
+            split = self.last_comma + 1
+            carried = Row(row.ids[split:], row.weights[split:], [])
+            row.ids, row.weights = row.ids[:split], row.weights[:split]
+            self.close()
+            self.current = carried
+        if len(self.current.ids) == CHUNK_TOKENS:
+            self.close()
+        self.current.ids.append(token)
+        self.current.weights.append(weight)
+        self.tokens += 1
+
+    def add_embedding(self, vectors: torch.Tensor, weight: float) -> None:
+        if len(self.current.ids) + len(vectors) > CHUNK_TOKENS:
+            self.close()
+        self.current.vectors.append((len(self.current.ids) + 1, vectors))  # + 1: after the start token
+        self.current.ids += [self.pad] * len(vectors)
+        self.current.weights += [weight] * len(vectors)
+        self.tokens += len(vectors)
+
+    def finish(self) -> list[Row]:
+        if self.current.ids or not self.rows:
+            self.close()
+        return self.rows
+
+
+def to_chunks(text: str, tokenizer: Any, embeddings: Mapping[str, Any] | None = None) -> Chunks:
     """Tokenize ``text`` and lay its tokens out in chunks of 75, each wrapped in start and end
     tokens and padded to 77, with each token's weight.
 
     The layout inside a chunk is diffusers': start, the tokens, end, then padding (SD 1.5's
     padding token is its end token, so this is A1111's layout too). BREAK closes a chunk early.
+    A whole word that is the name of one of ``embeddings`` (objects with ``vectors``) stands for
+    its vectors, which take as many places in the chunk.
+
+    Raises:
+        PromptError: an embedding has more vectors than a chunk holds.
     """
     runs = parse_prompt_attention(text)
     texts = [piece for piece, weight in runs if (piece, weight) != BREAK]
-    tokenized = tokenizer(texts, truncation=False, add_special_tokens=False, verbose=False).input_ids if texts else []
-    encoded = iter(tokenized)
-    comma = tokenizer.convert_tokens_to_ids(",</w>") if ",</w>" in tokenizer.get_vocab() else None
-    chunks: list[tuple[list[int], list[float]]] = []
-    ids: list[int] = []
-    weights: list[float] = []
-    last_comma = -1
-    total = 0
-
-    def close() -> None:
-        nonlocal ids, weights, last_comma
-        chunks.append((ids, weights))
-        ids, weights, last_comma = [], [], -1
-
+    tokenized = iter(
+        tokenizer(texts, truncation=False, add_special_tokens=False, verbose=False).input_ids if texts else []
+    )
+    embeddings = embeddings or {}
+    names = _name_tokens(tokenizer, embeddings)
+    word_ends = _word_end_tokens(tokenizer) if names else frozenset()
+    builder = _ChunkBuilder(tokenizer)
+    used: list[str] = []
     for piece, weight in runs:
         if (piece, weight) == BREAK:
-            close()
+            builder.close()
             continue
-        for token in next(encoded):
-            total += 1
-            if token == comma:
-                last_comma = len(ids)
-            elif len(ids) == CHUNK_TOKENS and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
-                # The chunk is full: the words after its last comma go on to the next one.
-                split = last_comma + 1
-                carried_ids, carried_weights = ids[split:], weights[split:]
-                ids, weights = ids[:split], weights[:split]
-                close()
-                ids, weights = carried_ids, carried_weights
-            if len(ids) == CHUNK_TOKENS:
-                close()
-            ids.append(token)
-            weights.append(weight)
-    if ids or not chunks:
-        close()
-    start, end = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
-    rows = [[start, *chunk_ids, end, *[pad] * (CHUNK_TOKENS - len(chunk_ids))] for chunk_ids, _ in chunks]
-    row_weights = [
-        [1.0, *chunk_weights, *[1.0] * (CHUNK_TOKENS + 1 - len(chunk_weights))] for _, chunk_weights in chunks
-    ]
-    return Chunks(ids=rows, weights=row_weights, tokens=total)
+        tokens = next(tokenized)
+        position = 0
+        while position < len(tokens):
+            found = _embedding_at(tokens, position, names, word_ends)
+            if found is None:
+                builder.add_token(tokens[position], weight)
+                position += 1
+                continue
+            name, length = found
+            vectors = embeddings[name].vectors
+            if len(vectors) > CHUNK_TOKENS:
+                raise PromptError(f"the embedding {name!r} has {len(vectors)} vectors; a chunk holds {CHUNK_TOKENS}")
+            builder.add_embedding(vectors, weight)
+            position += length
+            used += [name] if name not in used else []
+    return Chunks(rows=builder.finish(), tokens=builder.tokens, embeddings=used)
 
 
-def empty_chunk(tokenizer: Any) -> tuple[list[int], list[float]]:
+def _name_tokens(tokenizer: Any, embeddings: Mapping[str, Any]) -> list[tuple[str, list[int]]]:
+    """Each embedding's name as tokens, longest first, so that a longer name wins over its prefix."""
+    named = [(name, tokenizer(name, add_special_tokens=False, verbose=False).input_ids) for name in embeddings]
+    return sorted((item for item in named if item[1]), key=lambda item: -len(item[1]))
+
+
+def _word_end_tokens(tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a word (CLIP's BPE marks them with ``</w>``)."""
+    return frozenset(token for text, token in tokenizer.get_vocab().items() if text.endswith("</w>"))
+
+
+def _embedding_at(
+    tokens: list[int], position: int, names: list[tuple[str, list[int]]], word_ends: frozenset[int]
+) -> tuple[str, int] | None:
+    """The embedding whose name is the whole word at ``position``, and its length in tokens."""
+    if not names or (position > 0 and tokens[position - 1] not in word_ends):
+        return None
+    for name, name_tokens in names:
+        if tokens[position : position + len(name_tokens)] == name_tokens and name_tokens[-1] in word_ends:
+            return name, len(name_tokens)
+    return None
+
+
+def empty_chunk(tokenizer: Any) -> Row:
     """The chunk of an empty prompt: what a shorter prompt is padded with."""
-    padded = to_chunks("", tokenizer)
-    return padded.ids[0], padded.weights[0]
+    return to_chunks("", tokenizer).rows[0]
 
 
 @dataclass(frozen=True)
@@ -198,6 +279,8 @@ class Encoded:
     negative_prompt_embeds: torch.Tensor
     # {"prompt": {"tokens": n, "chunks": c}, "negative_prompt": {...}}
     counts: dict[str, dict[str, int]]
+    # The textual-inversion embeddings either prompt named.
+    embeddings: list[str] = field(default_factory=list)
 
 
 def encode_prompts(
@@ -209,6 +292,7 @@ def encode_prompts(
     device: torch.device,
     clip_skip: int = 1,
     max_chunks: int = 8,
+    embeddings: Mapping[str, Any] | None = None,
 ) -> Encoded:
     """Encode a prompt and its negative as A1111 does.
 
@@ -226,37 +310,58 @@ def encode_prompts(
     if clip_skip > layers:
         raise PromptError(f"clip_skip={clip_skip}: this model's text encoder has {layers} layers; use 1 to {layers}")
     # 1. Chunks.
-    chunked = {"prompt": to_chunks(prompt, tokenizer), "negative_prompt": to_chunks(negative_prompt, tokenizer)}
-    for field, chunks in chunked.items():
-        if len(chunks.ids) > max_chunks:
+    chunked = {
+        "prompt": to_chunks(prompt, tokenizer, embeddings),
+        "negative_prompt": to_chunks(negative_prompt, tokenizer, embeddings),
+    }
+    for name, chunks in chunked.items():
+        if len(chunks.rows) > max_chunks:
             raise PromptError(
-                f"{field}: {chunks.tokens} tokens make {len(chunks.ids)} chunks of {CHUNK_TOKENS}; "
+                f"{name}: {chunks.tokens} tokens make {len(chunks.rows)} chunks of {CHUNK_TOKENS}; "
                 f"at most {max_chunks} (MAX_PROMPT_CHUNKS)"
             )
     # 2. The same length.
-    length = max(len(chunks.ids) for chunks in chunked.values())
-    padding_ids, padding_weights = empty_chunk(tokenizer)
+    length = max(len(chunks.rows) for chunks in chunked.values())
     embeds = {}
-    for field, chunks in chunked.items():
-        missing = length - len(chunks.ids)
-        ids = chunks.ids + [padding_ids] * missing
-        weights = chunks.weights + [padding_weights] * missing
+    for name, chunks in chunked.items():
+        rows = chunks.rows + [empty_chunk(tokenizer)] * (length - len(chunks.rows))
         # 3-5. Encode, weight, concatenate.
-        embeds[field] = torch.cat(
-            [
-                _encode_chunk(row, row_weights, text_encoder, device, clip_skip)
-                for row, row_weights in zip(ids, weights, strict=True)
-            ],
-            dim=1,
-        )
-    counts = {field: {"tokens": chunks.tokens, "chunks": len(chunks.ids)} for field, chunks in chunked.items()}
-    return Encoded(embeds["prompt"], embeds["negative_prompt"], counts)
+        embeds[name] = torch.cat([_encode_chunk(row, text_encoder, device, clip_skip) for row in rows], dim=1)
+    counts = {name: {"tokens": chunks.tokens, "chunks": len(chunks.rows)} for name, chunks in chunked.items()}
+    used = list(dict.fromkeys(embedding for chunks in chunked.values() for embedding in chunks.embeddings))
+    return Encoded(embeds["prompt"], embeds["negative_prompt"], counts, used)
 
 
-def _encode_chunk(
-    ids: list[int], weights: list[float], text_encoder: Any, device: torch.device, clip_skip: int
-) -> torch.Tensor:
-    tokens = torch.tensor([ids], device=device)
+def _encode_chunk(row: Row, text_encoder: Any, device: torch.device, clip_skip: int) -> torch.Tensor:
+    tokens = torch.tensor([row.ids], device=device)
+    with _embeddings_put_in(text_encoder, row.vectors):
+        return _weighted(_hidden_states(text_encoder, tokens, clip_skip), row.weights)
+
+
+@contextlib.contextmanager
+def _embeddings_put_in(text_encoder: Any, vectors: list[tuple[int, torch.Tensor]]) -> Iterator[None]:
+    """For one call: the token-embedding layer's output holds each embedding's vectors at its place.
+
+    A hook on the shared text encoder, removed as the call ends; the caller holds the GPU lock.
+    """
+    if not vectors:
+        yield
+        return
+
+    def put_in(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        for position, values in vectors:
+            output[0, position : position + len(values)] = values.to(device=output.device, dtype=output.dtype)
+        return output
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(put_in)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _hidden_states(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
     if clip_skip == 1:
         hidden = text_encoder(tokens)[0]
     else:
@@ -265,6 +370,11 @@ def _encode_chunk(
         states = text_encoder(tokens, output_hidden_states=True).hidden_states[-clip_skip]
         # transformers 5 keeps the layer norm on CLIPTextModel itself, 4 on its text_model.
         hidden = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(states)
+    return hidden
+
+
+def _weighted(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Each token's vector times its weight, then the chunk brought back to its mean, as A1111 does."""
     if all(weight == 1.0 for weight in weights):
         return hidden  # unweighted: exactly what diffusers' own encode_prompt gives
     multipliers = torch.tensor(weights, device=hidden.device, dtype=hidden.dtype).reshape(1, -1, 1)

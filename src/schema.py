@@ -853,6 +853,11 @@ class Metadata(BaseModel):
     guidance_scale: float = Field(description="Classifier-free guidance used.")
     scheduler: str = Field(description="The canonical name of the scheduler used.")
     clip_skip: int = Field(description="The CLIP layer read, counted from the last as A1111 counts it.")
+    embeddings: dict[str, str] | None = Field(
+        None,
+        description="The textual-inversion embeddings the prompts named, each with A1111's short hash of its "
+        "file; present when there were any.",
+    )
     prompt_tokens: dict[str, PromptTokens] = Field(
         description="For `prompt` and `negative_prompt`: its tokens and the chunks of 75 they were encoded in."
     )

@@ -108,6 +108,13 @@ class Settings(BaseModel):
         le=12,
         description="`clip_skip` when a request gives none, 1 to 12; 2 for most anime checkpoints.",
     )
+    embeddings_dir: str | None = Field(
+        None,
+        alias="EMBEDDINGS_DIR",
+        description="Folder of textual-inversion embeddings (`.safetensors`, or A1111's `.pt`/`.bin` read as "
+        "plain tensors only), loaded at startup; a word in a prompt that is a file's name stands for its vectors. "
+        "Unset: none.",
+    )
     max_prompt_chunks: int = Field(
         8,
         alias="MAX_PROMPT_CHUNKS",

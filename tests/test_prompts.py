@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
 
 import handler
+from builder.tiny_model import TEXT_WIDTH
+from src.adapters import load_embeddings
+from src.engine import Engine, Generation
+from src.errors import AdapterError
+from src.outputs import a1111_parameters
 from src.prompts import CHUNK_TOKENS, parse_prompt_attention, to_chunks
 from src.schedulers import make_scheduler
+from src.schema import parse_input
+from src.settings import load_settings
 from tests.conftest import decode_png
 
 FAST = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 5}
@@ -91,21 +100,21 @@ def test_chunks_are_77_tokens_each_with_start_end_and_padding() -> None:
     chunks = to_chunks(words, tokenizer())
 
     assert chunks.tokens == len(tokenizer()(words, add_special_tokens=False).input_ids)
-    assert len(chunks.ids) == -(-chunks.tokens // CHUNK_TOKENS)
-    for row, weights in zip(chunks.ids, chunks.weights, strict=True):
-        assert len(row) == len(weights) == 77
-        assert row[0] == tokenizer().bos_token_id
-    assert chunks.ids[-1][-1] == tokenizer().pad_token_id
+    assert len(chunks.rows) == -(-chunks.tokens // CHUNK_TOKENS)
+    for row in chunks.rows:
+        assert len(row.ids) == len(row.weights) == 77
+        assert row.ids[0] == tokenizer().bos_token_id
+    assert chunks.rows[-1].ids[-1] == tokenizer().pad_token_id
 
 
 @pytest.mark.usefixtures("worker")
 def test_break_closes_a_chunk_and_weights_follow_their_tokens() -> None:
     chunks = to_chunks("a fox BREAK (a cat:1.5)", tokenizer())
 
-    assert len(chunks.ids) == 2
-    assert set(chunks.weights[1]) == {1.0, 1.5}
-    assert set(chunks.weights[0]) == {1.0}
-    assert len(to_chunks("BREAK a", tokenizer()).ids) == 2, "BREAK at the start leaves an empty first chunk"
+    assert len(chunks.rows) == 2
+    assert set(chunks.rows[1].weights) == {1.0, 1.5}
+    assert set(chunks.rows[0].weights) == {1.0}
+    assert len(to_chunks("BREAK a", tokenizer()).rows) == 2, "BREAK at the start leaves an empty first chunk"
 
 
 # --- through the handler ---------------------------------------------------------------------------
@@ -203,3 +212,109 @@ def test_bad_prompt_settings_name_the_field_and_the_next_job_runs(fields: dict[s
     if "prompt" in fields:
         assert "chunks of 75; at most 8 (MAX_PROMPT_CHUNKS)" in result["error"]
     ok()
+
+
+# --- textual-inversion embeddings -----------------------------------------------------------------
+
+
+class _Pickled:
+    """Not a tensor: torch.load(weights_only=True) must refuse to build it."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (print, ("this must never run",))
+
+
+@pytest.fixture(scope="module")
+def embeddings_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("embeddings")
+    generator = torch.Generator().manual_seed(0)
+    save_file({"emb_params": torch.randn(2, TEXT_WIDTH, generator=generator) * 3}, folder / "tinyfox.safetensors")
+    (folder / "styles").mkdir()
+    torch.save(
+        {"string_to_param": {"*": torch.randn(1, TEXT_WIDTH, generator=generator) * 3}, "name": "a1111style"},
+        folder / "styles" / "a1111style.pt",
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ti_engine(tiny_model_dir: Path, embeddings_dir: Path) -> Engine:
+    return Engine.load(load_settings({"MODEL_ID": str(tiny_model_dir), "EMBEDDINGS_DIR": str(embeddings_dir)}))
+
+
+def ti_generate(engine: Engine, prompt: str, negative_prompt: str = "") -> Generation:
+    request = parse_input({"input": {"prompt": prompt, "negative_prompt": negative_prompt, **FAST}}, engine.settings)
+    return engine.generate(request, timeout_s=600)
+
+
+def test_embeddings_load_at_startup_by_file_name(ti_engine: Engine) -> None:
+    assert set(ti_engine.embeddings) == {"tinyfox", "a1111style"}
+    assert ti_engine.embeddings["tinyfox"].vectors.shape == (2, TEXT_WIDTH)
+    assert ti_engine.embeddings["a1111style"].vectors.shape == (1, TEXT_WIDTH)
+
+
+def test_an_embedding_named_in_a_prompt_changes_the_image_and_is_reported(ti_engine: Engine) -> None:
+    plain = ti_generate(ti_engine, "a fox in the snow")
+    named = ti_generate(ti_engine, "a tinyfox in the snow")
+    negative = ti_generate(ti_engine, "a fox in the snow", negative_prompt="a1111style")
+
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(named.images[0]))
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(negative.images[0]))
+    assert list(named.embeddings) == ["tinyfox"]
+    assert list(negative.embeddings) == ["a1111style"]
+    assert plain.embeddings == {}
+    assert named.prompt_tokens["prompt"]["tokens"] < plain.prompt_tokens["prompt"]["tokens"] + 2
+
+
+def test_an_embedding_not_named_changes_nothing(ti_engine: Engine) -> None:
+    with_folder = ti_generate(ti_engine, "a fox in the snow, tinyfoxes")
+    without = Engine.load(load_settings({"MODEL_ID": str(ti_engine.settings.model_id)}))
+    reference = ti_generate(without, "a fox in the snow, tinyfoxes")
+
+    assert with_folder.embeddings == {}, "only whole words are names"
+    assert np.array_equal(np.asarray(with_folder.images[0]), np.asarray(reference.images[0]))
+
+
+def test_the_parameters_list_the_embeddings_as_a1111_does(ti_engine: Engine) -> None:
+    generation = ti_generate(ti_engine, "a tinyfox")
+    request = parse_input({"input": {"prompt": "a tinyfox", **FAST}}, ti_engine.settings)
+    text = a1111_parameters(request, 5, "tiny", embeddings=generation.embeddings)
+
+    digest = ti_engine.embeddings["tinyfox"].short_hash
+    assert text.endswith(f'TI hashes: "tinyfox: {digest}"')
+    assert len(digest) == 12
+
+
+@pytest.mark.parametrize(
+    ("write", "says"),
+    [
+        pytest.param(
+            lambda path: torch.save({"x": _Pickled()}, path / "evil.pt"), "evil.pt: cannot be read", id="pickle"
+        ),
+        pytest.param(
+            lambda path: save_file({"emb_params": torch.zeros(2, TEXT_WIDTH + 1)}, path / "wide.safetensors"),
+            f"wide.safetensors: its vectors are (2, {TEXT_WIDTH + 1})",
+            id="another-width",
+        ),
+        pytest.param(
+            lambda path: (path / "junk.bin").write_bytes(b"not a pickle"), "junk.bin: cannot be read", id="junk"
+        ),
+        pytest.param(
+            lambda path: save_file(
+                {"a": torch.zeros(1, TEXT_WIDTH), "b": torch.zeros(1, TEXT_WIDTH)}, path / "two.safetensors"
+            ),
+            "two.safetensors: holds no embedding tensor",
+            id="two-tensors",
+        ),
+    ],
+)
+def test_a_bad_embedding_file_stops_startup_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], write: Any, says: str
+) -> None:
+    write(tmp_path)
+
+    with pytest.raises(AdapterError) as raised:
+        load_embeddings(str(tmp_path), TEXT_WIDTH)
+
+    assert says in str(raised.value)
+    assert "this must never run" not in capsys.readouterr().out

@@ -31,6 +31,7 @@ DEFAULTS = {
     "embed_parameters": True,
     "max_response_mb": 20.0,
     "default_clip_skip": 1,
+    "embeddings_dir": None,
     "max_prompt_chunks": 8,
     "image_urls": True,
     "image_urls_allow_private": False,
