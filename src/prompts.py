@@ -29,6 +29,8 @@ CHUNK_TOKENS = 75
 # moves the words after the comma to the next chunk, so a phrase is not cut in two.
 COMMA_BACKTRACK = 20
 BREAK = ("BREAK", -1.0)
+# The mean rescale after weighting is applied when it changes the scale by at most this much.
+RESCALE_RANGE = (0.1, 10.0)
 
 # One token of the syntax per match; no nested quantifiers, so matching is linear in the text.
 _SYNTAX = re.compile(
@@ -378,6 +380,11 @@ def _weighted(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
     if all(weight == 1.0 for weight in weights):
         return hidden  # unweighted: exactly what diffusers' own encode_prompt gives
     multipliers = torch.tensor(weights, device=hidden.device, dtype=hidden.dtype).reshape(1, -1, 1)
-    mean = hidden.mean()
     weighted = hidden * multipliers
-    return weighted * (mean / weighted.mean())
+    # The means in float32: in float16 a sum over 77 x 768 values loses the digits that matter.
+    ratio = hidden.float().mean() / weighted.float().mean()
+    if not RESCALE_RANGE[0] <= float(ratio) <= RESCALE_RANGE[1]:
+        # A weighted mean near zero, or of the other sign, would blow the chunk up (A1111 does not guard this);
+        # the weights stand without the rescale.
+        return weighted
+    return weighted * ratio.to(weighted.dtype)

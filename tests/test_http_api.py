@@ -135,3 +135,17 @@ def test_every_image_task_over_http(api_url: str) -> None:
         assert body["output"]["metadata"]["task"] == task
         [item] = body["output"]["images"]
         assert decode_png(item["image"]).size == size
+
+
+def test_a_long_weighted_prompt_over_http(api_url: str) -> None:
+    prompt = "(a red fox:1.3), [blurry], ((snow)), " * 6 + "BREAK a forest at dawn, \\(morning\\)"
+    body = post(
+        api_url, {"input": {"prompt": prompt, "width": 64, "height": 64, "num_inference_steps": 2, "clip_skip": 2}}
+    )
+
+    assert body["status"] == "COMPLETED", body
+    metadata = body["output"]["metadata"]
+    assert metadata["warnings"] == []
+    assert metadata["clip_skip"] == 2
+    assert metadata["prompt_tokens"]["prompt"]["chunks"] >= 3
+    assert "Clip skip: 2" in decode_png(body["output"]["images"][0]["image"]).text["parameters"]

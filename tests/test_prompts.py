@@ -318,3 +318,17 @@ def test_a_bad_embedding_file_stops_startup_naming_it(
 
     assert says in str(raised.value)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_weighting_restores_the_mean_and_never_blows_a_chunk_up() -> None:
+    from src.prompts import _weighted
+
+    hidden = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(0)) + 0.5
+    weights = [1.0] * 40 + [1.5] * 37
+    weighted = _weighted(hidden, weights)
+    assert torch.isclose(weighted.mean(), hidden.mean(), rtol=1e-4)
+
+    balanced = torch.cat([torch.ones(1, 38, 8), -torch.ones(1, 39, 8)], dim=1)  # a mean near zero
+    result = _weighted(balanced, [1.0] * 38 + [1.3] * 39)
+    assert torch.isfinite(result).all()
+    assert result.abs().max() <= 1.3
