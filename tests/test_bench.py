@@ -71,3 +71,12 @@ def test_tasks_benchmark_smoke_run_writes_every_task_and_the_rss_ratio(tmp_path:
     for row in ("| tiny txt2img | 128² | 10 |", "| tiny inpaint | 128² | 7 |", "| tiny hires | 128² → 256² | 10 + 5 |"):
         assert row in table
     assert f"Command: `{report['command']}`" in table
+
+
+def test_prompts_benchmark_writes_parse_and_encode_times(tmp_path: Path) -> None:
+    run_bench("bench.prompts", "--repeat", "1", "--out", str(tmp_path))
+
+    report = json.loads((tmp_path / "prompts.json").read_text())
+    assert len(report["parse_ms"]) == 4
+    assert {"worker", "diffusers_encode_prompt"} <= set(next(iter(report["encode_ms"].values())))
+    assert "Command: `python -m bench.prompts --repeat 1" in (tmp_path / "prompts.md").read_text()
