@@ -236,3 +236,22 @@ def run_image_tasks(cuda_engine: Engine) -> None:
         if fields.get("mask") and "inpaint_area" not in fields:
             kept = np.asarray(mask) == 0
             assert (pixels(first)[0][kept] == np.asarray(image, dtype=np.int16)[kept]).all()
+
+
+# --- prompts in float16 ------------------------------------------------------------------------------
+
+
+def test_long_weighted_prompts_and_clip_skip_in_float16(cuda_engine: Engine) -> None:
+    """A1111 prompts on CUDA in float16: several chunks, weights, BREAK and clip skip 2 give finite
+    images, the same twice, and a plain prompt is untouched by the weighting path."""
+    prompt = "(a red fox:1.3), [blurry], ((snow)), " * 8 + "BREAK a forest at dawn"
+    for clip_skip in (1, 2):
+        request = request_for(cuda_engine, prompt=prompt, negative_prompt="(ugly:1.2), " * 30, clip_skip=clip_skip)
+        first = cuda_engine.generate(request, timeout_s=120)
+        second = cuda_engine.generate(request, timeout_s=120)
+        assert first.prompt_tokens["prompt"]["chunks"] >= 3
+        assert not any("NaN" in warning for warning in first.warnings), first.warnings
+        assert np.abs(pixels(first)[0] - pixels(second)[0]).max() <= 2
+    plain = generate(cuda_engine, prompt="a fox in the snow")
+    same = generate(cuda_engine, prompt="a (fox:1.0) in the snow")
+    assert np.array_equal(pixels(plain)[0], pixels(same)[0])
