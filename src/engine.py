@@ -271,6 +271,7 @@ class Engine:
             job.start()
             # 3. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
             job.encoded = self._encode_prompts(request)
+            job.warnings += _editing_warnings(request)
 
             # 4. Generate; after an OOM, free memory and retry frugally once.
             result = self._attempt(job, plan, frugal=False)
@@ -491,6 +492,19 @@ class Engine:
         )
         pipeline.set_progress_bar_config(disable=not self.show_progress_bar, file=sys.stderr)
         return pipeline
+
+
+def _editing_warnings(request: GenerateRequest) -> list[str]:
+    """Say so when a prompt uses A1111's prompt editing, which is encoded as written, not switched per step."""
+    warnings = []
+    for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        found = prompts.editing_syntax(text)
+        if found is not None:
+            warnings.append(
+                f"{name}: prompt editing such as {found[:60]!r} is not supported; it was read as written, "
+                "its brackets as attention"
+            )
+    return warnings
 
 
 def _apply_fast_mode(pipeline: StableDiffusionPipeline, device: torch.device, profile: Profile) -> bool:

@@ -50,6 +50,16 @@ _SYNTAX = re.compile(
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
+# A1111's prompt editing, which this module does not read: [from:to:when], [to:when], [from::when], [a|b].
+_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*(?:\|[^\[\]]*|:\s*[\d.]+\s*)\]")
+
+
+def editing_syntax(text: str) -> str | None:
+    """The first piece of A1111's prompt editing syntax in ``text``, which is read as written; None if none."""
+    match = _EDITING.search(text)
+    return match.group(0) if match else None
+
+
 class PromptError(ValueError):
     """A prompt that cannot be encoded as asked; the message names the field and the rule."""
 

@@ -332,3 +332,21 @@ def test_weighting_restores_the_mean_and_never_blows_a_chunk_up() -> None:
     result = _weighted(balanced, [1.0] * 38 + [1.3] * 39)
     assert torch.isfinite(result).all()
     assert result.abs().max() <= 1.3
+
+
+@pytestmark_worker
+@pytest.mark.parametrize(
+    ("prompt", "warned"),
+    [
+        ("a [cat:dog:0.5] in the snow", True),
+        ("a [cat:10] in the snow", True),
+        ("a [cat::0.3] in the snow", True),
+        ("a [cat|dog] in the snow", True),
+        ("a [blurry] cat, (dog:1.2)", False),
+        ("a \\[cat|dog\\]", False),
+    ],
+)
+def test_prompt_editing_is_not_read_and_says_so(prompt: str, warned: bool) -> None:
+    warnings = ok(prompt=prompt)["metadata"]["warnings"]
+
+    assert any(warning.startswith("prompt: prompt editing such as") for warning in warnings) is warned
