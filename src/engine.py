@@ -83,8 +83,8 @@ class _Job:
     # Seconds, monotonic: the engine's clock.
     clock: Callable[[], float] = time.monotonic
     # Set when the job gets the GPU: time spent waiting for it is not the job's.
-    # Both prompts' embeddings, encoded once the job has the GPU.
-    encoded: prompts.Encoded | None = None
+    # Both prompts' embeddings for every step of every pass, encoded once the job has the GPU.
+    schedule: prompts.Schedule | None = None
     deadline: float = float("inf")
     # Steps of the pipeline call running now, and of those finished before it, as the request counts them.
     run_steps: int = 0
@@ -108,11 +108,14 @@ class _Job:
 
     def on_step_end(self, pipeline: Any, index: int, _timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
         """diffusers' ``callback_on_step_end``, called after each of the pipeline's ``num_timesteps`` iterations."""
+        self.step_finished(self.steps_before + self.steps_in_run(pipeline, index))
+        return tensors
+
+    def steps_in_run(self, pipeline: Any, index: int) -> int:
+        """Steps of the current run done once the pipeline's iteration ``index`` has ended."""
         iterations = max(int(pipeline.num_timesteps), 1)
         # Rounded down, so the run's last step is counted at its last iteration, not before.
-        in_run = min((index + 1) * self.run_steps // iterations, self.run_steps)
-        self.step_finished(self.steps_before + in_run)
-        return tensors
+        return min((index + 1) * self.run_steps // iterations, self.run_steps)
 
     def run_finished(self) -> None:
         self.steps_before += self.run_steps
@@ -270,8 +273,7 @@ class Engine:
             started = time.perf_counter()
             job.start()
             # 3. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
-            job.encoded = self._encode_prompts(request)
-            job.warnings += _editing_warnings(request)
+            job.schedule = self._encode_prompts(request, passes)
 
             # 4. Generate; after an OOM, free memory and retry frugally once.
             result = self._attempt(job, plan, frugal=False)
@@ -296,19 +298,21 @@ class Engine:
             queue_ms=(started - queued) * 1000,
             warnings=job.warnings,
             nsfw=nsfw,
-            prompt_tokens=job.encoded.counts if job.encoded else {},
-            embeddings={name: self.embeddings[name].short_hash for name in job.encoded.embeddings}
-            if job.encoded
+            prompt_tokens=job.schedule.first.counts if job.schedule else {},
+            embeddings={name: self.embeddings[name].short_hash for name in job.schedule.embeddings}
+            if job.schedule
             else {},
         )
 
-    def _encode_prompts(self, request: GenerateRequest) -> prompts.Encoded:
-        """Both prompts' embeddings, A1111's syntax read; a prompt that cannot be encoded is an input error."""
+    def _encode_prompts(self, request: GenerateRequest, passes: list[tasks.Pass]) -> prompts.Schedule:
+        """Both prompts' embeddings for each step of each pass, A1111's syntax and prompt editing read;
+        a prompt that cannot be encoded is an input error."""
         pipeline = self._pipeline
         try:
-            return prompts.encode_prompts(
+            return prompts.encode_schedule(
                 request.prompt,
                 request.negative_prompt,
+                [step.denoising_steps for step in passes],
                 tokenizer=pipeline.tokenizer,
                 text_encoder=pipeline.text_encoder,
                 device=pipeline._execution_device,
@@ -341,8 +345,8 @@ class Engine:
             setup = setup_for(self.profile, width, height, len(indices), frugal=frugal, tiling=plan.vae_tiling)
             with self._switches(setup):
                 latents: torch.Tensor | None = None
-                for step in job.passes:
-                    latents = self._denoise(job, step, latents, generators, indices)
+                for index in range(len(job.passes)):
+                    latents = self._denoise(job, index, latents, generators, indices)
                 assert latents is not None
                 decoded = self._decode(latents, indices, job.warnings)
             chunk_images, chunk_flags = self._finish(decoded, indices, job.warnings)
@@ -358,14 +362,16 @@ class Engine:
     def _denoise(
         self,
         job: _Job,
-        step: tasks.Pass,
+        pass_index: int,
         previous: torch.Tensor | None,
         generators: list[torch.Generator],
         indices: list[int],
     ) -> torch.Tensor:
-        """One pipeline call for the images ``indices``; returns its latents."""
-        request, encoded = job.request, job.encoded
-        assert encoded is not None, "the prompts are encoded before the first pass"
+        """One pipeline call (the pass ``pass_index``) for the images ``indices``; returns its latents."""
+        request, schedule, step = job.request, job.schedule, job.passes[pass_index]
+        assert schedule is not None, "the prompts are encoded before the first pass"
+        encoded = schedule.at(pass_index, 1)
+        switches = len(schedule.passes[pass_index]) > 1
         arguments = step.arguments_for(len(indices))
         if step.upscale_to is not None:
             assert previous is not None, "an upscaling pass follows another"
@@ -380,7 +386,8 @@ class Engine:
             num_images_per_prompt=len(indices),
             generator=generators,
             output_type="latent",
-            callback_on_step_end=job.on_step_end,
+            callback_on_step_end=_PromptSwitch(job, pass_index, len(indices)) if switches else job.on_step_end,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"] if switches else ["latents"],
             **arguments,
         ).images
         job.run_finished()
@@ -494,17 +501,28 @@ class Engine:
         return pipeline
 
 
-def _editing_warnings(request: GenerateRequest) -> list[str]:
-    """Say so when a prompt uses A1111's prompt editing, which is encoded as written, not switched per step."""
-    warnings = []
-    for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-        found = prompts.editing_syntax(text)
-        if found is not None:
-            warnings.append(
-                f"{name}: prompt editing such as {found[:60]!r} is not supported; it was read as written, "
-                "its brackets as attention"
-            )
-    return warnings
+class _PromptSwitch:
+    """``callback_on_step_end`` for a pass whose prompts change (A1111's prompt editing): the job's own
+    step-end work, then, when the next step's prompts differ, they replace the pipeline's embeddings."""
+
+    def __init__(self, job: _Job, pass_index: int, images: int) -> None:
+        assert job.schedule is not None
+        self.job, self.pass_index, self.images = job, pass_index, images
+        self.schedule = job.schedule
+        self.current = self.schedule.at(pass_index, 1)
+
+    def __call__(self, pipeline: Any, index: int, timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
+        tensors = self.job.on_step_end(pipeline, index, timestep, tensors)
+        upcoming = self.schedule.at(self.pass_index, self.job.steps_in_run(pipeline, index) + 1)
+        if upcoming is not self.current:
+            self.current = upcoming
+            # As the pipeline lays them out: each prompt once per image, the negatives first under guidance.
+            positive = upcoming.prompt_embeds.repeat(self.images, 1, 1)
+            if pipeline.do_classifier_free_guidance:
+                negative = upcoming.negative_prompt_embeds.repeat(self.images, 1, 1)
+                positive = torch.cat([negative, positive])
+            tensors["prompt_embeds"] = positive
+        return tensors
 
 
 def _apply_fast_mode(pipeline: StableDiffusionPipeline, device: torch.device, profile: Profile) -> bool:

@@ -2,12 +2,13 @@
 
 AUTOMATIC1111's prompt syntax, read the way A1111 reads it, in our own words:
 ``(text)`` multiplies attention by 1.1, ``[text]`` divides by 1.1, ``(text:1.5)``
-sets 1.5, brackets nest, ``\\(`` and friends are literal, and ``BREAK`` starts a
-new chunk. A prompt of any length is encoded 75 tokens at a time, each chunk
-alone, and the chunks are concatenated, so nothing past CLIP's 77 tokens is
-dropped. compel does not read this syntax and sd_embed is not on the package
-index, hence this module. It knows CLIP and the tokenizer, nothing of RunPod
-or pydantic; the engine calls ``encode_prompts`` under the GPU lock.
+sets 1.5, brackets nest, ``\\(`` and friends are literal, ``BREAK`` starts a
+new chunk, and prompt editing (``[from:to:when]``, ``[a|b]``) switches the text
+from step to step. A prompt of any length is encoded 75 tokens at a time, each
+chunk alone, and the chunks are concatenated, so nothing past CLIP's 77 tokens
+is dropped. compel does not read this syntax and sd_embed is not on the package
+index, hence this module. It knows CLIP and the tokenizer, nothing of RunPod or
+pydantic; the engine calls ``encode_schedule`` under the GPU lock.
 """
 
 from __future__ import annotations
@@ -48,16 +49,6 @@ _SYNTAX = re.compile(
     re.VERBOSE,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-
-
-# A1111's prompt editing, which this module does not read: [from:to:when], [to:when], [from::when], [a|b].
-_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*(?:\|[^\[\]]*|:\s*[\d.]+\s*)\]")
-
-
-def editing_syntax(text: str) -> str | None:
-    """The first piece of A1111's prompt editing syntax in ``text``, which is read as written; None if none."""
-    match = _EDITING.search(text)
-    return match.group(0) if match else None
 
 
 class PromptError(ValueError):
@@ -305,8 +296,9 @@ def encode_prompts(
     clip_skip: int = 1,
     max_chunks: int = 8,
     embeddings: Mapping[str, Any] | None = None,
+    min_chunks: int = 1,
 ) -> Encoded:
-    """Encode a prompt and its negative as A1111 does.
+    """Encode a prompt and its negative as A1111 does, in at least ``min_chunks`` chunks.
 
     1. Parse and tokenize each into chunks of 75 tokens with their weights.
     2. Pad the shorter with empty chunks, so both have the same length.
@@ -333,7 +325,7 @@ def encode_prompts(
                 f"at most {max_chunks} (MAX_PROMPT_CHUNKS)"
             )
     # 2. The same length.
-    length = max(len(chunks.rows) for chunks in chunked.values())
+    length = max(min_chunks, *(len(chunks.rows) for chunks in chunked.values()))
     embeds = {}
     for name, chunks in chunked.items():
         rows = chunks.rows + [empty_chunk(tokenizer)] * (length - len(chunks.rows))
@@ -398,3 +390,196 @@ def _weighted(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
         # the weights stand without the rescale.
         return weighted
     return weighted * ratio.to(weighted.dtype)
+
+
+# --- prompt editing: [from:to:when] and [a|b] ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Scheduled:
+    """``[before:after:when]``: ``before`` up to step ``when``, ``after`` from the next one."""
+
+    before: list[Any]
+    after: list[Any]
+    when: str  # as written: with a dot, a fraction of the steps; without, a step number
+
+
+@dataclass(frozen=True)
+class _Alternate:
+    """``[a|b|c]``: a on step 1, b on step 2, c on step 3, a on step 4, ..."""
+
+    options: list[list[Any]]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """``[text]`` that is attention, not editing: kept with its brackets for the attention parser."""
+
+    inside: list[Any]
+
+
+_NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
+
+
+def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+    """The prompt as A1111's prompt editing makes it at each of ``steps`` steps: ``(last step, text)``
+    pairs, in order, each text differing from the one before. Without editing: ``[(steps, text)]``.
+
+        >>> prompt_schedule("a [cat:dog:0.5]", 4)
+        [(2, 'a cat'), (4, 'a dog')]
+    """
+    if "[" not in text:
+        return [(steps, text)]
+    nodes = _editing_nodes(text)
+    schedule: list[tuple[int, str]] = []
+    for step in range(1, steps + 1):
+        rendered = _render(nodes, step, steps)
+        if schedule and schedule[-1][1] == rendered:
+            schedule[-1] = (step, rendered)
+        else:
+            schedule.append((step, rendered))
+    return schedule
+
+
+def _editing_nodes(text: str) -> list[Any]:
+    """``text`` as text, editing groups and attention groups; escapes and round brackets stay text."""
+    nodes: list[Any] = []
+    plain: list[str] = []
+    position = 0
+    while position < len(text):
+        char = text[position]
+        if char == "\\":
+            plain.append(text[position : position + 2])
+            position += 2
+            continue
+        end = _closing_bracket(text, position) if char == "[" else -1
+        if end == -1:
+            plain.append(char)
+            position += 1
+            continue
+        nodes.append("".join(plain))
+        plain = []
+        nodes.append(_group(text[position + 1 : end]))
+        position = end + 1
+    nodes.append("".join(plain))
+    return nodes
+
+
+def _closing_bracket(text: str, start: int) -> int:
+    """Where the ``[`` at ``start`` closes, or -1 when it does not."""
+    depth = 0
+    position = start
+    while position < len(text):
+        char = text[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth == 0:
+                return position
+        position += 1
+    return -1
+
+
+def _group(inside: str) -> Any:
+    """What ``[inside]`` is: alternation, a scheduled switch, or attention."""
+    options = _split_top(inside, "|")
+    if len(options) > 1:
+        return _Alternate([_editing_nodes(option) for option in options])
+    parts = _split_top(inside, ":")
+    if len(parts) in (2, 3) and _NUMBER.fullmatch(parts[-1]):
+        before = parts[0] if len(parts) == 3 else ""
+        after = parts[1] if len(parts) == 3 else parts[0]
+        return _Scheduled(_editing_nodes(before), _editing_nodes(after), parts[-1].strip())
+    return _Group(_editing_nodes(inside))
+
+
+def _split_top(text: str, separator: str) -> list[str]:
+    """``text`` split at ``separator`` outside any bracket and escape."""
+    parts, depth, start, position = [], 0, 0, 0
+    while position < len(text):
+        char = text[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        elif char == separator and depth == 0:
+            parts.append(text[start:position])
+            start = position + 1
+        position += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _render(nodes: list[Any], step: int, steps: int) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, _Group):
+            out.append("[" + _render(node.inside, step, steps) + "]")
+        elif isinstance(node, _Alternate):
+            out.append(_render(node.options[(step - 1) % len(node.options)], step, steps))
+        else:
+            value = float(node.when)
+            when = min(steps, int(value * steps if "." in node.when else value))
+            out.append(_render(node.before if step <= when else node.after, step, steps))
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Each pass's prompts over its steps, as prompt editing switches them: ``(last step, Encoded)``
+    in order. Every Encoded of a job has the same number of chunks, so they can replace each other."""
+
+    passes: list[list[tuple[int, Encoded]]]
+
+    @property
+    def first(self) -> Encoded:
+        return self.passes[0][0][1]
+
+    def at(self, pass_index: int, step: int) -> Encoded:
+        """The prompts for ``step`` (from 1) of the pass ``pass_index``."""
+        schedule = self.passes[pass_index]
+        return next((encoded for last, encoded in schedule if step <= last), schedule[-1][1])
+
+    @property
+    def embeddings(self) -> list[str]:
+        return list(dict.fromkeys(name for run in self.passes for _, encoded in run for name in encoded.embeddings))
+
+
+def encode_schedule(prompt: str, negative_prompt: str, steps: list[int], **encoding: Any) -> Schedule:
+    """Encode both prompts for passes of ``steps`` steps each, once per distinct text prompt editing makes.
+
+    ``encoding`` is ``encode_prompts``' keywords (tokenizer, text_encoder, device, clip_skip, max_chunks,
+    embeddings).
+
+    Raises:
+        PromptError: as ``encode_prompts``.
+    """
+    joint = [_joint(prompt_schedule(prompt, count), prompt_schedule(negative_prompt, count)) for count in steps]
+    texts = {text for run in joint for _, positive, negative in run for text in (positive, negative)}
+    tokenizer, embeddings = encoding["tokenizer"], encoding.get("embeddings")
+    length = max(len(to_chunks(text, tokenizer, embeddings).rows) for text in texts)
+    encoded: dict[tuple[str, str], Encoded] = {}
+    for run in joint:
+        for _, positive, negative in run:
+            if (positive, negative) not in encoded:
+                encoded[positive, negative] = encode_prompts(positive, negative, min_chunks=length, **encoding)
+    return Schedule([[(last, encoded[positive, negative]) for last, positive, negative in run] for run in joint])
+
+
+def _joint(positive: list[tuple[int, str]], negative: list[tuple[int, str]]) -> list[tuple[int, str, str]]:
+    """Two schedules over the same steps, as one: ``(last step, prompt, negative prompt)``."""
+    boundaries = sorted({last for last, _ in positive} | {last for last, _ in negative})
+
+    def text_at(schedule: list[tuple[int, str]], step: int) -> str:
+        return next(text for last, text in schedule if step <= last)
+
+    return [(last, text_at(positive, last), text_at(negative, last)) for last in boundaries]

@@ -17,7 +17,7 @@ from src.adapters import load_embeddings
 from src.engine import Engine, Generation
 from src.errors import AdapterError
 from src.outputs import a1111_parameters
-from src.prompts import CHUNK_TOKENS, parse_prompt_attention, to_chunks
+from src.prompts import CHUNK_TOKENS, parse_prompt_attention, prompt_schedule, to_chunks
 from src.schedulers import make_scheduler
 from src.schema import parse_input
 from src.settings import load_settings
@@ -334,19 +334,51 @@ def test_weighting_restores_the_mean_and_never_blows_a_chunk_up() -> None:
     assert result.abs().max() <= 1.3
 
 
-@pytestmark_worker
 @pytest.mark.parametrize(
-    ("prompt", "warned"),
+    ("text", "steps", "expected"),
     [
-        ("a [cat:dog:0.5] in the snow", True),
-        ("a [cat:10] in the snow", True),
-        ("a [cat::0.3] in the snow", True),
-        ("a [cat|dog] in the snow", True),
-        ("a [blurry] cat, (dog:1.2)", False),
-        ("a \\[cat|dog\\]", False),
+        ("a [cat:dog:0.5]", 4, [(2, "a cat"), (4, "a dog")]),
+        ("a [cat:dog:2]", 4, [(2, "a cat"), (4, "a dog")]),
+        ("a [dog:0.5]", 4, [(2, "a "), (4, "a dog")]),
+        ("a [cat::0.5]", 4, [(2, "a cat"), (4, "a ")]),
+        ("a [cat|dog]", 3, [(1, "a cat"), (2, "a dog"), (3, "a cat")]),
+        ("[a:[b|c]:0.5] x", 4, [(2, "a x"), (3, "b x"), (4, "c x")]),
+        ("[a:b:0.01]", 20, [(20, "b")]),
+        ("(a [cat:dog:0.5]:1.2) [blurry]", 2, [(1, "(a cat:1.2) [blurry]"), (2, "(a dog:1.2) [blurry]")]),
+        ("plain [blurry] (x:1.2)", 4, [(4, "plain [blurry] (x:1.2)")]),
+        ("\\[a|b\\] [a:b:c] [unclosed|x", 4, [(4, "\\[a|b\\] [a:b:c] [unclosed|x")]),
     ],
 )
-def test_prompt_editing_is_not_read_and_says_so(prompt: str, warned: bool) -> None:
-    warnings = ok(prompt=prompt)["metadata"]["warnings"]
+def test_prompt_editing_schedules_as_a1111(text: str, steps: int, expected: list[tuple[int, str]]) -> None:
+    assert prompt_schedule(text, steps) == expected
 
-    assert any(warning.startswith("prompt: prompt editing such as") for warning in warnings) is warned
+
+@pytestmark_worker
+def test_prompt_editing_switches_the_prompt_during_the_run() -> None:
+    steps = {"num_inference_steps": 4}
+    cat, dog = ok(prompt="a cat", **steps), ok(prompt="a dog", **steps)
+    switched = ok(prompt="a [cat:dog:0.5]", **steps)
+    alternating = ok(prompt="a [cat|dog]", **steps)
+
+    for edited in (switched, alternating):
+        assert not same_image(edited, cat)
+        assert not same_image(edited, dog)
+    assert same_image(ok(prompt="a [cat:dog:1.0]", **steps), cat), "switching after the last step: never"
+    assert same_image(ok(prompt="a [cat:dog:0.5]", **steps), switched)
+
+
+@pytestmark_worker
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"num_images": 2}, id="batch"),
+        pytest.param({"guidance_scale": 1.0}, id="no-guidance"),
+        pytest.param({"scheduler": "Heun"}, id="heun"),
+        pytest.param({"negative_prompt": "[blurry:ugly:0.5]"}, id="negative"),
+        pytest.param({"hires": {"scale": 1.5, "steps": 4}}, id="hires"),
+    ],
+)
+def test_prompt_editing_runs_with_every_kind_of_job(fields: dict[str, Any]) -> None:
+    result = ok(prompt="a [cat:(dog:1.3):0.5], [snow|rain]", num_inference_steps=4, **fields)
+
+    assert result["metadata"]["warnings"] == []
