@@ -382,3 +382,16 @@ def test_prompt_editing_runs_with_every_kind_of_job(fields: dict[str, Any]) -> N
     result = ok(prompt="a [cat:(dog:1.3):0.5], [snow|rain]", num_inference_steps=4, **fields)
 
     assert result["metadata"]["warnings"] == []
+
+
+@pytestmark_worker
+def test_embeddings_through_the_handler(ti_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handler, "_engine", ti_engine)
+
+    result = ok(prompt="a (tinyfox:1.2) in the snow", negative_prompt="a1111style")
+
+    digests = {name: ti_engine.embeddings[name].short_hash for name in ("tinyfox", "a1111style")}
+    assert result["metadata"]["embeddings"] == digests
+    parameters = decode_png(result["images"][0]["image"]).text["parameters"]
+    assert f'TI hashes: "tinyfox: {digests["tinyfox"]}, a1111style: {digests["a1111style"]}"' in parameters
+    assert "embeddings" not in ok(prompt="a fox")["metadata"]
