@@ -6,6 +6,9 @@ import datetime
 import json
 import os
 import platform
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,27 @@ def cpu_name() -> str:
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages: on a shared machine they say how busy it was."""
     return [round(value, 2) for value in os.getloadavg()]
+
+
+def run_child(module: str, *args: str, env: Mapping[str, str] | None = None) -> Any:
+    """Run ``python -m MODULE ARGS`` in a fresh process (with ``env``, default this one's) and return what
+    it printed as ``RESULT <json>``; a benchmark measures in children so that no run inherits another's state.
+
+    Raises:
+        RuntimeError: the child failed or printed no result; the message ends with its stderr.
+    """
+    completed = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**(os.environ if env is None else env), "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"{module} child {args} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def report_header() -> dict[str, Any]:

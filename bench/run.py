@@ -32,14 +32,13 @@ import base64
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.machine import load_average, report_header, write_results
+from bench.machine import load_average, report_header, run_child, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_MODEL_DIR = Path(os.environ.get("BENCH_MODEL_CACHE", Path(tempfile.gettempdir()) / "sd15-random-bench"))
@@ -193,18 +192,7 @@ def _child(argv: list[str]) -> None:
 
 
 def _spawn(*args: str) -> Any:
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--child", *args],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"bench child {args} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_child("bench.run", "--child", *args)
 
 
 def _median_spread(values: list[float]) -> tuple[float, float, float]:

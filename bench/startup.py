@@ -33,7 +33,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from bench.machine import cpu_name, load_average, report_header, write_results
+from bench.machine import cpu_name, load_average, report_header, run_child, write_results
 from bench.run import FULL_MODEL_DIR, RESULTS
 
 VARIANTS = {
@@ -101,18 +101,7 @@ def _child(variant: str, model: str, started: float) -> dict[str, float]:
 
 
 def _spawn(variant: str, model: Path) -> dict[str, float]:
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.startup", "--child", variant, str(model), repr(time.time())],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"startup child {variant} failed:\n{completed.stderr[-3000:]}")
-    return dict(json.loads(lines[-1].removeprefix("RESULT ")))
+    return dict(run_child("bench.startup", "--child", variant, str(model), repr(time.time())))
 
 
 def _runpod_import_profile(top: int = 8) -> list[tuple[str, float]]:

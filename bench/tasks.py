@@ -43,7 +43,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ from typing import Any
 
 from PIL import Image
 
-from bench.machine import load_average, report_header, write_results
+from bench.machine import load_average, report_header, run_child, write_results
 from bench.run import FULL_MODEL_DIR, RESULTS
 
 PROMPT = "a red fox in a snowy forest at dawn, detailed fur, soft light"
@@ -389,21 +388,10 @@ def measure_rss(plan: Plan, model: Path) -> dict[str, Any]:
     One after the other: side by side on 2 cores, torch's threads spin against each other and the run takes
     twice as long.
     """
-    command = [sys.executable, "-m", "bench.tasks", *(["--full"] if plan.model == "full" else []), "--rss-child"]
-    rss: dict[str, Any] = {}
-    for mode in ("txt2img", "all"):
-        completed = subprocess.run(
-            [*command, mode],
-            cwd=Path(__file__).resolve().parent.parent,
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**_worker_environment(model), "PYTHONDONTWRITEBYTECODE": "1"},
-        )
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-        if completed.returncode != 0 or not lines:
-            raise RuntimeError(f"bench.tasks --rss-child {mode} failed:\n{completed.stderr[-3000:]}")
-        rss[mode] = json.loads(lines[-1].removeprefix("RESULT "))
+    flags = [*(["--full"] if plan.model == "full" else []), "--rss-child"]
+    rss: dict[str, Any] = {
+        mode: run_child("bench.tasks", *flags, mode, env=_worker_environment(model)) for mode in ("txt2img", "all")
+    }
     rss["ratio"] = rss["all"]["peak_rss_mib"] / rss["txt2img"]["peak_rss_mib"]
     return rss
 

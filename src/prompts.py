@@ -564,9 +564,12 @@ def encode_schedule(prompt: str, negative_prompt: str, steps: list[int], **encod
         PromptError: as ``encode_prompts``.
     """
     joint = [_joint(prompt_schedule(prompt, count), prompt_schedule(negative_prompt, count)) for count in steps]
-    texts = {text for run in joint for _, positive, negative in run for text in (positive, negative)}
-    tokenizer, embeddings = encoding["tokenizer"], encoding.get("embeddings")
-    length = max(len(to_chunks(text, tokenizer, embeddings).rows) for text in texts)
+    pairs = {(positive, negative) for run in joint for _, positive, negative in run}
+    length = 1  # one pair: encode_prompts already pads the prompt and its negative to each other
+    if len(pairs) > 1:
+        tokenizer, embeddings = encoding["tokenizer"], encoding.get("embeddings")
+        texts = {text for pair in pairs for text in pair}
+        length = max(len(to_chunks(text, tokenizer, embeddings).rows) for text in texts)
     encoded: dict[tuple[str, str], Encoded] = {}
     for run in joint:
         for _, positive, negative in run:
