@@ -32,6 +32,7 @@ from src.adapters import Embedding, load_embeddings
 from src.canvas import TaskImages
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.loader import load_pipeline, resolve_device, resolve_dtype
+from src.loras import Applied, Loras, scan_loras
 from src.memory import GIB, Plan, Profile, Setup, choose_profile, plan_sub_batch, setup_for, sub_batches
 from src.schedulers import make_scheduler
 from src.schema import GenerateRequest, InputError
@@ -61,6 +62,8 @@ class Generation:
     prompt_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
     # The textual-inversion embeddings the prompts named, with A1111's short hash of each file.
     embeddings: dict[str, str] = field(default_factory=dict)
+    # The LoRAs the job ran with, in the order asked.
+    loras: list[Applied] = field(default_factory=list)
 
 
 @dataclass
@@ -162,6 +165,8 @@ class Engine:
         self.clock: Callable[[], float] = time.monotonic
         # Textual-inversion embeddings by name, from EMBEDDINGS_DIR.
         self.embeddings: dict[str, Embedding] = {}
+        # LoRAs from LORA_DIR, and the pipeline's LoRA state.
+        self.loras = Loras(pipeline, {}, cache_bytes=0)
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -186,7 +191,18 @@ class Engine:
             # On the CPU in half precision diffusers warns that it "will fail"; torch 2.13 runs it.
             pipeline.to(device, silence_dtype_warnings=True)
         embeddings = load_embeddings(settings.embeddings_dir, int(pipeline.text_encoder.config.hidden_size))
-        fast = settings.fast_mode and _apply_fast_mode(pipeline, device, profile)
+        fast = settings.fast_mode and _fast_mode_applies(device, profile)
+        # Between jobs, cached LoRAs wait in host memory; offloading profiles move weights themselves.
+        offload_to = device if device.type == "cuda" and profile in (Profile.HIGH, Profile.BALANCED) else None
+        loras = Loras(
+            pipeline,
+            scan_loras(settings.lora_dir),
+            cache_bytes=int(settings.lora_cache_mb * 1e6),
+            offload_to=offload_to,
+            slots=settings.max_loras if fast else 0,
+        )
+        if fast:
+            _apply_fast_mode(pipeline, loras)
         log.info(
             "loaded %s on %s (%s, %s profile%s) in %.1f s",
             settings.model_id,
@@ -198,6 +214,7 @@ class Engine:
         )
         engine = cls(pipeline, settings=settings, device=device, dtype=dtype, profile=profile, gpu_bytes=gpu_bytes)
         engine.embeddings = embeddings
+        engine.loras = loras
         if fast:
             engine.warm_up()
         return engine
@@ -210,6 +227,9 @@ class Engine:
             {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, context={"limits": self.settings}
         )
         self.generate(request, timeout_s=3600)
+        if self.loras.has_slots:
+            with self.loras.first_slot_on():
+                self.generate(request, timeout_s=3600)
         log.info("warmed up in %.1f s", time.perf_counter() - started)
 
     @property
@@ -243,7 +263,11 @@ class Engine:
             OutOfMemoryError: the GPU ran out of memory, twice.
             BadImageError: the images hold NaN even after a float32 decode.
         """
-        # 1. Admission: how many images fit at once, or a refusal before any work, sized by the largest pass.
+        # 1. Admission: the LoRAs exist, and how many images fit at once (LoRAs included), or a refusal
+        # before any work, sized by the largest pass.
+        problems = self.loras.check(request.loras)
+        if problems:
+            raise InputError(f"invalid input: {'; '.join(problems)}")
         width, height = request.output_size
         passes = tasks.passes(request, images)
         plan = plan_sub_batch(
@@ -254,6 +278,7 @@ class Engine:
             gpu_bytes=self.gpu_bytes,
             dtype_bytes=self.dtype.itemsize,
             safety_checker=self._pipeline.safety_checker is not None,
+            adapter_bytes=self.loras.gpu_bytes(request.loras, self.dtype.itemsize),
         )
         steps = sum(step.denoising_steps for step in passes)
         job = _Job(
@@ -272,23 +297,25 @@ class Engine:
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
             job.start()
-            # 3. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
-            job.schedule = self._encode_prompts(request, passes)
+            # 3. The job's LoRAs on, for this job only: off again when it ends, however it ends.
+            with self.loras.applied(request.loras) as loras:
+                # 4. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
+                job.schedule = self._encode_prompts(request, passes)
 
-            # 4. Generate; after an OOM, free memory and retry frugally once.
-            result = self._attempt(job, plan, frugal=False)
-            if result is None:
-                # Outside the except block, so the failed run's tensors went with its traceback.
-                self._release_memory()
-                job.warnings.append(
-                    "the GPU ran out of memory; the job was retried one image at a time with VAE tiling"
-                )
-                log.warning("out of GPU memory at %dx%d x%d; retrying frugally", width, height, request.num_images)
-                job.count_again(steps * request.num_images)
-                result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
+                # 5. Generate; after an OOM, free memory and retry frugally once.
+                result = self._attempt(job, plan, frugal=False)
                 if result is None:
+                    # Outside the except block, so the failed run's tensors went with its traceback.
                     self._release_memory()
-                    raise OutOfMemoryError(self._oom_message(request))
+                    job.warnings.append(
+                        "the GPU ran out of memory; the job was retried one image at a time with VAE tiling"
+                    )
+                    log.warning("out of GPU memory at %dx%d x%d; retrying frugally", width, height, request.num_images)
+                    job.count_again(steps * request.num_images)
+                    result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
+                    if result is None:
+                        self._release_memory()
+                        raise OutOfMemoryError(self._oom_message(request))
             pictures, nsfw = result
             inference_ms = (time.perf_counter() - started) * 1000
         return Generation(
@@ -302,6 +329,7 @@ class Engine:
             embeddings={name: self.embeddings[name].short_hash for name in job.schedule.embeddings}
             if job.schedule
             else {},
+            loras=loras,
         )
 
     def _encode_prompts(self, request: GenerateRequest, passes: list[tasks.Pass]) -> prompts.Schedule:
@@ -310,7 +338,7 @@ class Engine:
         pipeline = self._pipeline
         try:
             return prompts.encode_schedule(
-                request.prompt,
+                request.prompt_text,
                 request.negative_prompt,
                 [step.denoising_steps for step in passes],
                 tokenizer=pipeline.tokenizer,
@@ -525,13 +553,11 @@ class _PromptSwitch:
         return tensors
 
 
-def _apply_fast_mode(pipeline: StableDiffusionPipeline, device: torch.device, profile: Profile) -> bool:
-    """FAST_MODE's speed-ups, where they help: returns whether they were applied.
+def _fast_mode_applies(device: torch.device, profile: Profile) -> bool:
+    """Whether FAST_MODE's speed-ups help here; says why not in the log.
 
-    channels_last suits tensor cores; fused QKV projections make one matmul of three;
-    regional compilation compiles the UNet's repeated transformer block once, so the
-    compile costs seconds, not minutes. Pascal has no tensor cores and Triton does not
-    support it, so it never gets them; offloaded models cannot be compiled in place.
+    Pascal has no tensor cores and Triton does not support it, so it never gets them;
+    offloaded models cannot be compiled in place.
     """
     if device.type != "cuda":
         log.warning("FAST_MODE ignored: it needs a CUDA GPU, and this worker runs on %s", device.type)
@@ -543,12 +569,28 @@ def _apply_fast_mode(pipeline: StableDiffusionPipeline, device: torch.device, pr
     if profile in (Profile.LOW, Profile.MINIMAL):
         log.warning("FAST_MODE ignored with the %s profile: CPU offload and compilation do not mix", profile.value)
         return False
+    return True
+
+
+def _apply_fast_mode(pipeline: StableDiffusionPipeline, loras: Loras) -> None:
+    """FAST_MODE's speed-ups: channels_last suits tensor cores; fused QKV projections make one
+    matmul of three; regional compilation compiles the UNet's repeated transformer block once,
+    so the compile costs seconds, not minutes.
+
+    With LoRAs, the QKV projections stay apart (a fused ``to_qkv`` would bypass the LoRA layers
+    on ``to_q``, ``to_k`` and ``to_v``), the UNet gets its hot-swap slots before it is compiled,
+    and the compile may break the graph where PEFT's layers need it.
+    """
     pipeline.unet.to(memory_format=torch.channels_last)
     pipeline.vae.to(memory_format=torch.channels_last)
-    pipeline.fuse_qkv_projections()
-    pipeline.unet.compile_repeated_blocks(fullgraph=True)
-    log.info("FAST_MODE: channels_last, fused QKV projections, compiled UNet blocks")
-    return True
+    if loras.files:
+        loras.prepare_slots()
+        pipeline.unet.compile_repeated_blocks(fullgraph=False)
+        log.info("FAST_MODE: channels_last, compiled UNet blocks with LoRA hot-swap slots; QKV projections unfused")
+    else:
+        pipeline.fuse_qkv_projections()
+        pipeline.unet.compile_repeated_blocks(fullgraph=True)
+        log.info("FAST_MODE: channels_last, fused QKV projections, compiled UNet blocks")
 
 
 def _gpu_bytes(settings: Settings) -> int:

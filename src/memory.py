@@ -102,9 +102,10 @@ def estimate_peak_bytes(
     *,
     tiling: bool = False,
     safety_checker: bool = False,
+    adapter_bytes: int = 0,
 ) -> float:
     """Estimated peak GPU memory for generating ``batch`` images of ``width`` x ``height`` at once,
-    with the safety checker's weights when it is loaded."""
+    with the safety checker's weights when it is loaded and the job's LoRA weights (``adapter_bytes``)."""
     scale = dtype_bytes / 2
     weights = sum(WEIGHTS_FP16.values()) * scale
     if profile is Profile.LOW:  # model offload: one component on the GPU at a time
@@ -113,6 +114,7 @@ def estimate_peak_bytes(
         weights = 0.2e9 * scale
     if safety_checker:
         weights += SAFETY_CHECKER_FP16 * scale
+    weights += adapter_bytes
     latent_pixels = (width // 8) * (height // 8)
     unet = UNET_BYTES_PER_LATENT_PIXEL * latent_pixels * 2 * batch * scale
     setup = setup_for(profile, width, height, batch, tiling=tiling)
@@ -139,6 +141,7 @@ def plan_sub_batch(
     gpu_bytes: int | None,
     dtype_bytes: int = 2,
     safety_checker: bool = False,
+    adapter_bytes: int = 0,
 ) -> Plan:
     """The largest sub-batch whose estimate fits the GPU; with VAE tiling when nothing fits without it.
 
@@ -154,12 +157,30 @@ def plan_sub_batch(
     for tiling in (False, True):
         for batch in range(num_images, 0, -1):
             estimate = estimate_peak_bytes(
-                profile, width, height, batch, dtype_bytes, tiling=tiling, safety_checker=safety_checker
+                profile,
+                width,
+                height,
+                batch,
+                dtype_bytes,
+                tiling=tiling,
+                safety_checker=safety_checker,
+                adapter_bytes=adapter_bytes,
             )
             if estimate <= budget:
                 return Plan(batch, vae_tiling=tiling)
-    need = estimate_peak_bytes(profile, width, height, 1, dtype_bytes, tiling=True, safety_checker=safety_checker)
+    need = estimate_peak_bytes(
+        profile,
+        width,
+        height,
+        1,
+        dtype_bytes,
+        tiling=True,
+        safety_checker=safety_checker,
+        adapter_bytes=adapter_bytes,
+    )
     checker = ", safety checker included" if safety_checker else ""
+    if adapter_bytes:
+        checker += f", {adapter_bytes / 1e6:.0f} MB of LoRA weights included"
     raise AdmissionError(
         f"{width}x{height} needs about {need / GIB:.1f} GiB of GPU memory even one image at a time "
         f"with VAE tiling ({profile.value} profile{checker}), and this GPU has {gpu_bytes / GIB:.1f} GiB: "

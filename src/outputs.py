@@ -13,6 +13,7 @@ import base64
 import io
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,17 +23,20 @@ from src import __version__
 from src.errors import ResponseTooLargeError, StorageError
 from src.schema import (
     TASK_FIELDS,
+    AppliedLora,
     GenerateRequest,
     GenerateResponse,
     InlineImage,
     Metadata,
     Timings,
     UploadedImage,
+    lora_tags,
 )
 
 if TYPE_CHECKING:
     from src.canvas import Inputs
     from src.engine import Engine, Generation
+    from src.loras import Applied
     from src.settings import Settings
     from src.storage import S3Storage
 
@@ -65,9 +69,9 @@ PNG_COMPRESS_LEVEL = 1
 WEBP_METHOD = 2
 _BASE64_GROWTH = 4 / 3
 # The request fields every job's metadata repeats, as the request resolved them (defaults filled in);
-# the fields of one task come from GenerateRequest.task_fields.
+# the fields of one task come from GenerateRequest.task_fields, the LoRAs (with their hashes) from the engine.
 _TASK_FIELDS = {name for names in TASK_FIELDS.values() for name in names}
-_ECHOED_FIELDS = (set(Metadata.model_fields) & set(GenerateRequest.model_fields)) - _TASK_FIELDS
+_ECHOED_FIELDS = (set(Metadata.model_fields) & set(GenerateRequest.model_fields)) - _TASK_FIELDS - {"loras"}
 # A1111's names for the hires upscalers.
 _HIRES_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 _USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF 2.3 character code for UTF-16 text, as A1111 writes it
@@ -87,14 +91,18 @@ def a1111_parameters(
     request: GenerateRequest,
     seed: int,
     model: str,
+    *,
     source_size: tuple[int, int] | None = None,
     embeddings: dict[str, str] | None = None,
+    loras: Sequence[Applied] = (),
 ) -> str:
     """The parameters text AUTOMATIC1111 writes into its images, for one image.
 
     Like A1111, it has no "Negative prompt:" line when the negative prompt is empty, and
     names only what the task used: ``Denoising strength`` and ``Mask blur`` with an image,
-    ``Hires upscale``, ``Hires steps`` and ``Hires upscaler`` with hires fix.
+    ``Hires upscale``, ``Hires steps`` and ``Hires upscaler`` with hires fix. LoRAs are
+    ``<lora:name:scale>`` tags in the prompt, as A1111 reads them back: those the prompt
+    holds stay as they are, those of the ``loras`` field are added at its end.
     """
     width, height = request.size
     fields = {
@@ -130,8 +138,17 @@ def a1111_parameters(
         fields["Hires upscaler"] = _HIRES_UPSCALER_NAMES[request.hires.upscaler]
     if embeddings:
         fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'
+    if loras:
+        fields["Lora hashes"] = '"' + ", ".join(f"{item.name}: {item.short_hash}" for item in loras) + '"'
+    tagged = {name for _kind, name in _tag_names(request.prompt)}
+    added = "".join(f" <lora:{item.name}:{item.scale:g}>" for item in loras if item.name not in tagged)
     negative = f"Negative prompt: {request.negative_prompt}\n" if request.negative_prompt else ""
-    return f"{request.prompt}\n{negative}" + ", ".join(f"{name}: {value}" for name, value in fields.items())
+    return f"{request.prompt}{added}\n{negative}" + ", ".join(f"{name}: {value}" for name, value in fields.items())
+
+
+def _tag_names(prompt: str) -> list[tuple[str, str]]:
+    """(kind, name) of each extra-network tag in the prompt."""
+    return [(kind, arguments.split(":")[0].strip()) for kind, arguments in lora_tags(prompt)]
 
 
 def encode_image(image: Image.Image, output_format: str, quality: int, parameters: str | None) -> bytes:
@@ -232,7 +249,14 @@ def encode_response(
                 image,
                 request.output_format,
                 request.output_quality,
-                a1111_parameters(request, seed, engine.model_name, source_size, generation.embeddings)
+                a1111_parameters(
+                    request,
+                    seed,
+                    engine.model_name,
+                    source_size=source_size,
+                    embeddings=generation.embeddings,
+                    loras=generation.loras,
+                )
                 if settings.embed_parameters
                 else None,
             ),
@@ -265,6 +289,8 @@ def encode_response(
             seeds=generation.seeds,
             prompt_tokens=generation.prompt_tokens,
             embeddings=generation.embeddings or None,
+            loras=[AppliedLora(name=item.name, scale=item.scale, hash=item.short_hash) for item in generation.loras]
+            or None,
             model=engine.model_name,
             device=engine.device.type,
             dtype=engine.dtype_name,

@@ -19,6 +19,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -48,6 +49,8 @@ SCHEDULERS: Mapping[str, tuple[type[SchedulerMixin], dict[str, Any]]] = MappingP
         "DDIM": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
         "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
         "UniPC": (UniPCMultistepScheduler, {}),
+        # For the LCM-LoRA (or an LCM-distilled checkpoint): 4 to 8 steps at guidance 1 to 2.
+        "LCM": (LCMScheduler, {}),
     }
 )
 

@@ -53,6 +53,7 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "DDIM",
     "PNDM",
     "UniPC",
+    "LCM",
 )
 # Other spellings of each: A1111's k-diffusion names and ComfyUI's sampler_name values, alone
 # or joined to ComfyUI's scheduler "karras". Case, spaces, underscores, hyphens, colons and
@@ -105,6 +106,11 @@ INPAINT_PADDING_MAX = 256
 # The size a job runs at is a multiple of this; hires' second pass only needs the latent grid's 8.
 HIRES_SIDE_STEP = 8
 Task = Literal["txt2img", "img2img", "inpaint", "outpaint"]
+LORA_SCALE_LIMIT = 4.0
+# A1111's extra-network tags, as its re_extra_net reads them: <lora:name> or <lora:name:scale>.
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+# The tag kinds that name a LoRA: A1111 reads <lyco:...> as <lora:...>.
+LORA_TAG_KINDS = ("lora", "lyco")
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 OUTPUT_FORMAT_ALIASES: Mapping[str, str] = {"jpg": "jpeg", "jpe": "jpeg"}
 _SEPARATORS = re.compile(r"[\s_:()-]+")
@@ -149,6 +155,10 @@ class RequestLimits(Protocol):
     def default_clip_skip(self) -> int: ...
     @property
     def bucket_configured(self) -> bool: ...
+    @property
+    def lora_dir(self) -> str | None: ...
+    @property
+    def max_loras(self) -> int: ...
 
 
 def _canonical(name: str, names_by_key: Mapping[str, str], kind: str, listed: Iterable[str]) -> str:
@@ -306,6 +316,108 @@ class Hires(BaseModel):
         return int(self.steps * self.strength)
 
 
+class LoraRequest(BaseModel):
+    """One LoRA for the job: a file of LORA_DIR by name, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: StrictStr = Field(
+        min_length=1,
+        max_length=255,
+        description="A LoRA's name: its file name in `LORA_DIR` without `.safetensors` (`sub/name` in a subfolder).",
+    )
+    scale: float = Field(
+        1.0,
+        strict=True,
+        ge=-LORA_SCALE_LIMIT,
+        le=LORA_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description=f"A finite number from {-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}; 0 leaves the model as it is.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_not_a_path(cls, value: str) -> str:
+        parts = value.split("/")
+        if "://" in value or "\\" in value or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(
+                "must be a LoRA's name: its file name in LORA_DIR without .safetensors (sub/name in a subfolder), "
+                "not a path or a URL"
+            )
+        return value
+
+
+def lora_tags(text: str) -> list[tuple[str, str]]:
+    """A1111's extra-network tags in ``text``: (kind, arguments) for each ``<kind:arguments>``."""
+    return [(match.group(1), match.group(2)) for match in EXTRA_NETWORK_TAG.finditer(text)]
+
+
+def without_lora_tags(text: str) -> str:
+    """``text`` with its ``<lora:...>`` tags removed, as A1111 removes them before encoding."""
+    return EXTRA_NETWORK_TAG.sub(lambda match: "" if match.group(1).lower() in LORA_TAG_KINDS else match.group(0), text)
+
+
+def _loras_from_tags(prompt: str) -> list[dict[str, Any]]:
+    """The LoRAs the prompt's ``<lora:name:scale>`` tags ask for.
+
+    Raises:
+        ValueError: a tag that is not a LoRA tag, or whose scale is not a number within the bounds.
+    """
+    found = []
+    for kind, arguments in lora_tags(prompt):
+        tag = f"<{kind}:{arguments}>"
+        if kind.lower() not in LORA_TAG_KINDS:
+            raise ValueError(
+                f"prompt: {tag}: only <lora:name> and <lora:name:scale> tags are read; <{kind}:...> is not"
+            )
+        name, *rest = arguments.split(":")
+        if len(rest) > 1:
+            raise ValueError(
+                f"prompt: {tag}: a LoRA tag takes a name and at most one scale, <lora:name:scale>; "
+                "separate text-encoder and UNet scales are not supported"
+            )
+        scale = 1.0
+        if rest:
+            try:
+                scale = float(rest[0])
+            except ValueError:
+                scale = float("nan")
+            if not -LORA_SCALE_LIMIT <= scale <= LORA_SCALE_LIMIT:
+                raise ValueError(
+                    f"prompt: {tag}: the scale {rest[0]!r} must be a finite number from "
+                    f"{-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}"
+                )
+        found.append({"name": name.strip(), "scale": scale})
+    return found
+
+
+def _merge_lora_tags(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the prompt's ``<lora:...>`` tags added to ``loras``, after the ones listed there.
+
+    Raises:
+        ValueError: a bad tag, a tag in the negative prompt, or a LoRA named both ways.
+    """
+    negative = data.get("negative_prompt")
+    if isinstance(negative, str) and any(kind.lower() in LORA_TAG_KINDS for kind, _ in lora_tags(negative)):
+        raise ValueError("negative_prompt: <lora:...> tags are read only in prompt; a LoRA applies to the whole job")
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str):
+        return data
+    tagged = _loras_from_tags(prompt)
+    if not tagged:
+        return data
+    listed = data.get("loras") or []
+    if not isinstance(listed, list):
+        return data  # pydantic refuses it with its own message
+    listed_names = {item.get("name") for item in listed if isinstance(item, dict)}
+    for item in tagged:
+        if item["name"] in listed_names:
+            raise ValueError(
+                f"loras: {item['name']!r} is named in loras and as a <lora:{item['name']}> tag in prompt; name it once"
+            )
+    return {**data, "loras": [*listed, *tagged]}
+
+
 # Fields that mean something only for some tasks; asking for one elsewhere is an error, never ignored.
 IMAGE_FIELDS = ("mask", "strength", "resize_mode", "outpaint")
 MASK_FIELDS = ("mask_blur", "inpaint_area", "inpaint_padding", "keep_unmasked")
@@ -453,6 +565,13 @@ class GenerateRequest(BaseModel):
         description="Text-to-image in two passes, as A1111's hires fix: `{scale, steps, strength, upscaler}`; "
         "see below. Not with `image`.",
     )
+    loras: list[LoraRequest] = Field(
+        default_factory=list,
+        description="LoRAs for this job, `[{name, scale}]`, at most `MAX_LORAS` with the prompt's "
+        f"`<lora:name:scale>` tags, each name once; scale {-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}, default 1. "
+        "Needs `LORA_DIR`; see LoRA.",
+        json_schema_extra={"shown_default": "none"},
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -467,6 +586,7 @@ class GenerateRequest(BaseModel):
             hires = data.get("hires")
             if isinstance(hires, dict) and "steps" not in hires:
                 data["hires"] = {**hires, "steps": data["num_inference_steps"]}
+            data = _merge_lora_tags(data)
         return data
 
     @field_validator("resize_mode", mode="before")
@@ -567,10 +687,34 @@ class GenerateRequest(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _loras_allowed(self, info: ValidationInfo) -> GenerateRequest:
+        if not self.loras:
+            return self
+        limits = _limits(info)
+        if limits.lora_dir is None:
+            raise ValueError("loras: LoRA is off on this worker: LORA_DIR is not set")
+        if len(self.loras) > limits.max_loras:
+            raise ValueError(
+                f"loras: {len(self.loras)} LoRAs asked for, with the prompt's <lora:...> tags: "
+                f"at most {limits.max_loras} (MAX_LORAS)"
+            )
+        seen: set[str] = set()
+        for index, lora in enumerate(self.loras):
+            if lora.name in seen:
+                raise ValueError(f"loras.{index}.name={lora.name!r}: named twice; name each LoRA once")
+            seen.add(lora.name)
+        return self
+
+    @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo) -> GenerateRequest:
         if self.width is not None and self.height is not None:
             check_size(self, self.width, self.height, _limits(info))
         return self
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt as it is encoded: its ``<lora:...>`` tags, which ``loras`` holds, removed."""
+        return without_lora_tags(self.prompt)
 
     @property
     def task(self) -> Task:
@@ -839,6 +983,14 @@ class PromptTokens(BaseModel):
     chunks: int = Field(description="Chunks of 75 tokens it was encoded in, each read by CLIP alone.")
 
 
+class AppliedLora(BaseModel):
+    """A LoRA a job ran with."""
+
+    name: str = Field(description="Its name in `LORA_DIR`.")
+    scale: float = Field(description="The scale it ran at.")
+    hash: str = Field(description="A1111's short hash of the file (its `Lora hashes` value).")
+
+
 class Metadata(BaseModel):
     """What was generated and how; enough to reproduce every image."""
 
@@ -857,6 +1009,11 @@ class Metadata(BaseModel):
         None,
         description="The textual-inversion embeddings the prompts named, each with A1111's short hash of its "
         "file; present when there were any.",
+    )
+    loras: list[AppliedLora] | None = Field(
+        None,
+        description="The LoRAs the job ran with: `name`, `scale` and A1111's short `hash` of each file; "
+        "present when there were any.",
     )
     prompt_tokens: dict[str, PromptTokens] = Field(
         description="For `prompt` and `negative_prompt`: its tokens and the chunks of 75 they were encoded in."

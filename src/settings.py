@@ -115,6 +115,21 @@ class Settings(BaseModel):
         "plain tensors only), loaded at startup; a word in a prompt that is a file's name stands for its vectors. "
         "Unset: none.",
     )
+    lora_dir: str | None = Field(
+        None,
+        alias="LORA_DIR",
+        description="Folder of LoRA `.safetensors` files (subfolders too), listed at startup; a request names them "
+        "by file name without extension. Unset: LoRA is off.",
+    )
+    max_loras: int = Field(4, alias="MAX_LORAS", ge=1, le=16, description="Most LoRAs one request may use, 1 to 16.")
+    lora_cache_mb: float = Field(
+        1024.0,
+        alias="LORA_CACHE_MB",
+        ge=0,
+        le=1_000_000,
+        description="Host memory, in MB (10^6 bytes), that loaded LoRAs may keep between jobs, least recently used "
+        "dropped first; 0 loads each job's LoRAs from disk.",
+    )
     max_prompt_chunks: int = Field(
         8,
         alias="MAX_PROMPT_CHUNKS",

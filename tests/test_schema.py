@@ -676,6 +676,7 @@ EXPECTED_CLASSES = {
     "DDIM": "DDIMScheduler",
     "PNDM": "PNDMScheduler",
     "UniPC": "UniPCMultistepScheduler",
+    "LCM": "LCMScheduler",
 }
 
 

@@ -1,0 +1,597 @@
+"""LoRA per request: the files in ``LORA_DIR``, loaded on first use, on for one job, off after it.
+
+At startup ``scan_loras`` lists the folder's ``.safetensors`` files by name (the path
+below the folder, without the extension) and reads each one's header only: a file
+that is not a LoRA, or is a LyCORIS kind diffusers cannot load, or is cut short, is
+listed as unusable. A request can name only listed files.
+
+``Loras`` owns the LoRA state of the shared pipeline. A job's LoRAs are loaded
+with diffusers' ``load_lora_weights`` (PEFT), switched on with their scales for
+the job, and switched off in a ``finally`` under the GPU lock, so a job without
+LoRA runs exactly the layers a worker that never loaded one runs. A loaded
+adapter stays cached, off, while the cache fits ``LORA_CACHE_MB`` (least recently
+used evicted); on a GPU the cached adapters wait in host memory and only the
+job's are on the card. With ``FAST_MODE``'s compiled UNet, the UNet's adapters
+live in fixed slots whose weights are hot-swapped, so a new LoRA does not
+recompile; see ``_Slots``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import struct
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from src.errors import AdapterError
+
+log = logging.getLogger(__name__)
+
+LORA_SUFFIX = ".safetensors"
+# An unknown name's error lists at most this many of the names there are.
+NAMES_SHOWN = 20
+# The safetensors header is JSON behind its 8-byte length; a header larger than this is not a LoRA's.
+MAX_HEADER_BYTES = 100 * 2**20
+# Key fragments of the LoRA layouts diffusers loads: kohya/A1111, PEFT, and diffusers' older attention processors.
+_LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
+# LyCORIS and other network kinds diffusers' loader cannot read, by a key fragment each uses.
+_UNSUPPORTED = {
+    "hada_w1": "LyCORIS LoHa",
+    "lokr_w1": "LyCORIS LoKr",
+    "oft_": "OFT",
+    "dora_scale": "DoRA",
+    "lora_mid": "LyCORIS LoCon with a Tucker (CP) decomposition",
+    ".diff": "a full weight difference (LyCORIS 'full')",
+    "ia3": "IA3",
+}
+_SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks_", "output_blocks_")
+
+
+class LoraRef(Protocol):
+    """A LoRA a request names: the schema's ``LoraRequest``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def scale(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One ``.safetensors`` file of LORA_DIR, as its header describes it."""
+
+    name: str
+    path: Path
+    # Values in the file (for its memory once loaded) and its largest rank (for hot-swap slots).
+    parameters: int
+    rank: int
+    # Why it cannot be used, when it cannot; None for a LoRA diffusers can load.
+    problem: str | None = None
+
+
+def scan_loras(folder: str | None) -> dict[str, LoraFile]:
+    """Every ``.safetensors`` file under ``folder``, by name (``sub/name`` in a subfolder), checked by header.
+
+    Raises:
+        AdapterError: the folder does not exist.
+    """
+    if folder is None:
+        return {}
+    root = Path(folder)
+    if not root.is_dir():
+        raise AdapterError(f"LORA_DIR={folder}: not a folder")
+    files: dict[str, LoraFile] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() != LORA_SUFFIX or not path.is_file():
+            continue
+        name = path.relative_to(root).with_suffix("").as_posix()
+        files[name] = _describe(name, path)
+    usable = [item.name for item in files.values() if item.problem is None]
+    log.info("LoRAs in %s: %d usable%s", folder, len(usable), f": {', '.join(usable)}" if usable else "")
+    for item in files.values():
+        if item.problem is not None:
+            log.warning("LoRA %s (%s) cannot be used: %s", item.name, item.path, item.problem)
+    return files
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header and the offset its tensor data starts at.
+
+    Raises:
+        AdapterError: the file is not safetensors, or is shorter than its header says.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise AdapterError(f"{path}: not a safetensors file ({size} bytes)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise AdapterError(f"{path}: not a safetensors file (its header would be {length} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise AdapterError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path}: not a safetensors file (its header is not an object)")
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise AdapterError(f"{path}: the file is cut short: {size} bytes, its header says {8 + length + end}")
+    return header, 8 + length
+
+
+def _describe(name: str, path: Path) -> LoraFile:
+    try:
+        header, _start = read_header(path)
+    except (AdapterError, KeyError, TypeError, IndexError, OSError) as error:
+        problem = str(error).removeprefix(f"{path}: ") if isinstance(error, AdapterError) else "unreadable header"
+        return LoraFile(name, path, parameters=0, rank=0, problem=problem)
+    tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    parameters = sum(_numel(entry.get("shape", [])) for entry in tensors.values())
+    ranks = [
+        int(entry["shape"][0])
+        for key, entry in tensors.items()
+        if ("lora_down" in key or "lora_A" in key or "lora.down" in key) and entry.get("shape")
+    ]
+    return LoraFile(name, path, parameters=parameters, rank=max(ranks, default=0), problem=_problem(list(tensors)))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for side in shape:
+        count *= int(side)
+    return count
+
+
+def _problem(keys: list[str]) -> str | None:
+    """Why a file with these tensor names cannot be loaded as an SD 1.5 LoRA, or None."""
+    for marker, kind in _UNSUPPORTED.items():
+        if any(marker in key for key in keys):
+            return f"it is {kind}, which diffusers' LoRA loader cannot read"
+    if not any(marker in key for key in keys for marker in _LORA_MARKERS):
+        example = f" (its first key is {keys[0]!r})" if keys else " (it holds no tensors)"
+        return f"not a LoRA: none of its keys is a LoRA weight{example}"
+    if any(marker in key for key in keys for marker in _SDXL_MARKERS):
+        return "it is a LoRA for SDXL, not SD 1.5"
+    return None
+
+
+def short_hash(data: bytes, data_start: int) -> str:
+    """A1111's ``Lora hashes`` value for a safetensors file: the first 12 hex digits of the
+    SHA-256 of its tensor data, the header left out (kohya's "addnet" hash, Civitai's AutoV3)."""
+    return hashlib.sha256(memoryview(data)[data_start:]).hexdigest()[:12]
+
+
+@dataclass
+class _Adapter:
+    """One LoRA loaded into the pipeline."""
+
+    file: LoraFile
+    # The adapter's name inside the models; LoRA names may hold "/" and ".", which PEFT's names may not.
+    adapter: str
+    short_hash: str
+    # Bytes of its weights in the models, counted once loaded.
+    size: int
+    # Which models it has layers in: "unet", "text_encoder".
+    models: frozenset[str]
+    # With hot-swap slots: the UNet's part and its alphas, kept in memory and copied into a slot per job.
+    unet_part: tuple[dict[str, torch.Tensor], dict[str, float] | None] | None = None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The LoRAs one job runs with, as the metadata reports them."""
+
+    name: str
+    scale: float
+    short_hash: str
+
+
+@dataclass
+class _State:
+    cached: OrderedDict[str, _Adapter] = field(default_factory=OrderedDict)
+    loaded: int = 0
+
+
+class Loras:
+    """The LoRAs of LORA_DIR and the shared pipeline's LoRA state. Every method but ``check``
+    and ``gpu_bytes`` runs under the engine's GPU lock."""
+
+    MODELS = ("unet", "text_encoder")
+
+    def __init__(
+        self,
+        pipeline: Any,
+        files: dict[str, LoraFile],
+        *,
+        cache_bytes: int,
+        offload_to: torch.device | None = None,
+        slots: int = 0,
+    ) -> None:
+        """``offload_to`` is the GPU whose cached adapters wait in host memory between jobs (None: no moves).
+        ``slots`` above 0 puts the UNet's LoRA layers in that many hot-swapped slots (``prepare_slots``)."""
+        self.pipeline = pipeline
+        self.files = files
+        self.cache_bytes = cache_bytes
+        self.offload_to = offload_to
+        self._state = _State()
+        self._slots = _Slots(pipeline.unet, slots) if slots else None
+
+    def prepare_slots(self) -> None:
+        """Give the UNet its hot-swap slots, before it is compiled: see ``_Slots``."""
+        if self._slots is not None:
+            usable = [item for item in self.files.values() if item.problem is None]
+            self._slots.prepare(self.pipeline, usable)
+
+    @property
+    def has_slots(self) -> bool:
+        return self._slots is not None and self._slots.count > 0
+
+    @contextlib.contextmanager
+    def first_slot_on(self) -> Iterator[None]:
+        """Slot 0 on, holding zeros, for the ``with`` block: a warm-up then compiles the one-LoRA graph
+        as well, and the images do not change."""
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        assert self._slots is not None
+        self._slots.activate([self._slots.names[0]])
+        try:
+            yield
+        finally:
+            set_adapter_layers(self.pipeline.unet, enabled=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, item in self.files.items() if item.problem is None]
+
+    @property
+    def cached(self) -> list[str]:
+        """The cached LoRAs' names, least recently used first."""
+        return list(self._state.cached)
+
+    def check(self, refs: Sequence[LoraRef]) -> list[str]:
+        """The problems of the names ``refs`` asks for: each unknown name, with the names there are."""
+        problems = []
+        for index, ref in enumerate(refs):
+            if ref.name not in self.files:
+                shown = self.names[:NAMES_SHOWN]
+                more = f" and {len(self.names) - NAMES_SHOWN} more" if len(self.names) > NAMES_SHOWN else ""
+                listed = f"the LoRAs are: {', '.join(shown)}{more}" if shown else "LORA_DIR holds no usable LoRA"
+                problems.append(f"loras.{index}.name={ref.name!r}: not a LoRA in LORA_DIR; {listed}")
+        return problems
+
+    def gpu_bytes(self, refs: Sequence[LoraRef], dtype_bytes: int) -> int:
+        """The GPU memory the job's adapters take, for admission."""
+        return sum(self.files[ref.name].parameters * dtype_bytes for ref in refs if ref.name in self.files)
+
+    @contextlib.contextmanager
+    def applied(self, refs: Sequence[LoraRef]) -> Iterator[list[Applied]]:
+        """The job's LoRAs on, with their scales, for the ``with`` block; off after it, whatever happens.
+
+        Raises:
+            AdapterError: a file cannot be loaded; the message names it and why. The state is clean after.
+        """
+        if not refs:
+            yield []
+            return
+        try:
+            adapters = [self._load(ref.name) for ref in refs]
+            self._switch_on(adapters, [ref.scale for ref in refs])
+            yield [Applied(ref.name, ref.scale, item.short_hash) for ref, item in zip(refs, adapters, strict=True)]
+        finally:
+            self._switch_off()
+            self._evict()
+
+    def _load(self, name: str) -> _Adapter:
+        """The LoRA ``name``, from the cache or from its file."""
+        cached = self._state.cached.get(name)
+        if cached is not None:
+            self._state.cached.move_to_end(name)
+            return cached
+        file = self.files[name]
+        if file.problem is not None:
+            raise AdapterError(f"LoRA {name!r} ({file.path.name}) cannot be used: {file.problem}")
+        started = time.perf_counter()
+        try:
+            data = file.path.read_bytes()
+            _header, start = read_header(file.path)
+            tensors = load_safetensors(data)
+        except (AdapterError, OSError, ValueError, RuntimeError) as error:
+            raise AdapterError(f"LoRA {name!r} ({file.path.name}) cannot be read: {_first_line(error)}") from None
+        self._state.loaded += 1
+        adapter = f"lora{self._state.loaded}"
+        unet_part = None
+        try:
+            with _expected_noise_dropped(adapter):
+                if self._slots is None:
+                    self.pipeline.load_lora_weights(tensors, adapter_name=adapter)
+                else:
+                    unet_part = self._slots.load_apart(self.pipeline, tensors, adapter)
+        except Exception as error:  # noqa: BLE001 - whatever diffusers or PEFT raise, the file is refused by name
+            self._delete(adapter)
+            raise AdapterError(
+                f"LoRA {name!r} ({file.path.name}) cannot be loaded into this SD 1.5 model: "
+                f"{type(error).__name__}: {_first_line(error)}"
+            ) from None
+        models = frozenset(model for model in self.MODELS if adapter in _adapter_names(getattr(self.pipeline, model)))
+        if unet_part:
+            models |= {"unet"}
+        if not models:
+            self._delete(adapter)
+            raise AdapterError(
+                f"LoRA {name!r} ({file.path.name}) matches no layer of this SD 1.5 model; "
+                "is it a LoRA for another model (SDXL, SD 2.x)?"
+            )
+        kept = unet_part[0] if unet_part else {}
+        size = self._size(adapter) + sum(tensor.numel() * tensor.element_size() for tensor in kept.values())
+        item = _Adapter(file, adapter, short_hash(data, start), size, models, unet_part)
+        self._state.cached[name] = item
+        log.info(
+            "LoRA %s loaded (%s, %.1f MB) in %.2f s",
+            name,
+            " and ".join(sorted(models)),
+            item.size / 1e6,
+            time.perf_counter() - started,
+        )
+        return item
+
+    def _switch_on(self, adapters: list[_Adapter], scales: list[float]) -> None:
+        from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
+
+        if self.offload_to is not None:
+            self.pipeline.set_lora_device([item.adapter for item in adapters], self.offload_to)
+        if self._slots is not None:
+            self._slots.switch_on(self.pipeline, adapters, scales)
+        for model_name in self.MODELS:
+            if model_name == "unet" and self._slots is not None:
+                continue
+            model = getattr(self.pipeline, model_name)
+            pairs = zip(adapters, scales, strict=True)
+            chosen = [(item.adapter, scale) for item, scale in pairs if model_name in item.models]
+            if chosen:
+                set_weights_and_activate_adapters(model, [name for name, _ in chosen], [scale for _, scale in chosen])
+                set_adapter_layers(model, enabled=True)
+
+    def _switch_off(self) -> None:
+        """Every adapter layer off: the models compute as if none had been loaded."""
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        for model_name in self.MODELS:
+            model = getattr(self.pipeline, model_name)
+            if _adapter_names(model):
+                set_adapter_layers(model, enabled=False)
+        cached = [item.adapter for item in self._state.cached.values()]
+        if self.offload_to is not None and cached:
+            self.pipeline.set_lora_device(cached, "cpu")
+
+    def _evict(self) -> None:
+        """Drop the least recently used adapters until the cache fits LORA_CACHE_MB."""
+        cached = self._state.cached
+        while cached and sum(item.size for item in cached.values()) > self.cache_bytes:
+            name, item = cached.popitem(last=False)
+            self._delete(item.adapter)
+            log.info("LoRA %s evicted from the cache (LORA_CACHE_MB)", name)
+
+    def _delete(self, adapter: str) -> None:
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for model_name in self.MODELS:
+            model = getattr(self.pipeline, model_name)
+            if adapter in _adapter_names(model):
+                delete_adapter_layers(model, adapter)
+                # transformers' models drop the name themselves; diffusers' keep it in their config.
+                getattr(model, "peft_config", {}).pop(adapter, None)
+
+    def _size(self, adapter: str) -> int:
+        """Bytes of the adapter's weights, in every model it is in."""
+        total = 0
+        for model_name in self.MODELS:
+            for module in getattr(self.pipeline, model_name).modules():
+                for table_name in ("lora_A", "lora_B"):
+                    table = getattr(module, table_name, None)
+                    if isinstance(table, torch.nn.ModuleDict) and adapter in table:
+                        total += sum(p.numel() * p.element_size() for p in table[adapter].parameters())
+        return total
+
+
+class _ExpectedNoiseFilter(logging.Filter):
+    """Drops what loading one more adapter always logs: diffusers' note that a LoRA has no
+    text-encoder layers (most are UNet-only, and the worker checks itself that a LoRA matches
+    some layer), and transformers' load report listing the other adapters' weights as missing
+    (it counts every key holding "lora" as this adapter's). A report naming ``adapter`` passes."""
+
+    def __init__(self, adapter: str) -> None:
+        super().__init__()
+        self.adapter = f".{adapter}."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("No LoRA keys associated to"):
+            return False
+        return not ("LOAD REPORT" in message and self.adapter not in message)
+
+
+_NOISY_LOGGERS = ("diffusers.loaders.lora_base", "transformers.integrations.peft")
+
+
+@contextlib.contextmanager
+def _expected_noise_dropped(adapter: str) -> Iterator[None]:
+    """Loading one more adapter is what the cache does; what every such load logs would be noise."""
+    quiet = _ExpectedNoiseFilter(adapter)
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+class _Slots:
+    """The UNet's LoRA layers for a compiled UNet (FAST_MODE): a fixed set of adapters whose weights change.
+
+    Adding or removing an adapter changes the UNet's modules and makes torch.compile compile it
+    again. So, before compiling, the UNet gets ``count`` slot adapters covering every layer any
+    LoRA of the folder touches, at the folder's largest rank, with their scalings held in tensors
+    (PEFT's ``prepare_model_for_compiled_hotswap``). A job's LoRA i is hot-swapped into slot i
+    (diffusers' ``hotswap=True``), and its scale is written into the scaling tensors in place,
+    so neither a new LoRA nor a new scale recompiles. A job with n LoRAs runs slots 0 to n-1:
+    each n compiles once, the first time it is seen. A LoRA that touches a layer no slot has, or
+    whose alphas vary by layer differently from the slot's, cannot be hot-swapped: its slot is
+    made again for it, and the UNet compiles again (said in the log).
+    """
+
+    def __init__(self, unet: Any, count: int) -> None:
+        self.unet = unet
+        self.count = count
+        self.names = [f"slot{index}" for index in range(count)]
+        # Which LoRA's weights each slot holds now, by adapter name, and each layer's scaling for scale 1.
+        self.holds: list[str | None] = [None] * count
+        self.unit_scaling: list[dict[str, float]] = [{} for _ in range(count)]
+        self.rank = 1
+
+    def prepare(self, pipeline: Any, files: list[LoraFile]) -> None:
+        """Make the slots: zero LoRAs on the union of the folder's UNet layers, padded to its largest rank."""
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            try:
+                shapes.update(_unet_lora_shapes(pipeline, file))
+            except Exception as error:  # noqa: BLE001 - that LoRA's slot will be made for it when it is used
+                log.warning("LoRA %s: its layers cannot be read for the hot-swap slots (%s)", file.name, error)
+        if not shapes:
+            self.count = 0
+            return
+        self.rank = max(max((item.rank for item in files), default=1), 1)
+        prototype = {key: torch.zeros(shape, dtype=self.unet.dtype) for key, shape in shapes.items()}
+        for name in self.names:
+            with _expected_noise_dropped(name):
+                pipeline.load_lora_into_unet(prototype, None, self.unet, adapter_name=name, _pipeline=pipeline)
+        prepare_model_for_compiled_hotswap(self.unet, target_rank=self.rank, check_compiled="ignore")
+        log.info("LoRA hot-swap: %d UNet slots of rank %d on %d layers", self.count, self.rank, len(shapes) // 2)
+
+    @staticmethod
+    def load_apart(
+        pipeline: Any, tensors: dict[str, torch.Tensor], adapter: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None] | None:
+        """Load the text encoder's part as ``adapter``; return the UNet's part and alphas, for the slots."""
+        state, alphas = pipeline.lora_state_dict(tensors)
+        parts = {}
+        for prefix in ("unet.", "text_encoder."):
+            part_alphas = {key: value for key, value in (alphas or {}).items() if key.startswith(prefix)}
+            parts[prefix] = (
+                {key: value.to(pipeline.unet.dtype) for key, value in state.items() if key.startswith(prefix)},
+                part_alphas or None,
+            )
+        text_state, text_alphas = parts["text_encoder."]
+        if text_state:
+            pipeline.load_lora_into_text_encoder(
+                text_state, text_alphas, pipeline.text_encoder, adapter_name=adapter, _pipeline=pipeline
+            )
+        return parts["unet."] if parts["unet."][0] else None
+
+    def switch_on(self, pipeline: Any, adapters: list[_Adapter], scales: list[float]) -> None:
+        """The job's LoRAs into slots 0, 1, ... (hot-swapped where they are not there yet), at their scales."""
+        active: list[str] = []
+        for item, scale in zip(adapters, scales, strict=True):
+            if not item.unet_part:
+                continue
+            slot = len(active)
+            if self.holds[slot] != item.adapter:
+                self._fill(pipeline, slot, item)
+            self._scale(slot, scale)
+            active.append(self.names[slot])
+        if active:
+            self.activate(active)
+
+    def activate(self, names: list[str]) -> None:
+        """Only the slots ``names`` on."""
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        for module in self.unet.modules():
+            if hasattr(module, "set_adapter") and hasattr(module, "scaling"):
+                module.set_adapter(names)
+        set_adapter_layers(self.unet, enabled=True)
+
+    def _fill(self, pipeline: Any, slot: int, item: _Adapter) -> None:
+        assert item.unet_part is not None
+        name = self.names[slot]
+        state, alphas = item.unet_part
+        try:
+            pipeline.load_lora_into_unet(state, alphas, self.unet, adapter_name=name, _pipeline=pipeline, hotswap=True)
+        except Exception as error:  # noqa: BLE001 - the slot is made again for this LoRA, which recompiles
+            from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+            log.warning(
+                "LoRA %s cannot be hot-swapped into %s (%s); the slot is made again for it, and the compiled "
+                "UNet compiles again",
+                item.file.name,
+                name,
+                _first_line(error),
+            )
+            self.unet.delete_adapters(name)
+            with _expected_noise_dropped(name):
+                pipeline.load_lora_into_unet(state, alphas, self.unet, adapter_name=name, _pipeline=pipeline)
+            prepare_model_for_compiled_hotswap(self.unet, target_rank=self.rank, check_compiled="ignore")
+        self.holds[slot] = item.adapter
+        self.unit_scaling[slot] = {
+            module_name: float(module.scaling[name])
+            for module_name, module in self.unet.named_modules()
+            if isinstance(getattr(module, "scaling", None), dict) and name in module.scaling
+        }
+
+    def _scale(self, slot: int, scale: float) -> None:
+        """Each layer's scaling of ``slot`` = its scale-1 value x ``scale``, written in place."""
+        name = self.names[slot]
+        unit = self.unit_scaling[slot]
+        for module_name, module in self.unet.named_modules():
+            if module_name in unit:
+                value = module.scaling[name]
+                if isinstance(value, torch.Tensor):
+                    value.fill_(unit[module_name] * scale)
+                else:
+                    module.scaling[name] = unit[module_name] * scale
+
+
+def _unet_lora_shapes(pipeline: Any, file: LoraFile) -> dict[str, tuple[int, ...]]:
+    """The UNet layers a LoRA file touches, as diffusers names its weights, with rank-1 shapes; from the header."""
+    header, _start = read_header(file.path)
+    stand_in = {
+        key: torch.zeros([1 if index == _rank_axis(key) else int(side) for index, side in enumerate(entry["shape"])])
+        for key, entry in header.items()
+        if key != "__metadata__"
+    }
+    state, _alphas = pipeline.lora_state_dict(stand_in)
+    return {key: tuple(value.shape) for key, value in state.items() if key.startswith("unet.")}
+
+
+def _rank_axis(key: str) -> int | None:
+    """Which axis of a LoRA weight is its rank: 0 for the down (A) weight, 1 for the up (B) weight."""
+    if any(marker in key for marker in ("lora_down", "lora_A", "lora.down")):
+        return 0
+    if any(marker in key for marker in ("lora_up", "lora_B", "lora.up")):
+        return 1
+    return None
+
+
+def _adapter_names(model: Any) -> set[str]:
+    return set(getattr(model, "peft_config", None) or {})
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]
