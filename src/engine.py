@@ -200,6 +200,8 @@ class Engine:
             cache_bytes=int(settings.lora_cache_mb * 1e6),
             offload_to=offload_to,
             slots=settings.max_loras if fast else 0,
+            # Sequential offload keeps weights off the device, where they cannot be merged into.
+            merge=profile is not Profile.MINIMAL,
         )
         if fast:
             _apply_fast_mode(pipeline, loras)
@@ -585,6 +587,10 @@ def _apply_fast_mode(pipeline: StableDiffusionPipeline, loras: Loras) -> None:
     pipeline.vae.to(memory_format=torch.channels_last)
     if loras.files:
         loras.prepare_slots()
+        # Each transformer block is compiled for each width and for each number of LoRAs on (none, 1, 2, ...):
+        # more variants than torch.compile keeps by default (8), after which it would run them uncompiled.
+        limit = 8 * (loras.slot_count + 2)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         pipeline.unet.compile_repeated_blocks(fullgraph=False)
         log.info("FAST_MODE: channels_last, compiled UNet blocks with LoRA hot-swap slots; QKV projections unfused")
     else:

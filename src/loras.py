@@ -73,9 +73,11 @@ class LoraFile:
 
     name: str
     path: Path
-    # Values in the file (for its memory once loaded) and its largest rank (for hot-swap slots).
+    # Values in the file (for its memory once loaded), in the layers it changes (whose weights a job
+    # with it backs up), and its largest rank (for hot-swap slots).
     parameters: int
     rank: int
+    layer_parameters: int = 0
     # Why it cannot be used, when it cannot; None for a LoRA diffusers can load.
     problem: str | None = None
 
@@ -139,12 +141,30 @@ def _describe(name: str, path: Path) -> LoraFile:
         return LoraFile(name, path, parameters=0, rank=0, problem=problem)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
     parameters = sum(_numel(entry.get("shape", [])) for entry in tensors.values())
-    ranks = [
-        int(entry["shape"][0])
-        for key, entry in tensors.items()
-        if ("lora_down" in key or "lora_A" in key or "lora.down" in key) and entry.get("shape")
-    ]
-    return LoraFile(name, path, parameters=parameters, rank=max(ranks, default=0), problem=_problem(list(tensors)))
+    ranks, layer_parameters = [], 0
+    for key, entry in tensors.items():
+        shape = entry.get("shape") or []
+        if _rank_axis(key) == 0 and len(shape) >= 2:
+            ranks.append(int(shape[0]))
+            up = tensors.get(_up_key(key), {}).get("shape") or []
+            # The layer's weight: (out, in, *kernel), from the up weight's out and the down weight's in and kernel.
+            layer_parameters += (int(up[0]) if up else 0) * _numel(shape[1:])
+    return LoraFile(
+        name,
+        path,
+        parameters=parameters,
+        rank=max(ranks, default=0),
+        problem=_problem(list(tensors)),
+        layer_parameters=layer_parameters,
+    )
+
+
+def _up_key(down_key: str) -> str:
+    """The up (B) weight's name for a down (A) weight's, in each layout."""
+    for down, up in (("lora_down", "lora_up"), ("lora_A", "lora_B"), ("lora.down", "lora.up")):
+        if down in down_key:
+            return down_key.replace(down, up)
+    return down_key
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -218,15 +238,22 @@ class Loras:
         cache_bytes: int,
         offload_to: torch.device | None = None,
         slots: int = 0,
+        merge: bool = True,
     ) -> None:
         """``offload_to`` is the GPU whose cached adapters wait in host memory between jobs (None: no moves).
-        ``slots`` above 0 puts the UNet's LoRA layers in that many hot-swapped slots (``prepare_slots``)."""
+        ``slots`` above 0 puts the UNet's LoRA layers in that many hot-swapped slots (``prepare_slots``).
+        ``merge`` merges a job's LoRAs into the weights of the layers they change for the job (the
+        layers' weights are copied first, and the copies put back after it); off, or with slots,
+        PEFT's layers add the LoRAs at every step."""
         self.pipeline = pipeline
         self.files = files
         self.cache_bytes = cache_bytes
         self.offload_to = offload_to
         self._state = _State()
         self._slots = _Slots(pipeline.unet, slots) if slots else None
+        self.merge = merge and self._slots is None
+        # The weights a merge changed, each with its copy from before the merge.
+        self._backups: list[tuple[Any, torch.Tensor]] = []
 
     def prepare_slots(self) -> None:
         """Give the UNet its hot-swap slots, before it is compiled: see ``_Slots``."""
@@ -236,7 +263,11 @@ class Loras:
 
     @property
     def has_slots(self) -> bool:
-        return self._slots is not None and self._slots.count > 0
+        return self.slot_count > 0
+
+    @property
+    def slot_count(self) -> int:
+        return self._slots.count if self._slots is not None else 0
 
     @contextlib.contextmanager
     def first_slot_on(self) -> Iterator[None]:
@@ -272,8 +303,11 @@ class Loras:
         return problems
 
     def gpu_bytes(self, refs: Sequence[LoraRef], dtype_bytes: int) -> int:
-        """The GPU memory the job's adapters take, for admission."""
-        return sum(self.files[ref.name].parameters * dtype_bytes for ref in refs if ref.name in self.files)
+        """The GPU memory a job's LoRAs take, for admission: their weights, and the copies of the layers
+        they change that merging keeps."""
+        files = [self.files[ref.name] for ref in refs if ref.name in self.files]
+        backups = sum(item.layer_parameters for item in files) if self.merge else 0
+        return (sum(item.parameters for item in files) + backups) * dtype_bytes
 
     @contextlib.contextmanager
     def applied(self, refs: Sequence[LoraRef]) -> Iterator[list[Applied]]:
@@ -360,13 +394,42 @@ class Loras:
             pairs = zip(adapters, scales, strict=True)
             chosen = [(item.adapter, scale) for item, scale in pairs if model_name in item.models]
             if chosen:
-                set_weights_and_activate_adapters(model, [name for name, _ in chosen], [scale for _, scale in chosen])
+                names = [name for name, _ in chosen]
+                set_weights_and_activate_adapters(model, names, [scale for _, scale in chosen])
                 set_adapter_layers(model, enabled=True)
+                if self.merge:
+                    self._merge(model, names)
+
+    def _merge(self, model: Any, names: list[str]) -> None:
+        """Add the active LoRAs into the weights of the layers they change, after copying those weights.
+
+        A merged layer costs nothing per step: at 512² on an H200, PEFT's unmerged layers made a
+        job with one LoRA 1.8 times as long as a plain one (bench/results/gpu-lora-unmerged.md).
+        A1111 merges LoRAs into the weights too.
+        """
+        from peft.tuners.lora import LoraLayer
+
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                present = [name for name in names if name in module.lora_A]
+                if present:
+                    base: Any = module.get_base_layer()
+                    self._backups.append((module, base.weight.detach().clone()))
+                    module.merge(adapter_names=present)
+
+    def _unmerge(self) -> None:
+        """Put back the weights as they were before the merge, bit for bit."""
+        while self._backups:
+            module, backup = self._backups.pop()
+            module.get_base_layer().weight.data.copy_(backup)
+            module.merged_adapters.clear()
 
     def _switch_off(self) -> None:
-        """Every adapter layer off: the models compute as if none had been loaded."""
+        """Every adapter layer off and every merged weight put back: the models compute as if no LoRA
+        had been loaded."""
         from diffusers.utils.peft_utils import set_adapter_layers
 
+        self._unmerge()
         for model_name in self.MODELS:
             model = getattr(self.pipeline, model_name)
             if _adapter_names(model):
@@ -466,6 +529,7 @@ class _Slots:
 
     def prepare(self, pipeline: Any, files: list[LoraFile]) -> None:
         """Make the slots: zero LoRAs on the union of the folder's UNet layers, padded to its largest rank."""
+        from diffusers.utils.peft_utils import set_adapter_layers
         from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
         shapes: dict[str, tuple[int, ...]] = {}
@@ -483,6 +547,8 @@ class _Slots:
             with _expected_noise_dropped(name):
                 pipeline.load_lora_into_unet(prototype, None, self.unet, adapter_name=name, _pipeline=pipeline)
         prepare_model_for_compiled_hotswap(self.unet, target_rank=self.rank, check_compiled="ignore")
+        # Off until a job turns slots on: the warm-up then compiles the graph that plain jobs run.
+        set_adapter_layers(self.unet, enabled=False)
         log.info("LoRA hot-swap: %d UNet slots of rank %d on %d layers", self.count, self.rank, len(shapes) // 2)
 
     @staticmethod
@@ -491,11 +557,12 @@ class _Slots:
     ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None] | None:
         """Load the text encoder's part as ``adapter``; return the UNet's part and alphas, for the slots."""
         state, alphas = pipeline.lora_state_dict(tensors)
+        dtype = pipeline.unet.dtype  # a walk over every parameter: once, not once per key
         parts = {}
         for prefix in ("unet.", "text_encoder."):
             part_alphas = {key: value for key, value in (alphas or {}).items() if key.startswith(prefix)}
             parts[prefix] = (
-                {key: value.to(pipeline.unet.dtype) for key, value in state.items() if key.startswith(prefix)},
+                {key: value.to(dtype) for key, value in state.items() if key.startswith(prefix)},
                 part_alphas or None,
             )
         text_state, text_alphas = parts["text_encoder."]

@@ -4,7 +4,8 @@
 - the `balanced` profile (MEMORY_PROFILE=balanced): a 2-image job decodes one image at a time
   (VAE slicing), gives the same pictures as the `high` profile, and leaves no switch on;
 - real CUDA out-of-memory errors: from the caching allocator under the GPU_MEMORY_GB cap,
-  answered with the worker's own error or recovered by its frugal retry, and the next job works.
+  answered with the worker's own error or recovered by its frugal retry, and the next job works;
+- image tasks, A1111 prompts and LoRAs in float16, in each memory profile.
 
 Needs only torch, transformers, accelerate, diffusers, pydantic and pytest, as the GPU machine
 has (tests/test_gpu_kit.py checks that this file collects without boto3, moto, requests or yaml).
@@ -255,3 +256,46 @@ def test_long_weighted_prompts_and_clip_skip_in_float16(cuda_engine: Engine) -> 
     plain = generate(cuda_engine, prompt="a fox in the snow")
     same = generate(cuda_engine, prompt="a (fox:1.0) in the snow")
     assert np.array_equal(pixels(plain)[0], pixels(same)[0])
+
+
+# --- LoRA ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from builder.tiny_lora import write_test_loras
+
+    folder = tmp_path_factory.mktemp("loras")
+    write_test_loras(tiny_model_dir, folder, count=2)
+    return folder
+
+
+def _lora_devices(engine: Engine) -> set[str]:
+    """The devices of every LoRA weight in the UNet and the text encoder."""
+    pipeline = engine._pipeline
+    return {
+        parameter.device.type
+        for model in (pipeline.unet, pipeline.text_encoder)
+        for module in model.modules()
+        for table in ("lora_A", "lora_B")
+        if isinstance(getattr(module, table, None), torch.nn.ModuleDict)
+        for parameter in getattr(module, table).parameters()
+    }
+
+
+@pytest.mark.parametrize("profile", ["high", "balanced", "low"])
+def test_loras_in_float16_change_only_their_jobs(tiny_model_dir: Path, lora_dir: Path, profile: str) -> None:
+    """LoRAs on CUDA in float16, in each profile: they change the image, a plain job after them is
+    the same as before, and (without offloading) cached adapters wait in host memory between jobs."""
+    engine = load_engine(tiny_model_dir, LORA_DIR=str(lora_dir), MEMORY_PROFILE=profile)
+    first, second = engine.loras.names
+    plain = pixels(generate(engine))[0]
+    one = pixels(generate(engine, loras=[{"name": first}]))[0]
+    both = pixels(generate(engine, loras=[{"name": first}, {"name": second, "scale": 0.5}]))[0]
+    after = pixels(generate(engine))[0]
+    assert np.array_equal(plain, after)
+    assert np.abs(one - plain).max() > 0
+    assert np.abs(both - one).max() > 0
+    assert engine.loras.cached == [first, second]
+    if profile != "low":
+        assert _lora_devices(engine) == {"cpu"}
