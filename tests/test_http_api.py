@@ -39,6 +39,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from builder.tiny_lora import write_test_loras
+
+    loras = tmp_path_factory.mktemp("loras")
+    write_test_loras(offline_env["MODEL_ID"], loras, count=1)
     port = free_port()
     process = subprocess.Popen(
         [
@@ -51,7 +55,7 @@ def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
             str(port),
         ],
         cwd=Path(tmp_path_factory.mktemp("api")),
-        env=offline_env,
+        env={**offline_env, "LORA_DIR": str(loras)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -149,3 +153,18 @@ def test_a_long_weighted_prompt_over_http(api_url: str) -> None:
     assert metadata["clip_skip"] == 2
     assert metadata["prompt_tokens"]["prompt"]["chunks"] >= 3
     assert "Clip skip: 2" in decode_png(body["output"]["images"][0]["image"]).text["parameters"]
+
+
+def test_a_lora_by_tag_then_an_unknown_one_then_a_plain_job(api_url: str) -> None:
+    job = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 5}
+    plain = post(api_url, {"input": job})
+    tagged = post(api_url, {"input": {**job, "prompt": "a fox <lora:tiny-peft-0:0.8>"}})
+    unknown = post(api_url, {"input": {**job, "loras": [{"name": "nope"}]}})
+    again = post(api_url, {"input": job})
+
+    assert tagged["status"] == "COMPLETED"
+    [lora] = tagged["output"]["metadata"]["loras"]
+    assert (lora["name"], lora["scale"]) == ("tiny-peft-0", 0.8)
+    assert unknown["status"] == "FAILED"
+    assert "loras.0.name='nope': not a LoRA in LORA_DIR; the LoRAs are: tiny-peft-0" in unknown["error"]
+    assert again["output"]["images"][0]["image"] == plain["output"]["images"][0]["image"]

@@ -316,3 +316,26 @@ def test_an_unreadable_image_file_exits_2(tmp_path: Path, offline_env: dict[str,
 
     assert result.returncode == 2
     assert "--image missing.png: cannot be read" in result.stderr
+
+
+def test_the_readme_lora_smoke_run(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    """The README's LoRA smoke run, as written there: a tiny model, tiny LoRAs, and a job with a tag."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("A smoke run with a tiny LoRA on the tiny model:", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    command = (
+        block.replace("\\\n", " ").replace("python ", '"$PYTHON" ').replace("handler.py", str(ROOT / "handler.py"))
+    )
+    env = {**offline_env, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    env.pop("MODEL_ID")
+
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    [png] = (tmp_path / "output").rglob("*.png")
+    with Image.open(png) as image:
+        parameters = image.text["parameters"]
+    assert "<lora:tiny-peft-0:0.8>" in parameters
+    assert 'Lora hashes: "tiny-peft-0: ' in parameters
