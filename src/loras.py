@@ -99,6 +99,7 @@ def scan_loras(folder: str | None) -> dict[str, LoraFile]:
             continue
         name = path.relative_to(root).with_suffix("").as_posix()
         files[name] = _describe(name, path)
+    files = dict(sorted(files.items()))
     usable = [item.name for item in files.values() if item.problem is None]
     log.info("LoRAs in %s: %d usable%s", folder, len(usable), f": {', '.join(usable)}" if usable else "")
     for item in files.values():
@@ -452,7 +453,10 @@ class Loras:
         for model_name in self.MODELS:
             model = getattr(self.pipeline, model_name)
             if adapter in _adapter_names(model):
-                delete_adapter_layers(model, adapter)
+                with warnings.catch_warnings():
+                    # PEFT says so when the adapter it deletes was the active one: it is off, and goes.
+                    warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                    delete_adapter_layers(model, adapter)
                 # transformers' models drop the name themselves; diffusers' keep it in their config.
                 getattr(model, "peft_config", {}).pop(adapter, None)
 
@@ -498,6 +502,10 @@ def _expected_noise_dropped(adapter: str) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            # diffusers deletes an adapter that failed to load; the worker refuses the file itself.
+            warnings.filterwarnings(
+                "ignore", message="Adapter .* was active which is now deleted", category=UserWarning
+            )
             yield
     finally:
         for logger in loggers:
@@ -535,9 +543,14 @@ class _Slots:
         shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
             try:
-                shapes.update(_unet_lora_shapes(pipeline, file))
+                found = _unet_lora_shapes(pipeline, file)
+                misfit = _misfit(self.unet, found)
             except Exception as error:  # noqa: BLE001 - that LoRA's slot will be made for it when it is used
-                log.warning("LoRA %s: its layers cannot be read for the hot-swap slots (%s)", file.name, error)
+                misfit = f"its layers cannot be read ({_first_line(error)})"
+            if misfit is None:
+                shapes.update(found)
+            else:
+                log.warning("LoRA %s is left out of the hot-swap slots: %s", file.name, misfit)
         if not shapes:
             self.count = 0
             return
@@ -562,9 +575,14 @@ class _Slots:
         for prefix in ("unet.", "text_encoder."):
             part_alphas = {key: value for key, value in (alphas or {}).items() if key.startswith(prefix)}
             parts[prefix] = (
-                {key: value.to(dtype) for key, value in state.items() if key.startswith(prefix)},
+                # Copies: the file's tensors are views into its bytes, which need not be aligned.
+                {key: value.to(dtype, copy=True) for key, value in state.items() if key.startswith(prefix)},
                 part_alphas or None,
             )
+        misfit = _misfit(pipeline.unet, {key: tuple(value.shape) for key, value in parts["unet."][0].items()})
+        if misfit is not None:
+            # PEFT's hot-swap would put a larger weight in the slot's place, and fail at the first step.
+            raise ValueError(misfit)
         text_state, text_alphas = parts["text_encoder."]
         if text_state:
             pipeline.load_lora_into_text_encoder(
@@ -645,6 +663,29 @@ def _unet_lora_shapes(pipeline: Any, file: LoraFile) -> dict[str, tuple[int, ...
     }
     state, _alphas = pipeline.lora_state_dict(stand_in)
     return {key: tuple(value.shape) for key, value in state.items() if key.startswith("unet.")}
+
+
+def _misfit(unet: Any, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why LoRA weights of these shapes do not fit the UNet's layers, or None when they do."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    # In PEFT's names, as diffusers loads them: "...attn1.processor.to_k_lora.down" is "...attn1.to_k.lora_A".
+    for key, shape in convert_unet_state_dict_to_peft(shapes).items():
+        axis = _rank_axis(key)
+        if axis is None:
+            continue
+        module_name = key.removeprefix("unet.").split(".lora")[0]
+        try:
+            weight = getattr(unet.get_submodule(module_name), "weight", None)
+        except AttributeError:
+            return f"the UNet has no layer {module_name}"
+        if weight is None:
+            return f"{module_name} has no weight"
+        # The down weight takes the layer's input (and kernel), the up weight gives its output.
+        fits = tuple(shape[1:]) == tuple(weight.shape[1:]) if axis == 0 else shape[0] == weight.shape[0]
+        if not fits:
+            return f"{key} is {tuple(shape)}, and the layer's weight is {tuple(weight.shape)}"
+    return None
 
 
 def _rank_axis(key: str) -> int | None:

@@ -876,6 +876,18 @@ def _field_name(name: str, limit: int = 40) -> str:
     return f"{name[: limit - 20]}... ({len(name)} characters)"
 
 
+# The request's nested objects, by field, for naming their fields when one is unknown.
+_NESTED_MODELS: Mapping[str, type[BaseModel]] = {"loras": LoraRequest, "outpaint": Outpaint, "hires": Hires}
+
+
+def _fields_note(parent: str) -> str:
+    """The fields of the request, or of its nested object ``parent``."""
+    model = _NESTED_MODELS.get(parent)
+    if model is None:
+        return f"; the fields are: {', '.join(GenerateRequest.model_fields)}"
+    return f"; the fields of {parent} are: {', '.join(model.model_fields)}"
+
+
 def describe_errors(error: ValidationError) -> str:
     """One line naming each bad field, the value received and the rule it broke.
 
@@ -884,14 +896,17 @@ def describe_errors(error: ValidationError) -> str:
     The allowed fields are listed once, when a field is unknown.
     """
     problems = []
-    unknown_field = False
+    # Where unknown fields were found: the request itself ("") or one of its nested objects.
+    unknown_in: list[str] = []
     for item in error.errors(include_url=False):
         field = _field_name(".".join(str(part) for part in item["loc"])) or "input"
         kind = item["type"]
         message = item["msg"].removeprefix("Value error, ")
         message = message.replace("Input should be", "must be").replace("String should have", "must have")
         if kind == "extra_forbidden":
-            unknown_field = True
+            parent = str(item["loc"][0]) if len(item["loc"]) > 1 else ""
+            if parent not in unknown_in:
+                unknown_in.append(parent)
             message = "unknown field"
         if kind == "missing":
             problems.append(f"{field}: required")
@@ -899,7 +914,7 @@ def describe_errors(error: ValidationError) -> str:
             problems.append(message)
         else:
             problems.append(f"{field}={_shown(item['input'])}: {message}")
-    fields_note = f"; the fields are: {', '.join(GenerateRequest.model_fields)}" if unknown_field else ""
+    fields_note = "".join(_fields_note(parent) for parent in unknown_in)
     # Room for "; ... and 99999 more problems" as well.
     budget = MAX_ERROR_CHARS - len(_INVALID) - len(fields_note) - 40
     shown: list[str] = []
