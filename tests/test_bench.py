@@ -80,3 +80,34 @@ def test_prompts_benchmark_writes_parse_and_encode_times(tmp_path: Path) -> None
     assert len(report["parse_ms"]) == 4
     assert {"worker", "diffusers_encode_prompt"} <= set(next(iter(report["encode_ms"].values())))
     assert "Command: `python -m bench.prompts --repeat 1" in (tmp_path / "prompts.md").read_text()
+
+
+def test_loras_benchmark_smoke_run_writes_every_case_and_the_lora_file(tmp_path: Path) -> None:
+    # The tiny model at 128², one round of each case after their warm-ups: three workers, 30 small LoRA files.
+    run_bench("bench.loras", "--repeat", "1", "--out", str(tmp_path))
+
+    report = json.loads((tmp_path / "loras.json").read_text())
+    assert set(report["ratios"]) == {
+        "plain_fresh",
+        "one_uncached",
+        "one_cached",
+        "three_cached",
+        "plain_after",
+        "plain_crowded",
+        "one_cached_crowded",
+    }
+    assert report["ratios"]["plain_fresh"] == 1.0
+    assert len(report["cases"]["one_uncached"]["load_s"]) == 1
+    # A job without LoRA computes the same image on a worker with cached adapters as on a fresh one.
+    assert report["cases"]["plain_after"]["max_pixel_difference"] == 0
+    assert report["crowded"]["cases"]["plain_crowded"]["max_pixel_difference"] == 0
+    assert report["cases"]["one_cached"]["max_pixel_difference"] > 0
+    assert report["command"] == f"python -m bench.loras --repeat 1 --out {tmp_path}"
+    table = (tmp_path / "loras.md").read_text()
+    for row in (
+        "| tiny | 3 LoRAs, cached | 3 (",
+        "| tiny | no LoRA, on the worker holding 29 cached | 29 (",
+        "| tiny | rank 32,",
+    ):
+        assert row in table
+    assert f"Command: `{report['command']}`" in table
