@@ -369,6 +369,17 @@ class Loras:
                 "is it a LoRA for another model (SDXL, SD 2.x)?"
             )
         kept = unet_part[0] if unet_part else {}
+        layers = self._layers(adapter) + sum(1 for key in kept if _rank_axis(key) == 0)
+        in_file = sum(1 for key in tensors if _rank_axis(key) == 0)
+        if layers < in_file:
+            # diffusers skips what it cannot place with a warning at most: a LoRA applied in part is not
+            # what was asked for.
+            self._delete(adapter)
+            raise AdapterError(
+                f"LoRA {name!r} ({file.path.name}) cannot be used whole: {in_file - layers} of its {in_file} "
+                "layers match no layer of this model that diffusers can load them into (layers of another "
+                "model, or of a kind diffusers does not map)"
+            )
         size = self._size(adapter) + sum(tensor.numel() * tensor.element_size() for tensor in kept.values())
         item = _Adapter(file, adapter, short_hash(data, start), size, models, unet_part)
         self._state.cached[name] = item
@@ -460,6 +471,15 @@ class Loras:
                 # transformers' models drop the name themselves; diffusers' keep it in their config.
                 getattr(model, "peft_config", {}).pop(adapter, None)
 
+    def _layers(self, adapter: str) -> int:
+        """How many layers of the models took the adapter."""
+        return sum(
+            1
+            for model_name in self.MODELS
+            for module in getattr(self.pipeline, model_name).modules()
+            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and adapter in module.lora_A
+        )
+
     def _size(self, adapter: str) -> int:
         """Bytes of the adapter's weights, in every model it is in."""
         total = 0
@@ -502,6 +522,10 @@ def _expected_noise_dropped(adapter: str) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            # The worker counts the layers that took the LoRA itself, and refuses a file that does not fit whole.
+            warnings.filterwarnings(
+                "ignore", message="The following alpha_pattern keys did not match", category=RuntimeWarning
+            )
             # diffusers deletes an adapter that failed to load; the worker refuses the file itself.
             warnings.filterwarnings(
                 "ignore", message="Adapter .* was active which is now deleted", category=UserWarning
@@ -690,9 +714,9 @@ def _misfit(unet: Any, shapes: dict[str, tuple[int, ...]]) -> str | None:
 
 def _rank_axis(key: str) -> int | None:
     """Which axis of a LoRA weight is its rank: 0 for the down (A) weight, 1 for the up (B) weight."""
-    if any(marker in key for marker in ("lora_down", "lora_A", "lora.down")):
+    if any(marker in key for marker in ("lora_down", "lora_A", "lora.down", "lora_linear_layer.down")):
         return 0
-    if any(marker in key for marker in ("lora_up", "lora_B", "lora.up")):
+    if any(marker in key for marker in ("lora_up", "lora_B", "lora.up", "lora_linear_layer.up")):
         return 1
     return None
 

@@ -753,6 +753,61 @@ def test_a_lora_that_does_not_fit_the_model_is_refused_and_its_partial_load_undo
     assert np.array_equal(pixels(generate(engine, loras=loras(("a", 1.0)))), with_a)
 
 
+def _with_extra_layer(tiny_model_dir: Path, path: Path, layer: str, *, down: torch.Tensor, up: torch.Tensor) -> None:
+    """A kohya LoRA of the tiny model with one more layer, ``lora_unet_<layer>``."""
+    unet = Engine.load(load_settings({"MODEL_ID": str(tiny_model_dir)}))._pipeline.unet
+    state = build_lora_state_dict(unet, None, rank=4, seed=11, layout="kohya", text_encoder_layers=False)
+    state[f"lora_unet_{layer}.lora_down.weight"] = down
+    state[f"lora_unet_{layer}.lora_up.weight"] = up
+    state[f"lora_unet_{layer}.alpha"] = torch.tensor(4.0)
+    save_lora(state, path)
+
+
+@pytest.fixture(scope="module")
+def partial_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoCon (a LoRA on a resnet's 3x3 convolution too), and a LoRA with one layer the UNet does not have."""
+    folder = tmp_path_factory.mktemp("partial")
+    conv = Engine.load(load_settings({"MODEL_ID": str(tiny_model_dir)}))._pipeline.unet.down_blocks[0].resnets[0].conv1
+    out_channels, in_channels, kernel, _ = conv.weight.shape
+    generator = torch.Generator().manual_seed(5)
+    _with_extra_layer(
+        tiny_model_dir,
+        folder / "locon.safetensors",
+        "down_blocks_0_resnets_0_conv1",
+        down=torch.randn(4, in_channels, kernel, kernel, generator=generator) * 0.2,
+        up=torch.randn(out_channels, 4, 1, 1, generator=generator) * 0.2,
+    )
+    _with_extra_layer(
+        tiny_model_dir, folder / "stray.safetensors", "bogus_layer_0", down=torch.randn(4, 8), up=torch.randn(8, 4)
+    )
+    return folder
+
+
+@pytest.mark.parametrize("slots", [0, 2], ids=["merged", "hot-swap slots"])
+def test_a_locon_loads_its_convolution_and_a_lora_with_a_stray_layer_is_refused_whole(
+    tiny_model_dir: Path, partial_dir: Path, fresh: np.ndarray, slots: int
+) -> None:
+    """diffusers skips a layer it cannot place with a warning at most: the worker refuses such a file rather
+    than apply part of it. LoCon's convolutions do load, into the resnet's conv layer."""
+    engine = load_engine(tiny_model_dir, LORA_DIR=str(partial_dir))
+    if slots:
+        engine.loras = Loras(engine._pipeline, scan_loras(str(partial_dir)), cache_bytes=10**9, slots=slots)
+        engine.loras.prepare_slots()
+
+    # The slots check the UNet's layers before loading, and name the one that is missing.
+    refused = (
+        r"cannot be used whole: 1 of its |cannot be loaded into this SD 1.5 model: ValueError: the UNet has no layer"
+    )
+    with pytest.raises(AdapterError, match=rf"^LoRA 'stray' \(stray.safetensors\) ({refused})"):
+        generate(engine, loras=loras(("stray", 1.0)))
+    assert engine.loras.cached == []
+    locon = pixels(generate(engine, loras=loras(("locon", 1.0))))
+    assert np.abs(locon - fresh).max() > 0
+    conv = engine._pipeline.unet.down_blocks[0].resnets[0].conv1
+    assert "lora_A" in vars(conv)["_modules"], "the resnet's convolution took the LoRA"
+    assert np.array_equal(pixels(generate(engine)), fresh)
+
+
 # --- metadata -------------------------------------------------------------------------------------------------
 
 
