@@ -109,7 +109,7 @@ def scan_loras(folder: str | None) -> dict[str, LoraFile]:
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header and the offset its tensor data starts at.
+    """A safetensors file's header and the offset its tensor data starts at, reading only the header.
 
     Raises:
         AdapterError: the file is not safetensors, or is shorter than its header says.
@@ -117,21 +117,36 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     size = path.stat().st_size
     with path.open("rb") as handle:
         prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise AdapterError(f"{path}: not a safetensors file ({size} bytes)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise AdapterError(f"{path}: not a safetensors file (its header would be {length} bytes)")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError:
-            raise AdapterError(f"{path}: not a safetensors file (its header is not JSON)") from None
+        return parse_header(prefix + handle.read(_header_length(prefix, size, path)), size, path)
+
+
+def parse_header(data: bytes, size: int, path: Path) -> tuple[dict[str, Any], int]:
+    """The header of a safetensors file of ``size`` bytes whose first bytes are ``data``, and the offset
+    its tensor data starts at.
+
+    Raises:
+        AdapterError: the file is not safetensors, or is shorter than its header says.
+    """
+    length = _header_length(data[:8], size, path)
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except ValueError:
+        raise AdapterError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: not a safetensors file (its header is not an object)")
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise AdapterError(f"{path}: the file is cut short: {size} bytes, its header says {8 + length + end}")
     return header, 8 + length
+
+
+def _header_length(prefix: bytes, size: int, path: Path) -> int:
+    if len(prefix) < 8:
+        raise AdapterError(f"{path}: not a safetensors file ({size} bytes)")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise AdapterError(f"{path}: not a safetensors file (its header would be {length} bytes)")
+    return int(length)
 
 
 def _describe(name: str, path: Path) -> LoraFile:
@@ -340,7 +355,7 @@ class Loras:
         started = time.perf_counter()
         try:
             data = file.path.read_bytes()
-            _header, start = read_header(file.path)
+            _header, start = parse_header(data, len(data), file.path)
             tensors = load_safetensors(data)
         except (AdapterError, OSError, ValueError, RuntimeError) as error:
             raise AdapterError(f"LoRA {name!r} ({file.path.name}) cannot be read: {_first_line(error)}") from None
