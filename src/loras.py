@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import struct
 import time
 import warnings
 from collections import OrderedDict
@@ -35,14 +33,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from src.errors import AdapterError
+from src.safetensors_header import SafetensorsError, parse_header, read_header
 
 log = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
 # An unknown name's error lists at most this many of the names there are.
 NAMES_SHOWN = 20
-# The safetensors header is JSON behind its 8-byte length; a header larger than this is not a LoRA's.
-MAX_HEADER_BYTES = 100 * 2**20
 # Key fragments of the LoRA layouts diffusers loads: kohya/A1111, PEFT, and diffusers' older attention processors.
 _LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
 # LyCORIS and other network kinds diffusers' loader cannot read, by a key fragment each uses.
@@ -108,52 +105,11 @@ def scan_loras(folder: str | None) -> dict[str, LoraFile]:
     return files
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header and the offset its tensor data starts at, reading only the header.
-
-    Raises:
-        AdapterError: the file is not safetensors, or is shorter than its header says.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        return parse_header(prefix + handle.read(_header_length(prefix, size, path)), size, path)
-
-
-def parse_header(data: bytes, size: int, path: Path) -> tuple[dict[str, Any], int]:
-    """The header of a safetensors file of ``size`` bytes whose first bytes are ``data``, and the offset
-    its tensor data starts at.
-
-    Raises:
-        AdapterError: the file is not safetensors, or is shorter than its header says.
-    """
-    length = _header_length(data[:8], size, path)
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except ValueError:
-        raise AdapterError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"{path}: not a safetensors file (its header is not an object)")
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if 8 + length + end > size:
-        raise AdapterError(f"{path}: the file is cut short: {size} bytes, its header says {8 + length + end}")
-    return header, 8 + length
-
-
-def _header_length(prefix: bytes, size: int, path: Path) -> int:
-    if len(prefix) < 8:
-        raise AdapterError(f"{path}: not a safetensors file ({size} bytes)")
-    (length,) = struct.unpack("<Q", prefix)
-    if length > min(MAX_HEADER_BYTES, size - 8):
-        raise AdapterError(f"{path}: not a safetensors file (its header would be {length} bytes)")
-    return int(length)
-
-
 def _describe(name: str, path: Path) -> LoraFile:
     try:
         header, _start = read_header(path)
-    except (AdapterError, KeyError, TypeError, IndexError, OSError) as error:
-        problem = str(error).removeprefix(f"{path}: ") if isinstance(error, AdapterError) else "unreadable header"
+    except (SafetensorsError, KeyError, TypeError, IndexError, OSError) as error:
+        problem = str(error).removeprefix(f"{path}: ") if isinstance(error, SafetensorsError) else "unreadable header"
         return LoraFile(name, path, parameters=0, rank=0, problem=problem)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
     parameters = sum(_numel(entry.get("shape", [])) for entry in tensors.values())
