@@ -2,12 +2,26 @@
 
 Usage::
 
-    python -m builder.tiny_model DIR
+    python -m builder.tiny_model DIR                  # a diffusers folder
+    python -m builder.tiny_model DIR --single-file    # and, inside it, the same weights as one
+                                                      # checkpoint file plus a VAE file
 
 The pipeline is built from the real diffusers and transformers classes at tiny
 sizes and saved with ``save_pretrained``, so ``MODEL_ID=DIR`` loads it through
 exactly the code that loads SD 1.5. Nothing is downloaded. Its images are
 noise; it exists so that tests and smoke runs exercise the real code offline.
+
+Its weights are float16 values (stored as float32), as SD 1.5's published weights
+are, so that a float16 copy of it (a checkpoint baked by ``builder.cache_model``)
+holds exactly the same numbers.
+
+``--single-file`` also writes, beside the folder's subfolders:
+
+- ``DIR/tiny-sd15.safetensors``: the same weights as one checkpoint in the original
+  (LDM) layout, ``model.diffusion_model.*``, ``first_stage_model.*`` and
+  ``cond_stage_model.transformer.*``, as fine-tunes are shared;
+- ``DIR/tiny-vae.safetensors``: a VAE of the same shape with other weights, in the
+  layout of a shared VAE file (``encoder.*``, ``decoder.*``), for ``VAE_ID``.
 
 The shapes that matter to the worker follow SD 1.5: 4 latent channels, a VAE
 with 4 blocks (scale factor 8), a CLIP text encoder with a 77-token context,
@@ -29,6 +43,8 @@ if TYPE_CHECKING:
 
 CONTEXT_LENGTH = 77
 TEXT_WIDTH = 32
+CHECKPOINT_FILE = "tiny-sd15.safetensors"
+VAE_FILE = "tiny-vae.safetensors"
 
 # SD 1.5's scheduler config (scheduler/scheduler_config.json on the hub).
 SD15_SCHEDULER_CONFIG = {
@@ -93,10 +109,42 @@ def build_tiny_safety_checker() -> tuple[Any, Any]:
     return checker, processor
 
 
+def build_tiny_vae(seed: int) -> Any:
+    """The tiny AutoencoderKL (4 blocks: scale factor 8, 4 latent channels), its weights drawn from ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    return _round_to_float16(vae)
+
+
+def _round_to_float16(model: Any) -> Any:
+    """Make every floating weight a float16 value, kept in its dtype."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(torch.float16))
+    return model
+
+
 def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False) -> StableDiffusionPipeline:
     """Build the tiny pipeline; ``workdir`` receives the tokenizer's source files."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     write_tokenizer_files(workdir)
@@ -122,19 +170,7 @@ def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False) -> Stabl
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    vae = build_tiny_vae(seed=0)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -149,6 +185,8 @@ def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False) -> Stabl
             pad_token_id=vocab["<|endoftext|>"],
         )
     )
+    for model in (unet, text_encoder):
+        _round_to_float16(model)
     checker, processor = build_tiny_safety_checker() if safety_checker else (None, None)
     return assemble_pipeline(
         {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet}, checker, processor
@@ -168,19 +206,38 @@ def assemble_pipeline(models: dict[str, Any], checker: Any = None, processor: An
     )
 
 
-def write_tiny_model(directory: Path, *, safety_checker: bool = False) -> Path:
-    """Save the tiny pipeline (with a tiny safety checker if asked) to ``directory``; return it."""
+def write_tiny_model(directory: Path, *, safety_checker: bool = False, single_file: bool = False) -> Path:
+    """Save the tiny pipeline (with a tiny safety checker if asked) to ``directory``; return it.
+
+    With ``single_file``, also write ``CHECKPOINT_FILE`` and ``VAE_FILE`` into it (see the module's doc).
+    """
     directory = Path(directory)
     with tempfile.TemporaryDirectory() as workdir:
         pipeline = build_tiny_pipeline(Path(workdir), safety_checker=safety_checker)
     pipeline.save_pretrained(directory)
+    if single_file:
+        write_single_files(pipeline, directory)
     return directory
+
+
+def write_single_files(pipeline: StableDiffusionPipeline, directory: Path) -> tuple[Path, Path]:
+    """Write ``pipeline`` as ``directory/CHECKPOINT_FILE`` and another VAE as ``directory/VAE_FILE``."""
+    from builder import single_file
+
+    checkpoint = single_file.save(single_file.checkpoint_state_dict(pipeline), directory / CHECKPOINT_FILE)
+    vae = single_file.save(single_file.vae_state_dict(build_tiny_vae(seed=1), prefix=""), directory / VAE_FILE)
+    return checkpoint, vae
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m builder.tiny_model", description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path, help="folder to write the pipeline into")
     parser.add_argument("--safety-checker", action="store_true", help="include a tiny random safety checker")
+    parser.add_argument(
+        "--single-file",
+        action="store_true",
+        help=f"also write the weights as one LDM-layout checkpoint ({CHECKPOINT_FILE}) and a VAE file ({VAE_FILE})",
+    )
     args = parser.parse_args(argv)
     # Keep the terminal quiet: no torchvision notice (no image processor is used) and no
     # progress bars for writing a 4 MB model.
@@ -190,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    path = write_tiny_model(args.directory, safety_checker=args.safety_checker)
+    path = write_tiny_model(args.directory, safety_checker=args.safety_checker, single_file=args.single_file)
     print(f"tiny SD 1.5-shaped pipeline written to {path}")
+    if args.single_file:
+        print(f"as one checkpoint file: {path / CHECKPOINT_FILE}")
+        print(f"a VAE file with other weights: {path / VAE_FILE}")
     return 0
 
 
