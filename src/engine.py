@@ -31,7 +31,7 @@ from src import canvas, prompts, tasks
 from src.adapters import Embedding, load_embeddings
 from src.canvas import TaskImages
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
-from src.loader import load_pipeline, resolve_device, resolve_dtype
+from src.loader import load_model, named_identity, resolve_device, resolve_dtype
 from src.loras import Applied, Loras, scan_loras
 from src.memory import GIB, Plan, Profile, Setup, choose_profile, plan_sub_batch, setup_for, sub_batches
 from src.schedulers import make_scheduler
@@ -163,6 +163,8 @@ class Engine:
         self.show_progress_bar = False
         # Reads deadlines and progress intervals; a seam through which tests control time.
         self.clock: Callable[[], float] = time.monotonic
+        # What the model is, as responses and image parameters name it.
+        self.identity = named_identity(settings)
         # Textual-inversion embeddings by name, from EMBEDDINGS_DIR.
         self.embeddings: dict[str, Embedding] = {}
         # LoRAs from LORA_DIR, and the pipeline's LoRA state.
@@ -181,7 +183,7 @@ class Engine:
         dtype = resolve_dtype(settings.dtype, device)
         gpu_bytes = _gpu_bytes(settings) if device.type == "cuda" else None
         profile = choose_profile(device.type, gpu_bytes, settings.memory_profile)
-        pipeline = load_pipeline(settings, dtype)
+        pipeline, identity = load_model(settings, dtype)
         _drop_long_prompt_warnings()
         if profile is Profile.LOW:
             pipeline.enable_model_cpu_offload()
@@ -207,7 +209,7 @@ class Engine:
             _apply_fast_mode(pipeline, loras)
         log.info(
             "loaded %s on %s (%s, %s profile%s) in %.1f s",
-            settings.model_id,
+            identity.name,
             device,
             str(dtype).removeprefix("torch."),
             profile.value,
@@ -215,6 +217,7 @@ class Engine:
             time.perf_counter() - started,
         )
         engine = cls(pipeline, settings=settings, device=device, dtype=dtype, profile=profile, gpu_bytes=gpu_bytes)
+        engine.identity = identity
         engine.embeddings = embeddings
         engine.loras = loras
         if fast:
@@ -233,12 +236,6 @@ class Engine:
             with self.loras.first_slot_on():
                 self.generate(request, timeout_s=3600)
         log.info("warmed up in %.1f s", time.perf_counter() - started)
-
-    @property
-    def model_name(self) -> str:
-        """The model as the response reports it: MODEL_ID, with @revision when one is set."""
-        revision = self.settings.revision
-        return f"{self.settings.model_id}@{revision}" if revision else self.settings.model_id
 
     @property
     def dtype_name(self) -> str:

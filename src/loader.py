@@ -1,8 +1,11 @@
-"""Find the weights and load the SD 1.5 pipeline: device, dtype, local folder or hub.
+"""Find the weights and load the SD 1.5 pipeline: device, dtype, baked folder, local folder, hub, single file, VAE.
 
 Loading never hangs: a hub id whose weights are not on disk is looked up on
 the hub with a short timeout first, and a failed look-up ends startup with a
-message that says what to do.
+message that says what to do. A single-file checkpoint is checked, then
+converted with configs from a local folder, never the network
+(``src.checkpoints``); with ``MODEL_CACHE_DIR`` the conversion is kept for the
+next workers.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +28,18 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import model_info
 from transformers.utils import logging as transformers_logging
 
+from src.checkpoints import (
+    ModelFile,
+    cast,
+    check_checkpoint,
+    check_vae_file,
+    convert_checkpoint,
+    is_file_path,
+    load_vae_file,
+    sha256_file,
+)
 from src.errors import ModelLoadError
-from src.settings import Settings
+from src.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +81,8 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 def _ways_out(model_id: str) -> str:
     return (
         "Ways out: (1) cache the weights at build time, into the image "
-        "(see the README's Model weights section); (2) point MODEL_ID at a local diffusers folder; "
+        "(see the README's Model weights section); (2) point MODEL_ID at a local diffusers folder "
+        "or a single-file .safetensors checkpoint; "
         f"(3) for a smoke test with no weights, `python -m builder.tiny_model /tmp/tiny` "
         f"and MODEL_ID=/tmp/tiny. The model asked for was MODEL_ID={model_id!r}."
     )
@@ -97,18 +115,26 @@ def _probe_hub(model_id: str, revision: str | None) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-# Written by builder/cache_model.py next to the weights it downloads: what they are.
+# Written by builder/cache_model.py next to the weights it bakes, and into each MODEL_CACHE_DIR conversion.
 BAKED_SOURCE_FILE = "source.json"
 
 
 @dataclass(frozen=True)
 class BakedSource:
-    """Which model, revision and file variant a baked folder holds."""
+    """Which model, revision and file variant a baked folder holds.
+
+    A folder converted from a single-file checkpoint also names that ``checkpoint``
+    (``name``, ``sha256``, and the file's ``file``/``size``/``mtime_ns`` it was read as), the
+    ``url`` it was downloaded from (query hidden), and a ``vae`` baked in place of its own.
+    """
 
     model_id: str
     revision: str | None
     variant: str | None
     safety_checker: bool
+    checkpoint: dict[str, Any] | None = None
+    url: str | None = None
+    vae: dict[str, Any] | None = None
 
     def holds(self, model_id: str, revision: str | None) -> bool:
         """Whether the folder holds this model at this revision, whatever else it holds."""
@@ -117,6 +143,17 @@ class BakedSource:
     def matches(self, model_id: str, revision: str | None, safety_checker: bool) -> bool:
         """Whether the folder holds everything a worker with these settings loads."""
         return self.holds(model_id, revision) and (self.safety_checker or not safety_checker)
+
+    @property
+    def checkpoint_file(self) -> ModelFile | None:
+        return ModelFile(self.checkpoint["name"], self.checkpoint["sha256"]) if self.checkpoint else None
+
+    @property
+    def vae_file(self) -> ModelFile | None:
+        return ModelFile(self.vae["name"], self.vae["sha256"]) if self.vae else None
+
+    def write(self, folder: Path) -> None:
+        (folder / BAKED_SOURCE_FILE).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
 
 
 def read_baked_source(folder: Path) -> BakedSource | None:
@@ -127,67 +164,301 @@ def read_baked_source(folder: Path) -> BakedSource | None:
         return None
 
 
+def hidden_query(url: str) -> str:
+    """``url`` as a label or a message may keep it: no credentials, no query (presigned URLs and tokens live there)."""
+    base, _, query = redact_url(url).partition("?")
+    return f"{base}?<hidden>" if query else base
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model as responses and image parameters name it, as A1111 does for a checkpoint and a VAE."""
+
+    name: str
+    checkpoint: ModelFile | None = None
+    vae: str | None = None
+    vae_file: ModelFile | None = None
+
+    @property
+    def model_hash(self) -> str | None:
+        return self.checkpoint.short_hash if self.checkpoint else None
+
+    @property
+    def vae_hash(self) -> str | None:
+        return self.vae_file.short_hash if self.vae_file else None
+
+
 def load_pipeline(settings: Settings, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """Load ``settings.model_id`` (a local folder or a hub id) in ``dtype``, on the CPU.
+    """``load_model``'s pipeline."""
+    return load_model(settings, dtype)[0]
 
-    The engine places it on the device, as its memory profile says.
 
-    MODEL_ID at its revision is loaded from MODEL_DIR, offline, when the build baked
-    it there. Otherwise a hub id is read from the local cache when it is there, and
-    downloaded only after the hub has answered a quick look-up.
+def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, ModelIdentity]:
+    """Load the model the settings name in ``dtype``, on the CPU, and say what it is.
+
+    The engine places it on the device, as its memory profile says. The model is, in order:
+    MODEL_DIR when the build baked MODEL_URL (or MODEL_ID at its revision) there; a single-file
+    checkpoint at MODEL_ID; a local diffusers folder; a hub id, read from the local cache when it
+    is there and downloaded only after the hub has answered a quick look-up. VAE_ID then
+    replaces the VAE.
 
     Raises:
-        ModelLoadError: the folder is not a diffusers pipeline, or the weights are
-            neither on disk nor reachable.
+        ModelLoadError: the weights are missing, unreachable, or not SD 1.5; the message says what to do.
     """
     # Progress bars are for humans at a terminal; in a worker they are log noise.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
-    model_id, revision = settings.model_id, settings.revision
     options: dict[str, Any] = {"dtype": dtype}
     if not settings.safety_checker:
         # Off by default (see the README). Without requires_safety_checker=False,
         # diffusers warns about it on every load.
         options.update(safety_checker=None, requires_safety_checker=False)
-    folder = Path(model_id).expanduser()
-    baked = read_baked_source(Path(settings.model_dir))
-    if baked is not None and baked.holds(model_id, revision) and settings.safety_checker and not baked.safety_checker:
+    model_dir = Path(settings.model_dir)
+    baked = read_baked_source(model_dir)
+    if settings.model_url is not None:
+        pipeline, source = _load_baked_url(settings, baked, options), baked
+    elif is_file_path(settings.model_id) and not (baked is not None and baked.holds(settings.model_id, None)):
+        pipeline, source = _load_checkpoint(settings, dtype)
+    else:
+        pipeline, source = _load_diffusers(settings, baked, options)
+    if settings.safety_checker and getattr(pipeline, "safety_checker", None) is None:
         raise ModelLoadError(
-            f"SAFETY_CHECKER=true, but MODEL_DIR={settings.model_dir!r} holds {model_id}@{revision} baked "
+            f"SAFETY_CHECKER=true, but MODEL_ID={settings.model_id!r} has no safety_checker and feature_extractor; "
+            "use a model that ships them (SD 1.5 does) or set SAFETY_CHECKER=false"
+        )
+    identity = _identity(settings, source)
+    if settings.vae_url is not None:
+        if source is None or source.vae is None or source.vae.get("url") != hidden_query(settings.vae_url):
+            raise ModelLoadError(
+                f"VAE_URL={hidden_query(settings.vae_url)!r} is baked into MODEL_DIR at build time, and the model "
+                "loaded does not hold it. Bake it: `docker build --build-arg VAE_URL=...`, or "
+                "`VAE_URL=... python -m builder.cache_model` with this MODEL_DIR; or use VAE_ID"
+            )
+    elif settings.vae_id is not None:
+        vae, name, vae_file = load_vae(settings.vae_id, pipeline.vae, dtype)
+        pipeline.register_modules(vae=vae)
+        identity = ModelIdentity(identity.name, identity.checkpoint, name, vae_file)
+    return pipeline, identity
+
+
+def named_identity(settings: Settings) -> ModelIdentity:
+    """A diffusers model's identity: MODEL_ID, with @revision when one is set."""
+    revision = settings.revision
+    return ModelIdentity(f"{settings.model_id}@{revision}" if revision else settings.model_id)
+
+
+def _identity(settings: Settings, source: BakedSource | None) -> ModelIdentity:
+    vae = source.vae_file if source is not None else None
+    checkpoint = source.checkpoint_file if source is not None else None
+    name = checkpoint.name if checkpoint is not None else named_identity(settings).name
+    return ModelIdentity(name, checkpoint, vae.name if vae else None, vae)
+
+
+def _load_baked_url(settings: Settings, baked: BakedSource | None, options: dict[str, Any]) -> StableDiffusionPipeline:
+    assert settings.model_url is not None
+    url = hidden_query(settings.model_url)
+    if baked is None or baked.url != url:
+        holds = f"holds {baked.url or baked.model_id}" if baked is not None else "holds no baked model"
+        raise ModelLoadError(
+            f"MODEL_URL={url!r} is downloaded and converted at build time, and MODEL_DIR={settings.model_dir!r} "
+            f"{holds}. Bake it: `docker build --build-arg MODEL_URL=...`, or `MODEL_URL=... python -m "
+            "builder.cache_model` with this MODEL_DIR (a network volume, say); or set MODEL_ID to the file"
+        )
+    held = baked.checkpoint_file
+    if settings.model_sha256 is not None and held is not None and held.sha256 != settings.model_sha256:
+        raise ModelLoadError(
+            f"MODEL_SHA256={settings.model_sha256}, but MODEL_DIR={settings.model_dir!r} holds {url} with SHA-256 "
+            f"{held.sha256}; bake it again"
+        )
+    _require_checker(settings, baked)
+    log.info("loading %s (%s) from %s, baked at build time", held and held.name, url, settings.model_dir)
+    return StableDiffusionPipeline.from_pretrained(
+        settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options
+    )
+
+
+def _require_checker(settings: Settings, baked: BakedSource) -> None:
+    if settings.safety_checker and not baked.safety_checker:
+        raise ModelLoadError(
+            f"SAFETY_CHECKER=true, but MODEL_DIR={settings.model_dir!r} holds {baked.url or baked.model_id} baked "
             "without the safety checker. Bake it with the checker: `docker build --build-arg "
             "SAFETY_CHECKER=true ...`, or `SAFETY_CHECKER=true python -m builder.cache_model` with this "
             "MODEL_DIR; or set SAFETY_CHECKER=false"
         )
-    if baked is not None and baked.matches(model_id, revision, settings.safety_checker):
+
+
+def _load_diffusers(
+    settings: Settings, baked: BakedSource | None, options: dict[str, Any]
+) -> tuple[StableDiffusionPipeline, BakedSource | None]:
+    """MODEL_ID as MODEL_DIR's baked folder, a local diffusers folder, or a hub id; and the folder's label."""
+    model_id, revision = settings.model_id, settings.revision
+    folder = Path(model_id).expanduser()
+    if baked is not None and baked.holds(model_id, revision):
+        _require_checker(settings, baked)
         log.info("loading %s@%s from %s, baked at build time", model_id, revision, settings.model_dir)
         pipeline = StableDiffusionPipeline.from_pretrained(
             settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options
         )
-    elif folder.is_dir():
+        return pipeline, baked
+    if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(
                 f"MODEL_ID={model_id!r} is a folder but not a diffusers pipeline: it has no "
                 f"model_index.json. {_ways_out(model_id)}"
             )
-        pipeline = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **options)
-    elif model_id.startswith(("/", "./", "../", "~")):
+        return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **options), read_baked_source(
+            folder
+        )
+    if model_id.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(
             f"MODEL_ID={model_id!r} looks like a path, but no such folder exists. {_ways_out(model_id)}"
         )
-    else:
-        try:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                model_id, local_files_only=True, revision=revision, **options
-            )
-            log.info("loaded %s from the local Hugging Face cache", model_id)
-        except OSError:
-            log.info("%s is not in the local cache; asking the hub", model_id)
-            _probe_hub(model_id, revision)
-            pipeline = StableDiffusionPipeline.from_pretrained(model_id, revision=revision, **options)
-    if settings.safety_checker and getattr(pipeline, "safety_checker", None) is None:
-        raise ModelLoadError(
-            f"SAFETY_CHECKER=true, but MODEL_ID={model_id!r} has no safety_checker and feature_extractor; "
-            "use a model that ships them (SD 1.5 does) or set SAFETY_CHECKER=false"
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            model_id, local_files_only=True, revision=revision, **options
         )
-    return pipeline
+        log.info("loaded %s from the local Hugging Face cache", model_id)
+    except OSError:
+        log.info("%s is not in the local cache; asking the hub", model_id)
+        _probe_hub(model_id, revision)
+        pipeline = StableDiffusionPipeline.from_pretrained(model_id, revision=revision, **options)
+    return pipeline, None
+
+
+def _load_checkpoint(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, BakedSource]:
+    """MODEL_ID as a single-file checkpoint: checked, hashed once, then converted or found converted.
+
+    With MODEL_CACHE_DIR, a conversion of this very file (same name, size and modification time,
+    or same SHA-256) is loaded from there; otherwise the conversion is written there for the next
+    workers. Without it, the checkpoint is converted in memory.
+    """
+    path = Path(settings.model_id).expanduser()
+    config = Path(settings.model_config_folder)
+    check_checkpoint(path, config)
+    cache = Path(settings.model_cache_dir) if settings.model_cache_dir else None
+    found = _find_conversion(cache, path, settings.safety_checker) if cache is not None else None
+    if found is None:
+        started = time.perf_counter()
+        sha256 = sha256_file(path)
+        log.info("%s: SHA-256 %s (%.1f s)", path.name, sha256[:10], time.perf_counter() - started)
+        _check_sha256(settings, sha256, path)
+        if cache is not None:
+            found = _find_conversion(cache, path, settings.safety_checker, sha256=sha256)
+    if found is not None:
+        folder, source = found
+        _check_sha256(settings, source.checkpoint["sha256"] if source.checkpoint else "", path)
+        log.info("loading %s converted earlier, from %s", path.name, folder)
+        options: dict[str, Any] = {"dtype": dtype}
+        if not settings.safety_checker:
+            options.update(safety_checker=None, requires_safety_checker=False)
+        return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **options), source
+    started = time.perf_counter()
+    pipeline = convert_checkpoint(path, config, safety_checker=settings.safety_checker)
+    stat = path.stat()
+    source = BakedSource(
+        model_id=settings.model_id,
+        revision=None,
+        variant=None,
+        safety_checker=settings.safety_checker,
+        checkpoint={
+            "name": path.stem,
+            "sha256": sha256,
+            "file": path.name,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        },
+    )
+    log.info("converted %s with the configs in %s in %.1f s", path.name, config, time.perf_counter() - started)
+    if cache is not None:
+        save_conversion(pipeline, source, cache / f"{path.stem}-{sha256[:10]}")
+    for name in ("unet", "vae", "text_encoder", "safety_checker"):
+        if getattr(pipeline, name, None) is not None:
+            cast(getattr(pipeline, name), dtype)
+    return pipeline, source
+
+
+def _check_sha256(settings: Settings, sha256: str, path: Path) -> None:
+    if settings.model_sha256 is not None and sha256 != settings.model_sha256:
+        raise ModelLoadError(
+            f"MODEL_ID={str(path)!r}: its SHA-256 is {sha256}, and MODEL_SHA256 says {settings.model_sha256}; "
+            "the file is not the one expected"
+        )
+
+
+def _find_conversion(
+    cache: Path, path: Path, safety_checker: bool, sha256: str | None = None
+) -> tuple[Path, BakedSource] | None:
+    """A conversion of ``path`` in ``cache``: by the file's name, size and modification time, or by its SHA-256."""
+    stat = path.stat()
+    for label in sorted(cache.glob(f"*/{BAKED_SOURCE_FILE}")):
+        source = read_baked_source(label.parent)
+        if source is None or source.checkpoint is None or (safety_checker and not source.safety_checker):
+            continue
+        if sha256 is not None:
+            if source.checkpoint.get("sha256") == sha256:
+                return label.parent, source
+        elif (source.checkpoint.get("file"), source.checkpoint.get("size"), source.checkpoint.get("mtime_ns")) == (
+            path.name,
+            stat.st_size,
+            stat.st_mtime_ns,
+        ):
+            return label.parent, source
+    return None
+
+
+def save_conversion(pipeline: StableDiffusionPipeline, source: BakedSource, folder: Path) -> Path:
+    """Save a converted checkpoint as a diffusers folder, labelled; written aside, then renamed into place.
+
+    Workers starting together may convert the same file; the first rename wins and the others'
+    copies are dropped. A failure to write (a full or read-only volume) is logged: the worker still
+    serves the conversion it holds.
+    """
+    scratch = folder.parent / f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        pipeline.save_pretrained(scratch, safe_serialization=True)
+        source.write(scratch)
+        os.replace(scratch, folder) if not folder.exists() else shutil.rmtree(scratch)
+        log.info("kept the conversion in %s for the next workers", folder)
+    except OSError as error:
+        log.warning("could not keep the conversion in %s (%s); converting again at the next start", folder, error)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+def load_vae(vae_id: str, current: Any, dtype: torch.dtype) -> tuple[Any, str, ModelFile | None]:
+    """VAE_ID as a VAE shaped like ``current`` (the model's): the VAE, its name, and its file when it is one.
+
+    Raises:
+        ModelLoadError: VAE_ID is missing, not a VAE, or of other shapes than the model's VAE.
+    """
+    from diffusers import AutoencoderKL
+
+    config = dict(current.config)
+    path = Path(vae_id).expanduser()
+    if is_file_path(vae_id):
+        check_vae_file(path, config)
+        vae = load_vae_file(path, config, dtype)
+        return vae, path.stem, ModelFile(path.stem, sha256_file(path))
+    if not path.is_dir():
+        raise ModelLoadError(f"VAE_ID={vae_id!r}: no such file or folder; give a VAE folder or a .safetensors VAE")
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+    if not (path / (subfolder or "") / "config.json").is_file():
+        raise ModelLoadError(f"VAE_ID={vae_id!r}: a folder without a VAE (no config.json nor vae/config.json)")
+    try:
+        vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"VAE_ID={vae_id!r}: cannot be loaded as a diffusers VAE ({_first_line(error)})") from None
+    expected = {key: tuple(value.shape) for key, value in current.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in vae.state_dict().items()}
+    if found != expected:
+        wrong = sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
+        raise ModelLoadError(
+            f"VAE_ID={vae_id!r}: not shaped as this model's VAE ({len(wrong)} tensors differ, such as {wrong[0]}: "
+            f"{list(found.get(wrong[0], ()))} here, {list(expected.get(wrong[0], ()))} in the model)"
+        )
+    return vae, path.name, None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]

@@ -92,6 +92,9 @@ def a1111_parameters(
     seed: int,
     model: str,
     *,
+    model_hash: str | None = None,
+    vae: str | None = None,
+    vae_hash: str | None = None,
     source_size: tuple[int, int] | None = None,
     embeddings: dict[str, str] | None = None,
     loras: Sequence[Applied] = (),
@@ -113,6 +116,9 @@ def a1111_parameters(
         "Size": f"{width}x{height}",
         "Model": model,
     }
+    # A checkpoint file has A1111's short hash; a diffusers folder or hub id has none.
+    named = {"Model hash": model_hash, "VAE": vae, "VAE hash": vae_hash}
+    fields.update({name: value for name, value in named.items() if value is not None})
     if request.clip_skip != 1:
         fields["Clip skip"] = request.clip_skip
     task = request.task
@@ -252,7 +258,10 @@ def encode_response(
                 a1111_parameters(
                     request,
                     seed,
-                    engine.model_name,
+                    engine.identity.name,
+                    model_hash=engine.identity.model_hash,
+                    vae=engine.identity.vae,
+                    vae_hash=engine.identity.vae_hash,
                     source_size=source_size,
                     embeddings=generation.embeddings,
                     loras=generation.loras,
@@ -291,7 +300,10 @@ def encode_response(
             embeddings=generation.embeddings or None,
             loras=[AppliedLora(name=item.name, scale=item.scale, hash=item.short_hash) for item in generation.loras]
             or None,
-            model=engine.model_name,
+            model=engine.identity.name,
+            model_hash=engine.identity.model_hash,
+            vae=engine.identity.vae,
+            vae_hash=engine.identity.vae_hash,
             device=engine.device.type,
             dtype=engine.dtype_name,
             memory_profile=engine.profile.value,

@@ -1034,7 +1034,15 @@ class Metadata(BaseModel):
         description="For `prompt` and `negative_prompt`: its tokens and the chunks of 75 they were encoded in."
     )
     seeds: list[int] = Field(description="The seed of each image, in order.")
-    model: str = Field(description="`MODEL_ID`, with `@MODEL_REVISION` when one is set.")
+    model: str = Field(
+        description="A checkpoint's file name without its extension, as A1111's `Model`; otherwise `MODEL_ID`, "
+        "with `@MODEL_REVISION` when one is set."
+    )
+    model_hash: str | None = Field(
+        None, description="A checkpoint's A1111 `Model hash`: the first 10 hex digits of its file's SHA-256."
+    )
+    vae: str | None = Field(None, description="With `VAE_ID` or `VAE_URL`: the VAE's file or folder name.")
+    vae_hash: str | None = Field(None, description="A VAE file's A1111 `VAE hash`, as `model_hash`.")
     device: str = Field(description="`cuda` or `cpu`.")
     dtype: str = Field(description="The torch dtype the model ran in, such as `float16`.")
     memory_profile: str = Field(description="`high`, `balanced`, `low`, `minimal` or `cpu`; see Memory.")

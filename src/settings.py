@@ -22,7 +22,7 @@ DEFAULT_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 # Variables whose values never appear in a message.
 _SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY"})
 # Variables holding URLs whose user:password@ part never appears in a message.
-_URLS = frozenset({"BUCKET_ENDPOINT_URL"})
+_URLS = frozenset({"BUCKET_ENDPOINT_URL", "MODEL_URL", "VAE_URL"})
 # From after the scheme to the last "@": greedy, so a password holding "/" or "@" is hidden whole.
 _USERINFO = re.compile(r"^([^:/]*://)?.*@")
 
@@ -45,7 +45,8 @@ class Settings(BaseModel):
         DEFAULT_MODEL_ID,
         alias="MODEL_ID",
         min_length=1,
-        description="Hub id of a diffusers SD 1.5 repo, or a path to a local diffusers folder.",
+        description="Hub id of a diffusers SD 1.5 repo, a path to a local diffusers folder, or a path to a "
+        "single-file SD 1.5 checkpoint (`.safetensors`; see Your own checkpoint).",
     )
     model_revision: str | None = Field(
         None,
@@ -59,6 +60,45 @@ class Settings(BaseModel):
         min_length=1,
         description="Folder `builder/cache_model.py` fills at build time. When it holds MODEL_ID at its revision, "
         "the worker loads it from there, offline.",
+    )
+    model_url: str | None = Field(
+        None,
+        alias="MODEL_URL",
+        description="`http(s)://` URL of a single-file SD 1.5 checkpoint that `builder/cache_model.py` downloads and "
+        "converts into MODEL_DIR at build time; the worker then serves that folder, offline. Takes MODEL_ID's place.",
+    )
+    model_sha256: str | None = Field(
+        None,
+        alias="MODEL_SHA256",
+        description="SHA-256 (64 hex digits) the checkpoint file (MODEL_URL, or MODEL_ID's file) must have; "
+        "checked where the file is read, at build or at startup.",
+    )
+    model_config_dir: str | None = Field(
+        None,
+        alias="MODEL_CONFIG",
+        description="Diffusers SD 1.5 folder whose configs and tokenizer a single-file checkpoint is built with, "
+        "offline. Unset: MODEL_DIR.",
+    )
+    model_cache_dir: str | None = Field(
+        None,
+        alias="MODEL_CACHE_DIR",
+        description="Folder (such as one on a network volume) where a checkpoint converted at startup is kept as "
+        "a diffusers folder, and found again by the next workers. Unset: converted at every start.",
+    )
+    vae_id: str | None = Field(
+        None,
+        alias="VAE_ID",
+        description="A VAE that replaces the model's: a diffusers VAE folder or a single-file VAE (`.safetensors`, "
+        "such as the ft-MSE VAE). Unset: the model's own.",
+    )
+    vae_url: str | None = Field(
+        None,
+        alias="VAE_URL",
+        description="`http(s)://` URL of a single-file VAE that `builder/cache_model.py` bakes into MODEL_DIR in "
+        "place of the model's; the worker then serves it.",
+    )
+    vae_sha256: str | None = Field(
+        None, alias="VAE_SHA256", description="SHA-256 (64 hex digits) the VAE_URL file must have."
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", alias="DEVICE", description="`auto` uses CUDA when a GPU is visible, else the CPU."
@@ -266,6 +306,26 @@ class Settings(BaseModel):
             raise ValueError("must name a host, such as http://127.0.0.1:9000")
         return value
 
+    @field_validator("model_url", "vae_url")
+    @classmethod
+    def _download_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        if "@" in urlsplit(value).netloc:
+            raise ValueError("must not carry credentials; pass a token as the build secret download_token")
+        return value
+
+    @field_validator("model_sha256", "vae_sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("must be a SHA-256: 64 hex digits")
+        return value.lower()
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -280,7 +340,18 @@ class Settings(BaseModel):
                 "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY: set both or neither "
                 "(neither: boto3 finds credentials itself, e.g. from an instance role)"
             )
+        if self.model_url is not None and "model_id" in self.model_fields_set:
+            raise ValueError("MODEL_ID and MODEL_URL: set one, not both (MODEL_URL is the model when set)")
+        if self.vae_url is not None and self.vae_id is not None:
+            raise ValueError("VAE_ID and VAE_URL: set one, not both (VAE_URL is baked into MODEL_DIR)")
+        if self.vae_sha256 is not None and self.vae_url is None:
+            raise ValueError("VAE_SHA256 is checked against VAE_URL's download; set VAE_URL too")
         return self
+
+    @property
+    def model_config_folder(self) -> str:
+        """Where a single-file checkpoint's configs and tokenizer come from: MODEL_CONFIG, else MODEL_DIR."""
+        return self.model_config_dir or self.model_dir
 
     @property
     def revision(self) -> str | None:

@@ -14,6 +14,13 @@ DEFAULTS = {
     "model_id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "model_revision": None,
     "model_dir": "/models/sd15",
+    "model_url": None,
+    "model_sha256": None,
+    "model_config_dir": None,
+    "model_cache_dir": None,
+    "vae_id": None,
+    "vae_url": None,
+    "vae_sha256": None,
     "device": "auto",
     "dtype": "auto",
     "max_side": 1024,
@@ -52,7 +59,11 @@ DEFAULTS = {
 
 
 def test_every_setting_has_a_variable() -> None:
-    assert sorted(VARIABLES) == sorted(name.upper() for name in DEFAULTS)
+    # Each variable is its field's name in capitals, but MODEL_CONFIG: pydantic keeps `model_config` for itself.
+    names = {name.upper(): name for name in DEFAULTS} | {"MODEL_CONFIG": "model_config_dir"}
+    del names["MODEL_CONFIG_DIR"]
+    assert sorted(VARIABLES) == sorted(names)
+    assert all(Settings.model_fields[field].alias == variable for variable, field in names.items())
 
 
 def test_defaults_from_an_empty_environment() -> None:

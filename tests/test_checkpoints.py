@@ -1,0 +1,618 @@
+"""Single-file checkpoints and VAEs: the LDM layout, the checks before loading, conversion, baking and naming.
+
+Everything runs on the tiny model written as one checkpoint file (``builder.tiny_model --single-file``),
+through the worker's own handler; fakes of other models are written with their real tensor names and shapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import save_file
+
+import handler
+from builder import cache_model, single_file
+from builder.tiny_lora import write_test_loras
+from builder.tiny_model import CHECKPOINT_FILE, VAE_FILE, write_tiny_model
+from src.checkpoints import CONVERT_PICKLE, check_checkpoint
+from src.errors import ModelLoadError
+from src.loader import BAKED_SOURCE_FILE, load_model, read_baked_source
+from src.settings import Settings, load_settings
+from tests.conftest import ROOT
+
+JOB = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's folder, with its checkpoint file and another VAE file inside, as the builder writes them."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-single-file"), single_file=True)
+
+
+@pytest.fixture
+def run_worker(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, Any]]:
+    """Start a fresh worker with these variables (nothing else of ours set) and run one job on it."""
+
+    def run(env: dict[str, str], job: dict[str, Any] | None = None) -> dict[str, Any]:
+        for field in Settings.model_fields.values():
+            monkeypatch.delenv(str(field.alias), raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(handler, "_settings", None)
+        monkeypatch.setattr(handler, "_engine", None)
+        result = handler.handler({"id": "checkpoint-test", "input": job or JOB})
+        assert "error" not in result, result
+        return result
+
+    return run
+
+
+def pixels(result: dict[str, Any]) -> bytes:
+    with Image.open(io.BytesIO(base64.b64decode(result["images"][0]["image"]))) as image:
+        return image.convert("RGB").tobytes()
+
+
+def parameters(result: dict[str, Any]) -> str:
+    with Image.open(io.BytesIO(base64.b64decode(result["images"][0]["image"]))) as image:
+        return str(image.text["parameters"])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- the layout ----------------------------------------------------------------------------------
+
+
+def test_the_tiny_checkpoint_has_the_ldm_layout_and_reads_back_tensor_for_tensor(tiny_files: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_files / CHECKPOINT_FILE), "pt") as handle:
+        keys = list(handle.keys())
+    assert {key.split(".")[0] + "." + key.split(".")[1] for key in keys} == {
+        "model.diffusion_model",
+        "first_stage_model.encoder",
+        "first_stage_model.decoder",
+        "first_stage_model.quant_conv",
+        "first_stage_model.post_quant_conv",
+        "cond_stage_model.transformer",
+    }
+    folder = StableDiffusionPipeline.from_pretrained(tiny_files, safety_checker=None, requires_safety_checker=False)
+    read = StableDiffusionPipeline.from_single_file(
+        str(tiny_files / CHECKPOINT_FILE), config=str(tiny_files), local_files_only=True, safety_checker=None
+    )
+    for name in ("unet", "vae", "text_encoder"):
+        expected, found = getattr(folder, name).state_dict(), getattr(read, name).state_dict()
+        assert expected.keys() == found.keys(), name
+        assert all(torch.equal(expected[key], found[key]) for key in expected), name
+
+
+def test_the_tiny_weights_are_float16_values_so_baking_in_float16_loses_nothing(tiny_files: Path) -> None:
+    folder = StableDiffusionPipeline.from_pretrained(tiny_files, safety_checker=None, requires_safety_checker=False)
+    for name in ("unet", "vae", "text_encoder"):
+        for tensor in getattr(folder, name).state_dict().values():
+            if tensor.is_floating_point():
+                assert torch.equal(tensor, tensor.half().float())
+
+
+# --- the worker on a checkpoint --------------------------------------------------------------------
+
+
+def test_the_worker_on_the_file_matches_the_worker_on_its_folder_byte_for_byte(
+    tiny_files: Path, run_worker: Callable[..., dict[str, Any]]
+) -> None:
+    plain = {"EMBED_PARAMETERS": "false"}
+    from_folder = run_worker({**plain, "MODEL_ID": str(tiny_files)})
+    from_file = run_worker({**plain, "MODEL_ID": str(tiny_files / CHECKPOINT_FILE), "MODEL_CONFIG": str(tiny_files)})
+
+    assert from_file["images"][0]["image"] == from_folder["images"][0]["image"]
+
+
+def test_a_checkpoint_is_named_as_a1111_names_it(tiny_files: Path, run_worker: Callable[..., dict[str, Any]]) -> None:
+    checkpoint = tiny_files / CHECKPOINT_FILE
+    result = run_worker({"MODEL_ID": str(checkpoint), "MODEL_CONFIG": str(tiny_files)})
+
+    metadata = result["metadata"]
+    assert metadata["model"] == "tiny-sd15"
+    assert metadata["model_hash"] == sha256(checkpoint)[:10]
+    assert "vae" not in metadata
+    assert f"Model: tiny-sd15, Model hash: {sha256(checkpoint)[:10]}" in parameters(result)
+    assert "VAE" not in parameters(result)
+
+
+def test_a_vae_file_replaces_the_checkpoints_vae(tiny_files: Path, run_worker: Callable[..., dict[str, Any]]) -> None:
+    base = {"MODEL_ID": str(tiny_files / CHECKPOINT_FILE), "MODEL_CONFIG": str(tiny_files)}
+    own = run_worker(base)
+    other = run_worker({**base, "VAE_ID": str(tiny_files / VAE_FILE)})
+
+    assert pixels(other) != pixels(own)
+    assert other["metadata"]["vae"] == "tiny-vae"
+    assert other["metadata"]["vae_hash"] == sha256(tiny_files / VAE_FILE)[:10]
+    assert f"VAE: tiny-vae, VAE hash: {sha256(tiny_files / VAE_FILE)[:10]}" in parameters(other)
+
+
+def test_a_vae_folder_works_too_and_its_own_vae_changes_nothing(
+    tiny_files: Path, run_worker: Callable[..., dict[str, Any]]
+) -> None:
+    base = {"MODEL_ID": str(tiny_files), "EMBED_PARAMETERS": "false"}
+    own = run_worker(base)
+    same = run_worker({**base, "VAE_ID": str(tiny_files / "vae")})
+    whole_folder = run_worker({**base, "VAE_ID": str(tiny_files)})
+
+    assert pixels(same) == pixels(own) == pixels(whole_folder)
+    assert same["metadata"]["vae"] == "vae"
+
+
+def test_baked_at_build_and_converted_at_startup_give_identical_images(
+    tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]]
+) -> None:
+    checkpoint = str(tiny_files / CHECKPOINT_FILE)
+    baked = tmp_path / "baked"
+    cache_model.bake(load_settings({"MODEL_ID": checkpoint, "MODEL_CONFIG": str(tiny_files), "MODEL_DIR": str(baked)}))
+    label = read_baked_source(baked)
+    assert label is not None
+    assert label.checkpoint is not None
+    assert label.checkpoint["sha256"] == sha256(tiny_files / CHECKPOINT_FILE)
+    assert {path.name for path in (baked / "unet").iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
+    # Moved away: the baked worker must not need the file any more.
+    from_baked = run_worker({"MODEL_ID": checkpoint, "MODEL_DIR": str(baked)})
+    at_startup = run_worker({"MODEL_ID": checkpoint, "MODEL_CONFIG": str(tiny_files), "MODEL_DIR": str(tmp_path)})
+
+    assert from_baked["images"][0]["image"] == at_startup["images"][0]["image"]
+    assert (
+        from_baked["metadata"]["model_hash"] == at_startup["metadata"]["model_hash"] == label.checkpoint["sha256"][:10]
+    )
+
+
+def test_model_cache_dir_keeps_the_conversion_for_the_next_worker(
+    tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpoint = tmp_path / "volume" / "my-model.safetensors"
+    checkpoint.parent.mkdir()
+    shutil.copy(tiny_files / CHECKPOINT_FILE, checkpoint)
+    cache = tmp_path / "volume" / "converted"
+    cache.mkdir()
+    env = {"MODEL_ID": str(checkpoint), "MODEL_CONFIG": str(tiny_files), "MODEL_CACHE_DIR": str(cache)}
+
+    first = run_worker(env)
+    [folder] = [path for path in cache.iterdir() if not path.name.startswith(".")]
+    assert folder.name == f"my-model-{sha256(checkpoint)[:10]}"
+    assert (folder / BAKED_SOURCE_FILE).is_file()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="src.loader"):
+        second = run_worker(env)
+
+    assert second["images"][0]["image"] == first["images"][0]["image"]
+    assert "converted earlier" in caplog.text
+    assert "SHA-256" not in caplog.text, "found by name, size and time, without reading the file again"
+    assert second["metadata"]["model"] == "my-model"
+    assert second["metadata"]["model_hash"] == sha256(checkpoint)[:10]
+
+
+def test_model_sha256_must_match_the_file(tiny_files: Path) -> None:
+    settings = load_settings(
+        {"MODEL_ID": str(tiny_files / CHECKPOINT_FILE), "MODEL_CONFIG": str(tiny_files), "MODEL_SHA256": "0" * 64}
+    )
+    with pytest.raises(ModelLoadError, match=r"its SHA-256 is [0-9a-f]{64}, and MODEL_SHA256 says 0{64}"):
+        load_model(settings, torch.float32)
+
+
+def test_a_checkpoint_runs_with_a_lora(
+    tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]]
+) -> None:
+    loras = tmp_path / "loras"
+    write_test_loras(tiny_files, loras)
+    env = {"MODEL_ID": str(tiny_files / CHECKPOINT_FILE), "MODEL_CONFIG": str(tiny_files), "LORA_DIR": str(loras)}
+    name = sorted(path.stem for path in loras.glob("*.safetensors"))[0]
+
+    result = run_worker(env, {**JOB, "loras": [{"name": name}]})
+
+    assert result["metadata"]["loras"][0]["name"] == name
+
+
+# --- refusals, before anything is loaded ------------------------------------------------------
+
+
+def fake(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """A safetensors file with these tensor names and shapes (zeros, float16)."""
+    save_file({key: torch.zeros(shape, dtype=torch.float16) for key, shape in shapes.items()}, str(path))
+    return path
+
+
+UNET = "model.diffusion_model."
+TEXT = "cond_stage_model.transformer.text_model."
+VAE = "first_stage_model."
+
+
+def write_sdxl(path: Path) -> Path:
+    return fake(
+        path,
+        {
+            UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
+            UNET + "label_emb.0.0.weight": (1280, 2816),
+            UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+            "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+            "conditioner.embedders.1.model.ln_final.weight": (1280,),
+            VAE + "encoder.conv_in.weight": (128, 3, 3, 3),
+        },
+    )
+
+
+def write_sd2(path: Path) -> Path:
+    return fake(
+        path,
+        {
+            UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
+            UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+            "cond_stage_model.model.ln_final.weight": (1024,),
+            "cond_stage_model.model.positional_embedding": (77, 1024),
+            VAE + "encoder.conv_in.weight": (128, 3, 3, 3),
+        },
+    )
+
+
+def write_inpainting(path: Path) -> Path:
+    return fake(
+        path,
+        {
+            UNET + "input_blocks.0.0.weight": (320, 9, 3, 3),
+            UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+            TEXT + "embeddings.position_embedding.weight": (77, 768),
+            VAE + "encoder.conv_in.weight": (128, 3, 3, 3),
+        },
+    )
+
+
+def write_truncated(path: Path, source: Path) -> Path:
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def write_wider(path: Path, tiny_files: Path) -> Path:
+    """The tiny checkpoint with a text encoder 48 wide instead of 32: SD 1.5's names, other shapes."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_files / CHECKPOINT_FILE))
+    state[TEXT + "final_layer_norm.weight"] = torch.zeros(48)
+    save_file(state, str(path))
+    return path
+
+
+class Pickled:
+    """Unpickling this writes a file: the proof that a refused .ckpt was never unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+REFUSALS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
+    "ckpt": (
+        lambda folder, tiny: _pickle(folder / "model.ckpt"),
+        r"a pickled checkpoint \(\.ckpt\); pickles can run code when loaded, so they are refused unopened. "
+        r"Convert it to \.safetensors",
+    ),
+    "sdxl": (lambda folder, tiny: write_sdxl(folder / "xl.safetensors"), r"an SDXL checkpoint \(its text encoders"),
+    "sd2": (lambda folder, tiny: write_sd2(folder / "v2.safetensors"), r"an SD 2\.x checkpoint \(its text encoder is"),
+    "inpainting": (
+        lambda folder, tiny: write_inpainting(folder / "inpaint.safetensors"),
+        r"an inpainting checkpoint \(its UNet takes 9 input channels",
+    ),
+    "lora": (lambda folder, tiny: _lora(folder / "loras", tiny), r"a LoRA \(its tensors are low-rank up/down pairs\)"),
+    "vae": (lambda folder, tiny: tiny / VAE_FILE, r"a VAE alone, not a checkpoint; a VAE file goes in VAE_ID"),
+    "truncated": (
+        lambda folder, tiny: write_truncated(folder / "cut.safetensors", tiny / CHECKPOINT_FILE),
+        r"the file is cut short: \d+ bytes, its header says \d+; was its download interrupted\?",
+    ),
+    "empty": (lambda folder, tiny: _write(folder / "empty.safetensors", b""), r"the file is empty \(0 bytes\)"),
+    "text": (
+        lambda folder, tiny: _write(folder / "notes.safetensors", b"a text file, renamed\n" * 10),
+        r"not a safetensors file \(its header would be \d+ bytes\)",
+    ),
+    "missing": (lambda folder, tiny: folder / "nowhere.safetensors", r"no such file"),
+    "other shapes": (
+        lambda folder, tiny: write_wider(folder / "wider.safetensors", tiny),
+        r"not shaped as SD 1\.5 \(the pipeline in .*\): text encoder final_layer_norm.weight is \[48\], "
+        r"expected \[32\]",
+    ),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _pickle(path: Path) -> Path:
+    with path.open("wb") as handle:
+        pickle.dump({"state_dict": Pickled(path.with_suffix(".unpickled"))}, handle)
+    return path
+
+
+def _lora(folder: Path, tiny: Path) -> Path:
+    write_test_loras(tiny, folder)
+    return sorted(folder.glob("*.safetensors"))[0]
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_what_is_not_an_sd15_checkpoint_is_refused_saying_what_it_is(
+    case: str, tiny_files: Path, tmp_path: Path
+) -> None:
+    write, expected = REFUSALS[case]
+    path = write(tmp_path, tiny_files)
+    settings = load_settings({"MODEL_ID": str(path), "MODEL_CONFIG": str(tiny_files), "MODEL_DIR": str(tmp_path)})
+
+    with pytest.raises(ModelLoadError, match=expected) as raised:
+        load_model(settings, torch.float32)
+
+    assert str(raised.value).startswith(f"MODEL_ID={str(path)!r}: ")
+    assert not path.with_suffix(".unpickled").exists(), "the pickle was never opened"
+
+
+def test_the_refusal_does_not_read_the_file_name(tiny_files: Path, tmp_path: Path) -> None:
+    disguised = write_sdxl(tmp_path / "sd15-pruned-emaonly.safetensors")
+
+    with pytest.raises(ModelLoadError, match="an SDXL checkpoint"):
+        check_checkpoint(disguised, tiny_files)
+
+
+def test_a_checkpoint_without_a_config_folder_says_how_to_get_one(tiny_files: Path, tmp_path: Path) -> None:
+    settings = load_settings({"MODEL_ID": str(tiny_files / CHECKPOINT_FILE), "MODEL_DIR": str(tmp_path / "empty")})
+
+    with pytest.raises(ModelLoadError) as raised:
+        load_model(settings, torch.float32)
+
+    message = str(raised.value)
+    assert "is not an SD 1.5 config folder" in message
+    assert "MODEL_CONFIG" in message
+    assert "python -m builder.cache_model" in message
+
+
+def test_a_vae_of_other_shapes_is_refused_at_startup(tiny_files: Path, tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    wide = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    path = single_file.save(single_file.vae_state_dict(wide, prefix=""), tmp_path / "wide-vae.safetensors")
+    settings = load_settings({"MODEL_ID": str(tiny_files), "VAE_ID": str(path)})
+
+    with pytest.raises(ModelLoadError, match=r"^VAE_ID='.*wide-vae.safetensors': not shaped as this model's VAE: "):
+        load_model(settings, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("vae", "expected"),
+    [
+        (lambda tiny: tiny / CHECKPOINT_FILE, "a whole checkpoint, not a VAE"),
+        (lambda tiny: tiny / "nowhere", "no such file or folder"),
+        (lambda tiny: tiny / "scheduler", "a folder without a VAE"),
+    ],
+)
+def test_vae_id_that_is_not_a_vae_is_refused(vae: Callable[[Path], Path], expected: str, tiny_files: Path) -> None:
+    settings = load_settings({"MODEL_ID": str(tiny_files), "VAE_ID": str(vae(tiny_files))})
+
+    with pytest.raises(ModelLoadError, match=expected):
+        load_model(settings, torch.float32)
+
+
+def test_the_readme_conversion_command_turns_a_ckpt_into_a_checkpoint_the_worker_takes(
+    tiny_files: Path, tmp_path: Path
+) -> None:
+    """The one-line command the refusal and the README give, run on a pickle of the tiny checkpoint."""
+    from safetensors.torch import load_file
+
+    torch.save({"state_dict": load_file(str(tiny_files / CHECKPOINT_FILE))}, tmp_path / "model.ckpt")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert CONVERT_PICKLE in readme
+
+    result = subprocess.run(
+        ["bash", "-c", CONVERT_PICKLE.replace("python ", f"{sys.executable} ", 1)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    check_checkpoint(tmp_path / "model.safetensors", tiny_files)
+
+
+def test_the_worker_exits_with_the_refusal_when_started_on_a_pickle(
+    tiny_files: Path, tmp_path: Path, offline_env: dict[str, str]
+) -> None:
+    ckpt = _pickle(tmp_path / "model.ckpt")
+    env = {**offline_env, "MODEL_ID": str(ckpt), "MODEL_CONFIG": str(tiny_files)}
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps({"input": JOB})],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert "a pickled checkpoint (.ckpt)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not ckpt.with_suffix(".unpickled").exists()
+
+
+# --- MODEL_URL: downloaded and converted at build time -----------------------------------------
+
+
+class Served:
+    """Files over HTTP on 127.0.0.1; the first GET of each path is cut off half way, once."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self.requests: list[tuple[str, str | None]] = []
+        self.cut: set[str] = set()
+        served = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                served.requests.append((self.path, self.headers.get("Range")))
+                path = served.files.get(self.path)
+                if path is None:
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if self.path not in served.cut:
+                    served.cut.add(self.path)
+                    self.wfile.write(data[start : len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.close()
+                    return
+                self.wfile.write(data[start:])
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def served(tiny_files: Path) -> Iterator[Served]:
+    server = Served(
+        {"/files/tiny-sd15.safetensors": tiny_files / CHECKPOINT_FILE, "/vae/ft.safetensors": tiny_files / VAE_FILE}
+    )
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def bake_env(tiny_files: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"MODEL_CONFIG": str(tiny_files), "MODEL_DIR": str(tmp_path / "models" / "sd15"), **extra}
+
+
+def test_model_url_is_downloaded_with_a_resume_converted_and_served(
+    served: Served, tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]]
+) -> None:
+    url = f"{served.url}/files/tiny-sd15.safetensors"
+    env = bake_env(tiny_files, tmp_path, MODEL_URL=url, MODEL_SHA256=sha256(tiny_files / CHECKPOINT_FILE))
+
+    cache_model.bake(load_settings(env))
+
+    ranges = [header for path, header in served.requests if path == "/files/tiny-sd15.safetensors"]
+    assert ranges[0] is None
+    assert ranges[1] is not None
+    assert ranges[1].startswith("bytes=")
+    assert not list((tmp_path / "models" / ".downloads").glob("*")), "the download is removed once converted"
+    served_file = run_worker({"MODEL_ID": str(tiny_files / CHECKPOINT_FILE), "MODEL_CONFIG": str(tiny_files)})
+    baked = run_worker({"MODEL_URL": url, "MODEL_DIR": env["MODEL_DIR"]})
+    assert baked["images"][0]["image"] == served_file["images"][0]["image"]
+    assert baked["metadata"]["model"] == "tiny-sd15"
+
+
+def test_vae_url_is_baked_in_place_of_the_models_vae(
+    served: Served, tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]]
+) -> None:
+    url, vae_url = f"{served.url}/files/tiny-sd15.safetensors", f"{served.url}/vae/ft.safetensors"
+    env = bake_env(tiny_files, tmp_path, MODEL_URL=url, VAE_URL=vae_url)
+
+    cache_model.bake(load_settings(env))
+    baked = run_worker({"MODEL_URL": url, "VAE_URL": vae_url, "MODEL_DIR": env["MODEL_DIR"]})
+    at_startup = run_worker(
+        {
+            "MODEL_ID": str(tiny_files / CHECKPOINT_FILE),
+            "MODEL_CONFIG": str(tiny_files),
+            "VAE_ID": str(tiny_files / VAE_FILE),
+        }
+    )
+
+    assert pixels(baked) == pixels(at_startup)
+    assert baked["metadata"]["vae"] == "ft"
+    assert baked["metadata"]["vae_hash"] == sha256(tiny_files / VAE_FILE)[:10]
+
+
+def test_model_url_with_another_checksum_stops_the_build(served: Served, tiny_files: Path, tmp_path: Path) -> None:
+    env = bake_env(tiny_files, tmp_path, MODEL_URL=f"{served.url}/files/tiny-sd15.safetensors", MODEL_SHA256="a" * 64)
+
+    with pytest.raises(cache_model.CacheError, match=r"a{64}") as raised:
+        cache_model.bake(load_settings(env))
+
+    assert sha256(tiny_files / CHECKPOINT_FILE) in str(raised.value)
+    assert not (tmp_path / "models" / "sd15").exists()
+
+
+def test_model_url_that_is_not_found_is_named(
+    served: Served,
+    tiny_files: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"{served.url}/files/gone.safetensors?token=secret"
+    for name, value in bake_env(tiny_files, tmp_path, MODEL_URL=url).items():
+        monkeypatch.setenv(name, value)
+
+    assert cache_model.main([]) == 1
+
+    error = capsys.readouterr().err
+    assert "HTTP 404" in error
+    assert "/files/gone.safetensors" in error
+    assert "secret" not in error
+
+
+def test_the_worker_refuses_a_model_url_that_was_not_baked(tiny_files: Path, tmp_path: Path) -> None:
+    settings = load_settings({"MODEL_URL": "https://example.com/m.safetensors?token=x", "MODEL_DIR": str(tmp_path)})
+
+    with pytest.raises(ModelLoadError) as raised:
+        load_model(settings, torch.float32)
+
+    message = str(raised.value)
+    assert "is downloaded and converted at build time" in message
+    assert "python -m builder.cache_model" in message
+    assert "token=x" not in message
+
+
+def test_tiny_model_cli_writes_the_single_files_beside_the_folder(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "builder.tiny_model", str(tmp_path / "tiny"), "--single-file"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    assert str(tmp_path / "tiny" / CHECKPOINT_FILE) in result.stdout
+    assert str(tmp_path / "tiny" / VAE_FILE) in result.stdout
