@@ -5,6 +5,8 @@
 #   docker build --target slim -t sd15-worker:slim .    # "slim": no weights; MODEL_DIR on a network volume
 #   docker build --build-arg SAFETY_CHECKER=true ...    # bake and load the safety checker too
 #   docker build --secret id=hf_token,env=HF_TOKEN ...  # only for gated or private models
+#   docker build --build-arg MODEL_URL=https://... [--build-arg MODEL_SHA256=...] [--build-arg VAE_URL=...] \
+#     [--secret id=download_token,env=DOWNLOAD_TOKEN] .  # a single-file checkpoint, converted once at build
 ARG PYTHON_VERSION=3.11
 
 # --- deps: a virtual environment with torch and the requirements, built once and copied ---------
@@ -45,14 +47,28 @@ FROM app AS slim
 ENV MODEL_DIR=/runpod-volume/models/sd15
 
 # --- full (default): SD 1.5 baked in at build time, loaded offline at run time ---------------------
+# MODEL_URL instead bakes a single-file checkpoint (Civitai, a bucket), converted once into /models/sd15.
+# Empty arguments leave the settings at their defaults (MODEL_ID: SD 1.5 at its pinned revision).
 FROM app AS full
 ARG BAKE_MODEL=true
-ARG MODEL_ID=stable-diffusion-v1-5/stable-diffusion-v1-5
+ARG MODEL_ID=
 ARG MODEL_REVISION=
+ARG MODEL_URL=
+ARG MODEL_SHA256=
+ARG VAE_URL=
+ARG VAE_SHA256=
 ARG SAFETY_CHECKER=false
+# The worker reads the same variables, so it serves what the build baked and nothing else.
 ENV MODEL_ID=${MODEL_ID} \
     MODEL_REVISION=${MODEL_REVISION} \
+    MODEL_URL=${MODEL_URL} \
+    MODEL_SHA256=${MODEL_SHA256} \
+    VAE_URL=${VAE_URL} \
+    VAE_SHA256=${VAE_SHA256} \
     SAFETY_CHECKER=${SAFETY_CHECKER}
 # The weights go to /models/sd15, not HF_HOME, which a network volume at /runpod-volume could hide.
+# A checkpoint download lands in a build cache, outside the image, where a failed build's part is resumed.
 RUN --mount=type=secret,id=hf_token,env=HF_TOKEN \
+    --mount=type=secret,id=download_token,env=DOWNLOAD_TOKEN \
+    --mount=type=cache,target=/models/.downloads \
     if [ "$BAKE_MODEL" = "true" ]; then python -m builder.cache_model; fi

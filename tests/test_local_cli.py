@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import re
 import socket
 import struct
 import subprocess
@@ -318,11 +319,11 @@ def test_an_unreadable_image_file_exits_2(tmp_path: Path, offline_env: dict[str,
     assert "--image missing.png: cannot be read" in result.stderr
 
 
-def test_the_readme_lora_smoke_run(tmp_path: Path, offline_env: dict[str, str]) -> None:
-    """The README's LoRA smoke run, as written there: a tiny model, tiny LoRAs, and a job with a tag."""
+def run_readme_block(after: str, tmp_path: Path, offline_env: dict[str, str]) -> str:
+    """Run the README's bash block that follows ``after``, as written there, in ``tmp_path``; return the
+    parameters inside the one PNG it writes."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("A smoke run with a tiny LoRA on the tiny model:", 1)[1]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    block = readme.split(after, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     command = (
         block.replace("\\\n", " ").replace("python ", '"$PYTHON" ').replace("handler.py", str(ROOT / "handler.py"))
     )
@@ -336,6 +337,25 @@ def test_the_readme_lora_smoke_run(tmp_path: Path, offline_env: dict[str, str]) 
     assert result.returncode == 0, result.stderr[-3000:]
     [png] = (tmp_path / "output").rglob("*.png")
     with Image.open(png) as image:
-        parameters = image.text["parameters"]
+        return str(image.text["parameters"])
+
+
+def test_the_readme_lora_smoke_run(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    """The README's LoRA smoke run, as written there: a tiny model, tiny LoRAs, and a job with a tag."""
+    parameters = run_readme_block("A smoke run with a tiny LoRA on the tiny model:", tmp_path, offline_env)
+
     assert "<lora:tiny-peft-0:0.8>" in parameters
     assert 'Lora hashes: "tiny-peft-0: ' in parameters
+
+
+def test_the_readme_checkpoint_smoke_run(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    """The README's single-file smoke run, as written there: the tiny model as one checkpoint and a VAE file."""
+    parameters = run_readme_block(
+        "A smoke run with the tiny model written as one checkpoint file", tmp_path, offline_env
+    )
+
+    assert re.search(r"Model: tiny-sd15, Model hash: [0-9a-f]{10}, VAE: tiny-vae, VAE hash: [0-9a-f]{10}", parameters)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    written = re.search(r"`Model: tiny-sd15, Model hash:\s+(\w+), VAE: tiny-vae, VAE hash: (\w+)`", readme)
+    assert written is not None
+    assert f"Model hash: {written[1]}, VAE: tiny-vae, VAE hash: {written[2]}" in parameters, "the README's hashes"
