@@ -265,6 +265,11 @@ def convert_checkpoint(
         return StableDiffusionPipeline.from_single_file(
             str(path), config=str(config_folder), local_files_only=True, dtype=dtype, **options
         )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        # The header check passed, so this is a file whose data does not match its header, or a layout
+        # variant diffusers does not read; either way the worker cannot start on it.
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        raise ModelLoadError(f"MODEL_ID={str(path)!r}: cannot be converted ({reason})") from None
     finally:
         noise.removeFilter(_empty_fp32_warning)
 
@@ -317,10 +322,11 @@ def _misfits(shapes: dict[str, tuple[int, ...]], config_folder: Path) -> list[st
     text_config = CLIPTextConfig.from_pretrained(config_folder, subfolder="text_encoder")
     unet = _converted(convert_ldm_unet_checkpoint, shapes, unet_config)
     vae = _converted(convert_ldm_vae_checkpoint, shapes, vae_config)
+    # diffusers reads the text encoder under transformers' current names only (``...transformer.text_model.*``).
     text = {
-        key.removeprefix(TEXT_PREFIX).removeprefix("text_model."): shape
+        key.removeprefix(TEXT_PREFIX + "text_model."): shape
         for key, shape in shapes.items()
-        if key.startswith(TEXT_PREFIX)
+        if key.startswith(TEXT_PREFIX + "text_model.")
     }
     return (
         _compare("UNet", unet, UNet2DConditionModel, unet_config)

@@ -295,6 +295,16 @@ def write_wider(path: Path, tiny_files: Path) -> Path:
     return path
 
 
+def write_old_text_layout(path: Path, tiny_files: Path) -> Path:
+    """The tiny checkpoint with its text encoder under transformers' old names (no ``text_model.``)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_files / CHECKPOINT_FILE))
+    renamed = {key.replace("transformer.text_model.", "transformer."): value for key, value in state.items()}
+    save_file(renamed, str(path))
+    return path
+
+
 class Pickled:
     """Unpickling this writes a file: the proof that a refused .ckpt was never unpickled."""
 
@@ -329,6 +339,10 @@ REFUSALS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
         r"not a safetensors file \(its header would be \d+ bytes\)",
     ),
     "missing": (lambda folder, tiny: folder / "nowhere.safetensors", r"no such file"),
+    "old text encoder names": (
+        lambda folder, tiny: write_old_text_layout(folder / "old.safetensors", tiny),
+        r"its text encoder lacks \d+ of \d+ tensors, such as embeddings",
+    ),
     "other shapes": (
         lambda folder, tiny: write_wider(folder / "wider.safetensors", tiny),
         r"not shaped as SD 1\.5 \(the pipeline in .*\): text encoder final_layer_norm.weight is \[48\], "
