@@ -5,7 +5,8 @@
   (VAE slicing), gives the same pictures as the `high` profile, and leaves no switch on;
 - real CUDA out-of-memory errors: from the caching allocator under the GPU_MEMORY_GB cap,
   answered with the worker's own error or recovered by its frugal retry, and the next job works;
-- image tasks, A1111 prompts and LoRAs in float16, in each memory profile.
+- image tasks, A1111 prompts and LoRAs in float16, in each memory profile;
+- a single-file checkpoint converted at startup, and a VAE file, in float16 on CUDA.
 
 Needs only torch, transformers, accelerate, diffusers, pydantic and pytest, as the GPU machine
 has (tests/test_gpu_kit.py checks that this file collects without boto3, moto, requests or yaml).
@@ -299,3 +300,20 @@ def test_loras_in_float16_change_only_their_jobs(tiny_model_dir: Path, lora_dir:
     assert engine.loras.cached == [first, second]
     if profile != "low":
         assert _lora_devices(engine) == {"cpu"}
+
+
+def test_a_single_file_checkpoint_on_the_gpu_matches_its_folder(tmp_path: Path) -> None:
+    """The tiny model written as one checkpoint, converted at startup, gives the folder's pixels in float16;
+    a VAE file changes them."""
+    from builder.tiny_model import CHECKPOINT_FILE, VAE_FILE, write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny", single_file=True)
+    checkpoint = {"MODEL_CONFIG": str(folder), "MODEL_DIR": str(tmp_path / "none")}
+    from_folder = pixels(generate(load_engine(folder), seed=3))
+    from_file = pixels(generate(load_engine(folder / CHECKPOINT_FILE, **checkpoint), seed=3))
+    with_vae = pixels(
+        generate(load_engine(folder / CHECKPOINT_FILE, VAE_ID=str(folder / VAE_FILE), **checkpoint), seed=3)
+    )
+
+    assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(from_folder, with_vae, strict=True))
