@@ -263,9 +263,9 @@ def _config_folder(settings: Settings, scratch: Path) -> Path:
     configured = Path(settings.model_config_folder)
     try:
         return check_config_folder(configured, "MODEL_CONFIG")
-    except ModelLoadError:
+    except ModelLoadError as error:
         if settings.model_config_dir is not None:
-            raise CacheError(f"MODEL_CONFIG={settings.model_config_dir!r} is not an SD 1.5 diffusers folder") from None
+            raise CacheError(str(error)) from None
     log.info("fetching SD 1.5's configs and tokenizer (%s, no weights) to convert with", DEFAULT_MODEL_ID)
     patterns = CONFIG_FILES + (SAFETY_FILES if settings.safety_checker else [])
     download_repo(DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, scratch, patterns)

@@ -296,7 +296,7 @@ def _load_diffusers(
     folder = Path(model_id).expanduser()
     if baked is not None and baked.holds(model_id, revision):
         _require_checker(settings, baked)
-        log.info("loading %s@%s from %s, baked at build time", model_id, revision, settings.model_dir)
+        log.info("loading %s from %s, baked at build time", named_identity(settings).name, settings.model_dir)
         pipeline = StableDiffusionPipeline.from_pretrained(
             settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options
         )
