@@ -111,3 +111,25 @@ def test_loras_benchmark_smoke_run_writes_every_case_and_the_lora_file(tmp_path:
     ):
         assert row in table
     assert f"Command: `{report['command']}`" in table
+
+
+def test_checkpoint_benchmark_smoke_run_writes_every_variant(tmp_path: Path) -> None:
+    # The tiny model as a folder and as one checkpoint file, its bake, the cache's first fill, one start of each.
+    run_bench("bench.checkpoint", "--tiny", "--repeat", "1", "--out", str(tmp_path))
+
+    report = json.loads((tmp_path / "checkpoint-tiny.json").read_text())
+    assert set(report["runs"]) == {"folder", "baked", "startup", "cached"}
+    assert all(len(runs) == 1 for runs in report["runs"].values())
+    assert report["ratios"]["folder"] == 1.0
+    assert report["files"]["baked"].keys() == report["files"]["cached"].keys()
+    assert report["command"] == f"python -m bench.checkpoint --tiny --repeat 1 --out {tmp_path}"
+    table = (tmp_path / "checkpoint-tiny.md").read_text()
+    for row in (
+        "| diffusers folder | ",
+        "| converted folder (baked) | ",
+        "| single file, converted at startup | ",
+        "| single file, MODEL_CACHE_DIR already filled | ",
+        "| bake: `python -m builder.cache_model`, its whole process",
+    ):
+        assert row in table
+    assert f"Command: `{report['command']}`" in table
