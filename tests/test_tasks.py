@@ -141,10 +141,15 @@ def test_the_same_request_twice_gives_the_same_bytes() -> None:
         assert [item["image"] for item in first["images"]] == [item["image"] for item in second["images"]]
 
 
+def assert_same_within_a_level(batched: np.ndarray, alone: np.ndarray) -> None:
+    """A batch of 2 runs other float kernels than a batch of 1: a value may land one grey level apart."""
+    assert np.abs(batched - alone).max() <= 1
+
+
 def test_image_i_is_its_own_seed_alone() -> None:
     batch = ok(image=png_base64(IMAGE), num_images=2)
     alone = ok(image=png_base64(IMAGE), seed=12)
-    assert np.array_equal(array(images_of(batch)[1]), array(images_of(alone)[0]))
+    assert_same_within_a_level(array(images_of(batch)[1]), array(images_of(alone)[0]))
 
 
 def test_inpaint_keeps_the_unmasked_pixels_byte_for_byte() -> None:
@@ -326,4 +331,4 @@ def test_inpaint_image_i_is_its_own_seed_alone() -> None:
     fields = {"image": png_base64(IMAGE), "mask": png_base64(MASK)}
     batch = ok(**fields, num_images=2)
     alone = ok(**fields, seed=12)
-    assert np.array_equal(array(images_of(batch)[1]), array(images_of(alone)[0]))
+    assert_same_within_a_level(array(images_of(batch)[1]), array(images_of(alone)[0]))
