@@ -197,7 +197,7 @@ def bake_checkpoint(settings: Settings) -> Path:
         except ModelLoadError as error:
             raise CacheError(str(error)) from None
         source = BakedSource(
-            model_id=settings.model_id if settings.model_url is None else DEFAULT_MODEL_ID,
+            model_id=settings.model_id if url is None else url,
             revision=None,
             variant=None,
             safety_checker=settings.safety_checker,
