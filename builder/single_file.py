@@ -8,6 +8,10 @@ written the way real checkpoints are, and read back through diffusers' ``from_si
 
 The mapping is the inverse of diffusers' ``convert_ldm_*_checkpoint``; ``tests/test_checkpoints.py``
 checks the round trip tensor by tensor.
+
+ControlNets are shared the same way, in the layout of lllyasviel's ``control_v11p_sd15_*`` files
+(``control_model.*``); ``controlnet_state_dict`` writes it, as the inverse of diffusers'
+``convert_controlnet_checkpoint``, and ``tests/test_tiny_controlnet.py`` checks that round trip.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+CONTROLNET_PREFIX = "control_model."
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1"}
 _UNET_RESNET |= {"norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -46,17 +51,17 @@ def _resnet(renames: dict[str, str], diffusers: str, ldm: str, inner: dict[str, 
         renames[f"{diffusers}.{ours}"] = f"{ldm}.{theirs}"
 
 
-def unet_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The UNet's tensors under their LDM names (``model.diffusion_model.input_blocks.1.0.in_layers.0.weight``, ...)."""
-    config = unet.config
+def _encoder_renames(config: Any) -> dict[str, str]:
+    """The diffusers -> LDM renames of a UNet's time embedding, input blocks and middle block.
+
+    A ControlNet is a copy of these parts, under the same names, so both mappings start here.
+    """
     per_block = config.layers_per_block
     blocks = len(config.block_out_channels)
     renames = {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
         "conv_in": "input_blocks.0.0",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
         "mid_block.attentions.0": "middle_block.1",
     }
     for index in range(2):
@@ -68,6 +73,16 @@ def unet_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
             renames[f"down_blocks.{block}.attentions.{layer}"] = f"{ldm}.1"
         if block < blocks - 1:
             renames[f"down_blocks.{block}.downsamplers.0.conv"] = f"input_blocks.{(block + 1) * (per_block + 1)}.0.op"
+    return renames
+
+
+def unet_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The UNet's tensors under their LDM names (``model.diffusion_model.input_blocks.1.0.in_layers.0.weight``, ...)."""
+    config = unet.config
+    per_block = config.layers_per_block
+    blocks = len(config.block_out_channels)
+    renames = _encoder_renames(config) | {"conv_norm_out": "out.0", "conv_out": "out.2"}
+    for block in range(blocks):
         has_attention = config.up_block_types[block].startswith("CrossAttn")
         for layer in range(per_block + 1):
             ldm = f"output_blocks.{block * (per_block + 1) + layer}"
@@ -77,6 +92,31 @@ def unet_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
             ldm = f"output_blocks.{block * (per_block + 1) + per_block}.{2 if has_attention else 1}.conv"
             renames[f"up_blocks.{block}.upsamplers.0.conv"] = ldm
     return _rename(unet.state_dict(), renames, UNET_PREFIX)
+
+
+def controlnet_state_dict(controlnet: ControlNetModel, prefix: str = CONTROLNET_PREFIX) -> dict[str, torch.Tensor]:
+    """The ControlNet's tensors under the names of lllyasviel's ``control_v11p_sd15_*`` files.
+
+    Its copy of the UNet's encoder keeps the UNet's LDM names (``input_blocks.*``, ``middle_block.*``);
+    ``controlnet_down_blocks.N`` becomes ``zero_convs.N.0``, ``controlnet_mid_block`` becomes
+    ``middle_block_out.0`` and the conditioning embedding becomes ``input_hint_block.*``.
+    ``prefix=""`` gives the names without ``control_model.``, which diffusers reads as well.
+
+    Raises:
+        KeyError: a tensor has no LDM name (an SDXL ControlNet's ``add_embedding``, say).
+    """
+    renames = _encoder_renames(controlnet.config)
+    for index in range(len(controlnet.controlnet_down_blocks)):
+        renames[f"controlnet_down_blocks.{index}"] = f"zero_convs.{index}.0"
+    renames["controlnet_mid_block"] = "middle_block_out.0"
+    # LDM's hint block is one nn.Sequential of convolutions, each followed by a SiLU (but the
+    # last), so the convolutions sit at the even indices: conv_in at 0, conv_out after the blocks.
+    hint_convs = len(controlnet.controlnet_cond_embedding.blocks)
+    renames["controlnet_cond_embedding.conv_in"] = "input_hint_block.0"
+    for index in range(hint_convs):
+        renames[f"controlnet_cond_embedding.blocks.{index}"] = f"input_hint_block.{2 * index + 2}"
+    renames["controlnet_cond_embedding.conv_out"] = f"input_hint_block.{2 * hint_convs + 2}"
+    return _rename(controlnet.state_dict(), renames, prefix)
 
 
 def vae_state_dict(vae: AutoencoderKL, prefix: str = VAE_PREFIX) -> dict[str, torch.Tensor]:

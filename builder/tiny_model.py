@@ -5,6 +5,7 @@ Usage::
     python -m builder.tiny_model DIR                  # a diffusers folder
     python -m builder.tiny_model DIR --single-file    # and, inside it, the same weights as one
                                                       # checkpoint file plus a VAE file
+    python -m builder.tiny_model DIR --controlnet     # and, in DIR/controlnets, tiny ControlNets
 
 The pipeline is built from the real diffusers and transformers classes at tiny
 sizes and saved with ``save_pretrained``, so ``MODEL_ID=DIR`` loads it through
@@ -22,6 +23,18 @@ holds exactly the same numbers.
   ``cond_stage_model.transformer.*``, as fine-tunes are shared;
 - ``DIR/tiny-vae.safetensors``: a VAE of the same shape with other weights, in the
   layout of a shared VAE file (``encoder.*``, ``decoder.*``), for ``VAE_ID``.
+
+``--controlnet`` (which combines with ``--single-file``) writes ``DIR/controlnets/``, ControlNets
+copied from the tiny UNet with ``ControlNetModel.from_unet``, as ControlNets are trained:
+
+- ``tiny-controlnet/``: a diffusers ControlNet folder (seed 0);
+- ``tiny-controlnet-file.safetensors``: the same weights as one file in the layout of
+  lllyasviel's ``control_v11p_sd15_*`` files (``control_model.*``);
+- ``tiny-controlnet-b.safetensors``: another ControlNet (seed 1), in the same layout.
+
+A ControlNet starts from zero output convolutions, which would leave every image unchanged;
+these get random weights instead, so that the conditioning scale and the control image both
+change the image.
 
 The shapes that matter to the worker follow SD 1.5: 4 latent channels, a VAE
 with 4 blocks (scale factor 8), a CLIP text encoder with a 77-token context,
@@ -45,6 +58,20 @@ CONTEXT_LENGTH = 77
 TEXT_WIDTH = 32
 CHECKPOINT_FILE = "tiny-sd15.safetensors"
 VAE_FILE = "tiny-vae.safetensors"
+CONTROLNET_FOLDER = "controlnets"
+CONTROLNET_DIFFUSERS = "tiny-controlnet"
+CONTROLNET_FILE = "tiny-controlnet-file.safetensors"
+CONTROLNET_B_FILE = "tiny-controlnet-b.safetensors"
+CONTROLNET_ENTRIES = (CONTROLNET_DIFFUSERS, CONTROLNET_FILE, CONTROLNET_B_FILE)
+# The names without the .safetensors suffix, as a folder of ControlNets lists them.
+CONTROLNET_NAMES = tuple(entry.removesuffix(".safetensors") for entry in CONTROLNET_ENTRIES)
+
+# Standard deviations of the ControlNet weights that training starts at zero. Measured on a
+# 2-step 64x64 image of the tiny model (values 0..1): at conditioning scale 1 it moves by about
+# 0.05 on average from scale 0 (0.06 at scale 2); a blank control image with one white bar gives
+# an image 0.035 away from a noise control image's.
+ZERO_CONV_STD = 0.1
+HINT_OUT_STD = 0.5
 
 # SD 1.5's scheduler config (scheduler/scheduler_config.json on the hub).
 SD15_SCHEDULER_CONFIG = {
@@ -141,6 +168,32 @@ def _round_to_float16(model: Any) -> Any:
     return model
 
 
+def build_tiny_controlnet(unet: Any, seed: int) -> Any:
+    """A ControlNet copied from ``unet`` (``ControlNetModel.from_unet``), its new weights drawn from ``seed``.
+
+    The copy of the UNet's encoder keeps the UNet's weights. The zero-initialised output
+    convolutions (``controlnet_down_blocks``, ``controlnet_mid_block`` and the conditioning
+    embedding's ``conv_out``) get normal weights instead, and the conditioning embedding's other
+    convolutions He-initialised ones: with PyTorch's default initialisation the control image
+    fades out over its seven convolutions and SiLUs, and every control image gives the same image.
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet)
+    embedding = controlnet.controlnet_cond_embedding
+    with torch.no_grad():
+        for conv in (embedding.conv_in, *embedding.blocks):
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(conv.bias)
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv, std in [(conv, ZERO_CONV_STD) for conv in zero_convs] + [(embedding.conv_out, HINT_OUT_STD)]:
+            torch.nn.init.normal_(conv.weight, std=std)
+            torch.nn.init.normal_(conv.bias, std=std)
+    return _round_to_float16(controlnet)
+
+
 def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False) -> StableDiffusionPipeline:
     """Build the tiny pipeline; ``workdir`` receives the tokenizer's source files."""
     import torch
@@ -206,10 +259,13 @@ def assemble_pipeline(models: dict[str, Any], checker: Any = None, processor: An
     )
 
 
-def write_tiny_model(directory: Path, *, safety_checker: bool = False, single_file: bool = False) -> Path:
+def write_tiny_model(
+    directory: Path, *, safety_checker: bool = False, single_file: bool = False, controlnet: bool = False
+) -> Path:
     """Save the tiny pipeline (with a tiny safety checker if asked) to ``directory``; return it.
 
-    With ``single_file``, also write ``CHECKPOINT_FILE`` and ``VAE_FILE`` into it (see the module's doc).
+    With ``single_file``, also write ``CHECKPOINT_FILE`` and ``VAE_FILE`` into it; with ``controlnet``,
+    the ControlNets of ``write_tiny_controlnets`` (see the module's doc).
     """
     directory = Path(directory)
     with tempfile.TemporaryDirectory() as workdir:
@@ -217,6 +273,8 @@ def write_tiny_model(directory: Path, *, safety_checker: bool = False, single_fi
     pipeline.save_pretrained(directory)
     if single_file:
         write_single_files(pipeline, directory)
+    if controlnet:
+        write_tiny_controlnets(directory)
     return directory
 
 
@@ -229,6 +287,31 @@ def write_single_files(pipeline: StableDiffusionPipeline, directory: Path) -> tu
     return checkpoint, vae
 
 
+def write_tiny_controlnets(model_dir: Path) -> Path:
+    """Write ``CONTROLNET_ENTRIES`` into ``model_dir / CONTROLNET_FOLDER``; return that folder.
+
+    ``model_dir`` holds the tiny pipeline; the ControlNets are copied from its UNet as it was saved,
+    so their shapes are the pipeline's.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` holds no ``unet/`` folder (write the tiny model there first).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from builder import single_file
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "unet").is_dir():
+        raise FileNotFoundError(f"{model_dir}: no unet/ folder; write the tiny model there first")
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    folder = model_dir / CONTROLNET_FOLDER
+    controlnet = build_tiny_controlnet(unet, seed=0)
+    controlnet.save_pretrained(folder / CONTROLNET_DIFFUSERS)
+    single_file.save(single_file.controlnet_state_dict(controlnet), folder / CONTROLNET_FILE)
+    single_file.save(single_file.controlnet_state_dict(build_tiny_controlnet(unet, seed=1)), folder / CONTROLNET_B_FILE)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m builder.tiny_model", description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path, help="folder to write the pipeline into")
@@ -237,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         "--single-file",
         action="store_true",
         help=f"also write the weights as one LDM-layout checkpoint ({CHECKPOINT_FILE}) and a VAE file ({VAE_FILE})",
+    )
+    parser.add_argument(
+        "--controlnet",
+        action="store_true",
+        help=f"also write tiny ControlNets into {CONTROLNET_FOLDER}/ ({', '.join(CONTROLNET_ENTRIES)})",
     )
     args = parser.parse_args(argv)
     # Keep the terminal quiet: no torchvision notice (no image processor is used) and no
@@ -247,11 +335,15 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    path = write_tiny_model(args.directory, safety_checker=args.safety_checker, single_file=args.single_file)
+    path = write_tiny_model(
+        args.directory, safety_checker=args.safety_checker, single_file=args.single_file, controlnet=args.controlnet
+    )
     print(f"tiny SD 1.5-shaped pipeline written to {path}")
     if args.single_file:
         print(f"as one checkpoint file: {path / CHECKPOINT_FILE}")
         print(f"a VAE file with other weights: {path / VAE_FILE}")
+    if args.controlnet:
+        print(f"tiny ControlNets ({', '.join(CONTROLNET_ENTRIES)}) written to {path / CONTROLNET_FOLDER}")
     return 0
 
 
