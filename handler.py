@@ -127,6 +127,7 @@ def _answer(job: Any, started: float) -> dict[str, Any]:
         generation = engine.generate(
             request,
             images=inputs.images,
+            controls=inputs.controls,
             timeout_s=settings.generation_timeout_seconds,
             on_progress=_progress_reporter(job),
         )

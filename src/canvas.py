@@ -59,6 +59,16 @@ class TaskImages:
 
 
 @dataclass(frozen=True)
+class ControlMaps:
+    """Each ControlNet unit's control map at the job's size, and at the hires pass's size when there is one."""
+
+    first: list[Image.Image]
+    hires: list[Image.Image] | None = None
+    # How each control image was brought to the job's size, when that changed its proportions.
+    resized: list[str | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Inputs:
     """A job ready for the GPU: its request with the size settled, and its images at that size."""
 
@@ -69,6 +79,8 @@ class Inputs:
     warnings: list[str] = field(default_factory=list)
     # Reading (downloading, decoding) and preparing the images.
     read_ms: float | None = None
+    # The ControlNet units' control maps, when the job has units.
+    controls: ControlMaps | None = None
 
 
 def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Storage | None) -> Inputs:
@@ -77,21 +89,78 @@ def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Stor
     Raises:
         InputError: an image cannot be read, or does not fit the request; the message names the field.
     """
-    if request.image is None:
+    if request.image is None and not request.controlnets:
         return Inputs(request=request)
     from src.images import load_image, load_mask
 
     started = time.perf_counter()
-    image = load_image(request.image, "image", settings, storage)
-    mask = load_mask(request.mask, "mask", settings, storage) if request.mask is not None else None
-    resolved, warnings = resolve_size(request, image.image.size, settings)
-    images, more = prepare(resolved, image.image, mask.image if mask else None)
+    resolved, images, source_size, warnings = request, None, None, []
+    if request.image is not None:
+        image = load_image(request.image, "image", settings, storage)
+        mask = load_mask(request.mask, "mask", settings, storage) if request.mask is not None else None
+        resolved, sized = resolve_size(request, image.image.size, settings)
+        images, more = prepare(resolved, image.image, mask.image if mask else None)
+        source_size = image.image.size
+        warnings = [*image.warnings, *(mask.warnings if mask else []), *sized, *more]
+    controls = None
+    if request.controlnets:
+        controls, more = control_maps(resolved, images, settings, storage)
+        warnings += more
     return Inputs(
         request=resolved,
         images=images,
-        source_size=image.image.size,
-        warnings=[*image.warnings, *(mask.warnings if mask else []), *warnings, *more],
+        source_size=source_size,
+        warnings=warnings,
         read_ms=(time.perf_counter() - started) * 1000,
+        controls=controls,
+    )
+
+
+def control_maps(
+    request: GenerateRequest, images: TaskImages | None, settings: Settings, storage: S3Storage | None
+) -> tuple[ControlMaps, list[str]]:
+    """Read each unit's control image, preprocess it at its own size, and bring the map to the job's size by
+    ``resize_mode`` (and to the hires pass's size); with ``inpaint_area`` ``masked``, crop it as the image is.
+
+    Raises:
+        InputError: a control image cannot be read; the message names its field.
+    """
+    from src.images import load_image
+    from src.preprocessors import preprocess
+
+    width, height = request.size
+    first, hires, resized, warnings = [], [], [], []
+    for index, unit in enumerate(request.controlnets):
+        field_name = f"controlnets.{index}.image"
+        loaded = load_image(unit.image, field_name, settings, storage)
+        warnings += loaded.warnings
+        control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds)
+        fitted = fit(control, width, height, request.resize_mode)
+        if images is not None and images.crop is not None:
+            fitted = fit(fitted.crop(images.crop), width, height, "fill")
+        first.append(fitted)
+        if request.hires is not None:
+            hires.append(fit(control, *request.output_size, request.resize_mode))
+        note = _proportions_changed(control.size, (width, height), request.resize_mode)
+        resized.append(note)
+        if note:
+            warnings.append(f"{field_name}: {note}")
+    return ControlMaps(first=first, hires=hires if request.hires is not None else None, resized=resized), warnings
+
+
+# What each resize mode does to an image whose proportions are not the job's.
+_RESIZE_NOTES = {"resize": "stretched", "crop": "cropped", "fill": "padded"}
+
+
+def _proportions_changed(size: tuple[int, int], target: tuple[int, int], resize_mode: str) -> str | None:
+    """How ``resize_mode`` changed an image of ``size`` brought to ``target``, when the proportions differ by
+    more than 1%; else None."""
+    (width, height), (target_width, target_height) = size, target
+    if abs((target_width / target_height) / (width / height) - 1) <= 0.01:
+        return None
+    return (
+        f"{width}x{height} was {_RESIZE_NOTES[resize_mode]} to {target_width}x{target_height} "
+        f"(resize_mode {resize_mode!r}), which changed its proportions"
     )
 
 

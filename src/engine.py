@@ -29,7 +29,8 @@ from PIL import Image
 
 from src import canvas, prompts, tasks
 from src.adapters import Embedding, load_embeddings
-from src.canvas import TaskImages
+from src.canvas import ControlMaps, TaskImages
+from src.controlnets import ControlNets, scan_controlnets
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.loader import load_model, named_identity, resolve_device, resolve_dtype
 from src.loras import Applied, Loras, scan_loras
@@ -88,6 +89,8 @@ class _Job:
     # Set when the job gets the GPU: time spent waiting for it is not the job's.
     # Both prompts' embeddings for every step of every pass, encoded once the job has the GPU.
     schedule: prompts.Schedule | None = None
+    # The job's ControlNet units as one model for its pipelines, while it holds the GPU.
+    controlnet: Any = None
     deadline: float = float("inf")
     # Steps of the pipeline call running now, and of those finished before it, as the request counts them.
     run_steps: int = 0
@@ -169,6 +172,8 @@ class Engine:
         self.embeddings: dict[str, Embedding] = {}
         # LoRAs from LORA_DIR, and the pipeline's LoRA state.
         self.loras = Loras(pipeline, {}, cache_bytes=0)
+        # ControlNets from CONTROLNET_DIR, loaded on first use and cached.
+        self.controlnets = ControlNets(pipeline, {}, device=device, dtype=dtype, cache_bytes=0)
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -205,6 +210,15 @@ class Engine:
             # Sequential offload keeps weights off the device, where they cannot be merged into.
             merge=profile is not Profile.MINIMAL,
         )
+        controlnets = ControlNets(
+            pipeline,
+            scan_controlnets(settings.controlnet_dir),
+            device=device,
+            dtype=dtype,
+            cache_bytes=int(settings.controlnet_cache_mb * 1e6),
+            offload=profile in (Profile.LOW, Profile.MINIMAL),
+        )
+        controlnets.preload(settings.controlnet_preload_names)
         if fast:
             _apply_fast_mode(pipeline, loras)
         log.info(
@@ -220,6 +234,7 @@ class Engine:
         engine.identity = identity
         engine.embeddings = embeddings
         engine.loras = loras
+        engine.controlnets = controlnets
         if fast:
             engine.warm_up()
         return engine
@@ -246,6 +261,7 @@ class Engine:
         request: GenerateRequest,
         *,
         images: TaskImages | None = None,
+        controls: ControlMaps | None = None,
         timeout_s: float,
         on_progress: ProgressCallback | None = None,
     ) -> Generation:
@@ -264,11 +280,11 @@ class Engine:
         """
         # 1. Admission: the LoRAs exist, and how many images fit at once (LoRAs included), or a refusal
         # before any work, sized by the largest pass.
-        problems = self.loras.check(request.loras)
+        problems = self.loras.check(request.loras) + self.controlnets.check(request.controlnets)
         if problems:
             raise InputError(f"invalid input: {'; '.join(problems)}")
         width, height = request.output_size
-        passes = tasks.passes(request, images)
+        passes = tasks.passes(request, images, controls)
         plan = plan_sub_batch(
             self.profile,
             width,
@@ -277,7 +293,9 @@ class Engine:
             gpu_bytes=self.gpu_bytes,
             dtype_bytes=self.dtype.itemsize,
             safety_checker=self._pipeline.safety_checker is not None,
-            adapter_bytes=self.loras.gpu_bytes(request.loras, self.dtype.itemsize),
+            adapter_bytes=self.loras.gpu_bytes(request.loras, self.dtype.itemsize)
+            + self.controlnets.gpu_bytes(request.controlnets),
+            control_units=len(request.controlnets),
         )
         steps = sum(step.denoising_steps for step in passes)
         job = _Job(
@@ -296,8 +314,13 @@ class Engine:
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
             job.start()
-            # 3. The job's LoRAs on, for this job only: off again when it ends, however it ends.
-            with self.loras.applied(request.loras) as loras:
+            # 3. The job's LoRAs on and its ControlNets on the device, for this job only: off again when it
+            # ends, however it ends.
+            guidance = request.guidance_scale > 1
+            with (
+                self.loras.applied(request.loras) as loras,
+                self.controlnets.for_job(request.controlnets, guidance=guidance) as job.controlnet,
+            ):
                 # 4. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
                 job.schedule = self._encode_prompts(request, passes)
 
@@ -403,7 +426,9 @@ class Engine:
         if step.upscale_to is not None:
             assert previous is not None, "an upscaling pass follows another"
             arguments["image"] = self._upscaled(previous, step, indices, job.warnings)
-        pipeline = self._pipeline_for(request.scheduler, step.pipeline_class)
+        pipeline = self._pipeline_for(
+            request.scheduler, step.pipeline_class, job.controlnet if step.controlled else None
+        )
         job.run_started(step.denoising_steps)
         latents = pipeline(
             prompt_embeds=encoded.prompt_embeds,
@@ -511,7 +536,10 @@ class Engine:
         )
 
     def _pipeline_for(
-        self, scheduler_name: str, pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline
+        self,
+        scheduler_name: str,
+        pipeline_class: type[DiffusionPipeline] = StableDiffusionPipeline,
+        controlnet: Any = None,
     ) -> Any:
         """A new pipeline object of ``pipeline_class`` sharing the loaded models, with a fresh scheduler.
 
@@ -520,10 +548,10 @@ class Engine:
         """
         base = self._pipeline
         scheduler = make_scheduler(scheduler_name, base.scheduler.config)
-        pipeline = pipeline_class(
-            **{**base.components, "scheduler": scheduler},
-            requires_safety_checker=base.safety_checker is not None,
-        )
+        components = {**base.components, "scheduler": scheduler}
+        if controlnet is not None:
+            components["controlnet"] = controlnet
+        pipeline = pipeline_class(**components, requires_safety_checker=base.safety_checker is not None)
         pipeline.set_progress_bar_config(disable=not self.show_progress_bar, file=sys.stderr)
         return pipeline
 

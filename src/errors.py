@@ -39,3 +39,8 @@ class OutOfMemoryError(WorkerError):
 
 class BadImageError(WorkerError):
     """The decoded images hold NaN or infinity even after a float32 decode."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (at most 300 characters), or its type's name when it has none."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:300]

@@ -38,7 +38,7 @@ from src.checkpoints import (
     load_vae_file,
     sha256_file,
 )
-from src.errors import ModelLoadError
+from src.errors import ModelLoadError, first_line
 from src.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ def load_vae(vae_id: str, current: Any, dtype: torch.dtype) -> tuple[Any, str, M
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as error:
-        raise ModelLoadError(f"VAE_ID={vae_id!r}: cannot be loaded as a diffusers VAE ({_first_line(error)})") from None
+        raise ModelLoadError(f"VAE_ID={vae_id!r}: cannot be loaded as a diffusers VAE ({first_line(error)})") from None
     expected = {key: tuple(value.shape) for key, value in current.state_dict().items()}
     found = {key: tuple(value.shape) for key, value in vae.state_dict().items()}
     if found != expected:
@@ -458,7 +458,3 @@ def load_vae(vae_id: str, current: Any, dtype: torch.dtype) -> tuple[Any, str, M
             f"{list(found.get(wrong[0], ()))} here, {list(expected.get(wrong[0], ()))} in the model)"
         )
     return vae, path.name, None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:300]

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load as load_safetensors
 
-from src.errors import AdapterError
+from src.errors import AdapterError, first_line
 from src.safetensors_header import SafetensorsError, parse_header, read_header
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ class Loras:
             _header, start = parse_header(data, len(data), file.path)
             tensors = load_safetensors(data)
         except (AdapterError, OSError, ValueError, RuntimeError) as error:
-            raise AdapterError(f"LoRA {name!r} ({file.path.name}) cannot be read: {_first_line(error)}") from None
+            raise AdapterError(f"LoRA {name!r} ({file.path.name}) cannot be read: {first_line(error)}") from None
         self._state.loaded += 1
         adapter = f"lora{self._state.loaded}"
         unet_part = None
@@ -328,7 +328,7 @@ class Loras:
             self._delete(adapter)
             raise AdapterError(
                 f"LoRA {name!r} ({file.path.name}) cannot be loaded into this SD 1.5 model: "
-                f"{type(error).__name__}: {_first_line(error)}"
+                f"{type(error).__name__}: {first_line(error)}"
             ) from None
         models = frozenset(model for model in self.MODELS if adapter in _adapter_names(getattr(self.pipeline, model)))
         if unet_part:
@@ -541,7 +541,7 @@ class _Slots:
                 found = _unet_lora_shapes(pipeline, file)
                 misfit = _misfit(self.unet, found)
             except Exception as error:  # noqa: BLE001 - that LoRA's slot will be made for it when it is used
-                misfit = f"its layers cannot be read ({_first_line(error)})"
+                misfit = f"its layers cannot be read ({first_line(error)})"
             if misfit is None:
                 shapes.update(found)
             else:
@@ -622,7 +622,7 @@ class _Slots:
                 "UNet compiles again",
                 item.file.name,
                 name,
-                _first_line(error),
+                first_line(error),
             )
             self.unet.delete_adapters(name)
             with _expected_noise_dropped(name):
@@ -694,7 +694,3 @@ def _rank_axis(key: str) -> int | None:
 
 def _adapter_names(model: Any) -> set[str]:
     return set(getattr(model, "peft_config", None) or {})
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:300]

@@ -91,6 +91,8 @@ UNET_BYTES_PER_LATENT_PIXEL = 75e3
 # VAE decoder activations per output pixel for one image, fp16; a decode in tiles of 512² caps it.
 VAE_BYTES_PER_PIXEL = 5.5e3
 VAE_TILE_PIXELS = 512 * 512
+# A ControlNet unit's activations, as a fraction of the UNet's.
+CONTROLNET_ACTIVATIONS = 0.4
 
 
 def estimate_peak_bytes(
@@ -103,9 +105,11 @@ def estimate_peak_bytes(
     tiling: bool = False,
     safety_checker: bool = False,
     adapter_bytes: int = 0,
+    control_units: int = 0,
 ) -> float:
     """Estimated peak GPU memory for generating ``batch`` images of ``width`` x ``height`` at once,
-    with the safety checker's weights when it is loaded and the job's LoRA weights (``adapter_bytes``)."""
+    with the safety checker's weights when it is loaded, the job's LoRA and ControlNet weights
+    (``adapter_bytes``), and the activations of its ``control_units`` ControlNet units."""
     scale = dtype_bytes / 2
     weights = sum(WEIGHTS_FP16.values()) * scale
     if profile is Profile.LOW:  # model offload: one component on the GPU at a time
@@ -117,6 +121,8 @@ def estimate_peak_bytes(
     weights += adapter_bytes
     latent_pixels = (width // 8) * (height // 8)
     unet = UNET_BYTES_PER_LATENT_PIXEL * latent_pixels * 2 * batch * scale
+    # Each ControlNet unit runs about 40% of the UNet's work (its encoder half) and keeps its residuals.
+    unet *= 1 + CONTROLNET_ACTIVATIONS * control_units
     setup = setup_for(profile, width, height, batch, tiling=tiling)
     decoded_at_once = 1 if setup.vae_slicing else batch
     pixels = min(width * height, VAE_TILE_PIXELS) if setup.vae_tiling else width * height
@@ -142,6 +148,7 @@ def plan_sub_batch(
     dtype_bytes: int = 2,
     safety_checker: bool = False,
     adapter_bytes: int = 0,
+    control_units: int = 0,
 ) -> Plan:
     """The largest sub-batch whose estimate fits the GPU; with VAE tiling when nothing fits without it.
 
@@ -165,6 +172,7 @@ def plan_sub_batch(
                 tiling=tiling,
                 safety_checker=safety_checker,
                 adapter_bytes=adapter_bytes,
+                control_units=control_units,
             )
             if estimate <= budget:
                 return Plan(batch, vae_tiling=tiling)
@@ -177,10 +185,14 @@ def plan_sub_batch(
         tiling=True,
         safety_checker=safety_checker,
         adapter_bytes=adapter_bytes,
+        control_units=control_units,
     )
     checker = ", safety checker included" if safety_checker else ""
     if adapter_bytes:
-        checker += f", {adapter_bytes / 1e6:.0f} MB of LoRA weights included"
+        kinds = "LoRA and ControlNet" if control_units else "LoRA"
+        checker += f", {adapter_bytes / 1e6:.0f} MB of {kinds} weights included"
+    if control_units:
+        checker += f", {control_units} ControlNet unit(s)"
     raise AdmissionError(
         f"{width}x{height} needs about {need / GIB:.1f} GiB of GPU memory even one image at a time "
         f"with VAE tiling ({profile.value} profile{checker}), and this GPU has {gpu_bytes / GIB:.1f} GiB: "

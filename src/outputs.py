@@ -22,7 +22,9 @@ from PIL import ExifTags, Image, PngImagePlugin
 from src import __version__
 from src.errors import ResponseTooLargeError, StorageError
 from src.schema import (
+    CONTROL_MODE_LABELS,
     TASK_FIELDS,
+    AppliedControlNet,
     AppliedLora,
     GenerateRequest,
     GenerateResponse,
@@ -69,9 +71,11 @@ PNG_COMPRESS_LEVEL = 1
 WEBP_METHOD = 2
 _BASE64_GROWTH = 4 / 3
 # The request fields every job's metadata repeats, as the request resolved them (defaults filled in);
-# the fields of one task come from GenerateRequest.task_fields, the LoRAs (with their hashes) from the engine.
+# the fields of one task come from GenerateRequest.task_fields, the LoRAs (with their hashes) from the engine,
+# the ControlNet units with how their images were resized.
 _TASK_FIELDS = {name for names in TASK_FIELDS.values() for name in names}
-_ECHOED_FIELDS = (set(Metadata.model_fields) & set(GenerateRequest.model_fields)) - _TASK_FIELDS - {"loras"}
+_ECHOED = set(Metadata.model_fields) & set(GenerateRequest.model_fields)
+_ECHOED_FIELDS = _ECHOED - _TASK_FIELDS - {"loras", "controlnets"}
 # A1111's names for the hires upscalers.
 _HIRES_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 _USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF 2.3 character code for UTF-16 text, as A1111 writes it
@@ -146,10 +150,23 @@ def a1111_parameters(
         fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'
     if loras:
         fields["Lora hashes"] = '"' + ", ".join(f"{item.name}: {item.short_hash}" for item in loras) + '"'
+    fields.update(controlnet_parameters(request))
     tagged = {name for _kind, name in _tag_names(request.prompt)}
     added = "".join(f" <lora:{item.name}:{item.scale:g}>" for item in loras if item.name not in tagged)
     negative = f"Negative prompt: {request.negative_prompt}\n" if request.negative_prompt else ""
     return f"{request.prompt}{added}\n{negative}" + ", ".join(f"{name}: {value}" for name, value in fields.items())
+
+
+def controlnet_parameters(request: GenerateRequest) -> dict[str, str]:
+    """Each ControlNet unit as A1111's ControlNet extension writes it: ``ControlNet 0: "Module: canny, ..."``."""
+    return {
+        f"ControlNet {index}": (
+            f'"Module: {unit.preprocess}, Model: {unit.model}, Weight: {float(unit.scale)}, '
+            f"Guidance Start: {float(unit.start)}, Guidance End: {float(unit.end)}, "
+            f'Control Mode: {CONTROL_MODE_LABELS[unit.control_mode]}"'
+        )
+        for index, unit in enumerate(request.controlnets)
+    }
 
 
 def _tag_names(prompt: str) -> list[tuple[str, str]]:
@@ -300,6 +317,7 @@ def encode_response(
             embeddings=generation.embeddings or None,
             loras=[AppliedLora(name=item.name, scale=item.scale, hash=item.short_hash) for item in generation.loras]
             or None,
+            controlnets=_applied_controlnets(request, inputs),
             model=engine.identity.name,
             model_hash=engine.identity.model_hash,
             vae=engine.identity.vae,
@@ -367,3 +385,22 @@ def _upload(
                 )
             )
     return images
+
+
+def _applied_controlnets(request: GenerateRequest, inputs: Inputs | None) -> list[AppliedControlNet] | None:
+    """The job's ControlNet units for the metadata, with how each control image was resized."""
+    if not request.controlnets:
+        return None
+    resized = inputs.controls.resized if inputs is not None and inputs.controls is not None else []
+    return [
+        AppliedControlNet(
+            model=unit.model,
+            module=unit.preprocess,
+            weight=unit.scale,
+            guidance_start=unit.start,
+            guidance_end=unit.end,
+            control_mode=unit.control_mode,
+            resized=resized[index] if index < len(resized) else None,
+        )
+        for index, unit in enumerate(request.controlnets)
+    ]

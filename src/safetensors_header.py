@@ -65,6 +65,9 @@ def _header_length(prefix: bytes, size: int, path: Path) -> int:
     if len(prefix) < 8:
         raise SafetensorsError(f"{path}: not a safetensors file ({size} bytes)")
     (length,) = struct.unpack("<Q", prefix)
-    if length > min(MAX_HEADER_BYTES, size - 8):
+    if length > MAX_HEADER_BYTES:
         raise SafetensorsError(f"{path}: not a safetensors file (its header would be {length} bytes)")
+    if length > size - 8:
+        # A plausible header length the file cannot hold: a download cut off inside the header.
+        raise SafetensorsError(f"{path}: the file is cut short: {size} bytes, its header alone says {length + 8}")
     return int(length)

@@ -159,6 +159,10 @@ class RequestLimits(Protocol):
     def lora_dir(self) -> str | None: ...
     @property
     def max_loras(self) -> int: ...
+    @property
+    def controlnet_dir(self) -> str | None: ...
+    @property
+    def max_controlnets(self) -> int: ...
 
 
 def _canonical(name: str, names_by_key: Mapping[str, str], kind: str, listed: Iterable[str]) -> str:
@@ -347,6 +351,117 @@ class LoraRequest(BaseModel):
         return value
 
 
+CONTROL_MODES: tuple[str, ...] = ("balanced", "prompt", "controlnet")
+# A1111's labels and numbers for its control modes.
+CONTROL_MODE_ALIASES: Mapping[str, str] = {
+    "0": "balanced",
+    "1": "prompt",
+    "2": "controlnet",
+    "my prompt is more important": "prompt",
+    "controlnet is more important": "controlnet",
+}
+CONTROL_MODE_LABELS: Mapping[str, str] = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "controlnet": "ControlNet is more important",
+}
+_CONTROL_MODES_BY_KEY = _names_by_key(CONTROL_MODES, CONTROL_MODE_ALIASES)
+CONTROLNET_SCALE_MAX = 2.0
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet unit: a model of CONTROLNET_DIR, its control image, and how strongly and when it acts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: StrictStr = Field(
+        min_length=1,
+        max_length=255,
+        description="A ControlNet's name: its folder or file name in `CONTROLNET_DIR`, without `.safetensors`.",
+    )
+    image: StrictStr = Field(
+        min_length=1,
+        description="The control image, in every form `image` takes (base64, data URI, URL, `s3://`), with the same "
+        "limits; brought to the job's size by `resize_mode`.",
+    )
+    preprocess: Literal["none", "canny"] = Field(
+        "none",
+        description="`none`: the image is already a control map. `canny`: OpenCV's Canny edges of the image, with "
+        "the thresholds `low` and `high`.",
+    )
+    low: StrictInt | None = Field(None, ge=0, le=255, description="Canny's low threshold, 0 to 255; default 100.")
+    high: StrictInt | None = Field(None, ge=0, le=255, description="Canny's high threshold, 0 to 255; default 200.")
+    scale: float = Field(
+        1.0,
+        strict=True,
+        ge=0.0,
+        le=CONTROLNET_SCALE_MAX,
+        allow_inf_nan=False,
+        description=f"How strongly it guides (A1111's weight), 0 to {CONTROLNET_SCALE_MAX:g}.",
+    )
+    start: float = Field(
+        0.0,
+        strict=True,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="The fraction of the steps where it starts acting (A1111's guidance start), 0 to 1.",
+    )
+    end: float = Field(
+        1.0,
+        strict=True,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="The fraction of the steps where it stops (A1111's guidance end), 0 to 1, above `start`.",
+    )
+    control_mode: Literal["balanced", "prompt", "controlnet"] = Field(
+        "balanced",
+        description='`balanced`; `prompt` (A1111\'s "My prompt is more important": the control fades towards the '
+        "UNet's outer layers); `controlnet` (\"ControlNet is more important\": the same, on the prompt's side of "
+        "guidance only, as diffusers' guess mode). A1111's labels and 0, 1, 2 are accepted.",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _a_name_not_a_path(cls, value: str) -> str:
+        if "://" in value or "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
+            raise ValueError("must be a ControlNet's name in CONTROLNET_DIR (folder or file name), not a path or a URL")
+        return value
+
+    @field_validator("preprocess", mode="before")
+    @classmethod
+    def _preprocess_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("control_mode", mode="before")
+    @classmethod
+    def _known_control_mode(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return value
+        return _canonical(str(value), _CONTROL_MODES_BY_KEY, "control mode", CONTROL_MODES)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlNetUnit:
+        problems = []
+        if self.start >= self.end:
+            problems.append(f"start={self.start:g}, end={self.end:g}: start must be below end")
+        if self.preprocess != "canny":
+            given = [name for name in ("low", "high") if getattr(self, name) is not None]
+            problems += [f"{name}: only with preprocess 'canny'" for name in given]
+        elif self.canny_thresholds[0] > self.canny_thresholds[1]:
+            low, high = self.canny_thresholds
+            problems.append(f"low={low}, high={high}: low must not be above high")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def canny_thresholds(self) -> tuple[int, int]:
+        """Canny's (low, high), with their defaults, 100 and 200."""
+        return (100 if self.low is None else self.low, 200 if self.high is None else self.high)
+
+
 def lora_tags(text: str) -> list[tuple[str, str]]:
     """A1111's extra-network tags in ``text``: (kind, arguments) for each ``<kind:arguments>``."""
     return [(match.group(1), match.group(2)) for match in EXTRA_NETWORK_TAG.finditer(text)]
@@ -530,8 +645,9 @@ class GenerateRequest(BaseModel):
     )
     resize_mode: Literal["resize", "crop", "fill"] = Field(
         "resize",
-        description="How the image meets width x height: `resize` stretches, `crop` fills and crops the centre, "
-        "`fill` fits and pads with its stretched edges; A1111's 0, 1 and 2 are accepted. Needs `image`.",
+        description="How the image (and each ControlNet unit's image) meets width x height: `resize` stretches, "
+        "`crop` fills and crops the centre, `fill` fits and pads with its stretched edges; A1111's 0, 1 and 2 are "
+        "accepted. Needs `image` or `controlnets`.",
     )
     mask_blur: StrictInt = Field(
         4,
@@ -570,6 +686,13 @@ class GenerateRequest(BaseModel):
         description="LoRAs for this job, `[{name, scale}]`, at most `MAX_LORAS` with the prompt's "
         f"`<lora:name:scale>` tags, each name once; scale {-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}, default 1. "
         "Needs `LORA_DIR`; see LoRA.",
+        json_schema_extra={"shown_default": "none"},
+    )
+
+    controlnets: list[ControlNetUnit] = Field(
+        default_factory=list,
+        description="ControlNet units for this job, at most `MAX_CONTROLNETS`: `[{model, image, preprocess, low, "
+        "high, scale, start, end, control_mode}]`; see ControlNet. Every task takes them. Needs `CONTROLNET_DIR`.",
         json_schema_extra={"shown_default": "none"},
     )
 
@@ -667,7 +790,8 @@ class GenerateRequest(BaseModel):
                 for name in ("width", "height")
                 if getattr(self, name) is None
             ]
-            problems += [f"{name}: needs an image (set `image`)" for name in IMAGE_FIELDS if name in given]
+            needs_image = [name for name in IMAGE_FIELDS if not (name == "resize_mode" and self.controlnets)]
+            problems += [f"{name}: needs an image (set `image`)" for name in needs_image if name in given]
             problems += [f"{name}: needs an image and a mask or outpaint" for name in MASK_FIELDS if name in given]
         else:
             if self.hires is not None:
@@ -703,6 +827,20 @@ class GenerateRequest(BaseModel):
             if lora.name in seen:
                 raise ValueError(f"loras.{index}.name={lora.name!r}: named twice; name each LoRA once")
             seen.add(lora.name)
+        return self
+
+    @model_validator(mode="after")
+    def _controlnets_allowed(self, info: ValidationInfo) -> GenerateRequest:
+        if not self.controlnets:
+            return self
+        limits = _limits(info)
+        if limits.controlnet_dir is None:
+            raise ValueError("controlnets: ControlNet is off on this worker: CONTROLNET_DIR is not set")
+        if len(self.controlnets) > limits.max_controlnets:
+            raise ValueError(
+                f"controlnets: {len(self.controlnets)} units asked for: at most {limits.max_controlnets} "
+                "(MAX_CONTROLNETS)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -877,7 +1015,12 @@ def _field_name(name: str, limit: int = 40) -> str:
 
 
 # The request's nested objects, by field, for naming their fields when one is unknown.
-_NESTED_MODELS: Mapping[str, type[BaseModel]] = {"loras": LoraRequest, "outpaint": Outpaint, "hires": Hires}
+_NESTED_MODELS: Mapping[str, type[BaseModel]] = {
+    "loras": LoraRequest,
+    "controlnets": ControlNetUnit,
+    "outpaint": Outpaint,
+    "hires": Hires,
+}
 
 
 def _fields_note(parent: str) -> str:
@@ -1006,6 +1149,20 @@ class AppliedLora(BaseModel):
     hash: str = Field(description="A1111's short hash of the file (its `Lora hashes` value).")
 
 
+class AppliedControlNet(BaseModel):
+    """A ControlNet unit a job ran with, as A1111 describes it."""
+
+    model: str = Field(description="Its name in `CONTROLNET_DIR`.")
+    module: str = Field(description="The preprocessor: `none` or `canny`.")
+    weight: float = Field(description="Its scale.")
+    guidance_start: float = Field(description="The fraction of the steps where it started acting.")
+    guidance_end: float = Field(description="The fraction of the steps where it stopped.")
+    control_mode: str = Field(description="`balanced`, `prompt` or `controlnet`.")
+    resized: str | None = Field(
+        None, description="How the control image was brought to the job's size, when that changed its proportions."
+    )
+
+
 class Metadata(BaseModel):
     """What was generated and how; enough to reproduce every image."""
 
@@ -1029,6 +1186,9 @@ class Metadata(BaseModel):
         None,
         description="The LoRAs the job ran with: `name`, `scale` and A1111's short `hash` of each file; "
         "present when there were any.",
+    )
+    controlnets: list[AppliedControlNet] | None = Field(
+        None, description="The ControlNet units the job ran with; present when there were any."
     )
     prompt_tokens: dict[str, PromptTokens] = Field(
         description="For `prompt` and `negative_prompt`: its tokens and the chunks of 75 they were encoded in."

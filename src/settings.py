@@ -170,6 +170,38 @@ class Settings(BaseModel):
         description="Host memory, in MB (10^6 bytes), that loaded LoRAs may keep between jobs, least recently used "
         "dropped first; 0 loads each job's LoRAs from disk.",
     )
+    controlnet_dir: str | None = Field(
+        None,
+        alias="CONTROLNET_DIR",
+        description="Folder of SD 1.5 ControlNets: diffusers ControlNet folders and single `.safetensors` files "
+        "(such as `control_v11p_sd15_canny`), listed at startup; a request names them by folder or file name "
+        "without extension. Unset: ControlNet is off.",
+    )
+    controlnets_to_bake: str | None = Field(
+        None,
+        alias="CONTROLNETS",
+        description="ControlNets `builder/cache_model.py` bakes into CONTROLNET_DIR at build time, comma-separated: "
+        "hub ids (such as `lllyasviel/control_v11p_sd15_canny`, float16 weights only) or `http(s)://` URLs of "
+        "single `.safetensors` files (stored in float16).",
+    )
+    max_controlnets: int = Field(
+        2, alias="MAX_CONTROLNETS", ge=1, le=8, description="Most ControlNet units one request may use, 1 to 8."
+    )
+    controlnet_cache_mb: float = Field(
+        2048.0,
+        alias="CONTROLNET_CACHE_MB",
+        ge=0,
+        le=1_000_000,
+        description="Memory, in MB (10^6 bytes), that loaded ControlNets may keep on the GPU between jobs (an SD 1.5 "
+        "ControlNet is 723 MB in float16); the least recently used goes back to host memory, where as much again "
+        "is kept, then is dropped.",
+    )
+    controlnet_preload: str | None = Field(
+        None,
+        alias="CONTROLNET_PRELOAD",
+        description="ControlNets loaded at startup, by name, comma-separated, such as "
+        "`control_v11p_sd15_canny,control_v11f1p_sd15_depth`. Unset: each is loaded on first use.",
+    )
     max_prompt_chunks: int = Field(
         8,
         alias="MAX_PROMPT_CHUNKS",
@@ -344,9 +376,23 @@ class Settings(BaseModel):
             raise ValueError("MODEL_ID and MODEL_URL: set one, not both (MODEL_URL is the model when set)")
         if self.vae_url is not None and self.vae_id is not None:
             raise ValueError("VAE_ID and VAE_URL: set one, not both (VAE_URL is baked into MODEL_DIR)")
+        if self.controlnets_to_bake is not None and self.controlnet_dir is None:
+            raise ValueError("CONTROLNETS are baked into CONTROLNET_DIR, which is not set")
+        if self.controlnet_preload is not None and self.controlnet_dir is None:
+            raise ValueError("CONTROLNET_PRELOAD names ControlNets of CONTROLNET_DIR, which is not set")
         if self.vae_sha256 is not None and self.vae_url is None:
             raise ValueError("VAE_SHA256 is checked against VAE_URL's download; set VAE_URL too")
         return self
+
+    @property
+    def controlnet_preload_names(self) -> list[str]:
+        """CONTROLNET_PRELOAD's names, in order, without blanks."""
+        return [name.strip() for name in (self.controlnet_preload or "").split(",") if name.strip()]
+
+    @property
+    def controlnets_to_bake_list(self) -> list[str]:
+        """CONTROLNETS' hub ids and URLs, in order, without blanks."""
+        return [item.strip() for item in (self.controlnets_to_bake or "").split(",") if item.strip()]
 
     @property
     def model_config_folder(self) -> str:

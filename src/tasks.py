@@ -2,24 +2,30 @@
 
 A job is one or two passes. Text-to-image, img2img, inpaint and outpaint are
 one pass each; hires fix adds an img2img pass at the larger size that starts
-from the first pass's result. The engine runs the passes inside its guard rails
-(lock, admission, deadline, OOM retry, NaN guard); nothing here touches them.
+from the first pass's result. With ControlNet units every pass runs the task's
+ControlNet pipeline instead, with the units' maps at that pass's size. The
+engine runs the passes inside its guard rails (lock, admission, deadline, OOM
+retry, NaN guard); nothing here touches them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from diffusers import (
     DiffusionPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
+from PIL import Image
 
-from src.canvas import TaskImages
+from src.canvas import ControlMaps, TaskImages
 from src.schema import GenerateRequest
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -28,6 +34,13 @@ PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "inpaint": StableDiffusionInpaintPipeline,
     "outpaint": StableDiffusionInpaintPipeline,
 }
+# Each task's pipeline with ControlNet, and the argument its control maps go in (text-to-image's takes them as `image`).
+CONTROLNET_PIPELINES: dict[type[DiffusionPipeline], tuple[type[DiffusionPipeline], str]] = {
+    StableDiffusionPipeline: (StableDiffusionControlNetPipeline, "image"),
+    StableDiffusionImg2ImgPipeline: (StableDiffusionControlNetImg2ImgPipeline, "control_image"),
+    StableDiffusionInpaintPipeline: (StableDiffusionControlNetInpaintPipeline, "control_image"),
+}
+_INPAINT_PIPELINES = (StableDiffusionInpaintPipeline, StableDiffusionControlNetInpaintPipeline)
 # A1111's names for the hires upscalers, as its parameters text writes them.
 HIRES_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 
@@ -45,6 +58,8 @@ class Pass:
     # Hires: the image comes from the previous pass, enlarged to this size by this upscaler.
     upscale_to: tuple[int, int] | None = None
     upscaler: str = "latent"
+    # Whether the pass runs the job's ControlNet units (its class is then a ControlNet pipeline).
+    controlled: bool = False
 
     def arguments_for(self, count: int) -> dict[str, Any]:
         """The task's arguments for a call that makes ``count`` images.
@@ -54,13 +69,36 @@ class Pass:
         generator, so image i depends on its seed alone, in a batch or by itself.
         """
         arguments = dict(self.arguments)
-        if self.pipeline_class is StableDiffusionInpaintPipeline:
+        if self.pipeline_class in _INPAINT_PIPELINES:
             arguments["image"] = [arguments["image"]] * count
         return arguments
 
 
-def passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
-    """The passes of ``request``, whose size is resolved and whose images are at that size."""
+def passes(request: GenerateRequest, images: TaskImages | None, controls: ControlMaps | None = None) -> list[Pass]:
+    """The passes of ``request``, whose size is resolved and whose images (and control maps) are at that size."""
+    plain = _passes(request, images)
+    if not request.controlnets:
+        return plain
+    assert controls is not None, "a job with ControlNet units needs their maps"
+    maps = [controls.first, controls.hires or []]
+    return [_controlled(request, step, maps[index]) for index, step in enumerate(plain)]
+
+
+def _controlled(request: GenerateRequest, step: Pass, maps: list[Image.Image]) -> Pass:
+    """``step`` as its ControlNet pipeline runs it, with the units' maps, scales and guidance windows."""
+    pipeline_class, argument = CONTROLNET_PIPELINES[step.pipeline_class]
+    units = request.controlnets
+    arguments = {
+        **step.arguments,
+        argument: maps,
+        "controlnet_conditioning_scale": [unit.scale for unit in units],
+        "control_guidance_start": [unit.start for unit in units],
+        "control_guidance_end": [unit.end for unit in units],
+    }
+    return replace(step, pipeline_class=pipeline_class, arguments=arguments, controlled=True)
+
+
+def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
     width, height = request.size
     task = request.task
     if task == "txt2img":

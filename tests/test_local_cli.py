@@ -359,3 +359,10 @@ def test_the_readme_checkpoint_smoke_run(tmp_path: Path, offline_env: dict[str, 
     written = re.search(r"`Model: tiny-sd15, Model hash:\s+(\w+), VAE: tiny-vae, VAE hash: (\w+)`", readme)
     assert written is not None
     assert f"Model hash: {written[1]}, VAE: tiny-vae, VAE hash: {written[2]}" in parameters, "the README's hashes"
+
+
+def test_the_readme_controlnet_smoke_run(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    """The README's ControlNet smoke run, as written there: the tiny model, its ControlNets, one unit."""
+    parameters = run_readme_block("A smoke run with the tiny model and its tiny ControlNets", tmp_path, offline_env)
+
+    assert 'ControlNet 0: "Module: none, Model: tiny-controlnet, Weight: 1.0' in parameters

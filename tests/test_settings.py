@@ -43,6 +43,11 @@ DEFAULTS = {
     "lora_dir": None,
     "max_loras": 4,
     "lora_cache_mb": 1024.0,
+    "controlnet_dir": None,
+    "controlnets_to_bake": None,
+    "max_controlnets": 2,
+    "controlnet_cache_mb": 2048.0,
+    "controlnet_preload": None,
     "image_urls": True,
     "image_urls_allow_private": False,
     "max_input_image_mb": 20.0,
@@ -60,8 +65,11 @@ DEFAULTS = {
 
 def test_every_setting_has_a_variable() -> None:
     # Each variable is its field's name in capitals, but MODEL_CONFIG: pydantic keeps `model_config` for itself.
-    names = {name.upper(): name for name in DEFAULTS} | {"MODEL_CONFIG": "model_config_dir"}
-    del names["MODEL_CONFIG_DIR"]
+    names = {name.upper(): name for name in DEFAULTS} | {
+        "MODEL_CONFIG": "model_config_dir",
+        "CONTROLNETS": "controlnets_to_bake",
+    }
+    del names["MODEL_CONFIG_DIR"], names["CONTROLNETS_TO_BAKE"]
     assert sorted(VARIABLES) == sorted(names)
     assert all(Settings.model_fields[field].alias == variable for variable, field in names.items())
 

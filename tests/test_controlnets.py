@@ -1,0 +1,396 @@
+"""ControlNet per request, on the tiny model and tiny ControlNets (``builder.tiny_model --controlnet``).
+
+Through the worker's own handler: every task with units, the same pictures as bare diffusers'
+ControlNet pipelines, the cache, the refusals, and no state left on the shared models.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+)
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from PIL import Image
+
+import handler
+from builder.tiny_lora import write_test_loras
+from builder.tiny_model import CHECKPOINT_FILE, write_tiny_controlnets, write_tiny_model
+from src.schedulers import make_scheduler
+from src.settings import Settings
+from tests.conftest import noise_image, rss_bytes
+
+JOB = {"prompt": "a fox", "num_inference_steps": 4, "seed": 11, "width": 64, "height": 64}
+NET, NET_FILE, NET_B = "tiny-controlnet", "tiny-controlnet-file", "tiny-controlnet-b"
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def shapes_image(width: int = 64, height: int = 64) -> Image.Image:
+    """A control image with edges: a white square and a grey disc on black."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = 255
+    yy, xx = np.mgrid[:height, :width]
+    pixels[(yy - 3 * height // 4) ** 2 + (xx - 3 * width // 4) ** 2 < (min(width, height) // 6) ** 2] = 128
+    return Image.fromarray(pixels)
+
+
+CONTROL = shapes_image()
+IMAGE = noise_image(64, 64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_with_controlnets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its ControlNets in ``controlnets/``, as ``builder.tiny_model DIR --controlnet`` writes."""
+    folder = write_tiny_model(tmp_path_factory.mktemp("tiny-controlnet"), single_file=True)
+    write_tiny_controlnets(folder)
+    return folder
+
+
+@pytest.fixture
+def start(monkeypatch: pytest.MonkeyPatch, tiny_with_controlnets: Path) -> Callable[..., None]:
+    """Start a fresh worker (loaded on its first job) with the tiny model, its ControlNets and these variables."""
+
+    def begin(**variables: str) -> None:
+        for field in Settings.model_fields.values():
+            monkeypatch.delenv(str(field.alias), raising=False)
+        monkeypatch.setenv("MODEL_ID", str(tiny_with_controlnets))
+        monkeypatch.setenv("CONTROLNET_DIR", str(tiny_with_controlnets / "controlnets"))
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(handler, "_settings", None)
+        monkeypatch.setattr(handler, "_engine", None)
+
+    return begin
+
+
+@pytest.fixture
+def worker(start: Callable[..., None]) -> None:
+    start()
+
+
+def run(**fields: Any) -> dict[str, Any]:
+    return handler.handler({"id": "controlnet-test", "input": {**JOB, **fields}})
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    result = run(**fields)
+    assert "error" not in result, result["error"]
+    return result
+
+
+def unit(model: str = NET, image: Image.Image = CONTROL, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "image": png_base64(image), **fields}
+
+
+def pixels(result: dict[str, Any], index: int = 0) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(result["images"][index]["image"]))) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def parameters(result: dict[str, Any]) -> str:
+    with Image.open(io.BytesIO(base64.b64decode(result["images"][0]["image"]))) as image:
+        return str(image.text["parameters"])
+
+
+def bare(pipeline_class: type, *names: str, scheduler: str = "DPM++ 2M Karras") -> Any:
+    """Bare diffusers' ControlNet pipeline on the worker's shared components and freshly loaded ControlNets."""
+    base = handler.get_engine()._pipeline
+    folder = Path(handler.get_settings().controlnet_dir or "")
+    nets = [ControlNetModel.from_pretrained(folder / name) for name in names]
+    components = {**base.components, "scheduler": make_scheduler(scheduler, base.scheduler.config)}
+    controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    pipeline = pipeline_class(**components, controlnet=controlnet, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# --- the same pictures as bare diffusers ----------------------------------------------------------
+
+
+@pytest.mark.usefixtures("worker")
+def test_text_to_image_matches_bare_diffusers() -> None:
+    result = ok(num_images=2, controlnets=[unit(scale=0.8, start=0.1, end=0.9)])
+
+    reference = bare(StableDiffusionControlNetPipeline, NET)(
+        "a fox",
+        image=CONTROL,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+        num_images_per_prompt=2,
+        controlnet_conditioning_scale=0.8,
+        control_guidance_start=0.1,
+        control_guidance_end=0.9,
+        generator=[torch.Generator().manual_seed(seed) for seed in (11, 12)],
+    ).images
+    for index, theirs in enumerate(reference):
+        assert np.abs(pixels(result, index) - np.asarray(theirs, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.usefixtures("worker")
+def test_img2img_matches_bare_diffusers() -> None:
+    result = ok(image=png_base64(IMAGE), strength=0.6, controlnets=[unit(scale=1.2)])
+
+    reference = bare(StableDiffusionControlNetImg2ImgPipeline, NET)(
+        "a fox",
+        image=IMAGE,
+        control_image=CONTROL,
+        strength=0.6,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        controlnet_conditioning_scale=1.2,
+        generator=[torch.Generator().manual_seed(11)],
+    ).images[0]
+    assert np.abs(pixels(result) - np.asarray(reference, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.usefixtures("worker")
+def test_controlnet_mode_matches_diffusers_guess_mode() -> None:
+    result = ok(controlnets=[unit(control_mode="controlnet")])
+
+    reference = bare(StableDiffusionControlNetPipeline, NET)(
+        "a fox",
+        image=CONTROL,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+        guess_mode=True,
+        generator=[torch.Generator().manual_seed(11)],
+    ).images[0]
+    assert np.abs(pixels(result) - np.asarray(reference, dtype=np.int16)).max() <= 1
+
+
+# --- what each field does -----------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("worker")
+def test_scale_zero_gives_the_pixels_of_no_controlnet() -> None:
+    plain = ok()
+    zero = ok(controlnets=[unit(scale=0)])
+
+    assert np.array_equal(pixels(zero), pixels(plain))
+
+
+@pytest.mark.usefixtures("worker")
+def test_units_change_the_image_and_two_differ_from_each_alone() -> None:
+    plain, first = ok(), ok(controlnets=[unit(NET)])
+    second = ok(controlnets=[unit(NET_B, image=IMAGE)])
+    both = ok(controlnets=[unit(NET), unit(NET_B, image=IMAGE)])
+
+    assert not np.array_equal(pixels(first), pixels(plain))
+    assert not np.array_equal(pixels(both), pixels(first))
+    assert not np.array_equal(pixels(both), pixels(second))
+
+
+@pytest.mark.usefixtures("worker")
+def test_the_guidance_window_and_the_control_mode_change_the_result() -> None:
+    whole = pixels(ok(controlnets=[unit()]))
+
+    assert not np.array_equal(pixels(ok(controlnets=[unit(start=0.5)])), whole)
+    assert not np.array_equal(pixels(ok(controlnets=[unit(end=0.5)])), whole)
+    prompt = pixels(ok(controlnets=[unit(control_mode="prompt")]))
+    controlnet = pixels(ok(controlnets=[unit(control_mode="ControlNet is more important")]))
+    assert not np.array_equal(prompt, whole)
+    assert not np.array_equal(controlnet, prompt)
+
+
+@pytest.mark.usefixtures("worker")
+def test_canny_equals_the_same_canny_map_given_as_is() -> None:
+    import cv2
+
+    photo = noise_image(96, 80, seed=5)
+    edges = Image.fromarray(cv2.Canny(np.asarray(photo), 60, 180)).convert("RGB")
+
+    preprocessed = ok(controlnets=[unit(image=photo, preprocess="canny", low=60, high=180)])
+    given = ok(controlnets=[unit(image=edges)])
+
+    assert np.array_equal(pixels(preprocessed), pixels(given))
+    assert preprocessed["metadata"]["controlnets"][0]["module"] == "canny"
+
+
+@pytest.mark.usefixtures("worker")
+def test_the_single_file_controlnet_equals_its_folder() -> None:
+    assert np.array_equal(pixels(ok(controlnets=[unit(NET_FILE)])), pixels(ok(controlnets=[unit(NET)])))
+
+
+@pytest.mark.usefixtures("worker")
+def test_every_task_takes_units() -> None:
+    control = [unit()]
+    for fields in (
+        {"image": png_base64(IMAGE)},
+        {"image": png_base64(IMAGE), "mask": png_base64(shapes_image())},
+        {"image": png_base64(IMAGE), "outpaint": {"right": 64}, "width": 128},
+        {"hires": {"scale": 1.5}},
+        {"image": png_base64(IMAGE), "mask": png_base64(shapes_image()), "inpaint_area": "masked"},
+    ):
+        plain, guided = ok(**fields), ok(**fields, controlnets=control)
+        assert not np.array_equal(pixels(plain), pixels(guided)), fields
+        assert guided["metadata"]["controlnets"][0]["model"] == NET
+
+
+@pytest.mark.usefixtures("worker")
+def test_metadata_and_parameters_describe_each_unit_as_a1111() -> None:
+    result = ok(
+        controlnets=[
+            unit(preprocess="canny", scale=0.75, start=0.1, end=0.8),
+            unit(NET_B, image=shapes_image(96, 64), control_mode="prompt"),
+        ]
+    )
+
+    assert (
+        'ControlNet 0: "Module: canny, Model: tiny-controlnet, Weight: 0.75, Guidance Start: 0.1, '
+        'Guidance End: 0.8, Control Mode: Balanced"'
+    ) in parameters(result)
+    assert (
+        'ControlNet 1: "Module: none, Model: tiny-controlnet-b, Weight: 1.0, Guidance Start: 0.0, '
+        'Guidance End: 1.0, Control Mode: My prompt is more important"'
+    ) in parameters(result)
+    units = result["metadata"]["controlnets"]
+    assert units[0] == {
+        "model": NET,
+        "module": "canny",
+        "weight": 0.75,
+        "guidance_start": 0.1,
+        "guidance_end": 0.8,
+        "control_mode": "balanced",
+    }
+    assert "96x64 was stretched to 64x64" in units[1]["resized"]
+    assert any(warning.startswith("controlnets.1.image: 96x64") for warning in result["metadata"]["warnings"])
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_plain_job_after_controlnet_jobs_matches_a_fresh_workers(start: Callable[..., None]) -> None:
+    ok(controlnets=[unit(), unit(NET_B, control_mode="controlnet")])
+    ok(image=png_base64(IMAGE), controlnets=[unit(control_mode="prompt")])
+    after = ok()
+
+    start()
+    fresh = ok()
+
+    assert after["images"][0]["image"] == fresh["images"][0]["image"]
+    engine = handler.get_engine()
+    assert not hasattr(engine._pipeline, "controlnet"), "the shared pipeline never holds a ControlNet"
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def crowded_folder(tiny_with_controlnets: Path, tmp_path: Path) -> Path:
+    """The ControlNets, plus a LoRA and a base checkpoint where ControlNets should be."""
+    folder = tmp_path / "controlnets"
+    shutil.copytree(tiny_with_controlnets / "controlnets", folder)
+    write_test_loras(tiny_with_controlnets, tmp_path / "loras")
+    shutil.copy(sorted((tmp_path / "loras").glob("*.safetensors"))[0], folder / "a-lora.safetensors")
+    shutil.copy(tiny_with_controlnets / CHECKPOINT_FILE, folder / "a-checkpoint.safetensors")
+    cut = folder / "cut-short"
+    shutil.copytree(folder / NET, cut)
+    weights = cut / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("units", "expected"),
+    [
+        ([unit("../x")], r"controlnets\.0\.model='\.\./x': must be a ControlNet's name"),
+        ([unit("nope")], r"controlnets\.0\.model='nope': not a ControlNet in CONTROLNET_DIR; the ControlNets are: "),
+        (
+            [unit("a-lora")],
+            r"controlnets\.0\.model='a-lora': a-lora\.safetensors cannot be used: not a ControlNet: a LoRA",
+        ),
+        (
+            [unit("a-checkpoint")],
+            r"controlnets\.0\.model='a-checkpoint': a-checkpoint\.safetensors cannot be used: a base SD 1\.5",
+        ),
+        ([unit("cut-short")], r"controlnets\.0\.model='cut-short': cut-short cannot be used: .*the file is cut short"),
+        ([unit(), unit(), unit()], r"controlnets: 3 units asked for: at most 2 \(MAX_CONTROLNETS\)"),
+        ([unit(start=0.6, end=0.6)], r"start=0\.6, end=0\.6: start must be below end"),
+        ([unit(scale=-1)], r"controlnets\.0\.scale=-1: must be greater than or equal to 0"),
+        ([unit(scale=3)], r"controlnets\.0\.scale=3: must be less than or equal to 2"),
+        ([{"model": NET, "image": base64.b64encode(b"not an image at all").decode()}], r"controlnets\.0\.image"),
+        ([unit(low=10)], r"controlnets\.0.*low: only with preprocess 'canny'"),
+    ],
+)
+def test_bad_units_are_refused_naming_the_field_and_the_worker_goes_on(
+    units: list[dict[str, Any]], expected: str, start: Callable[..., None], crowded_folder: Path
+) -> None:
+    start(CONTROLNET_DIR=str(crowded_folder))
+
+    result = run(controlnets=units)
+
+    assert "error" in result
+    import re
+
+    assert re.search(expected, result["error"]), result["error"]
+    assert "images" in ok(controlnets=[unit()])
+
+
+def test_units_are_refused_when_controlnet_is_off(start: Callable[..., None], monkeypatch: pytest.MonkeyPatch) -> None:
+    start()
+    monkeypatch.delenv("CONTROLNET_DIR")
+
+    assert run(controlnets=[unit()])["error"].endswith("ControlNet is off on this worker: CONTROLNET_DIR is not set")
+
+
+# --- loading and the cache ------------------------------------------------------------------------
+
+
+def tiny_net_mb(folder: Path) -> float:
+    net = ControlNetModel.from_pretrained(folder / "controlnets" / NET)
+    return sum(parameter.numel() * 4 for parameter in net.parameters()) / 1e6
+
+
+def test_preloaded_controlnets_are_loaded_at_startup(start: Callable[..., None]) -> None:
+    start(CONTROLNET_PRELOAD=f"{NET}, {NET_B}")
+
+    assert handler.get_engine().controlnets.loaded == [NET, NET_B]
+
+
+def test_the_cache_keeps_the_most_recently_used_within_its_budget(
+    start: Callable[..., None], tiny_with_controlnets: Path
+) -> None:
+    # Room for two on the CPU's one tier: the third pushes out the least recently used.
+    start(CONTROLNET_CACHE_MB=str(2.5 * tiny_net_mb(tiny_with_controlnets)))
+    for name in (NET, NET_B, NET, NET_FILE):
+        ok(controlnets=[unit(name)])
+
+    assert handler.get_engine().controlnets.loaded == [NET, NET_FILE]
+
+
+def test_rss_stays_flat_over_30_jobs_cycling_3_controlnets_with_a_cache_of_2(
+    start: Callable[..., None], tiny_with_controlnets: Path
+) -> None:
+    start(CONTROLNET_CACHE_MB=str(2.5 * tiny_net_mb(tiny_with_controlnets)))
+    names = [NET, NET_B, NET_FILE]
+    fields = {"num_inference_steps": 1, "width": 64, "height": 64}
+    for index in range(6):
+        ok(**fields, controlnets=[unit(names[index % 3])])
+    gc.collect()
+    warm = rss_bytes()
+
+    for index in range(30):
+        ok(**fields, controlnets=[unit(names[index % 3])])
+    gc.collect()
+
+    assert rss_bytes() - warm < 50e6
+    assert len(handler.get_engine().controlnets.loaded) == 2
