@@ -7,6 +7,9 @@
 #   docker build --secret id=hf_token,env=HF_TOKEN ...  # only for gated or private models
 #   docker build --build-arg MODEL_URL=https://... [--build-arg MODEL_SHA256=...] [--build-arg VAE_URL=...] \
 #     [--secret id=download_token,env=DOWNLOAD_TOKEN] .  # a single-file checkpoint, converted once at build
+#   docker build --build-arg CONTROLNETS=lllyasviel/control_v11p_sd15_canny,lllyasviel/control_v11f1p_sd15_depth .
+#                                                       # and ControlNets (hub ids or .safetensors URLs), float16,
+#                                                       # baked into /models/controlnets and served from there
 ARG PYTHON_VERSION=3.11
 
 # --- deps: a virtual environment with torch and the requirements, built once and copied ---------
@@ -58,16 +61,21 @@ ARG MODEL_SHA256=
 ARG VAE_URL=
 ARG VAE_SHA256=
 ARG SAFETY_CHECKER=false
-# The worker reads the same variables, so it serves what the build baked and nothing else.
+ARG CONTROLNETS=
+# The worker reads the same variables, so it serves what the build baked and nothing else. Without
+# CONTROLNETS, CONTROLNET_DIR is empty, which the worker reads as unset: ControlNet is off.
 ENV MODEL_ID=${MODEL_ID} \
     MODEL_REVISION=${MODEL_REVISION} \
     MODEL_URL=${MODEL_URL} \
     MODEL_SHA256=${MODEL_SHA256} \
     VAE_URL=${VAE_URL} \
     VAE_SHA256=${VAE_SHA256} \
-    SAFETY_CHECKER=${SAFETY_CHECKER}
-# The weights go to /models/sd15, not HF_HOME, which a network volume at /runpod-volume could hide.
-# A checkpoint download lands in a build cache, outside the image, where a failed build's part is resumed.
+    SAFETY_CHECKER=${SAFETY_CHECKER} \
+    CONTROLNETS=${CONTROLNETS} \
+    CONTROLNET_DIR=${CONTROLNETS:+/models/controlnets}
+# The weights go to /models/sd15 (and ControlNets to /models/controlnets), not HF_HOME, which a network
+# volume at /runpod-volume could hide. A checkpoint or ControlNet file download lands in a build cache,
+# outside the image, where a failed build's part is resumed.
 RUN --mount=type=secret,id=hf_token,env=HF_TOKEN \
     --mount=type=secret,id=download_token,env=DOWNLOAD_TOKEN \
     --mount=type=cache,target=/models/.downloads \

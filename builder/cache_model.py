@@ -3,11 +3,13 @@
     python -m builder.cache_model                 # MODEL_ID at its revision into MODEL_DIR (/models/sd15)
     MODEL_URL=https://... python -m builder.cache_model   # a single-file checkpoint, converted into MODEL_DIR
     MODEL_ID=/path/model.safetensors python -m builder.cache_model   # the same, from a file
+    CONTROLNET_DIR=/models/controlnets CONTROLNETS=lllyasviel/control_v11p_sd15_canny,https://... \
+      python -m builder.cache_model               # and ControlNets into CONTROLNET_DIR
     python -m builder.cache_model --verify-only   # only check that MODEL_DIR loads offline
 
 It reads MODEL_ID, MODEL_REVISION, MODEL_URL, MODEL_SHA256, VAE_URL, VAE_SHA256,
-MODEL_CONFIG, MODEL_DIR and SAFETY_CHECKER through the worker's own settings, so
-the build and the runtime cannot disagree on the model.
+MODEL_CONFIG, MODEL_DIR, SAFETY_CHECKER, CONTROLNETS and CONTROLNET_DIR through the
+worker's own settings, so the build and the runtime cannot disagree on the model.
 
 From the hub it downloads only the fp16 safetensors (no .ckpt, no .bin, no full
 precision copy), and the safety checker only when SAFETY_CHECKER=true, into
@@ -20,6 +22,14 @@ starts from the converted folder. Its configs and tokenizer come from
 MODEL_CONFIG when that is an SD 1.5 folder, else from SD 1.5's repo on the hub
 (config files only). VAE_URL bakes a VAE file in place of the model's.
 
+CONTROLNETS are baked after the model, each into CONTROLNET_DIR in float16: a hub id
+(``owner/name``) becomes the folder ``name/`` holding its config.json and its fp16
+safetensors (its full-precision safetensors, converted, when it has none; a .bin is a
+pickle and is never downloaded); a URL of a single ``.safetensors`` file is downloaded
+like MODEL_URL and rewritten in float16 when it is not. One already there is kept. Then
+each is checked as the worker checks it at startup, against MODEL_DIR's UNet, and one
+the worker could not use (an SDXL ControlNet, a LoRA) stops the build, named.
+
 Transient network failures are retried; everything else stops the build with
 a message saying what to do.
 """
@@ -29,17 +39,29 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-from builder.download import DownloadError, download_to_folder
-from src.checkpoints import check_checkpoint, check_config_folder, check_vae_file, convert_checkpoint, load_vae_file
+from builder.download import DownloadError, download_to_folder, file_name_from
+from src.checkpoints import (
+    PICKLE_SUFFIXES,
+    check_checkpoint,
+    check_config_folder,
+    check_vae_file,
+    convert_checkpoint,
+    load_vae_file,
+)
 from src.checkpoints import sha256_file as file_sha256
-from src.errors import ModelLoadError
+from src.errors import AdapterError, ModelLoadError
 from src.loader import BakedSource, hidden_query, read_baked_source
+from src.safetensors_header import SafetensorsError, read_header
 from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, SettingsError, load_settings
 
 log = logging.getLogger("cache_model")
@@ -73,6 +95,16 @@ SAFETY_FILES = [
     "feature_extractor/preprocessor_config.json",
 ]
 
+# A ControlNet repo's files: its config and its float16 weights; its full-precision safetensors only when it
+# has no float16 ones, to convert. Never a .bin: pickles are never downloaded.
+CONTROLNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+CONTROLNET_FP16_WEIGHTS = f"diffusion_pytorch_model.{VARIANT}.safetensors"
+CONTROLNET_FILES = ["config.json", CONTROLNET_FP16_WEIGHTS]
+CONTROLNET_FULL_FILES = ["config.json", CONTROLNET_WEIGHTS]
+SAFETENSORS = ".safetensors"
+# A hub repo id, owner/name; neither part starts with a dot, so the name is a plain folder name.
+_HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
+
 
 class CacheError(RuntimeError):
     """Baking failed; the message says what to do."""
@@ -88,8 +120,12 @@ def download(settings: Settings, destination: Path) -> None:
     download_repo(settings.model_id, settings.revision, destination, allow_patterns(settings.safety_checker))
 
 
-def download_repo(model_id: str, revision: str | None, destination: Path, patterns: list[str]) -> None:
+def download_repo(
+    model_id: str, revision: str | None, destination: Path, patterns: list[str], setting: str = "MODEL_ID"
+) -> None:
     """Download the files of a hub repo matching ``patterns`` into ``destination``, retrying transient failures.
+
+    ``setting`` is the variable that named the repo, for the messages.
 
     Raises:
         CacheError: the repo, the revision or the access is wrong, or the network stayed down.
@@ -107,13 +143,14 @@ def download_repo(model_id: str, revision: str | None, destination: Path, patter
                 "(docker build --secret id=hf_token,env=HF_TOKEN ...)"
             ) from None
         except RepositoryNotFoundError:
-            raise CacheError(f"{model_id} does not exist on the hub (or is private): check MODEL_ID") from None
+            raise CacheError(f"{model_id} does not exist on the hub (or is private): check {setting}") from None
         except RevisionNotFoundError:
             raise CacheError(f"{model_id} has no revision {revision!r}: check MODEL_REVISION") from None
         except Exception as error:  # network errors come in many types; all are retried the same way
             if attempt == ATTEMPTS:
+                shown = f"{model_id}@{revision}" if revision else model_id
                 raise CacheError(
-                    f"downloading {model_id}@{revision} failed {ATTEMPTS} times ({type(error).__name__}: "
+                    f"downloading {shown} failed {ATTEMPTS} times ({type(error).__name__}: "
                     f"{str(error).splitlines()[0] if str(error) else ''}); check the network and build again"
                 ) from error
             wait = 2**attempt
@@ -280,6 +317,283 @@ def _drop_variant(folder: Path) -> None:
         path.rename(path.with_name(path.name.replace(f".{VARIANT}", "")))
 
 
+# --- ControlNets: CONTROLNETS into CONTROLNET_DIR, in float16 -------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    """One item of CONTROLNETS: a hub repo (``owner/name``) or the URL of a single ``.safetensors`` file."""
+
+    item: str
+    is_url: bool
+
+    @property
+    def shown(self) -> str:
+        """The item as messages and logs show it: a URL without its credentials and query."""
+        return hidden_query(self.item) if self.is_url else self.item
+
+    @property
+    def file_name(self) -> str:
+        """The file name a URL gives, as the download takes it (Content-Disposition may name it otherwise); ""
+        for a hub id, or a URL whose path ends in ``/``."""
+        if not self.is_url or not urlsplit(self.item).path.rsplit("/", 1)[-1]:
+            return ""
+        return file_name_from(self.item, None)
+
+    @property
+    def name(self) -> str | None:
+        """The name the worker will list it by, when known before downloading: the repo's name, or the URL's
+        file name without ``.safetensors``; None for a URL that names no .safetensors file."""
+        if not self.is_url:
+            return self.item.split("/")[1]
+        return self.file_name[: -len(SAFETENSORS)] if self.file_name.lower().endswith(SAFETENSORS) else None
+
+
+def controlnet_sources(items: list[str]) -> list[ControlNetSource]:
+    """CONTROLNETS' items, told apart and checked before anything is downloaded.
+
+    Raises:
+        CacheError: an item is neither a hub id nor an http(s) URL, a URL names a file that is not
+            ``.safetensors``, or two items would get the same name in CONTROLNET_DIR.
+    """
+    sources: list[ControlNetSource] = []
+    named: dict[str, ControlNetSource] = {}
+    for item in items:
+        source = ControlNetSource(item, item.lower().startswith(("http://", "https://")))
+        if not source.is_url and not _HUB_ID.fullmatch(item):
+            raise CacheError(f"CONTROLNETS: {item!r} is neither a hub id (owner/name) nor an http(s):// URL")
+        suffix = Path(source.file_name).suffix.lower()
+        if source.is_url and suffix and suffix != SAFETENSORS:
+            kind = "a pickle, which is never downloaded or opened" if suffix in PICKLE_SUFFIXES else "not safetensors"
+            raise CacheError(
+                f"CONTROLNETS: {source.shown} names {source.file_name!r} ({kind}); give the URL of a .safetensors file"
+            )
+        if source.name is not None and source.name in named:
+            raise CacheError(_same_name(named[source.name], source, source.name))
+        if source.name is not None:
+            named[source.name] = source
+        sources.append(source)
+    return sources
+
+
+def bake_controlnets(settings: Settings) -> list[str]:
+    """Bake CONTROLNETS into CONTROLNET_DIR in float16 and check them as the worker will; their names, in order.
+
+    Raises:
+        CacheError: an item is malformed, its download or conversion failed, or the worker could not use it.
+    """
+    sources = controlnet_sources(settings.controlnets_to_bake_list)
+    if not sources:
+        return []
+    assert settings.controlnet_dir is not None  # the settings refuse CONTROLNETS without CONTROLNET_DIR
+    folder = Path(settings.controlnet_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    baked: dict[str, ControlNetSource] = {}
+    for source in sources:
+        name = bake_url_controlnet(source, folder) if source.is_url else bake_hub_controlnet(source.item, folder)
+        if name in baked:
+            raise CacheError(_same_name(baked[name], source, name))
+        baked[name] = source
+    verify_controlnets(settings, baked)
+    return list(baked)
+
+
+def bake_hub_controlnet(repo_id: str, folder: Path) -> str:
+    """Download the diffusers ControlNet ``repo_id`` into ``folder/<its name>``, in float16; the name.
+
+    The download goes to a hidden folder beside it, which the worker does not list, and takes
+    its place once whole.
+
+    Raises:
+        CacheError: the download failed, or the repo holds no config.json or no safetensors weights.
+    """
+    name = repo_id.split("/")[1]
+    target = folder / name
+    if _holds_float16_folder(target):
+        log.info("%s already holds the ControlNet %s; keeping it", target, name)
+        return name
+    staging = folder / f".{name}.download"
+    download_repo(repo_id, None, staging, CONTROLNET_FILES, setting="CONTROLNETS")
+    if not any((staging / weights).is_file() for weights in (CONTROLNET_FP16_WEIGHTS, CONTROLNET_WEIGHTS)):
+        log.info("%s has no float16 safetensors; downloading its full-precision ones to convert", repo_id)
+        download_repo(repo_id, None, staging, CONTROLNET_FULL_FILES, setting="CONTROLNETS")
+    finish_hub_controlnet(staging, repo_id)
+    shutil.rmtree(staging / ".cache", ignore_errors=True)  # the hub client's download records
+    if target.is_dir():
+        log.info("replacing %s, which held no float16 ControlNet", target)
+        shutil.rmtree(target)
+    staging.rename(target)
+    log.info("baked the ControlNet %s from %s into %s", name, repo_id, target)
+    return name
+
+
+def finish_hub_controlnet(folder: Path, repo_id: str) -> None:
+    """Leave the downloaded ``folder`` as config.json and a float16 ``diffusion_pytorch_model.safetensors``.
+
+    The fp16 variant takes the plain name; full-precision weights are converted in place.
+
+    Raises:
+        CacheError: the repo gave no config.json or no safetensors weights.
+    """
+    weights = folder / CONTROLNET_WEIGHTS
+    if (folder / CONTROLNET_FP16_WEIGHTS).is_file():
+        (folder / CONTROLNET_FP16_WEIGHTS).replace(weights)
+    missing = [name for name in ("config.json", CONTROLNET_WEIGHTS) if not (folder / name).is_file()]
+    if missing:
+        raise CacheError(
+            f"CONTROLNETS: {repo_id} has no {' and no '.join(missing)} (nor {CONTROLNET_FP16_WEIGHTS}): it is not a "
+            "diffusers ControlNet repo with safetensors weights (a .bin is a pickle, never downloaded); use one "
+            "that is, or the URL of a single .safetensors file"
+        )
+    write_float16(weights, weights, repo_id)
+
+
+def bake_url_controlnet(source: ControlNetSource, folder: Path) -> str:
+    """Download the single-file ControlNet at ``source`` into ``folder``, in float16; its name.
+
+    The download goes through MODEL_URL's folder of downloads, beside ``folder``, with resume and
+    retries; the file is written into ``folder`` only once it is a whole float16 safetensors file.
+
+    Raises:
+        CacheError: the download failed, or it is not a safetensors file (which is then deleted unopened).
+    """
+    if source.name is not None and _holds_float16_file(folder / source.file_name):
+        log.info("%s already holds the ControlNet %s; keeping it", folder, source.file_name)
+        return source.name
+    path, sha256 = _fetch(source.item, folder.parent / ".downloads", None)
+    try:
+        if not path.name.lower().endswith(SAFETENSORS):
+            raise CacheError(
+                f"CONTROLNETS: {source.shown} sent the file {path.name!r}, not a .safetensors file; it was deleted "
+                "unopened. Give the URL of a .safetensors file"
+            )
+        write_float16(path, folder / path.name, source.shown)
+    finally:
+        path.unlink(missing_ok=True)
+    name = path.name[: -len(SAFETENSORS)]
+    log.info("baked the ControlNet %s from %s (SHA-256 %s) into %s", name, source.shown, sha256[:10], folder)
+    return name
+
+
+def write_float16(source: Path, target: Path, shown: str) -> None:
+    """Write the safetensors file ``source`` to ``target`` with every floating tensor in float16, through a
+    hidden temporary name, so that ``target`` is never half written; ``source`` may be ``target``.
+
+    Raises:
+        CacheError: ``source`` is not a whole safetensors file.
+    """
+    try:
+        header, _start = read_header(source)
+    except SafetensorsError as error:
+        raise CacheError(f"CONTROLNETS: {shown}: {str(error).removeprefix(f'{source}: ')}") from None
+    temporary = target.with_name(f".{target.name}.tmp")
+    if _float_dtypes(header) <= {"F16"}:
+        if source == target:
+            return
+        shutil.copyfile(source, temporary)
+    else:
+        log.info("%s: storing its %s tensors in float16", shown, "/".join(sorted(_float_dtypes(header) - {"F16"})))
+        _save_float16(source, temporary)
+    os.replace(temporary, target)
+
+
+def _save_float16(source: Path, destination: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: _as_float16(handle.get_tensor(key)) for key in handle.keys()}  # noqa: SIM118 - not a dict
+    save_file(tensors, str(destination), metadata=metadata)
+
+
+def _as_float16(tensor: Any) -> Any:
+    import torch
+
+    return tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+
+
+def _float_dtypes(header: dict[str, Any]) -> set[str]:
+    """The floating dtypes of a safetensors header's tensors (F16, BF16, F32, F64, F8_*)."""
+    dtypes = {str(entry.get("dtype")) for key, entry in header.items() if key != "__metadata__"}
+    return {dtype for dtype in dtypes if dtype.startswith(("F", "BF"))}
+
+
+def _holds_float16_file(path: Path) -> bool:
+    try:
+        return path.is_file() and _float_dtypes(read_header(path)[0]) <= {"F16"}
+    except SafetensorsError:
+        return False
+
+
+def _holds_float16_folder(folder: Path) -> bool:
+    weights = [folder / name for name in (CONTROLNET_WEIGHTS, CONTROLNET_FP16_WEIGHTS) if (folder / name).is_file()]
+    return (folder / "config.json").is_file() and bool(weights) and all(map(_holds_float16_file, weights))
+
+
+def _same_name(first: ControlNetSource, second: ControlNetSource, name: str) -> str:
+    return f"CONTROLNETS: {first.shown} and {second.shown} would both be the ControlNet {name!r}; keep one"
+
+
+@dataclass(frozen=True)
+class _UNetOnly:
+    """What ``ControlNets`` reads of a pipeline to check the shapes of ControlNets: its UNet."""
+
+    unet: Any
+
+
+def verify_controlnets(settings: Settings, baked: dict[str, ControlNetSource]) -> None:
+    """Check the baked ControlNets as the worker does at startup: listed by ``scan_controlnets``, then shaped
+    for MODEL_DIR's UNet by ``ControlNets``, from headers and configs alone.
+
+    Raises:
+        CacheError: a ControlNet is not listed or cannot be used; the message names each and says why.
+    """
+    import torch
+
+    from src.controlnets import ControlNets, scan_controlnets
+
+    try:
+        listed = scan_controlnets(settings.controlnet_dir)
+    except AdapterError as error:
+        raise CacheError(str(error)) from None
+    missing = [f"{source.shown} ({name})" for name, source in baked.items() if name not in listed]
+    if missing:
+        raise CacheError(f"CONTROLNETS: {', '.join(missing)}: baked, yet not listed in {settings.controlnet_dir}")
+    pipeline = _UNetOnly(_unet_without_weights(settings))
+    entries = {name: listed[name] for name in baked}
+    checked = ControlNets(pipeline, entries, device=torch.device("cpu"), dtype=torch.float16, cache_bytes=0)
+    problems = [
+        f"{baked[name].shown} ({entry.path.name}) cannot be used: {entry.problem}"
+        for name, entry in checked.entries.items()
+        if entry.problem
+    ]
+    if problems:
+        raise CacheError(
+            f"CONTROLNETS: {'; '.join(problems)}. Bake SD 1.5 ControlNets only, such as control_v11p_sd15_*"
+        )
+
+
+def _unet_without_weights(settings: Settings) -> Any:
+    """MODEL_DIR's UNet (else MODEL_CONFIG's), built from its config alone, its weights on no device.
+
+    Raises:
+        CacheError: neither folder holds unet/config.json.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    for model in dict.fromkeys((settings.model_dir, settings.model_config_folder)):
+        unet = Path(model) / "unet"
+        if (unet / "config.json").is_file():
+            with init_empty_weights():
+                return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet))
+    raise CacheError(
+        f"MODEL_DIR={settings.model_dir} holds no unet/config.json to check the ControlNets against; "
+        "bake the model first"
+    )
+
+
 def _describe(settings: Settings) -> str:
     if settings.model_url is not None:
         return hidden_query(settings.model_url)
@@ -304,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             folder = bake(settings)
             print(f"{_describe(settings)} baked into {folder} and verified")
+            controlnets = bake_controlnets(settings)
+            if controlnets:
+                print(f"ControlNets {', '.join(controlnets)} baked into {settings.controlnet_dir} and verified")
     except (SettingsError, CacheError) as error:
         print(f"cache_model: {error}", file=sys.stderr)
         return 1
