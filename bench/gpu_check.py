@@ -8,21 +8,28 @@ weights), caps the process at 6 GiB with ``torch.cuda.set_per_process_memory_fra
 and runs the worker's own engine in the ``balanced`` profile at 512² x1, 768² x1
 and 512² x4, recording whether each finished, its sub-batch, its peak memory and
 its time. Then it provokes a real out-of-memory error (admission told the card
-is 80 GiB, so 1024² x4 runs whole) and shows the frugal retry recover. It ends
-with a markdown table.
+is 80 GiB, so 1024² x4 runs whole) and shows the frugal retry recover. Last, it
+runs 512² x1 with one and with two units of a full-size ControlNet (random
+weights, float16, 723 MB, loaded through the worker's CONTROLNET_DIR path). It
+ends with a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
+import io
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from src.canvas import prepare_inputs
+from src.controlnets import ControlNets, scan_controlnets
 from src.engine import Engine
 from src.errors import WorkerError
 from src.loader import load_pipeline
@@ -34,6 +41,7 @@ CAP_GIB = 6.0
 STEPS = 20
 # The checks ask for more than the default limits allow (1024² x4).
 LIMITS = {"MAX_PIXELS": str(1024 * 1024 * 4)}
+CONTROLNET = "controlnet-random-weights"
 
 
 @dataclass
@@ -44,6 +52,7 @@ class Case:
     num_images: int
     profile: Profile = Profile.BALANCED
     admission_gib: float | None = None  # what admission is told the card has; None: the cap
+    control_units: int = 0
 
 
 def run_case(engine: Engine, case: Case, steps: int) -> str:
@@ -59,12 +68,21 @@ def run_case(engine: Engine, case: Case, steps: int) -> str:
                 "num_images": case.num_images,
                 "num_inference_steps": steps,
                 "seed": 1,
+                "controlnets": [{"model": CONTROLNET, "image": _control_image()}] * case.control_units,
             }
         },
         engine.settings,
     )
+    inputs = prepare_inputs(request, engine.settings, None)
     plan = plan_sub_batch(
-        case.profile, case.width, case.height, case.num_images, gpu_bytes=engine.gpu_bytes, dtype_bytes=2
+        case.profile,
+        case.width,
+        case.height,
+        case.num_images,
+        gpu_bytes=engine.gpu_bytes,
+        dtype_bytes=2,
+        adapter_bytes=engine.controlnets.gpu_bytes(request.controlnets),
+        control_units=case.control_units,
     )
     batch = f"{plan.batch}{' tiled' if plan.vae_tiling else ''}"
     if engine.device.type == "cuda":
@@ -73,7 +91,7 @@ def run_case(engine: Engine, case: Case, steps: int) -> str:
     started = time.perf_counter()
     outcome, note = "yes", ""
     try:
-        generation = engine.generate(request, timeout_s=600)
+        generation = engine.generate(inputs.request, controls=inputs.controls, timeout_s=600)
         note = "; ".join(generation.warnings)
     except WorkerError as error:
         outcome, note = "no", str(error)
@@ -82,12 +100,39 @@ def run_case(engine: Engine, case: Case, steps: int) -> str:
     return f"| {case.name} | {case.profile.value} | {outcome} | {batch} | {peak:.2f} | {seconds:.1f} | {note[:160]} |"
 
 
-def build_engine(tiny: Path | None) -> Engine:
-    """The worker's engine around SD 1.5's architecture on the GPU, or around the tiny model on the CPU."""
+def _control_image() -> str:
+    """A 512² control map: white squares on black, as a base64 PNG."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (512, 512))
+    ImageDraw.Draw(image).rectangle((128, 128, 384, 384), outline="white", width=8)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def attach_controlnet(engine: Engine, folder: Path) -> None:
+    """Give the engine one ControlNet built from its UNet (random weights where it has its own), in ``folder``."""
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_unet(engine._pipeline.unet).save_pretrained(folder / CONTROLNET)
+    engine.controlnets = ControlNets(
+        engine._pipeline,
+        scan_controlnets(str(folder)),
+        device=engine.device,
+        dtype=engine.dtype,
+        cache_bytes=int(2e9),
+    )
+
+
+def build_engine(tiny: Path | None, controlnets: Path) -> Engine:
+    """The worker's engine around SD 1.5's architecture on the GPU, or around the tiny model on the CPU,
+    with a ControlNet in ``controlnets``."""
+    limits = {**LIMITS, "CONTROLNET_DIR": str(controlnets)}
     if tiny is not None:
-        settings = load_settings({**LIMITS, "MODEL_ID": str(tiny), "DEVICE": "cpu"})
+        settings = load_settings({**limits, "MODEL_ID": str(tiny), "DEVICE": "cpu"})
         pipeline = load_pipeline(settings, torch.float32)
-        return Engine(
+        engine = Engine(
             pipeline,
             settings=settings,
             device=torch.device("cpu"),
@@ -95,6 +140,8 @@ def build_engine(tiny: Path | None) -> Engine:
             profile=Profile.CPU,
             gpu_bytes=None,
         )
+        attach_controlnet(engine, controlnets)
+        return engine
     from bench.sd15_random import build_sd15_random, check_parameter_counts
 
     total = torch.cuda.get_device_properties(0).total_memory
@@ -102,8 +149,8 @@ def build_engine(tiny: Path | None) -> Engine:
     pipeline = build_sd15_random("cuda", torch.float16)
     check_parameter_counts(pipeline)
     pipeline.set_progress_bar_config(disable=True)
-    settings = load_settings({**LIMITS, "MODEL_ID": "sd15-random-weights", "GPU_MEMORY_GB": str(CAP_GIB)})
-    return Engine(
+    settings = load_settings({**limits, "MODEL_ID": "sd15-random-weights", "GPU_MEMORY_GB": str(CAP_GIB)})
+    engine = Engine(
         pipeline,
         settings=settings,
         device=torch.device("cuda"),
@@ -111,6 +158,8 @@ def build_engine(tiny: Path | None) -> Engine:
         profile=Profile.BALANCED,
         gpu_bytes=int(CAP_GIB * GIB),
     )
+    attach_controlnet(engine, controlnets)
+    return engine
 
 
 def main() -> None:
@@ -122,7 +171,8 @@ def main() -> None:
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny DIR for a CPU smoke run")
 
     started = time.perf_counter()
-    engine = build_engine(args.tiny)
+    controlnets = Path(tempfile.mkdtemp(prefix="controlnets-"))
+    engine = build_engine(args.tiny, controlnets)
     device = torch.cuda.get_device_name(0) if engine.device.type == "cuda" else "CPU (tiny model)"
     print(f"# GPU check: {device}, capped at {CAP_GIB:g} GiB, torch {torch.__version__}, {datetime.date.today()}")
     print(f"Command: `{' '.join(['python -m bench.gpu_check', *sys.argv[1:]])}`")
@@ -134,6 +184,8 @@ def main() -> None:
         # A real OOM: admission is told the card has 80 GiB, so 1024² x4 runs whole and the frugal retry must save it.
         Case("1024² x4, forced OOM", 1024, 1024, 4, profile=Profile.HIGH, admission_gib=80),
         Case("512² x1 after the OOM", 512, 512, 1),
+        Case("512² x1, one ControlNet unit", 512, 512, 1, control_units=1),
+        Case("512² x1, two ControlNet units", 512, 512, 1, control_units=2),
     ]
     print("| case | profile | finished | sub-batch | peak GiB | seconds | warnings or error |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

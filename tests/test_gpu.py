@@ -6,7 +6,8 @@
 - real CUDA out-of-memory errors: from the caching allocator under the GPU_MEMORY_GB cap,
   answered with the worker's own error or recovered by its frugal retry, and the next job works;
 - image tasks, A1111 prompts and LoRAs in float16, in each memory profile;
-- a single-file checkpoint converted at startup, and a VAE file, in float16 on CUDA.
+- a single-file checkpoint converted at startup, and a VAE file, in float16 on CUDA;
+- ControlNet units in float16, in each memory profile, and where the ControlNets wait between jobs.
 
 Needs only torch, transformers, accelerate, diffusers, pydantic and pytest, as the GPU machine
 has (tests/test_gpu_kit.py checks that this file collects without boto3, moto, requests or yaml).
@@ -317,3 +318,37 @@ def test_a_single_file_checkpoint_on_the_gpu_matches_its_folder(tmp_path: Path) 
 
     assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(from_folder, with_vae, strict=True))
+
+
+@pytest.mark.parametrize("profile", ["high", "balanced", "low"])
+def test_controlnet_units_in_float16_change_only_their_jobs(tmp_path: Path, profile: str) -> None:
+    """One and two units on the GPU; the ControlNets stay on it between jobs, but with model offload ("low")."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from builder.tiny_model import write_tiny_controlnets, write_tiny_model
+    from src.canvas import prepare_inputs
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    write_tiny_controlnets(folder)
+    engine = load_engine(folder, MEMORY_PROFILE=profile, CONTROLNET_DIR=str(folder / "controlnets"))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    control = base64.b64encode(buffer.getvalue()).decode()
+
+    def run(*names: str) -> list[np.ndarray]:
+        units = [{"model": name, "image": control} for name in names]
+        inputs = prepare_inputs(request_for(engine, controlnets=units), engine.settings, None)
+        return pixels(engine.generate(inputs.request, controls=inputs.controls, timeout_s=120))
+
+    plain = run()
+    one = run("tiny-controlnet")
+    two = run("tiny-controlnet", "tiny-controlnet-b")
+
+    assert not np.array_equal(one[0], plain[0])
+    assert not np.array_equal(two[0], one[0])
+    assert np.array_equal(run()[0], plain[0])
+    devices = {str(next(net.parameters()).device.type) for net in engine.controlnets._loaded.values()}
+    assert devices == ({"cpu"} if profile == "low" else {"cuda"})
