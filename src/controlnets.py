@@ -213,7 +213,7 @@ class ControlNets:
             raise AdapterError("; ".join(problems))
         for name in names:
             self._get(name)
-        self._settle(set())
+        self._settle()
 
     def gpu_bytes(self, units: Sequence[ControlNetRef]) -> int:
         """GPU memory the ControlNets take during a job with ``units``: those kept there, and the job's own."""
@@ -242,7 +242,7 @@ class ControlNets:
                 _move(net, self.device)
             yield MultiControlNetModel([_Unit(nets[unit.model], unit.control_mode, guidance) for unit in units])
         finally:
-            self._settle(names)
+            self._settle()
 
     def _get(self, name: str) -> Any:
         """The loaded model ``name``, now the most recently used; loaded from disk on first use."""
@@ -263,11 +263,16 @@ class ControlNets:
                 return ControlNetModel.from_pretrained(
                     entry.path, dtype=self.dtype, variant=variant, local_files_only=True, use_safetensors=True
                 ).eval()
+            from accelerate import init_empty_weights
             from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
             from safetensors.torch import load_file
 
-            net = ControlNetModel.from_unet(self.pipeline.unet, load_weights_from_unet=False)
-            net.load_state_dict(convert_controlnet_checkpoint(load_file(str(entry.path)), net.config), strict=True)
+            # Built without memory and given the file's tensors as they are: no random initialisation to
+            # overwrite, no second copy.
+            with init_empty_weights():
+                net = ControlNetModel.from_unet(self.pipeline.unet, load_weights_from_unet=False)
+            state = convert_controlnet_checkpoint(load_file(str(entry.path)), net.config)
+            net.load_state_dict(state, strict=True, assign=True)
             return torch.nn.Module.to(net, dtype=self.dtype).eval()
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise AdapterError(
@@ -275,7 +280,7 @@ class ControlNets:
                 f"{first_line(error)}"
             ) from None
 
-    def _settle(self, in_use: set[str]) -> None:
+    def _settle(self) -> None:
         """Keep the most recently used models on the device within the budget, the next in host memory within
         as much again, and drop the rest."""
         on_device, in_host = 0, 0
