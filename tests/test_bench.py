@@ -35,8 +35,9 @@ def test_gpu_check_smoke_runs_on_the_cpu_with_the_tiny_model(tiny_model_dir: Pat
     result = run_bench("bench.gpu_check", "--tiny", str(tiny_model_dir), "--steps", "1")
 
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 6, result.stdout
+    assert len(rows) == 8, result.stdout
     assert all("| yes |" in row for row in rows[1:])
+    assert "ControlNet unit" in rows[-1]
 
 
 def test_encode_benchmark_prints_every_format() -> None:
@@ -130,6 +131,30 @@ def test_checkpoint_benchmark_smoke_run_writes_every_variant(tmp_path: Path) -> 
         "| single file, converted at startup | ",
         "| single file, MODEL_CACHE_DIR already filled | ",
         "| bake: `python -m builder.cache_model`, its whole process",
+    ):
+        assert row in table
+    assert f"Command: `{report['command']}`" in table
+
+
+def test_controlnet_benchmark_smoke_run_writes_every_unit_count_and_the_first_use(tmp_path: Path) -> None:
+    # The tiny model at 128² with two tiny ControlNets (folders, and one as a file), one round after the warm-ups.
+    run_bench("bench.controlnet", "--repeat", "1", "--out", str(tmp_path))
+
+    report = json.loads((tmp_path / "controlnet.json").read_text())
+    assert set(report["units"]) == {"0", "1", "2"}
+    assert set(report["first_use"]) == {"first_use_folder", "first_use_file"}
+    assert all(len(entry["load_s"]) == 1 for entry in report["first_use"].values())
+    # The worker computes the very image bare diffusers does, and a ControlNet's file gives its folder's image.
+    assert [entry["max_pixel_difference"] for entry in report["units"].values()] == [0, 0, 0]
+    assert [entry["max_pixel_difference"] for entry in report["first_use"].values()] == [0, 0]
+    assert report["command"] == f"python -m bench.controlnet --repeat 1 --out {tmp_path}"
+    table = (tmp_path / "controlnet.md").read_text()
+    for row in (
+        "| tiny | 0 | ",
+        "| tiny | 2 | ",
+        "| tiny | diffusers folder, not cached (CONTROLNET_CACHE_MB=0) | ",
+        "| tiny | single .safetensors file, not cached (CONTROLNET_CACHE_MB=0) | ",
+        "| tiny | cached (loaded by an earlier job) | ",
     ):
         assert row in table
     assert f"Command: `{report['command']}`" in table
