@@ -63,7 +63,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from bench.machine import load_average, report_header, write_results
+from bench.machine import LogArguments, load_average, median_range, report_header, write_results
 from bench.run import FULL_MODEL_DIR, RESULTS
 from bench.tasks import OFFLINE_ENV, _max_difference, _png_base64, _test_image, prepare_model
 from bench.tasks import PLANS as TASK_PLANS
@@ -178,19 +178,6 @@ def describe_controlnets(folder: Path) -> dict[str, Any]:
         "folder_mb": sum(path.stat().st_size for path in (folder / FIRST).iterdir()) / 1e6,
         "file_mb": (folder / f"{FIRST_FILE}.safetensors").stat().st_size / 1e6,
     }
-
-
-class LoadLog(logging.Handler):
-    """The worker's ``loaded ControlNet %s in %.2f s`` lines, as they are logged."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.loads: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("loaded ControlNet %s") and record.args:
-            name, seconds = record.args
-            self.loads.append({"name": name, "seconds": seconds})
 
 
 # --- the two sides -----------------------------------------------------------------------------------------
@@ -318,7 +305,7 @@ def _progress(seconds: dict[str, float]) -> str:
 
 def measure(plan: Plan, repeat: int, model: Path, controlnet_dir: Path) -> dict[str, Any]:
     """One untimed warm-up of each case, then ``repeat`` rounds of every case in a shuffled order."""
-    load_log = LoadLog()
+    load_log = LogArguments("loaded ControlNet %s", ("name", "seconds"))
     logger = logging.getLogger("src.controlnets")
     logger.setLevel(logging.INFO)
     logger.addHandler(load_log)
@@ -404,10 +391,6 @@ def run(plan: Plan, repeat: int) -> dict[str, Any]:
     return report
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
-
-
 def markdown(report: dict[str, Any]) -> str:
     plan = report["plan"]
     net = report["controlnet"]
@@ -429,7 +412,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for count, entry in report["units"].items():
         lines.append(
-            f"| {model} | {count} | {_fmt(entry['worker_s'])} | {_fmt(entry['bare_s'])} | {entry['ratio']:.3f} | "
+            f"| {model} | {count} | {median_range(entry['worker_s'])} | {median_range(entry['bare_s'])} | "
+            f"{entry['ratio']:.3f} | "
             f"{entry['worker_over_0_units']:.3f} | {entry['bare_over_0_units']:.3f} | "
             f"{entry['max_pixel_difference']} |"
         )
@@ -444,10 +428,12 @@ def markdown(report: dict[str, Any]) -> str:
     for key, entry in report["first_use"].items():
         lines.append(
             f"| {model} | {entry['form']}, not cached (CONTROLNET_CACHE_MB=0) | {sizes[key]:.0f} MB | "
-            f"{_fmt(entry['seconds'])} | {_fmt(entry['load_s'])} | {entry['minus_cached_s']:.2f} s | "
+            f"{median_range(entry['seconds'])} | {median_range(entry['load_s'])} | {entry['minus_cached_s']:.2f} s | "
             f"{entry['max_pixel_difference']} |"
         )
-    lines.append(f"| {model} | cached (loaded by an earlier job) |  | {_fmt(cached['worker_s'])} |  | 0.00 s | 0 |")
+    lines.append(
+        f"| {model} | cached (loaded by an earlier job) |  | {median_range(cached['worker_s'])} |  | 0.00 s | 0 |"
+    )
     return "\n".join(lines) + "\n"
 
 

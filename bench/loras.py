@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from bench.machine import load_average, report_header, write_results
+from bench.machine import LogArguments, load_average, median_range, report_header, write_results
 from bench.run import RESULTS
 from bench.tasks import OFFLINE_ENV, prepare_model
 from bench.tasks import PLANS as TASK_PLANS
@@ -157,19 +157,6 @@ def write_loras(model: Path, folder: Path) -> dict[str, Any]:
     }
 
 
-class LoadLog(logging.Handler):
-    """The worker's ``LoRA %s loaded (%s, %.1f MB) in %.2f s`` lines, as they are logged."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.loads: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, str) and record.msg.startswith("LoRA %s loaded") and record.args:
-            name, models, megabytes, seconds = record.args
-            self.loads.append({"name": name, "models": models, "adapter_mb": megabytes, "seconds": seconds})
-
-
 # --- measuring -------------------------------------------------------------------------------------------
 
 
@@ -230,7 +217,7 @@ class Workers:
 
 
 def time_rounds(
-    workers: Workers, cases: Sequence[Case], repeat: int, load_log: LoadLog, shuffle: random.Random
+    workers: Workers, cases: Sequence[Case], repeat: int, load_log: LogArguments, shuffle: random.Random
 ) -> dict[str, Any]:
     """One untimed warm-up of each case, then ``repeat`` rounds of every case in a shuffled order; each case's
     times, the adapters cached before it, its ratio to the baseline, and its image against the baseline's."""
@@ -278,7 +265,7 @@ def time_rounds(
 
 def measure(plan: Plan, repeat: int, model: Path, lora_dir: Path) -> dict[str, Any]:
     """The five cases; then the crowded cache's."""
-    load_log = LoadLog()
+    load_log = LogArguments("LoRA %s loaded", ("name", "models", "adapter_mb", "seconds"))
     logger = logging.getLogger("src.loras")
     logger.setLevel(logging.INFO)
     logger.addHandler(load_log)
@@ -323,10 +310,6 @@ def run(plan: Plan, repeat: int) -> dict[str, Any]:
     return report
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
-
-
 def _count(value: float) -> str:
     if value >= 1e6:
         return f"{value / 1e6:.2f} M"
@@ -342,13 +325,14 @@ def _rows(model: str, cases: dict[str, Any], adapter_mb: float) -> list[str]:
     for entry in cases.values():
         cached = max(entry["cached_before"])
         held = f"{cached} ({cached * adapter_mb:.0f} MB)" if cached else "0"
-        load = _fmt(entry["load_s"]) if "load_s" in entry else ""
+        load = median_range(entry["load_s"]) if "load_s" in entry else ""
         cpu = (
             f"{statistics.median(entry['user_s']):.2f} s, {statistics.median(entry['system_s']):.2f} s, "
             f"{_count(statistics.median(entry['minor_faults']))}"
         )
         rows.append(
-            f"| {model} | {entry['label']} | {held} | {_fmt(entry['seconds'])} | {entry['ratio']:.3f} | {load} | "
+            f"| {model} | {entry['label']} | {held} | {median_range(entry['seconds'])} | {entry['ratio']:.3f} | "
+            f"{load} | "
             f"{cpu} | {entry['max_pixel_difference']} |"
         )
     return rows

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +69,24 @@ def write_results(out: Path, stem: str, report: dict[str, Any], table: str) -> N
     (out / f"{stem}.md").write_text(table, encoding="utf-8")
     print(table)
     print(f"written to {out / f'{stem}.md'} and {out / f'{stem}.json'} in {report['seconds']:.0f} s")
+
+
+def median_range(values: Sequence[float], scale: float = 1.0, unit: str = "s") -> str:
+    """``median unit (min-max)`` of ``values`` times ``scale``, as the results tables write them."""
+    scaled = [value * scale for value in values]
+    return f"{statistics.median(scaled):.2f} {unit} ({min(scaled):.2f}-{max(scaled):.2f})"
+
+
+class LogArguments(logging.Handler):
+    """The arguments of the log records whose message starts with ``prefix``, by ``names``: what the worker
+    logs as it loads something (a LoRA, a ControlNet), read as it was logged."""
+
+    def __init__(self, prefix: str, names: Sequence[str]) -> None:
+        super().__init__(logging.INFO)
+        self.prefix = prefix
+        self.names = tuple(names)
+        self.loads: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith(self.prefix) and isinstance(record.args, tuple):
+            self.loads.append(dict(zip(self.names, record.args, strict=True)))

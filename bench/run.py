@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.machine import load_average, report_header, run_child, write_results
+from bench.machine import load_average, median_range, report_header, run_child, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_MODEL_DIR = Path(os.environ.get("BENCH_MODEL_CACHE", Path(tempfile.gettempdir()) / "sd15-random-bench"))
@@ -195,15 +195,6 @@ def _spawn(*args: str) -> Any:
     return run_child("bench.run", "--child", *args)
 
 
-def _median_spread(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
-
-
-def _fmt(values: list[float], scale: float = 1.0, unit: str = "s") -> str:
-    median, low, high = _median_spread([value * scale for value in values])
-    return f"{median:.2f} {unit} ({low:.2f}-{high:.2f})"
-
-
 def prepare_models(quick: bool) -> dict[str, Path]:
     """The tiny model (fresh) and the full-size random one (cached between runs)."""
     from builder.tiny_model import write_tiny_model
@@ -284,7 +275,8 @@ def markdown(report: dict[str, Any]) -> str:
         figures = ratios(entry)
         for side, warm in entry["warm"].items():
             lines.append(
-                f"| {name} | {side}² | {warm['steps']} | {_fmt(warm['worker_s'])} | {_fmt(warm['bare_s'])} | "
+                f"| {name} | {side}² | {warm['steps']} | {median_range(warm['worker_s'])} | "
+                f"{median_range(warm['bare_s'])} | "
                 f"{figures[f'handler_overhead_{side}']:.3f} | {warm['steps_per_s']:.2f} | "
                 f"{warm['vae_decode_s'] * 1000:.0f} ms | {warm['encode_base64_s'] * 1000:.1f} ms |"
             )
@@ -303,8 +295,9 @@ def markdown(report: dict[str, Any]) -> str:
         )
         peak = entry["peak"]
         lines.append(
-            f"| {name} | {_fmt([run['total'] for run in worker_runs])} | "
-            f"{_fmt([run['total'] for run in entry['cold']['bare']])} | {figures['cold_start']:.3f} | {phases} | "
+            f"| {name} | {median_range([run['total'] for run in worker_runs])} | "
+            f"{median_range([run['total'] for run in entry['cold']['bare']])} | "
+            f"{figures['cold_start']:.3f} | {phases} | "
             f"{peak['worker']['peak_rss_mib']:.0f} / {peak['bare']['peak_rss_mib']:.0f} MiB "
             f"= {figures['peak_rss']:.3f} |"
         )

@@ -53,7 +53,7 @@ from typing import Any
 
 from PIL import Image
 
-from bench.machine import load_average, report_header, run_child, write_results
+from bench.machine import load_average, median_range, report_header, run_child, write_results
 from bench.run import FULL_MODEL_DIR, RESULTS
 
 PROMPT = "a red fox in a snowy forest at dawn, detailed fur, soft light"
@@ -431,10 +431,6 @@ def run(plan: Plan, repeat: int) -> dict[str, Any]:
     return report
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
-
-
 def markdown(report: dict[str, Any]) -> str:
     plan = report["plan"]
     lines = [
@@ -455,8 +451,8 @@ def markdown(report: dict[str, Any]) -> str:
         size = f"{side}² → {width}²" if task == "hires" else f"{side}²"
         difference = "-" if entry["max_pixel_difference"] is None else str(entry["max_pixel_difference"])
         lines.append(
-            f"| {plan['model']} {task} | {size} | {entry['steps']} | {_fmt(entry['worker_s'])} | "
-            f"{_fmt(entry['bare_s'])} | {entry['ratio']:.3f} | {difference} |"
+            f"| {plan['model']} {task} | {size} | {entry['steps']} | {median_range(entry['worker_s'])} | "
+            f"{median_range(entry['bare_s'])} | {entry['ratio']:.3f} | {difference} |"
         )
     rss = report["rss"]
     lines += [
