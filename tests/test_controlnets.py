@@ -394,3 +394,49 @@ def test_rss_stays_flat_over_30_jobs_cycling_3_controlnets_with_a_cache_of_2(
 
     assert rss_bytes() - warm < 50e6
     assert len(handler.get_engine().controlnets.loaded) == 2
+
+
+# --- admission --------------------------------------------------------------------------------------
+
+
+def test_admission_counts_controlnet_weights_and_each_units_activations(tiny_with_controlnets: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from src.controlnets import ControlNets, scan_controlnets
+    from src.memory import (
+        CONTROLNET_ACTIVATIONS,
+        GIB,
+        UNET_BYTES_PER_LATENT_PIXEL,
+        Profile,
+        estimate_peak_bytes,
+        plan_sub_batch,
+    )
+
+    # Four images on a small card: the UNet's activations are the peak (the VAE decodes one image at a time).
+    def peak(units: int) -> float:
+        return estimate_peak_bytes(Profile.BALANCED, 512, 512, 4, control_units=units)
+
+    assert peak(0) < peak(1) < peak(2)
+    unet_activations = UNET_BYTES_PER_LATENT_PIXEL * 64 * 64 * 2 * 4
+    assert peak(1) - peak(0) == pytest.approx(CONTROLNET_ACTIVATIONS * unet_activations)
+    budget = int(6 * GIB)
+    plain = plan_sub_batch(Profile.BALANCED, 512, 512, 4, gpu_bytes=budget)
+    guided = plan_sub_batch(Profile.BALANCED, 512, 512, 4, gpu_bytes=budget, control_units=2, adapter_bytes=int(1.5e9))
+    assert guided.batch < plain.batch
+
+    # What a GPU worker would count: the job's ControlNets, and those its cache keeps on the card.
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_with_controlnets, safety_checker=None)
+    entries = scan_controlnets(str(tiny_with_controlnets / "controlnets"))
+    gpu = ControlNets(pipeline, entries, device=torch.device("cuda"), dtype=torch.float16, cache_bytes=10**9)
+    one = gpu.gpu_bytes([_Unit(NET)])
+    assert one > 0
+    assert gpu.gpu_bytes([_Unit(NET), _Unit(NET_B)]) == 2 * one
+    assert gpu.gpu_bytes([_Unit(NET), _Unit(NET)]) == one, "one model, named twice, is on the card once"
+    cpu = ControlNets(pipeline, entries, device=torch.device("cpu"), dtype=torch.float32, cache_bytes=10**9)
+    assert cpu.gpu_bytes([_Unit(NET)]) == 0
+
+
+class _Unit:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.control_mode = "balanced"
