@@ -217,6 +217,8 @@ def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionP
     model_dir = Path(settings.model_dir)
     baked = read_baked_source(model_dir)
     if settings.model_url is not None:
+        if "model_id" in settings.model_fields_set:
+            log.warning("MODEL_URL is set, so it is the model; MODEL_ID=%s is not used", settings.model_id)
         pipeline, source = _load_baked_url(settings, baked, options), baked
     elif is_file_path(settings.model_id) and not (baked is not None and baked.holds(settings.model_id, None)):
         pipeline, source = _load_checkpoint(settings, dtype)
@@ -228,14 +230,14 @@ def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionP
             "use a model that ships them (SD 1.5 does) or set SAFETY_CHECKER=false"
         )
     identity = _identity(settings, source)
-    if settings.vae_url is not None:
-        if source is None or source.vae is None or source.vae.get("url") != hidden_query(settings.vae_url):
-            raise ModelLoadError(
-                f"VAE_URL={hidden_query(settings.vae_url)!r} is baked into MODEL_DIR at build time, and the model "
-                "loaded does not hold it. Bake it: `docker build --build-arg VAE_URL=...`, or "
-                "`VAE_URL=... python -m builder.cache_model` with this MODEL_DIR; or use VAE_ID"
-            )
-    elif settings.vae_id is not None:
+    baked_vae = source.vae.get("url") if source is not None and source.vae is not None else None
+    if settings.vae_url is not None and settings.vae_id is None and baked_vae != hidden_query(settings.vae_url):
+        raise ModelLoadError(
+            f"VAE_URL={hidden_query(settings.vae_url)!r} is baked into MODEL_DIR at build time, and the model "
+            "loaded does not hold it. Bake it: `docker build --build-arg VAE_URL=...`, or "
+            "`VAE_URL=... python -m builder.cache_model` with this MODEL_DIR; or use VAE_ID"
+        )
+    if settings.vae_id is not None:
         vae, name, vae_file = load_vae(settings.vae_id, pipeline.vae, dtype)
         pipeline.register_modules(vae=vae)
         identity = ModelIdentity(identity.name, identity.checkpoint, name, vae_file)

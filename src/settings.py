@@ -65,7 +65,8 @@ class Settings(BaseModel):
         None,
         alias="MODEL_URL",
         description="`http(s)://` URL of a single-file SD 1.5 checkpoint that `builder/cache_model.py` downloads and "
-        "converts into MODEL_DIR at build time; the worker then serves that folder, offline. Takes MODEL_ID's place.",
+        "converts into MODEL_DIR at build time; the worker then serves that folder, offline. When set, it is "
+        "the model, whatever MODEL_ID says.",
     )
     model_sha256: str | None = Field(
         None,
@@ -95,7 +96,7 @@ class Settings(BaseModel):
         None,
         alias="VAE_URL",
         description="`http(s)://` URL of a single-file VAE that `builder/cache_model.py` bakes into MODEL_DIR in "
-        "place of the model's; the worker then serves it.",
+        "place of the model's; the worker then serves it, unless VAE_ID replaces it at run time.",
     )
     vae_sha256: str | None = Field(
         None, alias="VAE_SHA256", description="SHA-256 (64 hex digits) the VAE_URL file must have."
@@ -372,10 +373,6 @@ class Settings(BaseModel):
                 "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY: set both or neither "
                 "(neither: boto3 finds credentials itself, e.g. from an instance role)"
             )
-        if self.model_url is not None and "model_id" in self.model_fields_set:
-            raise ValueError("MODEL_ID and MODEL_URL: set one, not both (MODEL_URL is the model when set)")
-        if self.vae_url is not None and self.vae_id is not None:
-            raise ValueError("VAE_ID and VAE_URL: set one, not both (VAE_URL is baked into MODEL_DIR)")
         if self.controlnets_to_bake is not None and self.controlnet_dir is None:
             raise ValueError("CONTROLNETS are baked into CONTROLNET_DIR, which is not set")
         if self.controlnet_preload is not None and self.controlnet_dir is None:

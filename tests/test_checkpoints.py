@@ -549,7 +549,8 @@ def test_model_url_is_downloaded_with_a_resume_converted_and_served(
     assert ranges[1].startswith("bytes=")
     assert not list((tmp_path / "models" / ".downloads").glob("*")), "the download is removed once converted"
     served_file = run_worker({"MODEL_ID": str(tiny_files / CHECKPOINT_FILE), "MODEL_CONFIG": str(tiny_files)})
-    baked = run_worker({"MODEL_URL": url, "MODEL_DIR": env["MODEL_DIR"]})
+    # MODEL_URL is the model, whatever MODEL_ID says (the log says MODEL_ID is not used).
+    baked = run_worker({"MODEL_URL": url, "MODEL_DIR": env["MODEL_DIR"], "MODEL_ID": str(tiny_files)})
     assert baked["images"][0]["image"] == served_file["images"][0]["image"]
     assert baked["metadata"]["model"] == "tiny-sd15"
 
