@@ -340,8 +340,9 @@ def _converted(convert: Any, shapes: dict[str, tuple[int, ...]], config: dict[st
     stand_in = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
     try:
         return {key: tuple(value.shape) for key, value in convert(stand_in, config).items()}
-    except (KeyError, IndexError, RuntimeError, ValueError) as error:
-        return {"<conversion failed>": (len(str(error)),)}
+    except (KeyError, IndexError, RuntimeError, ValueError):
+        # Tensors diffusers cannot convert give none of the model's: the comparison says how many are lacking.
+        return {}
 
 
 def _compare(part: str, found: dict[str, tuple[int, ...]], build: Any, config: Any) -> list[str]:

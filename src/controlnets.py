@@ -19,11 +19,12 @@ for their job only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,10 +63,8 @@ class ControlNetEntry:
     name: str
     path: Path
     problem: str | None = None
-
-    @property
-    def single_file(self) -> bool:
-        return self.path.is_file()
+    # A single .safetensors file; otherwise a diffusers folder.
+    single_file: bool = True
 
 
 def scan_controlnets(folder: str | None) -> dict[str, ControlNetEntry]:
@@ -85,7 +84,7 @@ def scan_controlnets(folder: str | None) -> dict[str, ControlNetEntry]:
             continue
         if path.is_dir():
             if (path / "config.json").is_file():
-                entries[path.name] = ControlNetEntry(path.name, path, _folder_problem(path))
+                entries[path.name] = ControlNetEntry(path.name, path, _folder_problem(path), single_file=False)
             continue
         suffix = path.suffix.lower()
         if suffix == SUFFIX:
@@ -151,17 +150,19 @@ class ControlNets:
 
     def check(self, units: Sequence[ControlNetRef]) -> list[str]:
         """Problems with a request's units: unknown or unusable models, each naming its field."""
-        problems = []
-        for index, unit in enumerate(units):
-            entry = self.entries.get(unit.model)
-            where = f"controlnets.{index}.model={unit.model!r}"
-            if entry is None:
-                shown = ", ".join(self.names[:NAMES_SHOWN]) or "none"
-                more = f" (and {len(self.names) - NAMES_SHOWN} more)" if len(self.names) > NAMES_SHOWN else ""
-                problems.append(f"{where}: not a ControlNet in CONTROLNET_DIR; the ControlNets are: {shown}{more}")
-            elif entry.problem:
-                problems.append(f"{where}: {entry.path.name} cannot be used: {entry.problem}")
-        return problems
+        named = ((index, self._problem(unit.model)) for index, unit in enumerate(units))
+        return [f"controlnets.{index}.model={units[index].model!r}: {problem}" for index, problem in named if problem]
+
+    def _problem(self, name: str) -> str | None:
+        """Why ``name`` is not a usable ControlNet of the folder; None when it is one."""
+        entry = self.entries.get(name)
+        if entry is None:
+            shown = ", ".join(self.names[:NAMES_SHOWN]) or "none"
+            more = f" (and {len(self.names) - NAMES_SHOWN} more)" if len(self.names) > NAMES_SHOWN else ""
+            return f"not a ControlNet in CONTROLNET_DIR; the ControlNets are: {shown}{more}"
+        if entry.problem:
+            return f"{entry.path.name} cannot be used: {entry.problem}"
+        return None
 
     def _checked(self, entry: ControlNetEntry) -> ControlNetEntry:
         """``entry`` with a problem when its shapes are not those of a ControlNet for this pipeline's UNet."""
@@ -176,20 +177,17 @@ class ControlNets:
             problem = f"cannot be read ({type(error).__name__}: {first_line(error)})"
         if problem:
             log.warning("CONTROLNET_DIR: %s (%s) cannot be used: %s", entry.name, entry.path.name, problem)
-        return ControlNetEntry(entry.name, entry.path, problem)
+        return replace(entry, problem=problem)
 
-    @property
+    @functools.cached_property
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shapes of a ControlNet built from this pipeline's UNet, worked out without memory."""
-        cached = getattr(self, "_expected", None)
-        if cached is None:
-            from accelerate import init_empty_weights
-            from diffusers import ControlNetModel
+        from accelerate import init_empty_weights
+        from diffusers import ControlNetModel
 
-            with init_empty_weights():
-                model = ControlNetModel.from_unet(self.pipeline.unet, load_weights_from_unet=False)
-            cached = self._expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-        return cached
+        with init_empty_weights():
+            model = ControlNetModel.from_unet(self.pipeline.unet, load_weights_from_unet=False)
+        return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
     def _folder_misfit(self, entry: ControlNetEntry) -> str | None:
         from accelerate import init_empty_weights
@@ -207,8 +205,7 @@ class ControlNets:
         Raises:
             AdapterError: a name is not a usable ControlNet of CONTROLNET_DIR.
         """
-        units = [_Named(name) for name in names]
-        problems = [problem.replace("controlnets.", "CONTROLNET_PRELOAD: unit ", 1) for problem in self.check(units)]
+        problems = [f"CONTROLNET_PRELOAD: {name!r}: {problem}" for name in names if (problem := self._problem(name))]
         if problems:
             raise AdapterError("; ".join(problems))
         for name in names:
@@ -335,12 +332,6 @@ class _Unit(torch.nn.Module):
             down = [torch.cat([torch.zeros_like(sample[:half]), sample[half:]]) for sample in down]
             mid = torch.cat([torch.zeros_like(mid[:half]), mid[half:]])
         return down, mid
-
-
-@dataclass(frozen=True)
-class _Named:
-    model: str
-    control_mode: str = "balanced"
 
 
 def _file_problem(path: Path, expected: dict[str, tuple[int, ...]]) -> str | None:

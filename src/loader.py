@@ -221,7 +221,7 @@ def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionP
             log.warning("MODEL_URL is set, so it is the model; MODEL_ID=%s is not used", settings.model_id)
         pipeline, source = _load_baked_url(settings, baked, options), baked
     elif is_file_path(settings.model_id) and not (baked is not None and baked.holds(settings.model_id, None)):
-        pipeline, source = _load_checkpoint(settings, dtype)
+        pipeline, source = _load_checkpoint(settings, dtype, options)
     else:
         pipeline, source = _load_diffusers(settings, baked, options)
     if settings.safety_checker and getattr(pipeline, "safety_checker", None) is None:
@@ -275,6 +275,11 @@ def _load_baked_url(settings: Settings, baked: BakedSource | None, options: dict
         )
     _require_checker(settings, baked)
     log.info("loading %s (%s) from %s, baked at build time", held and held.name, url, settings.model_dir)
+    return _from_baked(settings, baked, options)
+
+
+def _from_baked(settings: Settings, baked: BakedSource, options: dict[str, Any]) -> StableDiffusionPipeline:
+    """MODEL_DIR as the build baked it: safetensors only, its file variant, offline."""
     return StableDiffusionPipeline.from_pretrained(
         settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options
     )
@@ -299,10 +304,7 @@ def _load_diffusers(
     if baked is not None and baked.holds(model_id, revision):
         _require_checker(settings, baked)
         log.info("loading %s from %s, baked at build time", named_identity(settings).name, settings.model_dir)
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options
-        )
-        return pipeline, baked
+        return _from_baked(settings, baked, options), baked
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(
@@ -328,7 +330,9 @@ def _load_diffusers(
     return pipeline, None
 
 
-def _load_checkpoint(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, BakedSource]:
+def _load_checkpoint(
+    settings: Settings, dtype: torch.dtype, options: dict[str, Any]
+) -> tuple[StableDiffusionPipeline, BakedSource]:
     """MODEL_ID as a single-file checkpoint: checked, hashed once, then converted or found converted.
 
     With MODEL_CACHE_DIR, a conversion of this very file (same name, size and modification time,
@@ -351,9 +355,6 @@ def _load_checkpoint(settings: Settings, dtype: torch.dtype) -> tuple[StableDiff
         folder, source = found
         _check_sha256(settings, source.checkpoint["sha256"] if source.checkpoint else "", path)
         log.info("loading %s converted earlier, from %s", path.name, folder)
-        options: dict[str, Any] = {"dtype": dtype}
-        if not settings.safety_checker:
-            options.update(safety_checker=None, requires_safety_checker=False)
         return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **options), source
     started = time.perf_counter()
     pipeline = convert_checkpoint(path, config, safety_checker=settings.safety_checker)
