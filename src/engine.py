@@ -14,6 +14,7 @@ float32 re-decode when the VAE gives NaN, and progress reports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import sys
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # At most one progress report per this many seconds.
 PROGRESS_INTERVAL_S = 1.0
+# The profiles that keep the models in host memory, with accelerate's hooks moving them to the GPU.
+OFFLOADING = (Profile.LOW, Profile.MINIMAL)
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -190,10 +193,8 @@ class Engine:
         profile = choose_profile(device.type, gpu_bytes, settings.memory_profile)
         pipeline, identity = load_model(settings, dtype)
         _drop_long_prompt_warnings()
-        if profile is Profile.LOW:
-            pipeline.enable_model_cpu_offload()
-        elif profile is Profile.MINIMAL:
-            pipeline.enable_sequential_cpu_offload()
+        if profile in OFFLOADING:
+            apply_offload(pipeline, profile, device)
         else:
             # On the CPU in half precision diffusers warns that it "will fail"; torch 2.13 runs it.
             pipeline.to(device, silence_dtype_warnings=True)
@@ -209,6 +210,7 @@ class Engine:
             slots=settings.max_loras if fast else 0,
             # Sequential offload keeps weights off the device, where they cannot be merged into.
             merge=profile is not Profile.MINIMAL,
+            offload=functools.partial(apply_offload, pipeline, profile, device) if profile in OFFLOADING else None,
         )
         controlnets = ControlNets(
             pipeline,
@@ -216,7 +218,7 @@ class Engine:
             device=device,
             dtype=dtype,
             cache_bytes=int(settings.controlnet_cache_mb * 1e6),
-            offload=profile in (Profile.LOW, Profile.MINIMAL),
+            offload=profile in OFFLOADING,
         )
         controlnets.preload(settings.controlnet_preload_names)
         if fast:
@@ -311,7 +313,7 @@ class Engine:
 
         # 2. Wait for the GPU: one request at a time. The deadline starts once it is ours.
         queued = time.perf_counter()
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), self._models_offloaded_after():
             started = time.perf_counter()
             job.start()
             # 3. The job's LoRAs on and its ControlNets on the device, for this job only: off again when it
@@ -520,6 +522,23 @@ class Engine:
         finally:
             vae.use_slicing = vae.use_tiling = False
 
+    @contextlib.contextmanager
+    def _models_offloaded_after(self) -> Iterator[None]:
+        """With model offload (low), every model back in host memory after the job, however it ends.
+
+        A diffusers pipeline does it at the end of its call (``maybe_free_model_hooks``), but the hooks
+        belong to the shared pipeline, never to the per-request ones that run: without this, the last
+        model a job ran (the VAE, or the UNet or text encoder after a timeout) would stay on the GPU
+        through the next job, beside what admission counts.
+        """
+        try:
+            yield
+        finally:
+            # Each hook of enable_model_cpu_offload moves its model to host memory; sequential offload
+            # (minimal) moves each layer back after its forward itself, and has none of these.
+            for hook in getattr(self._pipeline, "_all_hooks", None) or []:
+                hook.offload()
+
     def _release_memory(self) -> None:
         """After an OOM: collect what the failed run left, and hand the cache back to the driver."""
         gc.collect()
@@ -580,6 +599,16 @@ class _PromptSwitch:
         return tensors
 
 
+def apply_offload(pipeline: DiffusionPipeline, profile: Profile, device: torch.device) -> None:
+    """The CPU offload of ``profile`` on ``pipeline``, onto ``device``: the models in host memory and
+    accelerate's hooks on them, model by model (low) or layer by layer (minimal). Called again, it
+    rebuilds the hooks and sends every model back to host memory."""
+    if profile is Profile.LOW:
+        pipeline.enable_model_cpu_offload(device=device)
+    elif profile is Profile.MINIMAL:
+        pipeline.enable_sequential_cpu_offload(device=device)
+
+
 def _fast_mode_applies(device: torch.device, profile: Profile) -> bool:
     """Whether FAST_MODE's speed-ups help here; says why not in the log.
 
@@ -593,7 +622,7 @@ def _fast_mode_applies(device: torch.device, profile: Profile) -> bool:
     if capability < (7, 0):
         log.warning("FAST_MODE ignored on compute capability %d.%d (Pascal or older)", *capability)
         return False
-    if profile in (Profile.LOW, Profile.MINIMAL):
+    if profile in OFFLOADING:
         log.warning("FAST_MODE ignored with the %s profile: CPU offload and compilation do not mix", profile.value)
         return False
     return True

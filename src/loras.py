@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -211,8 +211,11 @@ class Loras:
         offload_to: torch.device | None = None,
         slots: int = 0,
         merge: bool = True,
+        offload: Callable[[], None] | None = None,
     ) -> None:
         """``offload_to`` is the GPU whose cached adapters wait in host memory between jobs (None: no moves).
+        ``offload`` puts the memory profile's CPU offload (accelerate's hooks) on the pipeline; loading a
+        LoRA takes the hooks off and calls it after, whatever happens (None: the profile has no offload).
         ``slots`` above 0 puts the UNet's LoRA layers in that many hot-swapped slots (``prepare_slots``).
         ``merge`` merges a job's LoRAs into the weights of the layers they change for the job (the
         layers' weights are copied first, and the copies put back after it); off, or with slots,
@@ -224,6 +227,7 @@ class Loras:
         self._state = _State()
         self._slots = _Slots(pipeline.unet, slots) if slots else None
         self.merge = merge and self._slots is None
+        self.offload = offload
         # The weights a merge changed, each with its copy from before the merge.
         self._backups: list[tuple[Any, torch.Tensor]] = []
 
@@ -311,15 +315,26 @@ class Loras:
         started = time.perf_counter()
         try:
             data = file.path.read_bytes()
-            _header, start = parse_header(data, len(data), file.path)
+            header, start = parse_header(data, len(data), file.path)
             tensors = load_safetensors(data)
         except (AdapterError, OSError, ValueError, RuntimeError) as error:
             raise AdapterError(f"LoRA {name!r} ({file.path.name}) cannot be read: {first_line(error)}") from None
+        # Before diffusers touches the models: a file whose layers do not fit them (a LoRA for SD 2.x) is
+        # refused from its shapes alone.
+        try:
+            misfit = _misfit(self.pipeline, _lora_shapes(self.pipeline, header))
+        except Exception as error:  # noqa: BLE001 - diffusers' conversion of the names refuses the file by name
+            misfit = f"its layers cannot be read ({type(error).__name__}: {first_line(error)})"
+        if misfit is not None:
+            raise AdapterError(
+                f"LoRA {name!r} ({file.path.name}) cannot be loaded into this SD 1.5 model: {misfit}; "
+                "is it a LoRA for another model (SDXL, SD 2.x)?"
+            )
         self._state.loaded += 1
         adapter = f"lora{self._state.loaded}"
         unet_part = None
         try:
-            with _expected_noise_dropped(adapter):
+            with _expected_noise_dropped(adapter), self._offload_lifted():
                 if self._slots is None:
                     self.pipeline.load_lora_weights(tensors, adapter_name=adapter)
                 else:
@@ -362,6 +377,24 @@ class Loras:
             time.perf_counter() - started,
         )
         return item
+
+    @contextlib.contextmanager
+    def _offload_lifted(self) -> Iterator[None]:
+        """accelerate's offload hooks off the models for the ``with`` block, and the profile's offload back
+        on after it, whatever happens.
+
+        diffusers' loaders take the hooks off themselves, but put them back only after a load that
+        succeeded: one that raised would leave the models without hooks, and every later job on the
+        wrong device. With no hook found, they leave the offload to this.
+        """
+        if self.offload is None:
+            yield
+            return
+        self.pipeline.remove_all_hooks()
+        try:
+            yield
+        finally:
+            self.offload()
 
     def _switch_on(self, adapters: list[_Adapter], scales: list[float]) -> None:
         from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters
@@ -538,8 +571,12 @@ class _Slots:
         shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
             try:
-                found = _unet_lora_shapes(pipeline, file)
-                misfit = _misfit(self.unet, found)
+                found = {
+                    key: shape
+                    for key, shape in _lora_shapes(pipeline, read_header(file.path)[0]).items()
+                    if key.startswith("unet.")
+                }
+                misfit = _misfit(pipeline, found)
             except Exception as error:  # noqa: BLE001 - that LoRA's slot will be made for it when it is used
                 misfit = f"its layers cannot be read ({first_line(error)})"
             if misfit is None:
@@ -574,10 +611,6 @@ class _Slots:
                 {key: value.to(dtype, copy=True) for key, value in state.items() if key.startswith(prefix)},
                 part_alphas or None,
             )
-        misfit = _misfit(pipeline.unet, {key: tuple(value.shape) for key, value in parts["unet."][0].items()})
-        if misfit is not None:
-            # PEFT's hot-swap would put a larger weight in the slot's place, and fail at the first step.
-            raise ValueError(misfit)
         text_state, text_alphas = parts["text_encoder."]
         if text_state:
             pipeline.load_lora_into_text_encoder(
@@ -648,39 +681,66 @@ class _Slots:
                     module.scaling[name] = unit[module_name] * scale
 
 
-def _unet_lora_shapes(pipeline: Any, file: LoraFile) -> dict[str, tuple[int, ...]]:
-    """The UNet layers a LoRA file touches, as diffusers names its weights, with rank-1 shapes; from the header."""
-    header, _start = read_header(file.path)
+def _lora_shapes(pipeline: Any, header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The layers a LoRA file touches, by its header: diffusers' names for its weights (``unet.`` and
+    ``text_encoder.``), each with its shape but a rank of 1, so that no value of the file is needed."""
     stand_in = {
         key: torch.zeros([1 if index == _rank_axis(key) else int(side) for index, side in enumerate(entry["shape"])])
         for key, entry in header.items()
         if key != "__metadata__"
     }
     state, _alphas = pipeline.lora_state_dict(stand_in)
-    return {key: tuple(value.shape) for key, value in state.items() if key.startswith("unet.")}
+    return {key: tuple(value.shape) for key, value in state.items()}
 
 
-def _misfit(unet: Any, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Why LoRA weights of these shapes do not fit the UNet's layers, or None when they do."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
+def _misfit(pipeline: Any, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why LoRA weights of these shapes (``_lora_shapes``) do not fit the layers of the pipeline's UNet
+    and text encoder, or None when they do."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
-    # In PEFT's names, as diffusers loads them: "...attn1.processor.to_k_lora.down" is "...attn1.to_k.lora_A".
-    for key, shape in convert_unet_state_dict_to_peft(shapes).items():
-        axis = _rank_axis(key)
-        if axis is None:
-            continue
-        module_name = key.removeprefix("unet.").split(".lora")[0]
-        try:
-            weight = getattr(unet.get_submodule(module_name), "weight", None)
-        except AttributeError:
-            return f"the UNet has no layer {module_name}"
-        if weight is None:
-            return f"{module_name} has no weight"
-        # The down weight takes the layer's input (and kernel), the up weight gives its output.
-        fits = tuple(shape[1:]) == tuple(weight.shape[1:]) if axis == 0 else shape[0] == weight.shape[0]
-        if not fits:
-            return f"{key} is {tuple(shape)}, and the layer's weight is {tuple(weight.shape)}"
+    def part(prefix: str) -> dict[str, tuple[int, ...]]:
+        return {key.removeprefix(prefix): shape for key, shape in shapes.items() if key.startswith(prefix)}
+
+    # In PEFT's names, converted as diffusers converts them to load them: "...attn1.processor.to_k_lora.down"
+    # is "...attn1.to_k.lora_A".
+    models = [("unet", pipeline.unet, convert_unet_state_dict_to_peft(part("unet.")))]
+    text = part("text_encoder.")
+    if text:
+        text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))
+        if not hasattr(pipeline.text_encoder, "text_model"):
+            # transformers 5's CLIPTextModel has no text_model level; diffusers drops it from the names.
+            text = {key.removeprefix("text_model."): shape for key, shape in text.items()}
+        models.append(("text_encoder", pipeline.text_encoder, text))
+    for model_name, model, weights in models:
+        for key, shape in weights.items():
+            axis = _rank_axis(key)
+            if axis is None:
+                continue
+            module_name = key.split(".lora")[0]
+            try:
+                weight = getattr(model.get_submodule(module_name), "weight", None)
+            except AttributeError:
+                return f"the {model_name} has no layer {module_name}"
+            if weight is None:
+                return f"{model_name}.{module_name} has no weight"
+            # The down weight takes the layer's input (and kernel), the up weight gives its output.
+            side, lora_side, layer_side = (
+                ("input", shape[1:], weight.shape[1:]) if axis == 0 else ("output", shape[:1], weight.shape[:1])
+            )
+            if tuple(lora_side) != tuple(layer_side):
+                return (
+                    f"{model_name}.{key} is for a layer of {side} {_dims(lora_side)}, "
+                    f"and the layer's {side} is {_dims(layer_side)}"
+                )
     return None
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(int(side)) for side in shape)
 
 
 def _rank_axis(key: str) -> int | None:

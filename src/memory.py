@@ -112,8 +112,12 @@ def estimate_peak_bytes(
     (``adapter_bytes``), and the activations of its ``control_units`` ControlNet units."""
     scale = dtype_bytes / 2
     weights = sum(WEIGHTS_FP16.values()) * scale
-    if profile is Profile.LOW:  # model offload: one component on the GPU at a time
-        weights = WEIGHTS_FP16["unet"] * scale
+    if profile is Profile.LOW:
+        # Model offload: the UNet on the GPU while it denoises, and the VAE beside it in a task that
+        # encodes an input image first (img2img, inpaint, a hires pass from decoded pixels): a model
+        # leaves the GPU only when the one after it in the pipeline's order (text encoder, UNet, VAE)
+        # starts, and the engine sends them all back after each job.
+        weights = (WEIGHTS_FP16["unet"] + WEIGHTS_FP16["vae"]) * scale
     elif profile is Profile.MINIMAL:  # sequential offload: one layer at a time
         weights = 0.2e9 * scale
     if safety_checker:

@@ -352,3 +352,79 @@ def test_controlnet_units_in_float16_change_only_their_jobs(tmp_path: Path, prof
     assert np.array_equal(run()[0], plain[0])
     devices = {str(next(net.parameters()).device.type) for net in engine.controlnets._loaded.values()}
     assert devices == ({"cpu"} if profile == "low" else {"cuda"})
+
+
+# --- CPU offload: LoRAs that fail to load, and what stays on the GPU between jobs ------------------------------
+
+
+def _unet_input_devices(engine: Engine) -> list[str]:
+    """The device of each UNet call's latents, through a forward pre-hook."""
+    devices: list[str] = []
+    engine._pipeline.unet.register_forward_pre_hook(lambda _module, args: devices.append(args[0].device.type))
+    return devices
+
+
+@pytest.mark.parametrize("profile", ["low", "minimal"])
+@pytest.mark.parametrize("misfit", ["wider-text-encoder", "unequal-ranks"])
+def test_a_lora_that_fails_to_load_leaves_the_offload_in_place(
+    tiny_model_dir: Path, tmp_path: Path, profile: str, misfit: str
+) -> None:
+    """diffusers' LoRA loaders take accelerate's offload hooks off and put them back only after a load that
+    succeeded: a failed one left the models without hooks, and every later job failed ("Expected all tensors
+    to be on the same device") or ran on the CPU. A file whose shapes do not fit is refused before the loader
+    runs; one PEFT refuses (ranks that disagree) is refused after it, and the profile's offload is put back.
+    The plain job after it must run its UNet on the GPU."""
+    from builder.tiny_lora import build_lora_state_dict, save_lora, write_test_loras
+    from src.errors import AdapterError
+
+    write_test_loras(tiny_model_dir, tmp_path, count=1)
+    engine = load_engine(tiny_model_dir, LORA_DIR=str(tmp_path), MEMORY_PROFILE=profile)
+    pipeline = engine._pipeline
+    state = build_lora_state_dict(pipeline.unet, pipeline.text_encoder, rank=4, seed=7)
+    if misfit == "wider-text-encoder":
+        state = {
+            key: torch.randn(value.shape[0], value.shape[1] + 1)
+            if key.startswith("text_encoder.") and ".lora_A." in key
+            else value.float().cpu()
+            for key, value in state.items()
+        }
+    else:
+        state = {key: value.float().cpu() for key, value in state.items()}
+        up = next(key for key in state if key.startswith("unet.") and ".lora_B." in key)
+        state[up] = state[up][:, :3]
+    save_lora(state, tmp_path / f"{misfit}.safetensors")
+    engine = load_engine(tiny_model_dir, LORA_DIR=str(tmp_path), MEMORY_PROFILE=profile)
+    plain = pixels(generate(engine))[0]
+
+    with pytest.raises(AdapterError, match=r"cannot be loaded into this SD 1\.5 model"):
+        generate(engine, loras=[{"name": misfit}])
+    devices = _unet_input_devices(engine)
+    after = pixels(generate(engine))[0]
+    with_lora = generate(engine, loras=[{"name": "tiny-peft-0"}])
+
+    assert devices
+    assert set(devices) == {"cuda"}, devices
+    assert np.array_equal(after, plain)
+    assert np.abs(pixels(with_lora)[0] - plain).max() > 0
+    assert set(devices) == {"cuda"}, "the LoRA job ran on the GPU too"
+
+
+def test_the_low_profile_leaves_no_model_on_the_gpu_between_jobs(tiny_model_dir: Path) -> None:
+    """The per-request pipelines never run diffusers' maybe_free_model_hooks: the VAE, which runs last, stayed
+    on the GPU through the next job's denoising, beside the UNet that admission counted alone. Now every model
+    goes back to host memory after each job, and a text-to-image job's UNet denoises alone."""
+    engine = load_engine(tiny_model_dir, MEMORY_PROFILE="low")
+    pipeline = engine._pipeline
+    beside: list[set[str]] = []
+
+    def record(_module: object, _args: object, _output: object) -> None:
+        beside.append({name for name in ("text_encoder", "vae") if next(getattr(pipeline, name).parameters()).is_cuda})
+
+    generate(engine)
+    on_gpu = {name for name in ("text_encoder", "unet", "vae") if next(getattr(pipeline, name).parameters()).is_cuda}
+    pipeline.unet.register_forward_hook(record)
+    generate(engine)
+
+    assert on_gpu == set()
+    assert beside
+    assert all(models == set() for models in beside), beside

@@ -354,3 +354,13 @@ def test_sub_batches(count: int, size: int, expected: list[range]) -> None:
     assert pieces == expected
     assert [index for piece in pieces for index in piece] == list(range(count))
     assert all(1 <= len(piece) <= size for piece in pieces)
+
+
+def test_the_low_profile_counts_the_vae_beside_the_unet() -> None:
+    """Model offload moves a model off the GPU only when the next one in the pipeline's order starts: in a
+    task that encodes an input image, the VAE stays beside the UNet through the denoising."""
+    from src.memory import WEIGHTS_FP16
+
+    low = estimate_peak_bytes(Profile.LOW, 512, 512, 1)
+    minimal = estimate_peak_bytes(Profile.MINIMAL, 512, 512, 1)
+    assert low - minimal == pytest.approx(WEIGHTS_FP16["unet"] + WEIGHTS_FP16["vae"] - 0.2e9)
