@@ -6,7 +6,9 @@
 #   docker build --build-arg SAFETY_CHECKER=true ...    # bake and load the safety checker too
 #   docker build --secret id=hf_token,env=HF_TOKEN ...  # only for gated or private models
 #   docker build --build-arg MODEL_URL=https://... [--build-arg MODEL_SHA256=...] [--build-arg VAE_URL=...] \
-#     [--secret id=download_token,env=DOWNLOAD_TOKEN] .  # a single-file checkpoint, converted once at build
+#     [--secret id=civitai_token,env=CIVITAI_TOKEN] .    # a single-file checkpoint, converted once at build;
+#                                                       # each URL gets its own host's token only: hf_token,
+#                                                       # civitai_token, download_tokens (host=token,...)
 #   docker build --build-arg CONTROLNETS=lllyasviel/control_v11p_sd15_canny,lllyasviel/control_v11f1p_sd15_depth .
 #                                                       # and ControlNets (hub ids or .safetensors URLs), float16,
 #                                                       # baked into /models/controlnets and served from there
@@ -62,21 +64,23 @@ ARG VAE_URL=
 ARG VAE_SHA256=
 ARG SAFETY_CHECKER=false
 ARG CONTROLNETS=
-# The worker reads the same variables, so it serves what the build baked and nothing else. Without
-# CONTROLNETS, CONTROLNET_DIR is empty, which the worker reads as unset: ControlNet is off.
+# The worker reads the same variables, so it serves what the build baked and nothing else. URLs stay out
+# of the image's environment (a query may hold a token): the build reads MODEL_URL, VAE_URL (and
+# VAE_SHA256, which needs it) and CONTROLNETS as arguments, and the worker learns what was baked from
+# /models/sd15/source.json. Without CONTROLNETS, CONTROLNET_DIR is empty, which the worker reads as
+# unset: ControlNet is off.
 ENV MODEL_ID=${MODEL_ID} \
     MODEL_REVISION=${MODEL_REVISION} \
-    MODEL_URL=${MODEL_URL} \
     MODEL_SHA256=${MODEL_SHA256} \
-    VAE_URL=${VAE_URL} \
-    VAE_SHA256=${VAE_SHA256} \
     SAFETY_CHECKER=${SAFETY_CHECKER} \
-    CONTROLNETS=${CONTROLNETS} \
     CONTROLNET_DIR=${CONTROLNETS:+/models/controlnets}
 # The weights go to /models/sd15 (and ControlNets to /models/controlnets), not HF_HOME, which a network
 # volume at /runpod-volume could hide. A checkpoint or ControlNet file download lands in a build cache,
-# outside the image, where a failed build's part is resumed.
+# outside the image, where a failed build's part of the same URL is resumed; one build at a time uses it.
+# Each token is a secret, never an argument, and goes only to its own host.
 RUN --mount=type=secret,id=hf_token,env=HF_TOKEN \
+    --mount=type=secret,id=civitai_token,env=CIVITAI_TOKEN \
+    --mount=type=secret,id=download_tokens,env=DOWNLOAD_TOKENS \
     --mount=type=secret,id=download_token,env=DOWNLOAD_TOKEN \
-    --mount=type=cache,target=/models/.downloads \
+    --mount=type=cache,target=/models/.downloads,sharing=locked \
     if [ "$BAKE_MODEL" = "true" ]; then python -m builder.cache_model; fi

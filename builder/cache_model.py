@@ -15,9 +15,10 @@ From the hub it downloads only the fp16 safetensors (no .ckpt, no .bin, no full
 precision copy), and the safety checker only when SAFETY_CHECKER=true, into
 MODEL_DIR itself rather than HF_HOME, which a network volume may later hide.
 
-A single-file checkpoint (MODEL_URL, downloaded with resume and retries, the
-token in DOWNLOAD_TOKEN; or a file at MODEL_ID) is checked and converted once,
-into a float16 diffusers folder labelled with the file's SHA-256, so the worker
+A single-file checkpoint (MODEL_URL, downloaded with resume and retries, each
+URL sent only its own host's token: HF_TOKEN, CIVITAI_TOKEN, DOWNLOAD_TOKENS;
+or a file at MODEL_ID) is checked and converted once, into a float16 diffusers
+folder labelled with the file's SHA-256, so the worker
 starts from the converted folder. Its configs and tokenizer come from
 MODEL_CONFIG when that is an SD 1.5 folder, else from SD 1.5's repo on the hub
 (config files only). VAE_URL bakes a VAE file in place of the model's.
@@ -60,9 +61,9 @@ from src.checkpoints import (
 )
 from src.checkpoints import sha256_file as file_sha256
 from src.errors import AdapterError, ModelLoadError
-from src.loader import BakedSource, hidden_query, read_baked_source
+from src.loader import BakedSource, read_baked_source
 from src.safetensors_header import SafetensorsError, read_header
-from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, SettingsError, load_settings
+from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, SettingsError, load_settings, redact_url
 
 log = logging.getLogger("cache_model")
 
@@ -211,7 +212,7 @@ def bake_checkpoint(settings: Settings) -> Path:
         CacheError: the download, the check or the conversion failed; the message says why.
     """
     destination = Path(settings.model_dir)
-    url = hidden_query(settings.model_url) if settings.model_url else None
+    url = redact_url(settings.model_url) if settings.model_url else None
     baked = read_baked_source(destination)
     if baked is not None and _holds_checkpoint(baked, settings, url):
         log.info("%s already holds %s; verifying", destination, url or settings.model_id)
@@ -219,7 +220,9 @@ def bake_checkpoint(settings: Settings) -> Path:
         return destination
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as scratch:
         if settings.model_url is not None:
-            path, sha256 = _fetch(settings.model_url, destination.parent / ".downloads", settings.model_sha256)
+            path, sha256 = _fetch(
+                settings, settings.model_url, destination.parent / ".downloads", settings.model_sha256
+            )
         else:
             path = Path(settings.model_id).expanduser()
             sha256 = file_sha256(path) if path.is_file() else ""
@@ -258,7 +261,7 @@ def _holds_checkpoint(baked: BakedSource, settings: Settings, url: str | None) -
         return False
     if settings.model_sha256 is not None and baked.checkpoint.get("sha256") != settings.model_sha256:
         return False
-    vae_url = hidden_query(settings.vae_url) if settings.vae_url else None
+    vae_url = redact_url(settings.vae_url) if settings.vae_url else None
     if (baked.vae or {}).get("url") != vae_url:
         return False
     return baked.url == url if url is not None else baked.holds(settings.model_id, None)
@@ -269,7 +272,7 @@ def bake_vae(settings: Settings, destination: Path, source: BakedSource) -> Bake
     from diffusers import AutoencoderKL
 
     assert settings.vae_url is not None
-    path, sha256 = _fetch(settings.vae_url, destination.parent / ".downloads", settings.vae_sha256)
+    path, sha256 = _fetch(settings, settings.vae_url, destination.parent / ".downloads", settings.vae_sha256)
     variant = source.variant
     config = dict(AutoencoderKL.load_config(destination, subfolder="vae"))
     try:
@@ -283,14 +286,15 @@ def bake_vae(settings: Settings, destination: Path, source: BakedSource) -> Bake
     vae.save_pretrained(destination / "vae", safe_serialization=True, variant=variant)
     path.unlink()
     log.info("baked the VAE %s (SHA-256 %s) in place of the model's", path.stem, sha256[:10])
-    vae_label = {"name": path.stem, "sha256": sha256, "url": hidden_query(settings.vae_url)}
+    vae_label = {"name": path.stem, "sha256": sha256, "url": redact_url(settings.vae_url)}
     return BakedSource(**{**source.__dict__, "vae": vae_label})
 
 
-def _fetch(url: str, folder: Path, sha256: str | None) -> tuple[Path, str]:
-    """Download ``url`` into ``folder`` (resuming an earlier try's part), with DOWNLOAD_TOKEN when set."""
+def _fetch(settings: Settings, url: str, folder: Path, sha256: str | None) -> tuple[Path, str]:
+    """Download ``url`` into ``folder`` (resuming an earlier try's part of it), sending the token the settings
+    give for its host, if any, and no other."""
     try:
-        return download_to_folder(url, folder, sha256=sha256, token=os.environ.get("DOWNLOAD_TOKEN") or None)
+        return download_to_folder(url, folder, sha256=sha256, tokens=settings.host_tokens)
     except DownloadError as error:
         raise CacheError(str(error)) from None
 
@@ -330,7 +334,7 @@ class ControlNetSource:
     @property
     def shown(self) -> str:
         """The item as messages and logs show it: a URL without its credentials and query."""
-        return hidden_query(self.item) if self.is_url else self.item
+        return redact_url(self.item) if self.is_url else self.item
 
     @property
     def file_name(self) -> str:
@@ -361,7 +365,9 @@ def controlnet_sources(items: list[str]) -> list[ControlNetSource]:
     for item in items:
         source = ControlNetSource(item, item.lower().startswith(("http://", "https://")))
         if not source.is_url and not _HUB_ID.fullmatch(item):
-            raise CacheError(f"CONTROLNETS: {item!r} is neither a hub id (owner/name) nor an http(s):// URL")
+            raise CacheError(
+                f"CONTROLNETS: {redact_url(item)!r} is neither a hub id (owner/name) nor an http(s):// URL"
+            )
         suffix = Path(source.file_name).suffix.lower()
         if source.is_url and suffix and suffix != SAFETENSORS:
             kind = "a pickle, which is never downloaded or opened" if suffix in PICKLE_SUFFIXES else "not safetensors"
@@ -390,7 +396,10 @@ def bake_controlnets(settings: Settings) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     baked: dict[str, ControlNetSource] = {}
     for source in sources:
-        name = bake_url_controlnet(source, folder) if source.is_url else bake_hub_controlnet(source.item, folder)
+        if source.is_url:
+            name = bake_url_controlnet(source, folder, settings)
+        else:
+            name = bake_hub_controlnet(source.item, folder)
         if name in baked:
             raise CacheError(_same_name(baked[name], source, name))
         baked[name] = source
@@ -448,7 +457,7 @@ def finish_hub_controlnet(folder: Path, repo_id: str) -> None:
     write_float16(weights, weights, repo_id)
 
 
-def bake_url_controlnet(source: ControlNetSource, folder: Path) -> str:
+def bake_url_controlnet(source: ControlNetSource, folder: Path, settings: Settings) -> str:
     """Download the single-file ControlNet at ``source`` into ``folder``, in float16; its name.
 
     The download goes through MODEL_URL's folder of downloads, beside ``folder``, with resume and
@@ -460,7 +469,7 @@ def bake_url_controlnet(source: ControlNetSource, folder: Path) -> str:
     if source.name is not None and _holds_float16_file(folder / source.file_name):
         log.info("%s already holds the ControlNet %s; keeping it", folder, source.file_name)
         return source.name
-    path, sha256 = _fetch(source.item, folder.parent / ".downloads", None)
+    path, sha256 = _fetch(settings, source.item, folder.parent / ".downloads", None)
     try:
         if not path.name.lower().endswith(SAFETENSORS):
             raise CacheError(
@@ -596,7 +605,7 @@ def _unet_without_weights(settings: Settings) -> Any:
 
 def _describe(settings: Settings) -> str:
     if settings.model_url is not None:
-        return hidden_query(settings.model_url)
+        return redact_url(settings.model_url)
     return f"{settings.model_id}@{settings.revision}" if settings.revision else settings.model_id
 
 

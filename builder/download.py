@@ -2,16 +2,19 @@
 
 A 2-7 GB download from a build machine fails often enough that one plain GET will not do. Here:
 
-- the body streams to ``<destination>.part``, hashed as it arrives, and is renamed to ``destination`` only once
-  complete and, when a SHA-256 is given, verified: a half-written file is never taken for the model;
-- an attempt that fails part way (a dropped connection, a read timeout, a short body, HTTP 5xx or 429) is
-  retried with backoff, asking for the rest only (``Range: bytes=N-``); a ``.part`` left by an earlier run is
-  resumed the same way;
+- the body streams to a part file named by the URL's hash (``.<hash>.part`` in the destination's folder),
+  hashed as it arrives, and is renamed to the destination only once complete and, when a SHA-256 is given,
+  verified: a half-written file is never taken for the model;
+- beside the part, ``.<hash>.json`` keeps the server's validator (a strong ETag, else Last-Modified) and the
+  file's size and name. An attempt that fails part way (a dropped connection, a read timeout, a short body,
+  HTTP 5xx or 429) is retried with backoff, asking for the rest only (``Range: bytes=N-``) with ``If-Range``:
+  a file that changed on the server comes whole and starts the part over. A part left by an earlier run is
+  resumed the same way, and only for the same URL; one without a validator is started over;
 - permanent failures (404, 401/403, other 4xx, a wrong checksum) stop at once, with a message saying what to do;
-- a bearer token goes only to the URL's own host: Civitai's download URLs redirect to a presigned CDN URL that
-  refuses extra credentials, and a token must not travel to another host anyway;
-- URLs in messages and logs lose their query string and credentials (presigned URLs and ``?token=`` carry
-  secrets), and the token itself never appears.
+- a bearer token goes only to the host it was given for (``HostToken``), and only while the request stays on
+  the URL's own scheme, host and port: Civitai's and Hugging Face's download URLs redirect to presigned URLs on
+  other hosts, which are sent no token;
+- URLs in messages and logs go through ``redact_url`` (no query, no credentials), and the token never appears.
 
 urllib3 rather than requests: it is already the runtime's dependency, and it lets redirects be followed by hand.
 """
@@ -22,18 +25,20 @@ import base64
 import codecs
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import BinaryIO, NoReturn
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from typing import Any, BinaryIO, NoReturn
+from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 
 from src import __version__
+from src.settings import TOKEN_HOSTS, HostToken, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,6 @@ CHUNK_BYTES = 8 << 20
 MAX_REDIRECTS = 10
 PROGRESS_EVERY_S = 10.0
 DEFAULT_FILE_NAME = "model.safetensors"
-TOKEN_HINT = "docker build --secret id=download_token,env=DOWNLOAD_TOKEN ..."
 USER_AGENT = f"sd15-worker-builder/{__version__}"
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -65,7 +69,7 @@ def download_file(
     destination: Path,
     *,
     sha256: str | None = None,
-    token: str | None = None,
+    tokens: Sequence[HostToken] = (),
     attempts: int = 5,
     backoff_s: float = 2.0,
     timeout_s: float = 60.0,
@@ -74,9 +78,11 @@ def download_file(
 
     Args:
         url: an ``http://`` or ``https://`` URL.
-        destination: the file to write; its folder is created. Bytes in ``destination.part`` are resumed.
+        destination: the file to write; its folder is created, and holds the part file while it downloads.
+            A part an earlier run left for the same URL is resumed, if the server's file has not changed.
         sha256: the expected digest, in any case; the file is deleted when it does not match.
-        token: sent as ``Authorization: Bearer`` to the URL's own scheme, host and port only.
+        tokens: the build's tokens; the one for the URL's host, if any, is sent as ``Authorization: Bearer``
+            to the URL's own scheme, host and port only, never past a redirect to another.
         attempts: attempts in all; failures part way resume where the last one stopped.
         backoff_s: the wait after the first failed attempt, doubled after each further one.
         timeout_s: the limit for connecting, and for each wait on the server for more bytes.
@@ -84,7 +90,9 @@ def download_file(
     Raises:
         DownloadError: a permanent failure (HTTP 4xx, a wrong checksum, a bad URL) or the last attempt failed.
     """
-    return _Download(url, sha256, token, timeout_s, destination=destination).run(attempts, backoff_s)[1]
+    return _Download(url, sha256, tokens, timeout_s, destination.parent, destination=destination).run(
+        attempts, backoff_s
+    )[1]
 
 
 def download_to_folder(
@@ -92,12 +100,12 @@ def download_to_folder(
     folder: Path,
     *,
     sha256: str | None = None,
-    token: str | None = None,
+    tokens: Sequence[HostToken] = (),
     attempts: int = 5,
     backoff_s: float = 2.0,
     timeout_s: float = 60.0,
 ) -> tuple[Path, str]:
-    """Download url into folder, named by ``file_name_from`` from the first successful answer; see download_file.
+    """Download url into folder, named by ``file_name_from`` from the server's answer; see download_file.
 
     Returns:
         The file's path and its SHA-256.
@@ -105,7 +113,7 @@ def download_to_folder(
     Raises:
         DownloadError: as download_file.
     """
-    return _Download(url, sha256, token, timeout_s, folder=folder).run(attempts, backoff_s)
+    return _Download(url, sha256, tokens, timeout_s, folder).run(attempts, backoff_s)
 
 
 def sha256_of(path: Path, chunk_bytes: int = 16 << 20) -> str:
@@ -148,23 +156,68 @@ def file_name_from(url: str, content_disposition: str | None) -> str:
 
 
 class _PartFile:
-    """``<destination>.part``: the bytes received so far and their running SHA-256."""
+    """The bytes of one URL received so far (``.<key>.part``), their running SHA-256, and what the server said
+    of the file (``.<key>.json``): its validator, size and name. ``key`` is the URL's SHA-256, so a part is
+    only ever resumed for the URL it came from."""
 
-    def __init__(self, destination: Path) -> None:
-        self.destination = destination
-        self.path = destination.with_name(destination.name + ".part")
+    def __init__(self, folder: Path, url: str) -> None:
+        key = hashlib.sha256(url.encode()).hexdigest()[:32]
+        self.url = url
+        self.path = folder / f".{key}.part"
+        self.record_path = folder / f".{key}.json"
         self.size = 0
+        self.record: dict[str, Any] = {}
         self._hash = hashlib.sha256()
 
     def adopt(self) -> int:
-        """Take over the bytes an earlier run left, hashing them; returns their count."""
+        """Take over the bytes an earlier run left for this URL, hashing them; returns their count. A part
+        whose record names no validator is dropped: nothing could tell whether the server's file is the same."""
         with _disk_errors(f"reading {self.path}"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.is_file():
-                for chunk in _read_chunks(self.path, CHUNK_BYTES):
-                    self._hash.update(chunk)
-                    self.size += len(chunk)
+            if not self.path.is_file():
+                return 0
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(self.record_path.read_text(encoding="utf-8"))
+                self.record = record if isinstance(record, dict) else {}
+            if self.if_range() is None:
+                log.info("%s: %s has no validator to resume by; starting over", redact_url(self.url), self.path)
+                self.restart()
+                return 0
+            for chunk in _read_chunks(self.path, CHUNK_BYTES):
+                self._hash.update(chunk)
+                self.size += len(chunk)
         return self.size
+
+    def if_range(self) -> str | None:
+        """The ``If-Range`` value for the file these bytes are from: its strong ETag, else its Last-Modified.
+        A weak ETag (``W/``) may not be used there (RFC 9110, 13.1.5)."""
+        etag = self.record.get("etag")
+        if isinstance(etag, str) and etag.startswith('"'):
+            return etag
+        modified = self.record.get("last_modified")
+        return modified if isinstance(modified, str) and modified else None
+
+    def begin(self, response: urllib3.BaseHTTPResponse, total: int | None, name: str) -> None:
+        """Start the file from byte 0 for this answer (a 200), recording what identifies it."""
+        self.restart()
+        self.record = {
+            "url": redact_url(self.url),
+            "etag": response.headers.get("ETag"),
+            "last_modified": response.headers.get("Last-Modified"),
+            "size": total,
+            "name": name,
+        }
+        with _disk_errors(f"writing {self.record_path}"):
+            self.record_path.write_text(json.dumps(self.record, indent=2), encoding="utf-8")
+
+    def same_file(self, response: urllib3.BaseHTTPResponse, total: int | None) -> bool:
+        """Whether a 206 answer is a range of the file the part holds: the same validators and size, where the
+        server gives them (a server may ignore If-Range and send a range of a changed file anyway)."""
+        for header, key in (("ETag", "etag"), ("Last-Modified", "last_modified")):
+            sent, kept = response.headers.get(header), self.record.get(key)
+            if sent is not None and kept is not None and sent != kept:
+                return False
+        return total is None or self.record.get("size") in (None, total)
 
     def restart(self) -> None:
         """Drop the bytes so far: the next ones start the file."""
@@ -188,14 +241,15 @@ class _PartFile:
     def digest(self) -> str:
         return self._hash.hexdigest()
 
-    def finish(self) -> None:
-        with _disk_errors(f"renaming {self.path} to {self.destination.name}"):
-            self.path.replace(self.destination)
+    def finish(self, destination: Path) -> None:
+        with _disk_errors(f"renaming {self.path} to {destination.name}"):
+            self.path.replace(destination)
+            self.record_path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         with _disk_errors(f"deleting {self.path}"):
             self.path.unlink(missing_ok=True)
-            self.destination.unlink(missing_ok=True)
+            self.record_path.unlink(missing_ok=True)
 
 
 class _Progress:
@@ -219,38 +273,39 @@ class _Progress:
 
 
 class _Download:
-    """One URL, fetched into one ``.part`` file over as many attempts as it takes."""
+    """One URL, fetched into its part file over as many attempts as it takes."""
 
     def __init__(
         self,
         url: str,
         sha256: str | None,
-        token: str | None,
+        tokens: Sequence[HostToken],
         timeout_s: float,
+        folder: Path,
         *,
         destination: Path | None = None,
-        folder: Path | None = None,
     ) -> None:
         self.url = url
-        self.shown = _shown(url)
+        self.shown = redact_url(url)
         scheme = _scheme(url)
         if scheme not in ("http", "https"):
             raise DownloadError(f"{self.shown}: the scheme {scheme!r} is not supported; use an http:// or https:// URL")
         if not urlsplit(url).hostname:
             raise DownloadError(f"{self.shown}: the URL names no host")
         self.expected = _expected_digest(sha256)
-        self.token = token or None
+        self.token = next((token for token in tokens if token.applies_to(url)), None)
         self.origin = _origin(url)
         self.authorization = _authorization(url, self.token)
         # Error texts from urllib3 may quote the URL; none of these may reach a message or a log.
-        self.secrets = [secret for secret in (self.token, urlsplit(url).query, urlsplit(url).password) if secret]
+        secrets = (self.token and self.token.token, urlsplit(url).query, urlsplit(url).password)
+        self.secrets = [secret for secret in secrets if secret]
         self.timeout = urllib3.Timeout(connect=timeout_s, read=timeout_s)
         self.timeout_s = timeout_s
-        self.folder = folder
-        # Known from the start for download_file; for download_to_folder, once the first answer names the file.
-        self.part: _PartFile | None = None
-        if destination is not None:
-            self._use(destination)
+        # download_file's destination; download_to_folder's is named by the server's answer.
+        self.destination = destination
+        self.part = _PartFile(folder, url)
+        if resumed := self.part.adopt():
+            log.info("%s: resuming %s from byte %d, left by an earlier run", self.shown, self.part.path, resumed)
 
     def run(self, attempts: int, backoff_s: float) -> tuple[Path, str]:
         """Attempt until the file is complete, then verify it and move it into place."""
@@ -271,39 +326,32 @@ class _Download:
                         attempt,
                         attempts,
                         last_error,
-                        self.part.size if self.part else 0,
+                        self.part.size,
                         f"; retrying in {wait:g} s" if attempt < attempts else "",
                     )
                     if attempt < attempts:
                         time.sleep(wait)
             else:
                 raise DownloadError(self._gave_up(attempts, last_error))
-        assert self.part is not None  # a completed attempt has chosen the file
-        return self._verify(self.part)
-
-    def _use(self, destination: Path) -> _PartFile:
-        self.part = _PartFile(destination)
-        if resumed := self.part.adopt():
-            log.info("%s: resuming %s from byte %d, left by an earlier run", self.shown, self.part.path, resumed)
-        return self.part
+        return self._verify()
 
     def _attempt(self, http: urllib3.PoolManager) -> None:
         """One GET (after redirects) from the bytes held so far to the end of the file."""
-        # Each pass either finishes or changes the state so that the next pass differs: the file gets its name
-        # once, and a stale .part is emptied once (a GET from byte 0 is never answered 416).
+        # At most two passes: a 416 for a part that is not the whole file empties it, and a GET from byte 0
+        # is never answered 416.
         while True:
-            offset = self.part.size if self.part else 0
-            response, final_url = self._open(http, offset)
+            offset = self.part.size
+            if_range = self.part.if_range()
+            if offset and if_range is None:
+                # The first answer named no validator: bytes from a later answer could be of another file.
+                log.info("%s: the server gives no ETag or Last-Modified to resume by; starting over", self.shown)
+                self.part.restart()
+                offset = 0
+            response, final_url = self._open(http, offset, if_range)
             try:
-                if self.part is None:
-                    assert self.folder is not None
-                    name = file_name_from(self.url, response.headers.get("Content-Disposition"))
-                    if self._use(self.folder / name).size:
-                        continue  # ask again, for the bytes after those an earlier run left
-                assert self.part is not None
-                if response.status == 416:  # Range Not Satisfiable: the .part is the whole file, or more
+                if response.status == 416:  # Range Not Satisfiable: the part is the whole file, or more
                     total = _content_range(response)[1]
-                    if total == offset:
+                    if total == offset and self.part.record.get("size") in (None, total):
                         return
                     log.info("%s: %s holds more than the whole file; starting over", self.shown, self.part.path)
                     self.part.restart()
@@ -313,11 +361,15 @@ class _Download:
             finally:
                 response.close()
 
-    def _open(self, http: urllib3.PoolManager, offset: int) -> tuple[urllib3.BaseHTTPResponse, str]:
+    def _open(
+        self, http: urllib3.PoolManager, offset: int, if_range: str | None
+    ) -> tuple[urllib3.BaseHTTPResponse, str]:
         """GET the URL from ``offset``, following redirects. The answer is 200, 206, or 416 to a Range."""
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
+            if if_range is not None:
+                headers["If-Range"] = if_range
         current = self.url
         for _ in range(MAX_REDIRECTS + 1):
             hop_headers = dict(headers)
@@ -354,20 +406,17 @@ class _Download:
                 f"{where}: {answer}: refused by the host it redirects to, which is sent no token; "
                 "a presigned link may have expired"
             )
-        if status in (401, 403):
-            problem = (
-                "the token given was refused (wrong, expired, or without access to this file)"
-                if self.token is not None
-                else "the URL needs a token"
-            )
+        if status in (401, 403) and self.token is not None:
             raise DownloadError(
-                f"{where}: {answer}: {problem}. Pass one to the build in the DOWNLOAD_TOKEN variable: `{TOKEN_HINT}`"
+                f"{where}: {answer}: the token {self.token.variable} gives for {self.token.scope} was refused "
+                "(wrong, expired, or without access to this file)"
             )
+        if status in (401, 403):
+            raise DownloadError(f"{where}: {answer}: the URL needs a token. {token_hint(self.url)}")
         raise DownloadError(f"{where}: {answer}")
 
     def _receive(self, response: urllib3.BaseHTTPResponse, offset: int, final_url: str) -> None:
-        """Append the body to the .part: after its bytes for a 206, in their place for a 200."""
-        assert self.part is not None
+        """Append the body to the part: after its bytes for a 206, in their place for a 200."""
         part = self.part
         if response.status == 206:
             start, total = _content_range(response)
@@ -376,21 +425,36 @@ class _Download:
                 raise _TransientError(
                     f"asked for bytes from {offset}, the server sent bytes from {start}; starting over"
                 )
+            if not part.same_file(response, total):
+                part.restart()
+                raise _TransientError(f"the file changed on the server after byte {offset}; starting over")
         else:
             if offset:
-                log.info("%s: the server ignores Range requests; starting over from byte 0", self.shown)
-                part.restart()
+                log.info(
+                    "%s: the server sent the whole file (it changed since the part was saved, or the server "
+                    "ignores Range requests); starting over from byte 0",
+                    self.shown,
+                )
             length = response.headers.get("Content-Length", "").strip()
             total = int(length) if length.isdigit() else None
-        part.append(_body(response), _Progress(part.destination.name, part.size, total))
+            part.begin(response, total, file_name_from(self.url, response.headers.get("Content-Disposition")))
+        part.append(_body(response), _Progress(self._name(), part.size, total))
         if total is not None and part.size != total:
             if part.size > total:
                 part.restart()
             raise _TransientError(f"the body ended at byte {part.size} of {total}")
         if final_url != self.url:
-            log.info("%s: served by %s", self.shown, _shown(final_url))
+            log.info("%s: served by %s", self.shown, redact_url(final_url))
 
-    def _verify(self, part: _PartFile) -> tuple[Path, str]:
+    def _name(self) -> str:
+        """The file's name: the destination's, else what the server's first whole answer named."""
+        if self.destination is not None:
+            return self.destination.name
+        name = self.part.record.get("name")
+        return name if isinstance(name, str) and name else file_name_from(self.url, None)
+
+    def _verify(self) -> tuple[Path, str]:
+        part = self.part
         actual = part.digest()
         if self.expected is not None and actual != self.expected:
             part.discard()
@@ -398,27 +462,43 @@ class _Download:
                 f"{self.shown}: the file's SHA-256 is {actual}, not the expected {self.expected}; it was deleted. "
                 "Check the URL and the expected digest"
             )
-        part.finish()
-        log.info("%s: saved %s (%s), sha256 %s", self.shown, part.destination, _megabytes(part.size), actual)
-        return part.destination, actual
+        destination = self.destination or part.path.parent / self._name()
+        part.finish(destination)
+        log.info("%s: saved %s (%s), sha256 %s", self.shown, destination, _megabytes(part.size), actual)
+        return destination, actual
 
     def _gave_up(self, attempts: int, last_error: str) -> str:
         tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
         message = f"{self.shown}: failed {tries}; the last error: {last_error}."
-        if self.part is not None and self.part.size:
+        if self.part.size:
             return (
                 f"{message} The {self.part.size} bytes received so far are kept in {self.part.path}, "
-                "so a new build resumes from there"
+                "so a new build of this URL resumes from there"
             )
         return f"{message} No bytes were received; check the URL and the network"
 
     def _where(self, current: str) -> str:
-        return self.shown if current == self.url else f"{self.shown} (redirected to {_shown(current)})"
+        return self.shown if current == self.url else f"{self.shown} (redirected to {redact_url(current)})"
 
     def _hide(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "<hidden>")
         return text
+
+
+def token_hint(url: str) -> str:
+    """How to give the build a token for ``url``'s host: its own variable, else a DOWNLOAD_TOKENS item."""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        host = ""
+    variable = next((name for name, hosts in TOKEN_HOSTS.items() if host in hosts), None)
+    if variable is not None:
+        return f"Pass one for {host} in {variable}: `docker build --secret id={variable.lower()},env={variable} ...`"
+    return (
+        f"Pass one for {host} in DOWNLOAD_TOKENS={host}=TOKEN: "
+        "`docker build --secret id=download_tokens,env=DOWNLOAD_TOKENS ...`"
+    )
 
 
 # --- small helpers ----------------------------------------------------------------------------------------------
@@ -463,10 +543,10 @@ def _content_range(response: urllib3.BaseHTTPResponse) -> tuple[int | None, int 
     return (int(start) if start else None), (int(total) if total.isdigit() else None)
 
 
-def _authorization(url: str, token: str | None) -> str | None:
+def _authorization(url: str, token: HostToken | None) -> str | None:
     """The Authorization header for the URL's own origin: the bearer token, else the URL's ``user:password@``."""
     if token is not None:
-        return f"Bearer {token}"
+        return f"Bearer {token.token}"
     parts = urlsplit(url)
     if parts.username is None:
         return None
@@ -489,16 +569,6 @@ def _origin(url: str) -> tuple[str, str, int | None]:
         return scheme, (parts.hostname or ""), parts.port or {"http": 80, "https": 443}.get(scheme)
     except ValueError:
         return "", "", None
-
-
-def _shown(url: str) -> str:
-    """``url`` for messages and logs: no ``user:pass@``, no fragment, and its query as ``?<hidden>``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<an unparsable URL>"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "<hidden>" if parts.query else "", ""))
 
 
 def _describe(error: BaseException, timeout_s: float) -> str:

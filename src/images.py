@@ -606,8 +606,8 @@ def _limit_text(settings: Settings) -> str:
 
 
 def _shown(url: str) -> str:
-    """``url`` without its query, fragment or credentials, and not too long: safe for messages and logs."""
-    shown = redact_url(url.split("#", 1)[0].split("?", 1)[0])
+    """``url`` as ``redact_url`` shows it, and not too long: safe for messages and logs."""
+    shown = redact_url(url)
     return shown if len(shown) <= _MAX_SHOWN_URL else shown[:_MAX_SHOWN_URL] + "..."
 
 

@@ -164,12 +164,6 @@ def read_baked_source(folder: Path) -> BakedSource | None:
         return None
 
 
-def hidden_query(url: str) -> str:
-    """``url`` as a label or a message may keep it: no credentials, no query (presigned URLs and tokens live there)."""
-    base, _, query = redact_url(url).partition("?")
-    return f"{base}?<hidden>" if query else base
-
-
 @dataclass(frozen=True)
 class ModelIdentity:
     """The model as responses and image parameters name it, as A1111 does for a checkpoint and a VAE."""
@@ -216,8 +210,11 @@ def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionP
         options.update(safety_checker=None, requires_safety_checker=False)
     model_dir = Path(settings.model_dir)
     baked = read_baked_source(model_dir)
-    if settings.model_url is not None:
-        if "model_id" in settings.model_fields_set:
+    # The image keeps no URL in its environment (a query may hold a token): MODEL_DIR's label says it holds a
+    # MODEL_URL checkpoint, and that is the model unless MODEL_ID names another.
+    baked_url = baked is not None and baked.url is not None and "model_id" not in settings.model_fields_set
+    if settings.model_url is not None or baked_url:
+        if settings.model_url is not None and "model_id" in settings.model_fields_set:
             log.warning("MODEL_URL is set, so it is the model; MODEL_ID=%s is not used", settings.model_id)
         pipeline, source = _load_baked_url(settings, baked, options), baked
     elif is_file_path(settings.model_id) and not (baked is not None and baked.holds(settings.model_id, None)):
@@ -231,9 +228,9 @@ def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionP
         )
     identity = _identity(settings, source)
     baked_vae = source.vae.get("url") if source is not None and source.vae is not None else None
-    if settings.vae_url is not None and settings.vae_id is None and baked_vae != hidden_query(settings.vae_url):
+    if settings.vae_url is not None and settings.vae_id is None and baked_vae != redact_url(settings.vae_url):
         raise ModelLoadError(
-            f"VAE_URL={hidden_query(settings.vae_url)!r} is baked into MODEL_DIR at build time, and the model "
+            f"VAE_URL={redact_url(settings.vae_url)!r} is baked into MODEL_DIR at build time, and the model "
             "loaded does not hold it. Bake it: `docker build --build-arg VAE_URL=...`, or "
             "`VAE_URL=... python -m builder.cache_model` with this MODEL_DIR; or use VAE_ID"
         )
@@ -258,8 +255,8 @@ def _identity(settings: Settings, source: BakedSource | None) -> ModelIdentity:
 
 
 def _load_baked_url(settings: Settings, baked: BakedSource | None, options: dict[str, Any]) -> StableDiffusionPipeline:
-    assert settings.model_url is not None
-    url = hidden_query(settings.model_url)
+    """MODEL_DIR holding the checkpoint the build downloaded: MODEL_URL's, when it is set."""
+    url = redact_url(settings.model_url) if settings.model_url is not None else baked and baked.url
     if baked is None or baked.url != url:
         holds = f"holds {baked.url or baked.model_id}" if baked is not None else "holds no baked model"
         raise ModelLoadError(

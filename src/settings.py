@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -20,16 +21,70 @@ DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # and a change upstream never changes the images silently.
 DEFAULT_MODEL_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
 # Variables whose values never appear in a message.
-_SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY"})
-# Variables holding URLs whose user:password@ part never appears in a message.
-_URLS = frozenset({"BUCKET_ENDPOINT_URL", "MODEL_URL", "VAE_URL"})
-# From after the scheme to the last "@": greedy, so a password holding "/" or "@" is hidden whole.
-_USERINFO = re.compile(r"^([^:/]*://)?.*@")
+_SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY", "HF_TOKEN", "CIVITAI_TOKEN", "DOWNLOAD_TOKENS", "DOWNLOAD_TOKEN"})
+# Variables holding URLs (CONTROLNETS: a list of them) shown in messages through redact_url only.
+_URLS = frozenset({"BUCKET_ENDPOINT_URL", "MODEL_URL", "VAE_URL", "CONTROLNETS"})
+# Build secrets that name their hosts, and the hosts each token is sent to: exactly these, not their subdomains.
+# Hugging Face serves a file from another host after a redirect (cdn-lfs.huggingface.co, cas-bridge.xethub.hf.co)
+# with a presigned URL; no token follows a redirect to another host.
+TOKEN_HOSTS = {"HF_TOKEN": ("huggingface.co", "hf.co"), "CIVITAI_TOKEN": ("civitai.com",)}
+# From the scheme's "://" (or the start) to the last "@": greedy, so a password holding "/" or "@" is hidden whole.
+_USERINFO = re.compile(r"^([^:/?#]*://)?.*@")
+_SCHEME = re.compile(r"^[^:/?#]*://")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` part replaced by ``<hidden>@``, even when it does not parse."""
-    return _USERINFO.sub(lambda match: f"{match.group(1) or ''}<hidden>@", url, count=1)
+    """``url`` as every message, log and label shows it, even when it does not parse: ``user:password@`` as
+    ``<hidden>@``, the query as ``?<hidden>`` (presigned URLs and ``?token=`` carry secrets), no fragment.
+
+    The one place URLs are redacted: the settings, the loader, image inputs and the build's downloads use it.
+    """
+    scheme = _SCHEME.match(url)
+    start = scheme.end() if scheme else 0
+    end = next((index for index, char in enumerate(url) if index >= start and char in "?#"), len(url))
+    base, tail = url[:end], url[end:]
+    if "@" in tail and "/" not in url[start:end]:
+        # An "@" past a "?" or "#" while no "/" has closed the host: a password may hold them, so the host and
+        # everything after it may be credentials. Show none of it.
+        return f"{url[:start]}<hidden>"
+    base = _USERINFO.sub(lambda match: f"{match.group(1) or ''}<hidden>@", base, count=1)
+    query = tail.split("#", 1)[0] if tail.startswith("?") else ""
+    return f"{base}?<hidden>" if len(query) > 1 else base
+
+
+@dataclass(frozen=True)
+class HostToken:
+    """A download token and the one host it is for: ``scope`` is ``host`` (any port) or ``host:port``."""
+
+    scope: str
+    token: str = field(repr=False)
+    variable: str  # the variable that gave it, for messages
+
+    @property
+    def host(self) -> str:
+        return _host_and_port(self.scope)[0]
+
+    @property
+    def port(self) -> int | None:
+        return _host_and_port(self.scope)[1]
+
+    def applies_to(self, url: str) -> bool:
+        """Whether ``url``'s host (and port, when the scope names one) is this token's."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+        except ValueError:
+            return False
+        return parts.hostname == self.host and self.port in (None, port)
+
+
+def _host_and_port(scope: str) -> tuple[str, int | None]:
+    """``host`` or ``host:port`` (``[v6]:port``) as a lower-case host and a port; ValueError when it is not one."""
+    parts = urlsplit(f"//{scope}")
+    port = parts.port  # ValueError when it is not a number from 0 to 65535
+    if not parts.hostname or "@" in parts.netloc or parts.path or parts.query or parts.fragment:
+        raise ValueError(scope)
+    return parts.hostname, port
 
 
 class SettingsError(ValueError):
@@ -66,7 +121,8 @@ class Settings(BaseModel):
         alias="MODEL_URL",
         description="`http(s)://` URL of a single-file SD 1.5 checkpoint that `builder/cache_model.py` downloads and "
         "converts into MODEL_DIR at build time; the worker then serves that folder, offline. When set, it is "
-        "the model, whatever MODEL_ID says.",
+        "the model, whatever MODEL_ID says. Unset (as in the image, which keeps no URL), a MODEL_DIR baked from a "
+        "URL is served unless MODEL_ID is set.",
     )
     model_sha256: str | None = Field(
         None,
@@ -100,6 +156,31 @@ class Settings(BaseModel):
     )
     vae_sha256: str | None = Field(
         None, alias="VAE_SHA256", description="SHA-256 (64 hex digits) the VAE_URL file must have."
+    )
+    hf_token: SecretStr | None = Field(
+        None,
+        alias="HF_TOKEN",
+        description="Hugging Face token. The hub client sends it for gated or private repos; the build sends it "
+        "with MODEL_URL, VAE_URL and CONTROLNETS URLs on `huggingface.co` and `hf.co` only. Never logged.",
+    )
+    civitai_token: SecretStr | None = Field(
+        None,
+        alias="CIVITAI_TOKEN",
+        description="Civitai token, sent by the build with MODEL_URL, VAE_URL and CONTROLNETS URLs on "
+        "`civitai.com` only. Never logged.",
+    )
+    download_tokens: SecretStr | None = Field(
+        None,
+        alias="DOWNLOAD_TOKENS",
+        description="Tokens for other download hosts, as `host=token` items separated by commas, such as "
+        "`models.example.com=abc,127.0.0.1:8080=def`: each is sent by the build to that host only (that port "
+        "too, when given), never to its subdomains. Never logged.",
+    )
+    download_token: SecretStr | None = Field(
+        None,
+        alias="DOWNLOAD_TOKEN",
+        description="One token, sent by the build to MODEL_URL's host only (the older form of DOWNLOAD_TOKENS); "
+        "refused without MODEL_URL. Never logged.",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", alias="DEVICE", description="`auto` uses CUDA when a GPU is visible, else the CPU."
@@ -347,7 +428,22 @@ class Settings(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         if "@" in urlsplit(value).netloc:
-            raise ValueError("must not carry credentials; pass a token as the build secret download_token")
+            raise ValueError("must not carry credentials; pass a token as a build secret (see Your own checkpoint)")
+        return value
+
+    @field_validator("download_tokens")
+    @classmethod
+    def _scoped_tokens(cls, value: SecretStr | None) -> SecretStr | None:
+        for number, item in enumerate(_items(value), 1):
+            scope, equals, token = item.partition("=")
+            if not equals or not token:
+                raise ValueError(f"item {number} is not host=token")
+            try:
+                _host_and_port(scope)
+            except ValueError:
+                raise ValueError(
+                    f"item {number}: {scope!r} is not a host, nor host:port (no scheme, no path)"
+                ) from None
         return value
 
     @field_validator("model_sha256", "vae_sha256")
@@ -379,7 +475,41 @@ class Settings(BaseModel):
             raise ValueError("CONTROLNET_PRELOAD names ControlNets of CONTROLNET_DIR, which is not set")
         if self.vae_sha256 is not None and self.vae_url is None:
             raise ValueError("VAE_SHA256 is checked against VAE_URL's download; set VAE_URL too")
+        if self.download_token is not None and self.model_url is None:
+            raise ValueError(
+                "DOWNLOAD_TOKEN is sent to MODEL_URL's host only, and MODEL_URL is not set; give each host its "
+                "token: HF_TOKEN, CIVITAI_TOKEN or DOWNLOAD_TOKENS=host=token"
+            )
+        tokens = self.host_tokens
+        for index, first in enumerate(tokens):
+            for second in tokens[index + 1 :]:
+                ports_meet = first.port is None or second.port is None or first.port == second.port
+                if first.host == second.host and ports_meet and first.token != second.token:
+                    raise ValueError(
+                        f"{first.variable} and {second.variable} give different tokens for {first.host}; give one"
+                    )
         return self
+
+    @property
+    def host_tokens(self) -> list[HostToken]:
+        """The build's download tokens, each with the one host it is for.
+
+        HF_TOKEN and CIVITAI_TOKEN go to their hosts (TOKEN_HOSTS), DOWNLOAD_TOKENS' items to theirs, and
+        DOWNLOAD_TOKEN to MODEL_URL's host (and its port, when MODEL_URL names one).
+        """
+        tokens = [
+            HostToken(host, secret.get_secret_value(), variable)
+            for variable, secret in (("HF_TOKEN", self.hf_token), ("CIVITAI_TOKEN", self.civitai_token))
+            if secret is not None and secret.get_secret_value()
+            for host in TOKEN_HOSTS[variable]
+        ]
+        for item in _items(self.download_tokens):
+            scope, _, token = item.partition("=")
+            tokens.append(HostToken(scope.lower(), token, "DOWNLOAD_TOKENS"))
+        if self.download_token is not None and self.model_url is not None:
+            netloc = urlsplit(self.model_url).netloc.lower()
+            tokens.append(HostToken(netloc, self.download_token.get_secret_value(), "DOWNLOAD_TOKEN"))
+        return tokens
 
     @property
     def controlnet_preload_names(self) -> list[str]:
@@ -409,6 +539,11 @@ class Settings(BaseModel):
         return self.bucket_name is not None
 
 
+def _items(value: SecretStr | None) -> list[str]:
+    """A list variable's items: split at commas and white space, blanks dropped."""
+    return (value.get_secret_value() if value is not None else "").replace(",", " ").split()
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the worker's variables from ``environ`` (default: ``os.environ``).
 
@@ -432,7 +567,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 if name in _SECRETS:
                     value = "<hidden>"
                 elif name in _URLS and value is not None:
-                    value = repr(redact_url(value))
+                    value = repr(",".join(redact_url(item) for item in value.split(",")))
                 else:
                     value = repr(value)
                 message = f"{name}={value}: {message.replace('Input should be', 'must be')}"

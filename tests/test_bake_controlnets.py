@@ -28,7 +28,6 @@ from builder.tiny_model import CHECKPOINT_FILE, CONTROLNET_DIFFUSERS, CONTROLNET
 from builder.tiny_model import write_tiny_controlnets as write_controlnets
 from src.safetensors_header import read_header
 from src.settings import Settings, load_settings
-from tests.conftest import ROOT
 from tests.test_checkpoints import Served, fake
 from tests.test_controlnets import png_base64, shapes_image
 
@@ -81,9 +80,8 @@ def served(tiny: Path, fakes: dict[str, Path]) -> Iterator[Served]:
 
 
 @pytest.fixture
-def settings_for(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Settings]:
+def settings_for(tiny: Path, tmp_path: Path) -> Callable[[str], Settings]:
     """Settings baking these CONTROLNETS into tmp_path/controlnets, checked against the tiny model's UNet."""
-    monkeypatch.delenv("DOWNLOAD_TOKEN", raising=False)
 
     def settings(controlnets: str) -> Settings:
         return load_settings(
@@ -117,7 +115,6 @@ def test_a_url_is_baked_in_float16_and_the_worker_serves_it_as_it_served_the_ori
     baked = tmp_path / "controlnets"
     for field in Settings.model_fields.values():
         monkeypatch.delenv(str(field.alias), raising=False)
-    monkeypatch.delenv("DOWNLOAD_TOKEN", raising=False)
     for name, value in {
         "MODEL_ID": str(tiny / CHECKPOINT_FILE),
         "MODEL_CONFIG": str(tiny),
@@ -223,6 +220,18 @@ def test_a_url_of_another_file_type_is_refused_before_any_download(
     shown = f"{served.url}/cn/{name}?<hidden>"
     assert str(caught.value).startswith(f"CONTROLNETS: {shown} names '{name}' ({kind}")
     assert served.requests == [], "nothing is downloaded, not even the good ControlNet"
+
+
+def test_an_item_that_is_not_a_url_nor_a_hub_id_is_named_without_its_query(
+    settings_for: Callable[[str], Settings],
+) -> None:
+    with pytest.raises(cache_model.CacheError) as caught:
+        cache_model.bake_controlnets(settings_for("ftp://h.example/canny.safetensors?token=s3cret"))
+
+    assert str(caught.value) == (
+        "CONTROLNETS: 'ftp://h.example/canny.safetensors?<hidden>' is neither a hub id (owner/name) nor an "
+        "http(s):// URL"
+    )
 
 
 def test_two_items_of_one_name_are_refused_before_any_download(
@@ -342,9 +351,12 @@ def test_a_hub_controlnet_of_another_unet_stops_the_bake(tiny: Path, settings_fo
 
 
 def test_the_image_serves_what_it_bakes_and_leaves_controlnet_off_without_it() -> None:
-    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    from tests.test_builder import full_stage_env
 
-    assert "ARG CONTROLNETS=\n" in dockerfile
-    assert "CONTROLNETS=${CONTROLNETS} \\\n    CONTROLNET_DIR=${CONTROLNETS:+/models/controlnets}\n" in dockerfile
-    # What the image sets without CONTROLNETS: both empty, read as unset.
-    assert load_settings({"CONTROLNETS": "", "CONTROLNET_DIR": ""}).controlnet_dir is None
+    with_controlnets = full_stage_env({"CONTROLNETS": f"lllyasviel/{NET_FILE}"})
+    without = full_stage_env({})
+
+    assert load_settings(with_controlnets).controlnet_dir == "/models/controlnets"
+    # What the image sets without CONTROLNETS: an empty CONTROLNET_DIR, read as unset.
+    assert without["CONTROLNET_DIR"] == ""
+    assert load_settings(without).controlnet_dir is None

@@ -200,6 +200,61 @@ def test_dockerfile_holds_no_secrets() -> None:
             assert not re.search(r"(SECRET|TOKEN|PASSWORD|ACCESS_KEY)", line), line
 
 
+def full_stage_env(build_args: dict[str, str]) -> dict[str, str]:
+    """The ``full`` stage's ENV, as the image keeps it when built with these ``--build-arg`` values."""
+    stage = DOCKERFILE[DOCKERFILE.index("FROM app AS full") :]
+    args = {**dict(re.findall(r"^ARG (\w+)=(.*)$", stage, re.MULTILINE)), **build_args}
+    block = re.search(r"^ENV ((?:.*\\\n)*.*)$", stage, re.MULTILINE)
+    assert block, "the full stage sets its ENV in one instruction"
+
+    def render(value: str) -> str:
+        """Docker's ${NAME}, ${NAME:+word} and ${NAME:-word}."""
+
+        def one(match: re.Match[str]) -> str:
+            name, operator, word = match.group(1), match.group(2), match.group(3)
+            arg = args.get(name, "")
+            if operator == ":+":
+                return word if arg else ""
+            if operator == ":-":
+                return arg or word
+            return arg
+
+        return re.sub(r"\$\{(\w+)(?:(:[+-])([^}]*))?\}", one, value)
+
+    return {name: render(value) for name, value in re.findall(r"(\w+)=(\S+)", block.group(1))}
+
+
+def test_the_image_keeps_no_url_in_its_environment() -> None:
+    """A URL's query may hold a token; ``docker inspect`` shows the image's ENV. source.json says what was baked."""
+    args = {
+        "MODEL_URL": "https://civitai.com/api/download/models/1?token=query-secret",
+        "MODEL_SHA256": "a" * 64,
+        "VAE_URL": "https://example.com/vae.safetensors?X-Amz-Signature=query-secret",
+        "VAE_SHA256": "b" * 64,
+        "CONTROLNETS": "https://example.com/canny.safetensors?token=query-secret",
+    }
+
+    env = full_stage_env(args)
+
+    assert not [name for name, value in env.items() if "query-secret" in value or "://" in value]
+    assert env["CONTROLNET_DIR"] == "/models/controlnets"
+    assert env["MODEL_SHA256"] == "a" * 64
+    load_settings(env)  # the worker starts with it: no VAE_SHA256 without its VAE_URL
+
+
+def test_each_token_is_a_secret_of_its_own() -> None:
+    secrets = dict(re.findall(r"--mount=type=secret,id=(\w+),env=(\w+)", DOCKERFILE))
+
+    assert secrets == {
+        "hf_token": "HF_TOKEN",
+        "civitai_token": "CIVITAI_TOKEN",
+        "download_tokens": "DOWNLOAD_TOKENS",
+        "download_token": "DOWNLOAD_TOKEN",
+    }
+    fields = {field.alias for field in Settings.model_fields.values()}
+    assert set(secrets.values()) <= fields
+
+
 def test_dockerignore_keeps_tests_outputs_and_caches_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     for entry in ("tests", "output", ".git", "**/__pycache__", ".venv", ".pytest_cache"):

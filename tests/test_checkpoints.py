@@ -504,6 +504,8 @@ class Served:
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.send_header("Content-Length", str(len(data) - start))
+                # A validator, as real hosts give one: a download cut short resumes only with one.
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.end_headers()
                 if self.path not in served.cut:
                     served.cut.add(self.path)
@@ -574,6 +576,36 @@ def test_vae_url_is_baked_in_place_of_the_models_vae(
     assert pixels(baked) == pixels(at_startup)
     assert baked["metadata"]["vae"] == "ft"
     assert baked["metadata"]["vae_hash"] == sha256(tiny_files / VAE_FILE)[:10]
+
+
+def test_the_image_serves_its_baked_model_url_and_vae_url_without_them_in_its_environment(
+    served: Served, tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]]
+) -> None:
+    """The Dockerfile's build reads the URLs as arguments; the image keeps none, and serves MODEL_DIR's label."""
+    from tests.test_builder import full_stage_env
+
+    build_args = {
+        "MODEL_URL": f"{served.url}/files/tiny-sd15.safetensors",
+        "VAE_URL": f"{served.url}/vae/ft.safetensors",
+        "VAE_SHA256": sha256(tiny_files / VAE_FILE),
+    }
+    model_dir = str(tmp_path / "models" / "sd15")
+    image_env = {**full_stage_env(build_args), "MODEL_DIR": model_dir}
+    # The RUN that bakes sees the arguments and the ENV, as `docker build` gives them.
+    cache_model.bake(load_settings({**build_args, **image_env, "MODEL_CONFIG": str(tiny_files)}))
+
+    baked = run_worker(image_env)
+    at_startup = run_worker(
+        {
+            "MODEL_ID": str(tiny_files / CHECKPOINT_FILE),
+            "MODEL_CONFIG": str(tiny_files),
+            "VAE_ID": str(tiny_files / VAE_FILE),
+        }
+    )
+
+    assert "MODEL_URL" not in image_env
+    assert pixels(baked) == pixels(at_startup)
+    assert (baked["metadata"]["model"], baked["metadata"]["vae"]) == ("tiny-sd15", "ft")
 
 
 def test_model_url_with_another_checksum_stops_the_build(served: Served, tiny_files: Path, tmp_path: Path) -> None:

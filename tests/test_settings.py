@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from src.settings import Settings, SettingsError, load_settings
+from src.settings import Settings, SettingsError, load_settings, redact_url
 
 VARIABLES = [field.alias for field in Settings.model_fields.values() if field.alias]
 
@@ -21,6 +21,10 @@ DEFAULTS = {
     "vae_id": None,
     "vae_url": None,
     "vae_sha256": None,
+    "hf_token": None,
+    "civitai_token": None,
+    "download_tokens": None,
+    "download_token": None,
     "device": "auto",
     "dtype": "auto",
     "max_side": 1024,
@@ -283,6 +287,39 @@ def test_endpoint_with_credentials_is_refused_without_echoing_them(url: str, sho
     assert "hunter2" not in message
     assert "ter2" not in message
     assert "admin" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param(
+            "https://h.example/m.safetensors?token=s3cret", "https://h.example/m.safetensors?<hidden>", id="query"
+        ),
+        pytest.param("https://h.example/m?a=1#frag", "https://h.example/m?<hidden>", id="query-and-fragment"),
+        pytest.param("https://h.example/m#s3cret", "https://h.example/m", id="fragment"),
+        pytest.param("https://h.example/m?", "https://h.example/m", id="empty-query"),
+        pytest.param("https://u:s3cret@h.example/m?t=s3cret", "https://<hidden>@h.example/m?<hidden>", id="both"),
+        # The "@" of an e-mail address in the query is not the end of credentials: the query is still hidden.
+        pytest.param("https://h.example/m?mail=a@b.example&t=s3cret", "https://h.example/m?<hidden>", id="at-in-query"),
+        # A password holding "?": the host and all after it may be credentials.
+        pytest.param("https://u:s3?cret@h.example/m", "https://<hidden>", id="question-mark-in-password"),
+        pytest.param("not a url ?s3cret", "not a url ?<hidden>", id="no-scheme"),
+    ],
+)
+def test_redact_url_hides_credentials_and_queries(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "s3cret" not in redact_url(url)
+
+
+@pytest.mark.parametrize("variable", ["MODEL_URL", "VAE_URL"])
+def test_a_bad_download_url_is_named_without_its_query(variable: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({variable: "ftp://h.example/m.safetensors?token=s3cret"})
+
+    assert f"{variable}='ftp://h.example/m.safetensors?<hidden>': must be an http:// or https:// URL" in str(
+        caught.value
+    )
+    assert "s3cret" not in str(caught.value)
 
 
 def _description(variable: str) -> str:
