@@ -44,3 +44,8 @@ class BadImageError(WorkerError):
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (at most 300 characters), or its type's name when it has none."""
     return (str(error).splitlines() or [type(error).__name__])[0][:300]
+
+
+def clipped(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, with "..." when it was longer: for echoing input in a message."""
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import io
 import ipaddress
 import itertools
@@ -33,6 +34,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urljoin, urlsplit
@@ -41,7 +43,7 @@ import urllib3
 from PIL import ExifTags, Image, ImageOps
 
 from src import __version__
-from src.errors import StorageError
+from src.errors import StorageError, clipped
 from src.schema import InputError
 from src.settings import Settings, redact_url
 
@@ -98,12 +100,23 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES = 64 * 1024
-_MAX_SHOWN_URL = 200
 _CLOUD_METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# A host name and port -> its addresses as text, in the resolver's preferred order; raises OSError (such as
+# socket.gaierror) when the name has none.
+Resolve = Callable[[str, int], list[str]]
+
+
+def system_resolve(host: str, port: int) -> list[str]:
+    """``host``'s addresses from the system resolver (getaddrinfo), in its order: what the worker uses.
+
+    Raises:
+        OSError: socket.gaierror when the name does not resolve.
+    """
+    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
 @dataclass(frozen=True)
@@ -120,7 +133,9 @@ class LoadedImage:
     source: str
 
 
-def load_image(reference: str, field: str, settings: Settings, storage: S3Storage | None) -> LoadedImage:
+def load_image(
+    reference: str, field: str, settings: Settings, storage: S3Storage | None, *, resolve: Resolve = system_resolve
+) -> LoadedImage:
     """Read, check and decode the image ``reference`` gives, as RGB.
 
     Transparency is flattened onto white, 16-bit channels become 8-bit, an animation gives its first frame.
@@ -130,23 +145,27 @@ def load_image(reference: str, field: str, settings: Settings, storage: S3Storag
         field: the request field it came from, such as ``image``; every message starts with it.
         settings: the limits (``MAX_INPUT_IMAGE_MB``, ``MAX_SIDE``, ``MAX_PIXELS``) and the URL rules.
         storage: the worker's S3 client, or None when no bucket is configured.
+        resolve: how a URL's host name becomes addresses, each then checked; the system resolver unless a
+            test gives names of its own.
 
     Raises:
         InputError: the reference cannot be read, is too large or too small, or is not a PNG, JPEG or WebP.
     """
-    data, source = _read(reference, field, settings, storage)
+    data, source = _read(reference, field, settings, storage, resolve)
     image, warnings = _decode(data, field, source, settings)
     image, more = _to_rgb(image, field)
     return LoadedImage(image=image, warnings=warnings + more, source=source)
 
 
-def load_mask(reference: str, field: str, settings: Settings, storage: S3Storage | None) -> LoadedImage:
+def load_mask(
+    reference: str, field: str, settings: Settings, storage: S3Storage | None, *, resolve: Resolve = system_resolve
+) -> LoadedImage:
     """Read, check and decode an inpainting mask, as L: white (255) is repainted, black kept, grey in between.
 
     A mask with transparency is composited onto black first, so a transparent pixel is kept.
     Arguments and errors as for ``load_image``.
     """
-    data, source = _read(reference, field, settings, storage)
+    data, source = _read(reference, field, settings, storage, resolve)
     image, warnings = _decode(data, field, source, settings)
     image, more = _to_l(image, field)
     return LoadedImage(image=image, warnings=warnings + more, source=source)
@@ -180,7 +199,9 @@ def address_problem(address: IPAddress) -> str | None:
 # --- reading: reference -> bytes -----------------------------------------------------------------
 
 
-def _read(reference: str, field: str, settings: Settings, storage: S3Storage | None) -> tuple[bytes, str]:
+def _read(
+    reference: str, field: str, settings: Settings, storage: S3Storage | None, resolve: Resolve
+) -> tuple[bytes, str]:
     """The file's bytes and a short description of where they came from."""
     text = reference.strip()
     if not text:
@@ -197,7 +218,7 @@ def _read(reference: str, field: str, settings: Settings, storage: S3Storage | N
             raise InputError(
                 f"{field}: {_shown(text)}: URLs are not accepted (IMAGE_URLS=false); send base64 or s3:// instead"
             )
-        return _fetch(text, field, settings, limit), _shown(text)
+        return _fetch(text, field, settings, limit, resolve), _shown(text)
     if head.startswith("s3://"):
         return _from_s3(text, field, storage, limit)
     if _URL_SCHEME.match(text):
@@ -228,7 +249,7 @@ def _from_base64(text: str, field: str, settings: Settings, limit: int) -> bytes
 
 def _from_s3(text: str, field: str, storage: S3Storage | None, limit: int) -> tuple[bytes, str]:
     bucket, _, key = text[len("s3://") :].partition("/")
-    source = f"s3://{bucket}/{key}"
+    source = clipped(f"s3://{bucket}/{key}")
     if not bucket or not key:
         raise InputError(f"{field}: {_abbreviate(text)}: must be s3://BUCKET/KEY")
     if storage is None:
@@ -262,7 +283,7 @@ class _Target:
     path: str  # path and query, percent-encoded
 
 
-def _fetch(url: str, field: str, settings: Settings, limit: int) -> bytes:
+def _fetch(url: str, field: str, settings: Settings, limit: int, resolve: Resolve) -> bytes:
     """GET ``url`` within IMAGE_FETCH_TIMEOUT_SECONDS, following at most MAX_REDIRECTS redirects."""
     deadline = time.monotonic() + settings.image_fetch_timeout_seconds
     context: ssl.SSLContext | None = None
@@ -270,7 +291,7 @@ def _fetch(url: str, field: str, settings: Settings, limit: int) -> bytes:
     try:
         for _ in range(1 + MAX_REDIRECTS):
             target = _target(current)
-            addresses = _allowed_addresses(target, settings, deadline)
+            addresses = _allowed_addresses(target, settings, deadline, resolve)
             if target.scheme == "https" and context is None:
                 context = ssl.create_default_context()
             pool, response = _request(target, addresses, deadline, context, settings)
@@ -325,13 +346,13 @@ def _target(url: str) -> _Target:
     )
 
 
-def _allowed_addresses(target: _Target, settings: Settings, deadline: float) -> list[IPAddress]:
+def _allowed_addresses(target: _Target, settings: Settings, deadline: float, resolve: Resolve) -> list[IPAddress]:
     """The addresses to connect to: all of them checked, unless IMAGE_URLS_ALLOW_PRIVATE is on."""
     try:
         addresses = [ipaddress.ip_address(target.host)]
         literal = True
     except ValueError:
-        addresses = _resolve(target.host, target.port, _remaining(deadline, settings))
+        addresses = _resolve(target.host, target.port, _remaining(deadline, settings), resolve)
         literal = False
     if settings.image_urls_allow_private:
         return addresses
@@ -343,15 +364,14 @@ def _allowed_addresses(target: _Target, settings: Settings, deadline: float) -> 
     return addresses
 
 
-def _resolve(host: str, port: int, timeout: float) -> list[IPAddress]:
+def _resolve(host: str, port: int, timeout: float, resolve: Resolve) -> list[IPAddress]:
     """``host``'s addresses, in the resolver's order; getaddrinfo has no timeout, so it runs in a thread
     that is left to finish on its own when the deadline passes first."""
     answers: list[list[IPAddress] | str] = []
 
     def lookup() -> None:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            answers.append(list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos)))
+            answers.append(list(dict.fromkeys(ipaddress.ip_address(address) for address in resolve(host, port))))
         except OSError as error:
             answers.append(error.strerror or str(error))
         except (UnicodeError, ValueError) as error:  # a name the resolver cannot even encode
@@ -494,7 +514,7 @@ def _decode(data: bytes, field: str, source: str, settings: Settings) -> tuple[I
     if kind not in _ACCEPTED:
         if kind:
             raise InputError(f"{where}: {kind} is not accepted: {_EXPECTED}")
-        raise InputError(f"{where}: not an image: {_EXPECTED} (it starts with {data[:8]!r})")
+        raise InputError(f"{where}: not an image: {_EXPECTED}; it looks like {_looks_like(data)}")
     max_side, max_area = _size_limits(settings)
     bound = (
         f"at most {max_side} pixels a side and {max_area} pixels in all "
@@ -546,6 +566,27 @@ def _sniff(data: bytes) -> str:
     by_magic = (name for magic, name in _MAGIC if data.startswith(magic))
     by_check = (name for matches, name in checks if matches)
     return next(itertools.chain(by_magic, by_check), "")
+
+
+def _looks_like(data: bytes) -> str:
+    """What a file that is no known format holds, in a word: JSON, XML, text or unknown binary data.
+
+    Only the kind is ever shown, never a byte: the file may be a URL's or an S3 object's, and its first
+    bytes could be a secret.
+    """
+    try:
+        # Incremental, so that a character cut at the end of the first 512 bytes is not an error.
+        text = codecs.getincrementaldecoder("utf-8")().decode(data[:512])
+    except UnicodeDecodeError:
+        return "unknown binary data"
+    if not all(char.isprintable() or char in "\t\n\r\f\ufeff" for char in text):
+        return "unknown binary data"
+    start = text.lstrip("\ufeff \t\n\r\f")
+    if start.startswith(("{", "[")):
+        return "JSON"
+    if start.startswith("<"):
+        return "XML"
+    return "text"
 
 
 def _size_limits(settings: Settings) -> tuple[int, int]:
@@ -607,8 +648,7 @@ def _limit_text(settings: Settings) -> str:
 
 def _shown(url: str) -> str:
     """``url`` as ``redact_url`` shows it, and not too long: safe for messages and logs."""
-    shown = redact_url(url)
-    return shown if len(shown) <= _MAX_SHOWN_URL else shown[:_MAX_SHOWN_URL] + "..."
+    return clipped(redact_url(url))
 
 
 def _abbreviate(text: str) -> str:

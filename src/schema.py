@@ -674,7 +674,8 @@ class GenerateRequest(BaseModel):
     outpaint: Outpaint | None = Field(
         None,
         description="`{left, right, top, bottom}` pixels, multiples of 64, added around the image; "
-        "the new area is painted. The grown canvas obeys `MAX_SIDE` and `MAX_PIXELS`. Needs `image`, not `mask`.",
+        "the new area is painted. The grown canvas obeys `MAX_SIDE` and `MAX_PIXELS`, so left + right and "
+        "top + bottom are each at most `MAX_SIDE` - 64. Needs `image`, not `mask`.",
     )
     hires: Hires | None = Field(
         None,
@@ -845,6 +846,8 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo) -> GenerateRequest:
+        if self.outpaint is not None:
+            check_outpaint_margins(self.outpaint, _limits(info))
         if self.width is not None and self.height is not None:
             check_size(self, self.width, self.height, _limits(info))
         return self
@@ -896,6 +899,29 @@ class GenerateRequest(BaseModel):
         """The seed of each image: seed + i, wrapped into 0..2^32-1 so each can be asked for alone."""
         assert self.seed is not None  # resolved by _resolve_seed
         return [(self.seed + index) % (SEED_MAX + 1) for index in range(self.num_images)]
+
+
+_MARGIN_NAMES = {"width": ("left", "right"), "height": ("top", "bottom")}
+
+
+def _margins(outpaint: Outpaint, side: str) -> str:
+    """The two margins that grow ``side``, as the request gave them: ``left=2048 + right=2048``."""
+    return " + ".join(f"{name}={getattr(outpaint, name)}" for name in _MARGIN_NAMES[side])
+
+
+def check_outpaint_margins(outpaint: Outpaint, limits: RequestLimits) -> None:
+    """Check that the margins leave room for the image within MAX_SIDE, before any image is read.
+
+    Raises:
+        ValueError: naming ``outpaint``, the margins, the side they grow and MAX_SIDE.
+    """
+    for side, added in zip(("width", "height"), outpaint.added, strict=True):
+        if added + SIDE_STEP > limits.max_side:
+            raise ValueError(
+                f"outpaint: {_margins(outpaint, side)} adds {added} pixels to the {side}; with at least "
+                f"{SIDE_STEP} of image that is {added + SIDE_STEP}, over MAX_SIDE={limits.max_side}: "
+                f"{' + '.join(_MARGIN_NAMES[side])} may add at most {limits.max_side - SIDE_STEP}"
+            )
 
 
 def check_size(request: GenerateRequest, width: int, height: int, limits: RequestLimits) -> None:
@@ -982,11 +1008,16 @@ def resolve_size(
                 f"height the job takes the image's size, fitted to MAX_SIDE={limits.max_side} and "
                 f"MAX_PIXELS={limits.max_pixels} and rounded down to multiples of {SIDE_STEP}"
             )
-    problems = [
-        f"{name}={value}: must be at most {limits.max_side} (MAX_SIDE)"
-        for name, value in (("width", width), ("height", height))
-        if value > limits.max_side
-    ]
+    problems = []
+    for name, value, added in (("width", width, added_width), ("height", height, added_height)):
+        if value > limits.max_side:
+            # The margins are named when they took the side there, so the user knows which field to change.
+            grown = (
+                f": {value - added} for the image plus outpaint {_margins(request.outpaint, name)}"
+                if request.outpaint is not None and added
+                else ""
+            )
+            problems.append(f"{name}={value}: must be at most {limits.max_side} (MAX_SIDE){grown}")
     if not problems:
         try:
             check_size(request, width, height, limits)

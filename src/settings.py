@@ -87,6 +87,26 @@ def _host_and_port(scope: str) -> tuple[str, int | None]:
     return parts.hostname, port
 
 
+# The characters AWS calls safe in an object key; a key is parts of them joined by "/".
+_S3_KEY_PART = re.compile(r"[A-Za-z0-9!_.*'()-]+")
+S3_KEY_RULE = (
+    "a key is at most 1024 characters in parts joined by '/', each of A-Z a-z 0-9 and ! - _ . * ' ( ), "
+    "none empty, '.' or '..'"
+)
+
+
+def s3_key_problem(key: str) -> str | None:
+    """Why ``key`` is not a plain S3 key (``S3_KEY_RULE``), or None.
+
+    Only AWS's safe characters pass, so no percent-encoding, backslash or look-alike Unicode can stand for
+    "/" or "..", and no part is "." or "..", which a server or proxy on the way could resolve.
+    """
+    parts = key.split("/")
+    if len(key) > 1024 or any(part in ("", ".", "..") or not _S3_KEY_PART.fullmatch(part) for part in parts):
+        return S3_KEY_RULE
+    return None
+
+
 class SettingsError(ValueError):
     """A configuration variable is missing a rule it must follow; startup stops."""
 
@@ -385,6 +405,12 @@ class Settings(BaseModel):
     bucket_prefix: str = Field(
         "", alias="BUCKET_PREFIX", description="Prepended to every object key, such as `renders/`."
     )
+    bucket_input_prefix: str = Field(
+        "inputs/",
+        alias="BUCKET_INPUT_PREFIX",
+        description="Folder of the bucket that `s3://` image inputs may be read from, ending in `/`; the worker's "
+        "own results (`BUCKET_PREFIX` + `JOB/INDEX-SEED.png`, `.jpg` or `.webp`) may be read too, and no other key.",
+    )
     url_expiry_seconds: int = Field(
         604_800,
         alias="URL_EXPIRY_SECONDS",
@@ -418,6 +444,14 @@ class Settings(BaseModel):
             raise ValueError("is not a valid URL: its host or port cannot be read") from None
         if not parts.hostname:
             raise ValueError("must name a host, such as http://127.0.0.1:9000")
+        return value
+
+    @field_validator("bucket_input_prefix")
+    @classmethod
+    def _folder_key(cls, value: str) -> str:
+        problem = s3_key_problem(value.removesuffix("/")) if value.endswith("/") else "must end with '/'"
+        if problem is not None:
+            raise ValueError(f"{problem}, such as inputs/ or uploads/2026/")
         return value
 
     @field_validator("model_url", "vae_url")

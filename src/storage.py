@@ -19,8 +19,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from src.errors import StorageError
-from src.settings import Settings
+from src.errors import StorageError, clipped
+from src.settings import Settings, s3_key_problem
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,13 @@ class S3Storage:
         # Settings refuse credentials in the endpoint, so it can be named in every message.
         self.endpoint = settings.bucket_endpoint_url or "AWS S3"
         self._prefix = settings.bucket_prefix
+        self._input_prefix = settings.bucket_input_prefix
+        # The keys upload_all writes, key_for's shape with job_folder's characters and the output extensions.
+        self._result_key = re.compile(re.escape(self._prefix) + r"[A-Za-z0-9._-]+/[0-9]+-[0-9]+\.(?:png|jpg|webp)")
+        self._outside = (
+            f"only keys under BUCKET_INPUT_PREFIX={self._input_prefix!r} and the worker's own results, "
+            f"BUCKET_PREFIX={self._prefix!r} + JOB/INDEX-SEED.png (or .jpg, .webp), can be read"
+        )
         self._expiry = settings.url_expiry_seconds
         secret = settings.bucket_secret_access_key
         try:
@@ -118,14 +125,35 @@ class S3Storage:
             return StorageError(f"upload to s3://{self.bucket}/{key} at {self.endpoint} failed: {_describe(error)}")
         return Uploaded(url=url, bucket=self.bucket, key=key)
 
+    def input_key_problem(self, key: str) -> str | None:
+        """Why ``key`` may not be read as an image input, or None.
+
+        A request may read a plain key (``settings.s3_key_problem``) under BUCKET_INPUT_PREFIX, or one of
+        the worker's own results, so that an earlier result can be fed back; every other key of the bucket
+        (credentials, other users' files) stays out of reach. The answer depends on the key alone, never on
+        the bucket, so it tells nothing of what the bucket holds.
+        """
+        problem = s3_key_problem(key)
+        if problem is not None:
+            return problem
+        if key.startswith(self._input_prefix) or self._result_key.fullmatch(key):
+            return None
+        return self._outside
+
     def read(self, key: str, limit_bytes: int) -> bytes:
-        """The object ``key`` of this bucket, read in chunks; reading stops once it passes ``limit_bytes``.
+        """The image input ``key`` of this bucket, read in chunks; reading stops once it passes ``limit_bytes``.
+
+        A key ``input_key_problem`` refuses is refused before any request is sent.
 
         Raises:
-            StorageError: the object is missing or cannot be read (the message names ``s3://bucket/key``,
-                the endpoint and the S3 error code), or it holds more than ``limit_bytes``.
+            StorageError: the key may not be read (the message names ``s3://bucket/key`` and the rule), the
+                object is missing or cannot be read (the message names ``s3://bucket/key``, the endpoint and
+                the S3 error code), or it holds more than ``limit_bytes``.
         """
         where = f"s3://{self.bucket}/{key}"
+        problem = self.input_key_problem(key)
+        if problem is not None:
+            raise StorageError(f"{clipped(where)}: {problem}")
         too_large = f"{where} at {self.endpoint} holds more than {limit_bytes} bytes, the limit; stopped reading"
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=key)

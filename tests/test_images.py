@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import io
 import ipaddress
+import socket
 import struct
 import threading
 import zlib
@@ -358,10 +359,8 @@ def test_a_content_length_over_the_limit_is_refused_before_reading(server: Serve
 def test_text_is_not_an_image(server: Server) -> None:
     message = fetch_error(f"{server.url}/notes.txt")
 
-    assert (
-        message
-        == f"image: {server.url}/notes.txt: not an image: PNG, JPEG or WebP expected (it starts with b'just som')"
-    )
+    assert message == f"image: {server.url}/notes.txt: not an image: PNG, JPEG or WebP expected; it looks like text"
+    assert "just" not in message.split(": ", 2)[2], "no byte of the body is echoed"
 
 
 def test_gif_is_refused_by_name(server: Server) -> None:
@@ -425,13 +424,53 @@ def test_connection_refused() -> None:
     )
 
 
-def test_a_name_that_does_not_resolve() -> None:
-    # A short deadline: a sandbox whose resolver never answers gives "no answer within 2 s" instead.
-    message = fetch_error("https://no-such-host.invalid/cat.png", IMAGE_FETCH_TIMEOUT_SECONDS="2")
+def resolver(answers: dict[str, list[str]], asked: list[tuple[str, int]]) -> Callable[[str, int], list[str]]:
+    """A resolver that knows only ``answers``; any other name fails as getaddrinfo fails for an unknown one."""
 
-    assert message.startswith(
-        "image: https://no-such-host.invalid/cat.png: cannot resolve the host 'no-such-host.invalid'"
+    def resolve(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return answers[host]
+
+    return resolve
+
+
+def test_a_name_that_does_not_resolve() -> None:
+    asked: list[tuple[str, int]] = []
+
+    with pytest.raises(InputError) as error:
+        load_image("https://no-such-host.invalid/cat.png", "image", DEFAULTS, None, resolve=resolver({}, asked))
+
+    assert str(error.value) == (
+        "image: https://no-such-host.invalid/cat.png: "
+        "cannot resolve the host 'no-such-host.invalid': Name or service not known"
     )
+    assert asked == [("no-such-host.invalid", 443)]
+
+
+def test_every_address_a_name_resolves_to_is_checked() -> None:
+    # The public address comes first; the private one behind it is still found, before any connection.
+    resolve = resolver({"cdn.example.com": ["93.184.216.34", "10.0.0.7"]}, [])
+
+    with pytest.raises(InputError) as error:
+        load_image("http://cdn.example.com/cat.png", "image", DEFAULTS, None, resolve=resolve)
+
+    assert str(error.value) == (
+        "image: http://cdn.example.com/cat.png: cdn.example.com resolves to 10.0.0.7, a private address; "
+        "set IMAGE_URLS_ALLOW_PRIVATE=true to allow"
+    )
+
+
+def test_a_name_is_fetched_from_the_address_it_resolved_to(server: Server) -> None:
+    # The name exists only in the test's resolver: the connection goes to the address it gave.
+    port = urlsplit(server.url).port
+    resolve = resolver({"images.test": ["127.0.0.1"]}, [])
+
+    loaded = load_image(f"http://images.test:{port}/cat.png", "image", PRIVATE_OK, None, resolve=resolve)
+
+    assert loaded.image.size == (64, 32)
+    assert server.headers["/cat.png"]["Host"] == f"images.test:{port}"
 
 
 def test_credentials_in_a_url_are_refused_and_never_shown() -> None:
@@ -599,10 +638,21 @@ def test_a_message_never_carries_a_whole_input() -> None:
     assert "(100004 characters)" in message
 
 
-def test_base64_of_text_is_not_an_image() -> None:
-    message = decode_error(b64(b"hello, this is a text file\n"))
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        pytest.param(b"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG\n", "text", id="env-file"),
+        pytest.param("Grüße, 東京 \u2014 text\n".encode(), "text", id="utf-8-text"),
+        pytest.param(b'\xef\xbb\xbf  {"error": "AccessDenied"}', "JSON", id="json"),
+        pytest.param(b'<?xml version="1.0"?><Error><Code>AccessDenied</Code></Error>', "XML", id="xml"),
+        pytest.param(bytes(range(256)), "unknown binary data", id="binary"),
+        pytest.param(b"SECRET\x00\x01\x02" * 4, "unknown binary data", id="text-with-nul"),
+    ],
+)
+def test_what_is_not_an_image_is_described_never_echoed(data: bytes, kind: str) -> None:
+    message = decode_error(b64(data))
 
-    assert message == "image: not an image: PNG, JPEG or WebP expected (it starts with b'hello, t')"
+    assert message == f"image: not an image: PNG, JPEG or WebP expected; it looks like {kind}"
 
 
 @pytest.mark.parametrize(
@@ -769,80 +819,184 @@ def test_a_mask_error_names_the_mask() -> None:
 
 # --- s3:// through a real S3 server ----------------------------------------------------------------
 
+SECRET_FILE = b"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
+
 
 def s3_settings(s3_server: S3Server, **variables: str) -> Settings:
     return load_settings(
         {
-            "BUCKET_NAME": "inputs",
+            "BUCKET_NAME": "media",
             "BUCKET_ENDPOINT_URL": s3_server.url,
             "BUCKET_ACCESS_KEY_ID": ACCESS_KEY,
             "BUCKET_SECRET_ACCESS_KEY": SECRET,
+            "BUCKET_PREFIX": "out/",
             **variables,
         }
     )
 
 
-def s3_load(s3_server: S3Server, reference: str, **variables: str) -> Any:
+def s3_load(s3_server: S3Server, reference: str, sent: list[str] | None = None, **variables: str) -> Any:
+    """Load ``reference`` with a new S3Storage; each request its client sends is added to ``sent``.
+
+    The seam is boto3's own event system, on the client that reads the input.
+    """
     from src.storage import S3Storage
 
     settings = s3_settings(s3_server, **variables)
-    return load_image(reference, "image", settings, S3Storage(settings))
+    storage = S3Storage(settings)
+    if sent is not None:
+        storage._client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.url))
+    return load_image(reference, "image", settings, storage)
 
 
-def s3_error(s3_server: S3Server, reference: str, **variables: str) -> str:
+def s3_error(s3_server: S3Server, reference: str, sent: list[str] | None = None, **variables: str) -> str:
     with pytest.raises(InputError) as error:
-        s3_load(s3_server, reference, **variables)
+        s3_load(s3_server, reference, sent, **variables)
     return str(error.value)
 
 
 @pytest.fixture
 def s3_inputs(s3_server: S3Server) -> S3Server:
     client = s3_server.client()
-    client.create_bucket(Bucket="inputs")
-    client.put_object(Bucket="inputs", Key="in/cat.png", Body=PNG)
+    client.create_bucket(Bucket="media")
+    for key, body in {
+        "inputs/cat.png": PNG,
+        "inputs/notes.txt": SECRET_FILE,
+        "other/secret.env": SECRET_FILE,
+        "other/cat.png": PNG,
+        "out/job-7/0-5.png": PNG,  # an earlier result of the worker (BUCKET_PREFIX out/)
+        "out/job-7/notes.txt": SECRET_FILE,
+        "out/cat.png": PNG,
+    }.items():
+        client.put_object(Bucket="media", Key=key, Body=body)
     return s3_server
 
 
 def test_an_image_from_the_workers_bucket(s3_inputs: S3Server) -> None:
-    loaded = s3_load(s3_inputs, "s3://inputs/in/cat.png")
+    loaded = s3_load(s3_inputs, "s3://media/inputs/cat.png")
 
-    assert (loaded.image.mode, loaded.image.size, loaded.source) == ("RGB", (64, 32), "s3://inputs/in/cat.png")
+    assert (loaded.image.mode, loaded.image.size, loaded.source) == ("RGB", (64, 32), "s3://media/inputs/cat.png")
 
 
-def test_another_bucket_is_refused(s3_inputs: S3Server) -> None:
-    assert s3_error(s3_inputs, "s3://someone-else/in/cat.png") == (
-        "image: s3://someone-else/in/cat.png: the bucket 'someone-else' is not the worker's bucket 'inputs' "
-        "(BUCKET_NAME); only that one can be read"
+def test_an_earlier_result_of_the_worker_can_be_fed_back(s3_inputs: S3Server) -> None:
+    loaded = s3_load(s3_inputs, "s3://media/out/job-7/0-5.png")
+
+    assert loaded.image.size == (64, 32)
+
+
+def test_the_input_prefix_is_configured(s3_inputs: S3Server) -> None:
+    s3_inputs.client().put_object(Bucket="media", Key="uploads/2026/cat.png", Body=PNG)
+
+    assert s3_load(s3_inputs, "s3://media/uploads/2026/cat.png", BUCKET_INPUT_PREFIX="uploads/").image.size == (64, 32)
+    assert "BUCKET_INPUT_PREFIX='uploads/'" in s3_error(
+        s3_inputs, "s3://media/inputs/cat.png", BUCKET_INPUT_PREFIX="uploads/"
     )
 
 
-def test_a_missing_key_names_the_object(s3_inputs: S3Server) -> None:
-    message = s3_error(s3_inputs, "s3://inputs/in/nope.png")
+OUTSIDE = (
+    "only keys under BUCKET_INPUT_PREFIX='inputs/' and the worker's own results, "
+    "BUCKET_PREFIX='out/' + JOB/INDEX-SEED.png (or .jpg, .webp), can be read"
+)
 
-    assert message.startswith(f"image: reading s3://inputs/in/nope.png at {s3_inputs.url} failed: NoSuchKey")
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("other/secret.env", id="exists"),
+        pytest.param("other/no-such.env", id="missing"),
+        pytest.param("other/cat.png", id="an-image-elsewhere"),
+        pytest.param("out/cat.png", id="not-shaped-like-a-result"),
+        pytest.param("out/job-7/notes.txt", id="beside-a-result"),
+        pytest.param("inputs", id="the-prefix-without-its-slash"),
+        pytest.param("inputs-old/cat.png", id="a-longer-folder-name"),
+        pytest.param("INPUTS/cat.png", id="another-case"),
+    ],
+)
+def test_a_key_outside_the_allowed_prefixes_is_refused_before_any_s3_call(s3_inputs: S3Server, key: str) -> None:
+    sent: list[str] = []
+
+    message = s3_error(s3_inputs, f"s3://media/{key}", sent)
+
+    # The same words whether the object exists or not: neither its existence nor its size shows.
+    assert message == f"image: s3://media/{key}: {OUTSIDE}"
+    assert sent == []
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("inputs/../other/secret.env", id="dot-dot"),
+        pytest.param("inputs/./cat.png", id="dot"),
+        pytest.param("inputs//cat.png", id="empty-part"),
+        pytest.param("/inputs/cat.png", id="leading-slash"),
+        pytest.param("inputs/", id="the-folder-itself"),
+        pytest.param("inputs/%2e%2e/other/secret.env", id="percent-encoded-dot-dot"),
+        pytest.param("inputs/%2E%2E%2Fother%2Fsecret.env", id="percent-encoded-slash"),
+        pytest.param("inputs\\..\\other\\secret.env", id="backslashes"),
+        pytest.param("inputs/\uff0e\uff0e/other/secret.env", id="fullwidth-dots"),
+        pytest.param("inputs/cat.png?versionId=1", id="query"),
+        pytest.param("inputs/cat.png#x", id="fragment"),
+        pytest.param("inputs/cat\x00.png", id="nul"),
+        pytest.param("inputs/" + "a" * 1020, id="over-1024-bytes"),
+        pytest.param("out/job-7/../../other/secret.env", id="dot-dot-under-the-results"),
+    ],
+)
+def test_a_key_with_tricks_is_refused_before_any_s3_call(s3_inputs: S3Server, key: str) -> None:
+    sent: list[str] = []
+
+    message = s3_error(s3_inputs, f"s3://media/{key}", sent)
+
+    assert message.endswith(
+        ": a key is at most 1024 characters in parts joined by '/', each of A-Z a-z 0-9 and ! - _ . * ' ( ), "
+        "none empty, '.' or '..'"
+    )
+    assert sent == []
+
+
+def test_an_object_that_is_not_an_image_is_described_not_echoed(s3_inputs: S3Server) -> None:
+    message = s3_error(s3_inputs, "s3://media/inputs/notes.txt")
+
+    assert message == "image: s3://media/inputs/notes.txt: not an image: PNG, JPEG or WebP expected; it looks like text"
+
+
+def test_another_bucket_is_refused(s3_inputs: S3Server) -> None:
+    sent: list[str] = []
+
+    assert s3_error(s3_inputs, "s3://someone-else/inputs/cat.png", sent) == (
+        "image: s3://someone-else/inputs/cat.png: the bucket 'someone-else' is not the worker's bucket 'media' "
+        "(BUCKET_NAME); only that one can be read"
+    )
+    assert sent == []
+
+
+def test_a_missing_key_names_the_object(s3_inputs: S3Server) -> None:
+    message = s3_error(s3_inputs, "s3://media/inputs/nope.png")
+
+    assert message.startswith(f"image: reading s3://media/inputs/nope.png at {s3_inputs.url} failed: NoSuchKey")
     assert SECRET not in message
 
 
 def test_an_object_over_the_byte_limit_is_refused(s3_inputs: S3Server) -> None:
-    message = s3_error(s3_inputs, "s3://inputs/in/cat.png", MAX_INPUT_IMAGE_MB="0.0001")
+    message = s3_error(s3_inputs, "s3://media/inputs/cat.png", MAX_INPUT_IMAGE_MB="0.0001")
 
     assert (
         message
-        == f"image: s3://inputs/in/cat.png at {s3_inputs.url} holds more than 100 bytes, the limit; stopped reading"
+        == f"image: s3://media/inputs/cat.png at {s3_inputs.url} holds more than 100 bytes, the limit; stopped reading"
     )
 
 
 def test_s3_without_a_bucket_is_refused() -> None:
     with pytest.raises(InputError) as error:
-        load_image("s3://inputs/in/cat.png", "image", DEFAULTS, None)
+        load_image("s3://media/inputs/cat.png", "image", DEFAULTS, None)
 
     assert (
-        str(error.value) == "image: s3://inputs/in/cat.png: BUCKET_NAME is not set, so the worker reads no s3:// inputs"
+        str(error.value)
+        == "image: s3://media/inputs/cat.png: BUCKET_NAME is not set, so the worker reads no s3:// inputs"
     )
 
 
 def test_an_s3_reference_needs_a_key() -> None:
-    assert decode_error("s3://inputs") == "image: 's3://inputs': must be s3://BUCKET/KEY"
+    assert decode_error("s3://media") == "image: 's3://media': must be s3://BUCKET/KEY"
 
 
 def test_the_url_safe_base64_alphabet_is_accepted() -> None:

@@ -144,6 +144,37 @@ def test_upload_then_presigned_get_gives_the_same_bytes(s3_server: S3Server, buc
         assert f"Seed: {9 + index}" in user_comment(image)
 
 
+@pytest.mark.parametrize("output_format", ["png", "jpeg", "webp"])
+def test_a_result_fed_back_as_an_input_is_read(bucket: str, output_format: str) -> None:
+    first = run(job_id="job-first", output_type="s3", output_format=output_format)
+    [item] = first["images"]
+
+    again = run(job_id="job-again", image=f"s3://{bucket}/{item['key']}", strength=0.5, output_type="base64")
+
+    assert "error" not in again, again.get("error")
+    assert again["metadata"]["task"] == "img2img"
+
+
+def test_a_refused_s3_input_shows_nothing_and_the_next_job_runs(s3_server: S3Server, bucket: str) -> None:
+    secret_file = b"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n"
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="config/secret.env", Body=secret_file)
+    client.put_object(Bucket=bucket, Key="inputs/notes.txt", Body=secret_file)
+
+    present = run(image=f"s3://{bucket}/config/secret.env")
+    absent = run(image=f"s3://{bucket}/config/absent.env")
+    not_an_image = run(image=f"s3://{bucket}/inputs/notes.txt")
+
+    assert present["error"].replace("secret", "absent") == absent["error"]
+    assert "BUCKET_INPUT_PREFIX='inputs/'" in present["error"]
+    assert "it looks like text" in not_an_image["error"]
+    for refused in (present, absent, not_an_image):
+        assert set(refused) == {"error"}
+        assert "AWS_SECR" not in refused["error"]
+        assert "wJalr" not in refused["error"]
+    assert "images" in run(output_type="base64")
+
+
 def test_auto_uploads_when_a_bucket_is_configured(bucket: str) -> None:
     result = run(output_type="auto")
 

@@ -758,9 +758,21 @@ BAD_IMAGE_INPUTS = [
         id="outpaint-fits",
     ),
     pytest.param(
-        {**IMAGE, "width": 1024, "height": 1024, "outpaint": {"left": 1024}},
-        "outpaint: a 1024x1024 result with 1024 and 0 pixels added leaves 0x1024 for the image",
+        {**IMAGE, "width": 512, "height": 512, "outpaint": {"left": 512}},
+        "outpaint: a 512x512 result with 512 and 0 pixels added leaves 0x512 for the image",
         id="outpaint-leaves-nothing",
+    ),
+    pytest.param(
+        {**IMAGE, "outpaint": {"left": 2048, "right": 2048}},
+        "outpaint: left=2048 + right=2048 adds 4096 pixels to the width; with at least 64 of image that is "
+        "4160, over MAX_SIDE=1024: left + right may add at most 960",
+        id="outpaint-margins-past-max-side",
+    ),
+    pytest.param(
+        {**IMAGE, "width": 1024, "height": 1024, "outpaint": {"top": 1024}},
+        "outpaint: top=1024 + bottom=0 adds 1024 pixels to the height; with at least 64 of image that is "
+        "1088, over MAX_SIDE=1024: top + bottom may add at most 960",
+        id="outpaint-margin-past-max-side-with-a-size",
     ),
     pytest.param({**IMAGE, "hires": {"scale": 1.5}}, "hires: is for text-to-image", id="hires-with-image"),
     pytest.param(with_prompt(hires={"scale": 2.5}), "hires.scale=2.5: must be less than or equal to 2", id="hires-2.5"),
@@ -862,9 +874,21 @@ def test_resolve_size_takes_the_image_size_within_the_limits(
     assert all("MAX_SIDE" in warning and "MAX_PIXELS" in warning for warning in warnings)
 
 
+def test_resolve_size_names_the_outpaint_margins_that_pass_max_side() -> None:
+    # The height follows the image's proportions at width 512, then the top margin is added.
+    request = parse({**IMAGE, "width": 512, "outpaint": {"top": 128}})
+    with pytest.raises(InputError) as raised:
+        resolve_size(request, (512, 1024), LIMITS)
+    assert str(raised.value) == (
+        "invalid input: height=1152: must be at most 1024 (MAX_SIDE): 1024 for the image plus outpaint "
+        "top=128 + bottom=0 (the image is 512x1024)"
+    )
+
+
 def test_resolve_size_refuses_an_outpaint_past_the_limits() -> None:
-    request = parse({**IMAGE, "width": 1024, "outpaint": {"top": 512, "bottom": 512}})
+    request = parse({**IMAGE, "width": 1024, "outpaint": {"top": 448, "bottom": 448}})
     with pytest.raises(InputError) as raised:
         resolve_size(request, (1024, 1024), LIMITS)
-    assert "MAX_SIDE" in str(raised.value) or "MAX_PIXELS" in str(raised.value)
+    assert "outpaint top=448 + bottom=448" in str(raised.value)
+    assert "MAX_SIDE" in str(raised.value)
     assert "the image is 1024x1024" in str(raised.value)

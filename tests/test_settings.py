@@ -62,6 +62,7 @@ DEFAULTS = {
     "bucket_secret_access_key": None,
     "bucket_region": None,
     "bucket_prefix": "",
+    "bucket_input_prefix": "inputs/",
     "url_expiry_seconds": 604800,
     "log_level": "INFO",
 }
@@ -237,6 +238,32 @@ def test_bucket_variables_parse() -> None:
 def test_bad_bucket_variables_are_refused(environ: dict[str, str], expected: str) -> None:
     with pytest.raises(SettingsError, match=expected.replace("?", "\\?")):
         load_settings(environ)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "problem"),
+    [
+        pytest.param("uploads", "must end with '/'", id="no-slash"),
+        pytest.param("/", "a key is at most 1024 characters", id="the-whole-bucket"),
+        pytest.param("/uploads/", "none empty, '.' or '..'", id="leading-slash"),
+        pytest.param("uploads//", "none empty", id="empty-part"),
+        pytest.param("uploads/../", "none empty, '.' or '..'", id="dot-dot"),
+        pytest.param("my uploads/", "each of A-Z a-z 0-9", id="space"),
+        pytest.param("uploads%2F/", "each of A-Z a-z 0-9", id="percent"),
+    ],
+)
+def test_bucket_input_prefix_must_be_a_plain_folder(prefix: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"BUCKET_INPUT_PREFIX": prefix})
+
+    assert f"BUCKET_INPUT_PREFIX={prefix!r}: " in str(error.value)
+    assert problem in str(error.value)
+    assert str(error.value).endswith("such as inputs/ or uploads/2026/")
+
+
+def test_bucket_input_prefix_defaults_to_inputs() -> None:
+    assert load_settings({}).bucket_input_prefix == "inputs/"
+    assert load_settings({"BUCKET_INPUT_PREFIX": "uploads/2026/"}).bucket_input_prefix == "uploads/2026/"
 
 
 @pytest.mark.parametrize(

@@ -295,7 +295,11 @@ BAD = [
     pytest.param(
         {"image": png_base64(IMAGE), "num_inference_steps": 1, "strength": 0.5}, "num_inference_steps", id="no-step"
     ),
-    pytest.param({"image": png_base64(IMAGE), "outpaint": {"left": 1024}}, "MAX_SIDE", id="outpaint-past-max-side"),
+    pytest.param(
+        {"image": png_base64(IMAGE), "outpaint": {"left": 2048, "right": 2048}},
+        "outpaint: left=2048 + right=2048 adds 4096 pixels to the width",
+        id="outpaint-past-max-side",
+    ),
     pytest.param({"width": 512, "height": 512, "num_images": 4, "hires": {"scale": 2.0}}, "MAX_PIXELS", id="hires"),
     pytest.param({"image": gif()}, "image", id="gif"),
     pytest.param({"image": png_base64(noise_image(1, 1))}, "image", id="1x1"),
