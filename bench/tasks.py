@@ -190,7 +190,7 @@ def steps_run(task: str, plan: Plan) -> str:
     if task == "txt2img":
         return str(plan.steps)
     if task == "hires":
-        return f"{plan.steps} + {int(plan.steps * HIRES_STRENGTH)}"
+        return f"{plan.steps} + {plan.steps}"
     return str(int(plan.steps * STRENGTH))
 
 
@@ -248,7 +248,9 @@ class Bare:
         elif task == "hires":
             latents = self._ready(self.text)(**common, **size, output_type="latent").images
             larger = torch.nn.functional.interpolate(latents, scale_factor=plan.hires_scale, mode="bilinear")
-            result = self._ready(self.img2img)(**common, image=larger, strength=HIRES_STRENGTH)
+            # A1111's count, as the worker runs it: all `steps`, the last of a schedule stretched to steps / strength.
+            stretched = {**common, "num_inference_steps": int(steps / HIRES_STRENGTH)}
+            result = self._ready(self.img2img)(**stretched, image=larger, strength=HIRES_STRENGTH)
         else:
             raise ValueError(task)
         image: Image.Image = result.images[0]

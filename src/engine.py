@@ -137,10 +137,16 @@ class _Job:
         if self.on_progress and advanced and due:
             self.last_report, self.last_reported_step = now, steps_done
             self.on_progress({"step": steps_done, "total_steps": self.total_steps})
+        self._check_deadline(now, f"at denoising step {max(steps_done, 1)} of {self.total_steps}")
+
+    def texts_encoded(self, done: int, total: int) -> None:
+        """``done`` of the job's ``total`` prompt texts are encoded: stop the job when it is late."""
+        self._check_deadline(self.clock(), f"while encoding the prompts ({done} of {total} texts)")
+
+    def _check_deadline(self, now: float, where: str) -> None:
         if now > self.deadline:
             raise GenerationTimeoutError(
-                f"generation stopped: it ran past GENERATION_TIMEOUT_SECONDS={self.timeout_s:g} "
-                f"at denoising step {max(steps_done, 1)} of {self.total_steps}"
+                f"generation stopped: it ran past GENERATION_TIMEOUT_SECONDS={self.timeout_s:g} {where}"
             )
 
 
@@ -287,6 +293,7 @@ class Engine:
             raise InputError(f"invalid input: {'; '.join(problems)}")
         width, height = request.output_size
         passes = tasks.passes(request, images, controls)
+        texts = self._plan_texts(request, passes)
         plan = plan_sub_batch(
             self.profile,
             width,
@@ -298,6 +305,7 @@ class Engine:
             adapter_bytes=self.loras.gpu_bytes(request.loras, self.dtype.itemsize)
             + self.controlnets.gpu_bytes(request.controlnets),
             control_units=len(request.controlnets),
+            prompt_bytes=self._prompt_bytes(texts),
         )
         steps = sum(step.denoising_steps for step in passes)
         job = _Job(
@@ -324,7 +332,7 @@ class Engine:
                 self.controlnets.for_job(request.controlnets, guidance=guidance) as job.controlnet,
             ):
                 # 4. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
-                job.schedule = self._encode_prompts(request, passes)
+                job.schedule = self._encode_prompts(request, texts, job)
 
                 # 5. Generate; after an OOM, free memory and retry frugally once.
                 result = self._attempt(job, plan, frugal=False)
@@ -356,21 +364,40 @@ class Engine:
             loras=loras,
         )
 
-    def _encode_prompts(self, request: GenerateRequest, passes: list[tasks.Pass]) -> prompts.Schedule:
-        """Both prompts' embeddings for each step of each pass, A1111's syntax and prompt editing read;
-        a prompt that cannot be encoded is an input error."""
+    def _plan_texts(self, request: GenerateRequest, passes: list[tasks.Pass]) -> prompts.TextPlan:
+        """The texts prompt editing makes of both prompts in each pass, read before the GPU lock; a prompt
+        that nests too deep or makes more than MAX_PROMPT_TEXTS texts is an input error."""
+        try:
+            return prompts.plan_texts(
+                request.prompt_text,
+                request.negative_prompt,
+                [step.prompt_span for step in passes],
+                max_texts=self.settings.max_prompt_texts,
+            )
+        except prompts.PromptError as error:
+            raise InputError(f"invalid input: {error}") from None
+
+    def _prompt_bytes(self, texts: prompts.TextPlan) -> int:
+        """GPU memory the job's prompt embeddings may take: each text at MAX_PROMPT_CHUNKS chunks (its
+        length is known only once tokenized, under the lock)."""
+        width = int(self._pipeline.text_encoder.config.hidden_size)
+        rows = self.settings.max_prompt_chunks * (prompts.CHUNK_TOKENS + 2)
+        return len(texts.texts()) * rows * width * self.dtype.itemsize
+
+    def _encode_prompts(self, request: GenerateRequest, texts: prompts.TextPlan, job: _Job) -> prompts.Schedule:
+        """Both prompts' embeddings for each step of each pass, A1111's syntax read, each distinct text
+        once; a prompt that cannot be encoded is an input error, and the deadline is checked after each text."""
         pipeline = self._pipeline
         try:
             return prompts.encode_schedule(
-                request.prompt_text,
-                request.negative_prompt,
-                [step.denoising_steps for step in passes],
+                texts,
                 tokenizer=pipeline.tokenizer,
                 text_encoder=pipeline.text_encoder,
                 device=pipeline._execution_device,
                 clip_skip=request.clip_skip,
                 max_chunks=self.settings.max_prompt_chunks,
                 embeddings=self.embeddings,
+                on_encoded=job.texts_encoded,
             )
         except prompts.PromptError as error:
             raise InputError(f"invalid input: {error}") from None
@@ -422,7 +449,7 @@ class Engine:
         """One pipeline call (the pass ``pass_index``) for the images ``indices``; returns its latents."""
         request, schedule, step = job.request, job.schedule, job.passes[pass_index]
         assert schedule is not None, "the prompts are encoded before the first pass"
-        encoded = schedule.at(pass_index, 1)
+        encoded = schedule.at(pass_index, 0)
         switches = len(schedule.passes[pass_index]) > 1
         arguments = step.arguments_for(len(indices))
         if step.upscale_to is not None:
@@ -583,11 +610,12 @@ class _PromptSwitch:
         assert job.schedule is not None
         self.job, self.pass_index, self.images = job, pass_index, images
         self.schedule = job.schedule
-        self.current = self.schedule.at(pass_index, 1)
+        self.current = self.schedule.at(pass_index, 0)
 
     def __call__(self, pipeline: Any, index: int, timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
         tensors = self.job.on_step_end(pipeline, index, timestep, tensors)
-        upcoming = self.schedule.at(self.pass_index, self.job.steps_in_run(pipeline, index) + 1)
+        # The next step's index from 0 is the number of steps done.
+        upcoming = self.schedule.at(self.pass_index, self.job.steps_in_run(pipeline, index))
         if upcoming is not self.current:
             self.current = upcoming
             # As the pipeline lays them out: each prompt once per image, the negatives first under guidance.

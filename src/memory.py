@@ -106,10 +106,12 @@ def estimate_peak_bytes(
     safety_checker: bool = False,
     adapter_bytes: int = 0,
     control_units: int = 0,
+    prompt_bytes: int = 0,
 ) -> float:
     """Estimated peak GPU memory for generating ``batch`` images of ``width`` x ``height`` at once,
     with the safety checker's weights when it is loaded, the job's LoRA and ControlNet weights
-    (``adapter_bytes``), and the activations of its ``control_units`` ControlNet units."""
+    (``adapter_bytes``), the activations of its ``control_units`` ControlNet units, and its prompts'
+    embeddings (``prompt_bytes``: every text prompt editing makes is encoded before the first step)."""
     scale = dtype_bytes / 2
     weights = sum(WEIGHTS_FP16.values()) * scale
     if profile is Profile.LOW:
@@ -122,7 +124,7 @@ def estimate_peak_bytes(
         weights = 0.2e9 * scale
     if safety_checker:
         weights += SAFETY_CHECKER_FP16 * scale
-    weights += adapter_bytes
+    weights += adapter_bytes + prompt_bytes
     latent_pixels = (width // 8) * (height // 8)
     unet = UNET_BYTES_PER_LATENT_PIXEL * latent_pixels * 2 * batch * scale
     # Each ControlNet unit runs about 40% of the UNet's work (its encoder half) and keeps its residuals.
@@ -153,6 +155,7 @@ def plan_sub_batch(
     safety_checker: bool = False,
     adapter_bytes: int = 0,
     control_units: int = 0,
+    prompt_bytes: int = 0,
 ) -> Plan:
     """The largest sub-batch whose estimate fits the GPU; with VAE tiling when nothing fits without it.
 
@@ -177,6 +180,7 @@ def plan_sub_batch(
                 safety_checker=safety_checker,
                 adapter_bytes=adapter_bytes,
                 control_units=control_units,
+                prompt_bytes=prompt_bytes,
             )
             if estimate <= budget:
                 return Plan(batch, vae_tiling=tiling)
@@ -190,6 +194,7 @@ def plan_sub_batch(
         safety_checker=safety_checker,
         adapter_bytes=adapter_bytes,
         control_units=control_units,
+        prompt_bytes=prompt_bytes,
     )
     checker = ", safety checker included" if safety_checker else ""
     if adapter_bytes:

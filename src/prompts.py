@@ -8,14 +8,16 @@ from step to step. A prompt of any length is encoded 75 tokens at a time, each
 chunk alone, and the chunks are concatenated, so nothing past CLIP's 77 tokens
 is dropped. compel does not read this syntax and sd_embed is not on the package
 index, hence this module. It knows CLIP and the tokenizer, nothing of RunPod or
-pydantic; the engine calls ``encode_schedule`` under the GPU lock.
+pydantic; the engine calls ``plan_texts`` before the GPU lock, so that a prompt that
+cannot run is refused before any work, and ``encode_schedule`` under it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +155,7 @@ class _ChunkBuilder:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.comma = tokenizer.convert_tokens_to_ids(",</w>") if ",</w>" in tokenizer.get_vocab() else None
+        self.comma = _vocabulary(tokenizer).comma
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rows: list[Row] = []
         self.current = Row([], [], [])
@@ -221,7 +223,7 @@ def to_chunks(text: str, tokenizer: Any, embeddings: Mapping[str, Any] | None = 
     )
     embeddings = embeddings or {}
     names = _name_tokens(tokenizer, embeddings)
-    word_ends = _word_end_tokens(tokenizer) if names else frozenset()
+    word_ends = _vocabulary(tokenizer).word_ends if names else frozenset()
     builder = _ChunkBuilder(tokenizer)
     used: list[str] = []
     for piece, weight in runs:
@@ -252,9 +254,30 @@ def _name_tokens(tokenizer: Any, embeddings: Mapping[str, Any]) -> list[tuple[st
     return sorted((item for item in named if item[1]), key=lambda item: -len(item[1]))
 
 
-def _word_end_tokens(tokenizer: Any) -> frozenset[int]:
-    """The tokens that end a word (CLIP's BPE marks them with ``</w>``)."""
-    return frozenset(token for text, token in tokenizer.get_vocab().items() if text.endswith("</w>"))
+@dataclass(frozen=True)
+class _Vocabulary:
+    """What chunking needs from the tokenizer's vocabulary of 49,408 entries, read once per tokenizer."""
+
+    comma: int | None
+    # The tokens that end a word (CLIP's BPE marks them with ``</w>``).
+    word_ends: frozenset[int]
+
+
+# Keyed weakly: a tokenizer that is let go takes its entry with it.
+_VOCABULARIES: weakref.WeakKeyDictionary[Any, _Vocabulary] = weakref.WeakKeyDictionary()
+
+
+def _vocabulary(tokenizer: Any) -> _Vocabulary:
+    """The tokenizer's ``_Vocabulary``; the caller holds the GPU lock, so no two threads build it at once."""
+    known = _VOCABULARIES.get(tokenizer)
+    if known is None:
+        vocabulary = tokenizer.get_vocab()
+        known = _Vocabulary(
+            comma=vocabulary.get(",</w>"),
+            word_ends=frozenset(token for text, token in vocabulary.items() if text.endswith("</w>")),
+        )
+        _VOCABULARIES[tokenizer] = known
+    return known
 
 
 def _embedding_at(
@@ -296,9 +319,8 @@ def encode_prompts(
     clip_skip: int = 1,
     max_chunks: int = 8,
     embeddings: Mapping[str, Any] | None = None,
-    min_chunks: int = 1,
 ) -> Encoded:
-    """Encode a prompt and its negative as A1111 does, in at least ``min_chunks`` chunks.
+    """Encode a prompt and its negative as A1111 does, as written (no prompt editing).
 
     1. Parse and tokenize each into chunks of 75 tokens with their weights.
     2. Pad the shorter with empty chunks, so both have the same length.
@@ -310,30 +332,20 @@ def encode_prompts(
         PromptError: a prompt needs more than ``max_chunks`` chunks, or the text encoder has
             fewer layers than ``clip_skip`` asks to skip.
     """
-    layers = int(text_encoder.config.num_hidden_layers)
-    if clip_skip > layers:
-        raise PromptError(f"clip_skip={clip_skip}: this model's text encoder has {layers} layers; use 1 to {layers}")
-    # 1. Chunks.
-    chunked = {
-        "prompt": to_chunks(prompt, tokenizer, embeddings),
-        "negative_prompt": to_chunks(negative_prompt, tokenizer, embeddings),
-    }
-    for name, chunks in chunked.items():
-        if len(chunks.rows) > max_chunks:
-            raise PromptError(
-                f"{name}: {chunks.tokens} tokens make {len(chunks.rows)} chunks of {CHUNK_TOKENS}; "
-                f"at most {max_chunks} (MAX_PROMPT_CHUNKS)"
-            )
-    # 2. The same length.
-    length = max(min_chunks, *(len(chunks.rows) for chunks in chunked.values()))
-    embeds = {}
-    for name, chunks in chunked.items():
-        rows = chunks.rows + [empty_chunk(tokenizer)] * (length - len(chunks.rows))
-        # 3-5. Encode, weight, concatenate.
-        embeds[name] = torch.cat([_encode_chunk(row, text_encoder, device, clip_skip) for row in rows], dim=1)
-    counts = {name: {"tokens": chunks.tokens, "chunks": len(chunks.rows)} for name, chunks in chunked.items()}
-    used = list(dict.fromkeys(embedding for chunks in chunked.values() for embedding in chunks.embeddings))
-    return Encoded(embeds["prompt"], embeds["negative_prompt"], counts, used)
+    plan = TextPlan([[(1, prompt, negative_prompt)]])
+    encoding = {"tokenizer": tokenizer, "text_encoder": text_encoder, "device": device, "clip_skip": clip_skip}
+    return encode_schedule(plan, max_chunks=max_chunks, embeddings=embeddings, **encoding).first
+
+
+def _chunked(text: str, name: str, tokenizer: Any, embeddings: Mapping[str, Any] | None, max_chunks: int) -> Chunks:
+    """``to_chunks``, refused past ``max_chunks``; ``name`` is the field the text came from."""
+    chunks = to_chunks(text, tokenizer, embeddings)
+    if len(chunks.rows) > max_chunks:
+        raise PromptError(
+            f"{name}: {chunks.tokens} tokens make {len(chunks.rows)} chunks of {CHUNK_TOKENS}; "
+            f"at most {max_chunks} (MAX_PROMPT_CHUNKS)"
+        )
+    return chunks
 
 
 def _encode_chunk(row: Row, text_encoder: Any, device: torch.device, clip_skip: int) -> torch.Tensor:
@@ -394,6 +406,10 @@ def _weighted(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
 
 # --- prompt editing: [from:to:when] and [a|b] ------------------------------------------------------
 
+# Square brackets may nest this deep; a prompt that nests deeper is refused before any work. (A1111 sets no
+# limit; editing is read recursively, and 500 levels would exhaust Python's stack.)
+MAX_BRACKET_DEPTH = 32
+
 
 @dataclass(frozen=True)
 class _Scheduled:
@@ -421,19 +437,52 @@ class _Group:
 _NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
 
 
-def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+def check_nesting(text: str, name: str) -> None:
+    """Refuse ``text`` when its square brackets nest deeper than ``MAX_BRACKET_DEPTH``.
+
+    An unclosed bracket counts as open to the end of the text. Reads the text once, without recursion.
+
+    Raises:
+        PromptError: too deep; the message names the field ``name``.
+    """
+    depth = deepest = position = 0
+    while position < len(text):
+        char = text[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == "[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == "]" and depth:
+            depth -= 1
+        position += 1
+    if deepest > MAX_BRACKET_DEPTH:
+        raise PromptError(
+            f"{name}: square brackets nest {deepest} deep (an unclosed one counts to the end); "
+            f"at most {MAX_BRACKET_DEPTH}"
+        )
+
+
+def prompt_schedule(text: str, steps: int, *, after: int | None = None) -> list[tuple[int, str]]:
     """The prompt as A1111's prompt editing makes it at each of ``steps`` steps: ``(last step, text)``
     pairs, in order, each text differing from the one before. Without editing: ``[(steps, text)]``.
 
+    ``after`` is for the hires pass: the first pass's steps. As in A1111 1.6 and later, a ``when``
+    without a dot then counts on from them (``[cat:dog:15]`` after 20 steps is "dog" throughout) and
+    a fraction counts from 1.0 (``1.5`` is half of the hires steps).
+
         >>> prompt_schedule("a [cat:dog:0.5]", 4)
         [(2, 'a cat'), (4, 'a dog')]
+
+    The text must have passed ``check_nesting``.
     """
     if "[" not in text:
         return [(steps, text)]
     nodes = _editing_nodes(text)
     schedule: list[tuple[int, str]] = []
     for step in range(1, steps + 1):
-        rendered = _render(nodes, step, steps)
+        rendered = _render(nodes, step, steps, after)
         if schedule and schedule[-1][1] == rendered:
             schedule[-1] = (step, rendered)
         else:
@@ -517,20 +566,95 @@ def _split_top(text: str, separator: str) -> list[str]:
     return parts
 
 
-def _render(nodes: list[Any], step: int, steps: int) -> str:
+def _render(nodes: list[Any], step: int, steps: int, after: int | None) -> str:
     out = []
     for node in nodes:
         if isinstance(node, str):
             out.append(node)
         elif isinstance(node, _Group):
-            out.append("[" + _render(node.inside, step, steps) + "]")
+            out.append("[" + _render(node.inside, step, steps, after) + "]")
         elif isinstance(node, _Alternate):
-            out.append(_render(node.options[(step - 1) % len(node.options)], step, steps))
+            out.append(_render(node.options[(step - 1) % len(node.options)], step, steps, after))
         else:
-            value = float(node.when)
-            when = min(steps, int(value * steps if "." in node.when else value))
-            out.append(_render(node.before if step <= when else node.after, step, steps))
+            out.append(
+                _render(
+                    node.before if step <= _switch_step(node.when, steps, after) else node.after, step, steps, after
+                )
+            )
     return "".join(out)
+
+
+def _switch_step(when: str, steps: int, after: int | None) -> int:
+    """The last step of ``before`` for a ``when`` as written: A1111's get_learned_conditioning_prompt_schedules.
+
+    In the hires pass (``after`` set) a step number counts on from the first pass's ``after`` steps and a
+    fraction from 1.0; the result may be 0 or below, which means ``after`` from the first step.
+    """
+    value = float(when)
+    if "." in when:
+        value = (value - (1.0 if after is not None else 0.0)) * steps
+    elif after is not None:
+        value -= after
+    return min(steps, int(value))
+
+
+@dataclass(frozen=True)
+class Span:
+    """The steps one pass's prompt editing counts over, as A1111 counts them.
+
+    ``steps``: the pass's steps (for img2img, inpaint and outpaint, ``num_inference_steps``, of which the
+    pass runs the last part). ``after``: for the hires pass, the first pass's steps.
+    """
+
+    steps: int
+    after: int | None = None
+
+
+@dataclass(frozen=True)
+class TextPlan:
+    """The texts prompt editing makes of a job's two prompts, before anything is encoded:
+    for each pass, ``(last step, prompt, negative prompt)`` in order."""
+
+    passes: list[list[tuple[int, str, str]]]
+
+    def texts(self) -> dict[str, str]:
+        """Each distinct text once, in order of first use, with the field it first came from."""
+        named: dict[str, str] = {}
+        for run in self.passes:
+            for _, positive, negative in run:
+                named.setdefault(positive, "prompt")
+                named.setdefault(negative, "negative_prompt")
+        return named
+
+
+def plan_texts(prompt: str, negative_prompt: str, spans: list[Span], *, max_texts: int) -> TextPlan:
+    """Read both prompts' editing syntax for passes counted as ``spans``: on the CPU, before the job
+    waits for the GPU, so that a prompt that cannot run is refused before any work.
+
+    Raises:
+        PromptError: brackets nest deeper than ``MAX_BRACKET_DEPTH``, or editing makes more than
+            ``max_texts`` distinct texts; the message names the field.
+    """
+    check_nesting(prompt, "prompt")
+    check_nesting(negative_prompt, "negative_prompt")
+    runs = []
+    for span in spans:
+        positive = prompt_schedule(prompt, span.steps, after=span.after)
+        negative = prompt_schedule(negative_prompt, span.steps, after=span.after)
+        runs.append(_joint(positive, negative))
+    plan = TextPlan(runs)
+    texts = plan.texts()
+    if len(texts) > max_texts:
+        edited = [
+            name
+            for name, index in (("prompt", 1), ("negative_prompt", 2))
+            if len({row[index] for run in runs for row in run}) > 1
+        ]
+        raise PromptError(
+            f"{' and '.join(edited)}: prompt editing makes {len(texts)} distinct texts in this job "
+            f"(prompt and negative prompt, every pass); at most {max_texts} (MAX_PROMPT_TEXTS)"
+        )
+    return plan
 
 
 @dataclass(frozen=True)
@@ -544,38 +668,70 @@ class Schedule:
     def first(self) -> Encoded:
         return self.passes[0][0][1]
 
-    def at(self, pass_index: int, step: int) -> Encoded:
-        """The prompts for ``step`` (from 1) of the pass ``pass_index``."""
+    def at(self, pass_index: int, index: int) -> Encoded:
+        """The prompts for the step ``index`` (from 0) of the pass ``pass_index``.
+
+        As A1111's reconstruct_cond_batch, which compares its denoiser's step counter (from 0) with each
+        text's last step (from 1): a text ending at step k still serves the step k + 1 (its index k).
+        """
         schedule = self.passes[pass_index]
-        return next((encoded for last, encoded in schedule if step <= last), schedule[-1][1])
+        return next((encoded for last, encoded in schedule if index <= last), schedule[-1][1])
 
     @property
     def embeddings(self) -> list[str]:
         return list(dict.fromkeys(name for run in self.passes for _, encoded in run for name in encoded.embeddings))
 
 
-def encode_schedule(prompt: str, negative_prompt: str, steps: list[int], **encoding: Any) -> Schedule:
-    """Encode both prompts for passes of ``steps`` steps each, once per distinct text prompt editing makes.
+def encode_schedule(
+    plan: TextPlan,
+    *,
+    tokenizer: Any,
+    text_encoder: Any,
+    device: torch.device,
+    clip_skip: int = 1,
+    max_chunks: int = 8,
+    embeddings: Mapping[str, Any] | None = None,
+    on_encoded: Callable[[int, int], None] | None = None,
+) -> Schedule:
+    """Encode each distinct text of ``plan`` once, all padded to the same number of chunks.
 
-    ``encoding`` is ``encode_prompts``' keywords (tokenizer, text_encoder, device, clip_skip, max_chunks,
-    embeddings).
+    ``on_encoded(done, total)`` is called after each text, so that the caller can stop a job that runs
+    past its deadline.
 
     Raises:
-        PromptError: as ``encode_prompts``.
+        PromptError: a text needs more than ``max_chunks`` chunks, or the text encoder has fewer layers
+            than ``clip_skip`` asks to skip.
     """
-    joint = [_joint(prompt_schedule(prompt, count), prompt_schedule(negative_prompt, count)) for count in steps]
-    pairs = {(positive, negative) for run in joint for _, positive, negative in run}
-    length = 1  # one pair: encode_prompts already pads the prompt and its negative to each other
-    if len(pairs) > 1:
-        tokenizer, embeddings = encoding["tokenizer"], encoding.get("embeddings")
-        texts = {text for pair in pairs for text in pair}
-        length = max(len(to_chunks(text, tokenizer, embeddings).rows) for text in texts)
-    encoded: dict[tuple[str, str], Encoded] = {}
-    for run in joint:
+    layers = int(text_encoder.config.num_hidden_layers)
+    if clip_skip > layers:
+        raise PromptError(f"clip_skip={clip_skip}: this model's text encoder has {layers} layers; use 1 to {layers}")
+    # 1. Chunks, every text's, before any is encoded: a text too long is refused before the work.
+    texts = plan.texts()
+    chunked = {text: _chunked(text, name, tokenizer, embeddings, max_chunks) for text, name in texts.items()}
+    # 2. The same length for all, so that any can replace any other between steps.
+    length = max(len(chunks.rows) for chunks in chunked.values())
+    # 3-5. Encode, weight and concatenate each text's chunks.
+    embeds: dict[str, torch.Tensor] = {}
+    for done, (text, chunks) in enumerate(chunked.items(), start=1):
+        rows = chunks.rows + [empty_chunk(tokenizer)] * (length - len(chunks.rows))
+        embeds[text] = torch.cat([_encode_chunk(row, text_encoder, device, clip_skip) for row in rows], dim=1)
+        if on_encoded is not None:
+            on_encoded(done, len(chunked))
+    pairs: dict[tuple[str, str], Encoded] = {}
+    for run in plan.passes:
         for _, positive, negative in run:
-            if (positive, negative) not in encoded:
-                encoded[positive, negative] = encode_prompts(positive, negative, min_chunks=length, **encoding)
-    return Schedule([[(last, encoded[positive, negative]) for last, positive, negative in run] for run in joint])
+            if (positive, negative) not in pairs:
+                first, second = chunked[positive], chunked[negative]
+                pairs[positive, negative] = Encoded(
+                    embeds[positive],
+                    embeds[negative],
+                    {
+                        "prompt": {"tokens": first.tokens, "chunks": len(first.rows)},
+                        "negative_prompt": {"tokens": second.tokens, "chunks": len(second.rows)},
+                    },
+                    list(dict.fromkeys(first.embeddings + second.embeddings)),
+                )
+    return Schedule([[(last, pairs[positive, negative]) for last, positive, negative in run] for run in plan.passes])
 
 
 def _joint(positive: list[tuple[int, str]], negative: list[tuple[int, str]]) -> list[tuple[int, str, str]]:

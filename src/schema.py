@@ -101,6 +101,10 @@ RESIZE_MODE_ALIASES: Mapping[str, str] = {
 STRENGTH_DEFAULT = 0.75
 HIRES_STRENGTH_DEFAULT = 0.5
 HIRES_SCALE_MAX = 2.0
+# A1111's setup_img2img_steps divides by the strength capped at this, so a strength of 1 still stretches a little.
+HIRES_STRENGTH_CAP = 0.999
+# The hires pass's stretched schedule may not pass SD 1.5's training timesteps (diffusers' schedulers refuse it).
+HIRES_SCHEDULE_MAX = 1000
 MASK_BLUR_MAX = 64
 INPAINT_PADDING_MAX = 256
 # The size a job runs at is a multiple of this; hires' second pass only needs the latent grid's 8.
@@ -275,7 +279,9 @@ class Hires(BaseModel):
     )
     steps: StrictInt = Field(
         ge=1,
-        description="Steps of the second pass, 1 to `MAX_STEPS`.",
+        description="Steps the second pass runs, exactly, as A1111's Hires steps: 1 to `MAX_STEPS`; 0 is "
+        "`num_inference_steps`, as in A1111. The schedule is stretched to int(steps / strength) steps "
+        f"(strength at most 0.999; at most {HIRES_SCHEDULE_MAX}) and the pass runs its last `steps`.",
         json_schema_extra={"shown_default": "`num_inference_steps`"},
     )
     strength: float = Field(
@@ -284,8 +290,7 @@ class Hires(BaseModel):
         gt=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description=f"Denoising strength of the second pass, above 0 and at most 1; default {HIRES_STRENGTH_DEFAULT}. "
-        "It runs int(steps x strength) steps, at least 1.",
+        description=f"Denoising strength of the second pass, above 0 and at most 1; default {HIRES_STRENGTH_DEFAULT}.",
     )
     upscaler: Literal["latent", "lanczos"] = Field(
         "latent",
@@ -307,17 +312,19 @@ class Hires(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _runs_a_step(self) -> Hires:
-        if int(self.steps * self.strength) < 1:
+    def _schedule_within_the_timesteps(self) -> Hires:
+        if self.schedule_steps > HIRES_SCHEDULE_MAX:
             raise ValueError(
-                f"steps x strength = {self.steps} x {self.strength:g} runs int({self.steps * self.strength:g}) = 0 "
-                "steps: it must run at least 1; raise steps or strength"
+                f"steps / strength = {self.steps} / {self.strength:g} stretches the second pass's schedule to "
+                f"{self.schedule_steps} steps: at most {HIRES_SCHEDULE_MAX}, the model's training timesteps; "
+                "lower steps or raise strength"
             )
         return self
 
     @property
-    def denoising_steps(self) -> int:
-        return int(self.steps * self.strength)
+    def schedule_steps(self) -> int:
+        """The steps of the stretched schedule whose last ``steps`` the pass runs: A1111's setup_img2img_steps."""
+        return int(self.steps / min(self.strength, HIRES_STRENGTH_CAP))
 
 
 class LoraRequest(BaseModel):
@@ -708,7 +715,10 @@ class GenerateRequest(BaseModel):
                 defaults.update(width=512, height=512)
             data = {**defaults, **data}
             hires = data.get("hires")
-            if isinstance(hires, dict) and "steps" not in hires:
+            # Unset or 0 (A1111's hr_second_pass_steps=0): as many as the first pass.
+            if isinstance(hires, dict) and (
+                "steps" not in hires or (type(hires["steps"]) is int and hires["steps"] == 0)
+            ):
                 data["hires"] = {**hires, "steps": data["num_inference_steps"]}
             data = _merge_lora_tags(data)
         return data

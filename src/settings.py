@@ -311,6 +311,14 @@ class Settings(BaseModel):
         le=64,
         description="Most chunks of 75 tokens a prompt may encode to (8: 600 tokens); 1 to 64.",
     )
+    max_prompt_texts: int = Field(
+        64,
+        alias="MAX_PROMPT_TEXTS",
+        ge=2,
+        le=1000,
+        description="Most distinct texts prompt editing (`[a:b:when]`, `[a|b]`) may make of one job's prompt and "
+        "negative prompt over all its passes, each encoded by CLIP before the first step; 2 to 1000.",
+    )
     memory_profile: Literal["auto", "high", "balanced", "low", "minimal"] = Field(
         "auto",
         alias="MEMORY_PROFILE",

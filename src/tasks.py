@@ -10,6 +10,7 @@ retry, NaN guard); nothing here touches them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from diffusers import (
 from PIL import Image
 
 from src.canvas import ControlMaps, TaskImages
+from src.prompts import Span
 from src.schema import GenerateRequest
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -53,6 +55,8 @@ class Pass:
     # num_inference_steps as given to the pipeline, and the steps it runs (fewer with strength below 1).
     steps: int
     denoising_steps: int
+    # The steps its prompt editing counts over, as A1111 counts them.
+    prompt_span: Span
     # The task's own arguments (size, image, mask, strength).
     arguments: dict[str, Any] = field(default_factory=dict)
     # Hires: the image comes from the previous pass, enlarged to this size by this upscaler.
@@ -106,16 +110,21 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
             StableDiffusionPipeline,
             steps=request.num_inference_steps,
             denoising_steps=request.num_inference_steps,
+            prompt_span=Span(request.num_inference_steps),
             arguments={"width": width, "height": height},
         )
         if request.hires is None:
             return [first]
         hires = request.hires
+        # A1111's sample_hr_pass runs exactly `Hires steps`: setup_img2img_steps stretches the schedule to
+        # int(steps / strength) steps and starts where `steps` of them are left.
+        schedule = hires.schedule_steps
         second = Pass(
             StableDiffusionImg2ImgPipeline,
-            steps=hires.steps,
-            denoising_steps=hires.denoising_steps,
-            arguments={"strength": hires.strength},
+            steps=schedule,
+            denoising_steps=hires.steps,
+            prompt_span=Span(hires.steps, after=request.num_inference_steps),
+            arguments={"strength": strength_for(schedule, hires.steps)},
             upscale_to=request.output_size,
             upscaler=hires.upscaler,
         )
@@ -129,9 +138,23 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
             PIPELINES[task],
             steps=request.num_inference_steps,
             denoising_steps=request.denoising_steps,
+            # As A1111's img2img: editing counts over all the steps asked for, from the first step that runs.
+            prompt_span=Span(request.num_inference_steps),
             arguments=arguments,
         )
     ]
+
+
+def strength_for(steps: int, runs: int) -> float:
+    """The img2img ``strength`` with which diffusers runs the last ``runs`` of ``steps`` steps.
+
+    diffusers runs int(steps x strength) of them; runs / steps in floating point can land a hair below
+    the integer (int(3 x (1 / 3)) is 0), so it is raised to the next float until it does not.
+    """
+    strength = runs / steps
+    while int(steps * strength) < runs:
+        strength = math.nextafter(strength, math.inf)
+    return strength
 
 
 def upscale_latents(latents: torch.Tensor, size: tuple[int, int], scale_factor: int) -> torch.Tensor:

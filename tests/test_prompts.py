@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import save_file
 
 import handler
 from builder.tiny_model import TEXT_WIDTH
 from src.adapters import load_embeddings
 from src.engine import Engine, Generation
-from src.errors import AdapterError
+from src.errors import AdapterError, GenerationTimeoutError
+from src.memory import Profile, estimate_peak_bytes
 from src.outputs import a1111_parameters
-from src.prompts import CHUNK_TOKENS, parse_prompt_attention, prompt_schedule, to_chunks
+from src.prompts import (
+    CHUNK_TOKENS,
+    PromptError,
+    Span,
+    parse_prompt_attention,
+    plan_texts,
+    prompt_schedule,
+    to_chunks,
+)
 from src.schedulers import make_scheduler
 from src.schema import parse_input
 from src.settings import load_settings
 from tests.conftest import decode_png
+from tests.test_resilience import FakeClock, injected, load_engine
 
 FAST = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 5}
 
@@ -128,6 +143,12 @@ def ok(**fields: Any) -> dict[str, Any]:
     result = run(**fields)
     assert "error" not in result, result["error"]
     return result
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def pixels(result: dict[str, Any]) -> np.ndarray:
@@ -275,14 +296,18 @@ def test_an_embedding_not_named_changes_nothing(ti_engine: Engine) -> None:
     assert np.array_equal(np.asarray(with_folder.images[0]), np.asarray(reference.images[0]))
 
 
-def test_the_parameters_list_the_embeddings_as_a1111_does(ti_engine: Engine) -> None:
+def a1111_ti_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def test_the_parameters_list_the_embeddings_as_a1111_does(ti_engine: Engine, embeddings_dir: Path) -> None:
     generation = ti_generate(ti_engine, "a tinyfox")
     request = parse_input({"input": {"prompt": "a tinyfox", **FAST}}, ti_engine.settings)
     text = a1111_parameters(request, 5, "tiny", embeddings=generation.embeddings)
 
-    digest = ti_engine.embeddings["tinyfox"].short_hash
+    # A1111's textual_inversion hash: the SHA-256 of the whole file, its first 12 hex digits.
+    digest = a1111_ti_hash(embeddings_dir / "tinyfox.safetensors")
     assert text.endswith(f'TI hashes: "tinyfox: {digest}"')
-    assert len(digest) == 12
 
 
 @pytest.mark.parametrize(
@@ -353,6 +378,158 @@ def test_prompt_editing_schedules_as_a1111(text: str, steps: int, expected: list
     assert prompt_schedule(text, steps) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "steps", "after", "expected"),
+    [
+        # A1111's own doctests for hires_steps: a fraction counts from 1.0, a step number from the first pass.
+        ("a [b:.5] c", 10, 10, [(10, "a b c")]),
+        ("a [b:1.5] c", 10, 10, [(5, "a  c"), (10, "a b c")]),
+        ("a [cat:dog:15]", 10, 20, [(10, "a dog")]),
+        ("a [cat:dog:25]", 10, 20, [(5, "a cat"), (10, "a dog")]),
+        ("a [cat|dog]", 3, 20, [(1, "a cat"), (2, "a dog"), (3, "a cat")]),
+    ],
+)
+def test_the_hires_pass_schedules_as_a1111(text: str, steps: int, after: int, expected: list[tuple[int, str]]) -> None:
+    assert prompt_schedule(text, steps, after=after) == expected
+
+
+# --- what prompt editing may cost: nesting, texts, the deadline ------------------------------------------
+
+DEEP = "[" * 500 + "a" + "]" * 500
+
+
+class _GpuLockTaken:
+    """Stands in for the engine's GPU lock: a job that takes it fails, naming the lock."""
+
+    def __enter__(self) -> None:
+        raise AssertionError("the job took the GPU lock")
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+
+@pytestmark_worker
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        pytest.param({"prompt": DEEP}, "prompt: square brackets nest 500 deep", id="prompt"),
+        pytest.param({"negative_prompt": DEEP}, "negative_prompt: square brackets nest 500 deep", id="negative"),
+        pytest.param({"prompt": DEEP, "hires": {"scale": 1.5}}, "prompt: square brackets nest 500 deep", id="hires"),
+        pytest.param({"prompt": "[" * 2000}, "prompt: square brackets nest 2000 deep", id="unclosed"),
+        pytest.param(
+            {"prompt": "a [" + "|".join(f"w{index}" for index in range(65)) + "]", "num_inference_steps": 65},
+            "prompt: prompt editing makes 66 distinct texts",
+            id="texts",
+        ),
+        pytest.param(
+            {"negative_prompt": "[" + "|".join(f"w{index}" for index in range(64)) + "]", "num_inference_steps": 64},
+            "negative_prompt: prompt editing makes 65 distinct texts",
+            id="negative-texts",
+        ),
+        pytest.param(
+            # 40 texts in the first pass (always "x"), 30 more in the hires pass (which switches to "y" at its step 10).
+            {
+                "prompt": "[x:y:50] [" + "|".join(f"w{index}" for index in range(40)) + "]",
+                "num_inference_steps": 40,
+                "hires": {"scale": 1.5},
+            },
+            "prompt: prompt editing makes 71 distinct texts",
+            id="hires-texts",
+        ),
+    ],
+)
+def test_a_prompt_too_costly_to_read_is_refused_before_the_gpu_lock(
+    fields: dict[str, Any], says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = handler.get_engine()
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "_lock", _GpuLockTaken())
+        result = run(**fields)
+
+    assert set(result) == {"error"}
+    assert result["error"].startswith(f"invalid input: {says}")
+    if "texts" in says:
+        assert result["error"].endswith("at most 64 (MAX_PROMPT_TEXTS)")
+    ok()
+
+
+def test_nesting_up_to_the_limit_is_read() -> None:
+    nested = "[" * 31 + "[cat:dog:0.5]" + "]" * 31
+    plan = plan_texts(nested, "", [Span(4)], max_texts=64)
+
+    assert [positive for _, positive, _ in plan.passes[0]] == ["[" * 31 + word + "]" * 31 for word in ("cat", "dog")]
+    with pytest.raises(PromptError, match="prompt: square brackets nest 33 deep"):
+        plan_texts("[" + nested + "]", "", [Span(4)], max_texts=64)
+
+
+class _CountingTokenizer:
+    """The tiny tokenizer, counting the calls that read its whole vocabulary."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.vocabulary_reads = 0
+
+    def get_vocab(self) -> dict[str, int]:
+        self.vocabulary_reads += 1
+        return self.inner.get_vocab()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytestmark_worker
+def test_the_vocabulary_is_read_once_per_tokenizer(ti_engine: Engine) -> None:
+    counting = _CountingTokenizer(tokenizer())
+    for text in ("a fox, in the snow", "a tinyfox, (red:1.2)", "BREAK a cat"):
+        to_chunks(text, counting, ti_engine.embeddings)
+
+    assert counting.vocabulary_reads == 1
+
+
+@pytestmark_worker
+def test_admission_counts_the_embeddings_of_every_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = handler.get_engine()
+    # Each text is counted at MAX_PROMPT_CHUNKS chunks of 77 vectors: its length is known only once tokenized.
+    per_text = 8 * 77 * engine._pipeline.text_encoder.config.hidden_size * engine.dtype.itemsize
+    plain = estimate_peak_bytes(Profile.HIGH, 64, 64, 1, engine.dtype.itemsize, prompt_bytes=2 * per_text)
+    monkeypatch.setattr(engine, "profile", Profile.HIGH)
+    monkeypatch.setattr(engine, "gpu_bytes", int((plain + 4 * per_text) / 0.95))
+
+    assert "error" not in run(prompt="a fox", negative_prompt="blurry")
+    edited = run(prompt="a [" + "|".join(f"w{index}" for index in range(10)) + "]", num_inference_steps=10)
+
+    assert set(edited) == {"error"}
+    assert "needs about" in edited["error"]
+
+
+def test_the_deadline_is_checked_while_the_prompts_are_encoded(tiny_model_dir: Path) -> None:
+    engine = load_engine(tiny_model_dir, "float32")
+    clock = engine.clock
+    assert isinstance(clock, FakeClock)
+
+    def slow_text(_call: int, _inputs: Any, output: Any) -> Any:
+        clock.advance(10)  # each text takes 10 s of the 35 s allowed
+        return output
+
+    unet_calls: list[int] = []
+    prompt = "a [" + "|".join(f"w{index}" for index in range(10)) + "]"
+    request = parse_input({"input": {"prompt": prompt, **FAST, "num_inference_steps": 10}}, engine.settings)
+    with (
+        injected(engine._pipeline.text_encoder, slow_text),
+        injected(engine._pipeline.unet, lambda call, _inputs, output: unet_calls.append(call) or output),
+        pytest.raises(GenerationTimeoutError) as raised,
+    ):
+        engine.generate(request, timeout_s=35)
+
+    assert str(raised.value) == (
+        "generation stopped: it ran past GENERATION_TIMEOUT_SECONDS=35 while encoding the prompts (4 of 11 texts)"
+    )
+    assert unet_calls == []
+
+
 @pytestmark_worker
 def test_prompt_editing_switches_the_prompt_during_the_run() -> None:
     steps = {"num_inference_steps": 4}
@@ -367,30 +544,189 @@ def test_prompt_editing_switches_the_prompt_during_the_run() -> None:
     assert same_image(ok(prompt="a [cat:dog:0.5]", **steps), switched)
 
 
+# --- prompt editing, against pictures made without it ----------------------------------------------
+
+EditSchedule = Callable[[int], tuple[str, str]]
+
+
+def bare(pipeline_class: type[Any]) -> Any:
+    """A bare diffusers pipeline on the worker's weights, with the worker's default scheduler."""
+    base = handler.get_engine()._pipeline
+    scheduler = make_scheduler("DPM++ 2M Karras", base.scheduler.config)
+    pipeline = pipeline_class(**{**base.components, "scheduler": scheduler}, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def by_hand(pipeline: Any, texts: EditSchedule, images: int, **arguments: Any) -> Any:
+    """``pipeline`` called with the texts ``texts(index)`` gives for each step (index from 0), encoded by
+    diffusers' own ``encode_prompt`` and swapped in by a ``callback_on_step_end`` written here."""
+
+    def embeds(index: int, copies: int) -> torch.Tensor:
+        """The negatives, then the prompts, ``copies`` of each: as the pipeline lays them out for guidance."""
+        positive, negative = texts(index)
+        encoded = pipeline.encode_prompt(positive, "cpu", copies, True, negative_prompt=negative)
+        return torch.cat([encoded[1], encoded[0]])
+
+    def swap(_pipeline: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        tensors["prompt_embeds"] = embeds(index + 1, images)
+        return tensors
+
+    negative, positive = embeds(0, 1)
+    return pipeline(
+        prompt_embeds=positive[None],
+        negative_prompt_embeds=negative[None],
+        num_images_per_prompt=images,
+        callback_on_step_end=swap,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        **arguments,
+    ).images
+
+
+def seeded(seed: int, images: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + index) for index in range(images)]
+
+
+def all_pixels(result: dict[str, Any]) -> list[np.ndarray]:
+    return [np.asarray(decode_png(item["image"]), dtype=np.int16) for item in result["images"]]
+
+
+def same_as(result: dict[str, Any], images: list[Any]) -> bool:
+    expected = [np.asarray(image, dtype=np.int16) for image in images]
+    return all(np.array_equal(a, b) for a, b in zip(all_pixels(result), expected, strict=True))
+
+
 @pytestmark_worker
 @pytest.mark.parametrize(
-    "fields",
+    ("edited", "plain"),
     [
-        pytest.param({"num_images": 2}, id="batch"),
-        pytest.param({"guidance_scale": 1.0}, id="no-guidance"),
-        pytest.param({"scheduler": "Heun"}, id="heun"),
-        pytest.param({"negative_prompt": "[blurry:ugly:0.5]"}, id="negative"),
-        pytest.param({"hires": {"scale": 1.5, "steps": 4}}, id="hires"),
+        pytest.param({"prompt": "a [cat:dog:0]"}, {"prompt": "a dog"}, id="to-from-the-start"),
+        pytest.param({"prompt": "a [cat:dog:4]"}, {"prompt": "a cat"}, id="after-the-last-step"),
+        pytest.param({"prompt": "a [cat:dog:0]", "num_images": 2}, {"prompt": "a dog", "num_images": 2}, id="batch"),
+        pytest.param({"negative_prompt": "[blurry:ugly:0]"}, {"negative_prompt": "ugly"}, id="negative-from-the-start"),
+        pytest.param(
+            {"prompt": "a [cat:dog:0]", "hires": {"scale": 1.5, "steps": 3}},
+            {"prompt": "a dog", "hires": {"scale": 1.5, "steps": 3}},
+            id="hires",
+        ),
     ],
 )
-def test_prompt_editing_runs_with_every_kind_of_job(fields: dict[str, Any]) -> None:
-    result = ok(prompt="a [cat:(dog:1.3):0.5], [snow|rain]", num_inference_steps=4, **fields)
+def test_an_edit_that_never_switches_is_the_plain_texts_image(edited: dict[str, Any], plain: dict[str, Any]) -> None:
+    assert same_as(
+        ok(num_inference_steps=4, **edited),
+        [decode_png(item["image"]) for item in ok(num_inference_steps=4, **plain)["images"]],
+    )
 
-    assert result["metadata"]["warnings"] == []
+
+def cat_then_dog(last_cat: int, negative: str = "") -> EditSchedule:
+    return lambda index: ("a cat" if index <= last_cat else "a dog", negative)
 
 
 @pytestmark_worker
-def test_embeddings_through_the_handler(ti_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("images", [1, 2], ids=["one", "batch"])
+def test_an_edit_at_step_k_switches_where_a1111_does(images: int) -> None:
+    # A1111 compares its denoiser's step counter (from 0) with the text's last step: "[cat:dog:2]" at 4 steps
+    # draws cat at steps 0, 1 and 2 and dog at step 3.
+    result = ok(prompt="a [cat:dog:2]", num_inference_steps=4, num_images=images)
+
+    expected = by_hand(
+        bare(StableDiffusionPipeline),
+        cat_then_dog(2),
+        images,
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        generator=seeded(5, images),
+    )
+    assert same_as(result, expected)
+
+
+@pytestmark_worker
+def test_an_edit_in_the_negative_prompt_switches_where_a1111_does() -> None:
+    result = ok(prompt="a fox", negative_prompt="[blurry:ugly:0.5]", num_inference_steps=4)
+
+    expected = by_hand(
+        bare(StableDiffusionPipeline),
+        lambda index: ("a fox", "blurry" if index <= 2 else "ugly"),
+        1,
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        generator=seeded(5, 1),
+    )
+    assert same_as(result, expected)
+
+
+@pytestmark_worker
+@pytest.mark.parametrize(
+    ("prompt", "hires_last_cat"),
+    [
+        # After 4 first-pass steps, A1111 1.6+ counts the hires pass on from step 4: "[cat:dog:4]" is dog throughout
+        # it, "[cat:dog:6]" is cat at its steps 0 to 2 and dog at step 3.
+        pytest.param("a [cat:dog:4]", -1, id="switched-before-hires"),
+        pytest.param("a [cat:dog:6]", 2, id="switches-in-hires"),
+    ],
+)
+def test_the_hires_pass_runs_its_steps_and_edits_as_a1111(prompt: str, hires_last_cat: int) -> None:
+    result = ok(prompt=prompt, num_inference_steps=4, hires={"scale": 1.5, "steps": 4, "strength": 0.5})
+
+    generators = seeded(5, 1)
+    latents = by_hand(
+        bare(StableDiffusionPipeline),
+        cat_then_dog(3),
+        1,
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        generator=generators,
+        output_type="latent",
+    )
+    # A1111's Latent upscaler, then its sample_hr_pass: exactly 4 steps, the last 4 of a schedule of 4 / 0.5 = 8.
+    enlarged = torch.nn.functional.interpolate(latents, size=(12, 12), mode="bilinear", antialias=False)
+    expected = by_hand(
+        bare(StableDiffusionImg2ImgPipeline),
+        cat_then_dog(hires_last_cat),
+        1,
+        image=enlarged,
+        strength=0.5,
+        num_inference_steps=8,
+        generator=generators,
+    )
+    assert same_as(result, expected)
+    assert result["metadata"]["hires"]["steps"] == 4
+
+
+@pytestmark_worker
+def test_img2img_edits_over_the_steps_asked_for_as_a1111() -> None:
+    # A1111's img2img schedules the prompt over all 8 steps asked for and counts from the first step it runs:
+    # "[cat:dog:0.25]" is cat for the run's steps 0 to 2 and dog for step 3.
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    result = ok(prompt="a [cat:dog:0.25]", image=png_base64(image), num_inference_steps=8, strength=0.5)
+
+    expected = by_hand(
+        bare(StableDiffusionImg2ImgPipeline),
+        cat_then_dog(2),
+        1,
+        image=image,
+        strength=0.5,
+        num_inference_steps=8,
+        generator=seeded(5, 1),
+    )
+    assert same_as(result, expected)
+
+
+@pytestmark_worker
+def test_embeddings_through_the_handler(
+    ti_engine: Engine, embeddings_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(handler, "_engine", ti_engine)
 
     result = ok(prompt="a (tinyfox:1.2) in the snow", negative_prompt="a1111style")
 
-    digests = {name: ti_engine.embeddings[name].short_hash for name in ("tinyfox", "a1111style")}
+    digests = {
+        "tinyfox": a1111_ti_hash(embeddings_dir / "tinyfox.safetensors"),
+        "a1111style": a1111_ti_hash(embeddings_dir / "styles" / "a1111style.pt"),
+    }
     assert result["metadata"]["embeddings"] == digests
     parameters = decode_png(result["images"][0]["image"]).text["parameters"]
     assert f'TI hashes: "tinyfox: {digests["tinyfox"]}, a1111style: {digests["a1111style"]}"' in parameters

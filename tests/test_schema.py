@@ -795,12 +795,15 @@ BAD_IMAGE_INPUTS = [
         "1024x1024 x 4 images = 4194304 pixels: must be at most 1048576 (MAX_PIXELS)",
         id="hires-past-max-pixels",
     ),
-    pytest.param(with_prompt(hires={"scale": 1.5, "steps": 0}), "hires.steps=0: must be greater than", id="hs-0"),
+    pytest.param(with_prompt(hires={"scale": 1.5, "steps": -1}), "hires.steps=-1: must be greater than", id="hs--1"),
+    pytest.param(
+        with_prompt(hires={"scale": 1.5, "steps": 0.0}), "hires.steps=0.0: must be a valid integer", id="hs-0.0"
+    ),
     pytest.param(with_prompt(hires={"scale": 1.5, "steps": 151}), "hires.steps=151: must be at most 150", id="hs-151"),
     pytest.param(
-        with_prompt(hires={"scale": 1.5, "steps": 1, "strength": 0.5}),
-        "steps x strength = 1 x 0.5 runs int(0.5) = 0 steps",
-        id="hires-no-step",
+        with_prompt(hires={"scale": 1.5, "steps": 150, "strength": 0.1}),
+        "steps / strength = 150 / 0.1 stretches the second pass's schedule to 1500 steps: at most 1000",
+        id="hires-schedule-past-1000",
     ),
     pytest.param(with_prompt(hires={"scale": 1.5, "upscaler": "esrgan"}), "hires.upscaler='esrgan'", id="hu-bad"),
     pytest.param(with_prompt(width=None), "width=None: must be a valid integer", id="width-null-without-image"),
@@ -831,6 +834,10 @@ def test_image_defaults_are_a1111s() -> None:
     hires = parse(with_prompt(num_inference_steps=30, hires={})).hires
     assert hires is not None
     assert (hires.scale, hires.steps, hires.strength, hires.upscaler) == (2.0, 30, 0.5, "latent")
+    # A1111's Hires steps 0: as many as the first pass.
+    zero = parse(with_prompt(num_inference_steps=30, hires={"steps": 0})).hires
+    assert zero is not None
+    assert zero.steps == 30
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ DEFAULTS = {
     "default_clip_skip": 1,
     "embeddings_dir": None,
     "max_prompt_chunks": 8,
+    "max_prompt_texts": 64,
     "lora_dir": None,
     "max_loras": 4,
     "lora_cache_mb": 1024.0,
