@@ -298,10 +298,47 @@ def test_timeout_names_the_requested_step_for_every_kind_of_scheduler(tiny_model
     assert 1 <= step <= 4
 
 
-def test_waiting_for_the_gpu_does_not_count_against_the_timeout(tiny_model_dir: Path) -> None:
+class WatchedLock:
+    """The engine's GPU lock, a real ``threading.Lock``, that also tells a test which threads are about to wait
+    on it: ``waiting`` is set once ``waiters`` threads have called ``acquire`` while another thread held it."""
+
+    def __init__(self, waiters: int, waiting: threading.Event | None = None) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._count_lock = threading.Lock()
+        self._waiters = waiters
+        self.waiting = waiting or threading.Event()
+
+    def acquire(self) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        with self._count_lock:
+            self._count += 1
+            if self._count >= self._waiters:
+                self.waiting.set()
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
+def test_waiting_for_the_gpu_does_not_count_against_the_timeout(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = load_engine(tiny_model_dir, "float32")
     clock = engine.clock
     assert isinstance(clock, FakeClock)
+    lock = WatchedLock(waiters=1)
+    monkeypatch.setattr(engine, "_lock", lock)
     first_inside, release_first = threading.Event(), threading.Event()
     results: dict[str, Any] = {}
 
@@ -323,14 +360,18 @@ def test_waiting_for_the_gpu_does_not_count_against_the_timeout(tiny_model_dir: 
         assert first_inside.wait(timeout=120)
         second = threading.Thread(target=job, args=("second",))
         second.start()
-        second.join(timeout=0.5)  # the second job is now waiting for the lock
+        # The second job has asked for the GPU while the first holds it.
+        assert lock.waiting.wait(timeout=120)
+        seen_waiting = time.perf_counter()
         clock.advance(600)  # ten times its limit passes while it waits
+        released = time.perf_counter()
         release_first.set()
         first.join(timeout=120)
         second.join(timeout=120)
 
     assert isinstance(results["second"], Generation), results["second"]
-    assert results["second"].queue_ms > 0
+    # Its queue time covers at least the stretch in which the test knew it was waiting.
+    assert results["second"].queue_ms >= (released - seen_waiting) * 1000
 
 
 # --- NaN guard ---------------------------------------------------------------------------------------
@@ -582,17 +623,28 @@ def test_fifty_jobs_keep_memory_flat_and_results_identical(tmp_path: Path) -> No
 
 
 @pytest.mark.usefixtures("worker")
-def test_one_job_at_a_time_holds_the_models() -> None:
+def test_one_job_at_a_time_holds_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = handler.get_engine()
+    # Set when the three other jobs wait on the GPU lock, or when a second job is inside the UNet at once.
+    decided = threading.Event()
+    lock = WatchedLock(waiters=3, waiting=decided)
+    monkeypatch.setattr(engine, "_lock", lock)
     inside = [0]
     overlap: list[int] = []
-    barrier = threading.Event()
+    counting = threading.Lock()
 
-    def count(_call: int, _inputs: Any, output: Any) -> Any:
-        inside[0] += 1
-        overlap.append(inside[0])
-        barrier.wait(timeout=0.01)  # give another thread the chance to enter, if the lock let it
-        inside[0] -= 1
+    def count(call: int, _inputs: Any, output: Any) -> Any:
+        with counting:
+            inside[0] += 1
+            overlap.append(inside[0])
+            if inside[0] > 1:
+                decided.set()
+        if call == 1:
+            # The first job stays in the UNet until the three others wait on the GPU lock, or one of them
+            # comes in beside it: either is sure to happen, and which one did is the answer.
+            assert decided.wait(timeout=120)
+        with counting:
+            inside[0] -= 1
         return output
 
     with injected(engine._pipeline.unet, count):
