@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from src.canvas import prepare_inputs
-from src.errors import WorkerError
+from src.errors import WorkerError, breaks_the_gpu, first_line
 from src.outputs import check_inline_fits, encode_response
 from src.schema import InputError, check_limits, parse_input
 from src.settings import Settings, SettingsError, load_settings
@@ -38,6 +38,8 @@ _engine: Engine | None = None
 _storage: S3Storage | None = None
 # Sends progress to RunPod; set by main() only when RunPod is there to receive it.
 _send_progress: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+# The first line of the CUDA error that left this process's GPU unusable; None while it works.
+_gpu_failure: str | None = None
 
 
 def get_settings() -> Settings:
@@ -98,6 +100,27 @@ def _unexpected(job: Any, error: Exception) -> dict[str, str]:
     return {"error": f"generation failed: {type(error).__name__}: {reason} (traceback in the worker log)"}
 
 
+def _gpu_failed(job: Any, error: Exception) -> dict[str, Any]:
+    """Answer a job whose CUDA error broke the GPU, and have RunPod replace the worker.
+
+    After an illegal memory access or a device-side assert, every later CUDA call in this process fails
+    the same way; only a new process has a working GPU. ``refresh_worker`` makes runpod send RunPod
+    ``stopPod`` with this job's error, and RunPod then replaces the worker.
+    """
+    global _gpu_failure
+    log.critical(
+        "job %s broke the GPU; this worker cannot serve another job and asks RunPod to replace it",
+        job.get("id") if isinstance(job, dict) else None,
+        exc_info=error,
+    )
+    _gpu_failure = f"{type(error).__name__}: {first_line(error)}"
+    return {
+        "error": f"generation failed: {_gpu_failure} (traceback in the worker log); the GPU cannot be used "
+        "again in this process, so the worker is being replaced: retry the job",
+        "refresh_worker": True,
+    }
+
+
 def handler(job: Any) -> dict[str, Any]:
     """Run one RunPod job. Returns the response, or ``{"error": message}``; never raises.
 
@@ -116,6 +139,13 @@ def handler(job: Any) -> dict[str, Any]:
 
 
 def _answer(job: Any, started: float) -> dict[str, Any]:
+    if _gpu_failure is not None:
+        # RunPod may hand the worker more jobs before it stops it; trying them on the GPU would only fail.
+        return {
+            "error": f"not run: an earlier job on this worker broke its GPU ({_gpu_failure}), and the worker is "
+            "being replaced: retry the job",
+            "refresh_worker": True,
+        }
     try:
         settings = get_settings()
         request = parse_input(job, settings)
@@ -145,6 +175,8 @@ def _answer(job: Any, started: float) -> dict[str, Any]:
     except (InputError, SettingsError, WorkerError) as error:
         return {"error": str(error)}
     except Exception as error:  # noqa: BLE001 - logged with its traceback; the worker serves the next job
+        if breaks_the_gpu(error):
+            return _gpu_failed(job, error)
         return _unexpected(job, error)
 
 

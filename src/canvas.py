@@ -66,6 +66,8 @@ class ControlMaps:
     hires: list[Image.Image] | None = None
     # How each control image was brought to the job's size, when that changed its proportions.
     resized: list[str | None] = field(default_factory=list)
+    # Each control map's size as its preprocessor made it (the image's own size), before it met the job's.
+    sources: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,13 @@ def control_maps(
     from src.preprocessors import preprocess
 
     width, height = request.size
-    first, hires, resized, warnings = [], [], [], []
+    first, hires, resized, sources, warnings = [], [], [], [], []
     for index, unit in enumerate(request.controlnets):
         field_name = f"controlnets.{index}.image"
         loaded = load_image(unit.image, field_name, settings, storage)
         warnings += loaded.warnings
         control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds)
+        sources.append(control.size)
         fitted = fit(control, width, height, request.resize_mode)
         if images is not None and images.crop is not None:
             fitted = fit(fitted.crop(images.crop), width, height, "fill")
@@ -145,7 +148,8 @@ def control_maps(
         resized.append(note)
         if note:
             warnings.append(f"{field_name}: {note}")
-    return ControlMaps(first=first, hires=hires if request.hires is not None else None, resized=resized), warnings
+    hires_maps = hires if request.hires is not None else None
+    return ControlMaps(first=first, hires=hires_maps, resized=resized, sources=sources), warnings
 
 
 # What each resize mode does to an image whose proportions are not the job's.

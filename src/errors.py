@@ -41,6 +41,36 @@ class BadImageError(WorkerError):
     """The decoded images hold NaN or infinity even after a float32 decode."""
 
 
+# The CUDA runtime's words for its "sticky" errors: after one, the process's CUDA context is lost, and every later
+# CUDA call fails the same way until the process ends. torch raises them as torch.AcceleratorError (a RuntimeError),
+# or as a plain RuntimeError from older code paths, with the runtime's message after "CUDA error: ".
+_STICKY_CUDA_ERRORS = (
+    "an illegal memory access was encountered",
+    "device-side assert triggered",
+    "unspecified launch failure",
+    "misaligned address",
+    "an illegal instruction was encountered",
+    "invalid program counter",
+    "uncorrectable ECC error encountered",
+    "the launch timed out and was terminated",
+    "hardware stack error",
+)
+
+
+def breaks_the_gpu(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised while handling, is a CUDA error that leaves the GPU unusable
+    for the rest of the process (an illegal memory access, a device-side assert, ...)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        message = str(seen)
+        if isinstance(seen, RuntimeError) and "CUDA error" in message:
+            reason = message.split("CUDA error: ", 1)[-1]
+            if any(reason.startswith(sticky) for sticky in _STICKY_CUDA_ERRORS):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (at most 300 characters), or its type's name when it has none."""
     return (str(error).splitlines() or [type(error).__name__])[0][:300]

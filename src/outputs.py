@@ -78,6 +78,8 @@ _ECHOED = set(Metadata.model_fields) & set(GenerateRequest.model_fields)
 _ECHOED_FIELDS = _ECHOED - _TASK_FIELDS - {"loras", "controlnets"}
 # A1111's names for the hires upscalers.
 _HIRES_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
+# The ControlNet extension's names for the resize modes (its ResizeMode enum).
+_CONTROLNET_RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 _USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF 2.3 character code for UTF-16 text, as A1111 writes it
 
 
@@ -102,6 +104,7 @@ def a1111_parameters(
     source_size: tuple[int, int] | None = None,
     embeddings: dict[str, str] | None = None,
     loras: Sequence[Applied] = (),
+    control_sizes: Sequence[tuple[int, int]] = (),
 ) -> str:
     """The parameters text AUTOMATIC1111 writes into its images, for one image.
 
@@ -110,6 +113,8 @@ def a1111_parameters(
     ``Hires upscale``, ``Hires steps`` and ``Hires upscaler`` with hires fix. LoRAs are
     ``<lora:name:scale>`` tags in the prompt, as A1111 reads them back: those the prompt
     holds stay as they are, those of the ``loras`` field are added at its end.
+    ControlNet units are written as ``controlnet_parameters`` says, with ``control_sizes``, the
+    control images' own sizes (``ControlMaps.sources``).
     """
     width, height = request.size
     fields = {
@@ -150,23 +155,43 @@ def a1111_parameters(
         fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'
     if loras:
         fields["Lora hashes"] = '"' + ", ".join(f"{item.name}: {item.short_hash}" for item in loras) + '"'
-    fields.update(controlnet_parameters(request))
+    fields.update(controlnet_parameters(request, control_sizes))
     tagged = {name for _kind, name in _tag_names(request.prompt)}
     added = "".join(f" <lora:{item.name}:{item.scale:g}>" for item in loras if item.name not in tagged)
     negative = f"Negative prompt: {request.negative_prompt}\n" if request.negative_prompt else ""
     return f"{request.prompt}{added}\n{negative}" + ", ".join(f"{name}: {value}" for name, value in fields.items())
 
 
-def controlnet_parameters(request: GenerateRequest) -> dict[str, str]:
-    """Each ControlNet unit as A1111's ControlNet extension writes it: ``ControlNet 0: "Module: canny, ..."``."""
-    return {
-        f"ControlNet {index}": (
-            f'"Module: {unit.preprocess}, Model: {unit.model}, Weight: {float(unit.scale)}, '
-            f"Guidance Start: {float(unit.start)}, Guidance End: {float(unit.end)}, "
-            f'Control Mode: {CONTROL_MODE_LABELS[unit.control_mode]}"'
-        )
-        for index, unit in enumerate(request.controlnets)
-    }
+def controlnet_parameters(request: GenerateRequest, control_sizes: Sequence[tuple[int, int]] = ()) -> dict[str, str]:
+    """Each ControlNet unit as A1111's ControlNet extension writes it (``ControlNetUnit.serialize()``), every
+    field in its order, so that A1111 replays the unit: ``ControlNet 0: "Module: canny, ..."``.
+
+    ``control_sizes`` are the control images' own sizes: canny runs on the image as it is, which the extension
+    does when its processor resolution is the image's short side. ``none`` has no sliders; the extension writes
+    their defaults for it (512, 0.5, 0.5). Without a size, a canny unit's ``Processor Res`` is left out.
+    """
+    units = {}
+    for index, unit in enumerate(request.controlnets):
+        if unit.preprocess == "canny":
+            low, high = unit.canny_thresholds
+            resolution = min(control_sizes[index]) if index < len(control_sizes) else None
+            sliders = {"Processor Res": resolution, "Threshold A": float(low), "Threshold B": float(high)}
+        else:
+            sliders = {"Processor Res": 512, "Threshold A": 0.5, "Threshold B": 0.5}
+        fields = {
+            "Module": unit.preprocess,
+            "Model": unit.model,
+            "Weight": float(unit.scale),
+            "Resize Mode": _CONTROLNET_RESIZE_MODES[request.resize_mode],
+            **sliders,
+            "Guidance Start": float(unit.start),
+            "Guidance End": float(unit.end),
+            "Pixel Perfect": False,
+            "Control Mode": CONTROL_MODE_LABELS[unit.control_mode],
+        }
+        text = ", ".join(f"{name}: {value}" for name, value in fields.items() if value is not None)
+        units[f"ControlNet {index}"] = f'"{text}"'
+    return units
 
 
 def _tag_names(prompt: str) -> list[tuple[str, str]]:
@@ -258,6 +283,7 @@ def encode_response(
         ResponseTooLargeError: the inline answer is over ``MAX_RESPONSE_MB``.
     """
     source_size = inputs.source_size if inputs is not None else None
+    control_sizes = inputs.controls.sources if inputs is not None and inputs.controls is not None else []
     warnings = [*(inputs.warnings if inputs is not None else []), *generation.warnings]
     if "output_quality" in request.model_fields_set and not FORMATS[request.output_format].lossy:
         warnings.append(
@@ -282,6 +308,7 @@ def encode_response(
                     source_size=source_size,
                     embeddings=generation.embeddings,
                     loras=generation.loras,
+                    control_sizes=control_sizes,
                 )
                 if settings.embed_parameters
                 else None,

@@ -24,7 +24,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import handler
 from builder import cache_model, single_file
@@ -148,31 +148,46 @@ def test_a_vae_file_replaces_the_checkpoints_vae(tiny_files: Path, run_worker: C
 
 
 def test_a_vae_folder_works_too_and_its_own_vae_changes_nothing(
-    tiny_files: Path, run_worker: Callable[..., dict[str, Any]]
+    tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]]
 ) -> None:
+    # Another VAE folder: the model's own, with its decoder's last bias moved, so its pixels differ.
+    other = tmp_path / "other-vae"
+    shutil.copytree(tiny_files / "vae", other)
+    weights = other / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["decoder.conv_out.bias"] = tensors["decoder.conv_out.bias"] + 0.5
+    save_file(tensors, weights)
     base = {"MODEL_ID": str(tiny_files), "EMBED_PARAMETERS": "false"}
     own = run_worker(base)
     same = run_worker({**base, "VAE_ID": str(tiny_files / "vae")})
     whole_folder = run_worker({**base, "VAE_ID": str(tiny_files)})
+    replaced = run_worker({**base, "VAE_ID": str(other)})
 
     assert pixels(same) == pixels(own) == pixels(whole_folder)
     assert same["metadata"]["vae"] == "vae"
+    assert pixels(replaced) != pixels(own), "VAE_ID's folder decodes the image"
+    assert replaced["metadata"]["vae"] == "other-vae"
 
 
 def test_baked_at_build_and_converted_at_startup_give_identical_images(
     tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]]
 ) -> None:
-    checkpoint = str(tiny_files / CHECKPOINT_FILE)
+    source = tmp_path / "download" / CHECKPOINT_FILE
+    source.parent.mkdir()
+    shutil.copy(tiny_files / CHECKPOINT_FILE, source)
+    checkpoint = str(source)
     baked = tmp_path / "baked"
     cache_model.bake(load_settings({"MODEL_ID": checkpoint, "MODEL_CONFIG": str(tiny_files), "MODEL_DIR": str(baked)}))
     label = read_baked_source(baked)
     assert label is not None
     assert label.checkpoint is not None
-    assert label.checkpoint["sha256"] == sha256(tiny_files / CHECKPOINT_FILE)
+    assert label.checkpoint["sha256"] == sha256(source)
     assert {path.name for path in (baked / "unet").iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
-    # Moved away: the baked worker must not need the file any more.
-    from_baked = run_worker({"MODEL_ID": checkpoint, "MODEL_DIR": str(baked)})
     at_startup = run_worker({"MODEL_ID": checkpoint, "MODEL_CONFIG": str(tiny_files), "MODEL_DIR": str(tmp_path)})
+    # Moved away, with its config folder out of reach: the baked worker must not need the file any more.
+    source.rename(tmp_path / "elsewhere.safetensors")
+    assert not source.exists()
+    from_baked = run_worker({"MODEL_ID": checkpoint, "MODEL_DIR": str(baked)})
 
     assert from_baked["images"][0]["image"] == at_startup["images"][0]["image"]
     assert (
@@ -221,9 +236,12 @@ def test_a_checkpoint_runs_with_a_lora(
     env = {"MODEL_ID": str(tiny_files / CHECKPOINT_FILE), "MODEL_CONFIG": str(tiny_files), "LORA_DIR": str(loras)}
     name = sorted(path.stem for path in loras.glob("*.safetensors"))[0]
 
+    plain = run_worker(env)
     result = run_worker(env, {**JOB, "loras": [{"name": name}]})
 
     assert result["metadata"]["loras"][0]["name"] == name
+    assert pixels(result) != pixels(plain), "the LoRA changes the checkpoint's image"
+    assert pixels(run_worker(env)) == pixels(plain), "and only its own job's"
 
 
 # --- refusals, before anything is loaded ------------------------------------------------------

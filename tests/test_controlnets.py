@@ -250,21 +250,28 @@ def test_every_task_takes_units() -> None:
 @pytest.mark.usefixtures("worker")
 def test_metadata_and_parameters_describe_each_unit_as_a1111() -> None:
     result = ok(
+        resize_mode="crop",
         controlnets=[
-            unit(preprocess="canny", scale=0.75, start=0.1, end=0.8),
+            unit(image=shapes_image(96, 80), preprocess="canny", low=50, high=150, scale=0.75, start=0.1, end=0.8),
             unit(NET_B, image=shapes_image(96, 64), control_mode="prompt"),
-        ]
+        ],
     )
 
+    # Every field, in the order and the wording of sd-webui-controlnet's ControlNetUnit.serialize(), so that
+    # A1111 replays the unit: its canny ran at the control image's own short side (Processor Res), with the
+    # request's thresholds; "none" has no sliders, and the extension writes their defaults for it.
     assert (
-        'ControlNet 0: "Module: canny, Model: tiny-controlnet, Weight: 0.75, Guidance Start: 0.1, '
-        'Guidance End: 0.8, Control Mode: Balanced"'
+        'ControlNet 0: "Module: canny, Model: tiny-controlnet, Weight: 0.75, Resize Mode: Crop and Resize, '
+        "Processor Res: 80, Threshold A: 50.0, Threshold B: 150.0, Guidance Start: 0.1, Guidance End: 0.8, "
+        'Pixel Perfect: False, Control Mode: Balanced"'
     ) in parameters(result)
     assert (
-        'ControlNet 1: "Module: none, Model: tiny-controlnet-b, Weight: 1.0, Guidance Start: 0.0, '
-        'Guidance End: 1.0, Control Mode: My prompt is more important"'
+        'ControlNet 1: "Module: none, Model: tiny-controlnet-b, Weight: 1.0, Resize Mode: Crop and Resize, '
+        "Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, Guidance End: 1.0, "
+        'Pixel Perfect: False, Control Mode: My prompt is more important"'
     ) in parameters(result)
     units = result["metadata"]["controlnets"]
+    assert units[0].pop("resized").startswith("96x80 was cropped to 64x64")
     assert units[0] == {
         "model": NET,
         "module": "canny",
@@ -273,7 +280,7 @@ def test_metadata_and_parameters_describe_each_unit_as_a1111() -> None:
         "guidance_end": 0.8,
         "control_mode": "balanced",
     }
-    assert "96x64 was stretched to 64x64" in units[1]["resized"]
+    assert "96x64 was cropped to 64x64" in units[1]["resized"]
     assert any(warning.startswith("controlnets.1.image: 96x64") for warning in result["metadata"]["warnings"])
 
 

@@ -428,3 +428,62 @@ def test_the_low_profile_leaves_no_model_on_the_gpu_between_jobs(tiny_model_dir:
     assert on_gpu == set()
     assert beside
     assert all(models == set() for models in beside), beside
+
+
+# --- a CUDA error that breaks the GPU -------------------------------------------------------------------------
+
+# Run in a child process: after a device-side assert no CUDA call of that process works again.
+_DEVICE_SIDE_ASSERT_JOB = """
+import json, torch, handler
+
+conv_out = handler.get_engine()._pipeline.unet.conv_out
+
+def out_of_range(_module, _inputs, output):
+    # index_select checks its indices on the device: one past the end is a device-side assert, raised
+    # at the next synchronization (the NaN check after the VAE decode), as torch.AcceleratorError.
+    return output.index_select(0, torch.tensor([output.shape[0] + 1000], device=output.device))
+
+conv_out.register_forward_hook(out_of_range)
+job = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 1}
+first = handler.handler({"id": "assert-1", "input": job})
+second = handler.handler({"id": "assert-2", "input": job})
+try:
+    (torch.ones(1, device="cuda") + 1).cpu()
+    still_broken = False
+except RuntimeError:
+    still_broken = True
+print(json.dumps({"first": first, "second": second, "still_broken": still_broken}))
+"""
+
+
+def test_a_real_device_side_assert_is_answered_and_asks_for_a_new_worker(offline_env: dict[str, str]) -> None:
+    """A real device-side assert (an out-of-range ``index_select`` in a UNet hook) inside a job, in a child
+    process: the job is answered with the CUDA error and ``refresh_worker``, which runpod turns into
+    ``stopPod`` (tests/test_resilience.py drives runpod's loop on the CPU with the same errors injected),
+    and the next job is refused without touching the GPU. The child also checks the premise: after the
+    assert even ``torch.ones(1, device="cuda") + 1`` fails, so only a new process could serve again.
+    """
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", _DEVICE_SIDE_ASSERT_JOB],
+        cwd=ROOT,
+        env={**offline_env, "DEVICE": "cuda"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answers["still_broken"], "the premise: a device-side assert breaks every later CUDA call"
+    first, second = answers["first"], answers["second"]
+    assert set(first) == {"error", "refresh_worker"}, first
+    assert first["refresh_worker"] is True
+    assert "device-side assert triggered" in first["error"]
+    assert set(second) == {"error", "refresh_worker"}, second
+    assert second["error"].startswith("not run: an earlier job on this worker broke its GPU")

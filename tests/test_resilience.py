@@ -7,6 +7,7 @@ GPU runs are half precision, so every fault path runs in float16 here too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -297,10 +298,47 @@ def test_timeout_names_the_requested_step_for_every_kind_of_scheduler(tiny_model
     assert 1 <= step <= 4
 
 
-def test_waiting_for_the_gpu_does_not_count_against_the_timeout(tiny_model_dir: Path) -> None:
+class WatchedLock:
+    """The engine's GPU lock, a real ``threading.Lock``, that also tells a test which threads are about to wait
+    on it: ``waiting`` is set once ``waiters`` threads have called ``acquire`` while another thread held it."""
+
+    def __init__(self, waiters: int, waiting: threading.Event | None = None) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._count_lock = threading.Lock()
+        self._waiters = waiters
+        self.waiting = waiting or threading.Event()
+
+    def acquire(self) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        with self._count_lock:
+            self._count += 1
+            if self._count >= self._waiters:
+                self.waiting.set()
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
+def test_waiting_for_the_gpu_does_not_count_against_the_timeout(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = load_engine(tiny_model_dir, "float32")
     clock = engine.clock
     assert isinstance(clock, FakeClock)
+    lock = WatchedLock(waiters=1)
+    monkeypatch.setattr(engine, "_lock", lock)
     first_inside, release_first = threading.Event(), threading.Event()
     results: dict[str, Any] = {}
 
@@ -322,14 +360,18 @@ def test_waiting_for_the_gpu_does_not_count_against_the_timeout(tiny_model_dir: 
         assert first_inside.wait(timeout=120)
         second = threading.Thread(target=job, args=("second",))
         second.start()
-        second.join(timeout=0.5)  # the second job is now waiting for the lock
+        # The second job has asked for the GPU while the first holds it.
+        assert lock.waiting.wait(timeout=120)
+        seen_waiting = time.perf_counter()
         clock.advance(600)  # ten times its limit passes while it waits
+        released = time.perf_counter()
         release_first.set()
         first.join(timeout=120)
         second.join(timeout=120)
 
     assert isinstance(results["second"], Generation), results["second"]
-    assert results["second"].queue_ms > 0
+    # Its queue time covers at least the stretch in which the test knew it was waiting.
+    assert results["second"].queue_ms >= (released - seen_waiting) * 1000
 
 
 # --- NaN guard ---------------------------------------------------------------------------------------
@@ -581,17 +623,28 @@ def test_fifty_jobs_keep_memory_flat_and_results_identical(tmp_path: Path) -> No
 
 
 @pytest.mark.usefixtures("worker")
-def test_one_job_at_a_time_holds_the_models() -> None:
+def test_one_job_at_a_time_holds_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = handler.get_engine()
+    # Set when the three other jobs wait on the GPU lock, or when a second job is inside the UNet at once.
+    decided = threading.Event()
+    lock = WatchedLock(waiters=3, waiting=decided)
+    monkeypatch.setattr(engine, "_lock", lock)
     inside = [0]
     overlap: list[int] = []
-    barrier = threading.Event()
+    counting = threading.Lock()
 
-    def count(_call: int, _inputs: Any, output: Any) -> Any:
-        inside[0] += 1
-        overlap.append(inside[0])
-        barrier.wait(timeout=0.01)  # give another thread the chance to enter, if the lock let it
-        inside[0] -= 1
+    def count(call: int, _inputs: Any, output: Any) -> Any:
+        with counting:
+            inside[0] += 1
+            overlap.append(inside[0])
+            if inside[0] > 1:
+                decided.set()
+        if call == 1:
+            # The first job stays in the UNet until the three others wait on the GPU lock, or one of them
+            # comes in beside it: either is sure to happen, and which one did is the answer.
+            assert decided.wait(timeout=120)
+        with counting:
+            inside[0] -= 1
         return output
 
     with injected(engine._pipeline.unet, count):
@@ -607,6 +660,152 @@ def test_one_job_at_a_time_holds_the_models() -> None:
     assert max(overlap) == 1
     assert len(overlap) == 4 * JOB["num_inference_steps"]
     assert not engine._lock.locked()
+
+
+# --- a GPU that cannot go on ---------------------------------------------------------------------------
+
+# As torch words them: the CUDA runtime's message, then the lines torch adds to every CUDA error.
+_TORCH_CUDA_NOTE = (
+    "\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below might "
+    "be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+    "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n"
+)
+STICKY_ERRORS = [
+    pytest.param(
+        torch.AcceleratorError("CUDA error: an illegal memory access was encountered" + _TORCH_CUDA_NOTE),
+        id="illegal-memory-access",
+    ),
+    pytest.param(torch.AcceleratorError("CUDA error: device-side assert triggered" + _TORCH_CUDA_NOTE), id="assert"),
+    pytest.param(RuntimeError("CUDA error: unspecified launch failure" + _TORCH_CUDA_NOTE), id="launch-failure"),
+]
+
+
+class JobDoneServer:
+    """RunPod's job-done endpoint on 127.0.0.1: records each result runpod posts to it."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posted: list[dict[str, Any]] = []
+        posted = self.posted
+
+        class Receive(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                posted.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Receive)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        # runpod fills in $ID and appends "&isStream=...", as it does with RunPod's own URL.
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/job-done?id=$ID"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gpu_state() -> Iterator[None]:
+    """The handler's record of a failed GPU is the process's; a test that sets it clears it after."""
+    yield
+    handler._gpu_failure = None
+
+
+def handle_job(job: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """One job through runpod's own serverless path (rp_job.handle_job: run the handler, post the result to
+    RunPod's job-done URL), against a loopback server; returns what RunPod received."""
+    import aiohttp
+    from runpod.serverless.modules import rp_http, rp_job
+
+    server = JobDoneServer()
+    # runpod reads RUNPOD_WEBHOOK_POST_OUTPUT into this constant at import.
+    monkeypatch.setattr(rp_http, "JOB_DONE_URL", server.url)
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            await rp_job.handle_job(session, {"handler": handler.handler}, job)
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.close()
+    assert len(server.posted) == 1
+    return server.posted[0]
+
+
+@pytest.mark.usefixtures("worker", "gpu_state")
+@pytest.mark.parametrize("error", STICKY_ERRORS)
+def test_a_cuda_error_that_breaks_the_gpu_is_answered_and_the_worker_replaced(
+    error: Exception, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = handler.get_engine()
+    calls: list[int] = []
+
+    with (
+        injected(engine._pipeline.unet, raises_on(lambda call: calls.append(call) is None, error)),
+        caplog.at_level(logging.ERROR, logger="handler"),
+    ):
+        posted = handle_job({"id": "sticky-1", "input": {**JOB, "num_images": 1}}, monkeypatch)
+    # What RunPod gets: the job FAILED with the error's first line, and stopPod, which makes it replace the worker.
+    assert set(posted) == {"error", "stopPod"}, posted
+    assert posted["stopPod"] is True
+    first_line = str(error).splitlines()[0]
+    assert first_line in posted["error"]
+    assert "replaced" in posted["error"]
+    assert "Traceback" in caplog.text
+
+    # The worker may be handed more jobs before RunPod stops it: each is refused at once, the GPU untouched.
+    calls.clear()
+    with injected(engine._pipeline.unet, raises_on(lambda call: calls.append(call) is None, AssertionError)):
+        later = handle_job({"id": "sticky-2", "input": {**JOB, "num_images": 1}}, monkeypatch)
+    assert calls == []
+    assert set(later) == {"error", "stopPod"}
+    assert first_line in later["error"]
+
+
+@pytest.mark.usefixtures("worker", "gpu_state")
+def test_an_ordinary_failure_keeps_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied (injected)")
+    engine = handler.get_engine()
+
+    with injected(engine._pipeline.unet, raises_on(lambda _call: True, error)):
+        posted = handle_job({"id": "plain-1", "input": {**JOB, "num_images": 1}}, monkeypatch)
+    assert set(posted) == {"error"}
+    assert "mat1 and mat2" in posted["error"]
+    assert "images" in handler.handler({"id": "plain-2", "input": {**JOB, "num_images": 1}}), "the next job runs"
+
+
+@pytest.mark.parametrize(
+    ("message", "sticky"),
+    [
+        ("CUDA error: an illegal memory access was encountered", True),
+        ("CUDA error: device-side assert triggered", True),
+        ("CUDA error: misaligned address", True),
+        ("CUDA error: an illegal instruction was encountered", True),
+        ("CUDA error: unspecified launch failure", True),
+        ("CUDA error: uncorrectable ECC error encountered", True),
+        ("CUDA error: the launch timed out and was terminated", True),
+        ("CUDA error: out of memory", False),
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+        ("CUDA error: invalid configuration argument", False),
+        ("mat1 and mat2 shapes cannot be multiplied", False),
+    ],
+)
+def test_which_cuda_errors_break_the_gpu(message: str, sticky: bool) -> None:
+    from src.errors import breaks_the_gpu
+
+    assert breaks_the_gpu(torch.AcceleratorError(message)) is sticky
+    assert breaks_the_gpu(RuntimeError(message)) is sticky
+    # Raised while handling the CUDA error (a cleanup that touched the GPU again): the chain is read.
+    wrapped = ValueError("while cleaning up")
+    wrapped.__context__ = RuntimeError(message)  # what Python sets on an error raised in an except block
+    assert breaks_the_gpu(wrapped) is sticky
 
 
 # --- settings that change the engine --------------------------------------------------------------------

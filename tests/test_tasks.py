@@ -169,6 +169,13 @@ def test_outpaint_keeps_the_image_and_paints_around_it() -> None:
     painted = array(images_of(result)[0])
     assert painted.shape == (128, 192, 3)
     assert np.array_equal(painted[: 64 - 4 - 1, : 128 - 4 - 1], array(IMAGE)[: 64 - 4 - 1, : 128 - 4 - 1])
+    # The new area is painted: not the stretched edges the canvas was filled with before denoising.
+    filled = np.pad(array(IMAGE), ((0, 64), (0, 64), (0, 0)), mode="edge")
+    new_area = np.ones(painted.shape[:2], dtype=bool)
+    new_area[:64, :128] = False
+    difference = np.abs(painted[new_area] - filled[new_area])
+    assert difference.mean() > 10, f"the new area is the fill, mean difference {difference.mean():.1f}"
+    assert painted[new_area].std() > 0, "a picture, not a flat colour"
 
 
 # --- the same pictures as bare diffusers ----------------------------------------------------------
@@ -265,12 +272,20 @@ def test_progress_counts_the_steps_that_run() -> None:
     assert hires[-1] == {"step": 14, "total_steps": 14}
 
 
-def test_an_oom_in_img2img_is_retried_and_gives_the_same_picture() -> None:
-    fields = {"image": png_base64(IMAGE), "mask": png_base64(MASK), "num_images": 2}
+@pytest.mark.parametrize(
+    ("fields", "task"),
+    [
+        pytest.param({"image": png_base64(IMAGE)}, "img2img", id="img2img"),
+        pytest.param({"image": png_base64(IMAGE), "mask": png_base64(MASK)}, "inpaint", id="inpaint"),
+    ],
+)
+def test_an_oom_in_an_image_task_is_retried_and_gives_the_same_picture(fields: dict[str, Any], task: str) -> None:
+    fields = {**fields, "num_images": 2}
     clean = ok(**fields)
     with injected(engine()._pipeline.unet, raises_on(lambda call: call == 1, CUDA_OOM)):
         retried = ok(**fields)
 
+    assert retried["metadata"]["task"] == task
     assert any("ran out of memory" in warning for warning in retried["metadata"]["warnings"])
     for first, second in zip(images_of(clean), images_of(retried), strict=True):
         assert np.abs(array(first) - array(second)).max() <= 2
