@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+import subprocess
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+import pytest
 
 from src import docs
 from src.schema import parse_input
@@ -17,8 +23,6 @@ RESULTS = ROOT / "bench" / "results"
 # The docs speak of the software and of measured facts (machine, date, command), not of who
 # wrote them or the circumstances they were written in.
 CIRCUMSTANCE_PHRASES = (
-    "had no gpu",
-    "has not been run on a gpu",
     "here had",
     "the 2-core cpu here",
     "the session",
@@ -113,3 +117,219 @@ def test_benchmarks_headline_figures_come_from_the_results() -> None:
 
     assert figures
     assert [figure for figure in figures if figure not in results] == []
+
+
+# A figure is a number with a unit: a time, a size, a count in k or M, a percentage or a ratio
+# (x, the multiplication sign, times). In a run such as "1.09 to 1.29 s" or "2.65, 3.39 and 2.65 GiB"
+# each number is a figure.
+NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+TIMES_SIGN, EN_DASH = "\u00d7", "\u2013"
+UNIT = rf"ms|s|min|MiB|MB|GiB|GB|KB|k|M|%|x|{TIMES_SIGN}|times"
+FIGURE_RUN = re.compile(
+    rf"(?<![\w.])((?:{NUMBER})(?:(?:, | and | to | or |-|{EN_DASH})(?:{NUMBER}))*) ?({UNIT})(?![\w²])"
+)
+# A ratio may be derived when it shows its terms: "3.86x (319.6 / 82.7)"; each term is then a figure.
+DERIVED = re.compile(rf"^ ?\(({NUMBER}) ?(?:{UNIT})? ?/ ?({NUMBER}) ?(?:{UNIT})?\)")
+RESULTS_PATH = re.compile(r"bench/results/[\w/.{},-]+")
+
+
+def decimal(text: str) -> Decimal:
+    return Decimal(text.replace(",", ""))
+
+
+def values_in(text: str) -> set[Decimal]:
+    """Every number in a results file, and each rounded to fewer decimals, as a document may quote it."""
+    values = set()
+    # Not the parts of a version or a name ("2.13.0+cpu", "x86_64").
+    for token in re.findall(rf"(?<![\w.])(?:{NUMBER})(?!\.?\d)", text):
+        value = decimal(token)
+        values.add(value)
+        places = -value.as_tuple().exponent  # type: ignore[operator]
+        values |= {value.quantize(Decimal(1).scaleb(-kept), ROUND_HALF_UP) for kept in range(1, places)}
+    return values
+
+
+def units_of(text: str) -> list[tuple[str, set[str]]]:
+    """The document split into paragraphs, list items and table rows, each with the results files it names.
+
+    A table row also cites what its table's header row names.
+    """
+    units: list[tuple[str, set[str]]] = []
+    block: list[str] = []
+    header: set[str] = set()
+
+    def flush() -> None:
+        if block:
+            joined = " ".join(block)
+            units.append((joined, results_files_named(joined)))
+            block.clear()
+
+    in_code = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            flush()
+            continue
+        if in_code:
+            continue
+        if line.startswith("|"):
+            flush()
+            if re.match(r"^\|[ -|]+\|$", line):
+                continue
+            named = results_files_named(line)
+            if not units or not units[-1][0].startswith("|"):
+                header = named
+            units.append((line, named | header))
+        elif not line.strip() or line.startswith("#") or line.startswith("<"):
+            flush()
+        elif line.startswith("- "):
+            flush()
+            block.append(line)
+        else:
+            block.append(line)
+    flush()
+    return units
+
+
+def cited_units(text: str, *, by_section: bool) -> list[tuple[str, set[str]]]:
+    """``units_of`` the document; with ``by_section``, a unit naming no file cites those its section names."""
+    if not by_section:
+        return units_of(text)
+    units = []
+    for section in re.split(r"^(?=#{1,3} )", text, flags=re.MULTILINE):
+        named = results_files_named(section)
+        units += [(unit, own or named) for unit, own in units_of(section)]
+    return units
+
+
+def figures_not_in_their_files(text: str, *, by_section: bool = False) -> list[str]:
+    """Figures of paragraphs, list items and table rows that cite results files, found in none of them."""
+    cache: dict[str, set[Decimal]] = {}
+    unfound = []
+    for unit, named in cited_units(text, by_section=by_section):
+        if not named:
+            continue
+        values = set()
+        for name in named:
+            if name not in cache:
+                path = RESULTS / name
+                cache[name] = values_in(path.read_text(encoding="utf-8")) if path.is_file() else set()
+            values |= cache[name]
+        prose = re.sub(r"`[^`]*`", "", unit)
+        for run in FIGURE_RUN.finditer(prose):
+            numbers, unit_name = run.group(1), run.group(2)
+            derived = DERIVED.match(prose[run.end() :])
+            for number in re.findall(NUMBER, numbers):
+                if derived and unit_name in ("x", TIMES_SIGN, "times", "%"):
+                    top, bottom = decimal(derived.group(1)), decimal(derived.group(2))
+                    ratio = top / bottom * (100 if unit_name == "%" else 1)
+                    last_place = Decimal(1).scaleb(decimal(number).as_tuple().exponent)  # type: ignore[arg-type]
+                    if {top, bottom} <= values and abs(ratio - decimal(number)) <= last_place:
+                        continue
+                if decimal(number) not in values:
+                    unfound.append(f"{number} {unit_name} in: {unit[:160]}")
+    return unfound
+
+
+def test_every_figure_of_a_paragraph_that_cites_results_is_in_those_files() -> None:
+    """A paragraph, list item or table row naming bench/results/ files quotes them: each of its figures is in one.
+
+    A figure is a number with a unit (s, ms, MB, GiB, k, M, %, x, the multiplication sign, times); it may be
+    the file's number rounded to fewer decimals, or a ratio that shows its terms from the files: "3.86x (319.6 / 82.7)".
+    """
+    assert figures_not_in_their_files(README) == [], "README.md quotes figures its results files do not hold"
+    # BENCHMARKS.md says every figure in it is copied from a results file: a paragraph naming none
+    # quotes the files its section names.
+    assert figures_not_in_their_files(BENCHMARKS, by_section=True) == [], "BENCHMARKS.md quotes figures not held"
+
+
+def test_the_figure_rule_catches_a_figure_missing_from_its_file() -> None:
+    cited = "Encoding a 512² PNG takes {} (`bench/results/encode.md`)."
+
+    assert figures_not_in_their_files(cited.format("22.4 ms")) == []
+    assert figures_not_in_their_files(cited.format("22 ms")) != []
+    assert figures_not_in_their_files(cited.format("about 28 ms")) != []
+    assert figures_not_in_their_files(cited.format("3.86x (319.6 / 82.7)")) == []
+    assert figures_not_in_their_files(cited.format("3.9x (319.6 / 82.7)")) == []
+    assert figures_not_in_their_files(cited.format("4.5x (319.6 / 82.7)")) != []
+
+
+COMMIT = re.compile(r"`([0-9a-f]{7,40})`")
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_every_gpu_claim_names_the_commit_that_recorded_its_results() -> None:
+    """A GPU result cannot be read off the code as it is now: each paragraph citing one names the commit that
+    recorded it, a commit that added or changed that results file."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse"], check=False, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: the commits cannot be looked up")
+    problems = []
+    for name, text in (("README.md", README), ("BENCHMARKS.md", BENCHMARKS)):
+        for unit, named in units_of(text):
+            gpu_files = sorted(file for file in named if file.startswith("gpu"))
+            if not gpu_files:
+                continue
+            recorded = {
+                line for file in gpu_files for line in git("log", "--format=%H", "--", f"bench/results/{file}").split()
+            }
+            commits = COMMIT.findall(unit)
+            if not commits:
+                problems.append(f"{name}: names no commit: {unit[:120]}")
+            problems += [
+                f"{name}: `{commit}` did not record {gpu_files}: {unit[:120]}"
+                for commit in commits
+                if not any(full.startswith(commit) for full in recorded)
+            ]
+    assert problems == []
+
+
+def test_benchmarks_names_every_gpu_test_as_run_or_unrun() -> None:
+    """Each case of tests/test_gpu.py is named in BENCHMARKS.md, so none is counted as passed by default."""
+    source = (ROOT / "tests" / "test_gpu.py").read_text(encoding="utf-8")
+    tests = re.findall(r"^def (test_\w+)", source, flags=re.MULTILINE)
+
+    assert tests
+    assert [test for test in tests if f"`{test}`" not in BENCHMARKS] == []
+
+
+def test_runpod_runs_the_plain_handler_one_job_at_a_time_whatever_the_concurrency() -> None:
+    """The README's Concurrency section: runpod 1.12 calls a plain ``def`` handler on its event loop.
+
+    runpod's own job loop (``JobScaler.run_jobs``, a task per job awaiting ``rp_job.run_job``) is given two
+    jobs with concurrency 2; a handler of the worker's kind (a plain function, as ``handler.handler`` is)
+    records when each job starts and ends. The second job starts only after the first has ended.
+    """
+    import asyncio
+
+    from runpod.serverless.modules import rp_job, rp_scale
+
+    import handler as worker
+
+    assert not inspect.iscoroutinefunction(worker.handler)
+    events: list[str] = []
+
+    def plain_handler(job: dict[str, Any]) -> dict[str, Any]:
+        events.append(f"start {job['id']}")
+        events.append(f"end {job['id']}")
+        return {"ok": True}
+
+    async def run_in_runpods_loop(session: Any, config: dict[str, Any], job: dict[str, Any]) -> None:
+        await rp_job.run_job(plain_handler, job)
+
+    async def two_jobs_at_concurrency_two() -> None:
+        scaler = rp_scale.JobScaler({"handler": plain_handler, "concurrency_modifier": lambda _current: 2})
+        scaler.jobs_handler = run_in_runpods_loop
+        scaler.current_concurrency = 2
+        scaler.jobs_queue = asyncio.Queue(maxsize=2)
+        for job in ({"id": "a", "input": {}}, {"id": "b", "input": {}}):
+            scaler.job_progress.add(job)
+            await scaler.jobs_queue.put(job)
+        scaler._shutdown_event.set()  # run_jobs drains the queue, then returns
+        await scaler.run_jobs(None)  # type: ignore[arg-type]
+
+    asyncio.run(two_jobs_at_concurrency_two())
+
+    assert events == ["start a", "end a", "start b", "end b"]
