@@ -1140,7 +1140,10 @@ class Timings(BaseModel):
     inputs: float | None = Field(
         None, description="Reading the input images (download, decode, resize); present when the job had any."
     )
-    queue: float = Field(description="Waiting for the GPU while other jobs held it (with `CONCURRENCY` above 1).")
+    queue: float = Field(
+        description="Waiting for the GPU while other jobs held it: about 0 under runpod, which runs one job at "
+        "a time; more when a caller runs `handler` from several threads."
+    )
     inference: float = Field(
         description="Text encoding, denoising and VAE decoding, from the moment the job had the GPU."
     )

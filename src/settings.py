@@ -349,7 +349,9 @@ class Settings(BaseModel):
         alias="CONCURRENCY",
         ge=1,
         le=8,
-        description="Jobs runpod hands this worker at once. GPU work still runs one job at a time.",
+        description="Jobs runpod takes for this worker at once. The handler runs on runpod's event loop, so the "
+        "jobs taken still run one after another (see Concurrency in the README): keep 1 and let RunPod scale "
+        "by workers.",
     )
     fast_mode: bool = Field(
         False,
