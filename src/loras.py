@@ -290,13 +290,19 @@ class Loras:
         """The job's LoRAs on, with their scales, for the ``with`` block; off after it, whatever happens.
 
         Raises:
-            AdapterError: a file cannot be loaded; the message names it and why. The state is clean after.
+            AdapterError: a file cannot be loaded; the message names the field (``loras.N.name``), the file
+                and why. The state is clean after.
         """
         if not refs:
             yield []
             return
         try:
-            adapters = [self._load(ref.name) for ref in refs]
+            adapters = []
+            for index, ref in enumerate(refs):
+                try:
+                    adapters.append(self._load(ref.name))
+                except AdapterError as error:
+                    raise AdapterError(f"loras.{index}.name={ref.name!r}: {error}") from None
             self._switch_on(adapters, [ref.scale for ref in refs])
             yield [Applied(ref.name, ref.scale, item.short_hash) for ref, item in zip(refs, adapters, strict=True)]
         finally:
@@ -311,14 +317,14 @@ class Loras:
             return cached
         file = self.files[name]
         if file.problem is not None:
-            raise AdapterError(f"LoRA {name!r} ({file.path.name}) cannot be used: {file.problem}")
+            raise AdapterError(f"{file.path.name} cannot be used: {file.problem}")
         started = time.perf_counter()
         try:
             data = file.path.read_bytes()
             header, start = parse_header(data, len(data), file.path)
             tensors = load_safetensors(data)
         except (AdapterError, OSError, ValueError, RuntimeError) as error:
-            raise AdapterError(f"LoRA {name!r} ({file.path.name}) cannot be read: {first_line(error)}") from None
+            raise AdapterError(f"{file.path.name} cannot be read: {first_line(error)}") from None
         # Before diffusers touches the models: a file whose layers do not fit them (a LoRA for SD 2.x) is
         # refused from its shapes alone.
         try:
@@ -327,7 +333,7 @@ class Loras:
             misfit = f"its layers cannot be read ({type(error).__name__}: {first_line(error)})"
         if misfit is not None:
             raise AdapterError(
-                f"LoRA {name!r} ({file.path.name}) cannot be loaded into this SD 1.5 model: {misfit}; "
+                f"{file.path.name} cannot be loaded into this SD 1.5 model: {misfit}; "
                 "is it a LoRA for another model (SDXL, SD 2.x)?"
             )
         self._state.loaded += 1
@@ -342,8 +348,7 @@ class Loras:
         except Exception as error:  # noqa: BLE001 - whatever diffusers or PEFT raise, the file is refused by name
             self._delete(adapter)
             raise AdapterError(
-                f"LoRA {name!r} ({file.path.name}) cannot be loaded into this SD 1.5 model: "
-                f"{type(error).__name__}: {first_line(error)}"
+                f"{file.path.name} cannot be loaded into this SD 1.5 model: {type(error).__name__}: {first_line(error)}"
             ) from None
         models = frozenset(model for model in self.MODELS if adapter in _adapter_names(getattr(self.pipeline, model)))
         if unet_part:
@@ -351,7 +356,7 @@ class Loras:
         if not models:
             self._delete(adapter)
             raise AdapterError(
-                f"LoRA {name!r} ({file.path.name}) matches no layer of this SD 1.5 model; "
+                f"{file.path.name} matches no layer of this SD 1.5 model; "
                 "is it a LoRA for another model (SDXL, SD 2.x)?"
             )
         kept = unet_part[0] if unet_part else {}
@@ -362,7 +367,7 @@ class Loras:
             # what was asked for.
             self._delete(adapter)
             raise AdapterError(
-                f"LoRA {name!r} ({file.path.name}) cannot be used whole: {in_file - layers} of its {in_file} "
+                f"{file.path.name} cannot be used whole: {in_file - layers} of its {in_file} "
                 "layers match no layer of this model that diffusers can load them into (layers of another "
                 "model, or of a kind diffusers does not map)"
             )

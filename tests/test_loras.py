@@ -453,7 +453,7 @@ REFUSED = [
     *(
         pytest.param(
             {"loras": [{"name": "a"}, {"name": name}]},
-            f"LoRA {name!r} ({name.split('/')[-1]}.safetensors) cannot be used: {problem}",
+            f"loras.1.name={name!r}: {name.split('/')[-1]}.safetensors cannot be used: {problem}",
             id=name.split("/")[-1],
         )
         for name, problem in UNUSABLE.items()
@@ -710,7 +710,7 @@ def test_a_cached_lora_is_not_read_again(
     assert np.array_equal(pixels(generate(engine, loras=loras(("a", 1.0)))), first), "from the cache"
     with pytest.raises(AdapterError) as raised:
         generate(engine, loras=loras(("a", 1.0), ("b", 1.0)))
-    assert str(raised.value).startswith("LoRA 'b' (b.safetensors) cannot be read: [Errno 2] No such file")
+    assert str(raised.value).startswith("loras.1.name='b': b.safetensors cannot be read: [Errno 2] No such file")
     assert np.array_equal(pixels(generate(engine)), fresh)
     assert np.array_equal(pixels(generate(engine, loras=loras(("a", 1.0)))), first)
 
@@ -728,7 +728,7 @@ def test_lora_cache_mb_0_keeps_nothing_between_jobs(
     assert np.array_equal(pixels(generate(engine)), fresh)
 
     (folder / "a.safetensors").unlink()
-    with pytest.raises(AdapterError, match=r"^LoRA 'a' \(a.safetensors\) cannot be read: "):
+    with pytest.raises(AdapterError, match=r"^loras\.0\.name='a': a\.safetensors cannot be read: "):
         generate(engine, loras=loras(("a", 1.0)))
 
 
@@ -783,7 +783,8 @@ def test_a_lora_that_does_not_fit_the_model_is_refused_and_its_partial_load_undo
     with pytest.raises(AdapterError) as raised:
         generate(engine, loras=loras(("a", 1.0), (name, 1.0)))
 
-    assert str(raised.value).startswith(f"LoRA {name!r} ({name}.safetensors) cannot be loaded into this SD 1.5 model: ")
+    refused = f"loras.1.name={name!r}: {name}.safetensors cannot be loaded into this SD 1.5 model: "
+    assert str(raised.value).startswith(refused)
     assert error in str(raised.value)
     assert offload_hooks(engine) == hooks, "the offload hooks are as the profile put them"
     assert (set(hooks.values()) == {"CpuOffload"}) is offload
@@ -837,7 +838,7 @@ def test_a_locon_loads_its_convolution_and_a_lora_with_a_stray_layer_is_refused_
 
     # The slots check the UNet's layers before loading, and name the one that is missing.
     refused = r"cannot be used whole: 1 of its |cannot be loaded into this SD 1.5 model: the unet has no layer"
-    with pytest.raises(AdapterError, match=rf"^LoRA 'stray' \(stray.safetensors\) ({refused})"):
+    with pytest.raises(AdapterError, match=rf"^loras\.0\.name='stray': stray\.safetensors ({refused})"):
         generate(engine, loras=loras(("stray", 1.0)))
     assert engine.loras.cached == []
     locon = pixels(generate(engine, loras=loras(("locon", 1.0))))
@@ -988,7 +989,7 @@ def test_hot_swap_slots_survive_a_lora_whose_unet_layers_do_not_fit(
     engine.loras = slots
 
     assert np.array_equal(pixels(generate(engine)), fresh)
-    with pytest.raises(AdapterError, match=r"^LoRA 'wider-unet' \(wider-unet.safetensors\) cannot be"):
+    with pytest.raises(AdapterError, match=r"^loras\.0\.name='wider-unet': wider-unet\.safetensors cannot be"):
         generate(engine, loras=loras(("wider-unet", 1.0)))
     assert np.abs(pixels(generate(engine, loras=loras(("a", 1.0)))) - fresh).mean() > 1
 
