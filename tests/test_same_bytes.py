@@ -1,0 +1,126 @@
+"""The same jobs give the same bytes: one job per task, compared with digests recorded before the code was reshaped.
+
+The digests were written by this file's jobs on the code as it stood before the job's path was split into
+prepare, run and finish (commit c92f0f7), with ``RECORD_DIGESTS=1 python -m pytest tests/test_same_bytes.py -s``,
+which prints the table below. Each digest covers the image files as the response carries them (pixels and embedded
+parameters) and the response's metadata, less its timings. A change that moves code without changing behaviour
+leaves every digest as it is; a change that means to change an output records them again and says why.
+
+The tiny model's weights are seeded, so the digests hold wherever torch 2.13's CPU kernels give the same floats.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+import handler
+from builder.tiny_lora import write_test_loras
+from builder.tiny_model import write_tiny_controlnets
+from src.settings import Settings
+from tests.conftest import box_mask, noise_image
+
+
+def _png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+IMAGE = _png(noise_image(64, 64, seed=3))
+MASK = _png(box_mask(64, 64, (16, 16, 48, 48)))
+CONTROL = _png(box_mask(64, 64, (8, 24, 56, 40)).convert("RGB"))
+BASE = {"num_inference_steps": 3, "seed": 7, "width": 64, "height": 64}
+
+JOBS: dict[str, dict[str, Any]] = {
+    "txt2img": {"prompt": "a (red:1.3) fox [in the snow:at dusk:0.5]", "negative_prompt": "blurry", "num_images": 2},
+    "txt2img-jpeg": {"prompt": "a fox", "output_format": "jpeg", "scheduler": "euler_a"},
+    "txt2img-webp": {"prompt": "a fox", "output_format": "webp", "scheduler": "dpmpp_2m_karras"},
+    "img2img": {"prompt": "a fox", "image": IMAGE, "strength": 0.7},
+    "inpaint": {"prompt": "a fox", "image": IMAGE, "mask": MASK, "strength": 0.9},
+    "inpaint-masked": {"prompt": "a fox", "image": IMAGE, "mask": MASK, "inpaint_area": "masked", "mask_blur": 2},
+    "outpaint": {"prompt": "a fox", "image": IMAGE, "outpaint": {"left": 64}, "width": 128},
+    "hires-latent": {"prompt": "a fox", "hires": {"scale": 1.5, "upscaler": "latent", "steps": 2}},
+    "hires-lanczos": {"prompt": "a fox", "hires": {"scale": 2, "upscaler": "lanczos", "strength": 0.5}},
+    "lora": {"prompt": "a fox <lora:tiny-kohya-1:0.6>", "loras": [{"name": "tiny-peft-0", "scale": 0.8}]},
+    "controlnet": {"prompt": "a fox", "controlnets": [{"model": "tiny-controlnet", "image": CONTROL, "scale": 0.9}]},
+    "inpaint-lora-controlnet": {
+        "prompt": "a fox",
+        "image": IMAGE,
+        "mask": MASK,
+        "loras": [{"name": "tiny-peft-0"}],
+        "controlnets": [{"model": "tiny-controlnet-file", "image": CONTROL, "preprocess": "canny"}],
+    },
+}
+
+DIGESTS = {
+    "txt2img": "63a92ad7d8bfe36019cd5d0ee945ccde9e116011a828a83f58c393143741024d",
+    "txt2img-jpeg": "37c67f373eb0df20447a1d13e672dab40ceb23cea836ba94a5b678e45e23fe35",
+    "txt2img-webp": "2de07ec0c8852ca7a6c46b8334537d720e92427a5d5a248b6557a3da3d48c103",
+    "img2img": "8b421d31933458733d068b1c4766634c51428a13cbecb3bf5f0f9268bca12f0f",
+    "inpaint": "6f35c237c052af7d60510df4cf6c604484eb3f3f1251d9fc46e83c91dcc8f040",
+    "inpaint-masked": "bec46f47604893706f7ca65f4ea3df4b5ba6280cacfd20978c08ebad005b517d",
+    "outpaint": "ccced48a0bb8413381881898bdd7b2bd7140ff96be01989f16fec5f9a4d5fc1d",
+    "hires-latent": "e2544ea26ae00a1dd55a8ebf70674b9864d80c235f9aa6b721666b81ca16406d",
+    "hires-lanczos": "0cd6fb74b975361f9f76313312f2eb60580d278503e2cc0c6c65434e4be09cdd",
+    "lora": "57a2948a4b6470f71e55fce7b04bc2a1c59b882071a33ffe484a206802872848",
+    "controlnet": "aeede06eed50b787c40869b71909def3419989e4529b911aee340c1af651a8a1",
+    "inpaint-lora-controlnet": "874a82153a903a795eba9780142d9c7c6ddefef0c9761157d4b958586b2ad7d3",
+}
+
+
+@pytest.fixture(scope="module")
+def same_bytes_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A fresh worker on the tiny model, with the tiny builders' LoRAs and ControlNets."""
+    folder = tmp_path_factory.mktemp("same-bytes")
+    # write_tiny_controlnets copies the model's UNet; a link keeps the shared model folder untouched.
+    (folder / "unet").symlink_to(tiny_model_dir / "unet", target_is_directory=True)
+    controlnets = write_tiny_controlnets(folder)
+    loras = folder / "loras"
+    loras.mkdir()
+    write_test_loras(tiny_model_dir, loras, count=2)
+    # The model's name is in the metadata and the embedded parameters: a relative path keeps it the same in every run.
+    (folder / "tiny-sd15").symlink_to(tiny_model_dir, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        for field in Settings.model_fields.values():
+            patch.delenv(str(field.alias), raising=False)
+        patch.setenv("MODEL_ID", "tiny-sd15")
+        patch.setenv("LORA_DIR", str(loras))
+        patch.setenv("CONTROLNET_DIR", str(controlnets))
+        patch.setattr(handler, "_settings", None)
+        patch.setattr(handler, "_engine", None)
+        patch.setattr(handler, "_storage", None)
+        yield
+
+
+def digest(response: dict[str, Any]) -> str:
+    """SHA-256 of the response's image files and its metadata, less the timings."""
+    assert "error" not in response, response
+    hashed = hashlib.sha256()
+    for image in response["images"]:
+        hashed.update(base64.b64decode(image["image"]))
+    metadata = {key: value for key, value in response["metadata"].items() if key != "timings_ms"}
+    hashed.update(json.dumps(metadata, sort_keys=True).encode())
+    return hashed.hexdigest()
+
+
+@pytest.mark.usefixtures("same_bytes_worker")
+def test_each_task_gives_the_bytes_it_gave_before() -> None:
+    found = {name: digest(handler.handler({"id": name, "input": {**BASE, **job}})) for name, job in JOBS.items()}
+    if os.environ.get("RECORD_DIGESTS"):
+        print("\nDIGESTS = {")
+        for name, value in found.items():
+            print(f'    "{name}": "{value}",')
+        print("}")
+    changed = [name for name in JOBS if found[name] != DIGESTS[name]]
+    assert not changed, f"these jobs no longer give the bytes they gave: {changed}"
