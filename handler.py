@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from src.canvas import prepare_inputs
 from src.errors import WorkerError, breaks_the_gpu, first_line
-from src.outputs import check_inline_fits, encode_response
+from src.finish.outputs import check_inline_fits, encode_response
+from src.prepare.canvas import prepare_inputs
 from src.schema import InputError, check_limits, parse_input
 from src.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from src.engine import Engine
+    from src.run.engine import Engine
     from src.storage import S3Storage
 
 log = logging.getLogger("handler")
@@ -61,7 +61,7 @@ def get_engine() -> Engine:
     """The process's engine, loaded on first use (or preloaded by ``main``)."""
     # Imported here, not at the top, so that `import handler` stays cheap: torch
     # and diffusers take seconds to import, and tests of the contract need neither.
-    from src.engine import Engine
+    from src.run.engine import Engine
 
     global _engine
     settings = get_settings()
@@ -220,7 +220,7 @@ def serve(settings: Settings) -> None:
         _send_progress = runpod.serverless.progress_update
     # On RunPod, a worker whose torch cannot use its GPU refuses jobs instead of failing each one.
     if _engine is not None and _engine.device.type == "cuda":
-        from src import gpu
+        from src.run import gpu
 
         runpod.serverless.register_fitness_check(gpu.check_kernels)
         runpod.serverless.register_fitness_check(gpu.check_fp16)

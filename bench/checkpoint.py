@@ -66,7 +66,7 @@ VARIANTS = {
 BASELINE = "folder"
 # The contract: a converted folder starts within 5% of the same weights saved as a diffusers folder.
 WITHIN = 0.05
-# What the loader logs (src.loader) for each way of loading; a diffusers folder logs none of these.
+# What the loader logs (src.models.loader) for each way of loading; a diffusers folder logs none of these.
 LOADED_BY = {
     "folder": None,
     "baked": "baked at build time",
@@ -108,7 +108,7 @@ class Paths:
 
 
 class LoaderLog(logging.Handler):
-    """Every line ``src.loader`` logs, as it is logged."""
+    """Every line ``src.models.loader`` logs, as it is logged."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -122,12 +122,12 @@ def _child(started: float) -> dict[str, Any]:
     """One worker's start, from its process's start (``started``, the parent's clock at spawn) to ready."""
     t0 = time.time()
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
-    from src.engine import Engine  # torch and diffusers
+    from src.run.engine import Engine  # torch and diffusers
     from src.settings import load_settings
 
     imported = time.time()
     loader_log = LoaderLog()
-    logger = logging.getLogger("src.loader")
+    logger = logging.getLogger("src.models.loader")
     logger.setLevel(logging.INFO)
     logger.addHandler(loader_log)
     Engine.load(load_settings())
@@ -150,7 +150,7 @@ def build_pipeline(plan: Plan) -> Any:
 
     if plan.model == "tiny":
         from builder.tiny_model import build_tiny_pipeline
-        from src.checkpoints import cast
+        from src.models.checkpoints import cast
 
         with tempfile.TemporaryDirectory() as scratch:
             pipeline = build_tiny_pipeline(Path(scratch))

@@ -170,7 +170,7 @@ def describe_controlnets(folder: Path) -> dict[str, Any]:
     """What one ControlNet holds, and its sizes on disk as a folder and as a file."""
     import math
 
-    from src.safetensors_header import read_header, tensor_shapes
+    from src.models.safetensors_header import read_header, tensor_shapes
 
     header, _start = read_header(folder / FIRST / "diffusion_pytorch_model.safetensors")
     return {
@@ -196,7 +196,7 @@ class Workers:
     """The caching and the not-caching engine, and the one job each runs."""
 
     def __init__(self, model: Path, controlnet_dir: Path) -> None:
-        from src.engine import Engine
+        from src.run.engine import Engine
         from src.settings import load_settings
 
         common = {"MODEL_ID": str(model), "DEVICE": "cpu", "DTYPE": "float32", "CONTROLNET_DIR": str(controlnet_dir)}
@@ -208,7 +208,7 @@ class Workers:
 
     def run(self, side: Side, units: Sequence[str], side_px: int, steps: int, images: ControlImages) -> Image.Image:
         """One job on ``side`` naming ``units``, from the parsed request to the image."""
-        from src.canvas import prepare_inputs
+        from src.prepare.canvas import prepare_inputs
         from src.schema import parse_input
 
         job = {
@@ -306,7 +306,7 @@ def _progress(seconds: dict[str, float]) -> str:
 def measure(plan: Plan, repeat: int, model: Path, controlnet_dir: Path) -> dict[str, Any]:
     """One untimed warm-up of each case, then ``repeat`` rounds of every case in a shuffled order."""
     load_log = LogArguments("loaded ControlNet %s", ("name", "seconds"))
-    logger = logging.getLogger("src.controlnets")
+    logger = logging.getLogger("src.adapters.controlnets")
     logger.setLevel(logging.INFO)
     logger.addHandler(load_log)
     shuffle = random.Random(0)

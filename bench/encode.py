@@ -6,7 +6,7 @@ The images stand in for SD output: colour noise whose amplitude spectrum
 falls off as 1/f^1.5, like a natural photograph's, tuned so that a 512²
 PNG is about 400 KB and a quality-90 JPEG about 60 KB, as SD 1.5's photos
 are. (Random-weight models give white noise, which no format compresses.)
-Encoding goes through src.outputs.encode_image, parameters chunk included.
+Encoding goes through src.finish.outputs.encode_image, parameters chunk included.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from bench.machine import cpu_name
-from src import outputs
+from src.finish import outputs
 
 SPECTRAL_EXPONENT = 1.5
 

@@ -85,8 +85,8 @@ def plain(folder: Path, repeat: int) -> dict[str, Any]:
 
 def worker(folder: Path, repeat: int, fast: bool) -> dict[str, Any]:
     """The worker's engine and handler path, as deployed, with FAST_MODE off or on."""
-    from src.engine import Engine
-    from src.outputs import encode_response
+    from src.finish.outputs import encode_response
+    from src.run.engine import Engine
     from src.schema import parse_input
     from src.settings import load_settings
 

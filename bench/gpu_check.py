@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from src.canvas import prepare_inputs
-from src.controlnets import ControlNets, scan_controlnets
-from src.engine import Engine
+from src.adapters.controlnets import ControlNets, scan_controlnets
 from src.errors import WorkerError
-from src.loader import load_pipeline
-from src.memory import GIB, Profile, plan_sub_batch
+from src.models.loader import load_pipeline
+from src.prepare.canvas import prepare_inputs
+from src.run.engine import Engine
+from src.run.memory import GIB, Profile, plan_sub_batch
 from src.schema import parse_input
 from src.settings import load_settings
 

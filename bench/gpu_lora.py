@@ -63,7 +63,7 @@ class Worker:
     """One engine, loaded as deployed, with timed jobs."""
 
     def __init__(self, model: Path, loras: Path, *, fast: bool, tiny: bool = False) -> None:
-        from src.engine import Engine
+        from src.run.engine import Engine
         from src.settings import load_settings
 
         variables = {
@@ -82,7 +82,7 @@ class Worker:
 
     def job(self, loras: list[str], scale: float = 0.8) -> tuple[float, int, bytes]:
         """Seconds, graphs compiled during the job, and the PNG, for a job with ``loras``."""
-        from src.outputs import encode_response
+        from src.finish.outputs import encode_response
         from src.schema import parse_input
 
         request = parse_input(

@@ -171,7 +171,7 @@ class Workers:
     """The three engines, and the one job each case runs on them."""
 
     def __init__(self, plan: Plan, model: Path, lora_dir: Path) -> None:
-        from src.engine import Engine
+        from src.run.engine import Engine
         from src.settings import load_settings
 
         self.plan = plan
@@ -266,7 +266,7 @@ def time_rounds(
 def measure(plan: Plan, repeat: int, model: Path, lora_dir: Path) -> dict[str, Any]:
     """The five cases; then the crowded cache's."""
     load_log = LogArguments("LoRA %s loaded", ("name", "models", "adapter_mb", "seconds"))
-    logger = logging.getLogger("src.loras")
+    logger = logging.getLogger("src.adapters.loras")
     logger.setLevel(logging.INFO)
     logger.addHandler(load_log)
     shuffle = random.Random(0)

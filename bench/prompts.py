@@ -52,8 +52,8 @@ def _prompt_of(tokenizer: Any, tokens: int) -> str:
 
 def run(repeat: int) -> dict[str, Any]:
     from builder.tiny_model import write_tiny_model
-    from src.engine import Engine
     from src.prompts import encode_prompts, parse_prompt_attention
+    from src.run.engine import Engine
     from src.settings import load_settings
 
     report: dict[str, Any] = {**report_header(), "repeat": repeat, "parse_ms": {}, "encode_ms": {}}

@@ -117,7 +117,7 @@ def _child_warm(model: str, sides: list[int], steps: list[int], repeat: int) -> 
     import torch
 
     import handler
-    from src import outputs
+    from src.finish import outputs
 
     handler.get_engine()
     bare = _bare_pipeline(model)

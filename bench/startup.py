@@ -83,7 +83,7 @@ def _child(variant: str, model: str, started: float) -> dict[str, float]:
         import importlib
 
         import handler
-        import src.engine  # noqa: F401  (torch and diffusers)
+        import src.run.engine  # noqa: F401  (torch and diffusers)
 
         handler.get_settings()
         thread = threading.Thread(target=importlib.import_module, args=("runpod",))

@@ -51,7 +51,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from builder.download import DownloadError, download_to_folder, file_name_from
-from src.checkpoints import (
+from src.errors import AdapterError, ModelLoadError
+from src.models.checkpoints import (
     PICKLE_SUFFIXES,
     check_checkpoint,
     check_config_folder,
@@ -59,10 +60,9 @@ from src.checkpoints import (
     convert_checkpoint,
     load_vae_file,
 )
-from src.checkpoints import sha256_file as file_sha256
-from src.errors import AdapterError, ModelLoadError
-from src.loader import BakedSource, read_baked_source
-from src.safetensors_header import SafetensorsError, read_header
+from src.models.checkpoints import sha256_file as file_sha256
+from src.models.loader import BakedSource, read_baked_source
+from src.models.safetensors_header import SafetensorsError, read_header
 from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, SettingsError, load_settings, redact_url
 
 log = logging.getLogger("cache_model")
@@ -186,7 +186,7 @@ def verify(folder: Path, variant: str | None, safety_checker: bool = False) -> N
 
 def bake(settings: Settings) -> Path:
     """Download (or convert), verify and label MODEL_DIR. Returns the folder."""
-    from src.checkpoints import is_file_path
+    from src.models.checkpoints import is_file_path
 
     if settings.model_url is not None or is_file_path(settings.model_id):
         return bake_checkpoint(settings)
@@ -560,7 +560,7 @@ def verify_controlnets(settings: Settings, baked: dict[str, ControlNetSource]) -
     """
     import torch
 
-    from src.controlnets import ControlNets, scan_controlnets
+    from src.adapters.controlnets import ControlNets, scan_controlnets
 
     try:
         listed = scan_controlnets(settings.controlnet_dir)

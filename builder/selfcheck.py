@@ -33,14 +33,14 @@ if __package__ in (None, ""):  # run as a file, `python builder/selfcheck.py`: m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from src.errors import AdmissionError
-from src.gpu import fp16_finite, kernel_advice
-from src.memory import GIB, Profile, choose_profile, plan_sub_batch
+from src.run.gpu import fp16_finite, kernel_advice
+from src.run.memory import GIB, Profile, choose_profile, plan_sub_batch
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 LARGEST_SIDE_CHECKED = 2048
 
 
-# --- decisions: pure functions of capability, arch list and memory (see also src/gpu.py) ------------
+# --- decisions: pure functions of capability, arch list and memory (see also src/run/gpu.py) ------------
 
 
 def recommend(total_bytes: int) -> tuple[Profile, int]:
@@ -86,7 +86,7 @@ class Report:
 def tiny_generation_seconds() -> float:
     """Seconds for one 512x512, 4-step image from the tiny model, through the worker's engine on the GPU."""
     from builder.tiny_model import write_tiny_model
-    from src.engine import Engine
+    from src.run.engine import Engine
     from src.schema import parse_input
     from src.settings import load_settings
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from src.outputs import FORMATS
+from src.finish.outputs import FORMATS
 
 DEFAULT_TEST_INPUT = Path("test_input.json")
 # A job id becomes one folder name: anything else turns into "-", so "../x" or "/abs" cannot lead out.

@@ -26,7 +26,7 @@ from builder import cache_model
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import CHECKPOINT_FILE, CONTROLNET_DIFFUSERS, CONTROLNET_FILE, write_tiny_model
 from builder.tiny_model import write_tiny_controlnets as write_controlnets
-from src.safetensors_header import read_header
+from src.models.safetensors_header import read_header
 from src.settings import Settings, load_settings
 from tests.test_checkpoints import Served, fake
 from tests.test_controlnets import png_base64, shapes_image

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from builder import cache_model, selfcheck
-from src.gpu import CU126_INSTALL, has_kernels, kernel_advice
-from src.loader import BAKED_SOURCE_FILE
-from src.memory import GIB, Profile
+from src.models.loader import BAKED_SOURCE_FILE
+from src.run.gpu import CU126_INSTALL, has_kernels, kernel_advice
+from src.run.memory import GIB, Profile
 from src.schema import parse_input
 from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, load_settings
 from tests.conftest import ROOT, run_handler_cli

@@ -1,4 +1,4 @@
-"""Input images brought to the job's size (src/canvas.py): resize modes, masks, the outpaint canvas, the crop.
+"""Input images brought to the job's size (src/prepare/canvas.py): resize modes, masks, the outpaint canvas, the crop.
 
 Pure PIL and diffusers' image processor: no model.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.canvas import TaskImages, fit, paste_back, prepare
+from src.prepare.canvas import TaskImages, fit, paste_back, prepare
 from src.schema import GenerateRequest, InputError, parse_input, resolve_size
 from src.settings import load_settings
 from tests.conftest import box_mask, noise_image

@@ -30,9 +30,9 @@ import handler
 from builder import cache_model, single_file
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import CHECKPOINT_FILE, VAE_FILE, write_tiny_model
-from src.checkpoints import CONVERT_PICKLE, check_checkpoint
 from src.errors import ModelLoadError
-from src.loader import BAKED_SOURCE_FILE, load_model, read_baked_source
+from src.models.checkpoints import CONVERT_PICKLE, check_checkpoint
+from src.models.loader import BAKED_SOURCE_FILE, load_model, read_baked_source
 from src.settings import Settings, load_settings
 from tests.conftest import ROOT
 
@@ -210,7 +210,7 @@ def test_model_cache_dir_keeps_the_conversion_for_the_next_worker(
     assert folder.name == f"my-model-{sha256(checkpoint)[:10]}"
     assert (folder / BAKED_SOURCE_FILE).is_file()
     caplog.clear()
-    with caplog.at_level("INFO", logger="src.loader"):
+    with caplog.at_level("INFO", logger="src.models.loader"):
         second = run_worker(env)
 
     assert second["images"][0]["image"] == first["images"][0]["image"]

@@ -28,7 +28,7 @@ from PIL import Image
 import handler
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import CHECKPOINT_FILE, write_tiny_controlnets, write_tiny_model
-from src.schedulers import make_scheduler
+from src.models.schedulers import make_scheduler
 from src.settings import Settings
 from tests.conftest import noise_image, rss_bytes
 
@@ -409,8 +409,8 @@ def test_rss_stays_flat_over_30_jobs_cycling_3_controlnets_with_a_cache_of_2(
 def test_admission_counts_controlnet_weights_and_each_units_activations(tiny_with_controlnets: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from src.controlnets import ControlNets, scan_controlnets
-    from src.memory import (
+    from src.adapters.controlnets import ControlNets, scan_controlnets
+    from src.run.memory import (
         CONTROLNET_ACTIVATIONS,
         GIB,
         UNET_BYTES_PER_LATENT_PIXEL,

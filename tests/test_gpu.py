@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.engine import Engine, Generation
 from src.errors import OutOfMemoryError
-from src.memory import Profile
+from src.run.engine import Engine, Generation
+from src.run.memory import Profile
 from src.schema import GenerateRequest, parse_input
 from src.settings import load_settings
 
@@ -209,7 +209,7 @@ def test_image_tasks_run_in_the_small_card_profiles(tiny_model_dir: Path, profil
 def run_image_tasks(cuda_engine: Engine) -> None:
     from PIL import Image
 
-    from src.canvas import prepare
+    from src.prepare.canvas import prepare
     from src.schema import resolve_size
 
     rng = np.random.default_rng(0)
@@ -329,7 +329,7 @@ def test_controlnet_units_in_float16_change_only_their_jobs(tmp_path: Path, prof
     from PIL import Image
 
     from builder.tiny_model import write_tiny_controlnets, write_tiny_model
-    from src.canvas import prepare_inputs
+    from src.prepare.canvas import prepare_inputs
 
     folder = write_tiny_model(tmp_path / "tiny")
     write_tiny_controlnets(folder)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import handler
-from src.engine import Engine
+from src.run.engine import Engine
 from src.schema import SCHEDULER_NAMES, parse_input
 from src.settings import load_settings
 from tests.conftest import ROOT, decode_png

@@ -1,4 +1,4 @@
-"""Image inputs (src/images.py): base64, URLs from a real local HTTP(S) server, s3:// from a real S3 server.
+"""Image inputs (src/prepare/images.py): base64, URLs from a real local HTTP(S) server, s3:// from a real S3 server.
 
 Every hostile input is a tiny fixture: a redirect chain, a server that drips one byte at a time, an endless
 body, a 20000x20000 PNG of a few KB. Tests assert the message a user sees, never how long anything took.
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image, ImageFile
 
-from src.images import address_problem, load_image, load_mask
+from src.prepare.images import address_problem, load_image, load_mask
 from src.schema import InputError
 from src.settings import Settings, load_settings
 from tests.conftest import ACCESS_KEY, SECRET, S3Server, free_port

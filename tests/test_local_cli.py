@@ -136,7 +136,7 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path: Path, offline_e
 
 @pytest.mark.skipif(
     "show_progress_bar" not in (ROOT / "src" / "engine.py").read_text(encoding="utf-8"),
-    reason="Engine.show_progress_bar is not in src/engine.py yet",
+    reason="Engine.show_progress_bar is not in src/run/engine.py yet",
 )
 def test_progress_bar_on_a_terminal(tmp_path: Path, offline_env: dict[str, str]) -> None:
     """stderr on a pseudo-terminal: diffusers' bar is drawn there; stdout, a pipe, holds only the summary."""

@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 
 import handler
 from builder.tiny_lora import build_lora_state_dict, save_lora, write_test_loras
-from src.engine import Engine, Generation
+from src.adapters.loras import Loras, scan_loras
 from src.errors import AdapterError, AdmissionError, GenerationTimeoutError, OutOfMemoryError
-from src.loras import Loras, scan_loras
+from src.run.engine import Engine, Generation
 from src.schema import parse_input
 from src.settings import load_settings
 from tests.conftest import decode_png, rss_bytes
@@ -300,10 +300,10 @@ def test_the_folder_is_listed_at_startup_by_name_with_subfolders(lora_engine: En
 def test_the_startup_log_names_each_unusable_file(
     tiny_model_dir: Path, lora_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="src.loras"):
+    with caplog.at_level(logging.WARNING, logger="src.adapters.loras"):
         load_engine(tiny_model_dir, LORA_DIR=str(lora_dir))
 
-    warned = [record.getMessage() for record in caplog.records if record.name == "src.loras"]
+    warned = [record.getMessage() for record in caplog.records if record.name == "src.adapters.loras"]
     assert len(warned) == len(UNUSABLE)
     for name, problem in UNUSABLE.items():
         path = lora_dir / f"{name}.safetensors"
@@ -494,7 +494,7 @@ def test_every_layout_rank_and_part_loads_and_changes_the_image(
 ) -> None:
     engine = load_engine(tiny_model_dir, LORA_DIR=str(lora_dir))  # so that this LoRA is loaded now, from its file
 
-    with caplog.at_level(logging.INFO, logger="src.loras"):
+    with caplog.at_level(logging.INFO, logger="src.adapters.loras"):
         result = generate(engine, loras=loras((name, 1.0)))
 
     assert not np.array_equal(pixels(result), fresh)
@@ -736,8 +736,8 @@ def with_model_offload(engine: Engine, folder: Path) -> Engine:
     """``engine`` with the low profile's model offload, on the CPU: accelerate's hooks move each model
     between "cpu" and the execution device "cpu:0" as they would between host memory and a GPU, and its
     LoRAs of ``folder`` put the offload back after a load, as an engine of the low profile does."""
-    from src.engine import apply_offload
-    from src.memory import Profile
+    from src.run.engine import apply_offload
+    from src.run.memory import Profile
 
     restore = functools.partial(apply_offload, engine._pipeline, Profile.LOW, torch.device("cpu"))
     restore()
@@ -1007,7 +1007,7 @@ def test_the_lcm_scheduler_runs_with_a_lora(lora_worker: Callable[..., None], sc
 
 
 def test_admission_counts_the_adapters_bytes() -> None:
-    from src.memory import GIB, Profile, estimate_peak_bytes, plan_sub_batch
+    from src.run.memory import GIB, Profile, estimate_peak_bytes, plan_sub_batch
 
     # A card on which exactly four 512² images fit without LoRA.
     budget = int(estimate_peak_bytes(Profile.HIGH, 512, 512, 4) / 0.95) + 1

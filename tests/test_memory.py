@@ -1,4 +1,4 @@
-"""Memory profiles and admission (src/memory.py): which profile a card gets, what it switches on,
+"""Memory profiles and admission (src/run/memory.py): which profile a card gets, what it switches on,
 how much a request is estimated to need, and how a request is cut into sub-batches or refused.
 
 Pure arithmetic: no model, no torch, no mocks.
@@ -11,7 +11,7 @@ import itertools
 import pytest
 
 from src.errors import AdmissionError
-from src.memory import (
+from src.run.memory import (
     GIB,
     Plan,
     Profile,
@@ -359,7 +359,7 @@ def test_sub_batches(count: int, size: int, expected: list[range]) -> None:
 def test_the_low_profile_counts_the_vae_beside_the_unet() -> None:
     """Model offload moves a model off the GPU only when the next one in the pipeline's order starts: in a
     task that encodes an input image, the VAE stays beside the UNet through the denoising."""
-    from src.memory import WEIGHTS_FP16
+    from src.run.memory import WEIGHTS_FP16
 
     low = estimate_peak_bytes(Profile.LOW, 512, 512, 1)
     minimal = estimate_peak_bytes(Profile.MINIMAL, 512, 512, 1)

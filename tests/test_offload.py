@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from src.engine import Engine, apply_offload
 from src.errors import GenerationTimeoutError
-from src.memory import Profile
+from src.run.engine import Engine, apply_offload
+from src.run.memory import Profile
 from src.schema import parse_input
 from src.settings import load_settings
 from tests.test_resilience import FakeClock, clock_moves, injected

@@ -18,11 +18,10 @@ from safetensors.torch import save_file
 
 import handler
 from builder.tiny_model import TEXT_WIDTH
-from src.adapters import load_embeddings
-from src.engine import Engine, Generation
+from src.adapters.embeddings import load_embeddings
 from src.errors import AdapterError, GenerationTimeoutError
-from src.memory import Profile, estimate_peak_bytes
-from src.outputs import a1111_parameters
+from src.finish.outputs import a1111_parameters
+from src.models.schedulers import make_scheduler
 from src.prompts import (
     CHUNK_TOKENS,
     PromptError,
@@ -32,7 +31,8 @@ from src.prompts import (
     prompt_schedule,
     to_chunks,
 )
-from src.schedulers import make_scheduler
+from src.run.engine import Engine, Generation
+from src.run.memory import Profile, estimate_peak_bytes
 from src.schema import parse_input
 from src.settings import load_settings
 from tests.conftest import decode_png

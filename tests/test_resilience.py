@@ -25,8 +25,8 @@ import torch
 
 import handler
 from bench.machine import cpu_name, load_average
-from src.engine import Engine, Generation
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
+from src.run.engine import Engine, Generation
 from src.schema import SCHEDULER_NAMES, GenerateRequest, parse_input
 from src.settings import load_settings
 from tests.conftest import rss_bytes
@@ -438,7 +438,7 @@ def test_flagged_images_are_blacked_out_and_reported(checked_engine: Engine) -> 
 
 
 def test_a_flagged_inpaint_stays_black_without_the_input_pasted_back(checked_engine: Engine) -> None:
-    from src.canvas import prepare
+    from src.prepare.canvas import prepare
     from src.schema import resolve_size
     from tests.conftest import box_mask, noise_image
 
@@ -477,7 +477,7 @@ def test_safety_checker_after_a_float32_redecode_gets_input_in_its_own_dtype(che
 
 
 def test_admission_counts_the_safety_checker() -> None:
-    from src.memory import GIB, Profile, estimate_peak_bytes, plan_sub_batch
+    from src.run.memory import GIB, Profile, estimate_peak_bytes, plan_sub_batch
 
     without = estimate_peak_bytes(Profile.BALANCED, 512, 512, 1)
     with_checker = estimate_peak_bytes(Profile.BALANCED, 512, 512, 1, safety_checker=True)
@@ -826,7 +826,7 @@ def test_bfloat16_runs_on_the_cpu(tiny_model_dir: Path) -> None:
 
 
 def test_fast_mode_is_ignored_with_a_warning_on_the_cpu(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="src.engine"):
+    with caplog.at_level(logging.WARNING, logger="src.run.engine"):
         engine = Engine.load(load_settings({"MODEL_ID": str(tiny_model_dir), "FAST_MODE": "true"}))
 
     assert "FAST_MODE ignored" in caplog.text

@@ -681,7 +681,7 @@ EXPECTED_CLASSES = {
 
 
 def test_scheduler_names_and_mapping_agree() -> None:
-    from src.schedulers import SCHEDULERS
+    from src.models.schedulers import SCHEDULERS
 
     assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
     assert set(SCHEDULER_NAMES) == set(EXPECTED_CLASSES)
@@ -692,7 +692,7 @@ def test_scheduler_names_and_mapping_agree() -> None:
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_make_scheduler_builds_the_mapped_class(name: str) -> None:
     from builder.tiny_model import SD15_SCHEDULER_CONFIG
-    from src.schedulers import SCHEDULERS, make_scheduler
+    from src.models.schedulers import SCHEDULERS, make_scheduler
 
     scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
     assert type(scheduler) is SCHEDULERS[name][0]
@@ -709,7 +709,7 @@ def test_make_scheduler_builds_the_mapped_class(name: str) -> None:
 
 def test_make_scheduler_returns_a_new_object_each_time() -> None:
     from builder.tiny_model import SD15_SCHEDULER_CONFIG
-    from src.schedulers import make_scheduler
+    from src.models.schedulers import make_scheduler
 
     first = make_scheduler("Euler a", SD15_SCHEDULER_CONFIG)
     second = make_scheduler("Euler a", SD15_SCHEDULER_CONFIG)

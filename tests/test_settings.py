@@ -364,7 +364,7 @@ def test_memory_sizes_are_described_in_gib(variable: str) -> None:
 
 
 def test_gpu_memory_gb_is_described_as_gib() -> None:
-    # src/engine.py _gpu_bytes reads GPU_MEMORY_GB as gpu_memory_gb * 2**30 (src.memory.GIB).
+    # src/run/engine.py _gpu_bytes reads GPU_MEMORY_GB as gpu_memory_gb * 2**30 (src.run.memory.GIB).
     assert "in GiB (2^30 bytes)" in _description("GPU_MEMORY_GB")
 
 
@@ -381,7 +381,7 @@ def test_gpu_memory_gb_is_described_as_gib() -> None:
     ],
 )
 def test_memory_profile_description_matches_choose_profile(gib: float, profile: str) -> None:
-    from src.memory import GIB, choose_profile
+    from src.run.memory import GIB, choose_profile
 
     description = _description("MEMORY_PROFILE")
     assert "`high` 10 GiB or more, `balanced` 5.5 to 10 GiB" in description

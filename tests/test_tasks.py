@@ -18,7 +18,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 from PIL import Image
 
 import handler
-from src.schedulers import make_scheduler
+from src.models.schedulers import make_scheduler
 from tests.conftest import box_mask, decode_png, noise_image
 from tests.test_resilience import CUDA_OOM, injected, raises_on
 
@@ -254,7 +254,7 @@ def progress_of(fields: dict[str, Any]) -> list[dict[str, int]]:
     from src.schema import parse_input
 
     request = parse_input({"input": {"prompt": "a fox", **FAST, **fields}}, handler.get_settings())
-    from src.canvas import prepare_inputs
+    from src.prepare.canvas import prepare_inputs
 
     inputs = prepare_inputs(request, handler.get_settings(), None)
     reports: list[dict[str, int]] = []

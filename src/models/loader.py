@@ -4,7 +4,7 @@ Loading never hangs: a hub id whose weights are not on disk is looked up on
 the hub with a short timeout first, and a failed look-up ends startup with a
 message that says what to do. A single-file checkpoint is checked, then
 converted with configs from a local folder, never the network
-(``src.checkpoints``); with ``MODEL_CACHE_DIR`` the conversion is kept for the
+(``src.models.checkpoints``); with ``MODEL_CACHE_DIR`` the conversion is kept for the
 next workers.
 """
 
@@ -28,7 +28,8 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import model_info
 from transformers.utils import logging as transformers_logging
 
-from src.checkpoints import (
+from src.errors import ModelLoadError, first_line
+from src.models.checkpoints import (
     ModelFile,
     cast,
     check_checkpoint,
@@ -38,7 +39,6 @@ from src.checkpoints import (
     load_vae_file,
     sha256_file,
 )
-from src.errors import ModelLoadError, first_line
 from src.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)

@@ -28,15 +28,17 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from src import canvas, prompts, tasks
-from src.adapters import Embedding, load_embeddings
-from src.canvas import ControlMaps, TaskImages
-from src.controlnets import ControlNets, scan_controlnets
+from src import prompts
+from src.adapters.controlnets import ControlNets, scan_controlnets
+from src.adapters.embeddings import Embedding, load_embeddings
+from src.adapters.loras import Applied, Loras, scan_loras
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
-from src.loader import load_model, named_identity, resolve_device, resolve_dtype
-from src.loras import Applied, Loras, scan_loras
-from src.memory import GIB, Plan, Profile, Setup, choose_profile, plan_sub_batch, setup_for, sub_batches
-from src.schedulers import make_scheduler
+from src.models.loader import load_model, named_identity, resolve_device, resolve_dtype
+from src.models.schedulers import make_scheduler
+from src.prepare import canvas
+from src.prepare import passes as tasks
+from src.prepare.canvas import ControlMaps, TaskImages
+from src.run.memory import GIB, Plan, Profile, Setup, choose_profile, plan_sub_batch, setup_for, sub_batches
 from src.schema import GenerateRequest, InputError
 from src.settings import Settings
 

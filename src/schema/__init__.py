@@ -37,7 +37,7 @@ MAX_PROBLEMS_SHOWN = 12
 MAX_ERROR_CHARS = 2048
 _INVALID = "invalid input: "
 
-# AUTOMATIC1111's sampler names; src/schedulers.py maps each to diffusers.
+# AUTOMATIC1111's sampler names; src/models/schedulers.py maps each to diffusers.
 SCHEDULER_NAMES: tuple[str, ...] = (
     "DPM++ 2M",
     "DPM++ 2M Karras",

@@ -26,7 +26,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from src.canvas import ControlMaps, TaskImages
+from src.prepare.canvas import ControlMaps, TaskImages
 from src.prompts import Span
 from src.schema import GenerateRequest
 

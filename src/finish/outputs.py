@@ -36,9 +36,9 @@ from src.schema import (
 )
 
 if TYPE_CHECKING:
-    from src.canvas import Inputs
-    from src.engine import Engine, Generation
-    from src.loras import Applied
+    from src.adapters.loras import Applied
+    from src.prepare.canvas import Inputs
+    from src.run.engine import Engine, Generation
     from src.settings import Settings
     from src.storage import S3Storage
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from src.errors import ModelLoadError
-from src.safetensors_header import SafetensorsError, read_header, tensor_shapes
+from src.models.safetensors_header import SafetensorsError, read_header, tensor_shapes
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, StableDiffusionPipeline

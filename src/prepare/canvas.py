@@ -93,7 +93,7 @@ def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Stor
     """
     if request.image is None and not request.controlnets:
         return Inputs(request=request)
-    from src.images import load_image, load_mask
+    from src.prepare.images import load_image, load_mask
 
     started = time.perf_counter()
     resolved, images, source_size, warnings = request, None, None, []
@@ -127,8 +127,8 @@ def control_maps(
     Raises:
         InputError: a control image cannot be read; the message names its field.
     """
-    from src.images import load_image
-    from src.preprocessors import preprocess
+    from src.prepare.images import load_image
+    from src.prepare.preprocessors import preprocess
 
     width, height = request.size
     first, hires, resized, sources, warnings = [], [], [], [], []

@@ -30,9 +30,9 @@ from typing import Any, Protocol
 
 import torch
 
-from src.checkpoints import PICKLE_SUFFIXES, looks_like
 from src.errors import AdapterError, first_line
-from src.safetensors_header import SafetensorsError, read_header, tensor_shapes
+from src.models.checkpoints import PICKLE_SUFFIXES, looks_like
+from src.models.safetensors_header import SafetensorsError, read_header, tensor_shapes
 
 log = logging.getLogger(__name__)
 

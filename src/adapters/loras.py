@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from src.errors import AdapterError, first_line
-from src.safetensors_header import SafetensorsError, parse_header, read_header
+from src.models.safetensors_header import SafetensorsError, parse_header, read_header
 
 log = logging.getLogger(__name__)
 
