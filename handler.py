@@ -1,8 +1,9 @@
 """RunPod serverless handler for Stable Diffusion 1.5: text-to-image, img2img, inpaint, outpaint, hires fix.
 
-Stages: settings (read once) -> engine (loaded once) -> parse the input ->
-read its images -> generate -> encode the response. Run it as a program to preload the model and
-serve jobs; import it to get ``handler`` with nothing loaded until the first job.
+A job goes through three stages: ``prepare_job`` (the input checked, its images read, its plan made, on the
+CPU), ``engine.run`` (the plan run under the GPU lock) and ``finish`` (the images encoded and delivered,
+the response). Settings are read once and the engine is loaded once. Run it as a program to preload the
+model and serve jobs; import it to get ``handler`` with nothing loaded until the first job.
 
     python handler.py                        # runs test_input.json, writes images to output/
     python handler.py --test_input '{"input": {"prompt": "a fox"}}'
@@ -21,12 +22,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from src.errors import WorkerError, breaks_the_gpu, first_line
-from src.finish.outputs import check_inline_fits, encode_response
-from src.prepare.canvas import prepare_inputs
-from src.schema import InputError, check_limits, parse_input
+from src.finish import finish
+from src.prepare import prepare as prepare_job
+from src.schema import InputError, check_limits
 from src.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from src.adapters.catalog import Catalog
     from src.run.engine import Engine
     from src.storage import S3Storage
 
@@ -69,6 +71,11 @@ def get_engine() -> Engine:
         if _engine is None:
             _engine = Engine.load(settings)
         return _engine
+
+
+def get_catalog() -> Catalog:
+    """The LoRAs and ControlNets the process's engine has, by name (loading the engine on first use)."""
+    return get_engine().catalog
 
 
 def get_storage() -> S3Storage | None:
@@ -148,30 +155,13 @@ def _answer(job: Any, started: float) -> dict[str, Any]:
         }
     try:
         settings = get_settings()
-        request = parse_input(job, settings)
-        # Input images are read before the job waits for the GPU: a slow download never holds it.
-        inputs = prepare_inputs(request, settings, get_storage())
-        request = inputs.request
-        check_inline_fits(request, settings)
-        engine = get_engine()
-        generation = engine.generate(
-            request,
-            images=inputs.images,
-            controls=inputs.controls,
-            timeout_s=settings.generation_timeout_seconds,
-            on_progress=_progress_reporter(job),
+        plan = prepare_job(job, settings, catalog=get_catalog, storage=get_storage())
+        generation = get_engine().run(
+            plan, timeout_s=settings.generation_timeout_seconds, on_progress=_progress_reporter(job)
         )
-        response = encode_response(
-            request,
-            generation,
-            engine,
-            settings=settings,
-            storage=get_storage(),
-            job_id=str(job.get("id") or ""),
-            started=started,
-            inputs=inputs,
+        return finish(
+            plan, generation, settings=settings, storage=get_storage(), job_id=str(job.get("id") or ""), started=started
         )
-        return response.model_dump(exclude_none=True)
     except (InputError, SettingsError, WorkerError) as error:
         return {"error": str(error)}
     except Exception as error:  # noqa: BLE001 - logged with its traceback; the worker serves the next job

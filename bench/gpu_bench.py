@@ -85,7 +85,7 @@ def plain(folder: Path, repeat: int) -> dict[str, Any]:
 
 def worker(folder: Path, repeat: int, fast: bool) -> dict[str, Any]:
     """The worker's engine and handler path, as deployed, with FAST_MODE off or on."""
-    from src.finish.outputs import encode_response
+    from src.finish.response import encode_response
     from src.run.engine import Engine
     from src.schema import parse_input
     from src.settings import load_settings
@@ -110,9 +110,7 @@ def worker(folder: Path, repeat: int, fast: bool) -> dict[str, Any]:
 
         def job(request: Any = request) -> Any:
             generation = engine.generate(request, timeout_s=600)
-            return encode_response(
-                request, generation, engine, settings=settings, storage=None, job_id="bench", started=0.0
-            )
+            return encode_response(request, generation, settings=settings, storage=None, job_id="bench", started=0.0)
 
         result[f"batch{batch}_s"] = _timed(job, repeat)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

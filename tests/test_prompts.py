@@ -20,7 +20,7 @@ import handler
 from builder.tiny_model import TEXT_WIDTH
 from src.adapters.embeddings import load_embeddings
 from src.errors import AdapterError, GenerationTimeoutError
-from src.finish.outputs import a1111_parameters
+from src.finish.parameters import a1111_parameters
 from src.models.schedulers import make_scheduler
 from src.prompts import (
     CHUNK_TOKENS,

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from src.adapters.catalog import Catalog
 from src.errors import AdapterError, first_line
 from src.models.checkpoints import PICKLE_SUFFIXES, looks_like
 from src.models.safetensors_header import SafetensorsError, read_header, tensor_shapes
@@ -37,8 +38,6 @@ from src.models.safetensors_header import SafetensorsError, read_header, tensor_
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-# An unknown name's error lists at most this many of the names there are.
-NAMES_SHOWN = 20
 # The prefix of a ControlNet's tensors in the original checkpoints (control_v11p_sd15_*); some files have none.
 LDM_PREFIX = "control_model."
 # What marks a file as a ControlNet: its hint encoder and its zero convolutions.
@@ -148,22 +147,6 @@ class ControlNets:
     def names(self) -> list[str]:
         return sorted(self.entries)
 
-    def check(self, units: Sequence[ControlNetRef]) -> list[str]:
-        """Problems with a request's units: unknown or unusable models, each naming its field."""
-        named = ((index, self._problem(unit.model)) for index, unit in enumerate(units))
-        return [f"controlnets.{index}.model={units[index].model!r}: {problem}" for index, problem in named if problem]
-
-    def _problem(self, name: str) -> str | None:
-        """Why ``name`` is not a usable ControlNet of the folder; None when it is one."""
-        entry = self.entries.get(name)
-        if entry is None:
-            shown = ", ".join(self.names[:NAMES_SHOWN]) or "none"
-            more = f" (and {len(self.names) - NAMES_SHOWN} more)" if len(self.names) > NAMES_SHOWN else ""
-            return f"not a ControlNet in CONTROLNET_DIR; the ControlNets are: {shown}{more}"
-        if entry.problem:
-            return f"{entry.path.name} cannot be used: {entry.problem}"
-        return None
-
     def _checked(self, entry: ControlNetEntry) -> ControlNetEntry:
         """``entry`` with a problem when its shapes are not those of a ControlNet for this pipeline's UNet."""
         if entry.problem:
@@ -205,7 +188,12 @@ class ControlNets:
         Raises:
             AdapterError: a name is not a usable ControlNet of CONTROLNET_DIR.
         """
-        problems = [f"CONTROLNET_PRELOAD: {name!r}: {problem}" for name in names if (problem := self._problem(name))]
+        catalog = Catalog(controlnets=self.entries)
+        problems = [
+            f"CONTROLNET_PRELOAD: {name!r}: {problem}"
+            for name in names
+            if (problem := catalog.controlnet_problem(name))
+        ]
         if problems:
             raise AdapterError("; ".join(problems))
         for name in names:

@@ -38,8 +38,6 @@ from src.models.safetensors_header import SafetensorsError, parse_header, read_h
 log = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
-# An unknown name's error lists at most this many of the names there are.
-NAMES_SHOWN = 20
 # Key fragments of the LoRA layouts diffusers loads: kohya/A1111, PEFT, and diffusers' older attention processors.
 _LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
 # LyCORIS and other network kinds diffusers' loader cannot read, by a key fragment each uses.
@@ -197,8 +195,8 @@ class _State:
 
 
 class Loras:
-    """The LoRAs of LORA_DIR and the shared pipeline's LoRA state. Every method but ``check``
-    and ``gpu_bytes`` runs under the engine's GPU lock."""
+    """The LoRAs of LORA_DIR and the shared pipeline's LoRA state. Every method but ``gpu_bytes`` runs
+    under the engine's GPU lock."""
 
     MODELS = ("unet", "text_encoder")
 
@@ -266,17 +264,6 @@ class Loras:
     def cached(self) -> list[str]:
         """The cached LoRAs' names, least recently used first."""
         return list(self._state.cached)
-
-    def check(self, refs: Sequence[LoraRef]) -> list[str]:
-        """The problems of the names ``refs`` asks for: each unknown name, with the names there are."""
-        problems = []
-        for index, ref in enumerate(refs):
-            if ref.name not in self.files:
-                shown = self.names[:NAMES_SHOWN]
-                more = f" and {len(self.names) - NAMES_SHOWN} more" if len(self.names) > NAMES_SHOWN else ""
-                listed = f"the LoRAs are: {', '.join(shown)}{more}" if shown else "LORA_DIR holds no usable LoRA"
-                problems.append(f"loras.{index}.name={ref.name!r}: not a LoRA in LORA_DIR; {listed}")
-        return problems
 
     def gpu_bytes(self, refs: Sequence[LoraRef], dtype_bytes: int) -> int:
         """The GPU memory a job's LoRAs take, for admission: their weights, and the copies of the layers

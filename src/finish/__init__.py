@@ -1,1 +1,50 @@
-"""TODO"""
+"""Stage 3 of a job, on the CPU after the GPU lock: the pictures become the answer.
+
+``finish`` encodes each image with A1111's parameters inside (``outputs``, ``parameters``), delivers it
+inline or to S3 and assembles the response with its metadata (``response``). It holds no GPU state: jobs
+may finish while another job runs. It may import every stage before it, and nothing imports it but
+``handler`` and the tools (``local``, ``docs``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from src.finish.response import encode_response
+
+if TYPE_CHECKING:
+    from src.prepare import JobPlan
+    from src.run.engine import Generation
+    from src.settings import Settings
+    from src.storage import S3Storage
+
+__all__ = ["encode_response", "finish"]
+
+
+def finish(
+    plan: JobPlan,
+    generation: Generation,
+    *,
+    settings: Settings,
+    storage: S3Storage | None,
+    job_id: str,
+    started: float,
+) -> dict[str, Any]:
+    """The job's response as RunPod returns it: its images inline or uploaded, and its metadata.
+
+    ``started`` is the ``time.perf_counter()`` reading taken when the job arrived.
+
+    Raises:
+        StorageError: an upload failed and the request asked for ``s3`` explicitly.
+        ResponseTooLargeError: the inline answer is over ``MAX_RESPONSE_MB``.
+    """
+    response = encode_response(
+        plan.request,
+        generation,
+        settings=settings,
+        storage=storage,
+        job_id=job_id,
+        started=started,
+        inputs=plan.inputs,
+    )
+    return response.model_dump(exclude_none=True)

@@ -1,1 +1,96 @@
-"""TODO"""
+"""Stage 1 of a job, on the CPU before the GPU lock: the input checked and everything the GPU stage needs.
+
+``prepare`` validates the input (``schema``), looks up the LoRAs and ControlNets it names (the adapters'
+``Catalog``), reads its images (``images``: base64, URL or ``s3://``, checked), brings them to the job's
+size and makes the control maps (``canvas``, ``preprocessors``), plans the pipeline calls (``passes``),
+reads the prompts' syntax (``prompts``) and checks that the answer can be delivered (``delivery``).
+Everything a bad input can break fails here, before the job waits for the GPU, and what comes out is one
+immutable ``JobPlan``.
+
+It holds no GPU state and loads no model: jobs may be prepared while another job runs. It may import
+errors, settings, storage, schema, models, prompts and adapters, never ``run`` or ``finish``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from src.prepare.canvas import ControlMaps, Inputs, TaskImages, prepare_inputs
+from src.prepare.delivery import check_inline_fits
+from src.prepare.passes import Pass, plan_passes
+from src.prompts import PromptError, TextPlan, plan_texts
+from src.schema import GenerateRequest, InputError, parse_input
+
+if TYPE_CHECKING:
+    from src.adapters.catalog import Catalog
+    from src.settings import Settings
+    from src.storage import S3Storage
+
+__all__ = ["JobPlan", "plan_job", "prepare"]
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One job as the GPU stage runs it and the finish stage reports it."""
+
+    # The request with its size settled, and its images and control maps at that size.
+    inputs: Inputs
+    # The pipeline calls the job makes, in order.
+    passes: tuple[Pass, ...]
+    # The texts prompt editing makes of both prompts, for each step of each pass.
+    texts: TextPlan
+
+    @property
+    def request(self) -> GenerateRequest:
+        return self.inputs.request
+
+    @property
+    def images(self) -> TaskImages | None:
+        return self.inputs.images
+
+    @property
+    def controls(self) -> ControlMaps | None:
+        return self.inputs.controls
+
+
+def prepare(job: Any, settings: Settings, *, catalog: Callable[[], Catalog], storage: S3Storage | None) -> JobPlan:
+    """A RunPod job's input, checked and made ready for the GPU.
+
+    ``catalog`` gives the worker's LoRAs and ControlNets; it is asked only once the input is valid, so a
+    malformed job never waits for the model to load.
+
+    Raises:
+        InputError: the input breaks the contract, names what the worker does not have, holds an image
+            that cannot be read or a prompt that cannot be parsed; the message names each field.
+        ResponseTooLargeError: the answer could not fit inline.
+    """
+    request = parse_input(job, settings)
+    problems = catalog().problems(request)
+    if problems:
+        raise InputError(f"invalid input: {'; '.join(problems)}")
+    # Input images are read before the job waits for the GPU: a slow download never holds it.
+    inputs = prepare_inputs(request, settings, storage)
+    check_inline_fits(inputs.request, settings)
+    return plan_job(inputs, settings)
+
+
+def plan_job(inputs: Inputs, settings: Settings) -> JobPlan:
+    """The passes and prompt texts of a job whose inputs are ready.
+
+    Raises:
+        InputError: a prompt nests too deep or makes more than MAX_PROMPT_TEXTS texts.
+    """
+    request = inputs.request
+    passes = tuple(plan_passes(request, inputs.images, inputs.controls))
+    try:
+        texts = plan_texts(
+            request.prompt_text,
+            request.negative_prompt,
+            [step.prompt_span for step in passes],
+            max_texts=settings.max_prompt_texts,
+        )
+    except PromptError as error:
+        raise InputError(f"invalid input: {error}") from None
+    return JobPlan(inputs=inputs, passes=passes, texts=texts)

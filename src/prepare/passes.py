@@ -5,53 +5,43 @@ one pass each; hires fix adds an img2img pass at the larger size that starts
 from the first pass's result. With ControlNet units every pass runs the task's
 ControlNet pipeline instead, with the units' maps at that pass's size. The
 engine runs the passes inside its guard rails (lock, admission, deadline, OOM
-retry, NaN guard); nothing here touches them.
+retry, NaN guard); nothing here touches them, nor torch: passes are planned in ``prepare``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
-import torch
-from diffusers import (
-    DiffusionPipeline,
-    StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionControlNetInpaintPipeline,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
-)
 from PIL import Image
 
 from src.prepare.canvas import ControlMaps, TaskImages
 from src.prompts import Span
 from src.schema import GenerateRequest
 
-PIPELINES: dict[str, type[DiffusionPipeline]] = {
-    "txt2img": StableDiffusionPipeline,
-    "img2img": StableDiffusionImg2ImgPipeline,
-    "inpaint": StableDiffusionInpaintPipeline,
-    "outpaint": StableDiffusionInpaintPipeline,
+# The kind of diffusers pipeline a pass calls; ``run`` builds it (and its ControlNet variant) from the shared models.
+PipelineKind = Literal["txt2img", "img2img", "inpaint"]
+# Each task's kind of pipeline: outpainting is inpainting on a larger canvas.
+PIPELINES: dict[str, PipelineKind] = {
+    "txt2img": "txt2img",
+    "img2img": "img2img",
+    "inpaint": "inpaint",
+    "outpaint": "inpaint",
 }
-# Each task's pipeline with ControlNet, and the argument its control maps go in (text-to-image's takes them as `image`).
-CONTROLNET_PIPELINES: dict[type[DiffusionPipeline], tuple[type[DiffusionPipeline], str]] = {
-    StableDiffusionPipeline: (StableDiffusionControlNetPipeline, "image"),
-    StableDiffusionImg2ImgPipeline: (StableDiffusionControlNetImg2ImgPipeline, "control_image"),
-    StableDiffusionInpaintPipeline: (StableDiffusionControlNetInpaintPipeline, "control_image"),
+# The argument each kind's ControlNet pipeline takes the control maps in (text-to-image's takes them as `image`).
+CONTROL_ARGUMENTS: dict[PipelineKind, str] = {
+    "txt2img": "image",
+    "img2img": "control_image",
+    "inpaint": "control_image",
 }
-_INPAINT_PIPELINES = (StableDiffusionInpaintPipeline, StableDiffusionControlNetInpaintPipeline)
-# A1111's names for the hires upscalers, as its parameters text writes them.
-HIRES_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 
 
 @dataclass(frozen=True)
 class Pass:
-    """One call of a diffusers pipeline."""
+    """One call of a diffusers pipeline: its kind, run with the job's ControlNet units when ``controlled``."""
 
-    pipeline_class: type[DiffusionPipeline]
+    pipeline: PipelineKind
     # num_inference_steps as given to the pipeline, and the steps it runs (fewer with strength below 1).
     steps: int
     denoising_steps: int
@@ -73,12 +63,12 @@ class Pass:
         generator, so image i depends on its seed alone, in a batch or by itself.
         """
         arguments = dict(self.arguments)
-        if self.pipeline_class in _INPAINT_PIPELINES:
+        if self.pipeline == "inpaint":
             arguments["image"] = [arguments["image"]] * count
         return arguments
 
 
-def passes(request: GenerateRequest, images: TaskImages | None, controls: ControlMaps | None = None) -> list[Pass]:
+def plan_passes(request: GenerateRequest, images: TaskImages | None, controls: ControlMaps | None = None) -> list[Pass]:
     """The passes of ``request``, whose size is resolved and whose images (and control maps) are at that size."""
     plain = _passes(request, images)
     if not request.controlnets:
@@ -90,7 +80,7 @@ def passes(request: GenerateRequest, images: TaskImages | None, controls: Contro
 
 def _controlled(request: GenerateRequest, step: Pass, maps: list[Image.Image]) -> Pass:
     """``step`` as its ControlNet pipeline runs it, with the units' maps, scales and guidance windows."""
-    pipeline_class, argument = CONTROLNET_PIPELINES[step.pipeline_class]
+    argument = CONTROL_ARGUMENTS[step.pipeline]
     units = request.controlnets
     arguments = {
         **step.arguments,
@@ -99,7 +89,7 @@ def _controlled(request: GenerateRequest, step: Pass, maps: list[Image.Image]) -
         "control_guidance_start": [unit.start for unit in units],
         "control_guidance_end": [unit.end for unit in units],
     }
-    return replace(step, pipeline_class=pipeline_class, arguments=arguments, controlled=True)
+    return replace(step, arguments=arguments, controlled=True)
 
 
 def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
@@ -107,7 +97,7 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
     task = request.task
     if task == "txt2img":
         first = Pass(
-            StableDiffusionPipeline,
+            "txt2img",
             steps=request.num_inference_steps,
             denoising_steps=request.num_inference_steps,
             prompt_span=Span(request.num_inference_steps),
@@ -120,7 +110,7 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
         # int(steps / strength) steps and starts where `steps` of them are left.
         schedule = hires.schedule_steps
         second = Pass(
-            StableDiffusionImg2ImgPipeline,
+            "img2img",
             steps=schedule,
             denoising_steps=hires.steps,
             prompt_span=Span(hires.steps, after=request.num_inference_steps),
@@ -155,11 +145,3 @@ def strength_for(steps: int, runs: int) -> float:
     while int(steps * strength) < runs:
         strength = math.nextafter(strength, math.inf)
     return strength
-
-
-def upscale_latents(latents: torch.Tensor, size: tuple[int, int], scale_factor: int) -> torch.Tensor:
-    """Latents enlarged for the hires pass, as A1111's "Latent" upscaler: bilinear, no antialias."""
-    width, height = size
-    return torch.nn.functional.interpolate(
-        latents, size=(height // scale_factor, width // scale_factor), mode="bilinear", antialias=False
-    )

@@ -1,0 +1,100 @@
+"""What the worker has, by name: the LoRAs and ControlNets a request may name, torch-free.
+
+Built once, at startup, from the folders' scans (``scan_loras``, and ``ControlNets``' checked entries),
+and read by ``prepare`` before a job waits for the GPU: a request naming a LoRA or a ControlNet the
+worker does not have, or cannot use, is refused there, each problem naming its field. The catalog holds
+file descriptions only, never a model, so the stages beside the GPU stage may read it at any time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from src.adapters.controlnets import ControlNetEntry
+    from src.adapters.loras import LoraFile
+
+# An unknown name's error lists at most this many of the names there are.
+NAMES_SHOWN = 20
+
+
+class LoraRef(Protocol):
+    """A LoRA a request names: the schema's ``LoraRequest``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def scale(self) -> float: ...
+
+
+class ControlNetRef(Protocol):
+    """What the worker reads of a request's ControlNet unit (``schema.ControlNetUnit``)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def control_mode(self) -> str: ...
+
+
+class AdapterRequest(Protocol):
+    """The part of a request that names adapters."""
+
+    @property
+    def loras(self) -> Sequence[LoraRef]: ...
+    @property
+    def controlnets(self) -> Sequence[ControlNetRef]: ...
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The LoRAs of LORA_DIR and the ControlNets of CONTROLNET_DIR, by name, as their scans found them."""
+
+    loras: Mapping[str, LoraFile] = field(default_factory=dict)
+    controlnets: Mapping[str, ControlNetEntry] = field(default_factory=dict)
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The usable LoRAs' names."""
+        return [name for name, item in self.loras.items() if item.problem is None]
+
+    @property
+    def controlnet_names(self) -> list[str]:
+        return sorted(self.controlnets)
+
+    def problems(self, request: AdapterRequest) -> list[str]:
+        """Each LoRA and ControlNet the request names that the worker does not have, or cannot use."""
+        return self.lora_problems(request.loras) + self.controlnet_problems(request.controlnets)
+
+    def lora_problems(self, refs: Sequence[LoraRef]) -> list[str]:
+        """Each unknown LoRA name, with the names there are (a file known to be unusable is refused when
+        the job loads it, naming the file and why)."""
+        names = self.lora_names
+        listed = f"the LoRAs are: {_shown(names, ' and {} more')}" if names else "LORA_DIR holds no usable LoRA"
+        return [
+            f"loras.{index}.name={ref.name!r}: not a LoRA in LORA_DIR; {listed}"
+            for index, ref in enumerate(refs)
+            if ref.name not in self.loras
+        ]
+
+    def controlnet_problems(self, units: Sequence[ControlNetRef]) -> list[str]:
+        """Each unit's unknown or unusable model, naming its field."""
+        named = ((index, self.controlnet_problem(unit.model)) for index, unit in enumerate(units))
+        return [f"controlnets.{index}.model={units[index].model!r}: {problem}" for index, problem in named if problem]
+
+    def controlnet_problem(self, name: str) -> str | None:
+        """Why ``name`` is not a usable ControlNet of the folder; None when it is one."""
+        entry = self.controlnets.get(name)
+        if entry is None:
+            shown = _shown(self.controlnet_names, " (and {} more)") or "none"
+            return f"not a ControlNet in CONTROLNET_DIR; the ControlNets are: {shown}"
+        if entry.problem:
+            return f"{entry.path.name} cannot be used: {entry.problem}"
+        return None
+
+
+def _shown(names: list[str], more: str) -> str:
+    """The first NAMES_SHOWN names, and how many more there are."""
+    extra = more.format(len(names) - NAMES_SHOWN) if len(names) > NAMES_SHOWN else ""
+    return ", ".join(names[:NAMES_SHOWN]) + extra

@@ -1,0 +1,191 @@
+"""A job's pipeline calls on the shared models: one pass's denoising, the hires upscale, the VAE decode
+with its NaN guard, and the safety checker.
+
+Each call builds a light pipeline object of the pass's kind around the shared models, with a fresh
+scheduler, so nothing shared is mutated per request. Everything here runs under the engine's GPU lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+
+from src.errors import BadImageError
+from src.models.schedulers import make_scheduler
+from src.prepare.passes import Pass, PipelineKind
+from src.run.job import JobState, PromptSwitch
+
+log = logging.getLogger(__name__)
+
+# The diffusers pipeline of each kind of pass, plain and with ControlNet units.
+PIPELINES: dict[PipelineKind, type[DiffusionPipeline]] = {
+    "txt2img": StableDiffusionPipeline,
+    "img2img": StableDiffusionImg2ImgPipeline,
+    "inpaint": StableDiffusionInpaintPipeline,
+}
+CONTROLNET_PIPELINES: dict[PipelineKind, type[DiffusionPipeline]] = {
+    "txt2img": StableDiffusionControlNetPipeline,
+    "img2img": StableDiffusionControlNetImg2ImgPipeline,
+    "inpaint": StableDiffusionControlNetInpaintPipeline,
+}
+
+
+def pipeline_for(
+    base: Any,
+    scheduler_name: str,
+    kind: PipelineKind = "txt2img",
+    controlnet: Any = None,
+    *,
+    show_progress: bool = False,
+) -> Any:
+    """A new pipeline object of ``kind`` sharing ``base``'s models, with a fresh scheduler.
+
+    Building it costs about a millisecond; it copies no weights. Every kind takes the same components,
+    so one copy of the weights serves them all; with ``controlnet``, the kind's ControlNet pipeline.
+    """
+    scheduler = make_scheduler(scheduler_name, base.scheduler.config)
+    components = {**base.components, "scheduler": scheduler}
+    pipeline_class = PIPELINES[kind]
+    if controlnet is not None:
+        components["controlnet"] = controlnet
+        pipeline_class = CONTROLNET_PIPELINES[kind]
+    pipeline = pipeline_class(**components, requires_safety_checker=base.safety_checker is not None)
+    pipeline.set_progress_bar_config(disable=not show_progress, file=sys.stderr)
+    return pipeline
+
+
+def denoise(
+    base: Any,
+    job: JobState,
+    pass_index: int,
+    previous: torch.Tensor | None,
+    *,
+    generators: list[torch.Generator],
+    indices: list[int],
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """One pipeline call (the pass ``pass_index``) for the images ``indices``; returns its latents."""
+    request, schedule, step = job.request, job.schedule, job.passes[pass_index]
+    assert schedule is not None, "the prompts are encoded before the first pass"
+    encoded = schedule.at(pass_index, 0)
+    switches = len(schedule.passes[pass_index]) > 1
+    arguments = step.arguments_for(len(indices))
+    if step.upscale_to is not None:
+        assert previous is not None, "an upscaling pass follows another"
+        arguments["image"] = upscaled(base, previous, step, indices, job.warnings)
+    controlnet = job.controlnet if step.controlled else None
+    pipeline = pipeline_for(base, request.scheduler, step.pipeline, controlnet, show_progress=show_progress)
+    job.run_started(step.denoising_steps)
+    latents = pipeline(
+        prompt_embeds=encoded.prompt_embeds,
+        negative_prompt_embeds=encoded.negative_prompt_embeds,
+        num_inference_steps=step.steps,
+        guidance_scale=request.guidance_scale,
+        num_images_per_prompt=len(indices),
+        generator=generators,
+        output_type="latent",
+        callback_on_step_end=PromptSwitch(job, pass_index, len(indices)) if switches else job.on_step_end,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"] if switches else ["latents"],
+        **arguments,
+    ).images
+    job.run_finished()
+    return latents
+
+
+def upscaled(
+    base: Any, latents: torch.Tensor, step: Pass, indices: list[int], warnings: list[str]
+) -> torch.Tensor | list[Image.Image]:
+    """The previous pass's result at the hires size: latents enlarged, or images decoded and enlarged."""
+    assert step.upscale_to is not None
+    if step.upscaler == "latent":
+        return upscale_latents(latents, step.upscale_to, base.vae_scale_factor)
+    images = base.image_processor.postprocess(decode(base, latents, indices, warnings), output_type="pil")
+    return [image.resize(step.upscale_to, Image.Resampling.LANCZOS) for image in images]
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], scale_factor: int) -> torch.Tensor:
+    """Latents enlarged for the hires pass, as A1111's "Latent" upscaler: bilinear, no antialias."""
+    width, height = size
+    return torch.nn.functional.interpolate(
+        latents, size=(height // scale_factor, width // scale_factor), mode="bilinear", antialias=False
+    )
+
+
+def decode(base: Any, latents: torch.Tensor, indices: list[int], warnings: list[str]) -> torch.Tensor:
+    """Latents -> images in [-1, 1]; a float32 decode again when fp16 overflowed to NaN or inf.
+
+    Raises:
+        BadImageError: the images hold NaN even after the float32 decode.
+    """
+    vae = base.vae
+    scaled = latents / vae.config.scaling_factor
+    decoded = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+    if bool(torch.isfinite(decoded).all()):
+        return decoded
+    dtype = str(vae.dtype).removeprefix("torch.")
+    warnings.append(
+        f"the VAE decode of image(s) {_listed(indices)} gave NaN or infinity in {dtype} "
+        "(black images on some cards); they were decoded again in float32"
+    )
+    log.warning("NaN in the VAE decode of images %s; decoding again in float32", indices)
+    original = vae.dtype
+    # torch's own Module.to: diffusers' override warns on every cast about fp32 modules the VAE does not have.
+    try:
+        torch.nn.Module.to(vae, dtype=torch.float32)
+        decoded = vae.decode(scaled.to(torch.float32), return_dict=False)[0]
+    finally:
+        torch.nn.Module.to(vae, dtype=original)
+    if not bool(torch.isfinite(decoded).all()):
+        raise BadImageError(
+            f"image(s) {_listed(indices)} hold NaN or infinity even after a float32 VAE decode; "
+            "try another seed or scheduler"
+        )
+    return decoded
+
+
+def checked_pictures(
+    base: Any,
+    decoded: torch.Tensor,
+    indices: list[int],
+    warnings: list[str],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[list[Image.Image], list[bool] | None]:
+    """Run the safety checker when it is on, and turn the tensors into PIL images."""
+    # The checker's own dtype: after a float32 re-decode the images are float32, the checker is not.
+    checker = base.safety_checker
+    checker_dtype = checker.dtype if checker is not None else dtype
+    checked, flags = base.run_safety_checker(decoded, device, checker_dtype)
+    if flags is None:
+        images = base.image_processor.postprocess(decoded, output_type="pil")
+    else:
+        flags = [bool(flag) for flag in flags]
+        # Flagged images were zeroed by the checker; not denormalizing them keeps them black.
+        images = base.image_processor.postprocess(
+            checked, output_type="pil", do_denormalize=[not flag for flag in flags]
+        )
+        flagged = [index for index, flag in zip(indices, flags, strict=True) if flag]
+        if flagged:
+            warnings.append(f"image(s) {_listed(flagged)} flagged by the safety checker and blacked out")
+    for index, image, flag in zip(indices, images, flags or [False] * len(indices), strict=True):
+        if not flag and image.getextrema() in (((0, 0),) * 3, ((0, 0),)):
+            warnings.append(f"image {index} is entirely black")
+    return images, flags
+
+
+def _listed(indices: list[int]) -> str:
+    return ", ".join(str(index) for index in indices)
