@@ -22,7 +22,7 @@ Two workers are loaded side by side in one process, each an ``Engine`` with
 ``CONTROLNET_DIR`` set, float32 on the CPU: one whose cache keeps every
 ControlNet it loads, and one with ``CONTROLNET_CACHE_MB=0``, which loads a job's
 ControlNets from disk and drops them after the job. Every worker job goes the
-worker's own way, ``schema.parse_input``, ``canvas.prepare_inputs`` (which
+worker's own way, ``schema.parse_input``, ``inputs.prepare_inputs`` (which
 decodes the control images, sent as base64 PNGs) and ``Engine.generate``.
 Bare diffusers runs ``StableDiffusionPipeline`` (no unit),
 ``StableDiffusionControlNetPipeline`` with one ``ControlNetModel`` (one unit)
@@ -208,7 +208,7 @@ class Workers:
 
     def run(self, side: Side, units: Sequence[str], side_px: int, steps: int, images: ControlImages) -> Image.Image:
         """One job on ``side`` naming ``units``, from the parsed request to the image."""
-        from src.prepare.canvas import prepare_inputs
+        from src.prepare.inputs import prepare_inputs
         from src.schema import parse_input
 
         job = {

@@ -31,7 +31,7 @@ import torch
 from src.adapters.controlnets import ControlNets, scan_controlnets
 from src.errors import WorkerError
 from src.models.loader import load_pipeline
-from src.prepare.canvas import prepare_inputs
+from src.prepare.inputs import prepare_inputs
 from src.run.engine import Engine
 from src.run.memory import GIB, Profile, plan_sub_batch
 from src.schema import parse_input

@@ -329,7 +329,7 @@ def test_controlnet_units_in_float16_change_only_their_jobs(tmp_path: Path, prof
     from PIL import Image
 
     from builder.tiny_model import write_tiny_controlnets, write_tiny_model
-    from src.prepare.canvas import prepare_inputs
+    from src.prepare.inputs import prepare_inputs
 
     folder = write_tiny_model(tmp_path / "tiny")
     write_tiny_controlnets(folder)

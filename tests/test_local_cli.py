@@ -135,7 +135,7 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path: Path, offline_e
 
 
 @pytest.mark.skipif(
-    "show_progress_bar" not in (ROOT / "src" / "engine.py").read_text(encoding="utf-8"),
+    "show_progress_bar" not in (ROOT / "src" / "run" / "engine.py").read_text(encoding="utf-8"),
     reason="Engine.show_progress_bar is not in src/run/engine.py yet",
 )
 def test_progress_bar_on_a_terminal(tmp_path: Path, offline_env: dict[str, str]) -> None:

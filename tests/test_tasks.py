@@ -254,7 +254,7 @@ def progress_of(fields: dict[str, Any]) -> list[dict[str, int]]:
     from src.schema import parse_input
 
     request = parse_input({"input": {"prompt": "a fox", **FAST, **fields}}, handler.get_settings())
-    from src.prepare.canvas import prepare_inputs
+    from src.prepare.inputs import prepare_inputs
 
     inputs = prepare_inputs(request, handler.get_settings(), None)
     reports: list[dict[str, int]] = []

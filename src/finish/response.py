@@ -29,7 +29,7 @@ from src.schema import (
 )
 
 if TYPE_CHECKING:
-    from src.prepare.canvas import Inputs
+    from src.prepare.inputs import Inputs
     from src.run.engine import Generation
     from src.settings import Settings
     from src.storage import S3Storage

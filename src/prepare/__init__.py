@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from src.prepare.canvas import ControlMaps, Inputs, TaskImages, prepare_inputs
+from src.prepare.canvas import ControlMaps, TaskImages
 from src.prepare.delivery import check_inline_fits
+from src.prepare.inputs import Inputs, prepare_inputs
 from src.prepare.passes import Pass, plan_passes
 from src.prompts import PromptError, TextPlan, plan_texts
 from src.schema import GenerateRequest, InputError, parse_input

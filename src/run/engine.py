@@ -12,12 +12,11 @@ the stages (errors, settings, schema, models, prompts, adapters, prepare), never
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +30,13 @@ from src.adapters.loras import Applied, Loras
 from src.errors import OutOfMemoryError
 from src.models.loader import ModelIdentity, named_identity
 from src.prepare import JobPlan, plan_job
-from src.prepare.canvas import ControlMaps, Inputs, TaskImages, paste_back
-from src.prompts import CHUNK_TOKENS, PromptError, Schedule, TextPlan, encode_schedule
+from src.prepare.canvas import ControlMaps, TaskImages
+from src.prepare.inputs import Inputs
+from src.prompts import CHUNK_TOKENS, TextPlan
 from src.run import pipelines
 from src.run.job import JobState, ProgressCallback
-from src.run.memory import GIB, Plan, Profile, Setup, plan_sub_batch, setup_for, sub_batches
-from src.run.startup import apply_offload, load_parts
+from src.run.memory import GIB, Plan, Profile, plan_sub_batch
+from src.run.startup import apply_offload, load_parts, models_offloaded_after
 from src.schema import GenerateRequest, InputError
 from src.settings import Settings
 
@@ -126,25 +126,8 @@ class Engine:
         engine.loras = parts.loras
         engine.controlnets = parts.controlnets
         if parts.fast:
-            engine.warm_up()
+            _warm_up(engine)
         return engine
-
-    def warm_up(self) -> None:
-        """Run the production shape once (512², one image, the default scheduler) so that compilation
-        and CUDA's lazy start happen before the first job, inside the cold start."""
-        started = time.perf_counter()
-        request = GenerateRequest.model_validate(
-            {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, context={"limits": self.settings}
-        )
-        self.generate(request, timeout_s=3600)
-        if self.loras.has_slots:
-            with self.loras.first_slot_on():
-                self.generate(request, timeout_s=3600)
-        log.info("warmed up in %.1f s", time.perf_counter() - started)
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
 
     @property
     def catalog(self) -> Catalog:
@@ -160,7 +143,7 @@ class Engine:
         timeout_s: float,
         on_progress: ProgressCallback | None = None,
     ) -> Generation:
-        """``run`` for a request whose images are ready (``canvas.prepare_inputs``): its names looked up and
+        """``run`` for a request whose images are ready (``inputs.prepare_inputs``): its names looked up and
         its plan made here, as ``prepare`` does for a job. For callers that hold a request, not a job.
 
         Raises:
@@ -190,21 +173,12 @@ class Engine:
         # 1. Admission: how many images fit at once (adapters and prompts included), or a refusal before any
         # work, sized by the largest pass.
         admitted = self._admit(plan)
-        steps = sum(step.denoising_steps for step in plan.passes)
-        job = JobState(
-            request=request,
-            passes=plan.passes,
-            images=plan.images,
-            timeout_s=timeout_s,
-            total_steps=steps * len(sub_batches(request.num_images, admitted.batch)),
-            on_progress=on_progress,
-            warnings=[],
-            clock=self.clock,
-        )
+        job = JobState.for_plan(plan, batch=admitted.batch, timeout_s=timeout_s, on_progress=on_progress)
+        job.clock = self.clock
 
         # 2. Wait for the GPU: one job at a time. The deadline starts once it is ours.
         queued = time.perf_counter()
-        with self._lock, torch.inference_mode(), self._models_offloaded_after():
+        with self._lock, torch.inference_mode(), models_offloaded_after(self._pipeline):
             started = time.perf_counter()
             job.start()
             # 3. The job's LoRAs on and its ControlNets on the device, for this job only: off again when it
@@ -214,9 +188,15 @@ class Engine:
                 self.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,
             ):
                 # 4. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
-                job.schedule = schedule = self._encode_prompts(plan.texts, job)
+                job.schedule = schedule = pipelines.encode_prompts(
+                    self._pipeline,
+                    plan.texts,
+                    job,
+                    max_chunks=self.settings.max_prompt_chunks,
+                    embeddings=self.embeddings,
+                )
                 # 5. Generate; after an OOM, free memory and retry frugally once.
-                pictures, nsfw = self._generate(job, admitted, steps)
+                pictures, nsfw = self._generate(job, admitted)
             inference_ms = (time.perf_counter() - started) * 1000
         return Generation(
             images=pictures,
@@ -224,7 +204,7 @@ class Engine:
             inference_ms=inference_ms,
             model=self.identity,
             device=self.device.type,
-            dtype=self.dtype_name,
+            dtype=str(self.dtype).removeprefix("torch."),
             memory_profile=self.profile.value,
             queue_ms=(started - queued) * 1000,
             warnings=job.warnings,
@@ -253,35 +233,15 @@ class Engine:
             adapter_bytes=self.loras.gpu_bytes(request.loras, self.dtype.itemsize)
             + self.controlnets.gpu_bytes(request.controlnets),
             control_units=len(request.controlnets),
-            prompt_bytes=self._prompt_bytes(plan.texts),
+            prompt_bytes=_prompt_bytes(
+                plan.texts,
+                int(self._pipeline.text_encoder.config.hidden_size),
+                self.settings.max_prompt_chunks,
+                self.dtype.itemsize,
+            ),
         )
 
-    def _prompt_bytes(self, texts: TextPlan) -> int:
-        """GPU memory the job's prompt embeddings may take: each text at MAX_PROMPT_CHUNKS chunks (its
-        length is known only once tokenized, under the lock)."""
-        width = int(self._pipeline.text_encoder.config.hidden_size)
-        rows = self.settings.max_prompt_chunks * (CHUNK_TOKENS + 2)
-        return len(texts.texts()) * rows * width * self.dtype.itemsize
-
-    def _encode_prompts(self, texts: TextPlan, job: JobState) -> Schedule:
-        """Both prompts' embeddings for each step of each pass, A1111's syntax read, each distinct text
-        once; a prompt that cannot be encoded is an input error, and the deadline is checked after each text."""
-        pipeline = self._pipeline
-        try:
-            return encode_schedule(
-                texts,
-                tokenizer=pipeline.tokenizer,
-                text_encoder=pipeline.text_encoder,
-                device=pipeline._execution_device,
-                clip_skip=job.request.clip_skip,
-                max_chunks=self.settings.max_prompt_chunks,
-                embeddings=self.embeddings,
-                on_encoded=job.texts_encoded,
-            )
-        except PromptError as error:
-            raise InputError(f"invalid input: {error}") from None
-
-    def _generate(self, job: JobState, admitted: Plan, steps: int) -> tuple[list[Image.Image], list[bool] | None]:
+    def _generate(self, job: JobState, admitted: Plan) -> tuple[list[Image.Image], list[bool] | None]:
         """The job's pictures as admission planned them; after an out-of-memory error, once more one image
         at a time with VAE tiling.
 
@@ -296,90 +256,32 @@ class Engine:
             request = job.request
             width, height = request.output_size
             log.warning("out of GPU memory at %dx%d x%d; retrying frugally", width, height, request.num_images)
-            job.count_again(steps * request.num_images)
+            job.count_again(job.steps_per_image * request.num_images)
             result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
             if result is None:
                 self._release_memory()
-                raise OutOfMemoryError(self._oom_message(request))
+                raise OutOfMemoryError(_oom_message(request, self.profile, self.gpu_bytes))
         return result
 
     def _attempt(
         self, job: JobState, plan: Plan, *, frugal: bool
     ) -> tuple[list[Image.Image], list[bool] | None] | None:
-        """``_sub_batches``, or None when the GPU ran out of memory."""
+        """The job's pictures (``pipelines.run_passes``), or None when the GPU ran out of memory."""
         try:
-            return self._sub_batches(job, plan, frugal=frugal)
+            return pipelines.run_passes(
+                self._pipeline,
+                job,
+                plan,
+                profile=self.profile,
+                frugal=frugal,
+                device=self.device,
+                dtype=self.dtype,
+                show_progress=self.show_progress_bar,
+            )
         except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if is_out_of_memory(error):
                 return None
             raise
-
-    def _sub_batches(self, job: JobState, plan: Plan, *, frugal: bool) -> tuple[list[Image.Image], list[bool] | None]:
-        """Denoise and decode the job in sub-batches, as admission planned, pass after pass."""
-        request, base = job.request, self._pipeline
-        width, height = request.output_size
-        results: list[Image.Image] = []
-        flags: list[bool] = []
-        for chunk in sub_batches(request.num_images, plan.batch):
-            indices = list(chunk)
-            # One generator per image, carried through every pass: image i depends on its seed alone.
-            generators = [torch.Generator(device="cpu").manual_seed(request.seeds[index]) for index in indices]
-            setup = setup_for(self.profile, width, height, len(indices), frugal=frugal, tiling=plan.vae_tiling)
-            with self._switches(setup):
-                latents: torch.Tensor | None = None
-                for index in range(len(job.passes)):
-                    latents = pipelines.denoise(
-                        base,
-                        job,
-                        index,
-                        latents,
-                        generators=generators,
-                        indices=indices,
-                        show_progress=self.show_progress_bar,
-                    )
-                assert latents is not None
-                decoded = pipelines.decode(base, latents, indices, job.warnings)
-            chunk_images, chunk_flags = pipelines.checked_pictures(
-                base, decoded, indices, job.warnings, device=self.device, dtype=self.dtype
-            )
-            chunk_flags = chunk_flags or [False] * len(indices)
-            # A flagged image stays black: nothing of the input is pasted onto it.
-            results += [
-                image if flagged else paste_back(request, job.images, image)
-                for image, flagged in zip(chunk_images, chunk_flags, strict=True)
-            ]
-            flags += chunk_flags
-        return results, (flags if base.safety_checker is not None else None)
-
-    @contextlib.contextmanager
-    def _switches(self, setup: Setup) -> Iterator[None]:
-        """Apply a profile's switches to the shared models for one run, and undo them after.
-
-        Safe because the caller holds the lock: no other request sees them.
-        """
-        vae = self._pipeline.vae
-        vae.use_slicing, vae.use_tiling = setup.vae_slicing, setup.vae_tiling
-        try:
-            yield
-        finally:
-            vae.use_slicing = vae.use_tiling = False
-
-    @contextlib.contextmanager
-    def _models_offloaded_after(self) -> Iterator[None]:
-        """With model offload (low), every model back in host memory after the job, however it ends.
-
-        A diffusers pipeline does it at the end of its call (``maybe_free_model_hooks``), but the hooks
-        belong to the shared pipeline, never to the per-request ones that run: without this, the last
-        model a job ran (the VAE, or the UNet or text encoder after a timeout) would stay on the GPU
-        through the next job, beside what admission counts.
-        """
-        try:
-            yield
-        finally:
-            # Each hook of enable_model_cpu_offload moves its model to host memory; sequential offload
-            # (minimal) moves each layer back after its forward itself, and has none of these.
-            for hook in getattr(self._pipeline, "_all_hooks", None) or []:
-                hook.offload()
 
     def _release_memory(self) -> None:
         """After an OOM: collect what the failed run left, and hand the cache back to the driver."""
@@ -387,14 +289,35 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _oom_message(self, request: GenerateRequest) -> str:
-        memory = f"{self.gpu_bytes / GIB:.1f} GiB" if self.gpu_bytes else "this device's memory"
-        width, height = request.output_size
-        return (
-            f"{width}x{height} x{request.num_images} ran out of GPU memory ({memory}, "
-            f"{self.profile.value} profile) even one image at a time with VAE tiling; "
-            "ask for a smaller size"
-        )
+
+def _warm_up(engine: Engine) -> None:
+    """Run the production shape once (512², one image, the default scheduler) so that compilation
+    and CUDA's lazy start happen before the first job, inside the cold start."""
+    started = time.perf_counter()
+    request = GenerateRequest.model_validate(
+        {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, context={"limits": engine.settings}
+    )
+    engine.generate(request, timeout_s=3600)
+    if engine.loras.has_slots:
+        with engine.loras.first_slot_on():
+            engine.generate(request, timeout_s=3600)
+    log.info("warmed up in %.1f s", time.perf_counter() - started)
+
+
+def _prompt_bytes(texts: TextPlan, width: int, max_chunks: int, dtype_bytes: int) -> int:
+    """GPU memory a job's prompt embeddings may take: each text at MAX_PROMPT_CHUNKS chunks of ``width``
+    values (its length is known only once tokenized, under the lock)."""
+    return len(texts.texts()) * max_chunks * (CHUNK_TOKENS + 2) * width * dtype_bytes
+
+
+def _oom_message(request: GenerateRequest, profile: Profile, gpu_bytes: int | None) -> str:
+    memory = f"{gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "this device's memory"
+    width, height = request.output_size
+    return (
+        f"{width}x{height} x{request.num_images} ran out of GPU memory ({memory}, "
+        f"{profile.value} profile) even one image at a time with VAE tiling; "
+        "ask for a smaller size"
+    )
 
 
 # How cuBLAS, cuDNN and the CUDA runtime word an allocation failure that torch raises as a plain RuntimeError.

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from src.errors import GenerationTimeoutError
+from src.prepare import JobPlan
 from src.prepare.canvas import TaskImages
 from src.prepare.passes import Pass
 from src.prompts import Schedule
+from src.run.memory import sub_batches
 from src.schema import GenerateRequest
 
 # At most one progress report per this many seconds.
@@ -55,6 +57,25 @@ class JobState:
     steps_before: int = 0
     last_report: float = 0.0
     last_reported_step: int = 0
+
+    @classmethod
+    def for_plan(cls, plan: JobPlan, *, batch: int, timeout_s: float, on_progress: ProgressCallback | None) -> JobState:
+        """The state of ``plan`` before it runs, its images in sub-batches of ``batch``."""
+        request = plan.request
+        return cls(
+            request=request,
+            passes=plan.passes,
+            images=plan.images,
+            timeout_s=timeout_s,
+            total_steps=sum(step.denoising_steps for step in plan.passes) * len(sub_batches(request.num_images, batch)),
+            on_progress=on_progress,
+            warnings=[],
+        )
+
+    @property
+    def steps_per_image(self) -> int:
+        """The denoising steps of one image, all passes together."""
+        return sum(step.denoising_steps for step in self.passes)
 
     def start(self) -> None:
         """Start the clock: the job holds the GPU from now on."""

@@ -1,5 +1,5 @@
-"""A job's pipeline calls on the shared models: one pass's denoising, the hires upscale, the VAE decode
-with its NaN guard, and the safety checker.
+"""A job's work on the shared models: its prompts encoded, its passes in sub-batches (each pass's
+denoising, the hires upscale), the VAE decode with its NaN guard, and the safety checker.
 
 Each call builds a light pipeline object of the pass's kind around the shared models, with a fresh
 scheduler, so nothing shared is mutated per request. Everything here runs under the engine's GPU lock.
@@ -7,8 +7,10 @@ scheduler, so nothing shared is mutated per request. Everything here runs under 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,10 +25,15 @@ from diffusers import (
 )
 from PIL import Image
 
+from src.adapters.embeddings import Embedding
 from src.errors import BadImageError
 from src.models.schedulers import make_scheduler
+from src.prepare.canvas import paste_back
 from src.prepare.passes import Pass, PipelineKind
+from src.prompts import PromptError, Schedule, TextPlan, encode_schedule
 from src.run.job import JobState, PromptSwitch
+from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
+from src.schema import InputError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,84 @@ CONTROLNET_PIPELINES: dict[PipelineKind, type[DiffusionPipeline]] = {
     "img2img": StableDiffusionControlNetImg2ImgPipeline,
     "inpaint": StableDiffusionControlNetInpaintPipeline,
 }
+
+
+def encode_prompts(
+    base: Any, texts: TextPlan, job: JobState, *, max_chunks: int, embeddings: Mapping[str, Embedding]
+) -> Schedule:
+    """Both prompts' embeddings for each step of each pass, A1111's syntax read, each distinct text
+    once; a prompt that cannot be encoded is an input error, and the deadline is checked after each text.
+
+    Raises:
+        InputError: a prompt is longer than ``max_chunks`` chunks of 75 tokens.
+    """
+    try:
+        return encode_schedule(
+            texts,
+            tokenizer=base.tokenizer,
+            text_encoder=base.text_encoder,
+            device=base._execution_device,
+            clip_skip=job.request.clip_skip,
+            max_chunks=max_chunks,
+            embeddings=embeddings,
+            on_encoded=job.texts_encoded,
+        )
+    except PromptError as error:
+        raise InputError(f"invalid input: {error}") from None
+
+
+def run_passes(
+    base: Any,
+    job: JobState,
+    plan: Plan,
+    *,
+    profile: Profile,
+    frugal: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    show_progress: bool = False,
+) -> tuple[list[Image.Image], list[bool] | None]:
+    """Denoise and decode the job in sub-batches, as admission planned, pass after pass; the painted part
+    pasted back onto the input image, and the safety checker's flags (None when it is off)."""
+    request = job.request
+    width, height = request.output_size
+    results: list[Image.Image] = []
+    flags: list[bool] = []
+    for chunk in sub_batches(request.num_images, plan.batch):
+        indices = list(chunk)
+        # One generator per image, carried through every pass: image i depends on its seed alone.
+        generators = [torch.Generator(device="cpu").manual_seed(request.seeds[index]) for index in indices]
+        setup = setup_for(profile, width, height, len(indices), frugal=frugal, tiling=plan.vae_tiling)
+        with _switches(base.vae, setup):
+            latents: torch.Tensor | None = None
+            for index in range(len(job.passes)):
+                latents = denoise(
+                    base, job, index, latents, generators=generators, indices=indices, show_progress=show_progress
+                )
+            assert latents is not None
+            decoded = decode(base, latents, indices, job.warnings)
+        chunk_images, chunk_flags = checked_pictures(base, decoded, indices, job.warnings, device=device, dtype=dtype)
+        chunk_flags = chunk_flags or [False] * len(indices)
+        # A flagged image stays black: nothing of the input is pasted onto it.
+        results += [
+            image if flagged else paste_back(request, job.images, image)
+            for image, flagged in zip(chunk_images, chunk_flags, strict=True)
+        ]
+        flags += chunk_flags
+    return results, (flags if base.safety_checker is not None else None)
+
+
+@contextlib.contextmanager
+def _switches(vae: Any, setup: Setup) -> Iterator[None]:
+    """Apply a profile's switches to the shared VAE for one run, and undo them after.
+
+    Safe because the caller holds the lock: no other request sees them.
+    """
+    vae.use_slicing, vae.use_tiling = setup.vae_slicing, setup.vae_tiling
+    try:
+        yield
+    finally:
+        vae.use_slicing = vae.use_tiling = False
 
 
 def pipeline_for(

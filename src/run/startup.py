@@ -7,9 +7,11 @@ and ControlNets of their folders, and FAST_MODE's speed-ups where they apply.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,24 @@ def apply_offload(pipeline: DiffusionPipeline, profile: Profile, device: torch.d
         pipeline.enable_model_cpu_offload(device=device)
     elif profile is Profile.MINIMAL:
         pipeline.enable_sequential_cpu_offload(device=device)
+
+
+@contextlib.contextmanager
+def models_offloaded_after(pipeline: Any) -> Iterator[None]:
+    """With model offload (low), every model back in host memory after the job, however it ends.
+
+    A diffusers pipeline does it at the end of its call (``maybe_free_model_hooks``), but the hooks
+    belong to the shared pipeline, never to the per-request ones that run: without this, the last
+    model a job ran (the VAE, or the UNet or text encoder after a timeout) would stay on the GPU
+    through the next job, beside what admission counts.
+    """
+    try:
+        yield
+    finally:
+        # Each hook of enable_model_cpu_offload moves its model to host memory; sequential offload
+        # (minimal) moves each layer back after its forward itself, and has none of these.
+        for hook in getattr(pipeline, "_all_hooks", None) or []:
+            hook.offload()
 
 
 def _fast_mode_applies(device: torch.device, profile: Profile) -> bool:

@@ -1,0 +1,98 @@
+"""A job's input images read and brought to its size: the image and mask, and each ControlNet unit's map.
+
+``prepare_inputs`` reads the images (``images``), settles the job's size from the image (``schema``'s
+``resolve_size``), brings image and mask to it (``canvas``) and makes each unit's control map
+(``preprocessors``, then ``canvas`` again for its size). All of it on the CPU, before the GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from src.prepare.canvas import ControlMaps, TaskImages, fit, prepare, proportions_changed
+from src.prepare.images import load_image, load_mask
+from src.prepare.preprocessors import preprocess
+from src.schema import GenerateRequest, resolve_size
+
+if TYPE_CHECKING:
+    from src.settings import Settings
+    from src.storage import S3Storage
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A job ready for the GPU: its request with the size settled, and its images at that size."""
+
+    request: GenerateRequest
+    images: TaskImages | None = None
+    # The input image's size after EXIF rotation.
+    source_size: tuple[int, int] | None = None
+    warnings: list[str] = field(default_factory=list)
+    # Reading (downloading, decoding) and preparing the images.
+    read_ms: float | None = None
+    # The ControlNet units' control maps, when the job has units.
+    controls: ControlMaps | None = None
+
+
+def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Storage | None) -> Inputs:
+    """Read the request's image and mask, settle its size and bring them to it: all before the GPU.
+
+    Raises:
+        InputError: an image cannot be read, or does not fit the request; the message names the field.
+    """
+    if request.image is None and not request.controlnets:
+        return Inputs(request=request)
+    started = time.perf_counter()
+    resolved, images, source_size, warnings = request, None, None, []
+    if request.image is not None:
+        image = load_image(request.image, "image", settings, storage)
+        mask = load_mask(request.mask, "mask", settings, storage) if request.mask is not None else None
+        resolved, sized = resolve_size(request, image.image.size, settings)
+        images, more = prepare(resolved, image.image, mask.image if mask else None)
+        source_size = image.image.size
+        warnings = [*image.warnings, *(mask.warnings if mask else []), *sized, *more]
+    controls = None
+    if request.controlnets:
+        controls, more = control_maps(resolved, images, settings, storage)
+        warnings += more
+    return Inputs(
+        request=resolved,
+        images=images,
+        source_size=source_size,
+        warnings=warnings,
+        read_ms=(time.perf_counter() - started) * 1000,
+        controls=controls,
+    )
+
+
+def control_maps(
+    request: GenerateRequest, images: TaskImages | None, settings: Settings, storage: S3Storage | None
+) -> tuple[ControlMaps, list[str]]:
+    """Read each unit's control image, preprocess it at its own size, and bring the map to the job's size by
+    ``resize_mode`` (and to the hires pass's size); with ``inpaint_area`` ``masked``, crop it as the image is.
+
+    Raises:
+        InputError: a control image cannot be read; the message names its field.
+    """
+    width, height = request.size
+    first, hires, resized, sources, warnings = [], [], [], [], []
+    for index, unit in enumerate(request.controlnets):
+        field_name = f"controlnets.{index}.image"
+        loaded = load_image(unit.image, field_name, settings, storage)
+        warnings += loaded.warnings
+        control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds)
+        sources.append(control.size)
+        fitted = fit(control, width, height, request.resize_mode)
+        if images is not None and images.crop is not None:
+            fitted = fit(fitted.crop(images.crop), width, height, "fill")
+        first.append(fitted)
+        if request.hires is not None:
+            hires.append(fit(control, *request.output_size, request.resize_mode))
+        note = proportions_changed(control.size, (width, height), request.resize_mode)
+        resized.append(note)
+        if note:
+            warnings.append(f"{field_name}: {note}")
+    hires_maps = hires if request.hires is not None else None
+    return ControlMaps(first=first, hires=hires_maps, resized=resized, sources=sources), warnings
