@@ -51,6 +51,43 @@ def _floor_to_side_step(value: float) -> int:
     return max(SIDE_STEP, int(value) // SIDE_STEP * SIDE_STEP)
 
 
+def _fitted_image_size(request: PassOptions, image_size: tuple[int, int], limits: RequestLimits) -> tuple[int, int]:
+    """The image's size scaled down until the job, with its outpaint margins and every image of the batch, fits
+    ``MAX_SIDE`` and ``MAX_PIXELS``, in multiples of ``SIDE_STEP`` (at least one)."""
+    image_width, image_height = image_size
+    added_width, added_height = request.outpaint.added if request.outpaint is not None else (0, 0)
+    scale = min(
+        1.0,
+        (limits.max_side - added_width) / image_width,
+        (limits.max_side - added_height) / image_height,
+    )
+    while True:
+        part_width, part_height = (
+            _floor_to_side_step(image_width * scale),
+            _floor_to_side_step(image_height * scale),
+        )
+        width, height = part_width + added_width, part_height + added_height
+        if width * height * request.num_images <= limits.max_pixels or part_width == part_height == SIDE_STEP:
+            return part_width, part_height
+        scale *= 0.98
+
+
+def _sides_over_max_side(request: PassOptions, width: int, height: int, limits: RequestLimits) -> list[str]:
+    """A problem for ``width`` and for ``height`` when it is over ``MAX_SIDE``."""
+    added_width, added_height = request.outpaint.added if request.outpaint is not None else (0, 0)
+    problems = []
+    for name, value, added in (("width", width, added_width), ("height", height, added_height)):
+        if value > limits.max_side:
+            # The margins are named when they took the side there, so the user knows which field to change.
+            grown = (
+                f": {value - added} for the image plus outpaint {describe_margins(request.outpaint, name)}"
+                if request.outpaint is not None and added
+                else ""
+            )
+            problems.append(f"{name}={value}: must be at most {limits.max_side} (MAX_SIDE){grown}")
+    return problems
+
+
 def resolve_size(request: _Request, image_size: tuple[int, int], limits: RequestLimits) -> tuple[_Request, list[str]]:
     """The request with its size settled from its input image, and a warning when the image is resized.
 
@@ -73,36 +110,15 @@ def resolve_size(request: _Request, image_size: tuple[int, int], limits: Request
         height = request.height
         width = _floor_to_side_step((height - added_height) * image_width / image_height) + added_width
     else:
-        scale = min(
-            1.0,
-            (limits.max_side - added_width) / image_width,
-            (limits.max_side - added_height) / image_height,
-        )
-        while True:
-            part_width, part_height = (
-                _floor_to_side_step(image_width * scale),
-                _floor_to_side_step(image_height * scale),
-            )
-            width, height = part_width + added_width, part_height + added_height
-            if width * height * request.num_images <= limits.max_pixels or part_width == part_height == SIDE_STEP:
-                break
-            scale *= 0.98
+        part_width, part_height = _fitted_image_size(request, image_size, limits)
+        width, height = part_width + added_width, part_height + added_height
         if (part_width, part_height) != image_size:
             warnings.append(
                 f"image: {image_width}x{image_height} was brought to {part_width}x{part_height}: without width and "
                 f"height the job takes the image's size, fitted to MAX_SIDE={limits.max_side} and "
                 f"MAX_PIXELS={limits.max_pixels} and rounded down to multiples of {SIDE_STEP}"
             )
-    problems = []
-    for name, value, added in (("width", width, added_width), ("height", height, added_height)):
-        if value > limits.max_side:
-            # The margins are named when they took the side there, so the user knows which field to change.
-            grown = (
-                f": {value - added} for the image plus outpaint {describe_margins(request.outpaint, name)}"
-                if request.outpaint is not None and added
-                else ""
-            )
-            problems.append(f"{name}={value}: must be at most {limits.max_side} (MAX_SIDE){grown}")
+    problems = _sides_over_max_side(request, width, height, limits)
     if not problems:
         try:
             check_size(request, width, height, limits)
