@@ -1,0 +1,288 @@
+"""Adapters a job runs with: LoRAs (listed, or named by the prompt's ``<lora:...>`` tags) and ControlNet units."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from src.schema.core import RequestLimits, canonical_name, names_by_key
+from src.schema.passes import PassOptions
+
+LORA_SCALE_LIMIT = 4.0
+# A1111's extra-network tags, as its re_extra_net reads them: <lora:name> or <lora:name:scale>.
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+# The tag kinds that name a LoRA: A1111 reads <lyco:...> as <lora:...>.
+LORA_TAG_KINDS = ("lora", "lyco")
+
+
+class LoraRequest(BaseModel):
+    """One LoRA for the job: a file of LORA_DIR by name, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: StrictStr = Field(
+        min_length=1,
+        max_length=255,
+        description="A LoRA's name: its file name in `LORA_DIR` without `.safetensors` (`sub/name` in a subfolder).",
+    )
+    scale: float = Field(
+        1.0,
+        strict=True,
+        ge=-LORA_SCALE_LIMIT,
+        le=LORA_SCALE_LIMIT,
+        allow_inf_nan=False,
+        description=f"A finite number from {-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}; 0 leaves the model as it is.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_not_a_path(cls, value: str) -> str:
+        parts = value.split("/")
+        if "://" in value or "\\" in value or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(
+                "must be a LoRA's name: its file name in LORA_DIR without .safetensors (sub/name in a subfolder), "
+                "not a path or a URL"
+            )
+        return value
+
+
+CONTROL_MODES: tuple[str, ...] = ("balanced", "prompt", "controlnet")
+# A1111's labels and numbers for its control modes.
+CONTROL_MODE_ALIASES: Mapping[str, str] = {
+    "0": "balanced",
+    "1": "prompt",
+    "2": "controlnet",
+    "my prompt is more important": "prompt",
+    "controlnet is more important": "controlnet",
+}
+CONTROL_MODE_LABELS: Mapping[str, str] = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "controlnet": "ControlNet is more important",
+}
+_CONTROL_MODES_BY_KEY = names_by_key(CONTROL_MODES, CONTROL_MODE_ALIASES)
+CONTROLNET_SCALE_MAX = 2.0
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet unit: a model of CONTROLNET_DIR, its control image, and how strongly and when it acts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: StrictStr = Field(
+        min_length=1,
+        max_length=255,
+        description="A ControlNet's name: its folder or file name in `CONTROLNET_DIR`, without `.safetensors`.",
+    )
+    image: StrictStr = Field(
+        min_length=1,
+        description="The control image, in every form `image` takes (base64, data URI, URL, `s3://`), with the same "
+        "limits; brought to the job's size by `resize_mode`.",
+    )
+    preprocess: Literal["none", "canny"] = Field(
+        "none",
+        description="`none`: the image is already a control map. `canny`: OpenCV's Canny edges of the image, with "
+        "the thresholds `low` and `high`.",
+    )
+    low: StrictInt | None = Field(None, ge=0, le=255, description="Canny's low threshold, 0 to 255; default 100.")
+    high: StrictInt | None = Field(None, ge=0, le=255, description="Canny's high threshold, 0 to 255; default 200.")
+    scale: float = Field(
+        1.0,
+        strict=True,
+        ge=0.0,
+        le=CONTROLNET_SCALE_MAX,
+        allow_inf_nan=False,
+        description=f"How strongly it guides (A1111's weight), 0 to {CONTROLNET_SCALE_MAX:g}.",
+    )
+    start: float = Field(
+        0.0,
+        strict=True,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="The fraction of the steps where it starts acting (A1111's guidance start), 0 to 1.",
+    )
+    end: float = Field(
+        1.0,
+        strict=True,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="The fraction of the steps where it stops (A1111's guidance end), 0 to 1, above `start`.",
+    )
+    control_mode: Literal["balanced", "prompt", "controlnet"] = Field(
+        "balanced",
+        description='`balanced`; `prompt` (A1111\'s "My prompt is more important": the control fades towards the '
+        "UNet's outer layers); `controlnet` (\"ControlNet is more important\": the same, on the prompt's side of "
+        "guidance only, as diffusers' guess mode). A1111's labels and 0, 1, 2 are accepted.",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _a_name_not_a_path(cls, value: str) -> str:
+        if "://" in value or "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
+            raise ValueError("must be a ControlNet's name in CONTROLNET_DIR (folder or file name), not a path or a URL")
+        return value
+
+    @field_validator("preprocess", mode="before")
+    @classmethod
+    def _preprocess_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("control_mode", mode="before")
+    @classmethod
+    def _known_control_mode(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return value
+        return canonical_name(str(value), _CONTROL_MODES_BY_KEY, "control mode", CONTROL_MODES)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlNetUnit:
+        problems = []
+        if self.start >= self.end:
+            problems.append(f"start={self.start:g}, end={self.end:g}: start must be below end")
+        if self.preprocess != "canny":
+            given = [name for name in ("low", "high") if getattr(self, name) is not None]
+            problems += [f"{name}: only with preprocess 'canny'" for name in given]
+        elif self.canny_thresholds[0] > self.canny_thresholds[1]:
+            low, high = self.canny_thresholds
+            problems.append(f"low={low}, high={high}: low must not be above high")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def canny_thresholds(self) -> tuple[int, int]:
+        """Canny's (low, high), with their defaults, 100 and 200."""
+        return (100 if self.low is None else self.low, 200 if self.high is None else self.high)
+
+
+def lora_tags(text: str) -> list[tuple[str, str]]:
+    """A1111's extra-network tags in ``text``: (kind, arguments) for each ``<kind:arguments>``."""
+    return [(match.group(1), match.group(2)) for match in EXTRA_NETWORK_TAG.finditer(text)]
+
+
+def without_lora_tags(text: str) -> str:
+    """``text`` with its ``<lora:...>`` tags removed, as A1111 removes them before encoding."""
+    return EXTRA_NETWORK_TAG.sub(lambda match: "" if match.group(1).lower() in LORA_TAG_KINDS else match.group(0), text)
+
+
+def _loras_from_tags(prompt: str) -> list[dict[str, Any]]:
+    """The LoRAs the prompt's ``<lora:name:scale>`` tags ask for.
+
+    Raises:
+        ValueError: a tag that is not a LoRA tag, or whose scale is not a number within the bounds.
+    """
+    found = []
+    for kind, arguments in lora_tags(prompt):
+        tag = f"<{kind}:{arguments}>"
+        if kind.lower() not in LORA_TAG_KINDS:
+            raise ValueError(
+                f"prompt: {tag}: only <lora:name> and <lora:name:scale> tags are read; <{kind}:...> is not"
+            )
+        name, *rest = arguments.split(":")
+        if len(rest) > 1:
+            raise ValueError(
+                f"prompt: {tag}: a LoRA tag takes a name and at most one scale, <lora:name:scale>; "
+                "separate text-encoder and UNet scales are not supported"
+            )
+        scale = 1.0
+        if rest:
+            try:
+                scale = float(rest[0])
+            except ValueError:
+                scale = float("nan")
+            if not -LORA_SCALE_LIMIT <= scale <= LORA_SCALE_LIMIT:
+                raise ValueError(
+                    f"prompt: {tag}: the scale {rest[0]!r} must be a finite number from "
+                    f"{-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}"
+                )
+        found.append({"name": name.strip(), "scale": scale})
+    return found
+
+
+def merge_lora_tags(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the prompt's ``<lora:...>`` tags added to ``loras``, after the ones listed there.
+
+    Raises:
+        ValueError: a bad tag, a tag in the negative prompt, or a LoRA named both ways.
+    """
+    negative = data.get("negative_prompt")
+    if isinstance(negative, str) and any(kind.lower() in LORA_TAG_KINDS for kind, _ in lora_tags(negative)):
+        raise ValueError("negative_prompt: <lora:...> tags are read only in prompt; a LoRA applies to the whole job")
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str):
+        return data
+    tagged = _loras_from_tags(prompt)
+    if not tagged:
+        return data
+    listed = data.get("loras") or []
+    if not isinstance(listed, list):
+        return data  # pydantic refuses it with its own message
+    listed_names = {item.get("name") for item in listed if isinstance(item, dict)}
+    for item in tagged:
+        if item["name"] in listed_names:
+            raise ValueError(
+                f"loras: {item['name']!r} is named in loras and as a <lora:{item['name']}> tag in prompt; name it once"
+            )
+    return {**data, "loras": [*listed, *tagged]}
+
+
+def check_loras(loras: Sequence[LoraRequest], limits: RequestLimits) -> None:
+    """Check that the worker serves LoRAs, and that the job asks for few enough, each once.
+
+    Raises:
+        ValueError: naming ``loras`` (and the index of a LoRA named twice) and the rule.
+    """
+    if not loras:
+        return
+    if limits.lora_dir is None:
+        raise ValueError("loras: LoRA is off on this worker: LORA_DIR is not set")
+    if len(loras) > limits.max_loras:
+        raise ValueError(
+            f"loras: {len(loras)} LoRAs asked for, with the prompt's <lora:...> tags: "
+            f"at most {limits.max_loras} (MAX_LORAS)"
+        )
+    seen: set[str] = set()
+    for index, lora in enumerate(loras):
+        if lora.name in seen:
+            raise ValueError(f"loras.{index}.name={lora.name!r}: named twice; name each LoRA once")
+        seen.add(lora.name)
+
+
+def check_controlnets(units: Sequence[ControlNetUnit], limits: RequestLimits) -> None:
+    """Check that the worker serves ControlNets, and that the job asks for few enough units.
+
+    Raises:
+        ValueError: naming ``controlnets`` and the rule.
+    """
+    if not units:
+        return
+    if limits.controlnet_dir is None:
+        raise ValueError("controlnets: ControlNet is off on this worker: CONTROLNET_DIR is not set")
+    if len(units) > limits.max_controlnets:
+        raise ValueError(
+            f"controlnets: {len(units)} units asked for: at most {limits.max_controlnets} (MAX_CONTROLNETS)"
+        )
+
+
+class AdapterOptions(PassOptions):
+    """The fields that name adapters: ``loras`` and ``controlnets``."""
+
+    loras: list[LoraRequest] = Field(
+        default_factory=list,
+        description="LoRAs for this job, `[{name, scale}]`, at most `MAX_LORAS` with the prompt's "
+        f"`<lora:name:scale>` tags, each name once; scale {-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}, default 1. "
+        "Needs `LORA_DIR`; see LoRA.",
+        json_schema_extra={"shown_default": "none"},
+    )
+
+    controlnets: list[ControlNetUnit] = Field(
+        default_factory=list,
+        description="ControlNet units for this job, at most `MAX_CONTROLNETS`: `[{model, image, preprocess, low, "
+        "high, scale, start, end, control_mode}]`; see ControlNet. Every task takes them. Needs `CONTROLNET_DIR`.",
+        json_schema_extra={"shown_default": "none"},
+    )

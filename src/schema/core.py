@@ -1,0 +1,320 @@
+"""What every part of the request shares, and the request's core fields.
+
+The limits the worker configures (``RequestLimits``, reached through pydantic's validation context), the
+input error, the folding of names for closed sets (schedulers, output formats, and the resize and control
+modes of the other modules), and ``RequestCore``: the prompt, size, steps, guidance, seed, scheduler and
+output fields that every job has, which the other modules' field groups extend.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
+
+MAX_PROMPT_CHARS = 2000
+SEED_MAX = 2**32 - 1
+SIDE_STEP = 64
+GUIDANCE_MAX = 30.0
+# Every input error's message starts with this.
+INVALID_INPUT = "invalid input: "
+
+# AUTOMATIC1111's sampler names; src/models/schedulers.py maps each to diffusers.
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Karras",
+    "DPM2",
+    "DPM2 a",
+    "Euler",
+    "Euler a",
+    "Heun",
+    "LMS",
+    "LMS Karras",
+    "DDIM",
+    "PNDM",
+    "UniPC",
+    "LCM",
+)
+# Other spellings of each: A1111's k-diffusion names and ComfyUI's sampler_name values, alone
+# or joined to ComfyUI's scheduler "karras". Case, spaces, underscores, hyphens, colons and
+# brackets do not matter (see _name_key), so "dpmpp_2m karras" and "DPM++ 2M (Karras)" need no entry.
+SCHEDULER_ALIASES: Mapping[str, str] = {
+    "k_euler_a": "Euler a",
+    "euler_ancestral": "Euler a",
+    "k_euler_ancestral": "Euler a",
+    "k_euler": "Euler",
+    "k_heun": "Heun",
+    "dpm_2": "DPM2",
+    "k_dpm_2": "DPM2",
+    "dpm_2_a": "DPM2 a",
+    "k_dpm_2_a": "DPM2 a",
+    "dpm_2_ancestral": "DPM2 a",
+    "k_dpm_2_ancestral": "DPM2 a",
+    "k_lms": "LMS",
+    "k_lms_karras": "LMS Karras",
+    "k_lms_ka": "LMS Karras",
+    "dpmpp_2m": "DPM++ 2M",
+    "k_dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "k_dpmpp_2m_karras": "DPM++ 2M Karras",
+    "k_dpmpp_2m_ka": "DPM++ 2M Karras",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "k_dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "k_dpmpp_2m_sde_ka": "DPM++ 2M SDE Karras",
+    "plms": "PNDM",
+    "uni_pc": "UniPC",
+    "uni_pc_bh2": "UniPC",
+}
+Task = Literal["txt2img", "img2img", "inpaint", "outpaint"]
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+OUTPUT_FORMAT_ALIASES: Mapping[str, str] = {"jpg": "jpeg", "jpe": "jpeg"}
+_SEPARATORS = re.compile(r"[\s_:()-]+")
+
+
+def _name_key(name: str) -> str:
+    # Separators fold to one space, never to nothing, so "DPM2 a" and "DPM2" stay apart.
+    return _SEPARATORS.sub(" ", name.casefold()).strip()
+
+
+def names_by_key(canonical: Iterable[str], aliases: Mapping[str, str]) -> dict[str, str]:
+    names = {_name_key(alias): target for alias, target in aliases.items()}
+    names.update({_name_key(name): name for name in canonical})
+    return names
+
+
+_SCHEDULERS_BY_KEY = names_by_key(SCHEDULER_NAMES, SCHEDULER_ALIASES)
+_FORMATS_BY_KEY = names_by_key(OUTPUT_FORMATS, OUTPUT_FORMAT_ALIASES)
+
+
+class InputError(ValueError):
+    """A job's input breaks the contract. The message names every bad field."""
+
+
+class RequestLimits(Protocol):
+    """What the request model needs from the worker's configuration (read-only)."""
+
+    @property
+    def max_side(self) -> int: ...
+    @property
+    def max_steps(self) -> int: ...
+    @property
+    def max_images(self) -> int: ...
+    @property
+    def max_pixels(self) -> int: ...
+    @property
+    def default_steps(self) -> int: ...
+    @property
+    def default_scheduler(self) -> str: ...
+    @property
+    def default_clip_skip(self) -> int: ...
+    @property
+    def bucket_configured(self) -> bool: ...
+    @property
+    def lora_dir(self) -> str | None: ...
+    @property
+    def max_loras(self) -> int: ...
+    @property
+    def controlnet_dir(self) -> str | None: ...
+    @property
+    def max_controlnets(self) -> int: ...
+
+
+def canonical_name(name: str, names_by_key: Mapping[str, str], kind: str, listed: Iterable[str]) -> str:
+    key = _name_key(name)
+    if key in names_by_key:
+        return names_by_key[key]
+    close = difflib.get_close_matches(key, names_by_key, n=1)
+    suggestion = f"did you mean {names_by_key[close[0]]!r}? " if close else ""
+    raise ValueError(f"unknown {kind}; {suggestion}The {kind}s are: {', '.join(listed)}")
+
+
+def canonical_scheduler(name: str) -> str:
+    """The canonical (A1111) name of a scheduler given by that name or an alias, in any case.
+
+    Raises:
+        ValueError: the name is unknown; the message suggests the closest one and lists them all.
+    """
+    return canonical_name(name, _SCHEDULERS_BY_KEY, "scheduler", SCHEDULER_NAMES)
+
+
+def canonical_output_format(name: str) -> str:
+    """``png``, ``jpeg`` or ``webp`` for that name or an alias such as ``jpg``, in any case.
+
+    Raises:
+        ValueError: the name is unknown; the message suggests the closest one and lists them all.
+    """
+    return canonical_name(name, _FORMATS_BY_KEY, "output format", OUTPUT_FORMATS)
+
+
+def check_limits(limits: RequestLimits) -> None:
+    """Check the configured defaults against the contract, at startup.
+
+    Raises:
+        ValueError: naming the setting, its value and the rule.
+    """
+    try:
+        canonical_scheduler(limits.default_scheduler)
+    except ValueError as error:
+        raise ValueError(f"DEFAULT_SCHEDULER={limits.default_scheduler!r}: {error}") from None
+
+
+def request_limits(info: ValidationInfo) -> RequestLimits:
+    limits = (info.context or {}).get("limits")
+    if limits is None:
+        raise RuntimeError("GenerateRequest needs context={'limits': ...}; use parse_input()")
+    return limits
+
+
+# Fields whose upper bound or default is configured, and the setting that holds it.
+CONFIGURED_MAXIMUM = {
+    "width": "max_side",
+    "height": "max_side",
+    "num_inference_steps": "max_steps",
+    "num_images": "max_images",
+}
+CONFIGURED_DEFAULT = {
+    "num_inference_steps": "default_steps",
+    "scheduler": "default_scheduler",
+    "clip_skip": "default_clip_skip",
+}
+CLIP_SKIP_MAX = 12
+
+
+class RequestCore(BaseModel):
+    """The fields every job has: what to draw, at which size, how, and in which form it comes back.
+
+    ``ImageInputs``, ``PassOptions`` and ``AdapterOptions`` extend it in turn, and ``GenerateRequest`` is the
+    last of them: pydantic puts a base's fields before its subclass's, so the chain keeps the fields (and the
+    README's input table) in the order of the wire contract.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: StrictStr = Field(
+        max_length=MAX_PROMPT_CHARS,
+        description=f"What to draw. Not blank; at most {MAX_PROMPT_CHARS} characters.",
+    )
+    negative_prompt: StrictStr = Field(
+        "",
+        max_length=MAX_PROMPT_CHARS,
+        description=f"What to steer away from. At most {MAX_PROMPT_CHARS} characters.",
+    )
+    width: StrictInt | None = Field(
+        None,
+        ge=SIDE_STEP,
+        multiple_of=SIDE_STEP,
+        description=f"Pixels. A multiple of {SIDE_STEP}, from {SIDE_STEP} to `MAX_SIDE`. With an `image`: the size "
+        f"of the result; unset, the image's, scaled to fit `MAX_SIDE` and `MAX_PIXELS` and rounded down to "
+        f"multiples of {SIDE_STEP} (plus the `outpaint` margins); with only one of width and height, the other "
+        "keeps the image's proportions.",
+        json_schema_extra={"shown_default": "`512`; with an `image`, its size"},
+    )
+    height: StrictInt | None = Field(
+        None,
+        ge=SIDE_STEP,
+        multiple_of=SIDE_STEP,
+        description=f"Pixels. A multiple of {SIDE_STEP}, from {SIDE_STEP} to `MAX_SIDE`. With an `image`: as `width`.",
+        json_schema_extra={"shown_default": "`512`; with an `image`, its size"},
+    )
+    num_inference_steps: StrictInt = Field(ge=1, description="Denoising steps, 1 to `MAX_STEPS`.")
+    guidance_scale: float = Field(
+        7.5,
+        strict=True,
+        ge=0.0,
+        le=GUIDANCE_MAX,
+        allow_inf_nan=False,
+        description=f"A finite number from 0 to {GUIDANCE_MAX:g}. At 1 or less, guidance is off.",
+    )
+    seed: StrictInt | None = Field(
+        None,
+        validate_default=True,
+        description=(
+            f"0 to {SEED_MAX}; null or -1 picks a random 32-bit seed. "
+            "Image i uses seed + i (mod 2^32), returned with each image."
+        ),
+    )
+    num_images: StrictInt = Field(
+        1,
+        ge=1,
+        description="1 to `MAX_IMAGES`, and width x height x num_images at most `MAX_PIXELS`.",
+    )
+    scheduler: StrictStr = Field(
+        description=f"One of {', '.join(SCHEDULER_NAMES)}; case does not matter, and k-diffusion and ComfyUI "
+        "names such as `euler_ancestral` or `dpmpp_2m_karras` are accepted too.",
+    )
+    clip_skip: StrictInt = Field(
+        ge=1,
+        le=CLIP_SKIP_MAX,
+        description=f"1 to {CLIP_SKIP_MAX}, as A1111 counts: 1 reads CLIP's last layer, 2 the one before it "
+        "(through the final layer norm), and so on.",
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png",
+        description="`png`, `jpeg` (`jpg` accepted) or `webp`; case does not matter. Each file carries its parameters.",
+    )
+    output_quality: StrictInt = Field(
+        90, ge=1, le=100, description="1 to 100, for `jpeg` and `webp`; lower is smaller. PNG is lossless."
+    )
+    output_type: Literal["auto", "s3", "base64"] = Field(
+        "auto",
+        description="`base64`: inline. `s3`: upload, return URLs (needs `BUCKET_NAME`). "
+        "`auto`: `s3` when a bucket is configured, else `base64`.",
+    )
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _known_output_format(cls, value: Any) -> Any:
+        return canonical_output_format(value) if isinstance(value, str) else value
+
+    @field_validator("output_type", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("output_type")
+    @classmethod
+    def _s3_needs_a_bucket(cls, value: str, info: ValidationInfo) -> str:
+        if value == "s3" and not request_limits(info).bucket_configured:
+            raise ValueError("needs a bucket, and none is configured: set BUCKET_NAME, or use 'base64'")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator(*CONFIGURED_MAXIMUM)
+    @classmethod
+    def _within_configured_maximum(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:  # null width or height: the image's size; _fields_fit_the_task refuses it without one
+            return value
+        setting = CONFIGURED_MAXIMUM[str(info.field_name)]
+        maximum = getattr(request_limits(info), setting)
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum} ({setting.upper()})")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _resolve_seed(cls, value: int | None) -> int:
+        # Drawn here, once, so that the seed in the response is the one that was used.
+        if value is None or value == -1:
+            return secrets.randbelow(SEED_MAX + 1)
+        if not 0 <= value <= SEED_MAX:
+            raise ValueError(f"must be 0 to {SEED_MAX}, or -1 or null for a random seed")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return canonical_scheduler(value)

@@ -1,0 +1,110 @@
+"""Image inputs: the input image and mask, how an image meets the job's size, and the inpaint options."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from src.schema.core import RequestCore, canonical_name, names_by_key
+
+# How an input image meets width x height, as AUTOMATIC1111's resize modes 0, 1 and 2.
+RESIZE_MODES: tuple[str, ...] = ("resize", "crop", "fill")
+RESIZE_MODE_ALIASES: Mapping[str, str] = {
+    "0": "resize",
+    "1": "crop",
+    "2": "fill",
+    "just resize": "resize",
+    "stretch": "resize",
+    "crop and resize": "crop",
+    "resize and fill": "fill",
+}
+STRENGTH_DEFAULT = 0.75
+MASK_BLUR_MAX = 64
+INPAINT_PADDING_MAX = 256
+_RESIZE_MODES_BY_KEY = names_by_key(RESIZE_MODES, RESIZE_MODE_ALIASES)
+# Fields that mean something only for some tasks; asking for one elsewhere is an error, never ignored.
+IMAGE_FIELDS = ("mask", "strength", "resize_mode", "outpaint")
+MASK_FIELDS = ("mask_blur", "inpaint_area", "inpaint_padding", "keep_unmasked")
+
+
+def canonical_resize_mode(value: Any) -> Any:
+    """``resize``, ``crop`` or ``fill`` for that name, A1111's number (0, 1, 2) or A1111's label, in any case.
+
+    Raises:
+        ValueError: the name is unknown; the message suggests the closest one and lists them all.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return value  # pydantic refuses it with its own message
+    return canonical_name(str(value), _RESIZE_MODES_BY_KEY, "resize mode", RESIZE_MODES)
+
+
+class ImageInputs(RequestCore):
+    """The fields of a job that starts from an image: img2img, inpaint (with a mask) and outpaint."""
+
+    image: StrictStr | None = Field(
+        None,
+        description="An input image: base64 (a `data:image/...;base64,` prefix is fine), an `https://` or "
+        "`http://` URL, or `s3://BUCKET_NAME/key`. PNG, JPEG or WebP. With it the job is img2img, "
+        "inpaint (with `mask`) or outpaint (with `outpaint`).",
+    )
+    mask: StrictStr | None = Field(
+        None,
+        description="Where to paint, in the forms `image` takes, the image's size: white repaints, "
+        "black keeps, grey is partial. Needs `image`.",
+    )
+    strength: float = Field(
+        STRENGTH_DEFAULT,
+        strict=True,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="How much of the image is repainted (A1111's denoising strength), above 0 and at most 1. "
+        "It runs int(num_inference_steps x strength) steps, at least 1. Needs `image`.",
+    )
+    resize_mode: Literal["resize", "crop", "fill"] = Field(
+        "resize",
+        description="How the image (and each ControlNet unit's image) meets width x height: `resize` stretches, "
+        "`crop` fills and crops the centre, `fill` fits and pads with its stretched edges; A1111's 0, 1 and 2 are "
+        "accepted. Needs `image` or `controlnets`.",
+    )
+    mask_blur: StrictInt = Field(
+        4,
+        ge=0,
+        le=MASK_BLUR_MAX,
+        description=f"Pixels of Gaussian blur on the mask's edge, 0 to {MASK_BLUR_MAX}. With `mask` or `outpaint`.",
+    )
+    inpaint_area: Literal["whole", "masked"] = Field(
+        "whole",
+        description="`whole` repaints at the image's size; `masked` repaints only the masked region, "
+        'enlarged to width x height, and pastes it back (A1111\'s "only masked"). With `mask` or `outpaint`.',
+    )
+    inpaint_padding: StrictInt = Field(
+        32,
+        ge=0,
+        le=INPAINT_PADDING_MAX,
+        description=f"Pixels around the masked region with `inpaint_area` `masked`, 0 to {INPAINT_PADDING_MAX}.",
+    )
+    keep_unmasked: StrictBool = Field(
+        True,
+        description="Pixels outside the mask come back exactly as they were in the image (brought to the job's "
+        "size). `false` returns what the model drew everywhere. With `mask` or `outpaint`.",
+    )
+
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _known_resize_mode(cls, value: Any) -> Any:
+        return canonical_resize_mode(value)
+
+    @field_validator("inpaint_area", mode="before")
+    @classmethod
+    def _inpaint_area_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("image", "mask")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty: give base64, a data: URI, an http(s):// URL or an s3:// URL")
+        return value

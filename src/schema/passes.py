@@ -1,0 +1,144 @@
+"""The passes beyond a plain one: outpaint (the canvas grown around the image) and hires (a second, larger pass)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
+
+from src.schema.core import SIDE_STEP, RequestLimits, request_limits
+from src.schema.images import ImageInputs
+
+HIRES_STRENGTH_DEFAULT = 0.5
+HIRES_SCALE_MAX = 2.0
+# A1111's setup_img2img_steps divides by the strength capped at this, so a strength of 1 still stretches a little.
+HIRES_STRENGTH_CAP = 0.999
+# The hires pass's stretched schedule may not pass SD 1.5's training timesteps (diffusers' schedulers refuse it).
+HIRES_SCHEDULE_MAX = 1000
+# The size a job runs at is a multiple of this; hires' second pass only needs the latent grid's 8.
+HIRES_SIDE_STEP = 8
+
+
+class Outpaint(BaseModel):
+    """Pixels added on each side of the input image; the new area is painted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    left: StrictInt = Field(0, ge=0, multiple_of=SIDE_STEP, description=f"Pixels, a multiple of {SIDE_STEP}.")
+    right: StrictInt = Field(0, ge=0, multiple_of=SIDE_STEP, description=f"Pixels, a multiple of {SIDE_STEP}.")
+    top: StrictInt = Field(0, ge=0, multiple_of=SIDE_STEP, description=f"Pixels, a multiple of {SIDE_STEP}.")
+    bottom: StrictInt = Field(0, ge=0, multiple_of=SIDE_STEP, description=f"Pixels, a multiple of {SIDE_STEP}.")
+
+    @model_validator(mode="after")
+    def _grows(self) -> Outpaint:
+        if not (self.left or self.right or self.top or self.bottom):
+            raise ValueError("must add pixels on at least one side: left, right, top or bottom")
+        return self
+
+    @property
+    def added(self) -> tuple[int, int]:
+        """Pixels added to the width and to the height."""
+        return self.left + self.right, self.top + self.bottom
+
+
+class Hires(BaseModel):
+    """A1111's hires fix: a second, img2img pass at a larger size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(
+        2.0,
+        strict=True,
+        ge=1.0,
+        le=HIRES_SCALE_MAX,
+        allow_inf_nan=False,
+        description=f"1.0 to {HIRES_SCALE_MAX:g}: the second pass runs at width x scale by height x scale, "
+        f"which must be multiples of {HIRES_SIDE_STEP} within `MAX_SIDE` and `MAX_PIXELS`.",
+    )
+    steps: StrictInt = Field(
+        ge=1,
+        description="Steps the second pass runs, exactly, as A1111's Hires steps: 1 to `MAX_STEPS`; 0 is "
+        "`num_inference_steps`, as in A1111. The schedule is stretched to int(steps / strength) steps "
+        f"(strength at most 0.999; at most {HIRES_SCHEDULE_MAX}) and the pass runs its last `steps`.",
+        json_schema_extra={"shown_default": "`num_inference_steps`"},
+    )
+    strength: float = Field(
+        HIRES_STRENGTH_DEFAULT,
+        strict=True,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description=f"Denoising strength of the second pass, above 0 and at most 1; default {HIRES_STRENGTH_DEFAULT}.",
+    )
+    upscaler: Literal["latent", "lanczos"] = Field(
+        "latent",
+        description="`latent`: the latents are enlarged (A1111's Latent). "
+        "`lanczos`: the image is decoded, enlarged with Lanczos and encoded again.",
+    )
+
+    @field_validator("upscaler", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("steps")
+    @classmethod
+    def _within_max_steps(cls, value: int, info: ValidationInfo) -> int:
+        maximum = request_limits(info).max_steps
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum} (MAX_STEPS)")
+        return value
+
+    @model_validator(mode="after")
+    def _schedule_within_the_timesteps(self) -> Hires:
+        if self.schedule_steps > HIRES_SCHEDULE_MAX:
+            raise ValueError(
+                f"steps / strength = {self.steps} / {self.strength:g} stretches the second pass's schedule to "
+                f"{self.schedule_steps} steps: at most {HIRES_SCHEDULE_MAX}, the model's training timesteps; "
+                "lower steps or raise strength"
+            )
+        return self
+
+    @property
+    def schedule_steps(self) -> int:
+        """The steps of the stretched schedule whose last ``steps`` the pass runs: A1111's setup_img2img_steps."""
+        return int(self.steps / min(self.strength, HIRES_STRENGTH_CAP))
+
+
+_MARGIN_NAMES = {"width": ("left", "right"), "height": ("top", "bottom")}
+
+
+def describe_margins(outpaint: Outpaint, side: str) -> str:
+    """The two margins that grow ``side``, as the request gave them: ``left=2048 + right=2048``."""
+    return " + ".join(f"{name}={getattr(outpaint, name)}" for name in _MARGIN_NAMES[side])
+
+
+def check_outpaint_margins(outpaint: Outpaint, limits: RequestLimits) -> None:
+    """Check that the margins leave room for the image within MAX_SIDE, before any image is read.
+
+    Raises:
+        ValueError: naming ``outpaint``, the margins, the side they grow and MAX_SIDE.
+    """
+    for side, added in zip(("width", "height"), outpaint.added, strict=True):
+        if added + SIDE_STEP > limits.max_side:
+            raise ValueError(
+                f"outpaint: {describe_margins(outpaint, side)} adds {added} pixels to the {side}; with at least "
+                f"{SIDE_STEP} of image that is {added + SIDE_STEP}, over MAX_SIDE={limits.max_side}: "
+                f"{' + '.join(_MARGIN_NAMES[side])} may add at most {limits.max_side - SIDE_STEP}"
+            )
+
+
+class PassOptions(ImageInputs):
+    """The fields that add a pass: ``outpaint`` grows the image's canvas, ``hires`` enlarges a text-to-image job."""
+
+    outpaint: Outpaint | None = Field(
+        None,
+        description="`{left, right, top, bottom}` pixels, multiples of 64, added around the image; "
+        "the new area is painted. The grown canvas obeys `MAX_SIDE` and `MAX_PIXELS`, so left + right and "
+        "top + bottom are each at most `MAX_SIDE` - 64. Needs `image`, not `mask`.",
+    )
+    hires: Hires | None = Field(
+        None,
+        description="Text-to-image in two passes, as A1111's hires fix: `{scale, steps, strength, upscaler}`; "
+        "see below. Not with `image`.",
+    )

@@ -1,0 +1,104 @@
+"""``Settings``, composed of the variables' groups, and ``load_settings``, which reads it from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from src.settings.adapters import AdapterSettings
+from src.settings.images import ImageSettings
+from src.settings.limits import LimitSettings
+from src.settings.model import ModelSettings
+from src.settings.run import RunSettings
+from src.settings.storage import StorageSettings
+from src.settings.urls import redact_url
+
+# Variables whose values never appear in a message.
+_SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY", "HF_TOKEN", "CIVITAI_TOKEN", "DOWNLOAD_TOKENS", "DOWNLOAD_TOKEN"})
+# Variables holding URLs (CONTROLNETS: a list of them) shown in messages through redact_url only.
+_URLS = frozenset({"BUCKET_ENDPOINT_URL", "MODEL_URL", "VAE_URL", "CONTROLNETS"})
+
+
+class SettingsError(ValueError):
+    """A configuration variable is missing a rule it must follow; startup stops."""
+
+
+# The groups are listed last to first: pydantic takes the bases' fields in the reverse of this order (the MRO's),
+# so MODEL_ID comes first and the README's settings table keeps its order.
+class Settings(StorageSettings, ImageSettings, RunSettings, AdapterSettings, LimitSettings, ModelSettings):
+    """The worker's configuration. Field aliases are the environment variable names."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", alias="LOG_LEVEL", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"DEFAULT_STEPS={self.default_steps}: must not exceed MAX_STEPS={self.max_steps}")
+        if (self.bucket_access_key_id is None) != (self.bucket_secret_access_key is None):
+            raise ValueError(
+                "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY: set both or neither "
+                "(neither: boto3 finds credentials itself, e.g. from an instance role)"
+            )
+        if self.controlnets_to_bake is not None and self.controlnet_dir is None:
+            raise ValueError("CONTROLNETS are baked into CONTROLNET_DIR, which is not set")
+        if self.controlnet_preload is not None and self.controlnet_dir is None:
+            raise ValueError("CONTROLNET_PRELOAD names ControlNets of CONTROLNET_DIR, which is not set")
+        if self.vae_sha256 is not None and self.vae_url is None:
+            raise ValueError("VAE_SHA256 is checked against VAE_URL's download; set VAE_URL too")
+        if self.download_token is not None and self.model_url is None:
+            raise ValueError(
+                "DOWNLOAD_TOKEN is sent to MODEL_URL's host only, and MODEL_URL is not set; give each host its "
+                "token: HF_TOKEN, CIVITAI_TOKEN or DOWNLOAD_TOKENS=host=token"
+            )
+        tokens = self.host_tokens
+        for index, first in enumerate(tokens):
+            for second in tokens[index + 1 :]:
+                ports_meet = first.port is None or second.port is None or first.port == second.port
+                if first.host == second.host and ports_meet and first.token != second.token:
+                    raise ValueError(
+                        f"{first.variable} and {second.variable} give different tokens for {first.host}; give one"
+                    )
+        return self
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the worker's variables from ``environ`` (default: ``os.environ``).
+
+    Unset and empty variables take their defaults.
+
+    Raises:
+        SettingsError: one message naming every bad variable, its value and its rule.
+    """
+    environ = os.environ if environ is None else environ
+    names = [field.alias for field in Settings.model_fields.values() if field.alias]
+    present = {name: environ[name].strip() for name in names if environ.get(name, "").strip()}
+    try:
+        return Settings.model_validate(present)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors(include_url=False):
+            name = str(item["loc"][0]) if item["loc"] else ""
+            message = item["msg"].removeprefix("Value error, ")
+            if name:
+                value = present.get(name)
+                if name in _SECRETS:
+                    value = "<hidden>"
+                elif name in _URLS and value is not None:
+                    value = repr(",".join(redact_url(item) for item in value.split(",")))
+                else:
+                    value = repr(value)
+                message = f"{name}={value}: {message.replace('Input should be', 'must be')}"
+            problems.append(message)
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,73 @@
+"""How a job runs: prompt encoding limits, GPU memory, the deadline, the safety checker, concurrency, fast mode."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class RunSettings(BaseModel):
+    """The run's variables: ``MAX_PROMPT_CHUNKS`` to ``FAST_MODE``."""
+
+    max_prompt_chunks: int = Field(
+        8,
+        alias="MAX_PROMPT_CHUNKS",
+        ge=1,
+        le=64,
+        description="Most chunks of 75 tokens a prompt may encode to (8: 600 tokens); 1 to 64.",
+    )
+    max_prompt_texts: int = Field(
+        64,
+        alias="MAX_PROMPT_TEXTS",
+        ge=2,
+        le=1000,
+        description="Most distinct texts prompt editing (`[a:b:when]`, `[a|b]`) may make of one job's prompt and "
+        "negative prompt over all its passes, each encoded by CLIP before the first step; 2 to 1000.",
+    )
+    memory_profile: Literal["auto", "high", "balanced", "low", "minimal"] = Field(
+        "auto",
+        alias="MEMORY_PROFILE",
+        description="`auto` picks by GPU memory: `high` 10 GiB or more, `balanced` 5.5 to 10 GiB "
+        "(a GTX 1060 6GB reports 5.93 GiB), `low` 3.5 to 5.5 GiB, `minimal` below 3.5 GiB.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        alias="GPU_MEMORY_GB",
+        gt=0,
+        description="Use at most this much GPU memory, in GiB (2^30 bytes), such as `7.5`; "
+        "it caps this process. Unset: the whole card.",
+    )
+    generation_timeout_seconds: float = Field(
+        300.0,
+        alias="GENERATION_TIMEOUT_SECONDS",
+        gt=0,
+        description="A job still denoising this long after it got the GPU is stopped at its next step and "
+        "answered with an error. Time spent waiting for the GPU does not count.",
+    )
+    safety_checker: bool = Field(
+        False,
+        alias="SAFETY_CHECKER",
+        description="Load SD's safety checker; each image then carries `nsfw` and flagged images are blacked out.",
+    )
+    concurrency: int = Field(
+        1,
+        alias="CONCURRENCY",
+        ge=1,
+        le=8,
+        description="Jobs runpod takes for this worker at once. The handler runs on runpod's event loop, so the "
+        "jobs taken still run one after another (see Concurrency in the README): keep 1 and let RunPod scale "
+        "by workers.",
+    )
+    fast_mode: bool = Field(
+        False,
+        alias="FAST_MODE",
+        description="On GPUs of compute capability 7.0 or newer: channels_last, fused QKV, a compiled UNet "
+        "and a warm-up at start. Measured on an H200 (BENCHMARKS.md): a cold start of 9.5 to 17.2 s and no "
+        "faster jobs, 0.82x to 0.90x plain diffusers' speed at batch 4. Ignored, with a warning, elsewhere.",
+    )
+
+    @field_validator("memory_profile", mode="before")
+    @classmethod
+    def _lower_memory_profile(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value

@@ -1,0 +1,94 @@
+"""S3: the bucket results are uploaded to and image inputs are read from, and the keys it accepts."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+# The characters AWS calls safe in an object key; a key is parts of them joined by "/".
+_S3_KEY_PART = re.compile(r"[A-Za-z0-9!_.*'()-]+")
+S3_KEY_RULE = (
+    "a key is at most 1024 characters in parts joined by '/', each of A-Z a-z 0-9 and ! - _ . * ' ( ), "
+    "none empty, '.' or '..'"
+)
+
+
+def s3_key_problem(key: str) -> str | None:
+    """Why ``key`` is not a plain S3 key (``S3_KEY_RULE``), or None.
+
+    Only AWS's safe characters pass, so no percent-encoding, backslash or look-alike Unicode can stand for
+    "/" or "..", and no part is "." or "..", which a server or proxy on the way could resolve.
+    """
+    parts = key.split("/")
+    if len(key) > 1024 or any(part in ("", ".", "..") or not _S3_KEY_PART.fullmatch(part) for part in parts):
+        return S3_KEY_RULE
+    return None
+
+
+class StorageSettings(BaseModel):
+    """The bucket's variables: ``BUCKET_NAME`` to ``URL_EXPIRY_SECONDS``."""
+
+    bucket_name: str | None = Field(
+        None, alias="BUCKET_NAME", description="S3 bucket for uploads. Unset: no uploads, images come back inline."
+    )
+    bucket_endpoint_url: str | None = Field(
+        None,
+        alias="BUCKET_ENDPOINT_URL",
+        description="S3 endpoint, such as `https://s3.us-east-1.amazonaws.com` or an R2/MinIO URL; unset: AWS. "
+        "No credentials in it: they go in the two variables below.",
+    )
+    bucket_access_key_id: str | None = Field(None, alias="BUCKET_ACCESS_KEY_ID", description="S3 access key id.")
+    bucket_secret_access_key: SecretStr | None = Field(
+        None, alias="BUCKET_SECRET_ACCESS_KEY", description="S3 secret key. Never logged or returned."
+    )
+    bucket_region: str | None = Field(None, alias="BUCKET_REGION", description="S3 region; unset: `us-east-1`.")
+    bucket_prefix: str = Field(
+        "", alias="BUCKET_PREFIX", description="Prepended to every object key, such as `renders/`."
+    )
+    bucket_input_prefix: str = Field(
+        "inputs/",
+        alias="BUCKET_INPUT_PREFIX",
+        description="Folder of the bucket that `s3://` image inputs may be read from, ending in `/`; the worker's "
+        "own results (`BUCKET_PREFIX` + `JOB/INDEX-SEED.png`, `.jpg` or `.webp`) may be read too, and no other key.",
+    )
+    url_expiry_seconds: int = Field(
+        604_800,
+        alias="URL_EXPIRY_SECONDS",
+        ge=1,
+        le=604_800,
+        description="Lifetime of presigned URLs; at most 604800 (7 days, the SigV4 maximum).",
+    )
+
+    @field_validator("bucket_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        # Any "@", checked before parsing: a password holding "/", "?" or "#" would fool urlsplit.
+        if "@" in value:
+            raise ValueError("must not carry credentials; use BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - parses the port, raising ValueError when it is not one
+        except ValueError:
+            raise ValueError("is not a valid URL: its host or port cannot be read") from None
+        if not parts.hostname:
+            raise ValueError("must name a host, such as http://127.0.0.1:9000")
+        return value
+
+    @field_validator("bucket_input_prefix")
+    @classmethod
+    def _folder_key(cls, value: str) -> str:
+        problem = s3_key_problem(value.removesuffix("/")) if value.endswith("/") else "must end with '/'"
+        if problem is not None:
+            raise ValueError(f"{problem}, such as inputs/ or uploads/2026/")
+        return value
+
+    @property
+    def bucket_configured(self) -> bool:
+        """True when uploads are possible: a bucket is named."""
+        return self.bucket_name is not None
