@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import gc
 import io
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -371,6 +372,23 @@ def test_preloaded_controlnets_are_loaded_at_startup(start: Callable[..., None])
     start(CONTROLNET_PRELOAD=f"{NET}, {NET_B}")
 
     assert handler.get_engine().controlnets.loaded == [NET, NET_B]
+
+
+def test_the_startup_log_names_the_controlnets_found(
+    tiny_with_controlnets: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from src.adapters.controlnets import scan_controlnets
+
+    folder = tmp_path / "controlnets"
+    shutil.copytree(tiny_with_controlnets / "controlnets", folder)
+    (folder / "old-net.pth").write_bytes(b"never opened")
+
+    with caplog.at_level(logging.INFO, logger="src.adapters.controlnets"):
+        scan_controlnets(str(folder))
+
+    logged = [record.getMessage() for record in caplog.records if record.name == "src.adapters.controlnets"]
+    assert f"CONTROLNET_DIR={folder}: 4 ControlNets: old-net, {NET}, {NET_B}, {NET_FILE}" in logged
+    assert any(line.startswith("CONTROLNET_DIR: old-net (old-net.pth) cannot be used: a pickle") for line in logged)
 
 
 def test_the_cache_keeps_the_most_recently_used_within_its_budget(

@@ -346,7 +346,7 @@ def test_a_bad_embedding_file_stops_startup_naming_it(
 
 
 def test_weighting_restores_the_mean_and_never_blows_a_chunk_up() -> None:
-    from src.prompts import _weighted
+    from src.prompts.encoding import _weighted
 
     hidden = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(0)) + 0.5
     weights = [1.0] * 40 + [1.5] * 37

@@ -95,7 +95,9 @@ def scan_controlnets(folder: str | None) -> dict[str, ControlNetEntry]:
     for entry in entries.values():
         if entry.problem:
             log.warning("CONTROLNET_DIR: %s (%s) cannot be used: %s", entry.name, entry.path.name, entry.problem)
-    log.info("CONTROLNET_DIR=%s: %d ControlNets", folder, len(entries))
+    # By name, as the LoRA line lists them, so that the log says what a request can name.
+    names = f": {', '.join(sorted(entries))}" if entries else ""
+    log.info("CONTROLNET_DIR=%s: %d ControlNets%s", folder, len(entries), names)
     return entries
 
 

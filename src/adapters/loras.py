@@ -51,6 +51,8 @@ _UNSUPPORTED = {
     "ia3": "IA3",
 }
 _SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks_", "output_blocks_")
+# The pipeline's models a LoRA can have layers in.
+MODELS = ("unet", "text_encoder")
 
 
 class LoraRef(Protocol):
@@ -198,8 +200,6 @@ class Loras:
     """The LoRAs of LORA_DIR and the shared pipeline's LoRA state. Every method but ``gpu_bytes`` runs
     under the engine's GPU lock."""
 
-    MODELS = ("unet", "text_encoder")
-
     def __init__(
         self,
         pipeline: Any,
@@ -226,8 +226,7 @@ class Loras:
         self._slots = _Slots(pipeline.unet, slots) if slots else None
         self.merge = merge and self._slots is None
         self.offload = offload
-        # The weights a merge changed, each with its copy from before the merge.
-        self._backups: list[tuple[Any, torch.Tensor]] = []
+        self._merged = _Merged()
 
     def prepare_slots(self) -> None:
         """Give the UNet its hot-swap slots, before it is compiled: see ``_Slots``."""
@@ -306,23 +305,10 @@ class Loras:
         if file.problem is not None:
             raise AdapterError(f"{file.path.name} cannot be used: {file.problem}")
         started = time.perf_counter()
-        try:
-            data = file.path.read_bytes()
-            header, start = parse_header(data, len(data), file.path)
-            tensors = load_safetensors(data)
-        except (AdapterError, OSError, ValueError, RuntimeError) as error:
-            raise AdapterError(f"{file.path.name} cannot be read: {first_line(error)}") from None
+        data, header, start, tensors = _read(file)
         # Before diffusers touches the models: a file whose layers do not fit them (a LoRA for SD 2.x) is
         # refused from its shapes alone.
-        try:
-            misfit = _misfit(self.pipeline, _lora_shapes(self.pipeline, header))
-        except Exception as error:  # noqa: BLE001 - diffusers' conversion of the names refuses the file by name
-            misfit = f"its layers cannot be read ({type(error).__name__}: {first_line(error)})"
-        if misfit is not None:
-            raise AdapterError(
-                f"{file.path.name} cannot be loaded into this SD 1.5 model: {misfit}; "
-                "is it a LoRA for another model (SDXL, SD 2.x)?"
-            )
+        _refuse_misfit(self.pipeline, file, header)
         self._state.loaded += 1
         adapter = f"lora{self._state.loaded}"
         unet_part = None
@@ -333,32 +319,19 @@ class Loras:
                 else:
                     unet_part = self._slots.load_apart(self.pipeline, tensors, adapter)
         except Exception as error:  # noqa: BLE001 - whatever diffusers or PEFT raise, the file is refused by name
-            self._delete(adapter)
+            _delete_adapter(self.pipeline, adapter)
             raise AdapterError(
                 f"{file.path.name} cannot be loaded into this SD 1.5 model: {type(error).__name__}: {first_line(error)}"
             ) from None
-        models = frozenset(model for model in self.MODELS if adapter in _adapter_names(getattr(self.pipeline, model)))
-        if unet_part:
-            models |= {"unet"}
-        if not models:
-            self._delete(adapter)
-            raise AdapterError(
-                f"{file.path.name} matches no layer of this SD 1.5 model; "
-                "is it a LoRA for another model (SDXL, SD 2.x)?"
-            )
         kept = unet_part[0] if unet_part else {}
-        layers = self._layers(adapter) + sum(1 for key in kept if _rank_axis(key) == 0)
-        in_file = sum(1 for key in tensors if _rank_axis(key) == 0)
-        if layers < in_file:
-            # diffusers skips what it cannot place with a warning at most: a LoRA applied in part is not
-            # what was asked for.
-            self._delete(adapter)
-            raise AdapterError(
-                f"{file.path.name} cannot be used whole: {in_file - layers} of its {in_file} "
-                "layers match no layer of this model that diffusers can load them into (layers of another "
-                "model, or of a kind diffusers does not map)"
-            )
-        size = self._size(adapter) + sum(tensor.numel() * tensor.element_size() for tensor in kept.values())
+        try:
+            models = _models_taking_whole(self.pipeline, file, adapter, tensors, kept)
+        except AdapterError:
+            _delete_adapter(self.pipeline, adapter)
+            raise
+        size = _adapter_bytes(self.pipeline, adapter) + sum(
+            tensor.numel() * tensor.element_size() for tensor in kept.values()
+        )
         item = _Adapter(file, adapter, short_hash(data, start), size, models, unet_part)
         self._state.cached[name] = item
         log.info(
@@ -395,7 +368,7 @@ class Loras:
             self.pipeline.set_lora_device([item.adapter for item in adapters], self.offload_to)
         if self._slots is not None:
             self._slots.switch_on(self.pipeline, adapters, scales)
-        for model_name in self.MODELS:
+        for model_name in MODELS:
             if model_name == "unet" and self._slots is not None:
                 continue
             model = getattr(self.pipeline, model_name)
@@ -406,9 +379,38 @@ class Loras:
                 set_weights_and_activate_adapters(model, names, [scale for _, scale in chosen])
                 set_adapter_layers(model, enabled=True)
                 if self.merge:
-                    self._merge(model, names)
+                    self._merged.merge(model, names)
 
-    def _merge(self, model: Any, names: list[str]) -> None:
+    def _switch_off(self) -> None:
+        """Every adapter layer off and every merged weight put back: the models compute as if no LoRA
+        had been loaded."""
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        self._merged.unmerge()
+        for model_name in MODELS:
+            model = getattr(self.pipeline, model_name)
+            if _adapter_names(model):
+                set_adapter_layers(model, enabled=False)
+        cached = [item.adapter for item in self._state.cached.values()]
+        if self.offload_to is not None and cached:
+            self.pipeline.set_lora_device(cached, "cpu")
+
+    def _evict(self) -> None:
+        """Drop the least recently used adapters until the cache fits LORA_CACHE_MB."""
+        cached = self._state.cached
+        while cached and sum(item.size for item in cached.values()) > self.cache_bytes:
+            name, item = cached.popitem(last=False)
+            _delete_adapter(self.pipeline, item.adapter)
+            log.info("LoRA %s evicted from the cache (LORA_CACHE_MB)", name)
+
+
+class _Merged:
+    """The weights that merging a job's LoRAs changed, each with its copy from before the merge."""
+
+    def __init__(self) -> None:
+        self._backups: list[tuple[Any, torch.Tensor]] = []
+
+    def merge(self, model: Any, names: list[str]) -> None:
         """Add the active LoRAs into the weights of the layers they change, after copying those weights.
 
         A merged layer costs nothing per step: at 512² on an H200, PEFT's unmerged layers made a
@@ -425,67 +427,109 @@ class Loras:
                     self._backups.append((module, base.weight.detach().clone()))
                     module.merge(adapter_names=present)
 
-    def _unmerge(self) -> None:
+    def unmerge(self) -> None:
         """Put back the weights as they were before the merge, bit for bit."""
         while self._backups:
             module, backup = self._backups.pop()
             module.get_base_layer().weight.data.copy_(backup)
             module.merged_adapters.clear()
 
-    def _switch_off(self) -> None:
-        """Every adapter layer off and every merged weight put back: the models compute as if no LoRA
-        had been loaded."""
-        from diffusers.utils.peft_utils import set_adapter_layers
 
-        self._unmerge()
-        for model_name in self.MODELS:
-            model = getattr(self.pipeline, model_name)
-            if _adapter_names(model):
-                set_adapter_layers(model, enabled=False)
-        cached = [item.adapter for item in self._state.cached.values()]
-        if self.offload_to is not None and cached:
-            self.pipeline.set_lora_device(cached, "cpu")
+def _read(file: LoraFile) -> tuple[bytes, dict[str, Any], int, dict[str, torch.Tensor]]:
+    """The file's bytes, its header, the offset its tensor data starts at, and its tensors.
 
-    def _evict(self) -> None:
-        """Drop the least recently used adapters until the cache fits LORA_CACHE_MB."""
-        cached = self._state.cached
-        while cached and sum(item.size for item in cached.values()) > self.cache_bytes:
-            name, item = cached.popitem(last=False)
-            self._delete(item.adapter)
-            log.info("LoRA %s evicted from the cache (LORA_CACHE_MB)", name)
+    Raises:
+        AdapterError: it cannot be read.
+    """
+    try:
+        data = file.path.read_bytes()
+        header, start = parse_header(data, len(data), file.path)
+        tensors = load_safetensors(data)
+    except (AdapterError, OSError, ValueError, RuntimeError) as error:
+        raise AdapterError(f"{file.path.name} cannot be read: {first_line(error)}") from None
+    return data, header, start, tensors
 
-    def _delete(self, adapter: str) -> None:
-        from diffusers.utils.peft_utils import delete_adapter_layers
 
-        for model_name in self.MODELS:
-            model = getattr(self.pipeline, model_name)
-            if adapter in _adapter_names(model):
-                with warnings.catch_warnings():
-                    # PEFT says so when the adapter it deletes was the active one: it is off, and goes.
-                    warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
-                    delete_adapter_layers(model, adapter)
-                # transformers' models drop the name themselves; diffusers' keep it in their config.
-                getattr(model, "peft_config", {}).pop(adapter, None)
+def _refuse_misfit(pipeline: Any, file: LoraFile, header: dict[str, Any]) -> None:
+    """Refuse ``file`` when its layers, by their shapes in its header, do not fit the pipeline's.
 
-    def _layers(self, adapter: str) -> int:
-        """How many layers of the models took the adapter."""
-        return sum(
-            1
-            for model_name in self.MODELS
-            for module in getattr(self.pipeline, model_name).modules()
-            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and adapter in module.lora_A
+    Raises:
+        AdapterError: they do not fit, or cannot be read.
+    """
+    try:
+        misfit = _misfit(pipeline, _lora_shapes(pipeline, header))
+    except Exception as error:  # noqa: BLE001 - diffusers' conversion of the names refuses the file by name
+        misfit = f"its layers cannot be read ({type(error).__name__}: {first_line(error)})"
+    if misfit is not None:
+        raise AdapterError(
+            f"{file.path.name} cannot be loaded into this SD 1.5 model: {misfit}; "
+            "is it a LoRA for another model (SDXL, SD 2.x)?"
         )
 
-    def _size(self, adapter: str) -> int:
-        """Bytes of the adapter's weights, in every model it is in."""
-        total = 0
-        for model_name in self.MODELS:
-            for module in getattr(self.pipeline, model_name).modules():
-                for table_name in ("lora_A", "lora_B"):
-                    table = getattr(module, table_name, None)
-                    if isinstance(table, torch.nn.ModuleDict) and adapter in table:
-                        total += sum(p.numel() * p.element_size() for p in table[adapter].parameters())
-        return total
+
+def _models_taking_whole(
+    pipeline: Any, file: LoraFile, adapter: str, tensors: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]
+) -> frozenset[str]:
+    """The models that took ``adapter``, just loaded from ``file``; ``kept`` is its UNet part that waits for a
+    hot-swap slot.
+
+    Raises:
+        AdapterError: it matches no layer, or some of its layers match none; the caller deletes it.
+    """
+    models = frozenset(model for model in MODELS if adapter in _adapter_names(getattr(pipeline, model)))
+    if kept:
+        models |= {"unet"}
+    if not models:
+        raise AdapterError(
+            f"{file.path.name} matches no layer of this SD 1.5 model; is it a LoRA for another model (SDXL, SD 2.x)?"
+        )
+    layers = _layer_count(pipeline, adapter) + sum(1 for key in kept if _rank_axis(key) == 0)
+    in_file = sum(1 for key in tensors if _rank_axis(key) == 0)
+    if layers < in_file:
+        # diffusers skips what it cannot place with a warning at most: a LoRA applied in part is not
+        # what was asked for.
+        raise AdapterError(
+            f"{file.path.name} cannot be used whole: {in_file - layers} of its {in_file} "
+            "layers match no layer of this model that diffusers can load them into (layers of another "
+            "model, or of a kind diffusers does not map)"
+        )
+    return models
+
+
+def _delete_adapter(pipeline: Any, adapter: str) -> None:
+    from diffusers.utils.peft_utils import delete_adapter_layers
+
+    for model_name in MODELS:
+        model = getattr(pipeline, model_name)
+        if adapter in _adapter_names(model):
+            with warnings.catch_warnings():
+                # PEFT says so when the adapter it deletes was the active one: it is off, and goes.
+                warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+                delete_adapter_layers(model, adapter)
+            # transformers' models drop the name themselves; diffusers' keep it in their config.
+            getattr(model, "peft_config", {}).pop(adapter, None)
+
+
+def _layer_count(pipeline: Any, adapter: str) -> int:
+    """How many layers of the models took the adapter."""
+    return sum(
+        1
+        for model_name in MODELS
+        for module in getattr(pipeline, model_name).modules()
+        if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and adapter in module.lora_A
+    )
+
+
+def _adapter_bytes(pipeline: Any, adapter: str) -> int:
+    """Bytes of the adapter's weights, in every model it is in."""
+    total = 0
+    for model_name in MODELS:
+        for module in getattr(pipeline, model_name).modules():
+            for table_name in ("lora_A", "lora_B"):
+                table = getattr(module, table_name, None)
+                if isinstance(table, torch.nn.ModuleDict) and adapter in table:
+                    total += sum(p.numel() * p.element_size() for p in table[adapter].parameters())
+    return total
 
 
 class _ExpectedNoiseFilter(logging.Filter):

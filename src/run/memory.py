@@ -167,35 +167,27 @@ def plan_sub_batch(
     if profile is Profile.CPU or gpu_bytes is None:
         return Plan(num_images)
     budget = gpu_bytes * 0.95
+
+    def estimate(batch: int, tiling: bool) -> float:
+        return estimate_peak_bytes(
+            profile,
+            width,
+            height,
+            batch,
+            dtype_bytes,
+            tiling=tiling,
+            safety_checker=safety_checker,
+            adapter_bytes=adapter_bytes,
+            control_units=control_units,
+            prompt_bytes=prompt_bytes,
+        )
+
     # Tiling is the last resort: it is slower, so every untiled sub-batch size is tried first.
     for tiling in (False, True):
         for batch in range(num_images, 0, -1):
-            estimate = estimate_peak_bytes(
-                profile,
-                width,
-                height,
-                batch,
-                dtype_bytes,
-                tiling=tiling,
-                safety_checker=safety_checker,
-                adapter_bytes=adapter_bytes,
-                control_units=control_units,
-                prompt_bytes=prompt_bytes,
-            )
-            if estimate <= budget:
+            if estimate(batch, tiling) <= budget:
                 return Plan(batch, vae_tiling=tiling)
-    need = estimate_peak_bytes(
-        profile,
-        width,
-        height,
-        1,
-        dtype_bytes,
-        tiling=True,
-        safety_checker=safety_checker,
-        adapter_bytes=adapter_bytes,
-        control_units=control_units,
-        prompt_bytes=prompt_bytes,
-    )
+    need = estimate(1, True)
     checker = ", safety checker included" if safety_checker else ""
     if adapter_bytes:
         kinds = "LoRA and ControlNet" if control_units else "LoRA"
