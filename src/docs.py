@@ -1,9 +1,10 @@
-"""The README's tables, rendered from the schema and the settings so they cannot drift.
+"""The docs' generated tables, rendered from the schema and the settings so they cannot drift.
 
-    python -m src.docs          # rewrite the tables in README.md
-    python -m src.docs --check  # exit 1 when README.md is out of date
+    python -m src.docs          # rewrite the tables in README.md and docs/*.md
+    python -m src.docs --check  # exit 1 when one of them is out of date
 
-Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers.
+Each table sits between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers, in whichever
+document uses it (the input table in docs/input.md, for instance); every table must appear somewhere.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from pydantic import BaseModel
 from src.schema import CONFIGURED_DEFAULT, GenerateRequest, InlineImage, Metadata, Timings, UploadedImage
 from src.settings import Settings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def documents() -> list[Path]:
+    """The documents that may hold generated tables: README.md and every page of docs/."""
+    return [README, *sorted((ROOT / "docs").glob("*.md"))]
+
 
 _JSON_TYPES = {
     "string": "string",
@@ -133,30 +141,49 @@ TABLES: dict[str, Callable[[], str]] = {
 }
 
 
+def tables_in(text: str) -> list[str]:
+    """The names of the generated tables ``text`` holds, by their start markers."""
+    return [name for name in TABLES if f"<!-- {name}:start -->\n" in text]
+
+
 def render(text: str) -> str:
-    """``text`` with every marked table replaced by its freshly rendered version."""
-    for name, make in TABLES.items():
+    """``text`` with every marked table it holds replaced by its freshly rendered version."""
+    for name in tables_in(text):
         start, end = f"<!-- {name}:start -->\n", f"\n<!-- {name}:end -->"
-        if start not in text or end not in text:
-            raise ValueError(f"README has no {start.strip()} ... {end.strip()} markers")
+        if end not in text:
+            raise ValueError(f"{start.strip()} has no {end.strip()} marker")
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
-        text = head + start + make() + end + tail
+        text = head + start + TABLES[name]() + end + tail
     return text
 
 
+def missing_tables(texts: list[str]) -> list[str]:
+    """The generated tables that none of ``texts`` holds."""
+    held = {name for text in texts for name in tables_in(text)}
+    return [name for name in TABLES if name not in held]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.docs", description="Render the README's tables.")
-    parser.add_argument("--check", action="store_true", help="exit 1 when README.md is out of date")
+    parser = argparse.ArgumentParser(prog="python -m src.docs", description="Render the docs' generated tables.")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a document's tables are out of date")
     args = parser.parse_args(argv)
-    current = README.read_text(encoding="utf-8")
-    fresh = render(current)
-    if args.check:
-        if fresh != current:
-            print("README.md tables are out of date: run `python -m src.docs`", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(fresh, encoding="utf-8")
+    texts = {path: path.read_text(encoding="utf-8") for path in documents()}
+    missing = missing_tables(list(texts.values()))
+    if missing:
+        print(f"no document holds the table(s) {', '.join(missing)}: add their markers", file=sys.stderr)
+        return 1
+    stale = []
+    for path, current in texts.items():
+        fresh = render(current)
+        if fresh == current:
+            continue
+        stale.append(path.relative_to(ROOT).as_posix())
+        if not args.check:
+            path.write_text(fresh, encoding="utf-8")
+    if args.check and stale:
+        print(f"tables out of date in {', '.join(stale)}: run `python -m src.docs`", file=sys.stderr)
+        return 1
     return 0
 
 

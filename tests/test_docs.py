@@ -1,4 +1,4 @@
-"""The README and test_input.json cannot drift from the code."""
+"""The README, the docs/ pages and test_input.json cannot drift from the code."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from src.settings import load_settings
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+# The pages of docs/, by their path from the root: "docs/input.md", ...
+PAGES = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8") for path in docs.documents()[1:]}
+# Every document that speaks of the software: the README, the docs/ pages and BENCHMARKS.md.
+DOCUMENTS = {"README.md": README, **PAGES}
 BENCHMARKS = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
 RESULTS = ROOT / "bench" / "results"
 
@@ -31,18 +35,34 @@ CIRCUMSTANCE_PHRASES = (
 )
 
 
-def test_readme_tables_match_the_schema_and_settings() -> None:
-    assert docs.render(README) == README, "README tables are stale: run `python -m src.docs`"
+def test_the_docs_pages_are_found() -> None:
+    assert {"docs/input.md", "docs/outputs.md", "docs/configuration.md"} <= set(PAGES)
 
 
-def test_readme_input_table_lists_every_request_field() -> None:
-    table = README.split("<!-- inputs:start -->")[1].split("<!-- inputs:end -->")[0]
+@pytest.mark.parametrize("name", sorted(DOCUMENTS))
+def test_generated_tables_match_the_schema_and_settings(name: str) -> None:
+    assert docs.render(DOCUMENTS[name]) == DOCUMENTS[name], f"{name}: tables are stale: run `python -m src.docs`"
+
+
+def test_every_generated_table_lives_in_a_document() -> None:
+    assert docs.missing_tables(list(DOCUMENTS.values())) == []
+    assert docs.main(["--check"]) == 0
+
+
+def test_each_table_lives_on_the_page_that_uses_it() -> None:
+    assert docs.tables_in(PAGES["docs/input.md"]) == ["inputs"]
+    assert docs.tables_in(PAGES["docs/configuration.md"]) == ["settings"]
+    assert docs.tables_in(PAGES["docs/outputs.md"]) == ["outputs"]
+
+
+def test_input_table_lists_every_request_field() -> None:
+    table = PAGES["docs/input.md"].split("<!-- inputs:start -->")[1].split("<!-- inputs:end -->")[0]
     documented = re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
     assert documented == list(docs.GenerateRequest.model_fields)
 
 
-def test_readme_output_table_lists_each_field_once() -> None:
-    table = README.split("<!-- outputs:start -->")[1].split("<!-- outputs:end -->")[0]
+def test_output_table_lists_each_field_once() -> None:
+    table = PAGES["docs/outputs.md"].split("<!-- outputs:start -->")[1].split("<!-- outputs:end -->")[0]
     documented = re.findall(r"^\| `([\w.\[\]]+)` \|", table, flags=re.MULTILINE)
     assert len(documented) == len(set(documented)), documented
     assert "`images[].nsfw` | boolean or null" in table
@@ -69,6 +89,25 @@ def test_readme_states_the_run_commands() -> None:
     assert "python -m builder.tiny_model" in README
 
 
+def anchors(text: str) -> set[str]:
+    """The link targets of a document's headings, as GitHub makes them: lower case, punctuation dropped."""
+    headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTS))
+def test_every_link_between_the_docs_reaches_its_file_and_heading(name: str) -> None:
+    here = (ROOT / name).parent
+    broken = []
+    for target, fragment in re.findall(r"\]\(([\w./-]*?)(?:#([\w-]+))?\)", DOCUMENTS[name]):
+        path = (here / target).resolve() if target else ROOT / name
+        if not path.exists():
+            broken.append(f"{target}: no such file")
+        elif fragment and fragment not in anchors(path.read_text(encoding="utf-8")):
+            broken.append(f"{target}#{fragment}: no such heading")
+    assert broken == []
+
+
 def results_files_named(text: str) -> set[str]:
     """The files under bench/results/ that a document names; ``cpu.{md,json}`` names two."""
     names = set()
@@ -78,13 +117,13 @@ def results_files_named(text: str) -> set[str]:
 
 
 def test_docs_hold_no_sentence_about_who_wrote_them_or_when() -> None:
-    for name, text in (("README.md", README), ("BENCHMARKS.md", BENCHMARKS)):
+    for name, text in {**DOCUMENTS, "BENCHMARKS.md": BENCHMARKS}.items():
         found = [phrase for phrase in CIRCUMSTANCE_PHRASES if phrase in text.lower()]
         assert not found, f"{name} speaks of its circumstances: {found}"
 
 
 def test_every_results_file_the_docs_name_is_committed() -> None:
-    named = results_files_named(BENCHMARKS) | results_files_named(README)
+    named = set().union(*(results_files_named(text) for text in (BENCHMARKS, *DOCUMENTS.values())))
 
     assert {"cpu.md", "cpu.json"} <= named
     missing = sorted(name for name in named if not (RESULTS / name).is_file())
@@ -237,7 +276,8 @@ def test_every_figure_of_a_paragraph_that_cites_results_is_in_those_files() -> N
     A figure is a number with a unit (s, ms, MB, GiB, k, M, %, x, the multiplication sign, times); it may be
     the file's number rounded to fewer decimals, or a ratio that shows its terms from the files: "3.86x (319.6 / 82.7)".
     """
-    assert figures_not_in_their_files(README) == [], "README.md quotes figures its results files do not hold"
+    for name, text in DOCUMENTS.items():
+        assert figures_not_in_their_files(text) == [], f"{name} quotes figures its results files do not hold"
     # BENCHMARKS.md says every figure in it is copied from a results file: a paragraph naming none
     # quotes the files its section names.
     assert figures_not_in_their_files(BENCHMARKS, by_section=True) == [], "BENCHMARKS.md quotes figures not held"
@@ -267,7 +307,7 @@ def test_every_gpu_claim_names_the_commit_that_recorded_its_results() -> None:
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse"], check=False, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout: the commits cannot be looked up")
     problems = []
-    for name, text in (("README.md", README), ("BENCHMARKS.md", BENCHMARKS)):
+    for name, text in {**DOCUMENTS, "BENCHMARKS.md": BENCHMARKS}.items():
         for unit, named in units_of(text):
             gpu_files = sorted(file for file in named if file.startswith("gpu"))
             if not gpu_files:
@@ -296,7 +336,7 @@ def test_benchmarks_names_every_gpu_test_as_run_or_unrun() -> None:
 
 
 def test_runpod_runs_the_plain_handler_one_job_at_a_time_whatever_the_concurrency() -> None:
-    """The README's Concurrency section: runpod 1.12 calls a plain ``def`` handler on its event loop.
+    """docs/memory.md's Concurrency section: runpod 1.12 calls a plain ``def`` handler on its event loop.
 
     runpod's own job loop (``JobScaler.run_jobs``, a task per job awaiting ``rp_job.run_job``) is given two
     jobs with concurrency 2; a handler of the worker's kind (a plain function, as ``handler.handler`` is)

@@ -32,7 +32,8 @@ def test_acceptance_command_writes_a_png_and_a_short_summary(tmp_path: Path, off
         't=$(mktemp -d) && "$PYTHON" -m builder.tiny_model "$t" && MODEL_ID="$t" "$PYTHON" '
         f'{ROOT / "handler.py"} --test_input \'{{"input": {{"prompt": "a fox", "num_inference_steps": 2}}}}\''
     )
-    env = {**offline_env, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    # The command leaves its mktemp folder behind (the README's blocks remove theirs): keep it in tmp_path.
+    env = {**offline_env, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
     env.pop("MODEL_ID")
 
     result = subprocess.run(
@@ -320,14 +321,17 @@ def test_an_unreadable_image_file_exits_2(tmp_path: Path, offline_env: dict[str,
 
 
 def run_readme_block(after: str, tmp_path: Path, offline_env: dict[str, str]) -> str:
-    """Run the README's bash block that follows ``after``, as written there, in ``tmp_path``; return the
-    parameters inside the one PNG it writes."""
+    """Run the README's bash block that follows ``after``, as written there, in ``tmp_path``; check that it
+    removed the folders it made; return the parameters inside the one PNG it writes."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme.split(after, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     command = (
         block.replace("\\\n", " ").replace("python ", '"$PYTHON" ').replace("handler.py", str(ROOT / "handler.py"))
     )
-    env = {**offline_env, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    # mktemp -d makes its folder under TMPDIR: a block that cleans up leaves this one empty.
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    env = {**offline_env, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
     env.pop("MODEL_ID")
 
     result = subprocess.run(
@@ -335,6 +339,7 @@ def run_readme_block(after: str, tmp_path: Path, offline_env: dict[str, str]) ->
     )
 
     assert result.returncode == 0, result.stderr[-3000:]
+    assert [path.name for path in scratch.iterdir()] == [], "the block left its temporary folders behind"
     [png] = (tmp_path / "output").rglob("*.png")
     with Image.open(png) as image:
         return str(image.text["parameters"])
