@@ -214,7 +214,7 @@ def serve(settings: Settings) -> None:
 
         runpod.serverless.register_fitness_check(gpu.check_kernels)
         runpod.serverless.register_fitness_check(gpu.check_fp16)
-    # GPU work runs one job at a time whatever this says; see the README, "Concurrency".
+    # GPU work runs one job at a time whatever this says; see docs/memory.md, "Concurrency".
     runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda _current: settings.concurrency})
 
 

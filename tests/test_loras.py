@@ -543,7 +543,7 @@ def test_two_loras_differ_from_each_one_alone(lora_engine: Engine) -> None:
 
 
 def test_a_text_encoder_only_lora_changes_the_image(lora_engine: Engine, fresh: np.ndarray) -> None:
-    """te-only's UNet weights are zeros: only its text-encoder layers, read by src/prompts.py, can change the image."""
+    """te-only's UNet weights are zeros: only its text-encoder layers, read by src/prompts/, can change the image."""
     assert not np.array_equal(pixels(generate(lora_engine, loras=loras(("te-only", 1.0)))), fresh)
     assert not np.array_equal(pixels(generate(lora_engine, loras=loras(("te-keys-only", 1.0)))), fresh)
 

@@ -1,4 +1,4 @@
-"""A1111's prompt syntax (src/prompts.py): parsing, chunks of 75, weights, clip skip, through the handler."""
+"""A1111's prompt syntax (src/prompts/): parsing, chunks of 75, weights, clip skip, through the handler."""
 
 from __future__ import annotations
 

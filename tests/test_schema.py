@@ -1,4 +1,4 @@
-"""The request contract (src/schema.py): every rule, its message, and the defaults.
+"""The request contract (src/schema/): every rule, its message, and the defaults.
 
 Pure pydantic: no model and no torch, except the scheduler-mapping tests at the
 end, which build real diffusers schedulers on the CPU.

@@ -1,4 +1,4 @@
-"""The worker's configuration (src/settings.py): defaults, parsing, and the errors that stop startup."""
+"""The worker's configuration (src/settings/): defaults, parsing, and the errors that stop startup."""
 
 from __future__ import annotations
 

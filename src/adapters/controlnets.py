@@ -30,7 +30,6 @@ from typing import Any, Protocol
 
 import torch
 
-from src.adapters.catalog import Catalog
 from src.errors import AdapterError, first_line
 from src.models.checkpoints import PICKLE_SUFFIXES, looks_like
 from src.models.safetensors_header import SafetensorsError, read_header, tensor_shapes
@@ -90,7 +89,9 @@ def scan_controlnets(folder: str | None) -> dict[str, ControlNetEntry]:
             clash = "a folder and a file share this name; rename one" if path.stem in entries else None
             entries[path.stem] = ControlNetEntry(path.stem, path, clash)
         elif suffix in PICKLE_SUFFIXES:
-            problem = f"a pickle ({suffix}), which is never opened; convert it to .safetensors (README: ControlNet)"
+            problem = (
+                f"a pickle ({suffix}), which is never opened; convert it to .safetensors (README: Your own checkpoint)"
+            )
             entries.setdefault(path.stem, ControlNetEntry(path.stem, path, problem))
     for entry in entries.values():
         if entry.problem:
@@ -190,6 +191,8 @@ class ControlNets:
         Raises:
             AdapterError: a name is not a usable ControlNet of CONTROLNET_DIR.
         """
+        from src.adapters.catalog import Catalog  # the catalog names these entries' type: imported here
+
         catalog = Catalog(controlnets=self.entries)
         problems = [
             f"CONTROLNET_PRELOAD: {name!r}: {problem}"

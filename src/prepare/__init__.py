@@ -21,7 +21,7 @@ from src.prepare.canvas import ControlMaps, TaskImages
 from src.prepare.delivery import check_inline_fits
 from src.prepare.inputs import Inputs, prepare_inputs
 from src.prepare.passes import Pass, plan_passes
-from src.prompts import PromptError, TextPlan, plan_texts
+from src.prompts.syntax import PromptError, TextPlan, plan_texts
 from src.schema import GenerateRequest, InputError, parse_input
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from src.prepare.canvas import ControlMaps, TaskImages
-from src.prompts import Span
+from src.prompts.syntax import Span
 from src.schema import GenerateRequest
 
 # The kind of diffusers pipeline a pass calls; ``run`` builds it (and its ControlNet variant) from the shared models.

@@ -14,18 +14,8 @@ It knows CLIP and the tokenizer, nothing of RunPod or pydantic. May import ``src
 (adapters, prepare, run, finish).
 """
 
-from src.prompts.encoding import (
-    COMMA_BACKTRACK,
-    RESCALE_RANGE,
-    Chunks,
-    Encoded,
-    Row,
-    Schedule,
-    empty_chunk,
-    encode_prompts,
-    encode_schedule,
-    to_chunks,
-)
+from typing import TYPE_CHECKING, Any
+
 from src.prompts.syntax import (
     BREAK,
     CHUNK_TOKENS,
@@ -40,6 +30,46 @@ from src.prompts.syntax import (
     plan_texts,
     prompt_schedule,
 )
+
+if TYPE_CHECKING:
+    from src.prompts.encoding import (
+        COMMA_BACKTRACK,
+        RESCALE_RANGE,
+        Chunks,
+        Encoded,
+        Row,
+        Schedule,
+        empty_chunk,
+        encode_prompts,
+        encode_schedule,
+        to_chunks,
+    )
+
+# The encoding's names load torch: they are imported on first use, so that ``prepare``, which reads the
+# syntax only, never imports torch.
+_ENCODING = frozenset(
+    {
+        "COMMA_BACKTRACK",
+        "RESCALE_RANGE",
+        "Chunks",
+        "Encoded",
+        "Row",
+        "Schedule",
+        "empty_chunk",
+        "encode_prompts",
+        "encode_schedule",
+        "to_chunks",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ENCODING:
+        from src.prompts import encoding
+
+        return getattr(encoding, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BREAK",

@@ -32,7 +32,7 @@ from src.models.loader import ModelIdentity, named_identity
 from src.prepare import JobPlan, plan_job
 from src.prepare.canvas import ControlMaps, TaskImages
 from src.prepare.inputs import Inputs
-from src.prompts import CHUNK_TOKENS, TextPlan
+from src.prompts.syntax import CHUNK_TOKENS, TextPlan
 from src.run import pipelines
 from src.run.job import JobState, ProgressCallback
 from src.run.memory import GIB, Plan, Profile, plan_sub_batch

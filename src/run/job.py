@@ -17,7 +17,7 @@ from src.errors import GenerationTimeoutError
 from src.prepare import JobPlan
 from src.prepare.canvas import TaskImages
 from src.prepare.passes import Pass
-from src.prompts import Schedule
+from src.prompts.encoding import Schedule
 from src.run.memory import sub_batches
 from src.schema import GenerateRequest
 

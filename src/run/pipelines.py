@@ -30,7 +30,8 @@ from src.errors import BadImageError
 from src.models.schedulers import make_scheduler
 from src.prepare.canvas import paste_back
 from src.prepare.passes import Pass, PipelineKind
-from src.prompts import PromptError, Schedule, TextPlan, encode_schedule
+from src.prompts.encoding import Schedule, encode_schedule
+from src.prompts.syntax import PromptError, TextPlan
 from src.run.job import JobState, PromptSwitch
 from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
 from src.schema import InputError

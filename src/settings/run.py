@@ -56,7 +56,7 @@ class RunSettings(BaseModel):
         ge=1,
         le=8,
         description="Jobs runpod takes for this worker at once. The handler runs on runpod's event loop, so the "
-        "jobs taken still run one after another (see Concurrency in the README): keep 1 and let RunPod scale "
+        "jobs taken still run one after another (see docs/memory.md, Concurrency): keep 1 and let RunPod scale "
         "by workers.",
     )
     fast_mode: bool = Field(
