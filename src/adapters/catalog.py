@@ -13,29 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from src.adapters.controlnets import ControlNetEntry
-    from src.adapters.loras import LoraFile
+    from src.adapters.controlnets import ControlNetEntry, ControlNetRef
+    from src.adapters.loras import LoraFile, LoraRef
 
 # An unknown name's error lists at most this many of the names there are.
 NAMES_SHOWN = 20
-
-
-class LoraRef(Protocol):
-    """A LoRA a request names: the schema's ``LoraRequest``."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def scale(self) -> float: ...
-
-
-class ControlNetRef(Protocol):
-    """What the worker reads of a request's ControlNet unit (``schema.ControlNetUnit``)."""
-
-    @property
-    def model(self) -> str: ...
-    @property
-    def control_mode(self) -> str: ...
 
 
 class AdapterRequest(Protocol):
