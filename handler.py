@@ -15,6 +15,7 @@ and the engine is loaded once. Run it as a program to preload the model and serv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import os
@@ -170,7 +171,8 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
         settings = get_settings()
         async with _jobs_in_memory.held(settings.jobs_in_memory):
             plan = await in_thread(lambda: _prepare(job, settings), cancelled)
-            generation = await in_thread(lambda: _run(job, plan, settings, cancelled), cancelled)
+            queued = time.perf_counter()
+            generation = await in_thread(lambda: _run(job, plan, settings, cancelled, queued), cancelled, gpu=True)
             return await in_thread(lambda: _finish(job, plan, generation, settings, started), cancelled)
     except (InputError, SettingsError, WorkerError) as error:
         return {"error": str(error)}
@@ -185,14 +187,17 @@ def _prepare(job: Any, settings: Settings) -> JobPlan:
     return prepare_job(job, settings, catalog=get_catalog, storage=get_storage())
 
 
-def _run(job: Any, plan: JobPlan, settings: Settings, cancelled: threading.Event) -> Generation:
-    """Stage 2, under the GPU lock: the plan's pictures."""
-    return get_engine().run(
+def _run(job: Any, plan: JobPlan, settings: Settings, cancelled: threading.Event, queued: float) -> Generation:
+    """Stage 2, on the GPU's thread: the plan's pictures. Its wait for that thread, since ``queued``, is part of
+    the job's queue time, with any wait for the engine's lock."""
+    waited_ms = (time.perf_counter() - queued) * 1000
+    generation = get_engine().run(
         plan,
         timeout_s=settings.generation_timeout_seconds,
         on_progress=_progress_reporter(job),
         cancelled=cancelled,
     )
+    return dataclasses.replace(generation, queue_ms=generation.queue_ms + waited_ms)
 
 
 def _finish(job: Any, plan: JobPlan, generation: Generation, settings: Settings, started: float) -> dict[str, Any]:
@@ -233,6 +238,9 @@ def serve(settings: Settings) -> None:
     import runpod
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
+    from src.job_loop import retry_dropped_result_posts
+
+    retry_dropped_result_posts()
     # runpod logs at DEBUG unless told otherwise, and at DEBUG it prints every
     # job's output: 4 KB of base64 per job. Keep its default for those who ask.
     if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):

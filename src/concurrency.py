@@ -1,14 +1,17 @@
 """How jobs overlap in one worker: each blocking stage in a thread, a cap on jobs in host memory, cancellation.
 
 runpod awaits the handler on its event loop, with up to ``CONCURRENCY`` jobs at once. Each stage of a job
-(``prepare``: reading, fetching and decoding its inputs; ``run``: the GPU, under the engine's lock;
-``finish``: encoding and uploading its images) blocks, so each runs in a thread of one pool, and the loop
-stays free to take jobs, post results and hear stop signals. A job holds one of ``MAX_JOBS_IN_MEMORY`` slots
-from its first stage to its last, which bounds the decoded inputs and encoded outputs held at once.
+blocks, so each runs in a thread and the loop stays free to take jobs, post results and hear stop signals:
+``prepare`` (reading, fetching and decoding its inputs) and ``finish`` (encoding and uploading its images)
+in a pool of threads, many jobs at once; ``run`` (the GPU) in one thread of its own, jobs one after
+another in the order they got there. All GPU work, and the large tensors torch allocates and frees for it,
+stay on that one thread: its memory is reused job after job instead of spread over the pool's threads'
+allocator arenas. A job holds one of ``MAX_JOBS_IN_MEMORY`` slots from its first stage to its last, which
+bounds the decoded inputs and encoded outputs held at once.
 
-When runpod stops a job (``task.cancel()``), the stage running in its thread cannot be interrupted: the job's
-``cancelled`` event is set, the engine stops the job at its next step (or while it waits for the GPU), and the
-job leaves only once its thread has ended, so that its memory and the GPU are free when runpod counts it gone.
+When runpod stops a job (``task.cancel()``), a stage that has not started is dropped; one that runs cannot
+be interrupted: the job's ``cancelled`` event is set, the engine stops the job at its next step, and the job
+leaves only once its thread has ended, so that its memory and the GPU are free when runpod counts it gone.
 """
 
 from __future__ import annotations
@@ -23,35 +26,38 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Each job runs one stage at a time, and CONCURRENCY is at most 8: more threads would never be used.
-_THREADS = 8
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+# Each job runs one CPU stage at a time, and CONCURRENCY is at most 8: more threads would never be used.
+_CPU_THREADS = 8
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
-def _stages_pool() -> ThreadPoolExecutor:
-    """The threads jobs' stages run in, started on first use."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="job")
-        return _pool
+def _pool(name: str) -> ThreadPoolExecutor:
+    """The threads of a kind of stage, started on first use: ``cpu`` (prepare, finish) or ``gpu`` (run)."""
+    with _pools_lock:
+        if name not in _pools:
+            threads = 1 if name == "gpu" else _CPU_THREADS
+            _pools[name] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"job-{name}")
+        return _pools[name]
 
 
-async def in_thread(stage: Callable[[], T], cancelled: threading.Event) -> T:
-    """Run ``stage`` in a thread and return what it returns.
+async def in_thread(stage: Callable[[], T], cancelled: threading.Event, *, gpu: bool = False) -> T:
+    """Run ``stage`` in a thread (the GPU's own when ``gpu``) and return what it returns.
 
-    If the awaiting task is cancelled meanwhile, ``cancelled`` is set for the stage to see, and the
-    cancellation goes on once the stage has ended (whatever it returned or raised is dropped).
+    If the awaiting task is cancelled meanwhile, a stage still waiting for its thread is dropped; a running
+    one gets ``cancelled`` set, and the cancellation goes on once it has ended (whatever it returned or
+    raised is dropped).
     """
-    future = asyncio.get_running_loop().run_in_executor(_stages_pool(), stage)
+    work = _pool("gpu" if gpu else "cpu").submit(stage)
+    result = asyncio.wrap_future(work)
     try:
-        return await asyncio.shield(future)
+        return await asyncio.shield(result)
     except asyncio.CancelledError:
         cancelled.set()
-        await asyncio.wait([future])
-        if not future.cancelled():
-            future.exception()  # retrieved: the job is gone, and its end is no one's to report
+        if not work.cancel():
+            await asyncio.wait([result])
+            if not result.cancelled():
+                result.exception()  # retrieved: the job is gone, and its end is no one's to report
         raise
 
 

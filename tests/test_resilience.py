@@ -614,6 +614,8 @@ def test_fifty_jobs_keep_memory_flat_and_results_identical(tmp_path: Path) -> No
 
 @pytest.mark.usefixtures("worker")
 def test_one_job_at_a_time_holds_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four callers of ``Engine.generate`` from threads of their own: the lock lets one into the models at a time.
+    (The handler runs every job's GPU stage on one thread, so its jobs meet the lock one by one anyway.)"""
     engine = handler.get_engine()
     # Set when the three other jobs wait on the GPU lock, or when a second job is inside the UNet at once.
     decided = threading.Event()
@@ -638,10 +640,7 @@ def test_one_job_at_a_time_holds_the_models(monkeypatch: pytest.MonkeyPatch) -> 
         return output
 
     with injected(engine._pipeline.unet, count):
-        threads = [
-            threading.Thread(target=asyncio.run, args=(handler.handler({"id": "t", "input": {**JOB, "seed": seed}}),))
-            for seed in range(4)
-        ]
+        threads = [threading.Thread(target=generate, args=(engine,), kwargs={"seed": seed}) for seed in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
