@@ -2,8 +2,10 @@
 
 A job goes through three stages: ``prepare_job`` (the input checked, its images read, its plan made, on the
 CPU), ``engine.run`` (the plan run under the GPU lock) and ``finish`` (the images encoded and delivered,
-the response). Settings are read once and the engine is loaded once. Run it as a program to preload the
-model and serve jobs; import it to get ``handler`` with nothing loaded until the first job.
+the response). ``handler`` is a coroutine that runs each stage in a thread (``src.concurrency``), so that
+runpod's loop overlaps the CPU stages of some jobs with the GPU stage of another. Settings are read once
+and the engine is loaded once. Run it as a program to preload the model and serve jobs; import it to get
+``handler`` with nothing loaded until the first job.
 
     python handler.py                        # runs test_input.json, writes images to output/
     python handler.py --test_input '{"input": {"prompt": "a fox"}}'
@@ -12,6 +14,7 @@ model and serve jobs; import it to get ``handler`` with nothing loaded until the
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -21,15 +24,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from src.concurrency import JobSlots, in_thread
 from src.errors import WorkerError, breaks_the_gpu, first_line
 from src.finish import finish
+from src.prepare import JobPlan
 from src.prepare import prepare as prepare_job
 from src.schema import InputError, check_limits
 from src.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from src.adapters.catalog import Catalog
-    from src.run.engine import Engine
+    from src.run.engine import Engine, Generation
     from src.storage import S3Storage
 
 log = logging.getLogger("handler")
@@ -42,6 +47,8 @@ _storage: S3Storage | None = None
 _send_progress: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
 # The first line of the CUDA error that left this process's GPU unusable; None while it works.
 _gpu_failure: str | None = None
+# Jobs holding decoded inputs or encoded outputs in host memory: at most MAX_JOBS_IN_MEMORY.
+_jobs_in_memory = JobSlots()
 
 
 def get_settings() -> Settings:
@@ -128,15 +135,20 @@ def _gpu_failed(job: Any, error: Exception) -> dict[str, Any]:
     }
 
 
-def handler(job: Any) -> dict[str, Any]:
-    """Run one RunPod job. Returns the response, or ``{"error": message}``; never raises.
+async def handler(job: Any) -> dict[str, Any]:
+    """Run one RunPod job. Returns the response, or ``{"error": message}``; never raises but when cancelled.
 
-    Its end is logged in one line, with no payload: the id, COMPLETED or FAILED, the time, the error's first line.
+    Its end is logged in one line, with no payload: the id, COMPLETED, FAILED or CANCELLED, the time, the
+    error's first line. A cancelled job (runpod's stop signal) gets no answer: runpod posts none for it.
     """
     started = time.perf_counter()
-    response = _answer(job, started)
-    elapsed_ms = (time.perf_counter() - started) * 1000
     job_id = job.get("id") if isinstance(job, dict) else None
+    try:
+        response = await _answer(job, started)
+    except asyncio.CancelledError:
+        log.info("job %s CANCELLED in %.0f ms", job_id, (time.perf_counter() - started) * 1000)
+        raise
+    elapsed_ms = (time.perf_counter() - started) * 1000
     if "error" in response:
         reason = (str(response["error"]).splitlines() or [""])[0][:300]
         log.info("job %s FAILED in %.0f ms: %s", job_id, elapsed_ms, reason)
@@ -145,7 +157,7 @@ def handler(job: Any) -> dict[str, Any]:
     return response
 
 
-def _answer(job: Any, started: float) -> dict[str, Any]:
+async def _answer(job: Any, started: float) -> dict[str, Any]:
     if _gpu_failure is not None:
         # RunPod may hand the worker more jobs before it stops it; trying them on the GPU would only fail.
         return {
@@ -153,21 +165,41 @@ def _answer(job: Any, started: float) -> dict[str, Any]:
             "being replaced: retry the job",
             "refresh_worker": True,
         }
+    cancelled = threading.Event()
     try:
         settings = get_settings()
-        plan = prepare_job(job, settings, catalog=get_catalog, storage=get_storage())
-        generation = get_engine().run(
-            plan, timeout_s=settings.generation_timeout_seconds, on_progress=_progress_reporter(job)
-        )
-        return finish(
-            plan, generation, settings=settings, storage=get_storage(), job_id=str(job.get("id") or ""), started=started
-        )
+        async with _jobs_in_memory.held(settings.jobs_in_memory):
+            plan = await in_thread(lambda: _prepare(job, settings), cancelled)
+            generation = await in_thread(lambda: _run(job, plan, settings, cancelled), cancelled)
+            return await in_thread(lambda: _finish(job, plan, generation, settings, started), cancelled)
     except (InputError, SettingsError, WorkerError) as error:
         return {"error": str(error)}
     except Exception as error:  # noqa: BLE001 - logged with its traceback; the worker serves the next job
         if breaks_the_gpu(error):
             return _gpu_failed(job, error)
         return _unexpected(job, error)
+
+
+def _prepare(job: Any, settings: Settings) -> JobPlan:
+    """Stage 1, on the CPU: the input checked, its images read, its plan made."""
+    return prepare_job(job, settings, catalog=get_catalog, storage=get_storage())
+
+
+def _run(job: Any, plan: JobPlan, settings: Settings, cancelled: threading.Event) -> Generation:
+    """Stage 2, under the GPU lock: the plan's pictures."""
+    return get_engine().run(
+        plan,
+        timeout_s=settings.generation_timeout_seconds,
+        on_progress=_progress_reporter(job),
+        cancelled=cancelled,
+    )
+
+
+def _finish(job: Any, plan: JobPlan, generation: Generation, settings: Settings, started: float) -> dict[str, Any]:
+    """Stage 3, on the CPU: the images encoded and delivered, the response."""
+    return finish(
+        plan, generation, settings=settings, storage=get_storage(), job_id=str(job.get("id") or ""), started=started
+    )
 
 
 def prepare() -> Settings:
@@ -214,7 +246,7 @@ def serve(settings: Settings) -> None:
 
         runpod.serverless.register_fitness_check(gpu.check_kernels)
         runpod.serverless.register_fitness_check(gpu.check_fp16)
-    # GPU work runs one job at a time whatever this says; see docs/memory.md, "Concurrency".
+    # Up to CONCURRENCY jobs at once, their CPU stages overlapping; the GPU runs one at a time (docs/memory.md).
     runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda _current: settings.concurrency})
 
 

@@ -15,7 +15,7 @@ one process so that both sides see the same machine state:
 - cold start: process start until ready, split into imports and load, for the
   worker (its real startup: settings, engine, runpod) and for bare
   ``import torch, diffusers`` + ``StableDiffusionPipeline.from_pretrained``;
-- warm latency: ``handler.handler(job)`` against the bare pipeline call with
+- warm latency: ``asyncio.run(handler.handler(job))`` against the bare pipeline call with
   the same scheduler, steps and seed, and their ratio (the handler overhead);
 - denoising steps per second, VAE decode and encode + base64 time per image;
 - peak RSS of one job, worker against bare.
@@ -28,6 +28,7 @@ a shared machine drift.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import os
@@ -124,12 +125,12 @@ def _child_warm(model: str, sides: list[int], steps: list[int], repeat: int) -> 
     results: dict[str, Any] = {}
     for side, step_count in zip(sides, steps, strict=True):
         job = _job(side, step_count)
-        assert "images" in handler.handler(job)  # warm-up both sides
+        assert "images" in asyncio.run(handler.handler(job))  # warm-up both sides
         _bare_call(bare, side, step_count)
         worker_s, bare_s = [], []
         for _ in range(repeat):
             started = time.perf_counter()
-            handler.handler(job)
+            asyncio.run(handler.handler(job))
             worker_s.append(time.perf_counter() - started)
             started = time.perf_counter()
             _bare_call(bare, side, step_count)
@@ -163,7 +164,7 @@ def _child_peak(role: str, model: str, side: int, steps: int) -> dict[str, float
         os.environ["MODEL_ID"] = model
         import handler
 
-        assert "images" in handler.handler(_job(side, steps))
+        assert "images" in asyncio.run(handler.handler(_job(side, steps)))
     else:
         _bare_call(_bare_pipeline(model), side, steps)
     # VmHWM, not getrusage's ru_maxrss: on Linux the latter survives exec, so a child would

@@ -37,6 +37,7 @@ refuses to open a socket.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import functools
 import io
@@ -318,11 +319,11 @@ def measure_tasks(plan: Plan, repeat: int, model: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for task in TASKS:
         job = worker_job(task, plan, plan.steps, encoded)
-        _decoded(handler.handler(worker_job(task, plan, plan.light_steps, encoded)))
+        _decoded(asyncio.run(handler.handler(worker_job(task, plan, plan.light_steps, encoded))))
         bare.run(task, plan, plan.light_steps, images)
         worker_s, bare_s = [], []
         for _ in range(repeat):
-            seconds, response = _timed(functools.partial(handler.handler, job))
+            seconds, response = _timed(lambda job=job: asyncio.run(handler.handler(job)))
             worker_s.append(seconds)
             seconds, bare_image = _timed(functools.partial(bare.run, task, plan, plan.steps, images))
             bare_s.append(seconds)
@@ -358,7 +359,7 @@ def rss_child(mode: str, plan: Plan) -> dict[str, Any]:
     encoded = _encoded(TaskImages.for_side(plan.side))
     handler.get_engine()
     jobs = rss_jobs(mode, plan, encoded)
-    sizes = [list(_decoded(handler.handler(job)).size) for job in jobs]
+    sizes = [list(_decoded(asyncio.run(handler.handler(job))).size) for job in jobs]
     # VmHWM is this process's own peak. ru_maxrss (KiB on Linux) also counts the parent's pages it was forked
     # with, kept across exec; both are reported, and the table uses VmHWM.
     status = Path("/proc/self/status").read_text(encoding="utf-8")

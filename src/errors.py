@@ -33,6 +33,10 @@ class GenerationTimeoutError(WorkerError):
     """The job ran past GENERATION_TIMEOUT_SECONDS and was stopped at a denoising step."""
 
 
+class JobCancelledError(WorkerError):
+    """The job was cancelled (RunPod's stop signal) and left the GPU at its next step, or before it got it."""
+
+
 class OutOfMemoryError(WorkerError):
     """The GPU ran out of memory, and the frugal retry did too."""
 

@@ -8,6 +8,7 @@ after the download is tested.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -103,7 +104,7 @@ def run_worker(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], job: dict[s
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(handler, "_settings", None)
     monkeypatch.setattr(handler, "_engine", None)
-    return handler.handler({"id": "bake-controlnets-test", "input": job})
+    return asyncio.run(handler.handler({"id": "bake-controlnets-test", "input": job}))
 
 
 # --- a URL, baked in float16 and served -------------------------------------------------------------

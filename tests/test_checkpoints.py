@@ -6,6 +6,7 @@ through the worker's own handler; fakes of other models are written with their r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -56,7 +57,7 @@ def run_worker(monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, Any]]
             monkeypatch.setenv(name, value)
         monkeypatch.setattr(handler, "_settings", None)
         monkeypatch.setattr(handler, "_engine", None)
-        result = handler.handler({"id": "checkpoint-test", "input": job or JOB})
+        result = asyncio.run(handler.handler({"id": "checkpoint-test", "input": job or JOB}))
         assert "error" not in result, result
         return result
 

@@ -6,6 +6,7 @@ ControlNet pipelines, the cache, the refusals, and no state left on the shared m
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import io
@@ -87,7 +88,7 @@ def worker(start: Callable[..., None]) -> None:
 
 
 def run(**fields: Any) -> dict[str, Any]:
-    return handler.handler({"id": "controlnet-test", "input": {**JOB, **fields}})
+    return asyncio.run(handler.handler({"id": "controlnet-test", "input": {**JOB, **fields}}))
 
 
 def ok(**fields: Any) -> dict[str, Any]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import subprocess
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
 
 import pytest
 
@@ -333,43 +331,3 @@ def test_benchmarks_names_every_gpu_test_as_run_or_unrun() -> None:
 
     assert tests
     assert [test for test in tests if f"`{test}`" not in BENCHMARKS] == []
-
-
-def test_runpod_runs_the_plain_handler_one_job_at_a_time_whatever_the_concurrency() -> None:
-    """docs/memory.md's Concurrency section: runpod 1.12 calls a plain ``def`` handler on its event loop.
-
-    runpod's own job loop (``JobScaler.run_jobs``, a task per job awaiting ``rp_job.run_job``) is given two
-    jobs with concurrency 2; a handler of the worker's kind (a plain function, as ``handler.handler`` is)
-    records when each job starts and ends. The second job starts only after the first has ended.
-    """
-    import asyncio
-
-    from runpod.serverless.modules import rp_job, rp_scale
-
-    import handler as worker
-
-    assert not inspect.iscoroutinefunction(worker.handler)
-    events: list[str] = []
-
-    def plain_handler(job: dict[str, Any]) -> dict[str, Any]:
-        events.append(f"start {job['id']}")
-        events.append(f"end {job['id']}")
-        return {"ok": True}
-
-    async def run_in_runpods_loop(session: Any, config: dict[str, Any], job: dict[str, Any]) -> None:
-        await rp_job.run_job(plain_handler, job)
-
-    async def two_jobs_at_concurrency_two() -> None:
-        scaler = rp_scale.JobScaler({"handler": plain_handler, "concurrency_modifier": lambda _current: 2})
-        scaler.jobs_handler = run_in_runpods_loop
-        scaler.current_concurrency = 2
-        scaler.jobs_queue = asyncio.Queue(maxsize=2)
-        for job in ({"id": "a", "input": {}}, {"id": "b", "input": {}}):
-            scaler.job_progress.add(job)
-            await scaler.jobs_queue.put(job)
-        scaler._shutdown_event.set()  # run_jobs drains the queue, then returns
-        await scaler.run_jobs(None)  # type: ignore[arg-type]
-
-    asyncio.run(two_jobs_at_concurrency_two())
-
-    assert events == ["start a", "end a", "start b", "end b"]

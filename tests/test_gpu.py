@@ -434,7 +434,7 @@ def test_the_low_profile_leaves_no_model_on_the_gpu_between_jobs(tiny_model_dir:
 
 # Run in a child process: after a device-side assert no CUDA call of that process works again.
 _DEVICE_SIDE_ASSERT_JOB = """
-import json, torch, handler
+import asyncio, json, torch, handler
 
 conv_out = handler.get_engine()._pipeline.unet.conv_out
 
@@ -445,8 +445,8 @@ def out_of_range(_module, _inputs, output):
 
 conv_out.register_forward_hook(out_of_range)
 job = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 1}
-first = handler.handler({"id": "assert-1", "input": job})
-second = handler.handler({"id": "assert-2", "input": job})
+first = asyncio.run(handler.handler({"id": "assert-1", "input": job}))
+second = asyncio.run(handler.handler({"id": "assert-2", "input": job}))
 try:
     (torch.ones(1, device="cuda") + 1).cpu()
     still_broken = False

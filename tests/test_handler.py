@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -22,7 +23,7 @@ FAST = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 
 def run(**fields: object) -> dict:
-    return handler.handler({"id": "test-job", "input": {"prompt": "a fox", **FAST, **fields}})
+    return asyncio.run(handler.handler({"id": "test-job", "input": {"prompt": "a fox", **FAST, **fields}}))
 
 
 def pixels(item: dict) -> np.ndarray:
@@ -203,7 +204,7 @@ BAD_JOBS = [
 
 @pytest.mark.parametrize(("job", "named"), BAD_JOBS)
 def test_bad_job_is_answered_with_an_error(job: object, named: str) -> None:
-    result = handler.handler(job)
+    result = asyncio.run(handler.handler(job))
 
     assert set(result) == {"error"}
     assert named in result["error"]
@@ -211,7 +212,7 @@ def test_bad_job_is_answered_with_an_error(job: object, named: str) -> None:
 
 def test_valid_job_succeeds_after_many_bad_ones() -> None:
     for job in [param.values[0] for param in BAD_JOBS] * 3:
-        assert "error" in handler.handler(job)
+        assert "error" in asyncio.run(handler.handler(job))
 
     assert len(run()["images"]) == 1
 

@@ -4,7 +4,7 @@ A job enters ``prepare``, then ``run``, then ``finish``, and never climbs back t
 (shared/STYLE.md, "A layout that shows the architecture"). Each module of src/ belongs to one layer,
 in this order; a module may import its own layer and the ones before it, never one after:
 
-    errors, settings, storage, schema, models, prompts, adapters, prepare, run, finish, local, docs
+    errors, settings, storage, schema, models, prompts, adapters, prepare, run, finish, concurrency, local, docs
 
 ``src/__init__.py`` (the version) is below them all. Besides: no cycle between modules at import
 time, nothing in src/ imports ``handler``, ``bench`` or ``builder``, the request and settings models
@@ -31,6 +31,7 @@ LAYERS = (
     "prepare",
     "run",
     "finish",
+    "concurrency",
     "local",
     "docs",
 )

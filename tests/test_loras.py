@@ -9,6 +9,7 @@ hooks on the real UNet that raise an OOM or advance the engine's clock.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -250,7 +251,7 @@ def lora_worker(
 
 
 def run(**fields: Any) -> dict[str, Any]:
-    return handler.handler({"id": "lora-job", "input": {**JOB, **fields}})
+    return asyncio.run(handler.handler({"id": "lora-job", "input": {**JOB, **fields}}))
 
 
 def ok(**fields: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -23,7 +24,7 @@ FAST = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 
 def run(job_id: str = "job-1", **fields: object) -> dict[str, Any]:
-    return handler.handler({"id": job_id, "input": {"prompt": "a fox", **FAST, **fields}})
+    return asyncio.run(handler.handler({"id": job_id, "input": {"prompt": "a fox", **FAST, **fields}}))
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -271,8 +272,8 @@ def test_concurrent_jobs_do_not_collide(bucket: str) -> None:
     results: dict[str, dict[str, Any]] = {}
 
     def job(job_id: str, prompt: str) -> None:
-        results[job_id] = handler.handler(
-            {"id": job_id, "input": {"prompt": prompt, **FAST, "seed": 1, "output_type": "s3"}}
+        results[job_id] = asyncio.run(
+            handler.handler({"id": job_id, "input": {"prompt": prompt, **FAST, "seed": 1, "output_type": "s3"}})
         )
 
     threads = [threading.Thread(target=job, args=(f"job-{n}", f"prompt {n}")) for n in range(2)]
@@ -392,7 +393,9 @@ def test_parameters_leave_out_an_empty_negative_prompt() -> None:
 
 
 def test_a_job_without_an_id_uploads_into_one_folder(s3_server: S3Server, bucket: str) -> None:
-    result = handler.handler({"input": {"prompt": "a fox", **FAST, "seed": 5, "num_images": 3, "output_type": "s3"}})
+    result = asyncio.run(
+        handler.handler({"input": {"prompt": "a fox", **FAST, "seed": 5, "num_images": 3, "output_type": "s3"}})
+    )
 
     keys = [item["key"] for item in result["images"]]
     folders = {key.rsplit("/", 1)[0] for key in keys}

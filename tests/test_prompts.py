@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -136,7 +137,7 @@ def test_break_closes_a_chunk_and_weights_follow_their_tokens() -> None:
 
 
 def run(**fields: Any) -> dict[str, Any]:
-    return handler.handler({"id": "prompt-job", "input": {"prompt": "a fox", **FAST, **fields}})
+    return asyncio.run(handler.handler({"id": "prompt-job", "input": {"prompt": "a fox", **FAST, **fields}}))
 
 
 def ok(**fields: Any) -> dict[str, Any]:

@@ -304,19 +304,20 @@ class WatchedLock:
 
     def __init__(self, waiters: int, waiting: threading.Event | None = None) -> None:
         self._lock = threading.Lock()
-        self._count = 0
+        self._waiting_threads: set[int] = set()
         self._count_lock = threading.Lock()
         self._waiters = waiters
         self.waiting = waiting or threading.Event()
 
-    def acquire(self) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if self._lock.acquire(blocking=False):
             return True
         with self._count_lock:
-            self._count += 1
-            if self._count >= self._waiters:
+            # A thread may try again and again (a job that polls for its cancellation): counted once.
+            self._waiting_threads.add(threading.get_ident())
+            if len(self._waiting_threads) >= self._waiters:
                 self.waiting.set()
-        return self._lock.acquire()
+        return self._lock.acquire(blocking, timeout)
 
     def release(self) -> None:
         self._lock.release()
@@ -559,7 +560,7 @@ def test_without_runpod_no_progress_is_sent() -> None:
 @pytest.mark.usefixtures("worker")
 def test_concurrent_jobs_match_sequential_ones() -> None:
     def run(seed: int) -> list[str]:
-        result = handler.handler({"id": "c", "input": {**JOB, "seed": seed, "num_images": 1}})
+        result = asyncio.run(handler.handler({"id": "c", "input": {**JOB, "seed": seed, "num_images": 1}}))
         return [item["image"] for item in result["images"]]
 
     seeds = [1, 2, 3, 4]
@@ -589,12 +590,12 @@ def test_fifty_jobs_keep_memory_flat_and_results_identical(tmp_path: Path) -> No
         "id": "rss",
         "input": {**JOB, "width": 256, "height": 256, "num_inference_steps": 1, "guidance_scale": 1.0},
     }
-    first = handler.handler(job)
+    first = asyncio.run(handler.handler(job))
     for _ in range(9):  # warm up the allocator and caches
-        assert handler.handler(job)["images"] == first["images"]
+        assert asyncio.run(handler.handler(job))["images"] == first["images"]
     series = [rss_bytes()]
     for _ in range(40):
-        assert handler.handler(job)["images"] == first["images"]
+        assert asyncio.run(handler.handler(job))["images"] == first["images"]
         series.append(rss_bytes())
 
     growth = [(value - series[0]) / 2**20 for value in series]
@@ -649,7 +650,7 @@ def test_one_job_at_a_time_holds_the_models(monkeypatch: pytest.MonkeyPatch) -> 
 
     with injected(engine._pipeline.unet, count):
         threads = [
-            threading.Thread(target=handler.handler, args=({"id": "t", "input": {**JOB, "seed": seed}},))
+            threading.Thread(target=asyncio.run, args=(handler.handler({"id": "t", "input": {**JOB, "seed": seed}}),))
             for seed in range(4)
         ]
         for thread in threads:
@@ -778,7 +779,8 @@ def test_an_ordinary_failure_keeps_the_worker(monkeypatch: pytest.MonkeyPatch) -
         posted = handle_job({"id": "plain-1", "input": {**JOB, "num_images": 1}}, monkeypatch)
     assert set(posted) == {"error"}
     assert "mat1 and mat2" in posted["error"]
-    assert "images" in handler.handler({"id": "plain-2", "input": {**JOB, "num_images": 1}}), "the next job runs"
+    after = asyncio.run(handler.handler({"id": "plain-2", "input": {**JOB, "num_images": 1}}))
+    assert "images" in after, "the next job runs"
 
 
 @pytest.mark.parametrize(

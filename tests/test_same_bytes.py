@@ -11,6 +11,7 @@ The tiny model's weights are seeded, so the digests hold wherever torch 2.13's C
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -116,7 +117,9 @@ def digest(response: dict[str, Any]) -> str:
 
 @pytest.mark.usefixtures("same_bytes_worker")
 def test_each_task_gives_the_bytes_it_gave_before() -> None:
-    found = {name: digest(handler.handler({"id": name, "input": {**BASE, **job}})) for name, job in JOBS.items()}
+    found = {
+        name: digest(asyncio.run(handler.handler({"id": name, "input": {**BASE, **job}}))) for name, job in JOBS.items()
+    }
     if os.environ.get("RECORD_DIGESTS"):
         print("\nDIGESTS = {")
         for name, value in found.items():

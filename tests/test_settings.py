@@ -38,6 +38,7 @@ DEFAULTS = {
     "generation_timeout_seconds": 300.0,
     "safety_checker": False,
     "concurrency": 1,
+    "max_jobs_in_memory": None,
     "fast_mode": False,
     "embed_parameters": True,
     "max_response_mb": 20.0,
@@ -404,6 +405,12 @@ def test_a_bad_secret_is_never_echoed() -> None:
         pytest.param({"GENERATION_TIMEOUT_SECONDS": "-1"}, "GENERATION_TIMEOUT_SECONDS='-1'", id="timeout-negative"),
         pytest.param({"SAFETY_CHECKER": "perhaps"}, "SAFETY_CHECKER='perhaps'", id="safety-checker"),
         pytest.param({"CONCURRENCY": "0"}, "CONCURRENCY='0'", id="concurrency-zero"),
+        pytest.param({"MAX_JOBS_IN_MEMORY": "0"}, "MAX_JOBS_IN_MEMORY='0'", id="jobs-in-memory-zero"),
+        pytest.param(
+            {"CONCURRENCY": "2", "MAX_JOBS_IN_MEMORY": "3"},
+            "MAX_JOBS_IN_MEMORY=3: must not exceed CONCURRENCY=2",
+            id="jobs-in-memory-over-concurrency",
+        ),
     ],
 )
 def test_bad_memory_and_runtime_variables_are_refused(environ: dict[str, str], expected: str) -> None:
@@ -427,3 +434,6 @@ def test_memory_and_runtime_variables_parse() -> None:
         0.5,
     )
     assert (settings.safety_checker, settings.concurrency) == (True, 2)
+    # Unset, as many jobs may hold images in memory as runpod hands the worker.
+    assert settings.jobs_in_memory == 2
+    assert load_settings({"CONCURRENCY": "4", "MAX_JOBS_IN_MEMORY": "1"}).jobs_in_memory == 1

@@ -7,6 +7,7 @@ task, and bad inputs answered with the field while the next job runs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from typing import Any
@@ -38,7 +39,7 @@ MASK = box_mask(128, 64, (32, 16, 96, 48))
 
 
 def run(**fields: Any) -> dict[str, Any]:
-    return handler.handler({"id": "task-job", "input": {"prompt": "a fox", **FAST, **fields}})
+    return asyncio.run(handler.handler({"id": "task-job", "input": {"prompt": "a fox", **FAST, **fields}}))
 
 
 def ok(**fields: Any) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from src.adapters.catalog import Catalog
 from src.adapters.controlnets import ControlNets
 from src.adapters.embeddings import Embedding
 from src.adapters.loras import Applied, Loras
-from src.errors import OutOfMemoryError
+from src.errors import JobCancelledError, OutOfMemoryError
 from src.models.loader import ModelIdentity, named_identity
 from src.prepare import JobPlan, plan_job
 from src.prepare.canvas import ControlMaps, TaskImages
@@ -43,6 +44,9 @@ from src.settings import Settings
 __all__ = ["Engine", "Generation", "apply_offload", "is_out_of_memory"]
 
 log = logging.getLogger(__name__)
+
+# How often a job waiting for the GPU looks whether it was cancelled, in seconds.
+_CANCEL_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -156,33 +160,36 @@ class Engine:
         plan = plan_job(Inputs(request=request, images=images, controls=controls), self.settings)
         return self.run(plan, timeout_s=timeout_s, on_progress=on_progress)
 
-    def run(self, plan: JobPlan, *, timeout_s: float, on_progress: ProgressCallback | None = None) -> Generation:
+    def run(
+        self,
+        plan: JobPlan,
+        *,
+        timeout_s: float,
+        on_progress: ProgressCallback | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> Generation:
         """Run one prepared job and return its images, in seed order.
 
         ``timeout_s`` bounds the work from the moment the job gets the GPU; ``on_progress`` receives
-        ``{"step", "total_steps"}`` about once a second, and at the last step.
+        ``{"step", "total_steps"}`` about once a second, and at the last step; once ``cancelled`` is set
+        (from another thread), the job stops waiting for the GPU, or at its next step (JobCancelledError).
 
         Raises:
             AdmissionError: the job cannot fit on this GPU even one image at a time.
-            GenerationTimeoutError: it ran past GENERATION_TIMEOUT_SECONDS.
-            OutOfMemoryError: the GPU ran out of memory, twice.
-            BadImageError: the images hold NaN even after a float32 decode.
+            GenerationTimeoutError, JobCancelledError: it ran past GENERATION_TIMEOUT_SECONDS, or was cancelled.
+            OutOfMemoryError, BadImageError: out of GPU memory twice; NaN in the images even after a float32 decode.
             AdapterError: a LoRA or ControlNet file cannot be loaded; the message names its field.
         """
         request = plan.request
-        # 1. Admission: how many images fit at once (adapters and prompts included), or a refusal before any
-        # work, sized by the largest pass.
+        # 1. Admission: how many images fit at once, or a refusal before any work, sized by the largest pass.
         admitted = self._admit(plan)
         job = JobState.for_plan(plan, batch=admitted.batch, timeout_s=timeout_s, on_progress=on_progress)
-        job.clock = self.clock
-
+        job.clock, job.cancelled = self.clock, cancelled
         # 2. Wait for the GPU: one job at a time. The deadline starts once it is ours.
-        queued = time.perf_counter()
-        with self._lock, torch.inference_mode(), models_offloaded_after(self._pipeline):
+        with self._gpu(cancelled) as queue_ms, torch.inference_mode(), models_offloaded_after(self._pipeline):
             started = time.perf_counter()
             job.start()
-            # 3. The job's LoRAs on and its ControlNets on the device, for this job only: off again when it
-            # ends, however it ends.
+            # 3. The job's LoRAs and ControlNets on, for this job only: off again however it ends.
             with (
                 self.loras.applied(request.loras) as loras,
                 self.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,
@@ -206,13 +213,33 @@ class Engine:
             device=self.device.type,
             dtype=str(self.dtype).removeprefix("torch."),
             memory_profile=self.profile.value,
-            queue_ms=(started - queued) * 1000,
+            queue_ms=queue_ms,
             warnings=job.warnings,
             nsfw=nsfw,
             prompt_tokens=schedule.first.counts,
             embeddings={name: self.embeddings[name].short_hash for name in schedule.embeddings},
             loras=loras,
         )
+
+    @contextmanager
+    def _gpu(self, cancelled: threading.Event | None) -> Iterator[float]:
+        """Hold the GPU lock, giving the milliseconds waited for it; while waiting, give up when ``cancelled``
+        is set.
+
+        Raises:
+            JobCancelledError: ``cancelled`` was set before the lock was ours.
+        """
+        queued = time.perf_counter()
+        if cancelled is None:
+            self._lock.acquire()
+        else:
+            while not self._lock.acquire(timeout=_CANCEL_POLL_S):
+                if cancelled.is_set():
+                    raise JobCancelledError("the job was cancelled while it waited for the GPU")
+        try:
+            yield (time.perf_counter() - queued) * 1000
+        finally:
+            self._lock.release()
 
     def _admit(self, plan: JobPlan) -> Plan:
         """How many of the job's images run at once, with which memory switches.

@@ -1,11 +1,13 @@
 """One job while it holds the GPU: its deadline, its progress, and the prompts that change between steps.
 
 The job's clock starts when it gets the GPU; every denoising step and every encoded prompt text checks
-the deadline, and progress goes out about once a second, counted in the steps the request asked for.
+the deadline and whether the job was cancelled, and progress goes out about once a second, counted in
+the steps the request asked for.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 
-from src.errors import GenerationTimeoutError
+from src.errors import GenerationTimeoutError, JobCancelledError
 from src.prepare import JobPlan
 from src.prepare.canvas import TaskImages
 from src.prepare.passes import Pass
@@ -46,6 +48,8 @@ class JobState:
     warnings: list[str]
     # Seconds, monotonic: the engine's clock.
     clock: Callable[[], float] = time.monotonic
+    # Set from another thread when the job is cancelled; the job stops at its next check.
+    cancelled: threading.Event | None = None
     # Set when the job gets the GPU: time spent waiting for it is not the job's.
     # Both prompts' embeddings for every step of every pass, encoded once the job has the GPU.
     schedule: Schedule | None = None
@@ -78,8 +82,13 @@ class JobState:
         return sum(step.denoising_steps for step in self.passes)
 
     def start(self) -> None:
-        """Start the clock: the job holds the GPU from now on."""
+        """Start the clock: the job holds the GPU from now on.
+
+        Raises:
+            JobCancelledError: the job was cancelled while it waited for the GPU.
+        """
         self.deadline = self.clock() + self.timeout_s
+        self._stop_if_cancelled_or_late(self.clock(), "before its first step")
 
     def count_again(self, total_steps: int) -> None:
         """Count from the first step again, for the frugal retry; the deadline stays as it was."""
@@ -113,13 +122,15 @@ class JobState:
         if self.on_progress and advanced and due:
             self.last_report, self.last_reported_step = now, steps_done
             self.on_progress({"step": steps_done, "total_steps": self.total_steps})
-        self._check_deadline(now, f"at denoising step {max(steps_done, 1)} of {self.total_steps}")
+        self._stop_if_cancelled_or_late(now, f"at denoising step {max(steps_done, 1)} of {self.total_steps}")
 
     def texts_encoded(self, done: int, total: int) -> None:
         """``done`` of the job's ``total`` prompt texts are encoded: stop the job when it is late."""
-        self._check_deadline(self.clock(), f"while encoding the prompts ({done} of {total} texts)")
+        self._stop_if_cancelled_or_late(self.clock(), f"while encoding the prompts ({done} of {total} texts)")
 
-    def _check_deadline(self, now: float, where: str) -> None:
+    def _stop_if_cancelled_or_late(self, now: float, where: str) -> None:
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise JobCancelledError(f"the job was cancelled; it stopped {where}")
         if now > self.deadline:
             raise GenerationTimeoutError(
                 f"generation stopped: it ran past GENERATION_TIMEOUT_SECONDS={self.timeout_s:g} {where}"

@@ -46,6 +46,11 @@ class Settings(StorageSettings, ImageSettings, RunSettings, AdapterSettings, Lim
     def _consistent(self) -> Settings:
         if self.default_steps > self.max_steps:
             raise ValueError(f"DEFAULT_STEPS={self.default_steps}: must not exceed MAX_STEPS={self.max_steps}")
+        if self.max_jobs_in_memory is not None and self.max_jobs_in_memory > self.concurrency:
+            raise ValueError(
+                f"MAX_JOBS_IN_MEMORY={self.max_jobs_in_memory}: must not exceed CONCURRENCY={self.concurrency}, "
+                "the most jobs the worker holds at once"
+            )
         if (self.bucket_access_key_id is None) != (self.bucket_secret_access_key is None):
             raise ValueError(
                 "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY: set both or neither "

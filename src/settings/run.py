@@ -55,9 +55,18 @@ class RunSettings(BaseModel):
         alias="CONCURRENCY",
         ge=1,
         le=8,
-        description="Jobs runpod takes for this worker at once. The handler runs on runpod's event loop, so the "
-        "jobs taken still run one after another (see docs/memory.md, Concurrency): keep 1 and let RunPod scale "
-        "by workers.",
+        description="Jobs runpod takes for this worker at once. They overlap where they can: while one job "
+        "holds the GPU, the others read and decode their inputs or encode and upload their images; the GPU "
+        "runs one job at a time (docs/memory.md, Concurrency). 2 keeps a GPU busy when jobs fetch images "
+        "or upload to S3.",
+    )
+    max_jobs_in_memory: int | None = Field(
+        None,
+        alias="MAX_JOBS_IN_MEMORY",
+        ge=1,
+        le=8,
+        description="Most jobs that may hold decoded input images or encoded outputs in host memory at once; "
+        "the others wait before reading their inputs. Unset: CONCURRENCY.",
     )
     fast_mode: bool = Field(
         False,
@@ -66,6 +75,11 @@ class RunSettings(BaseModel):
         "and a warm-up at start. Measured on an H200 (BENCHMARKS.md): a cold start of 9.5 to 17.2 s and no "
         "faster jobs, 0.82x to 0.90x plain diffusers' speed at batch 4. Ignored, with a warning, elsewhere.",
     )
+
+    @property
+    def jobs_in_memory(self) -> int:
+        """How many jobs may hold their images in host memory at once (MAX_JOBS_IN_MEMORY, else CONCURRENCY)."""
+        return self.max_jobs_in_memory or self.concurrency
 
     @field_validator("memory_profile", mode="before")
     @classmethod

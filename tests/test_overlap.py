@@ -1,0 +1,215 @@
+"""Jobs that overlap in one worker, inside runpod's own job loop: the handler is a coroutine, each stage of a
+job runs in a thread, a job waiting for its input does not hold back the next one, MAX_JOBS_IN_MEMORY bounds
+the jobs in host memory, and a cancelled job stops at its next step and frees the GPU.
+
+The jobs run through ``rp_scale.JobScaler.run_jobs``, the loop runpod runs on RunPod (a task per job, each
+awaiting ``rp_job.run_job``), on the tiny model. Order is decided by events, never by the clock: an image
+server on loopback holds its answer until the test releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from runpod.serverless.modules import rp_job, rp_scale
+
+import handler
+from tests.conftest import noise_image
+from tests.test_resilience import WatchedLock, injected
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+TEXT = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
+# How long the image server holds an answer at most: a bound for a test that fails, never a speed assumption.
+HOLD_LIMIT_S = 60.0
+
+
+class HeldImageServer:
+    """Serves a PNG on 127.0.0.1 at any path, holding each answer until ``release`` is set; ``events`` lists
+    each request and answer in order (``"request /a"``, ``"answer /a"``)."""
+
+    def __init__(self) -> None:
+        buffer = io.BytesIO()
+        noise_image(64, 64).save(buffer, "PNG")
+        body = buffer.getvalue()
+        self.release = threading.Event()
+        self.events: list[str] = []
+        release, events = self.release, self.events
+
+        class Serve(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                events.append(f"request {self.path}")
+                release.wait(HOLD_LIMIT_S)
+                events.append(f"answer {self.path}")
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def images(configure: Callable[..., None]) -> Iterator[HeldImageServer]:
+    configure(IMAGE_URLS_ALLOW_PRIVATE="true", CONCURRENCY="2")
+    server = HeldImageServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def run_in_runpods_loop(
+    jobs: list[dict[str, Any]], on_result: Callable[[str, dict[str, Any]], None] = lambda _id, _result: None
+) -> list[tuple[str, dict[str, Any]]]:
+    """``jobs`` through runpod's ``JobScaler.run_jobs`` at concurrency 2, as taken from RunPod at once;
+    returns each job's id and result, in the order they ended. ``on_result`` is called as each ends."""
+    ended: list[tuple[str, dict[str, Any]]] = []
+
+    async def handle(_session: Any, _config: dict[str, Any], job: dict[str, Any]) -> None:
+        result = await rp_job.run_job(handler.handler, job)
+        ended.append((job["id"], result))
+        on_result(job["id"], result)
+
+    async def run() -> None:
+        scaler = rp_scale.JobScaler({"handler": handler.handler})
+        scaler.jobs_handler = handle
+        scaler.current_concurrency = 2
+        scaler.jobs_queue = asyncio.Queue(maxsize=len(jobs))
+        for job in jobs:
+            scaler.job_progress.add(job)
+            await scaler.jobs_queue.put(job)
+        scaler._shutdown_event.set()  # run_jobs drains the queue, then returns
+        await scaler.run_jobs(None)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    return ended
+
+
+def img2img_from(url: str, job_id: str = "from-url") -> dict[str, Any]:
+    return {"id": job_id, "input": {**TEXT, "image": url, "strength": 0.5}}
+
+
+def test_the_handler_is_a_coroutine_that_runpod_awaits() -> None:
+    assert inspect.iscoroutinefunction(handler.handler)
+
+
+def test_a_job_waiting_for_its_input_image_does_not_hold_back_the_next(images: HeldImageServer) -> None:
+    """Job 1 waits for its image; job 2 (text only) runs and ends meanwhile, and only then is the image sent."""
+
+    def release_after_text(job_id: str, _result: dict[str, Any]) -> None:
+        if job_id == "text":
+            images.release.set()
+
+    ended = run_in_runpods_loop(
+        [img2img_from(f"{images.url}/a.png"), {"id": "text", "input": TEXT}], release_after_text
+    )
+
+    assert [job_id for job_id, _ in ended] == ["text", "from-url"]
+    assert all("output" in result and "images" in result["output"] for _, result in ended), ended
+
+
+def test_max_jobs_in_memory_keeps_the_next_job_out_until_one_ends(
+    images: HeldImageServer, configure: Callable[..., None]
+) -> None:
+    """With one slot, job 2 does not even ask for its image while job 1 waits for its own; the server lets
+    go after a while. Without the bound both requests arrive at once (and the job above ends first)."""
+    configure(MAX_JOBS_IN_MEMORY="1")
+    released_by_timer = threading.Timer(2.0, images.release.set)
+    released_by_timer.start()
+    try:
+        ended = run_in_runpods_loop(
+            [img2img_from(f"{images.url}/a.png", "a"), img2img_from(f"{images.url}/b.png", "b")]
+        )
+    finally:
+        released_by_timer.cancel()
+
+    assert images.events == ["request /a.png", "answer /a.png", "request /b.png", "answer /b.png"]
+    assert [job_id for job_id, _ in ended] == ["a", "b"]
+
+
+def test_jobs_that_overlap_give_the_bytes_they_give_one_at_a_time(configure: Callable[..., None]) -> None:
+    configure(CONCURRENCY="2")
+    jobs = [{"id": f"seed-{seed}", "input": {**TEXT, "seed": seed, "num_images": 2}} for seed in (1, 2, 3, 4)]
+    alone = {job["id"]: asyncio.run(handler.handler(job))["images"] for job in jobs}
+
+    together = dict(run_in_runpods_loop(jobs))
+
+    assert {job_id: result["output"]["images"] for job_id, result in together.items()} == alone
+
+
+def test_a_cancelled_job_stops_at_its_next_step_and_frees_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """runpod stops a job by cancelling its task: the job's thread stops at the next denoising step, the task
+    ends cancelled (runpod posts no result for it), and the next job gets the GPU."""
+    engine = handler.get_engine()
+    steps = 50
+    first_step, cancel_sent = threading.Event(), threading.Event()
+    unet_calls = [0]
+
+    def count(_call: int, _inputs: Any, output: Any) -> Any:
+        unet_calls[0] += 1
+        first_step.set()
+        # The job stays in its first step until the cancellation is sent: however fast the machine.
+        cancel_sent.wait(HOLD_LIMIT_S)
+        return output
+
+    async def cancel_while_running() -> None:
+        task = asyncio.create_task(handler.handler({"id": "long", "input": {**TEXT, "num_inference_steps": steps}}))
+        await asyncio.to_thread(first_step.wait, HOLD_LIMIT_S)
+        task.cancel()
+        cancel_sent.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with injected(engine._pipeline.unet, count):
+        asyncio.run(cancel_while_running())
+        calls_when_cancelled = unet_calls[0]
+
+    assert first_step.is_set()
+    # The task ends only once its thread has stopped, so the count is final: the job stopped after its first step.
+    assert calls_when_cancelled == 1
+    assert not engine._lock.locked()
+    after = asyncio.run(handler.handler({"id": "next", "input": TEXT}))
+    assert "images" in after, after
+
+
+def test_a_job_cancelled_while_it_waits_for_the_gpu_leaves_without_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = handler.get_engine()
+    lock = WatchedLock(waiters=1)
+    monkeypatch.setattr(engine, "_lock", lock)
+    unet_calls = [0]
+
+    def count(_call: int, _inputs: Any, output: Any) -> Any:
+        unet_calls[0] += 1
+        return output
+
+    async def cancel_while_waiting() -> None:
+        task = asyncio.create_task(handler.handler({"id": "waiting", "input": TEXT}))
+        assert await asyncio.to_thread(lock.waiting.wait, HOLD_LIMIT_S), "the job never waited for the GPU"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with injected(engine._pipeline.unet, count), lock:  # another job holds the GPU meanwhile
+        asyncio.run(cancel_while_waiting())
+
+    assert unet_calls[0] == 0
+    assert not lock.locked()
