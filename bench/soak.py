@@ -20,7 +20,8 @@ go through runpod's own job loop: take, run, post the result, the stop channel. 
 3. Soak: ``--clients`` threads submit jobs from the mix in a fixed rotation until ``--minutes`` have passed
    since the first answer (the reference pass included; each client sends at least one job) or ``--max-jobs``
    were submitted; each waits for its job's answer before the next, except a job to cancel, which it cancels
-   as soon as the worker has taken it and leaves.
+   and leaves: ``cancel`` once the job runs (its first progress post has come), ``cancel-at-take`` as soon
+   as the worker has taken it.
 4. Then each job is judged (``JobRecord.status``):
 
    - ``ok``: its image has the same pixels as the reference pass's for the same input (an S3 job's object,
@@ -75,7 +76,7 @@ BUCKET_PREFIX = "soak/"
 JOB_TIMEOUT_S = 600.0
 # The first job waits for the model to load.
 STARTUP_TIMEOUT_S = 600.0
-# A job to cancel is cancelled once the worker has taken it; one not taken within this is left to run.
+# A job to cancel that is not taken (or not running) within this is left to run.
 TAKE_TIMEOUT_S = 60.0
 # After the last answer, posts still arriving (a duplicate, a cancelled job's result) are waited for this long.
 SETTLE_S = 3.0
@@ -101,6 +102,7 @@ TASKS = (
     "s3",
     "bad-input",
     "cancel",
+    "cancel-at-take",
 )
 LONG_PROMPT = (
     "a red fox in a snowy forest at dawn, (detailed fur:1.2), soft light, pine trees heavy with snow, "
@@ -126,7 +128,8 @@ class Spec:
     error_field: str | None = None
     # An S3 job: the job whose inline image its object must equal.
     same_image_as: str | None = None
-    cancel: bool = False
+    # A job to cancel: once it runs ("running") or once it is taken ("taken").
+    cancel: str | None = None
 
 
 def _picture(width: int, height: int) -> Image.Image:
@@ -144,13 +147,15 @@ def _png_base64(image: Image.Image) -> str:
 
 
 def job_mix() -> list[Spec]:
-    """Every task at 64 to 128 pixels and 2 to 4 steps (the job to cancel: 20), each with its own seed;
+    """Every task at 64 to 128 pixels and 2 to 4 steps (the jobs to cancel: 40), each with its own seed;
     the bad inputs, each naming the field its error must name."""
     picture = _png_base64(_picture(128, 128))
     narrow = _png_base64(_picture(64, 128))
     mask = Image.new("L", (128, 128), 0)
     mask.paste(255, (32, 32, 96, 96))
     small = {"width": 128, "height": 128, "num_inference_steps": 4, "output_type": "base64"}
+    # Long enough that a stop reaches it while it runs: runpod polls its stop channel about once a second.
+    long_job = {"prompt": "a long job", **small, "num_inference_steps": 40, "seed": 91}
     txt2img = {"prompt": "a red fox in a snowy forest", **small, "seed": 11}
     good = [
         Spec("txt2img", "txt2img", txt2img),
@@ -219,7 +224,8 @@ def job_mix() -> list[Spec]:
         ),
         Spec("long-prompt", "long-prompt", {"prompt": LONG_PROMPT, **small, "num_inference_steps": 3, "seed": 81}),
         Spec("s3", "s3", {**txt2img, "output_type": "s3"}, same_image_as="txt2img"),
-        Spec("cancel", "cancel", {"prompt": "a long job", **small, "num_inference_steps": 20, "seed": 91}, cancel=True),
+        Spec("cancel", "cancel", long_job, cancel="running"),
+        Spec("cancel-at-take", "cancel-at-take", long_job, same_image_as="cancel", cancel="taken"),
     ]
     plain = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "output_type": "base64"}
     bad = [
@@ -515,7 +521,8 @@ class Soak:
     def run_reference_pass(self) -> None:
         """Each job of the mix that makes an image alone, in order, its S3 job after the inline one it must
         equal; then the bad inputs, all at once: an error depends on no other job."""
-        good = [spec for spec in self.specs.values() if spec.error_field is None]
+        # The S3 job runs here too, to be checked before the soak; the second job to cancel does not.
+        good = [spec for spec in self.specs.values() if spec.error_field is None and spec.task != "cancel-at-take"]
         for spec in sorted(good, key=lambda spec: spec.same_image_as is not None):
             self.answer(self.submit(spec, "reference", -1), spec, JOB_TIMEOUT_S)
         bad = [(self.submit(spec, "reference", -1), spec) for spec in self.specs.values() if spec.error_field]
@@ -545,7 +552,7 @@ class Soak:
                 step += 1
                 record = self.submit(spec, "soak", index)
                 if spec.cancel:
-                    self.cancel_when_taken(record)
+                    self.cancel_when(record, spec.cancel)
                 else:
                     self.answer(record, spec, JOB_TIMEOUT_S)
 
@@ -555,12 +562,14 @@ class Soak:
         for thread in threads:
             thread.join()
 
-    def cancel_when_taken(self, record: JobRecord) -> None:
-        """Cancel the job once the worker has taken it; its outcome is read at the end (``settle``)."""
+    def cancel_when(self, record: JobRecord, when: str) -> None:
+        """Cancel the job once the worker has taken it (``taken``) or once it runs (``running``: its first
+        progress post has come); its outcome is read at the end (``settle``)."""
         deadline = time.monotonic() + TAKE_TIMEOUT_S
-        while record.id not in self.api.taken:
-            if time.monotonic() >= deadline or self.worker.poll() is not None:
-                record.detail = "not taken in time, so not cancelled"
+        seen = self.api.taken if when == "taken" else self.api.progress
+        while record.id not in seen:
+            if time.monotonic() >= deadline or self.worker.poll() is not None or record.id in self.api.results:
+                record.detail = f"not {when} in time, so not cancelled"
                 return
             time.sleep(0.02)
         self.api.cancel(record.id)
@@ -605,7 +614,12 @@ def latency_by_task(records: Sequence[JobRecord]) -> dict[str, dict[str, Any]]:
     figures: dict[str, dict[str, Any]] = {}
     for task in TASKS:
         soak = [r.latency_s for r in records if r.task == task and r.phase == "soak" and r.latency_s is not None]
-        alone = [r.latency_s for r in records if r.task == task and r.phase == "reference" and r.latency_s is not None]
+        # The bad inputs' reference jobs are sent together, so they have no latency alone.
+        alone = [
+            r.latency_s
+            for r in records
+            if r.task == task and r.phase == "reference" and r.latency_s is not None and task != "bad-input"
+        ]
         jobs = sum(1 for r in records if r.task == task and r.phase == "soak")
         entry: dict[str, Any] = {"jobs": jobs, "answered": len(soak), "alone_s": alone}
         if soak:
@@ -659,7 +673,7 @@ def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     run of any length; ``figure`` goals (RSS slope, latency spread) need a long run on a quiet machine."""
     counts, tasks, resources, bad = report["counts"], report["tasks"], report["resources"], report["bad_inputs"]
     lost_or_duplicated = counts.get("lost", 0) + counts.get("duplicated", 0)
-    ratios = [entry.get("p99_over_p50") for task, entry in tasks.items() if task != "cancel" and entry["answered"]]
+    ratios = [entry.get("p99_over_p50") for entry in tasks.values() if entry["answered"]]
     slope = report["rss"].get("slope_mib_per_job")
     fd_growth = resources.get("fds", {}).get("growth")
     return {
@@ -722,6 +736,11 @@ def summarize(
         "rss": rss_slope(records),
         "resources": resource_figures(samples, phases["soak_start"], phases["soak_end"]),
         "bad_inputs": bad_inputs(records, soak.specs),
+        "cancels": {
+            spec.task: dict(Counter(r.status for r in records if r.spec == spec.name and r.phase == "soak"))
+            for spec in soak.specs.values()
+            if spec.cancel
+        },
         "posts_for_unknown_jobs": sorted(set(soak.api.results) - {r.id for r in records}),
         "pings": len(soak.api.pings),
     }
@@ -744,7 +763,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Worker: `python handler.py` under runpod's job loop, CONCURRENCY={settings['concurrency']}, the tiny model "
         f"on the CPU; {settings['clients']} clients; first job answered {report['phases_s']['ready']:.1f} s after "
         f"the start; {report['jobs_sent']['soak']} jobs in {report['phases_s']['soak']:.0f} s of soak "
-        f"after {report['jobs_sent']['reference']} reference jobs.",
+        f"after {report['jobs_sent']['reference']} reference jobs; SIGTERM at the end: exit status "
+        f"{report['worker']['exit_status_on_sigterm']}.",
         "",
         "| status | jobs |",
         "| --- | --- |",
@@ -777,6 +797,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "| goal | measured | met |", "| --- | --- | --- |"]
     for goal, entry in report["goals"].items():
         lines.append(f"| {goal} | {entry['measured']} | {'yes' if entry['met'] else 'no'} |")
+    lines += ["", "| job to cancel | cancelled | not stopped | not cancelled |", "| --- | --- | --- | --- |"]
+    for task, counts in report["cancels"].items():
+        others = sum(count for status, count in counts.items() if status not in ("cancelled", "not-stopped"))
+        lines.append(f"| {task} | {counts.get('cancelled', 0)} | {counts.get('not-stopped', 0)} | {others} |")
     lines += ["", "| bad input | field | sent | error |", "| --- | --- | --- | --- |"]
     for name, entry in report["bad_inputs"].items():
         error = entry["error"].replace("|", "\\|")
@@ -785,41 +809,47 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """Latency per job by task (top) and the worker's RSS and open file descriptors (bottom), over time."""
+    """Latency per job by task, the worker's RSS, and its open file descriptors and threads, over time.
+
+    The startup and the reference pass are shaded; the RSS axis spans the soak's range, so that a slope shows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     phases = report["phases_s"]
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, height_ratios=(3, 2))
+    figure, (latency, rss, counts) = plt.subplots(3, 1, figsize=(11, 9), sharex=True, height_ratios=(3, 2, 1.5))
     colours = plt.get_cmap("tab20").colors
     for index, task in enumerate(TASKS):
         jobs = [job for job in report["jobs"] if job["task"] == task and job["latency_s"] is not None]
         if jobs:
-            top.scatter(
+            latency.scatter(
                 [job["ended"] / 60 for job in jobs],
                 [job["latency_s"] for job in jobs],
                 s=10,
                 color=colours[index % len(colours)],
                 label=task,
             )
-    top.set_ylabel("latency, submit to answer (s)")
-    top.set_title(report["command"])
-    top.legend(loc="upper left", ncols=4, fontsize="small")
+    latency.set_ylabel("latency, submit to answer (s)")
+    latency.set_title(f"{report['command']}  ({report['date']}, {report['cpu']})", fontsize="medium")
+    latency.legend(loc="upper left", ncols=4, fontsize="small")
     samples = np.asarray(report["samples"], dtype=float).reshape(-1, 4)
-    bottom.plot(samples[:, 0] / 60, samples[:, 1], color="tab:blue", label="RSS")
-    bottom.set_ylabel("worker RSS (MiB)", color="tab:blue")
-    fds = bottom.twinx()
-    fds.plot(samples[:, 0] / 60, samples[:, 2], color="tab:red", label="open fds")
-    fds.set_ylabel("open file descriptors", color="tab:red")
-    fds.set_ylim(0, max(samples[:, 2].max() * 1.3, 1))
-    bottom.set_xlabel("minutes since the worker started")
-    for axes in (top, bottom):
+    minutes = samples[:, 0] / 60
+    rss.plot(minutes, samples[:, 1], color="tab:blue")
+    soaking = samples[samples[:, 0] >= phases["soak_start"]]
+    if len(soaking):
+        low, high = soaking[:, 1].min(), soaking[:, 1].max()
+        rss.set_ylim(low - max(0.5 * (high - low), 5), high + max(0.5 * (high - low), 5))
+    rss.set_ylabel("worker RSS (MiB)")
+    counts.plot(minutes, samples[:, 2], color="tab:red", label="open file descriptors")
+    counts.plot(minutes, samples[:, 3], color="tab:green", label="threads")
+    counts.set_ylim(0, max(samples[:, 2:].max() * 1.2, 1))
+    counts.legend(loc="lower right", ncols=2, fontsize="small")
+    counts.set_xlabel("minutes since the worker started (shaded: startup and reference pass)")
+    for axes in (latency, rss, counts):
         axes.axvspan(0, phases["soak_start"] / 60, color="0.9", zorder=0)
-        axes.axvline(phases["soak_start"] / 60, color="0.5", linewidth=0.8)
         axes.grid(alpha=0.3)
-    top.text(phases["soak_start"] / 60, top.get_ylim()[1], " soak ", va="top", fontsize="small", color="0.4")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -37,9 +37,9 @@ def test_a_one_minute_soak_loses_nothing_and_answers_every_job_right(tmp_path: P
     assert wrong == []
     assert counts.get("lost", 0) == counts.get("duplicated", 0) == counts.get("wrong", 0) == 0
     assert report["posts_for_unknown_jobs"] == []
-    # Every task ran and was checked: at least its reference job, and the soak's jobs after it.
+    # Every task ran and was checked: at least its reference job (the second job to cancel has none).
     answered = {job["task"] for job in report["jobs"] if job["status"] in ("ok", "expected-error")} - {"startup"}
-    assert answered == set(TASKS)
+    assert answered == set(TASKS) - {"cancel-at-take"}
     assert report["jobs_sent"]["soak"] > 0
     bad = {spec.name: spec.error_field for spec in job_mix() if spec.error_field}
     assert {name: entry["field"] for name, entry in report["bad_inputs"].items()} == bad
