@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from runpod.serverless.modules import rp_job, rp_scale
 
 import handler
-from tests.conftest import noise_image
+from bench.overlap import ImageServer, input_png
 from tests.test_resilience import WatchedLock, injected
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -31,49 +29,22 @@ TEXT = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, 
 HOLD_LIMIT_S = 60.0
 
 
-class HeldImageServer:
-    """Serves a PNG on 127.0.0.1 at any path, holding each answer until ``release`` is set; ``events`` lists
-    each request and answer in order (``"request /a"``, ``"answer /a"``)."""
+class HeldImages(ImageServer):
+    """An image server that holds each answer until ``release`` is set."""
 
     def __init__(self) -> None:
-        buffer = io.BytesIO()
-        noise_image(64, 64).save(buffer, "PNG")
-        body = buffer.getvalue()
         self.release = threading.Event()
-        self.events: list[str] = []
-        release, events = self.release, self.events
-
-        class Serve(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                events.append(f"request {self.path}")
-                release.wait(HOLD_LIMIT_S)
-                events.append(f"answer {self.path}")
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Serve)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(input_png(64), lambda _path: self.release.wait(HOLD_LIMIT_S))
 
 
 @pytest.fixture
-def images(configure: Callable[..., None]) -> Iterator[HeldImageServer]:
+def images(configure: Callable[..., None]) -> Iterator[HeldImages]:
     configure(IMAGE_URLS_ALLOW_PRIVATE="true", CONCURRENCY="2")
-    server = HeldImageServer()
+    server = HeldImages()
     try:
         yield server
     finally:
+        server.release.set()
         server.close()
 
 
@@ -112,7 +83,7 @@ def test_the_handler_is_a_coroutine_that_runpod_awaits() -> None:
     assert inspect.iscoroutinefunction(handler.handler)
 
 
-def test_a_job_waiting_for_its_input_image_does_not_hold_back_the_next(images: HeldImageServer) -> None:
+def test_a_job_waiting_for_its_input_image_does_not_hold_back_the_next(images: HeldImages) -> None:
     """Job 1 waits for its image; job 2 (text only) runs and ends meanwhile, and only then is the image sent."""
 
     def release_after_text(job_id: str, _result: dict[str, Any]) -> None:
@@ -128,7 +99,7 @@ def test_a_job_waiting_for_its_input_image_does_not_hold_back_the_next(images: H
 
 
 def test_max_jobs_in_memory_keeps_the_next_job_out_until_one_ends(
-    images: HeldImageServer, configure: Callable[..., None]
+    images: HeldImages, configure: Callable[..., None]
 ) -> None:
     """With one slot, job 2 does not even ask for its image while job 1 waits for its own; the server lets
     go after a while. Without the bound both requests arrive at once (and the job above ends first)."""

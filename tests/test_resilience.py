@@ -25,6 +25,7 @@ import torch
 
 import handler
 from bench.machine import cpu_name, load_average
+from bench.overlap import TimedLock
 from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.run.engine import Engine, Generation
 from src.schema import SCHEDULER_NAMES, GenerateRequest, parse_input
@@ -298,38 +299,26 @@ def test_timeout_names_the_requested_step_for_every_kind_of_scheduler(tiny_model
     assert 1 <= step <= 4
 
 
-class WatchedLock:
+class WatchedLock(TimedLock):
     """The engine's GPU lock, a real ``threading.Lock``, that also tells a test which threads are about to wait
     on it: ``waiting`` is set once ``waiters`` threads have called ``acquire`` while another thread held it."""
 
     def __init__(self, waiters: int, waiting: threading.Event | None = None) -> None:
-        self._lock = threading.Lock()
+        super().__init__()
         self._waiting_threads: set[int] = set()
         self._count_lock = threading.Lock()
         self._waiters = waiters
         self.waiting = waiting or threading.Event()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if self._lock.acquire(blocking=False):
+        if super().acquire(blocking=False):
             return True
         with self._count_lock:
             # A thread may try again and again (a job that polls for its cancellation): counted once.
             self._waiting_threads.add(threading.get_ident())
             if len(self._waiting_threads) >= self._waiters:
                 self.waiting.set()
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.release()
+        return super().acquire(blocking, timeout)
 
 
 def test_waiting_for_the_gpu_does_not_count_against_the_timeout(
