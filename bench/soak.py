@@ -820,7 +820,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     phases = report["phases_s"]
     figure, (latency, rss, counts) = plt.subplots(3, 1, figsize=(11, 9), sharex=True, height_ratios=(3, 2, 1.5))
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab20")
     for index, task in enumerate(TASKS):
         jobs = [job for job in report["jobs"] if job["task"] == task and job["latency_s"] is not None]
         if jobs:
@@ -828,7 +828,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 [job["ended"] / 60 for job in jobs],
                 [job["latency_s"] for job in jobs],
                 s=10,
-                color=colours[index % len(colours)],
+                color=colours(index % colours.N),
                 label=task,
             )
     latency.set_ylabel("latency, submit to answer (s)")
@@ -875,7 +875,9 @@ def soak_run(args: argparse.Namespace, workdir: Path, log: Path) -> dict[str, An
     from bench.runpod_api import RunPodAPI
 
     print("writing the tiny model, its ControlNets and LoRAs", file=sys.stderr, flush=True)
+    writing = time.monotonic()
     assets = write_assets(workdir)
+    assets_s = time.monotonic() - writing
     with s3_server() as (s3_url, s3), RunPodAPI() as api, log.open("wb") as log_file:
         env = worker_environment(assets, api.worker_env(), s3_url, workdir / "hf-home", args.concurrency)
         started = time.monotonic()
@@ -901,8 +903,11 @@ def soak_run(args: argparse.Namespace, workdir: Path, log: Path) -> dict[str, An
             alive_at_end = worker.poll() is None
         finally:
             sampler.stopped.set()
+            stopping = time.monotonic()
             exit_status = stop_worker(worker)
+            phases["stop"] = time.monotonic() - stopping
             sampler.join()
+    phases["assets"] = assets_s
     worker_end = {"alive_at_end": alive_at_end, "exit_status_on_sigterm": exit_status}
     return summarize(soak, sampler.samples, phases, worker_end)
 
