@@ -70,7 +70,7 @@ class RunPodAPI:
 
     def __init__(self, *, take_hold_s: float = 0.5) -> None:
         self.take_hold_s = take_hold_s
-        # What it saw; read them under no lock: each is only appended to or counted up, under _changed.
+        # What it saw, written under _changed; safe to read without it, as entries are only ever added.
         self.results: dict[str, list[dict[str, Any]]] = {}
         self.progress: dict[str, list[Any]] = {}
         self.pings: list[dict[str, str]] = []
