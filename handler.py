@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from src.concurrency import JobSlots, in_thread
 from src.errors import WorkerError, breaks_the_gpu, first_line
 from src.finish import finish
+from src.job_loop import remember_stops_before_start, retry_dropped_result_posts, stopped_before_start
 from src.prepare import JobPlan
 from src.prepare import prepare as prepare_job
 from src.schema import InputError, check_limits
@@ -145,6 +146,8 @@ async def handler(job: Any) -> dict[str, Any]:
     started = time.perf_counter()
     job_id = job.get("id") if isinstance(job, dict) else None
     try:
+        if stopped_before_start(job_id):
+            raise asyncio.CancelledError  # as runpod ends a job it stops: its task cancelled, no result posted
         response = await _answer(job, started)
     except asyncio.CancelledError:
         log.info("job %s CANCELLED in %.0f ms", job_id, (time.perf_counter() - started) * 1000)
@@ -238,9 +241,8 @@ def serve(settings: Settings) -> None:
     import runpod
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
-    from src.job_loop import retry_dropped_result_posts
-
     retry_dropped_result_posts()
+    remember_stops_before_start()
     # runpod logs at DEBUG unless told otherwise, and at DEBUG it prints every
     # job's output: 4 KB of base64 per job. Keep its default for those who ask.
     if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):

@@ -1,31 +1,40 @@
 """What the worker changes in runpod's job loop (runpod 1.12.0, pinned), applied when it starts serving.
 
-runpod posts each result, and each progress report, through aiohttp_retry's ``FibonacciRetry(attempts=3)``
-given no exception types, and aiohttp_retry retries only the types it is given: a 5xx answer is retried,
-but a connection that drops before RunPod answers loses the job's result (runpod logs "Failed to return
-job results" and goes on). ``retry_dropped_result_posts`` has runpod's poster retry those too, with the
-same three attempts and backoff; tests/test_job_loop.py drops a result post's connection and sees the
-result arrive once. A post that RunPod received but could not answer is then sent twice, which RunPod
-takes as one result for the job.
+**Dropped result posts.** runpod posts each result, and each progress report, through aiohttp_retry's
+``FibonacciRetry(attempts=3)`` given no exception types, and aiohttp_retry retries only the types it is
+given: a 5xx answer is retried, but a connection that drops before RunPod answers loses the job's result
+(runpod logs "Failed to return job results" and goes on). ``retry_dropped_result_posts`` has runpod's
+poster retry those too, with the same three attempts and backoff; tests/test_job_loop.py drops a result
+post's connection and sees the result arrive once. A post that RunPod received but could not answer is then
+sent twice, which RunPod takes as one result for the job.
+
+**Stops before a job starts.** runpod stops a job by cancelling its task; a stop that arrives after runpod
+took the job but before it started the job's task finds no task, and runpod drops it ("No in-progress job"),
+so the job runs in full. ``remember_stops_before_start`` keeps such a stop, and the handler asks
+``stopped_before_start`` as the job begins: the job then ends as a stopped one, with no result posted.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 from typing import Any
 
-import aiohttp
-from aiohttp_retry import FibonacciRetry, RetryClient
+log = logging.getLogger(__name__)
 
-# The failures of a post that say nothing reached RunPod's answer: the connection refused, reset or dropped,
-# the answer cut short, or no answer in time.
-RETRIED_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+# Jobs RunPod stopped after runpod took them and before it started them; each is forgotten when it begins.
+_stopped_before_start: set[str] = set()
 
 
-async def _transmit(client_session: aiohttp.ClientSession, url: str, job_data: str) -> None:
-    """runpod's ``rp_http._transmit``, retrying ``RETRIED_ERRORS`` as well as 5xx answers."""
+async def _transmit(client_session: Any, url: str, job_data: str) -> None:
+    """runpod's ``rp_http._transmit``, retrying a dropped connection or a timeout as well as 5xx answers."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp_retry import FibonacciRetry, RetryClient
+
+    retried = {aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError}
     retry_client = RetryClient(
-        client_session=client_session, retry_options=FibonacciRetry(attempts=3, exceptions=set(RETRIED_ERRORS))
+        client_session=client_session, retry_options=FibonacciRetry(attempts=3, exceptions=retried)
     )
     kwargs: dict[str, Any] = {
         "data": job_data,
@@ -41,3 +50,30 @@ def retry_dropped_result_posts() -> None:
     from runpod.serverless.modules import rp_http
 
     rp_http._transmit = _transmit
+
+
+def remember_stops_before_start() -> None:
+    """Have runpod keep a stop for a job it took but has not started (see the module's docstring)."""
+    from runpod.serverless.modules import rp_scale
+    from runpod.serverless.modules.worker_state import JobsProgress
+
+    stop_running_job = rp_scale.JobScaler.stop_job
+
+    async def stop_job(self: rp_scale.JobScaler, job_id: str) -> bool:
+        if await stop_running_job(self, job_id):
+            return True
+        if JobsProgress().get(job_id) is None:
+            return False
+        log.info("job %s stopped before it started; it will end when runpod starts it", job_id)
+        _stopped_before_start.add(job_id)
+        return True
+
+    rp_scale.JobScaler.stop_job = stop_job
+
+
+def stopped_before_start(job_id: str | None) -> bool:
+    """Whether RunPod stopped job ``job_id`` before runpod started it (asked once, as the job begins)."""
+    if job_id in _stopped_before_start:
+        _stopped_before_start.discard(job_id)
+        return True
+    return False

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +22,7 @@ from runpod.serverless.modules import rp_job, rp_scale
 
 import handler
 from bench.overlap import ImageServer, input_png
+from src import job_loop
 from tests.test_resilience import WatchedLock, injected
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -49,10 +52,13 @@ def images(configure: Callable[..., None]) -> Iterator[HeldImages]:
 
 
 def run_in_runpods_loop(
-    jobs: list[dict[str, Any]], on_result: Callable[[str, dict[str, Any]], None] = lambda _id, _result: None
+    jobs: list[dict[str, Any]],
+    on_result: Callable[[str, dict[str, Any]], None] = lambda _id, _result: None,
+    stopped: tuple[str, ...] = (),
 ) -> list[tuple[str, dict[str, Any]]]:
     """``jobs`` through runpod's ``JobScaler.run_jobs`` at concurrency 2, as taken from RunPod at once;
-    returns each job's id and result, in the order they ended. ``on_result`` is called as each ends."""
+    returns each job's id and result, in the order they ended. ``on_result`` is called as each ends; the
+    jobs named in ``stopped`` are stopped (``JobScaler.stop_job``) once taken, before runpod starts them."""
     ended: list[tuple[str, dict[str, Any]]] = []
 
     async def handle(_session: Any, _config: dict[str, Any], job: dict[str, Any]) -> None:
@@ -68,6 +74,8 @@ def run_in_runpods_loop(
         for job in jobs:
             scaler.job_progress.add(job)
             await scaler.jobs_queue.put(job)
+        for job_id in stopped:
+            assert await scaler.stop_job(job_id), f"runpod dropped the stop for {job_id}"
         scaler._shutdown_event.set()  # run_jobs drains the queue, then returns
         await scaler.run_jobs(None)  # type: ignore[arg-type]
 
@@ -184,3 +192,22 @@ def test_a_job_cancelled_while_it_waits_for_the_gpu_leaves_without_running(monke
 
     assert unet_calls[0] == 0
     assert not lock.locked()
+
+
+def test_a_job_stopped_after_runpod_took_it_but_before_it_started_ends_without_a_result(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """runpod 1.12 drops a stop for a job it has taken but not yet started (no task to cancel), and the job
+    would run in full; the worker keeps the stop (``job_loop.remember_stops_before_start``, applied by
+    ``serve``), and the job ends as a stopped one when runpod starts it: no result, the next job runs."""
+    monkeypatch.setattr(rp_scale.JobScaler, "stop_job", rp_scale.JobScaler.stop_job)  # restored after the test
+    job_loop.remember_stops_before_start()
+
+    with caplog.at_level(logging.INFO, logger="handler"):
+        ended = run_in_runpods_loop(
+            [{"id": "stopped", "input": TEXT}, {"id": "next", "input": TEXT}], stopped=("stopped",)
+        )
+
+    assert [job_id for job_id, _ in ended] == ["next"]
+    assert re.search(r"job stopped CANCELLED in \d+ ms", caplog.text)
+    assert not job_loop.stopped_before_start("stopped"), "the stop is forgotten once used"
