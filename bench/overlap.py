@@ -243,7 +243,7 @@ def _jobs(mode: int, count: int, url: str, side: int, steps: int) -> list[dict[s
 def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "command": "python -m bench.overlap " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m bench.overlap", *sys.argv[1:]]),
         **report_header(),
         "jobs": args.jobs,
         "job": {"side": args.side, "steps": args.steps, "fetch_s": args.fetch_s, "task": "img2img, output to S3"},
