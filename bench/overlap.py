@@ -1,7 +1,8 @@
 """How much jobs overlap on runpod's own job loop: sequential (CONCURRENCY=1) against CONCURRENCY=2 and 4.
 
 Every job is an img2img whose input image comes from a loopback server that takes ``--fetch-s`` seconds
-to answer (a slow image host), and whose output goes to S3 (``moto_server`` on loopback, its own process).
+to answer (a slow image host), and whose output goes to S3 (``moto_server`` on loopback, its own process),
+or inline with ``--no-s3`` (where moto is missing, as on the GPU machine: ``--model`` names the model).
 Each mode runs in a fresh worker process, the jobs handed to ``runpod.serverless``'s own loop
 (``rp_scale.JobScaler``: its job-taking loop, a task per job, ``rp_job.run_job``) by its local-test seams:
 ``jobs_fetcher`` hands out this benchmark's jobs instead of RunPod's job-take, ``jobs_handler`` records
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -139,12 +141,19 @@ def _measurements(started: float, holds: list[tuple[float, float]], ended: dict[
         "busy_once_input_arrived": round(busy / (last_out - first_in), 3),
         "first_lock_entry_s": round(first_in - started, 3),
         "errors": errors,
-        "keys": {
-            job_id: [image["key"] for image in entry["result"]["output"]["images"]]
+        "images": {
+            job_id: [_stored(image) for image in entry["result"]["output"]["images"]]
             for job_id, entry in ended.items()
             if "output" in entry["result"]
         },
     }
+
+
+def _stored(image: dict[str, Any]) -> dict[str, str]:
+    """Where an answered image is: its S3 key, or the SHA-256 of its inline bytes."""
+    if "key" in image:
+        return {"key": image["key"]}
+    return {"sha256": hashlib.sha256(base64.b64decode(image["image"])).hexdigest()}
 
 
 # --- the servers and the driver, in the parent ---------------------------------------------------------------
@@ -221,7 +230,7 @@ def _start_s3() -> tuple[subprocess.Popen[bytes], str, Any]:
             time.sleep(0.2)
 
 
-def _jobs(mode: int, count: int, url: str, side: int, steps: int) -> list[dict[str, Any]]:
+def _jobs(mode: int, args: argparse.Namespace, url: str, output_type: str) -> list[dict[str, Any]]:
     return [
         {
             "id": f"c{mode}-job{index}",
@@ -229,50 +238,52 @@ def _jobs(mode: int, count: int, url: str, side: int, steps: int) -> list[dict[s
                 "prompt": "a red fox in the snow",
                 "image": url,
                 "strength": 1.0,  # every step runs, as in text-to-image
-                "width": side,
-                "height": side,
-                "num_inference_steps": steps,
+                "width": args.side,
+                "height": args.side,
+                "num_inference_steps": args.steps,
                 "seed": 100 + index,
-                "output_type": "s3",
+                "output_type": output_type,
             },
         }
-        for index in range(count)
+        for index in range(args.jobs)
     ]
 
 
 def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    output = "inline (base64)" if args.no_s3 else "S3"
     report: dict[str, Any] = {
         "command": " ".join(["python -m bench.overlap", *sys.argv[1:]]),
         **report_header(),
         "jobs": args.jobs,
-        "job": {"side": args.side, "steps": args.steps, "fetch_s": args.fetch_s, "task": "img2img, output to S3"},
+        "job": {"side": args.side, "steps": args.steps, "fetch_s": args.fetch_s, "task": f"img2img, output {output}"},
         "modes": {},
     }
     images = ImageServer(input_png(args.side), lambda _path: time.sleep(args.fetch_s))
-    s3, endpoint, client = _start_s3()
+    s3 = None if args.no_s3 else _start_s3()
     try:
         env = {
             **{key: value for key, value in os.environ.items() if not key.startswith(("RUNPOD_", "BUCKET_"))},
-            **CREDENTIALS,
             "MODEL_ID": str(model),
             "HF_ENDPOINT": "http://127.0.0.1:9",
             "IMAGE_URLS_ALLOW_PRIVATE": "true",
-            "BUCKET_ENDPOINT_URL": endpoint,
-            "BUCKET_NAME": BUCKET,
         }
+        if s3 is not None:
+            env.update(CREDENTIALS, BUCKET_ENDPOINT_URL=s3[1], BUCKET_NAME=BUCKET)
         digests: dict[int, list[list[str]]] = {}
         for mode in MODES:
-            jobs = _jobs(mode, args.jobs, f"{images.url}/input.png", args.side, args.steps)
+            jobs = _jobs(mode, args, f"{images.url}/input.png", "base64" if s3 is None else "s3")
             result = run_child("bench.overlap", "--child", json.dumps(jobs), env={**env, "CONCURRENCY": str(mode)})
             if result["errors"]:
                 raise RuntimeError(f"CONCURRENCY={mode}: jobs failed: {result['errors']}")
-            digests[mode] = [[_digest(client, key) for key in result["keys"][job["id"]]] for job in jobs]
-            report["modes"][str(mode)] = {key: value for key, value in result.items() if key != "keys"}
+            client = None if s3 is None else s3[2]
+            digests[mode] = [[_digest(client, stored) for stored in result["images"][job["id"]]] for job in jobs]
+            report["modes"][str(mode)] = {key: value for key, value in result.items() if key != "images"}
     finally:
         images.close()
-        s3.terminate()
-        s3.wait(timeout=30)
+        if s3 is not None:
+            s3[0].terminate()
+            s3[0].wait(timeout=30)
     sequential = report["modes"]["1"]["wall_s"]
     for entry in report["modes"].values():
         entry["wall_vs_sequential"] = round(entry["wall_s"] / sequential, 3)
@@ -287,16 +298,19 @@ def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     return report
 
 
-def _digest(client: Any, key: str) -> str:
-    return hashlib.sha256(client.get_object(Bucket=BUCKET, Key=key)["Body"].read()).hexdigest()
+def _digest(client: Any, stored: dict[str, str]) -> str:
+    """The SHA-256 of an answered image: read back from S3, or as the worker answered it inline."""
+    if "key" in stored:
+        return hashlib.sha256(client.get_object(Bucket=BUCKET, Key=stored["key"])["Body"].read()).hexdigest()
+    return stored["sha256"]
 
 
 def markdown(report: dict[str, Any]) -> str:
     job = report["job"]
     lines = [
         f"{report['jobs']} img2img jobs per mode, {job['side']}², {job['steps']} steps, each input image "
-        f"{job['fetch_s']} s away on a loopback server, each output uploaded to S3 (moto_server on loopback), "
-        "through runpod's own job loop.",
+        f"{job['fetch_s']} s away on a loopback server, output {job['task'].split('output ')[1]}"
+        f"{' (moto_server on loopback)' if job['task'].endswith('S3') else ''}, through runpod's own job loop.",
         "",
         "| CONCURRENCY | wall | vs sequential | GPU lock busy (of wall) | GPU lock busy once the first input "
         "arrived | lock hold per job (median) |",
@@ -309,9 +323,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"{entry['busy_of_wall']:.0%} | {entry['busy_once_input_arrived']:.0%} | {holds[len(holds) // 2]:.2f} s |"
         )
     same = "the same" if report["same_images_in_every_mode"] else "NOT the same"
+    where = "S3 object" if job["task"].endswith("S3") else "image answered inline"
     lines += [
         "",
-        f"Images: {same} bytes in every mode (SHA-256 of each S3 object). Goals at CONCURRENCY=2 "
+        f"Images: {same} bytes in every mode (SHA-256 of each {where}). Goals at CONCURRENCY=2 "
         f"(lock busy >= 90% once the first input arrived, wall <= 0.6x sequential): "
         f"{'met' if report['goals']['met'] else 'not met'}.",
         "",
@@ -329,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40, help="denoising steps per job (default 40)")
     parser.add_argument("--fetch-s", type=float, default=1.0, help="seconds the image server takes (default 1)")
     parser.add_argument("--model", type=Path, help="a diffusers folder (default: the tiny model, written here)")
+    parser.add_argument("--no-s3", action="store_true", help="answer inline instead of uploading (no moto_server)")
     parser.add_argument("--smoke", action="store_true", help="3 jobs, 64², 2 steps, 0.2 s inputs: every part")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go (default bench/results)")
     parser.add_argument("--name", default="overlap", help="the results files' name: NAME.json, NAME.md")
