@@ -32,6 +32,20 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# One torch (OpenMP) thread in each test process and in every process a test starts, unless the shell says
+# otherwise: the README runs the suite on three processes (pytest-xdist's ``-n 3``) on 2 cores, where two
+# OpenMP threads per process wait on each other far longer than one works (tests/test_job_loop.py's ONE_THREAD).
+TORCH_THREADS = "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    del config
+    os.environ.setdefault("OMP_NUM_THREADS", TORCH_THREADS)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Declare pyproject's ``timeout`` key where pytest-timeout is missing (the GPU machine),
     so that ``--strict-config`` does not stop the run; there it has no effect."""

@@ -19,6 +19,9 @@ from PIL import Image
 
 from tests.conftest import ROOT, decode_png, free_port, wait_for_port
 
+# One process runs this module's tests (``--dist loadgroup``): they share one server.
+pytestmark = pytest.mark.xdist_group("http-api")
+
 
 @dataclass
 class Server:

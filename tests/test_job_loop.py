@@ -24,7 +24,8 @@ import pytest
 from bench.runpod_api import RunPodAPI
 from tests.conftest import ROOT, decode_png
 
-pytestmark = pytest.mark.slow
+# One process runs this module's tests (``--dist loadgroup``): they share one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("job-loop")]
 
 JOB = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2}
 # A few seconds here (about 40 ms a step on one thread): progress goes out about once a second.

@@ -8,7 +8,9 @@ leaves every digest as it is; a change that means to change an output records th
 
 The tiny model's weights are seeded, so the digests hold wherever torch 2.13's CPU kernels give the same floats;
 where another kind of CPU rounds differently, its digests are recorded beside the others, on code whose output
-has already matched the recorded digests on a known CPU.
+has already matched the recorded digests on a known CPU. They were recorded with two torch threads (torch's
+default on 2 cores), and the number of threads changes how sums are split: the test pins two, whatever the
+suite's own setting (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 import handler
@@ -124,6 +127,8 @@ def same_bytes_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     write_test_loras(tiny_model_dir, loras, count=2)
     # The model's name is in the metadata and the embedded parameters: a relative path keeps it the same in every run.
     (folder / "tiny-sd15").symlink_to(tiny_model_dir, target_is_directory=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         for field in Settings.model_fields.values():
@@ -134,7 +139,10 @@ def same_bytes_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         patch.setattr(handler, "_settings", None)
         patch.setattr(handler, "_engine", None)
         patch.setattr(handler, "_storage", None)
-        yield
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def digest(response: dict[str, Any]) -> str:
