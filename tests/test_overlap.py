@@ -154,6 +154,9 @@ def test_a_cancelled_job_stops_at_its_next_step_and_frees_the_gpu(monkeypatch: p
         task = asyncio.create_task(handler.handler({"id": "long", "input": {**TEXT, "num_inference_steps": steps}}))
         await asyncio.to_thread(first_step.wait, HOLD_LIMIT_S)
         task.cancel()
+        # One turn of the loop: the task takes the cancellation, which sets the job's event, before the held step
+        # returns (the loop runs ready callbacks in order, so this is the order, not a matter of speed).
+        await asyncio.sleep(0)
         cancel_sent.set()
         with pytest.raises(asyncio.CancelledError):
             await task

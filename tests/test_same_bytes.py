@@ -9,8 +9,8 @@ leaves every digest as it is; a change that means to change an output records th
 The tiny model's weights are seeded, so the digests hold wherever torch 2.13's CPU kernels give the same floats;
 where another kind of CPU rounds differently, its digests are recorded beside the others, on code whose output
 has already matched the recorded digests on a known CPU. They were recorded with two torch threads (torch's
-default on 2 cores), and the number of threads changes how sums are split: the test pins two, whatever the
-suite's own setting (tests/conftest.py).
+default on 2 cores), and the number of threads changes how sums are split: the jobs run in a process of their
+own with two (``python -m tests.test_same_bytes`` from the folder the test prepares prints the digests).
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image
 
 import handler
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import write_tiny_controlnets
 from src.settings import Settings
-from tests.conftest import box_mask, noise_image
+from tests.conftest import ROOT, box_mask, noise_image
 
 
 def _png(image: Image.Image) -> str:
@@ -116,33 +116,17 @@ DIGESTS: dict[str, tuple[str, ...]] = {
 
 
 @pytest.fixture(scope="module")
-def same_bytes_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A fresh worker on the tiny model, with the tiny builders' LoRAs and ControlNets."""
+def same_bytes_folder(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model (as ``tiny-sd15``), the tiny builders' LoRAs and ControlNets, in one folder."""
     folder = tmp_path_factory.mktemp("same-bytes")
     # write_tiny_controlnets copies the model's UNet; a link keeps the shared model folder untouched.
     (folder / "unet").symlink_to(tiny_model_dir / "unet", target_is_directory=True)
-    controlnets = write_tiny_controlnets(folder)
-    loras = folder / "loras"
-    loras.mkdir()
-    write_test_loras(tiny_model_dir, loras, count=2)
+    write_tiny_controlnets(folder)
+    (folder / "loras").mkdir()
+    write_test_loras(tiny_model_dir, folder / "loras", count=2)
     # The model's name is in the metadata and the embedded parameters: a relative path keeps it the same in every run.
     (folder / "tiny-sd15").symlink_to(tiny_model_dir, target_is_directory=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        for field in Settings.model_fields.values():
-            patch.delenv(str(field.alias), raising=False)
-        patch.setenv("MODEL_ID", "tiny-sd15")
-        patch.setenv("LORA_DIR", str(loras))
-        patch.setenv("CONTROLNET_DIR", str(controlnets))
-        patch.setattr(handler, "_settings", None)
-        patch.setattr(handler, "_engine", None)
-        patch.setattr(handler, "_storage", None)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+    return folder
 
 
 def digest(response: dict[str, Any]) -> str:
@@ -156,11 +140,37 @@ def digest(response: dict[str, Any]) -> str:
     return hashed.hexdigest()
 
 
-@pytest.mark.usefixtures("same_bytes_worker")
-def test_each_task_gives_the_bytes_it_gave_before() -> None:
+def print_digests() -> None:
+    """Run every job through ``handler.handler`` in this process, from the folder; print their digests as JSON."""
     found = {
         name: digest(asyncio.run(handler.handler({"id": name, "input": {**BASE, **job}}))) for name, job in JOBS.items()
     }
+    print(json.dumps(found))
+
+
+def test_each_task_gives_the_bytes_it_gave_before(same_bytes_folder: Path) -> None:
+    # A fresh worker process with two torch threads, as the digests were recorded: a thread that this suite's
+    # process started earlier keeps the number of threads it started with (tests/conftest.py gives one).
+    worker_variables = {str(field.alias) for field in Settings.model_fields.values()}
+    env = {name: value for name, value in os.environ.items() if name not in worker_variables}
+    env.update(
+        MODEL_ID="tiny-sd15",
+        LORA_DIR=str(same_bytes_folder / "loras"),
+        CONTROLNET_DIR=str(same_bytes_folder / "controlnets"),
+        OMP_NUM_THREADS="2",
+        PYTHONPATH=str(ROOT),
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "tests.test_same_bytes"],
+        cwd=same_bytes_folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    found = json.loads(completed.stdout.splitlines()[-1])
     if os.environ.get("RECORD_DIGESTS"):
         print("\nDIGESTS = {")
         for name, value in found.items():
@@ -168,3 +178,7 @@ def test_each_task_gives_the_bytes_it_gave_before() -> None:
         print("}")
     changed = [name for name in JOBS if found[name] not in DIGESTS[name]]
     assert not changed, f"these jobs no longer give the bytes they gave: {changed}"
+
+
+if __name__ == "__main__":
+    print_digests()
