@@ -2,7 +2,7 @@
 
     python -m bench.soak                         # 30 minutes of jobs, 3 clients, CONCURRENCY=2
     python -m bench.soak --minutes 5
-    python -m bench.soak --minutes 0.5 --out DIR # the test suite's run
+    python -m bench.soak --minutes 0.25 --out DIR  # the test suite's run
 
 Writes soak.json (the summary, every job and every sample), soak.md (its tables) and soak.png (latency, RSS
 and open file descriptors over time) into ``--out`` (default bench/results), with the command, the CPU, the

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # One torch (OpenMP) thread in each test process and in every process a test starts, unless the shell says
-# otherwise: the README runs the suite on three processes (pytest-xdist's ``-n 3``) on 2 cores, where two
+# otherwise: the README runs the suite on four processes (pytest-xdist's ``-n 4``) on 2 cores, where two
 # OpenMP threads per process wait on each other far longer than one works (tests/test_job_loop.py's ONE_THREAD).
 TORCH_THREADS = "1"
 
