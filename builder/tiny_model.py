@@ -6,6 +6,7 @@ Usage::
     python -m builder.tiny_model DIR --single-file    # and, inside it, the same weights as one
                                                       # checkpoint file plus a VAE file
     python -m builder.tiny_model DIR --controlnet     # and, in DIR/controlnets, tiny ControlNets
+    python -m builder.tiny_model DIR --models         # and, in DIR/models, tiny models for MODELS_DIR
 
 The pipeline is built from the real diffusers and transformers classes at tiny
 sizes and saved with ``save_pretrained``, so ``MODEL_ID=DIR`` loads it through
@@ -23,6 +24,10 @@ holds exactly the same numbers.
   ``cond_stage_model.transformer.*``, as fine-tunes are shared;
 - ``DIR/tiny-vae.safetensors``: a VAE of the same shape with other weights, in the
   layout of a shared VAE file (``encoder.*``, ``decoder.*``), for ``VAE_ID``.
+
+``--models`` writes ``DIR/models/``, a MODELS_DIR of tiny models with the pipeline's shapes and weights of
+their own (seeds 1 to 3): ``tiny-a.safetensors`` and ``styles/tiny-b.safetensors`` in the LDM layout, and
+the diffusers folder ``tiny-c/``; DIR is their MODEL_CONFIG.
 
 ``--controlnet`` (which combines with ``--single-file``) writes ``DIR/controlnets/``, ControlNets
 copied from the tiny UNet with ``ControlNetModel.from_unet``, as ControlNets are trained:
@@ -57,6 +62,9 @@ if TYPE_CHECKING:
 CONTEXT_LENGTH = 77
 TEXT_WIDTH = 32
 CHECKPOINT_FILE = "tiny-sd15.safetensors"
+# --models: MODELS_DIR's layout, each model with weights of its own (the seed), as two files and a folder.
+MODELS_FOLDER = "models"
+MODELS = {"tiny-a.safetensors": 1, "styles/tiny-b.safetensors": 2, "tiny-c": 3}
 VAE_FILE = "tiny-vae.safetensors"
 CONTROLNET_FOLDER = "controlnets"
 CONTROLNET_DIFFUSERS = "tiny-controlnet"
@@ -194,8 +202,8 @@ def build_tiny_controlnet(unet: Any, seed: int) -> Any:
     return _round_to_float16(controlnet)
 
 
-def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False) -> StableDiffusionPipeline:
-    """Build the tiny pipeline; ``workdir`` receives the tokenizer's source files."""
+def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False, seed: int = 0) -> StableDiffusionPipeline:
+    """Build the tiny pipeline, its weights drawn from ``seed``; ``workdir`` receives the tokenizer's source files."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -210,7 +218,7 @@ def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False) -> Stabl
 
     # Each block gets its own seed, as diffusers' own tests do, so that a change
     # to one block's shape does not change the weights of the others.
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
@@ -223,8 +231,8 @@ def build_tiny_pipeline(workdir: Path, *, safety_checker: bool = False) -> Stabl
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = build_tiny_vae(seed=0)
-    torch.manual_seed(0)
+    vae = build_tiny_vae(seed=seed)
+    torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
@@ -278,6 +286,26 @@ def write_tiny_model(
     return directory
 
 
+def write_tiny_models(directory: Path) -> Path:
+    """Write ``MODELS``, tiny models with weights of their own, into ``directory`` as MODELS_DIR holds them; return it.
+
+    Each has the tiny pipeline's shapes (so the tiny model's folder is their MODEL_CONFIG), with weights drawn
+    from another seed: the single files in the LDM layout, the folder saved with ``save_pretrained``.
+    """
+    from builder import single_file
+
+    directory = Path(directory)
+    for name, seed in MODELS.items():
+        with tempfile.TemporaryDirectory() as workdir:
+            pipeline = build_tiny_pipeline(Path(workdir), seed=seed)
+        if name.endswith(".safetensors"):
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            single_file.save(single_file.checkpoint_state_dict(pipeline), directory / name)
+        else:
+            pipeline.save_pretrained(directory / name)
+    return directory
+
+
 def write_single_files(pipeline: StableDiffusionPipeline, directory: Path) -> tuple[Path, Path]:
     """Write ``pipeline`` as ``directory/CHECKPOINT_FILE`` and another VAE as ``directory/VAE_FILE``."""
     from builder import single_file
@@ -322,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"also write the weights as one LDM-layout checkpoint ({CHECKPOINT_FILE}) and a VAE file ({VAE_FILE})",
     )
     parser.add_argument(
+        "--models",
+        action="store_true",
+        help=f"also write tiny models with weights of their own into {MODELS_FOLDER}/, for MODELS_DIR "
+        f"({', '.join(MODELS)})",
+    )
+    parser.add_argument(
         "--controlnet",
         action="store_true",
         help=f"also write tiny ControlNets into {CONTROLNET_FOLDER}/ ({', '.join(CONTROLNET_ENTRIES)})",
@@ -339,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         args.directory, safety_checker=args.safety_checker, single_file=args.single_file, controlnet=args.controlnet
     )
     print(f"tiny SD 1.5-shaped pipeline written to {path}")
+    if args.models:
+        print(f"tiny models for MODELS_DIR (MODEL_CONFIG={path}): {write_tiny_models(path / MODELS_FOLDER)}")
     if args.single_file:
         print(f"as one checkpoint file: {path / CHECKPOINT_FILE}")
         print(f"a VAE file with other weights: {path / VAE_FILE}")

@@ -403,3 +403,12 @@ def test_the_readme_controlnet_smoke_run(tmp_path: Path, offline_env: dict[str, 
     parameters = run_readme_block("A smoke run with the tiny model and its tiny ControlNets", tmp_path, offline_env)
 
     assert 'ControlNet 0: "Module: none, Model: tiny-controlnet, Weight: 1.0' in parameters
+
+
+def test_the_readme_many_models_smoke_run(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    """The README's MODELS_DIR smoke run, as written there: the tiny model, its tiny models, one named by a job."""
+    parameters = run_readme_block(
+        "A smoke run with the tiny model and its tiny models for `MODELS_DIR`", tmp_path, offline_env
+    )
+
+    assert re.search(r"Model: styles/tiny-b, Model hash: [0-9a-f]{10}$", parameters)

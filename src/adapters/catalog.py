@@ -1,4 +1,4 @@
-"""What the worker has, by name: the LoRAs and ControlNets a request may name, torch-free.
+"""What the worker has, by name: the models, LoRAs and ControlNets a request may name, torch-free.
 
 Built once, at startup, from the folders' scans (``scan_loras``, and ``ControlNets``' checked entries),
 and read by ``prepare`` before a job waits for the GPU: a request naming a LoRA or a ControlNet the
@@ -8,6 +8,7 @@ file descriptions only, never a model, so the stages beside the GPU stage may re
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -15,14 +16,17 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from src.adapters.controlnets import ControlNetEntry, ControlNetRef
     from src.adapters.loras import LoraFile, LoraRef
+    from src.models.library import ModelEntry
 
 # An unknown name's error lists at most this many of the names there are.
 NAMES_SHOWN = 20
 
 
 class AdapterRequest(Protocol):
-    """The part of a request that names adapters."""
+    """The part of a request that names the model and adapters."""
 
+    @property
+    def model(self) -> str | None: ...
     @property
     def loras(self) -> Sequence[LoraRef]: ...
     @property
@@ -31,10 +35,12 @@ class AdapterRequest(Protocol):
 
 @dataclass(frozen=True)
 class Catalog:
-    """The LoRAs of LORA_DIR and the ControlNets of CONTROLNET_DIR, by name, as their scans found them."""
+    """The models of MODELS_DIR, the LoRAs of LORA_DIR and the ControlNets of CONTROLNET_DIR, by name, as their
+    scans found them."""
 
     loras: Mapping[str, LoraFile] = field(default_factory=dict)
     controlnets: Mapping[str, ControlNetEntry] = field(default_factory=dict)
+    models: Mapping[str, ModelEntry] = field(default_factory=dict)
 
     @property
     def lora_names(self) -> list[str]:
@@ -46,8 +52,26 @@ class Catalog:
         return sorted(self.controlnets)
 
     def problems(self, request: AdapterRequest) -> list[str]:
-        """Each LoRA and ControlNet the request names that the worker does not have, or cannot use."""
-        return self.lora_problems(request.loras) + self.controlnet_problems(request.controlnets)
+        """The model, and each LoRA and ControlNet, the request names that the worker does not have, or cannot use."""
+        model = self.model_problem(request.model) if request.model is not None else None
+        found = [model] if model else []
+        return found + self.lora_problems(request.loras) + self.controlnet_problems(request.controlnets)
+
+    def model_problem(self, name: str) -> str | None:
+        """Why ``name`` is not a usable model of MODELS_DIR, naming the field; None when it is one."""
+        entry = self.models.get(name)
+        if entry is None:
+            usable = sorted(key for key, item in self.models.items() if item.problem is None)
+            closest = difflib.get_close_matches(name, usable, n=3, cutoff=0.5)
+            hint = (
+                f"the closest are {', '.join(closest)}"
+                if closest
+                else f"the models are: {_shown(usable, ' and {} more') or 'none'}"
+            )
+            return f"model={name!r}: not a model in MODELS_DIR; {hint}"
+        if entry.problem:
+            return f"model={name!r}: {entry.path.name} cannot be used: {entry.problem}"
+        return None
 
     def lora_problems(self, refs: Sequence[LoraRef]) -> list[str]:
         """Each unknown LoRA name, with the names there are (a file known to be unusable is refused when

@@ -37,6 +37,7 @@ from src.prompts.syntax import CHUNK_TOKENS, TextPlan
 from src.run import pipelines
 from src.run.job import JobState, ProgressCallback
 from src.run.memory import GIB, Plan, Profile, plan_sub_batch
+from src.run.models import Models
 from src.run.startup import apply_offload, load_parts, models_offloaded_after
 from src.schema import GenerateRequest, InputError
 from src.settings import Settings
@@ -107,6 +108,10 @@ class Engine:
         self.loras = Loras(pipeline, {}, cache_bytes=0)
         # ControlNets from CONTROLNET_DIR, loaded on first use and cached.
         self.controlnets = ControlNets(pipeline, {}, device=device, dtype=dtype, cache_bytes=0)
+        # MODELS_DIR's models, swapped into the pipeline's modules when a job names one.
+        self.models = Models(
+            pipeline, {}, settings=settings, dtype=dtype, pin=False, cache_bytes=0, default=self.identity
+        )
 
     @classmethod
     def load(cls, settings: Settings) -> Engine:
@@ -129,6 +134,9 @@ class Engine:
         engine.embeddings = parts.embeddings
         engine.loras = parts.loras
         engine.controlnets = parts.controlnets
+        engine.models = Models.from_settings(
+            parts.pipeline, settings, dtype=parts.dtype, pin=parts.device.type == "cuda", default=parts.identity
+        )
         if parts.fast:
             _warm_up(engine)
         return engine
@@ -136,7 +144,7 @@ class Engine:
     @property
     def catalog(self) -> Catalog:
         """The LoRAs and ControlNets this worker has, by name, for ``prepare`` to look requests up in."""
-        return Catalog(loras=self.loras.files, controlnets=self.controlnets.entries)
+        return Catalog(loras=self.loras.files, controlnets=self.controlnets.entries, models=self.models.entries)
 
     def generate(
         self,
@@ -170,15 +178,15 @@ class Engine:
     ) -> Generation:
         """Run one prepared job and return its images, in seed order.
 
-        ``timeout_s`` bounds the work from the moment the job gets the GPU; ``on_progress`` receives
-        ``{"step", "total_steps"}`` about once a second, and at the last step; once ``cancelled`` is set
-        (from another thread), the job stops waiting for the GPU, or at its next step (JobCancelledError).
+        ``timeout_s`` bounds the work from when the job gets the GPU; ``on_progress`` gets ``{"step", "total_steps"}``
+        about once a second and at the last step; once ``cancelled`` is set (from another thread), the job stops
+        waiting for the GPU, or at its next step.
 
         Raises:
             AdmissionError: the job cannot fit on this GPU even one image at a time.
             GenerationTimeoutError, JobCancelledError: it ran past GENERATION_TIMEOUT_SECONDS, or was cancelled.
             OutOfMemoryError, BadImageError: out of GPU memory twice; NaN in the images even after a float32 decode.
-            AdapterError: a LoRA or ControlNet file cannot be loaded; the message names its field.
+            AdapterError, ModelLoadError: a LoRA, ControlNet or MODELS_DIR model cannot be loaded (named).
         """
         request = plan.request
         # 1. Admission: how many images fit at once, or a refusal before any work, sized by the largest pass.
@@ -189,11 +197,8 @@ class Engine:
         with self._gpu(cancelled) as queue_ms, torch.inference_mode(), models_offloaded_after(self._pipeline):
             started = time.perf_counter()
             job.start()
-            # 3. The job's LoRAs and ControlNets on, for this job only: off again however it ends.
-            with (
-                self.loras.applied(request.loras) as loras,
-                self.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,
-            ):
+            # 3. The job's model swapped in, its LoRAs and ControlNets on for the job only.
+            with _model_and_adapters(self, request, job) as (model, loras):
                 # 4. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
                 job.schedule = schedule = pipelines.encode_prompts(
                     self._pipeline,
@@ -209,7 +214,7 @@ class Engine:
             images=pictures,
             seeds=request.seeds,
             inference_ms=inference_ms,
-            model=self.identity,
+            model=model,
             device=self.device.type,
             dtype=str(self.dtype).removeprefix("torch."),
             memory_profile=self.profile.value,
@@ -315,6 +320,20 @@ class Engine:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@contextmanager
+def _model_and_adapters(
+    engine: Engine, request: GenerateRequest, job: JobState
+) -> Iterator[tuple[ModelIdentity, list[Applied]]]:
+    """The job's model in the modules (``run.models``: swapped in place when the job names another), and its
+    LoRAs and ControlNets on for the job only: off again however it ends. Under the GPU lock."""
+    model = engine.models.use(request.model) if engine.models.entries else engine.identity
+    with (
+        engine.loras.applied(request.loras) as loras,
+        engine.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,
+    ):
+        yield model, loras
 
 
 def _warm_up(engine: Engine) -> None:

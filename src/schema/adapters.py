@@ -12,6 +12,8 @@ from src.schema.core import RequestLimits, canonical_name, names_by_key
 from src.schema.passes import PassOptions
 
 LORA_SCALE_LIMIT = 4.0
+# A model's name in MODELS_DIR, such as "styles/anime-v3", is at most this long.
+MODEL_NAME_MAX = 200
 # A1111's extra-network tags, as its re_extra_net reads them: <lora:name> or <lora:name:scale>.
 EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 # The tag kinds that name a LoRA: A1111 reads <lyco:...> as <lora:...>.
@@ -231,6 +233,27 @@ def merge_lora_tags(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "loras": [*listed, *tagged]}
 
 
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a model's name in MODELS_DIR (a path, a URL); None when it can be one."""
+    if "://" in name or name.startswith(("http:", "https:")):
+        return "a name from MODELS_DIR, not a URL"
+    if name.startswith(("/", "~")) or "\\" in name or re.match(r"^[A-Za-z]:", name):
+        return "a name from MODELS_DIR, not a path"
+    if any(part in ("", ".", "..") for part in name.split("/")) or "\0" in name:
+        return "a name from MODELS_DIR (`sub/name`), without `.`, `..` or empty parts"
+    return None
+
+
+def check_model(model: str | None, limits: RequestLimits) -> None:
+    """Check that the worker serves more models than its default when a job names one.
+
+    Raises:
+        ValueError: naming ``model`` and the rule.
+    """
+    if model is not None and limits.models_dir is None:
+        raise ValueError(f"model={model!r}: this worker serves its default model only: MODELS_DIR is not set")
+
+
 def check_loras(loras: Sequence[LoraRequest], limits: RequestLimits) -> None:
     """Check that the worker serves LoRAs, and that the job asks for few enough, each once.
 
@@ -270,7 +293,16 @@ def check_controlnets(units: Sequence[ControlNetUnit], limits: RequestLimits) ->
 
 
 class AdapterOptions(PassOptions):
-    """The fields that name adapters: ``loras`` and ``controlnets``."""
+    """The fields that name the model and adapters: ``model``, ``loras`` and ``controlnets``."""
+
+    model: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=MODEL_NAME_MAX,
+        description="A model of `MODELS_DIR` by its name there (`sub/name`, without the extension), never a path "
+        "or URL. Unset: the worker's default model (`MODEL_ID`). See Many models.",
+        json_schema_extra={"shown_default": "MODEL_ID"},
+    )
 
     loras: list[LoraRequest] = Field(
         default_factory=list,
@@ -286,3 +318,10 @@ class AdapterOptions(PassOptions):
         "high, scale, start, end, control_mode}]`; see ControlNet. Every task takes them. Needs `CONTROLNET_DIR`.",
         json_schema_extra={"shown_default": "none"},
     )
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_a_name(cls, value: str | None) -> str | None:
+        if value is not None and (problem := model_name_problem(value)):
+            raise ValueError(problem)
+        return value

@@ -13,6 +13,7 @@ from src.schema.adapters import (
     LoraRequest,
     check_controlnets,
     check_loras,
+    check_model,
     merge_lora_tags,
     without_lora_tags,
 )
@@ -91,6 +92,11 @@ class GenerateRequest(AdapterOptions):
                 )
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _model_allowed(self, info: ValidationInfo) -> GenerateRequest:
+        check_model(self.model, request_limits(info))
         return self
 
     @model_validator(mode="after")

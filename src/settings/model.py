@@ -109,6 +109,26 @@ class ModelSettings(BaseModel):
         description="Folder (such as one on a network volume) where a checkpoint converted at startup is kept as "
         "a diffusers folder, and found again by the next workers. Unset: converted at every start.",
     )
+    models_dir: str | None = Field(
+        None,
+        alias="MODELS_DIR",
+        description="Folder (such as `/runpod-volume/models`) of more SD 1.5 models a request may name in `model`: "
+        "single-file `.safetensors` checkpoints and diffusers folders, scanned at startup by name (`sub/name`, "
+        "without the extension). MODEL_ID stays the default. Unset: MODEL_ID only.",
+    )
+    models_preload: str | None = Field(
+        None,
+        alias="MODELS_PRELOAD",
+        description="Names from MODELS_DIR, comma-separated, read into the host cache at startup. Unset: each "
+        "model is read at its first use.",
+    )
+    model_cache_ram_mb: int | None = Field(
+        None,
+        alias="MODEL_CACHE_RAM_MB",
+        ge=0,
+        description="Host memory for the weights of MODELS_DIR's models, most recently used kept (the default "
+        "model's are always kept). Unset: a quarter of the machine's memory; refused above 80% of it.",
+    )
     vae_id: str | None = Field(
         None,
         alias="VAE_ID",
@@ -219,6 +239,11 @@ class ModelSettings(BaseModel):
             netloc = urlsplit(self.model_url).netloc.lower()
             tokens.append(HostToken(netloc, self.download_token.get_secret_value(), "DOWNLOAD_TOKEN"))
         return tokens
+
+    @property
+    def preload_names(self) -> list[str]:
+        """MODELS_PRELOAD's names, in order."""
+        return [name.strip() for name in (self.models_preload or "").split(",") if name.strip()]
 
     @property
     def model_config_folder(self) -> str:

@@ -1,0 +1,206 @@
+"""MODELS_DIR's models by name: scanned at startup, judged from their headers, read on first use.
+
+A request's ``model`` is a name from the scan, never a path: ``sub/name`` for ``MODELS_DIR/sub/name.safetensors``
+or for the diffusers folder ``MODELS_DIR/sub/name``. A file is judged by the checks MODEL_ID's file gets
+(``checkpoints.check_checkpoint``: SD 1.5 only, pickles refused unopened), a folder by its UNet's config;
+one that fails is kept in the scan with its reason, so a request naming it is told why.
+
+``read_weights`` reads a model as the worker reads MODEL_ID (``loader.load_model``: the conversion cache of
+MODEL_CACHE_DIR, the hash once per file) and keeps only its weights: the state dicts of its UNet, text encoder
+and VAE, which ``run.models`` copies into the modules on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.errors import ModelLoadError
+from src.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_checkpoint
+from src.models.loader import ModelIdentity, load_model
+from src.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The modules whose weights differ from one SD 1.5 model to the next; the tokenizer, scheduler and safety
+# checker are the same for all.
+PARTS = ("unet", "text_encoder", "vae")
+# PEFT's names for a LoRA-wrapped layer: the model's own weight is ``<layer>.base_layer.weight``.
+_PEFT_BASE = re.compile(r"\.base_layer(?=\.)")
+_PEFT_ADAPTER = re.compile(r"\.(lora_[A-Za-z_]+|lora_magnitude_vector)\.")
+# The config keys that give a diffusers folder's models their shapes: the UNet's input channels (9 for an
+# inpainting model) and cross-attention width (768 for SD 1.5, 1024 for SD 2.x, 2048 for SDXL) among them.
+_SHAPING_KEYS = {
+    "unet": ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels", "layers_per_block"),
+    "text_encoder": ("hidden_size", "num_hidden_layers", "vocab_size"),
+    "vae": ("block_out_channels", "latent_channels"),
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model of MODELS_DIR: its name, its file or folder, and why it cannot be used (None when it can)."""
+
+    name: str
+    path: Path
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One model's weights in host memory, by part, under the names of a module without LoRA layers."""
+
+    identity: ModelIdentity
+    parts: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.nbytes for part in self.parts.values() for tensor in part.values())
+
+
+def scan_models(folder: Path, config_folder: Path) -> dict[str, ModelEntry]:
+    """Every model file and diffusers folder under ``folder``, by name, each with its problem if it has one.
+
+    Hidden files and folders (a conversion being written, say) are skipped; so are the files inside a
+    diffusers folder.
+
+    Raises:
+        ModelLoadError: ``folder`` is not a folder.
+    """
+    if not folder.is_dir():
+        raise ModelLoadError(f"MODELS_DIR={str(folder)!r}: no such folder")
+    entries: dict[str, ModelEntry] = {}
+    folders = sorted(index.parent for index in folder.rglob("model_index.json") if not _hidden(index, folder))
+    for path in folders:
+        name = path.relative_to(folder).as_posix()
+        entries[name] = ModelEntry(name, path, _folder_problem(path, config_folder))
+    for path in sorted(folder.rglob("*")):
+        suffix = path.suffix.lower()
+        if not path.is_file() or suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or _hidden(path, folder):
+            continue
+        if any(parent in folders for parent in path.parents):
+            continue
+        name = path.relative_to(folder).with_suffix("").as_posix()
+        if name in entries:
+            log.warning("MODELS_DIR: %s and %s have one name, %r; the first is served", entries[name].path, path, name)
+            continue
+        entries[name] = ModelEntry(name, path, _file_problem(path, config_folder))
+    for entry in entries.values():
+        if entry.problem:
+            log.warning("MODELS_DIR: %s is not served: %s", entry.name, entry.problem)
+    log.info("MODELS_DIR: %d models (%d usable)", len(entries), sum(not entry.problem for entry in entries.values()))
+    return entries
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _file_problem(path: Path, config_folder: Path) -> str | None:
+    try:
+        check_checkpoint(path, config_folder, setting="MODELS_DIR")
+    except ModelLoadError as error:
+        # "MODELS_DIR='/…/x.safetensors': why" -> "why": the name is said by whoever reports it.
+        return str(error).split(": ", 1)[-1]
+    return None
+
+
+def _folder_problem(path: Path, config_folder: Path) -> str | None:
+    """Why a diffusers folder's models are not shaped as the config folder's (SD 1.5's), from their configs."""
+    for part, keys in _SHAPING_KEYS.items():
+        try:
+            found = json.loads((path / part / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return f"a diffusers folder without a readable {part}/config.json"
+        try:
+            expected = json.loads((config_folder / part / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return f"the config folder {config_folder} (MODEL_CONFIG) has no readable {part}/config.json to judge it by"
+        for key in keys:
+            if found.get(key) != expected.get(key):
+                return f"its {part} has {key}={found.get(key)!r}, SD 1.5's (MODEL_CONFIG) has {expected.get(key)!r}"
+    return None
+
+
+def read_weights(entry: ModelEntry, settings: Settings, dtype: torch.dtype, *, pin: bool) -> Weights:
+    """Read ``entry`` as MODEL_ID would be read, in ``dtype``, and keep its weights (pinned when ``pin``).
+
+    Raises:
+        ModelLoadError: the file or folder is gone, or cannot be read; the message names the model.
+    """
+    if entry.problem:
+        raise ModelLoadError(f"model={entry.name!r}: {entry.problem}")
+    if not entry.path.exists():
+        raise ModelLoadError(f"model={entry.name!r}: its file is no longer in MODELS_DIR ({entry.path.name})")
+    # MODEL_ID's own rules, for this file: no URL, no checksum, no baked VAE; VAE_ID still replaces every VAE.
+    own = settings.model_copy(
+        update={"model_id": str(entry.path), "model_url": None, "model_sha256": None, "vae_url": None}
+    )
+    try:
+        pipeline, identity = load_model(own, dtype)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"model={entry.name!r}: {error}") from None
+    parts = {part: snapshot(getattr(pipeline, part), pin=pin) for part in PARTS}
+    return Weights(ModelIdentity(entry.name, identity.checkpoint, identity.vae, identity.vae_file), parts)
+
+
+def snapshot(module: Any, *, pin: bool = False) -> dict[str, torch.Tensor]:
+    """A copy of ``module``'s weights in host memory, named as in a module without LoRA layers."""
+    copied = {}
+    for name, tensor in _own_tensors(module).items():
+        host = tensor.detach().to("cpu", copy=True)
+        copied[name] = host.pin_memory() if pin else host
+    return copied
+
+
+def copy_into(module: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into ``module``'s own tensors in place: every graph, hook and LoRA layer that holds
+    them stays valid.
+
+    Raises:
+        ModelLoadError: the names or shapes differ from the module's (not the same architecture).
+    """
+    targets = fitting_targets(module, weights)
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(weights[name], non_blocking=True)
+
+
+def fitting_targets(module: Any, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``module``'s own tensors, once checked to take ``weights`` by name and shape, each holding its values.
+
+    Raises:
+        ModelLoadError: they do not (another architecture), or the module's weights are not on it (sequential
+            CPU offload keeps them in its hooks).
+    """
+    targets = _own_tensors(module)
+    if targets.keys() != weights.keys():
+        missing = sorted(targets.keys() - weights.keys())[:3]
+        extra = sorted(weights.keys() - targets.keys())[:3]
+        raise ModelLoadError(f"the weights do not fit the model's modules: missing {missing}, unexpected {extra}")
+    for name, target in targets.items():
+        if target.device.type == "meta":
+            raise ModelLoadError(
+                "another model cannot be swapped in while sequential CPU offload holds the weights (the minimal "
+                "memory profile); use the low or balanced profile"
+            )
+        if weights[name].shape != target.shape:
+            raise ModelLoadError(f"{name} is {list(weights[name].shape)}, the model's is {list(target.shape)}")
+    return targets
+
+
+def _own_tensors(module: Any) -> dict[str, torch.Tensor]:
+    """The module's parameters and persistent buffers, LoRA adapters' left out, under their names without
+    PEFT's ``base_layer``."""
+    own = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if _PEFT_ADAPTER.search(name):
+            continue
+        own[_PEFT_BASE.sub("", name)] = tensor
+    return own

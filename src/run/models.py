@@ -1,0 +1,176 @@
+"""Stage 2: the model a job names, swapped in place under the GPU lock.
+
+The pipeline keeps one UNet, text encoder and VAE on the device whatever the number of models; a job that
+names another model has that model's weights copied into them (``library.copy_into``), so compiled graphs,
+LoRA layers, offload hooks and ControlNet wrappers stay valid. Weights come from a host-memory cache,
+least recently used dropped first within MODEL_CACHE_RAM_MB, or from MODELS_DIR on a first use. The
+default model's weights are copied to host memory before the first swap away from it, and are never
+dropped: it stays the default, and stays warm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.errors import ModelLoadError
+from src.models.library import (
+    PARTS,
+    ModelEntry,
+    Weights,
+    copy_into,
+    fitting_targets,
+    read_weights,
+    scan_models,
+    snapshot,
+)
+from src.models.loader import ModelIdentity
+from src.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+# MODEL_CACHE_RAM_MB unset: this share of the machine's memory; set, at most this share.
+DEFAULT_RAM_SHARE = 0.25
+MAX_RAM_SHARE = 0.8
+# What the modules hold while a copy is under way; a failed copy leaves them so, and the next job restores.
+_UNKNOWN = "\0unknown"
+
+
+def machine_memory_bytes() -> int:
+    """The machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cache_budget(settings: Settings, total_bytes: int) -> int:
+    """MODEL_CACHE_RAM_MB in bytes, or its default from ``total_bytes``, the machine's memory.
+
+    Raises:
+        ModelLoadError: the setting is more than the machine can hold.
+    """
+    if settings.model_cache_ram_mb is None:
+        return int(total_bytes * DEFAULT_RAM_SHARE)
+    wanted = settings.model_cache_ram_mb * MIB
+    if wanted > total_bytes * MAX_RAM_SHARE:
+        raise ModelLoadError(
+            f"MODEL_CACHE_RAM_MB={settings.model_cache_ram_mb}: more than {MAX_RAM_SHARE:.0%} of this machine's "
+            f"{total_bytes // MIB} MiB of memory; set at most {int(total_bytes * MAX_RAM_SHARE) // MIB}"
+        )
+    return wanted
+
+
+class Models:
+    """The models a job may name, and which one the pipeline's modules hold."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        entries: Mapping[str, ModelEntry],
+        *,
+        settings: Settings,
+        dtype: torch.dtype,
+        pin: bool,
+        cache_bytes: int,
+        default: ModelIdentity,
+    ) -> None:
+        self.entries = dict(entries)
+        self.cache_bytes = cache_bytes
+        # How many times each model was read from MODELS_DIR: once, while it stays in the cache.
+        self.reads: Counter[str] = Counter()
+        self._pipeline = pipeline
+        self._settings = settings
+        self._dtype = dtype
+        self._pin = pin
+        self._default_identity = default
+        self._default: Weights | None = None
+        self._cache: OrderedDict[str, Weights] = OrderedDict()
+        # The model the modules hold (None: the default), and its identity.
+        self._current: str | None = None
+        self._identity = default
+
+    @classmethod
+    def from_settings(
+        cls, pipeline: Any, settings: Settings, *, dtype: torch.dtype, pin: bool, default: ModelIdentity
+    ) -> Models:
+        """MODELS_DIR's models (none when it is unset), with MODELS_PRELOAD's read into the cache.
+
+        Raises:
+            ModelLoadError: MODELS_DIR is not a folder, MODEL_CACHE_RAM_MB is more than the machine holds,
+                or a preloaded model is unknown or cannot be read.
+        """
+        entries: dict[str, ModelEntry] = {}
+        if settings.models_dir is not None:
+            entries = scan_models(Path(settings.models_dir).expanduser(), Path(settings.model_config_folder))
+        budget = cache_budget(settings, machine_memory_bytes())
+        models = cls(pipeline, entries, settings=settings, dtype=dtype, pin=pin, cache_bytes=budget, default=default)
+        for name in settings.preload_names:
+            if name not in entries:
+                raise ModelLoadError(f"MODELS_PRELOAD names {name!r}, which is not a model in MODELS_DIR")
+            models._weights(name)
+        return models
+
+    @property
+    def cached(self) -> list[str]:
+        """The models whose weights are in host memory, least recently used first."""
+        return list(self._cache)
+
+    def use(self, name: str | None) -> ModelIdentity:
+        """Make the modules hold model ``name`` (None: the default); its identity. Call it under the GPU lock.
+
+        Raises:
+            ModelLoadError: ``name`` is not a usable model of MODELS_DIR, or its file is gone or unreadable;
+                the modules then hold the model they held.
+        """
+        if name == self._current:
+            return self._identity
+        started = time.perf_counter()
+        if self._current is None and self._default is None:
+            parts = {part: snapshot(getattr(self._pipeline, part), pin=self._pin) for part in PARTS}
+            self._default = Weights(self._default_identity, parts)
+        weights = self._default if name is None else self._weights(name)
+        assert weights is not None
+        # Checked whole before the first copy, so that a model that does not fit changes nothing.
+        for part in PARTS:
+            fitting_targets(getattr(self._pipeline, part), weights.parts[part])
+        self._current = _UNKNOWN
+        for part in PARTS:
+            copy_into(getattr(self._pipeline, part), weights.parts[part])
+        if any(tensor.is_cuda for tensor in self._pipeline.unet.parameters()):
+            torch.cuda.synchronize()
+        self._current, self._identity = name, weights.identity
+        log.info("swapped in %s in %.2f s", name or "the default model", time.perf_counter() - started)
+        return weights.identity
+
+    def _weights(self, name: str) -> Weights:
+        """Model ``name``'s weights, from the cache, or read from MODELS_DIR and cached."""
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelLoadError(f"model={name!r}: not a model in MODELS_DIR")
+        started = time.perf_counter()
+        weights = read_weights(entry, self._settings, self._dtype, pin=self._pin)
+        self.reads[name] += 1
+        log.info(
+            "read %s from %s in %.1f s (%d MiB)", name, entry.path, time.perf_counter() - started, weights.nbytes // MIB
+        )
+        self._cache[name] = weights
+        self._evict(keep=name)
+        return weights
+
+    def _evict(self, keep: str) -> None:
+        """Drop the least recently used weights until the cache fits its budget; ``keep`` stays whatever it costs."""
+        while sum(weights.nbytes for weights in self._cache.values()) > self.cache_bytes:
+            oldest = next(iter(self._cache))
+            if oldest == keep:
+                return
+            del self._cache[oldest]
+            log.info("dropped %s from the model cache (MODEL_CACHE_RAM_MB)", oldest)

@@ -1,0 +1,237 @@
+"""Many models on one worker: MODELS_DIR scanned by name, the model chosen per request and swapped in place.
+
+The tiny builder's models (``builder.tiny_model.write_tiny_models``: two single files, one in a subfolder, and a
+diffusers folder, each with weights of its own) beside files that are not SD 1.5 checkpoints. Every model's
+image is compared with the image of a fresh worker started with that model as MODEL_ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+import handler
+from builder.tiny_lora import write_test_loras
+from builder.tiny_model import MODELS, write_tiny_controlnets, write_tiny_models
+from src.settings import Settings
+from tests.conftest import rss_bytes
+from tests.test_checkpoints import write_sdxl, write_truncated
+from tests.test_same_bytes import CONTROL, IMAGE, MASK
+
+JOB = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7, "width": 64, "height": 64}
+NAMES = ["tiny-a", "styles/tiny-b", "tiny-c"]
+
+
+# The same-bytes jobs' input image, mask and control image.
+TASKS = {
+    "txt2img": {},
+    "img2img": {"image": IMAGE, "strength": 0.7},
+    "inpaint": {"image": IMAGE, "mask": MASK},
+    "hires": {"hires": {"scale": 1.5, "steps": 2}},
+    "lora": {"loras": [{"name": "tiny-peft-0", "scale": 0.8}]},
+    "controlnet": {"controlnets": [{"model": "tiny-controlnet", "image": CONTROL}]},
+}
+
+
+@pytest.fixture(scope="module")
+def volume(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A volume: MODELS_DIR (``models/``, with files that are not SD 1.5 checkpoints), LoRAs and ControlNets."""
+    root = tmp_path_factory.mktemp("volume")
+    models = write_tiny_models(root / "models")
+    write_sdxl(models / "xl.safetensors")
+    write_truncated(models / "cut.safetensors", models / "tiny-a.safetensors")
+    write_test_loras(tiny_model_dir, root / "loras", count=1)
+    shutil.copy(root / "loras" / "tiny-peft-0.safetensors", models / "a-lora.safetensors")
+    # write_tiny_controlnets copies the model's UNet; a link keeps the shared model folder untouched.
+    (root / "unet").symlink_to(tiny_model_dir / "unet", target_is_directory=True)
+    write_tiny_controlnets(root)
+    return root
+
+
+@pytest.fixture
+def start(tiny_model_dir: Path, volume: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Start a fresh worker on these variables: the tiny model, MODELS_DIR, the LoRAs and ControlNets, unless
+    ``variables`` says otherwise (None removes one)."""
+
+    def start_worker(**variables: str | None) -> None:
+        for field in Settings.model_fields.values():
+            monkeypatch.delenv(str(field.alias), raising=False)
+        defaults: dict[str, str | None] = {
+            "MODEL_ID": str(tiny_model_dir),
+            "MODEL_CONFIG": str(tiny_model_dir),
+            "MODELS_DIR": str(volume / "models"),
+            "LORA_DIR": str(volume / "loras"),
+            "CONTROLNET_DIR": str(volume / "controlnets"),
+            "EMBED_PARAMETERS": "false",
+        }
+        for name, value in {**defaults, **variables}.items():
+            if value is not None:
+                monkeypatch.setenv(name, value)
+        monkeypatch.setattr(handler, "_settings", None)
+        monkeypatch.setattr(handler, "_engine", None)
+
+    return start_worker
+
+
+def run(model: str | None = None, **fields: Any) -> dict[str, Any]:
+    job = {**JOB, **fields, **({"model": model} if model is not None else {})}
+    return asyncio.run(handler.handler({"id": "models-test", "input": job}))
+
+
+def image_bytes(result: dict[str, Any]) -> bytes:
+    assert "error" not in result, result
+    return base64.b64decode(result["images"][0]["image"])
+
+
+def pixels(result: dict[str, Any]) -> bytes:
+    with Image.open(io.BytesIO(image_bytes(result))) as image:
+        return image.convert("RGB").tobytes()
+
+
+def test_the_scan_names_models_by_path_without_extension_and_says_why_others_are_not_served(
+    start: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    start()
+    with caplog.at_level("WARNING"):
+        entries = handler.get_engine().models.entries
+
+    usable = sorted(name for name, entry in entries.items() if entry.problem is None)
+    assert usable == sorted(NAMES)
+    assert "an SDXL checkpoint" in str(entries["xl"].problem)
+    assert "cut short" in str(entries["cut"].problem)
+    assert "a LoRA" in str(entries["a-lora"].problem)
+    assert all(f"MODELS_DIR: {name} is not served" in caplog.text for name in ("xl", "cut", "a-lora"))
+
+
+def test_a_to_b_to_a_gives_a_s_exact_bytes_and_the_default_stays_the_default(start: Callable[..., None]) -> None:
+    start()
+    default = image_bytes(run())
+    first = {name: image_bytes(run(name)) for name in NAMES}
+    # A LoRA's layers in the modules when the next model is swapped in: they stay, and take nothing of it along.
+    assert "images" in run("tiny-a", **TASKS["lora"])
+    again = {name: image_bytes(run(name)) for name in reversed(NAMES)}
+
+    assert again == first
+    assert image_bytes(run()) == default
+    assert len({default, *first.values()}) == 4, "each model draws its own image"
+    assert handler.get_engine().models.reads == dict.fromkeys(NAMES, 1), "each model read once, then cached"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_task_on_a_swapped_in_model_gives_the_image_of_a_worker_started_with_it(
+    start: Callable[..., None], volume: Path, name: str
+) -> None:
+    start()
+    run("tiny-c" if name != "tiny-c" else "tiny-a")  # another model in the modules first
+    swapped = {task: pixels(run(name, **fields)) for task, fields in TASKS.items()}
+
+    path = volume / "models" / (name if name in MODELS else f"{name}.safetensors")
+    start(MODEL_ID=str(path), MODELS_DIR=None)
+    fresh = {task: pixels(run(None, **fields)) for task, fields in TASKS.items()}
+
+    assert swapped == fresh
+
+
+def test_the_response_and_parameters_name_the_model_as_a1111_does(start: Callable[..., None], volume: Path) -> None:
+    start(EMBED_PARAMETERS="true")
+    digest = hashlib.sha256((volume / "models" / "styles" / "tiny-b.safetensors").read_bytes()).hexdigest()
+
+    result = run("styles/tiny-b")
+    folder = run("tiny-c")
+
+    assert (result["metadata"]["model"], result["metadata"]["model_hash"]) == ("styles/tiny-b", digest[:10])
+    with Image.open(io.BytesIO(image_bytes(result))) as image:
+        assert f"Model: styles/tiny-b, Model hash: {digest[:10]}" in image.text["parameters"]
+    assert folder["metadata"]["model"] == "tiny-c"
+    assert "model_hash" not in folder["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        ("../x", "model='../x': a name from MODELS_DIR"),
+        ("/models/tiny-a.safetensors", "model='/models/tiny-a.safetensors': a name from MODELS_DIR, not a path"),
+        ("https://example.com/m.safetensors", "a name from MODELS_DIR, not a URL"),
+        ("xl", "model='xl': xl.safetensors cannot be used: an SDXL checkpoint"),
+        ("cut", "model='cut': cut.safetensors cannot be used: the file is cut short"),
+        ("a-lora", "model='a-lora': a-lora.safetensors cannot be used: a LoRA"),
+        ("tiny-z", "model='tiny-z': not a model in MODELS_DIR; the closest are"),
+    ],
+)
+def test_a_refused_model_names_the_field_and_the_next_job_works(
+    start: Callable[..., None], model: str, says: str
+) -> None:
+    start()
+    refused = run(model)
+
+    assert says in refused["error"]
+    assert "images" in run("tiny-a")
+
+
+def test_a_model_removed_after_the_scan_is_refused_and_the_modules_keep_their_model(
+    start: Callable[..., None], volume: Path, tmp_path: Path
+) -> None:
+    moved = tmp_path / "models"
+    shutil.copytree(volume / "models", moved)
+    start(MODELS_DIR=str(moved))
+    before = image_bytes(run("tiny-c"))
+    (moved / "tiny-a.safetensors").unlink()
+
+    refused = run("tiny-a")
+
+    assert "model='tiny-a': its file is no longer in MODELS_DIR" in refused["error"]
+    assert image_bytes(run("tiny-c")) == before
+
+
+def test_model_without_models_dir_is_refused(start: Callable[..., None]) -> None:
+    start(MODELS_DIR=None)
+
+    refused = run("tiny-a")
+
+    assert "model='tiny-a': this worker serves its default model only: MODELS_DIR is not set" in refused["error"]
+    assert "images" in run()
+
+
+@pytest.fixture
+def four_models(tmp_path: Path) -> Path:
+    """The builder's three models and a fourth, a copy of the first under another name."""
+    folder = tmp_path / "models"
+    write_tiny_models(folder)
+    shutil.copy(folder / "tiny-a.safetensors", folder / "tiny-d.safetensors")
+    return folder
+
+
+def test_sixty_jobs_cycling_four_models_with_a_cache_for_two_keep_memory_bounded_and_the_lru_order(
+    start: Callable[..., None], four_models: Path
+) -> None:
+    names = [*NAMES, "tiny-d"]
+    start(MODELS_DIR=str(four_models))
+    models = handler.get_engine().models
+    run(names[0])
+    one_model = sum(tensor.nbytes for part in models._cache[names[0]].parts.values() for tensor in part.values())
+    # Room for two models, not three: MODEL_CACHE_RAM_MB in whole MiB.
+    start(MODELS_DIR=str(four_models), MODEL_CACHE_RAM_MB=str((one_model * 5 // 2) >> 20 or 1))
+    models = handler.get_engine().models
+    assert 2 * one_model <= models.cache_bytes < 3 * one_model
+
+    for index in range(8):
+        assert "images" in run(names[index % 4])
+    settled = rss_bytes()
+    for index in range(8, 60):
+        assert "images" in run(names[index % 4])
+    grown = rss_bytes() - settled
+
+    assert models.cached == names[2:], "the two most recently used, the last last"
+    assert grown < 3 * one_model + (24 << 20), f"RSS grew {grown >> 20} MiB over 52 jobs"
+    reads = dict(models.reads)
+    run(names[3])  # cached: no file read
+    assert dict(models.reads) == reads
