@@ -31,7 +31,8 @@ from src.finish import finish
 from src.job_loop import remember_stops_before_start, retry_dropped_result_posts, stopped_before_start
 from src.prepare import JobPlan
 from src.prepare import prepare as prepare_job
-from src.schema import InputError, check_limits
+from src.run.describe import describe
+from src.schema import InputError, check_limits, parse_describe
 from src.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -172,6 +173,9 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
     cancelled = threading.Event()
     try:
         settings = get_settings()
+        if parse_describe(job) is not None:
+            # What the worker has, from the engine's state: no slot, no GPU.
+            return await in_thread(lambda: describe(get_engine()), cancelled)
         async with _jobs_in_memory.held(settings.jobs_in_memory):
             plan = await in_thread(lambda: _prepare(job, settings), cancelled)
             queued = time.perf_counter()

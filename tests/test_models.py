@@ -235,3 +235,42 @@ def test_sixty_jobs_cycling_four_models_with_a_cache_for_two_keep_memory_bounded
     reads = dict(models.reads)
     run(names[3])  # cached: no file read
     assert dict(models.reads) == reads
+
+
+def test_the_describe_job_lists_what_the_worker_has_without_the_gpu(start: Callable[..., None], volume: Path) -> None:
+    start()
+    engine = handler.get_engine()
+    run("tiny-a")
+    digest = hashlib.sha256((volume / "models" / "tiny-a.safetensors").read_bytes()).hexdigest()
+
+    # Another job holds the GPU meanwhile: the describe job does not wait for it.
+    with engine._lock:
+        answer = asyncio.run(handler.handler({"id": "describe", "input": {"describe": True}}))["describe"]
+
+    models = {entry["name"]: entry for entry in answer["models"]}
+    assert [entry["default"] for entry in answer["models"]] == [True, False, False, False]
+    assert answer["models"][0]["name"] == engine.identity.name
+    assert models["tiny-a"] == {"name": "tiny-a", "hash": digest[:10], "default": False, "cached": True}
+    assert models["tiny-c"] == {"name": "tiny-c", "hash": None, "default": False, "cached": False}
+    assert {entry["name"] for entry in answer["refused"] if entry["kind"] == "model"} == {"xl", "cut", "a-lora"}
+    assert answer["loras"] == ["tiny-peft-0"]
+    assert "tiny-controlnet" in answer["controlnets"]
+    assert {"name": "Euler a", "aliases": ["euler_ancestral", "k_euler_a", "k_euler_ancestral"]} in answer["schedulers"]
+    assert answer["hires_upscalers"] == ["latent", "lanczos"]
+    assert answer["limits"]["max_side"] == engine.settings.max_side
+    assert (answer["device"], answer["memory_profile"]) == ("cpu", "cpu")
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ({"describe": False}, "describe=False: must be true"),
+        ({"describe": True, "prompt": "a fox"}, "describe: a describe job takes no other field; got prompt"),
+    ],
+)
+def test_a_describe_job_with_anything_else_is_refused(
+    start: Callable[..., None], given: dict[str, Any], says: str
+) -> None:
+    start()
+
+    assert says in asyncio.run(handler.handler({"id": "describe", "input": given}))["error"]

@@ -91,6 +91,8 @@ class Models:
         self._default_identity = default
         self._default: Weights | None = None
         self._cache: OrderedDict[str, Weights] = OrderedDict()
+        # The identity of every model read, cached or dropped since: its hash, for the describe job.
+        self._seen: dict[str, ModelIdentity] = {}
         # The model the modules hold (None: the default), and its identity.
         self._current: str | None = None
         self._identity = default
@@ -120,6 +122,12 @@ class Models:
     def cached(self) -> list[str]:
         """The models whose weights are in host memory, least recently used first."""
         return list(self._cache)
+
+    def known(self, name: str) -> ModelIdentity | None:
+        """Model ``name``'s identity (its hash among it) when this worker has read it, else None."""
+        if name in self._cache:
+            return self._cache[name].identity
+        return self._identity if name == self._current else self._seen.get(name)
 
     def use(self, name: str | None) -> ModelIdentity:
         """Make the modules hold model ``name`` (None: the default); its identity. Call it under the GPU lock.
@@ -159,6 +167,7 @@ class Models:
         started = time.perf_counter()
         weights = read_weights(entry, self._settings, self._dtype, pin=self._pin)
         self.reads[name] += 1
+        self._seen[name] = weights.identity
         log.info(
             "read %s from %s in %.1f s (%d MiB)", name, entry.path, time.perf_counter() - started, weights.nbytes // MIB
         )

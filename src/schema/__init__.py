@@ -76,8 +76,10 @@ from src.schema.request import (
     MAX_ERROR_CHARS,
     MAX_PROBLEMS_SHOWN,
     TASK_FIELDS,
+    DescribeRequest,
     GenerateRequest,
     describe_errors,
+    parse_describe,
     parse_input,
 )
 from src.schema.response import (
@@ -129,6 +131,7 @@ __all__ = [
     "AppliedControlNet",
     "AppliedLora",
     "ControlNetUnit",
+    "DescribeRequest",
     "GenerateRequest",
     "GenerateResponse",
     "Hires",
@@ -150,6 +153,7 @@ __all__ = [
     "check_size",
     "describe_errors",
     "lora_tags",
+    "parse_describe",
     "parse_input",
     "resolve_size",
     "without_lora_tags",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from src.schema.adapters import (
     AdapterOptions,
@@ -237,6 +237,33 @@ def describe_errors(error: ValidationError) -> str:
     if len(problems) > len(shown):
         shown.append(f"... and {len(problems) - len(shown)} more problems")
     return INVALID_INPUT + "; ".join(shown) + fields_note
+
+
+class DescribeRequest(BaseModel):
+    """A job that asks what the worker has, ``{"describe": true}``: answered without the GPU."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    describe: Literal[True] = Field(
+        description="`true`: the answer lists the worker's models, VAEs, LoRAs, ControlNets, embeddings, "
+        "schedulers, hires upscalers, limits and memory profile, and no image is made. No other field."
+    )
+
+
+def parse_describe(job: Any) -> DescribeRequest | None:
+    """The job as a ``DescribeRequest`` when its input names ``describe``; None for any other job.
+
+    Raises:
+        InputError: ``describe`` is not ``true``, or comes with other fields.
+    """
+    data = job.get("input") if isinstance(job, dict) else None
+    if not isinstance(data, dict) or "describe" not in data:
+        return None
+    if data["describe"] is not True:
+        raise InputError(f"invalid input: describe={_shown(data['describe'])}: must be true")
+    if others := sorted(str(name) for name in data if name != "describe"):
+        raise InputError(f"invalid input: describe: a describe job takes no other field; got {', '.join(others)}")
+    return DescribeRequest.model_validate(data)
 
 
 def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
