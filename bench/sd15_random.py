@@ -75,8 +75,10 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_sd15_random(device: str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """SD 1.5's architecture with random weights, created directly on ``device`` in ``dtype``.
+def build_sd15_random(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> StableDiffusionPipeline:
+    """SD 1.5's architecture with random weights drawn from ``seed``, created directly on ``device`` in ``dtype``.
 
     Creating the weights in place avoids a float32 copy on the CPU (4 GB) before the cast.
     """
@@ -85,7 +87,7 @@ def build_sd15_random(device: str = "cpu", dtype: torch.dtype = torch.float32) -
         tokenizer = CLIPTokenizer(
             vocab=str(Path(workdir) / "vocab.json"), merges=str(Path(workdir) / "merges.txt"), model_max_length=77
         )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):
         unet = UNet2DConditionModel(**UNET_CONFIG)
         vae = AutoencoderKL(**VAE_CONFIG)

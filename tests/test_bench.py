@@ -160,3 +160,23 @@ def test_controlnet_benchmark_smoke_run_writes_every_unit_count_and_the_first_us
     ):
         assert row in table
     assert f"Command: `{report['command']}`" in table
+
+
+def test_models_benchmark_smoke_run_writes_every_measurement(tmp_path: Path) -> None:
+    # The tiny model and two tiny checkpoints: each first use, the cached swaps, the jobs, the fresh worker.
+    run_bench("bench.models", "--tiny", "--repeat", "1", "--jobs", "1", "--steps", "2", "--out", str(tmp_path))
+
+    report = json.loads((tmp_path / "models-tiny.json").read_text())
+    assert set(report["first_use"]) == {"no_cache", "cache_filled_now", "cache_already_filled"}
+    assert {way: len(times) for way, times in report["cached_swap_s"].items()} == {"to_checkpoint": 1, "to_default": 1}
+    # A swapped-in model draws the image of a worker started with it.
+    assert report["fresh_worker"]["max_pixel_difference"] == 0
+    assert report["command"] == f"python -m bench.models --tiny --repeat 1 --jobs 1 --steps 2 --out {tmp_path}"
+    table = (tmp_path / "models-tiny.md").read_text()
+    for row in (
+        "| from host memory: a checkpoint into the modules (1 times) | ",
+        "| first use, MODEL_CACHE_DIR filled: the conversion read; then the copy | ",
+        "| 64², 2 steps, the model already in the modules | ",
+    ):
+        assert row in table
+    assert f"Command: `{report['command']}`" in table

@@ -58,6 +58,8 @@ CONFIG_FILES = (
 # A shape mismatch message names at most this many tensors.
 SHOWN = 3
 
+# sha256_file's results, by (resolved path, size, modification time in ns).
+_HASHED: dict[tuple[str, int, int], str] = {}
 _LORA_MARKERS = ("lora_down", "lora_up", "lora_A.", "lora_B.", "lora.down", "lora.up", "hada_w1", "lokr_w1")
 _VAE_KEYS = ("encoder.conv_in.weight", "decoder.conv_in.weight")
 
@@ -82,12 +84,18 @@ def is_file_path(value: str) -> bool:
 
 
 def sha256_file(path: Path, chunk_bytes: int = 16 << 20) -> str:
-    """The file's SHA-256, read in chunks (checkpoints are GBs)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's SHA-256, read in chunks (checkpoints are GBs); once per file and version in a process: kept by
+    the file's path, size and modification time, so that a model read again (MODELS_DIR's, after the host cache
+    dropped it) is not hashed again."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                digest.update(chunk)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
 
 
 def read_shapes(path: Path, setting: str) -> dict[str, tuple[int, ...]]:
