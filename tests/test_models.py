@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 import handler
+from builder import single_file
 from builder.tiny_lora import write_test_loras
-from builder.tiny_model import MODELS, write_tiny_controlnets, write_tiny_models
+from builder.tiny_model import MODELS, build_tiny_vae, write_tiny_controlnets, write_tiny_models
 from src.settings import Settings
 from tests.conftest import rss_bytes
 from tests.test_checkpoints import write_sdxl, write_truncated
@@ -54,6 +55,11 @@ def volume(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     # write_tiny_controlnets copies the model's UNet; a link keeps the shared model folder untouched.
     (root / "unet").symlink_to(tiny_model_dir / "unet", target_is_directory=True)
     write_tiny_controlnets(root)
+    (root / "vaes").mkdir()
+    single_file.save(
+        single_file.vae_state_dict(build_tiny_vae(seed=5), prefix=""), root / "vaes" / "tiny-vae.safetensors"
+    )
+    shutil.copy(models / "tiny-a.safetensors", root / "vaes" / "not-a-vae.safetensors")
     return root
 
 
@@ -71,6 +77,7 @@ def start(tiny_model_dir: Path, volume: Path, monkeypatch: pytest.MonkeyPatch) -
             "MODELS_DIR": str(volume / "models"),
             "LORA_DIR": str(volume / "loras"),
             "CONTROLNET_DIR": str(volume / "controlnets"),
+            "VAE_DIR": str(volume / "vaes"),
             "EMBED_PARAMETERS": "false",
         }
         for name, value in {**defaults, **variables}.items():
@@ -84,6 +91,7 @@ def start(tiny_model_dir: Path, volume: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def run(model: str | None = None, **fields: Any) -> dict[str, Any]:
     job = {**JOB, **fields, **({"model": model} if model is not None else {})}
+    job = {key: value for key, value in job.items() if value is not None}
     return asyncio.run(handler.handler({"id": "models-test", "input": job}))
 
 
@@ -274,3 +282,37 @@ def test_a_describe_job_with_anything_else_is_refused(
     start()
 
     assert says in asyncio.run(handler.handler({"id": "describe", "input": given}))["error"]
+
+
+def test_a_vae_of_vae_dir_replaces_the_models_own_for_the_job_only(start: Callable[..., None], volume: Path) -> None:
+    start(EMBED_PARAMETERS="true")
+    own = image_bytes(run("tiny-a"))
+    with_vae = run("tiny-a", vae="tiny-vae")
+    again = image_bytes(run("tiny-a"))
+    digest = hashlib.sha256((volume / "vaes" / "tiny-vae.safetensors").read_bytes()).hexdigest()
+
+    assert again == own, "the model's own VAE is back for the next job"
+    assert image_bytes(with_vae) != own
+    assert (with_vae["metadata"]["vae"], with_vae["metadata"]["vae_hash"]) == ("tiny-vae", digest[:10])
+    with Image.open(io.BytesIO(image_bytes(with_vae))) as image:
+        assert f"VAE: tiny-vae, VAE hash: {digest[:10]}" in image.text["parameters"]
+    swapped = pixels(with_vae)
+    start(MODEL_ID=str(volume / "models" / "tiny-a.safetensors"), VAE_ID=str(volume / "vaes" / "tiny-vae.safetensors"))
+    assert pixels(run()) == swapped, "the image of a worker started with that model and VAE_ID"
+
+
+@pytest.mark.parametrize(
+    ("variables", "vae", "says"),
+    [
+        ({}, "tiny-vea", "vae='tiny-vea': not a VAE in VAE_DIR; the closest are tiny-vae"),
+        ({}, "not-a-vae", "vae='not-a-vae': not-a-vae.safetensors cannot be used: a whole checkpoint, not a VAE"),
+        ({"VAE_DIR": None}, "tiny-vae", "vae='tiny-vae': this worker uses each model's own VAE: VAE_DIR is not set"),
+    ],
+)
+def test_a_refused_vae_names_the_field_and_the_next_job_works(
+    start: Callable[..., None], variables: dict[str, str | None], vae: str, says: str
+) -> None:
+    start(**variables)
+
+    assert says in run("tiny-a" if variables.get("VAE_DIR", "") is not None else None, vae=vae)["error"]
+    assert "images" in run()

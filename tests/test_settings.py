@@ -19,6 +19,7 @@ DEFAULTS = {
     "model_config_dir": None,
     "model_cache_dir": None,
     "models_dir": None,
+    "vae_dir": None,
     "models_preload": None,
     "model_cache_ram_mb": None,
     "vae_id": None,

@@ -28,6 +28,8 @@ class AdapterRequest(Protocol):
     @property
     def model(self) -> str | None: ...
     @property
+    def vae(self) -> str | None: ...
+    @property
     def loras(self) -> Sequence[LoraRef]: ...
     @property
     def controlnets(self) -> Sequence[ControlNetRef]: ...
@@ -41,6 +43,7 @@ class Catalog:
     loras: Mapping[str, LoraFile] = field(default_factory=dict)
     controlnets: Mapping[str, ControlNetEntry] = field(default_factory=dict)
     models: Mapping[str, ModelEntry] = field(default_factory=dict)
+    vaes: Mapping[str, ModelEntry] = field(default_factory=dict)
 
     @property
     def lora_names(self) -> list[str]:
@@ -54,23 +57,28 @@ class Catalog:
     def problems(self, request: AdapterRequest) -> list[str]:
         """The model, and each LoRA and ControlNet, the request names that the worker does not have, or cannot use."""
         model = self.model_problem(request.model) if request.model is not None else None
-        found = [model] if model else []
+        vae = self.model_problem(request.vae, field="vae") if request.vae is not None else None
+        found = [problem for problem in (model, vae) if problem]
         return found + self.lora_problems(request.loras) + self.controlnet_problems(request.controlnets)
 
-    def model_problem(self, name: str) -> str | None:
-        """Why ``name`` is not a usable model of MODELS_DIR, naming the field; None when it is one."""
-        entry = self.models.get(name)
+    def model_problem(self, name: str, field: str = "model") -> str | None:
+        """Why ``name`` is not a usable model of MODELS_DIR (``field`` vae: VAE of VAE_DIR), naming the field;
+        None when it is one."""
+        entries, folder, kind = (
+            (self.vaes, "VAE_DIR", "VAE") if field == "vae" else (self.models, "MODELS_DIR", "model")
+        )
+        entry = entries.get(name)
         if entry is None:
-            usable = sorted(key for key, item in self.models.items() if item.problem is None)
+            usable = sorted(key for key, item in entries.items() if item.problem is None)
             closest = difflib.get_close_matches(name, usable, n=3, cutoff=0.5)
             hint = (
                 f"the closest are {', '.join(closest)}"
                 if closest
-                else f"the models are: {_shown(usable, ' and {} more') or 'none'}"
+                else f"the {kind}s are: {_shown(usable, ' and {} more') or 'none'}"
             )
-            return f"model={name!r}: not a model in MODELS_DIR; {hint}"
+            return f"{field}={name!r}: not a {kind} in {folder}; {hint}"
         if entry.problem:
-            return f"model={name!r}: {entry.path.name} cannot be used: {entry.problem}"
+            return f"{field}={name!r}: {entry.path.name} cannot be used: {entry.problem}"
         return None
 
     def lora_problems(self, refs: Sequence[LoraRef]) -> list[str]:

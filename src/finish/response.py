@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 # the ControlNet units with how their images were resized.
 _TASK_FIELDS = {name for names in TASK_FIELDS.values() for name in names}
 _ECHOED = set(Metadata.model_fields) & set(GenerateRequest.model_fields)
-# The model is reported as it ran (its name and hash), not as asked.
-_ECHOED_FIELDS = _ECHOED - _TASK_FIELDS - {"loras", "controlnets", "model"}
+# The model and VAE are reported as they ran (names and hashes), not as asked.
+_ECHOED_FIELDS = _ECHOED - _TASK_FIELDS - {"loras", "controlnets", "model", "vae"}
 
 
 def encode_response(

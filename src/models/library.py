@@ -1,4 +1,4 @@
-"""MODELS_DIR's models by name: scanned at startup, judged from their headers, read on first use.
+"""MODELS_DIR's models and VAE_DIR's VAEs by name: scanned at startup, judged from their headers, read on first use.
 
 A request's ``model`` is a name from the scan, never a path: ``sub/name`` for ``MODELS_DIR/sub/name.safetensors``
 or for the diffusers folder ``MODELS_DIR/sub/name``. A file is judged by the checks MODEL_ID's file gets
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from src.errors import ModelLoadError
-from src.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_checkpoint
-from src.models.loader import ModelIdentity, load_model
+from src.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFile, check_checkpoint, check_vae_file
+from src.models.loader import ModelIdentity, load_model, load_vae
 from src.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,63 @@ def _folder_problem(path: Path, config_folder: Path) -> str | None:
             if found.get(key) != expected.get(key):
                 return f"its {part} has {key}={found.get(key)!r}, SD 1.5's (MODEL_CONFIG) has {expected.get(key)!r}"
     return None
+
+
+def scan_vaes(folder: Path, config_folder: Path) -> dict[str, ModelEntry]:
+    """Every VAE file and diffusers VAE folder under ``folder`` (VAE_DIR), by name, each with its problem if it
+    has one: a file is judged by its header against the config folder's VAE, as VAE_ID's file is.
+
+    Raises:
+        ModelLoadError: ``folder`` is not a folder.
+    """
+    if not folder.is_dir():
+        raise ModelLoadError(f"VAE_DIR={str(folder)!r}: no such folder")
+    try:
+        vae_config = json.loads((config_folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        vae_config = None
+    entries: dict[str, ModelEntry] = {}
+    folders = sorted(config.parent for config in folder.rglob("config.json") if not _hidden(config, folder))
+    for path in folders:
+        name = path.relative_to(folder).as_posix()
+        entries[name] = ModelEntry(name, path)
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+            continue
+        if _hidden(path, folder) or any(parent in folders for parent in path.parents):
+            continue
+        name = path.relative_to(folder).with_suffix("").as_posix()
+        problem = None
+        if vae_config is None:
+            problem = f"the config folder {config_folder} (MODEL_CONFIG) has no readable vae/config.json"
+        else:
+            try:
+                check_vae_file(path, vae_config, setting="VAE_DIR")
+            except ModelLoadError as error:
+                problem = str(error).split(": ", 1)[-1]
+        entries.setdefault(name, ModelEntry(name, path, problem))
+    for entry in entries.values():
+        if entry.problem:
+            log.warning("VAE_DIR: %s is not served: %s", entry.name, entry.problem)
+    return entries
+
+
+def read_vae(entry: ModelEntry, current: Any, dtype: torch.dtype, *, pin: bool) -> Weights:
+    """Read VAE_DIR's ``entry`` as VAE_ID is read, shaped like ``current`` (the pipeline's VAE), in ``dtype``.
+
+    Raises:
+        ModelLoadError: it is gone, unreadable, or not shaped as the model's VAE; the message names the field.
+    """
+    if entry.problem:
+        raise ModelLoadError(f"vae={entry.name!r}: {entry.problem}")
+    if not entry.path.exists():
+        raise ModelLoadError(f"vae={entry.name!r}: its file is no longer in VAE_DIR ({entry.path.name})")
+    try:
+        vae, _name, file = load_vae(str(entry.path), current, dtype)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"vae={entry.name!r}: {error}") from None
+    vae_file = ModelFile(entry.name, file.sha256) if file is not None else None
+    return Weights(ModelIdentity(entry.name, vae=entry.name, vae_file=vae_file), {"vae": snapshot(vae, pin=pin)})
 
 
 def read_weights(entry: ModelEntry, settings: Settings, dtype: torch.dtype, *, pin: bool) -> Weights:

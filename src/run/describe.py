@@ -8,6 +8,7 @@ device and memory profile. Files a scan refused are listed apart, with the reaso
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, get_args
 
 from src import __version__
@@ -32,38 +33,7 @@ LIMITS = (
 
 def describe(engine: Engine) -> dict[str, Any]:
     """The answer to a describe job: ``{"describe": {...}}``."""
-    settings = engine.settings
-    models = engine.models
-    identity = engine.identity
-    listed: list[dict[str, Any]] = [
-        {"name": identity.name, "hash": identity.model_hash, "default": True, "cached": True}
-    ]
-    for name, entry in sorted(models.entries.items()):
-        if entry.problem is None:
-            known = models.known(name)
-            listed.append(
-                {
-                    "name": name,
-                    "hash": known.model_hash if known else None,
-                    "default": False,
-                    "cached": name in models.cached,
-                }
-            )
-    refused = [
-        {"kind": "model", "name": name, "problem": entry.problem}
-        for name, entry in sorted(models.entries.items())
-        if entry.problem is not None
-    ]
-    refused += [
-        {"kind": "lora", "name": name, "problem": item.problem}
-        for name, item in sorted(engine.loras.files.items())
-        if item.problem is not None
-    ]
-    refused += [
-        {"kind": "controlnet", "name": name, "problem": entry.problem}
-        for name, entry in sorted(engine.controlnets.entries.items())
-        if entry.problem is not None
-    ]
+    identity, vaes = engine.identity, engine.models.vaes
     aliases: dict[str, list[str]] = {name: [] for name in SCHEDULER_NAMES}
     for alias, target in SCHEDULER_ALIASES.items():
         aliases[target].append(alias)
@@ -73,14 +43,44 @@ def describe(engine: Engine) -> dict[str, Any]:
             "device": engine.device.type,
             "dtype": str(engine.dtype).removeprefix("torch."),
             "memory_profile": engine.profile.value,
-            "models": listed,
-            "vaes": [{"name": identity.vae, "hash": identity.vae_hash}] if identity.vae else [],
-            "loras": sorted(name for name, item in engine.loras.files.items() if item.problem is None),
-            "controlnets": sorted(name for name, entry in engine.controlnets.entries.items() if entry.problem is None),
+            "models": _models(engine),
+            "vaes": ([{"name": identity.vae, "hash": identity.vae_hash, "default": True}] if identity.vae else [])
+            + [{"name": name, "hash": None, "default": False} for name in _usable(vaes)],
+            "loras": _usable(engine.loras.files),
+            "controlnets": _usable(engine.controlnets.entries),
             "embeddings": sorted(engine.embeddings),
             "schedulers": [{"name": name, "aliases": sorted(aliases[name])} for name in SCHEDULER_NAMES],
             "hires_upscalers": list(get_args(Hires.model_fields["upscaler"].annotation)),
-            "limits": {name: getattr(settings, name) for name in LIMITS},
-            "refused": refused,
+            "limits": {name: getattr(engine.settings, name) for name in LIMITS},
+            "refused": _refused("model", engine.models.entries)
+            + _refused("vae", vaes)
+            + _refused("lora", engine.loras.files)
+            + _refused("controlnet", engine.controlnets.entries),
         }
     }
+
+
+def _models(engine: Engine) -> list[dict[str, Any]]:
+    """The default model, then MODELS_DIR's usable ones: each with its hash when known, and whether it is in
+    host memory."""
+    models, identity = engine.models, engine.identity
+    listed = [{"name": identity.name, "hash": identity.model_hash, "default": True, "cached": True}]
+    for name in _usable(models.entries):
+        known = models.known(name)
+        hashed = known.model_hash if known else None
+        listed.append({"name": name, "hash": hashed, "default": False, "cached": name in models.cached})
+    return listed
+
+
+def _usable(entries: Mapping[str, Any]) -> list[str]:
+    """The names of the entries (of a folder's scan) that have no problem, sorted."""
+    return sorted(name for name, entry in entries.items() if entry.problem is None)
+
+
+def _refused(kind: str, entries: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The entries a scan refused, with the reason."""
+    return [
+        {"kind": kind, "name": name, "problem": entry.problem}
+        for name, entry in sorted(entries.items())
+        if entry.problem is not None
+    ]

@@ -144,7 +144,12 @@ class Engine:
     @property
     def catalog(self) -> Catalog:
         """The LoRAs and ControlNets this worker has, by name, for ``prepare`` to look requests up in."""
-        return Catalog(loras=self.loras.files, controlnets=self.controlnets.entries, models=self.models.entries)
+        return Catalog(
+            loras=self.loras.files,
+            controlnets=self.controlnets.entries,
+            models=self.models.entries,
+            vaes=self.models.vaes,
+        )
 
     def generate(
         self,
@@ -328,7 +333,8 @@ def _model_and_adapters(
 ) -> Iterator[tuple[ModelIdentity, list[Applied]]]:
     """The job's model in the modules (``run.models``: swapped in place when the job names another), and its
     LoRAs and ControlNets on for the job only: off again however it ends. Under the GPU lock."""
-    model = engine.models.use(request.model) if engine.models.entries else engine.identity
+    models = engine.models
+    model = models.use(request.model, request.vae) if models.entries or models.vaes else engine.identity
     with (
         engine.loras.applied(request.loras) as loras,
         engine.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,

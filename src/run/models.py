@@ -14,7 +14,8 @@ import logging
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ from src.models.library import (
     Weights,
     copy_into,
     fitting_targets,
+    read_vae,
     read_weights,
     scan_models,
+    scan_vaes,
     snapshot,
 )
 from src.models.loader import ModelIdentity
@@ -42,6 +45,8 @@ DEFAULT_RAM_SHARE = 0.25
 MAX_RAM_SHARE = 0.8
 # What the modules hold while a copy is under way; a failed copy leaves them so, and the next job restores.
 _UNKNOWN = "\0unknown"
+# A VAE of VAE_DIR in the host cache, under this prefix and its name: no model's name starts with a NUL.
+_VAE_KEY = "\0vae/"
 
 
 def machine_memory_bytes() -> int:
@@ -81,8 +86,10 @@ class Models:
         default: ModelIdentity,
     ) -> None:
         self.entries = dict(entries)
+        # VAE_DIR's VAEs, by name.
+        self.vaes: dict[str, ModelEntry] = {}
         self.cache_bytes = cache_bytes
-        # How many times each model was read from MODELS_DIR: once, while it stays in the cache.
+        # How many times each model (and each VAE, as "vae:<name>") was read: once, while it stays in the cache.
         self.reads: Counter[str] = Counter()
         self._pipeline = pipeline
         self._settings = settings
@@ -93,9 +100,10 @@ class Models:
         self._cache: OrderedDict[str, Weights] = OrderedDict()
         # The identity of every model read, cached or dropped since: its hash, for the describe job.
         self._seen: dict[str, ModelIdentity] = {}
-        # The model the modules hold (None: the default), and its identity.
-        self._current: str | None = None
-        self._identity = default
+        # What each part's module holds: None the default model's, else a cache key (a model's name, or a VAE's).
+        self._held: dict[str, str | None] = dict.fromkeys(PARTS)
+        # The identity of the model the UNet holds, and of all the modules hold (its VAE's name and hash included).
+        self._model_identity = self._identity = default
 
     @classmethod
     def from_settings(
@@ -112,6 +120,8 @@ class Models:
             entries = scan_models(Path(settings.models_dir).expanduser(), Path(settings.model_config_folder))
         budget = cache_budget(settings, machine_memory_bytes())
         models = cls(pipeline, entries, settings=settings, dtype=dtype, pin=pin, cache_bytes=budget, default=default)
+        if settings.vae_dir is not None:
+            models.vaes = scan_vaes(Path(settings.vae_dir).expanduser(), Path(settings.model_config_folder))
         for name in settings.preload_names:
             if name not in entries:
                 raise ModelLoadError(f"MODELS_PRELOAD names {name!r}, which is not a model in MODELS_DIR")
@@ -121,58 +131,90 @@ class Models:
     @property
     def cached(self) -> list[str]:
         """The models whose weights are in host memory, least recently used first."""
-        return list(self._cache)
+        return [key for key in self._cache if not key.startswith(_VAE_KEY)]
 
     def known(self, name: str) -> ModelIdentity | None:
         """Model ``name``'s identity (its hash among it) when this worker has read it, else None."""
         if name in self._cache:
             return self._cache[name].identity
-        return self._identity if name == self._current else self._seen.get(name)
+        return self._seen.get(name)
 
-    def use(self, name: str | None) -> ModelIdentity:
-        """Make the modules hold model ``name`` (None: the default); its identity. Call it under the GPU lock.
+    def use(self, name: str | None, vae: str | None = None) -> ModelIdentity:
+        """Make the modules hold model ``name`` (None: the default), with VAE_DIR's ``vae`` in place of its own
+        when one is named; the identity of what they hold. Call it under the GPU lock.
 
         Raises:
-            ModelLoadError: ``name`` is not a usable model of MODELS_DIR, or its file is gone or unreadable;
-                the modules then hold the model they held.
+            ModelLoadError: ``name`` or ``vae`` is not usable, or its file is gone or unreadable; the modules
+                then hold what they held.
         """
-        if name == self._current:
+        wanted = dict.fromkeys(PARTS, name)
+        if vae is not None:
+            wanted["vae"] = _VAE_KEY + vae
+        if wanted == self._held:
             return self._identity
         started = time.perf_counter()
-        if self._current is None and self._default is None:
+        if self._default is None and all(key is None for key in self._held.values()):
             parts = {part: snapshot(getattr(self._pipeline, part), pin=self._pin) for part in PARTS}
             self._default = Weights(self._default_identity, parts)
-        weights = self._default if name is None else self._weights(name)
-        assert weights is not None
-        # Checked whole before the first copy, so that a model that does not fit changes nothing.
-        for part in PARTS:
-            fitting_targets(getattr(self._pipeline, part), weights.parts[part])
-        self._current = _UNKNOWN
-        for part in PARTS:
-            copy_into(getattr(self._pipeline, part), weights.parts[part])
+        changed = [part for part in PARTS if wanted[part] != self._held[part]]
+        sources = {part: self._source(wanted[part]) for part in changed}
+        # Checked whole before the first copy, so that weights that do not fit change nothing.
+        for part in changed:
+            fitting_targets(getattr(self._pipeline, part), sources[part].parts[part])
+        for part in changed:
+            self._held[part] = _UNKNOWN
+            copy_into(getattr(self._pipeline, part), sources[part].parts[part])
+            self._held[part] = wanted[part]
         if any(tensor.is_cuda for tensor in self._pipeline.unet.parameters()):
             torch.cuda.synchronize()
-        self._current, self._identity = name, weights.identity
-        log.info("swapped in %s in %.2f s", name or "the default model", time.perf_counter() - started)
-        return weights.identity
+        if "unet" in changed:
+            self._model_identity = sources["unet"].identity
+        model = self._model_identity
+        if vae is None:
+            self._identity = model
+        elif "vae" in changed or "unet" in changed:
+            own = sources["vae"].identity if "vae" in changed else self._identity
+            self._identity = replace(model, vae=own.vae, vae_file=own.vae_file)
+        swapped = ", ".join(str(wanted[part]).replace(_VAE_KEY, "VAE ") for part in changed)
+        log.info("swapped in %s in %.2f s", swapped, time.perf_counter() - started)
+        return self._identity
+
+    def _source(self, key: str | None) -> Weights:
+        """The weights a cache key names: the default model's (None), a VAE's, or a model's."""
+        if key is None:
+            assert self._default is not None
+            return self._default
+        return self._vae(key.removeprefix(_VAE_KEY)) if key.startswith(_VAE_KEY) else self._weights(key)
+
+    def _vae(self, name: str) -> Weights:
+        """VAE_DIR's ``name``, from the cache, or read and cached."""
+        entry = self.vaes.get(name)
+        if entry is None:
+            raise ModelLoadError(f"vae={name!r}: not a VAE in VAE_DIR")
+        return self._cached(
+            _VAE_KEY + name, entry, lambda: read_vae(entry, self._pipeline.vae, self._dtype, pin=self._pin)
+        )
 
     def _weights(self, name: str) -> Weights:
         """Model ``name``'s weights, from the cache, or read from MODELS_DIR and cached."""
-        if name in self._cache:
-            self._cache.move_to_end(name)
-            return self._cache[name]
         entry = self.entries.get(name)
         if entry is None:
             raise ModelLoadError(f"model={name!r}: not a model in MODELS_DIR")
+        return self._cached(name, entry, lambda: read_weights(entry, self._settings, self._dtype, pin=self._pin))
+
+    def _cached(self, key: str, entry: ModelEntry, read: Callable[[], Weights]) -> Weights:
+        """The cache's weights under ``key``, now the most recently used; else ``read()``'s, cached."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
         started = time.perf_counter()
-        weights = read_weights(entry, self._settings, self._dtype, pin=self._pin)
-        self.reads[name] += 1
-        self._seen[name] = weights.identity
-        log.info(
-            "read %s from %s in %.1f s (%d MiB)", name, entry.path, time.perf_counter() - started, weights.nbytes // MIB
-        )
-        self._cache[name] = weights
-        self._evict(keep=name)
+        weights = read()
+        self.reads[key.replace(_VAE_KEY, "vae:")] += 1
+        self._seen[key] = weights.identity
+        seconds, mib = time.perf_counter() - started, weights.nbytes // MIB
+        log.info("read %s from %s in %.1f s (%d MiB)", entry.name, entry.path, seconds, mib)
+        self._cache[key] = weights
+        self._evict(keep=key)
         return weights
 
     def _evict(self, keep: str) -> None:

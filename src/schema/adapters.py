@@ -234,7 +234,7 @@ def merge_lora_tags(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a model's name in MODELS_DIR (a path, a URL); None when it can be one."""
+    """Why ``name`` cannot be a name in MODELS_DIR or VAE_DIR (a path, a URL); None when it can be one."""
     if "://" in name or name.startswith(("http:", "https:")):
         return "a name from MODELS_DIR, not a URL"
     if name.startswith(("/", "~")) or "\\" in name or re.match(r"^[A-Za-z]:", name):
@@ -244,14 +244,16 @@ def model_name_problem(name: str) -> str | None:
     return None
 
 
-def check_model(model: str | None, limits: RequestLimits) -> None:
-    """Check that the worker serves more models than its default when a job names one.
+def check_model(model: str | None, vae: str | None, limits: RequestLimits) -> None:
+    """Check that the worker serves more models than its default, or VAEs of VAE_DIR, when a job names one.
 
     Raises:
-        ValueError: naming ``model`` and the rule.
+        ValueError: naming ``model`` or ``vae`` and the rule.
     """
     if model is not None and limits.models_dir is None:
         raise ValueError(f"model={model!r}: this worker serves its default model only: MODELS_DIR is not set")
+    if vae is not None and limits.vae_dir is None:
+        raise ValueError(f"vae={vae!r}: this worker uses each model's own VAE: VAE_DIR is not set")
 
 
 def check_loras(loras: Sequence[LoraRequest], limits: RequestLimits) -> None:
@@ -319,7 +321,16 @@ class AdapterOptions(PassOptions):
         json_schema_extra={"shown_default": "none"},
     )
 
-    @field_validator("model")
+    vae: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=MODEL_NAME_MAX,
+        description="A VAE of `VAE_DIR` by its name there, in place of the model's own for this job. Unset: the "
+        "model's own VAE (or `VAE_ID`'s). See Many models.",
+        json_schema_extra={"shown_default": "the model's"},
+    )
+
+    @field_validator("model", "vae")
     @classmethod
     def _model_is_a_name(cls, value: str | None) -> str | None:
         if value is not None and (problem := model_name_problem(value)):

@@ -96,7 +96,7 @@ class GenerateRequest(AdapterOptions):
 
     @model_validator(mode="after")
     def _model_allowed(self, info: ValidationInfo) -> GenerateRequest:
-        check_model(self.model, request_limits(info))
+        check_model(self.model, self.vae, request_limits(info))
         return self
 
     @model_validator(mode="after")

@@ -116,6 +116,13 @@ class ModelSettings(BaseModel):
         "single-file `.safetensors` checkpoints and diffusers folders, scanned at startup by name (`sub/name`, "
         "without the extension). MODEL_ID stays the default. Unset: MODEL_ID only.",
     )
+    vae_dir: str | None = Field(
+        None,
+        alias="VAE_DIR",
+        description="Folder of VAEs a request may name in `vae`: single-file `.safetensors` VAEs and diffusers VAE "
+        "folders, scanned at startup by name (`sub/name`, without the extension). Unset: each model's own VAE "
+        "(or VAE_ID's).",
+    )
     models_preload: str | None = Field(
         None,
         alias="MODELS_PRELOAD",
