@@ -23,6 +23,8 @@ import handler
 from builder import single_file
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import MODELS, build_tiny_vae, write_tiny_controlnets, write_tiny_models
+from src.errors import ModelLoadError
+from src.run.models import machine_memory_bytes
 from src.settings import Settings
 from tests.conftest import rss_bytes
 from tests.test_checkpoints import write_sdxl, write_truncated
@@ -316,3 +318,24 @@ def test_a_refused_vae_names_the_field_and_the_next_job_works(
 
     assert says in run("tiny-a" if variables.get("VAE_DIR", "") is not None else None, vae=vae)["error"]
     assert "images" in run()
+
+
+def test_models_preload_reads_them_at_startup_and_names_an_unknown_one(start: Callable[..., None]) -> None:
+    start(MODELS_PRELOAD="tiny-c, styles/tiny-b")
+    models = handler.get_engine().models
+
+    assert models.cached == ["tiny-c", "styles/tiny-b"]
+    assert "images" in run("tiny-c")
+    assert models.reads == {"tiny-c": 1, "styles/tiny-b": 1}, "preloaded: no file read at the job"
+
+    start(MODELS_PRELOAD="tiny-z")
+    with pytest.raises(ModelLoadError, match="MODELS_PRELOAD names 'tiny-z', which is not a model in MODELS_DIR"):
+        handler.get_engine()
+
+
+def test_model_cache_ram_mb_above_what_the_machine_holds_is_refused(start: Callable[..., None]) -> None:
+    total_mib = machine_memory_bytes() >> 20
+    start(MODEL_CACHE_RAM_MB=str(total_mib))
+
+    with pytest.raises(ModelLoadError, match=rf"MODEL_CACHE_RAM_MB={total_mib}: more than 80% of this machine's"):
+        handler.get_engine()
