@@ -2,7 +2,7 @@
 
 A request's ``model`` is a name from the scan, never a path: ``sub/name`` for ``MODELS_DIR/sub/name.safetensors``
 or for the diffusers folder ``MODELS_DIR/sub/name``. A file is judged by the checks MODEL_ID's file gets
-(``checkpoints.check_checkpoint``: SD 1.5 only, pickles refused unopened), a folder by its UNet's config;
+(``checkpoints.check_checkpoint``: SD 1.5 only, pickles refused unopened), a folder by its configs;
 one that fails is kept in the scan with its reason, so a request naming it is told why.
 
 ``read_weights`` reads a model as the worker reads MODEL_ID (``loader.load_model``: the conversion cache of
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,49 +66,87 @@ class Weights:
 
 
 def scan_models(folder: Path, config_folder: Path) -> dict[str, ModelEntry]:
-    """Every model file and diffusers folder under ``folder``, by name, each with its problem if it has one.
-
-    Hidden files and folders (a conversion being written, say) are skipped; so are the files inside a
-    diffusers folder.
+    """Every model file and diffusers folder under ``folder`` (MODELS_DIR), by name, each with its problem if it
+    has one: a file judged by its header as MODEL_ID's is, a folder by its configs against MODEL_CONFIG's.
 
     Raises:
         ModelLoadError: ``folder`` is not a folder.
     """
+    entries = _scan(
+        folder,
+        "MODELS_DIR",
+        "model_index.json",
+        judge_file=lambda path: _refusal(check_checkpoint, path, config_folder, setting="MODELS_DIR"),
+        judge_folder=lambda path: _folder_problem(path, config_folder),
+    )
+    log.info("MODELS_DIR: %d models (%d usable)", len(entries), sum(not entry.problem for entry in entries.values()))
+    return entries
+
+
+def scan_vaes(folder: Path, config_folder: Path) -> dict[str, ModelEntry]:
+    """Every VAE file and diffusers VAE folder under ``folder`` (VAE_DIR), by name, each with its problem if it
+    has one: a file judged by its header against MODEL_CONFIG's VAE, as VAE_ID's file is; a folder when it is read.
+
+    Raises:
+        ModelLoadError: ``folder`` is not a folder.
+    """
+    try:
+        vae_config = json.loads((config_folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        vae_config = None
+
+    def judge_file(path: Path) -> str | None:
+        if vae_config is None:
+            return f"the config folder {config_folder} (MODEL_CONFIG) has no readable vae/config.json"
+        return _refusal(check_vae_file, path, vae_config, setting="VAE_DIR")
+
+    return _scan(folder, "VAE_DIR", "config.json", judge_file=judge_file, judge_folder=lambda path: None)
+
+
+def _scan(
+    folder: Path,
+    setting: str,
+    marker: str,
+    *,
+    judge_file: Callable[[Path], str | None],
+    judge_folder: Callable[[Path], str | None],
+) -> dict[str, ModelEntry]:
+    """The diffusers folders (those holding ``marker``) and weight files under ``folder``, by name, judged; a file
+    inside such a folder, or hidden (a conversion being written, say), is not one. The refused are logged."""
     if not folder.is_dir():
-        raise ModelLoadError(f"MODELS_DIR={str(folder)!r}: no such folder")
-    entries: dict[str, ModelEntry] = {}
-    folders = sorted(index.parent for index in folder.rglob("model_index.json") if not _hidden(index, folder))
-    for path in folders:
-        name = path.relative_to(folder).as_posix()
-        entries[name] = ModelEntry(name, path, _folder_problem(path, config_folder))
+        raise ModelLoadError(f"{setting}={str(folder)!r}: no such folder")
+    folders = sorted(found.parent for found in folder.rglob(marker) if not _hidden(found, folder))
+    entries = {path.relative_to(folder).as_posix(): path for path in folders}
     for path in sorted(folder.rglob("*")):
-        suffix = path.suffix.lower()
-        if not path.is_file() or suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or _hidden(path, folder):
+        if not path.is_file() or path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
             continue
-        if any(parent in folders for parent in path.parents):
+        if _hidden(path, folder) or any(parent in folders for parent in path.parents):
             continue
         name = path.relative_to(folder).with_suffix("").as_posix()
         if name in entries:
-            log.warning("MODELS_DIR: %s and %s have one name, %r; the first is served", entries[name].path, path, name)
+            log.warning("%s: %s and %s have one name, %r; the first is served", setting, entries[name], path, name)
             continue
-        entries[name] = ModelEntry(name, path, _file_problem(path, config_folder))
-    for entry in entries.values():
+        entries[name] = path
+    judged = {
+        name: ModelEntry(name, path, judge_folder(path) if path.is_dir() else judge_file(path))
+        for name, path in entries.items()
+    }
+    for entry in judged.values():
         if entry.problem:
-            log.warning("MODELS_DIR: %s is not served: %s", entry.name, entry.problem)
-    log.info("MODELS_DIR: %d models (%d usable)", len(entries), sum(not entry.problem for entry in entries.values()))
-    return entries
+            log.warning("%s: %s is not served: %s", setting, entry.name, entry.problem)
+    return judged
 
 
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _file_problem(path: Path, config_folder: Path) -> str | None:
+def _refusal(check: Callable[..., None], path: Path, *args: Any, setting: str) -> str | None:
+    """Why ``check`` refuses the file, without the ``SETTING='path': `` its message starts with; None if it passes."""
     try:
-        check_checkpoint(path, config_folder, setting="MODELS_DIR")
+        check(path, *args, setting=setting)
     except ModelLoadError as error:
-        # "MODELS_DIR='/…/x.safetensors': why" -> "why": the name is said by whoever reports it.
-        return str(error).split(": ", 1)[-1]
+        return str(error).removeprefix(f"{setting}={str(path)!r}: ")
     return None
 
 
@@ -126,45 +165,6 @@ def _folder_problem(path: Path, config_folder: Path) -> str | None:
             if found.get(key) != expected.get(key):
                 return f"its {part} has {key}={found.get(key)!r}, SD 1.5's (MODEL_CONFIG) has {expected.get(key)!r}"
     return None
-
-
-def scan_vaes(folder: Path, config_folder: Path) -> dict[str, ModelEntry]:
-    """Every VAE file and diffusers VAE folder under ``folder`` (VAE_DIR), by name, each with its problem if it
-    has one: a file is judged by its header against the config folder's VAE, as VAE_ID's file is.
-
-    Raises:
-        ModelLoadError: ``folder`` is not a folder.
-    """
-    if not folder.is_dir():
-        raise ModelLoadError(f"VAE_DIR={str(folder)!r}: no such folder")
-    try:
-        vae_config = json.loads((config_folder / "vae" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        vae_config = None
-    entries: dict[str, ModelEntry] = {}
-    folders = sorted(config.parent for config in folder.rglob("config.json") if not _hidden(config, folder))
-    for path in folders:
-        name = path.relative_to(folder).as_posix()
-        entries[name] = ModelEntry(name, path)
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
-            continue
-        if _hidden(path, folder) or any(parent in folders for parent in path.parents):
-            continue
-        name = path.relative_to(folder).with_suffix("").as_posix()
-        problem = None
-        if vae_config is None:
-            problem = f"the config folder {config_folder} (MODEL_CONFIG) has no readable vae/config.json"
-        else:
-            try:
-                check_vae_file(path, vae_config, setting="VAE_DIR")
-            except ModelLoadError as error:
-                problem = str(error).split(": ", 1)[-1]
-        entries.setdefault(name, ModelEntry(name, path, problem))
-    for entry in entries.values():
-        if entry.problem:
-            log.warning("VAE_DIR: %s is not served: %s", entry.name, entry.problem)
-    return entries
 
 
 def read_vae(entry: ModelEntry, current: Any, dtype: torch.dtype, *, pin: bool) -> Weights:
@@ -216,14 +216,9 @@ def snapshot(module: Any, *, pin: bool = False) -> dict[str, torch.Tensor]:
     return copied
 
 
-def copy_into(module: Any, weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` into ``module``'s own tensors in place: every graph, hook and LoRA layer that holds
-    them stays valid.
-
-    Raises:
-        ModelLoadError: the names or shapes differ from the module's (not the same architecture).
-    """
-    targets = fitting_targets(module, weights)
+def copy_into(targets: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into a module's own tensors (``fitting_targets``) in place: every graph, hook and LoRA
+    layer that holds them stays valid."""
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(weights[name], non_blocking=True)

@@ -135,8 +135,6 @@ class Models:
 
     def known(self, name: str) -> ModelIdentity | None:
         """Model ``name``'s identity (its hash among it) when this worker has read it, else None."""
-        if name in self._cache:
-            return self._cache[name].identity
         return self._seen.get(name)
 
     def use(self, name: str | None, vae: str | None = None) -> ModelIdentity:
@@ -159,11 +157,10 @@ class Models:
         changed = [part for part in PARTS if wanted[part] != self._held[part]]
         sources = {part: self._source(wanted[part]) for part in changed}
         # Checked whole before the first copy, so that weights that do not fit change nothing.
-        for part in changed:
-            fitting_targets(getattr(self._pipeline, part), sources[part].parts[part])
+        targets = {part: fitting_targets(getattr(self._pipeline, part), sources[part].parts[part]) for part in changed}
         for part in changed:
             self._held[part] = _UNKNOWN
-            copy_into(getattr(self._pipeline, part), sources[part].parts[part])
+            copy_into(targets[part], sources[part].parts[part])
             self._held[part] = wanted[part]
         if any(tensor.is_cuda for tensor in self._pipeline.unet.parameters()):
             torch.cuda.synchronize()
