@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from torch._dynamo.testing import CompileCounter
 
 import handler
 from builder import single_file
@@ -25,6 +26,7 @@ from builder.tiny_lora import write_test_loras
 from builder.tiny_model import MODELS, build_tiny_vae, write_tiny_controlnets, write_tiny_models
 from src.errors import ModelLoadError
 from src.run.models import machine_memory_bytes
+from src.run.startup import _apply_fast_mode
 from src.settings import Settings
 from tests.conftest import rss_bytes
 from tests.test_checkpoints import write_sdxl, write_truncated
@@ -149,6 +151,33 @@ def test_every_task_on_a_swapped_in_model_gives_the_image_of_a_worker_started_wi
     fresh = {task: pixels(run(None, **fields)) for task, fields in TASKS.items()}
 
     assert swapped == fresh
+
+
+def fast_mode_on(counter: Any) -> None:
+    """FAST_MODE's own changes (channels_last, fused QKV or LoRA hot-swap slots, compiled UNet blocks) on the
+    started worker, compiled by ``counter``: FAST_MODE itself runs on CUDA only."""
+    engine = handler.get_engine()
+    _apply_fast_mode(engine._pipeline, engine.loras, backend=counter)
+
+
+@pytest.mark.parametrize("lora_dir", [False, True], ids=["fused-qkv", "lora-slots"])
+def test_with_fast_mode_a_swap_compiles_nothing_and_gives_the_image_of_a_worker_started_with_the_model(
+    start: Callable[..., None], volume: Path, lora_dir: bool
+) -> None:
+    start(**({} if lora_dir else {"LORA_DIR": None}))
+    counter = CompileCounter()
+    fast_mode_on(counter)
+    default = pixels(run())
+    graphs = counter.frame_count
+    swapped = {name: pixels(run(name)) for name in NAMES}
+    back = pixels(run())
+
+    assert graphs > 0
+    assert counter.frame_count == graphs, "a swap copies into the compiled modules: nothing is compiled again"
+    assert back == default
+    start(MODEL_ID=str(volume / "models" / "tiny-a.safetensors"), MODELS_DIR=None, LORA_DIR=None)
+    fast_mode_on(CompileCounter())
+    assert pixels(run()) == swapped["tiny-a"], "the fused projections hold the swapped-in model's weights"
 
 
 def test_the_response_and_parameters_name_the_model_as_a1111_does(start: Callable[..., None], volume: Path) -> None:

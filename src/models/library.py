@@ -35,6 +35,9 @@ PARTS = ("unet", "text_encoder", "vae")
 # PEFT's names for a LoRA-wrapped layer: the model's own weight is ``<layer>.base_layer.weight``.
 _PEFT_BASE = re.compile(r"\.base_layer(?=\.)")
 _PEFT_ADAPTER = re.compile(r"\.(lora_[A-Za-z_]+|lora_magnitude_vector)\.")
+# FAST_MODE's fused projections (``fuse_qkv_projections``): copies of ``to_q``, ``to_k`` and ``to_v`` joined,
+# not weights of their own. Left out of snapshots, and joined again from the copied weights after a swap.
+_FUSED = re.compile(r"\.(to_qkv|to_kv)\.")
 # The config keys that give a diffusers folder's models their shapes: the UNet's input channels (9 for an
 # inpainting model) and cross-attention width (768 for SD 1.5, 1024 for SD 2.x, 2048 for SDXL) among them.
 _SHAPING_KEYS = {
@@ -216,12 +219,28 @@ def snapshot(module: Any, *, pin: bool = False) -> dict[str, torch.Tensor]:
     return copied
 
 
-def copy_into(targets: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` into a module's own tensors (``fitting_targets``) in place: every graph, hook and LoRA
-    layer that holds them stays valid."""
+def copy_into(module: Any, targets: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into ``module``'s own tensors (``fitting_targets``) in place, then its fused projections:
+    every graph, hook and LoRA layer that holds them stays valid."""
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(weights[name], non_blocking=True)
+        for attention in module.modules():
+            if getattr(attention, "fused_projections", False):
+                _join_projections(attention)
+
+
+def _join_projections(attention: Any) -> None:
+    """Refill an attention's fused ``to_qkv`` (self-attention) or ``to_kv`` (cross-attention) from its ``to_q``,
+    ``to_k`` and ``to_v``, in place, as diffusers' ``fuse_projections`` made them."""
+    parts: tuple[Any, ...] = (attention.to_k, attention.to_v)
+    if attention.is_cross_attention:
+        fused = attention.to_kv
+    else:
+        fused, parts = attention.to_qkv, (attention.to_q, *parts)
+    fused.weight.copy_(torch.cat([part.weight for part in parts]))
+    if fused.bias is not None:
+        fused.bias.copy_(torch.cat([part.bias for part in parts]))
 
 
 def fitting_targets(module: Any, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -248,11 +267,11 @@ def fitting_targets(module: Any, weights: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def _own_tensors(module: Any) -> dict[str, torch.Tensor]:
-    """The module's parameters and persistent buffers, LoRA adapters' left out, under their names without
-    PEFT's ``base_layer``."""
+    """The module's parameters and persistent buffers, LoRA adapters' and fused projections left out, under their
+    names without PEFT's ``base_layer``."""
     own = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
-        if _PEFT_ADAPTER.search(name):
+        if _PEFT_ADAPTER.search(name) or _FUSED.search(name):
             continue
         own[_PEFT_BASE.sub("", name)] = tensor
     return own

@@ -157,10 +157,10 @@ class Models:
         changed = [part for part in PARTS if wanted[part] != self._held[part]]
         sources = {part: self._source(wanted[part]) for part in changed}
         # Checked whole before the first copy, so that weights that do not fit change nothing.
-        targets = {part: fitting_targets(getattr(self._pipeline, part), sources[part].parts[part]) for part in changed}
+        targets = {part: self._fitting(part, wanted[part], sources[part]) for part in changed}
         for part in changed:
             self._held[part] = _UNKNOWN
-            copy_into(targets[part], sources[part].parts[part])
+            copy_into(getattr(self._pipeline, part), targets[part], sources[part].parts[part])
             self._held[part] = wanted[part]
         if any(tensor.is_cuda for tensor in self._pipeline.unet.parameters()):
             torch.cuda.synchronize()
@@ -175,6 +175,14 @@ class Models:
         swapped = ", ".join(str(wanted[part]).replace(_VAE_KEY, "VAE ") for part in changed)
         log.info("swapped in %s in %.2f s", swapped, time.perf_counter() - started)
         return self._identity
+
+    def _fitting(self, part: str, key: str | None, source: Weights) -> dict[str, torch.Tensor]:
+        """``part``'s module's tensors that take ``source``'s weights; refused naming the model or VAE."""
+        try:
+            return fitting_targets(getattr(self._pipeline, part), source.parts[part])
+        except ModelLoadError as error:
+            field = f"vae={key.removeprefix(_VAE_KEY)!r}" if key and key.startswith(_VAE_KEY) else f"model={key!r}"
+            raise ModelLoadError(f"{field}: {error}") from None
 
     def _source(self, key: str | None) -> Weights:
         """The weights a cache key names: the default model's (None), a VAE's, or a model's."""

@@ -156,10 +156,11 @@ def _fast_mode_applies(device: torch.device, profile: Profile) -> bool:
     return True
 
 
-def _apply_fast_mode(pipeline: StableDiffusionPipeline, loras: Loras) -> None:
+def _apply_fast_mode(pipeline: StableDiffusionPipeline, loras: Loras, backend: Any = "inductor") -> None:
     """FAST_MODE's speed-ups: channels_last suits tensor cores; fused QKV projections make one
     matmul of three; regional compilation compiles the UNet's repeated transformer block once,
-    so the compile costs seconds, not minutes.
+    so the compile costs seconds, not minutes. ``backend`` is torch.compile's (the tests count graphs
+    with a counting one).
 
     With LoRAs, the QKV projections stay apart (a fused ``to_qkv`` would bypass the LoRA layers
     on ``to_q``, ``to_k`` and ``to_v``), the UNet gets its hot-swap slots before it is compiled,
@@ -173,11 +174,11 @@ def _apply_fast_mode(pipeline: StableDiffusionPipeline, loras: Loras) -> None:
         # more variants than torch.compile keeps by default (8), after which it would run them uncompiled.
         limit = 8 * (loras.slot_count + 2)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        pipeline.unet.compile_repeated_blocks(fullgraph=False)
+        pipeline.unet.compile_repeated_blocks(fullgraph=False, backend=backend)
         log.info("FAST_MODE: channels_last, compiled UNet blocks with LoRA hot-swap slots; QKV projections unfused")
     else:
         pipeline.fuse_qkv_projections()
-        pipeline.unet.compile_repeated_blocks(fullgraph=True)
+        pipeline.unet.compile_repeated_blocks(fullgraph=True, backend=backend)
         log.info("FAST_MODE: channels_last, fused QKV projections, compiled UNet blocks")
 
 
