@@ -8,6 +8,11 @@ SD 1.5's full architecture with random weights in fp16 (bench/sd15_random.py),
 warm-up), median job latency over repeats (the worker's include PNG encoding and
 base64), plain diffusers' UNet steps per second, and peak GPU memory. Speed-ups are ratios of medians
 measured in this one run, against plain diffusers with SDPA on the same card.
+
+Then, in each worker mode, model swaps (MODELS_DIR holds a second model with weights of its own): its first
+use (read into pinned host memory, then copied in), a swap to it and back from the host cache (median of
+``--repeat``), and the graphs torch.compile made during the swaps and a batch-1 job on the swapped-in model
+(FAST_MODE: 0 when the compiled graphs stay valid).
 """
 
 from __future__ import annotations
@@ -83,14 +88,22 @@ def plain(folder: Path, repeat: int) -> dict[str, Any]:
     return result  # the pipeline goes with this frame; main() then releases its memory
 
 
-def worker(folder: Path, repeat: int, fast: bool) -> dict[str, Any]:
-    """The worker's engine and handler path, as deployed, with FAST_MODE off or on."""
+def worker(folder: Path, models_dir: Path, repeat: int, fast: bool) -> dict[str, Any]:
+    """The worker's engine and handler path, as deployed, with FAST_MODE off or on; then its model swaps."""
     from src.finish.response import encode_response
     from src.run.engine import Engine
     from src.schema import parse_input
     from src.settings import load_settings
 
-    settings = load_settings({"MODEL_ID": str(folder), "FAST_MODE": str(fast).lower(), "MEMORY_PROFILE": "high"})
+    settings = load_settings(
+        {
+            "MODEL_ID": str(folder),
+            "MODEL_CONFIG": str(folder),
+            "MODELS_DIR": str(models_dir),
+            "FAST_MODE": str(fast).lower(),
+            "MEMORY_PROFILE": "high",
+        }
+    )
     started = time.perf_counter()
     engine = Engine.load(settings)  # FAST_MODE compiles and warms up in here
     torch.cuda.synchronize()
@@ -114,7 +127,31 @@ def worker(folder: Path, repeat: int, fast: bool) -> dict[str, Any]:
 
         result[f"batch{batch}_s"] = _timed(job, repeat)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["swaps"] = swaps(engine, settings, repeat)
     return result
+
+
+def swaps(engine: Any, settings: Any, repeat: int) -> dict[str, float]:
+    """The second model's first use, then swaps from the host cache, and the graphs compiled meanwhile."""
+    from torch._dynamo.utils import counters
+
+    from bench.models import CHECKPOINTS, cached_swaps
+    from src.schema import parse_input
+
+    graphs = counters["stats"]["unique_graphs"]
+    started = time.perf_counter()
+    engine.models.use(CHECKPOINTS[0])  # synchronizes the device
+    first_use = time.perf_counter() - started
+    engine.models.use(None)
+    times = cached_swaps(engine, repeat)
+    request = parse_input({"input": {"prompt": "a red fox in a snowy forest", "model": CHECKPOINTS[0]}}, settings)
+    engine.generate(request, timeout_s=600)
+    return {
+        "first_use_s": first_use,
+        "swap_s": statistics.median(times["to_checkpoint"]),
+        "swap_back_s": statistics.median(times["to_default"]),
+        "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,
+    }
 
 
 def main() -> None:
@@ -125,22 +162,26 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs one NVIDIA GPU")
     started = time.time()
+    from bench.models import CHECKPOINTS
     from bench.sd15_random import build_sd15_random, check_parameter_counts
 
     with tempfile.TemporaryDirectory() as workdir:
         folder = Path(workdir) / "sd15-random"
+        models_dir = Path(workdir) / "models"
         model = build_sd15_random("cuda", torch.float16)
         check_parameter_counts(model)
         model.save_pretrained(folder)
         del model
+        # The second model a request may name: a diffusers folder with weights of its own.
+        build_sd15_random("cuda", torch.float16, seed=1).save_pretrained(models_dir / CHECKPOINTS[0])
         _release()
         results = {"plain diffusers": plain(folder, args.repeat)}
         _release()
-        results["worker, default"] = worker(folder, args.repeat, fast=False)
+        results["worker, default"] = worker(folder, models_dir, args.repeat, fast=False)
         _release()
         capability = torch.cuda.get_device_capability()
         if capability >= (7, 0):
-            results["worker, FAST_MODE"] = worker(folder, args.repeat, fast=True)
+            results["worker, FAST_MODE"] = worker(folder, models_dir, args.repeat, fast=True)
     base = results["plain diffusers"]
     name = torch.cuda.get_device_name()
     lines = [
@@ -160,6 +201,18 @@ def main() -> None:
             f"{base['batch1_s'] / result['batch1_s']:.2f} | {result['batch4_s']:.2f} s | "
             f"{base['batch4_s'] / result['batch4_s']:.2f} | {steps} | {result['peak_gib']:.2f} |"
         )
+    lines += [
+        "",
+        "| mode | model swap: first use | from the host cache | back to the default | graphs compiled |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for mode, result in results.items():
+        if "swaps" in result:
+            swap = result["swaps"]
+            lines.append(
+                f"| {mode} | {swap['first_use_s']:.2f} s | {swap['swap_s']:.3f} s | {swap['swap_back_s']:.3f} s | "
+                f"{swap['graphs_compiled']} |"
+            )
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@
   answered with the worker's own error or recovered by its frugal retry, and the next job works;
 - image tasks, A1111 prompts and LoRAs in float16, in each memory profile;
 - a single-file checkpoint converted at startup, and a VAE file, in float16 on CUDA;
+- MODELS_DIR's models swapped in place from pinned host memory, with and without model offload;
 - ControlNet units in float16, in each memory profile, and where the ControlNets wait between jobs.
 
 Needs only torch, transformers, accelerate, diffusers, pydantic and pytest, as the GPU machine
@@ -318,6 +319,33 @@ def test_a_single_file_checkpoint_on_the_gpu_matches_its_folder(tmp_path: Path) 
 
     assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(from_folder, with_vae, strict=True))
+
+
+@pytest.mark.parametrize("profile", ["high", "low"])
+def test_models_swapped_in_place_on_the_gpu_give_a_fresh_workers_pixels(
+    tiny_model_dir: Path, tmp_path: Path, profile: str
+) -> None:
+    """MODELS_DIR's models swapped into the modules on CUDA (and, with "low", into the offloaded modules): from
+    pinned host memory, A -> B -> A gives A's pixels, and each model's equal a worker's started with it."""
+    from builder.tiny_model import write_tiny_models
+
+    models = write_tiny_models(tmp_path / "models")
+    engine = load_engine(
+        tiny_model_dir, MODELS_DIR=str(models), MODEL_CONFIG=str(tiny_model_dir), MEMORY_PROFILE=profile
+    )
+    first = {name: pixels(generate(engine, model=name)) for name in ("tiny-a", "tiny-c")}
+    default = pixels(generate(engine))
+    again = pixels(generate(engine, model="tiny-a"))
+    fresh = pixels(
+        generate(load_engine(models / "tiny-a.safetensors", MODEL_CONFIG=str(tiny_model_dir), MEMORY_PROFILE=profile))
+    )
+
+    assert all(np.array_equal(a, b) for a, b in zip(first["tiny-a"], again, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(first["tiny-a"], fresh, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first["tiny-a"], default, strict=True))
+    assert engine.models.reads == {"tiny-a": 1, "tiny-c": 1}
+    cached = engine.models._cache["tiny-a"].parts["unet"].values()
+    assert all(tensor.is_pinned() for tensor in cached), "the host cache is pinned, for fast copies to the GPU"
 
 
 @pytest.mark.parametrize("profile", ["high", "balanced", "low"])
