@@ -22,7 +22,6 @@ urllib3 rather than requests: it is already the runtime's dependency, and it let
 from __future__ import annotations
 
 import base64
-import codecs
 import contextlib
 import hashlib
 import json
@@ -38,6 +37,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import urllib3
 
 from src import __version__
+from src.prepare.http import file_name_from
 from src.settings import TOKEN_HOSTS, HostToken, redact_url
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,11 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 8 << 20
 MAX_REDIRECTS = 10
 PROGRESS_EVERY_S = 10.0
-DEFAULT_FILE_NAME = "model.safetensors"
 USER_AGENT = f"sd15-worker-builder/{__version__}"
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", re.IGNORECASE)
-# RFC 6266: filename*=charset'language'percent-encoded, preferred to filename= ("quoted" or a bare token).
-_FILENAME_STAR = re.compile(r"""\bfilename\*\s*=\s*"?([^'";\s]*)'[^']*'([^";\s]+)""", re.IGNORECASE)
-_FILENAME = re.compile(r"""\bfilename\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]+)""", re.IGNORECASE)
 
 
 class DownloadError(RuntimeError):
@@ -122,34 +118,6 @@ def sha256_of(path: Path, chunk_bytes: int = 16 << 20) -> str:
     for chunk in _read_chunks(path, chunk_bytes):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def file_name_from(url: str, content_disposition: str | None) -> str:
-    """The file name for a download: Content-Disposition's ``filename*``/``filename``, else the URL's last
-    path segment, unquoted. Any folder part is dropped, so the name stays inside the folder it is joined to;
-    never empty (``model.safetensors`` when nothing names the file)."""
-    candidates: list[str] = []
-    if content_disposition:
-        if star := _FILENAME_STAR.search(content_disposition):
-            charset = star.group(1) or "utf-8"
-            try:
-                codecs.lookup(charset)
-            except LookupError:
-                charset = "utf-8"
-            candidates.append(unquote(star.group(2), encoding=charset, errors="replace"))
-        if plain := _FILENAME.search(content_disposition):
-            value = plain.group(1)
-            if value.startswith('"'):
-                value = re.sub(r"\\(.)", r"\1", value[1:-1])
-            candidates.append(value)
-    with contextlib.suppress(ValueError):  # an unparsable URL names nothing
-        candidates.append(unquote(urlsplit(url).path.rsplit("/", 1)[-1]))
-    for candidate in candidates:
-        name = "".join(char for char in candidate.replace("\\", "/").rsplit("/", 1)[-1] if char.isprintable())
-        name = name.strip()
-        if name not in ("", ".", ".."):
-            return name
-    return DEFAULT_FILE_NAME
 
 
 # --- one download: the .part file, and the attempts that fill it ------------------------------------------------

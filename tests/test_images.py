@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image, ImageFile
 
-from src.prepare.images import address_problem, load_image, load_mask
+from src.prepare.http import address_problem
+from src.prepare.images import load_image, load_mask
 from src.schema import InputError
 from src.settings import Settings, load_settings
 from tests.conftest import ACCESS_KEY, SECRET, S3Server, free_port

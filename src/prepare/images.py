@@ -12,10 +12,8 @@ PNG, JPEG or WebP by its first bytes, never by its name or content type; its wid
 header and checked before a single pixel is decoded, so a small file that would decode to gigabytes (a
 decompression bomb) costs nothing. Every failure is an ``InputError`` whose message starts with the request field.
 
-A URL's host is resolved and every address it resolves to is checked; the connection then goes to a checked
-address, the hostname travelling only in the Host header, the TLS server name and the certificate check. A DNS
-answer that changes between the check and the connection (DNS rebinding) therefore cannot reach a private
-address. Redirects are followed here, each hop checked the same way, and one deadline covers them all.
+A URL is fetched by ``http``: every address its host resolves to checked, the connection pinned to a checked
+address, each redirect checked the same way, one deadline (IMAGE_FETCH_TIMEOUT_SECONDS) for them all.
 """
 
 from __future__ import annotations
@@ -24,28 +22,30 @@ import base64
 import binascii
 import codecs
 import io
-import ipaddress
 import itertools
 import logging
 import re
-import socket
-import ssl
 import struct
-import threading
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urljoin, urlsplit
 
-import urllib3
 from PIL import ExifTags, Image, ImageOps
 
-from src import __version__
-from src.errors import StorageError, clipped
+from src.errors import StorageError, clipped, first_line
+from src.prepare.http import (
+    FetchError,
+    Resolve,
+    Rules,
+    chunks,
+    content_length,
+    opened,
+    shown,
+    system_resolve,
+)
 from src.schema import InputError
-from src.settings import Settings, redact_url
+from src.settings import Settings
 
 if TYPE_CHECKING:
     from src.storage import S3Storage
@@ -62,7 +62,6 @@ SIDE_FACTOR = 8
 AREA_FACTOR = 16
 MIN_SIDE = 8
 MAX_REDIRECTS = 3
-USER_AGENT = f"sd15-worker/{__version__}"
 
 _ACCEPTED = ("PNG", "JPEG", "WEBP")
 _EXPECTED = "PNG, JPEG or WebP expected"
@@ -98,25 +97,7 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES = 64 * 1024
-_CLOUD_METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
-_SHARED = ipaddress.ip_network("100.64.0.0/10")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# A host name and port -> its addresses as text, in the resolver's preferred order; raises OSError (such as
-# socket.gaierror) when the name has none.
-Resolve = Callable[[str, int], list[str]]
-
-
-def system_resolve(host: str, port: int) -> list[str]:
-    """``host``'s addresses from the system resolver (getaddrinfo), in its order: what the worker uses.
-
-    Raises:
-        OSError: socket.gaierror when the name does not resolve.
-    """
-    return [str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
 @dataclass(frozen=True)
@@ -171,31 +152,6 @@ def load_mask(
     return LoadedImage(image=image, warnings=warnings + more, source=source)
 
 
-def address_problem(address: IPAddress) -> str | None:
-    """Why the worker must not fetch from ``address`` (such as ``a loopback address``); None for a public one."""
-    if address in _CLOUD_METADATA:
-        return "the cloud metadata address"
-    if isinstance(address, ipaddress.IPv6Address):
-        # An IPv4 address carried inside IPv6 reaches that IPv4 host: judge the IPv4 one.
-        embedded = address.ipv4_mapped or address.sixtofour
-        if embedded is None and address in _NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None:
-            problem = address_problem(embedded)
-            return f"{problem} ({embedded} inside IPv6)" if problem else None
-    kinds = (
-        (address.is_loopback, "a loopback address"),
-        (address.is_unspecified, "an unspecified address"),
-        (address.is_link_local, "a link-local address"),
-        (address.is_multicast, "a multicast address"),
-        (address in _SHARED, "a shared (carrier-grade NAT) address"),
-        (address.is_private, "a private address"),
-        (address.is_reserved, "a reserved address"),
-        (not address.is_global, "not a public address"),
-    )
-    return next((kind for matches, kind in kinds if matches), None)
-
-
 # --- reading: reference -> bytes -----------------------------------------------------------------
 
 
@@ -216,15 +172,15 @@ def _read(
     if head.startswith(("http://", "https://")):
         if not settings.image_urls:
             raise InputError(
-                f"{field}: {_shown(text)}: URLs are not accepted (IMAGE_URLS=false); send base64 or s3:// instead"
+                f"{field}: {shown(text)}: URLs are not accepted (IMAGE_URLS=false); send base64 or s3:// instead"
             )
-        return _fetch(text, field, settings, limit, resolve), _shown(text)
+        return _fetch(text, field, settings, limit, resolve), shown(text)
     if head.startswith("s3://"):
         return _from_s3(text, field, storage, limit)
     if _URL_SCHEME.match(text):
         scheme = text.split(":", 1)[0]
         raise InputError(
-            f"{field}: {_shown(text)}: the scheme {scheme!r} is not supported: "
+            f"{field}: {shown(text)}: the scheme {scheme!r} is not supported: "
             "send base64, a data: URI, an http(s):// URL or s3://BUCKET/KEY"
         )
     return _from_base64(text, field, settings, limit), "base64"
@@ -268,238 +224,33 @@ def _from_s3(text: str, field: str, storage: S3Storage | None, limit: int) -> tu
 # --- fetching a URL -----------------------------------------------------------------------------
 
 
-class _FetchError(Exception):
-    """Why a fetch failed; ``_fetch`` adds the field and the URL."""
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One URL, split into what a connection pinned to a checked address needs."""
-
-    scheme: str
-    host: str  # ASCII (IDNA), lower case, without brackets: for DNS, SNI and the certificate check
-    port: int
-    host_header: str
-    path: str  # path and query, percent-encoded
-
-
 def _fetch(url: str, field: str, settings: Settings, limit: int, resolve: Resolve) -> bytes:
     """GET ``url`` within IMAGE_FETCH_TIMEOUT_SECONDS, following at most MAX_REDIRECTS redirects."""
+    rules = Rules(
+        allow_private=settings.image_urls_allow_private,
+        private_setting="IMAGE_URLS_ALLOW_PRIVATE",
+        timeout_setting=f"IMAGE_FETCH_TIMEOUT_SECONDS={settings.image_fetch_timeout_seconds:g}",
+        accept="image/png,image/jpeg,image/webp,*/*;q=0.8",
+        max_redirects=MAX_REDIRECTS,
+    )
     deadline = time.monotonic() + settings.image_fetch_timeout_seconds
-    context: ssl.SSLContext | None = None
     current = url
     try:
-        for _ in range(1 + MAX_REDIRECTS):
-            target = _target(current)
-            addresses = _allowed_addresses(target, settings, deadline, resolve)
-            if target.scheme == "https" and context is None:
-                context = ssl.create_default_context()
-            pool, response = _request(target, addresses, deadline, context, settings)
-            try:
-                if response.status in _REDIRECT_STATUSES:
-                    location = response.headers.get("Location", "").strip()
-                    if not location:
-                        raise _FetchError(f"HTTP {response.status} redirect without a Location")
-                    current = urljoin(current, location)
-                    continue
-                if not 200 <= response.status < 300:
-                    raise _FetchError(f"HTTP {response.status} {response.reason or ''}".rstrip())
-                return _read_body(response, deadline, settings, limit)
-            except (urllib3.exceptions.HTTPError, OSError) as error:
-                raise _FetchError(_connection_problem(error, settings)) from None
-            finally:
-                response.close()
-                pool.close()
-        raise _FetchError(f"more than {MAX_REDIRECTS} redirects")
-    except _FetchError as refused:
-        hop = f" (redirected to {_shown(current)})" if current != url else ""
-        raise InputError(f"{field}: {_shown(url)}{hop}: {refused}") from None
-
-
-def _target(url: str) -> _Target:
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise _FetchError("is not a valid URL: its host or port cannot be read") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise _FetchError(f"the scheme {scheme!r} is not http or https")
-    if "@" in parts.netloc:
-        raise _FetchError("credentials in the URL (user:password@) are not supported")
-    if not parts.hostname:
-        raise _FetchError("names no host")
-    try:
-        host = parts.hostname.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise _FetchError(f"the host {parts.hostname!r} is not a valid name") from None
-    shown_host = f"[{host}]" if ":" in host else host
-    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    if parts.query:
-        path += "?" + quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")
-    return _Target(
-        scheme=scheme,
-        host=host,
-        port=port or (443 if scheme == "https" else 80),
-        host_header=shown_host if port is None else f"{shown_host}:{port}",
-        path=path,
-    )
-
-
-def _allowed_addresses(target: _Target, settings: Settings, deadline: float, resolve: Resolve) -> list[IPAddress]:
-    """The addresses to connect to: all of them checked, unless IMAGE_URLS_ALLOW_PRIVATE is on."""
-    try:
-        addresses = [ipaddress.ip_address(target.host)]
-        literal = True
-    except ValueError:
-        addresses = _resolve(target.host, target.port, _remaining(deadline, settings), resolve)
-        literal = False
-    if settings.image_urls_allow_private:
-        return addresses
-    for address in addresses:
-        problem = address_problem(address)
-        if problem is not None:
-            what = f"{address} is" if literal else f"{target.host} resolves to {address},"
-            raise _FetchError(f"{what} {problem}; set IMAGE_URLS_ALLOW_PRIVATE=true to allow")
-    return addresses
-
-
-def _resolve(host: str, port: int, timeout: float, resolve: Resolve) -> list[IPAddress]:
-    """``host``'s addresses, in the resolver's order; getaddrinfo has no timeout, so it runs in a thread
-    that is left to finish on its own when the deadline passes first."""
-    answers: list[list[IPAddress] | str] = []
-
-    def lookup() -> None:
-        try:
-            answers.append(list(dict.fromkeys(ipaddress.ip_address(address) for address in resolve(host, port))))
-        except OSError as error:
-            answers.append(error.strerror or str(error))
-        except (UnicodeError, ValueError) as error:  # a name the resolver cannot even encode
-            answers.append(str(error))
-
-    thread = threading.Thread(target=lookup, name="image-url-resolve", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not answers:
-        raise _FetchError(f"cannot resolve the host {host!r}: no answer within {timeout:.3g} s")
-    answer = answers[0]
-    if isinstance(answer, str):
-        raise _FetchError(f"cannot resolve the host {host!r}: {answer}")
-    if not answer:
-        raise _FetchError(f"cannot resolve the host {host!r}: no address")
-    return answer
-
-
-def _request(
-    target: _Target,
-    addresses: list[IPAddress],
-    deadline: float,
-    context: ssl.SSLContext | None,
-    settings: Settings,
-) -> tuple[urllib3.HTTPConnectionPool, urllib3.BaseHTTPResponse]:
-    """Send the GET to the first checked address that accepts a connection."""
-    headers = {
-        "Host": target.host_header,
-        "User-Agent": USER_AGENT,
-        "Accept": "image/png,image/jpeg,image/webp,*/*;q=0.8",
-        # The body's size is checked as it arrives; a compressed body would grow once decoded.
-        "Accept-Encoding": "identity",
-    }
-    failures: list[tuple[IPAddress, str]] = []
-    for address in addresses:
-        remaining = _remaining(deadline, settings)
-        timeout = urllib3.Timeout(connect=remaining, read=remaining)
-        pool: urllib3.HTTPConnectionPool
-        if target.scheme == "https":
-            pool = urllib3.HTTPSConnectionPool(
-                str(address),
-                target.port,
-                timeout=timeout,
-                retries=False,
-                maxsize=1,
-                ssl_context=context,
-                server_hostname=target.host,
-                assert_hostname=target.host,
-            )
-        else:
-            pool = urllib3.HTTPConnectionPool(str(address), target.port, timeout=timeout, retries=False, maxsize=1)
-        try:
-            response = pool.urlopen(
-                "GET",
-                target.path,
-                headers=headers,
-                retries=False,
-                redirect=False,
-                assert_same_host=False,
-                preload_content=False,
-            )
-        except urllib3.exceptions.ConnectTimeoutError as error:  # NewConnectionError included
-            pool.close()
-            failures.append((address, _connection_problem(error, settings)))
-            continue
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
-            pool.close()
-            raise _FetchError(_connection_problem(error, settings)) from None
-        return pool, response
-    if len(failures) == 1:
-        reasons = failures[0][1]
-    else:
-        reasons = "; ".join(f"{address}: {problem}" for address, problem in failures)
-    raise _FetchError(f"cannot connect to {target.host} port {target.port}: {reasons}")
-
-
-def _read_body(response: urllib3.BaseHTTPResponse, deadline: float, settings: Settings, limit: int) -> bytes:
-    """The body, read as it arrives; refused as soon as it passes ``limit`` or the deadline."""
-    length = response.headers.get("Content-Length", "").strip()
-    if length.isdigit() and int(length) > limit:
-        raise _FetchError(f"its Content-Length, {length} bytes, is over {_limit_text(settings)}")
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise _FetchError(f"it came with Content-Encoding: {encoding}; an image is expected as is")
-    data = bytearray()
-    sock = getattr(getattr(response, "connection", None), "sock", None)
-    while True:
-        # The clock is checked between chunks, so a server that drips bytes is cut at the deadline; the
-        # socket's timeout follows the deadline down, so one that goes silent is cut at it too.
-        remaining = _remaining(deadline, settings)
-        if sock is not None:
-            sock.settimeout(remaining)
-        chunk = response.read1(_CHUNK_BYTES, decode_content=False)
-        if not chunk:
+        with opened(url, rules, deadline, resolve) as answer:
+            current = answer.url
+            length = content_length(answer.response)
+            if length is not None and length > limit:
+                raise FetchError(f"its Content-Length, {length} bytes, is over {_limit_text(settings)}")
+            data = bytearray()
+            for chunk in chunks(answer.response, deadline, rules, _CHUNK_BYTES):
+                data += chunk
+                if len(data) > limit:
+                    raise FetchError(f"its body grew past {_limit_text(settings)}; stopped reading")
             return bytes(data)
-        data += chunk
-        if len(data) > limit:
-            raise _FetchError(f"its body grew past {_limit_text(settings)}; stopped reading")
-
-
-def _remaining(deadline: float, settings: Settings) -> float:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise _FetchError(
-            f"timed out: not done within IMAGE_FETCH_TIMEOUT_SECONDS={settings.image_fetch_timeout_seconds:g}"
-        )
-    return remaining
-
-
-def _connection_problem(error: Exception, settings: Settings) -> str:
-    """What went wrong talking to the server, in a few words."""
-    timeout = f"IMAGE_FETCH_TIMEOUT_SECONDS={settings.image_fetch_timeout_seconds:g}"
-    if isinstance(error, urllib3.exceptions.NewConnectionError):
-        cause = error.__cause__
-        return (cause.strerror if isinstance(cause, OSError) else None) or str(cause or error)
-    if isinstance(error, urllib3.exceptions.ConnectTimeoutError):
-        return f"timed out connecting ({timeout})"
-    if isinstance(error, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
-        return f"timed out waiting for the server ({timeout})"
-    if isinstance(error, urllib3.exceptions.SSLError):
-        return f"TLS failed: {_first_line(error)}"
-    if isinstance(error, urllib3.exceptions.ProtocolError):
-        return f"the connection failed: {_first_line(error)}"
-    return f"{type(error).__name__}: {_first_line(error)}"
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [""])[0][:300]
+    except FetchError as refused:
+        current = refused.url or current
+        hop = f" (redirected to {shown(current)})" if current != url else ""
+        raise InputError(f"{field}: {shown(url)}{hop}: {refused}") from None
 
 
 # --- decoding: bytes -> checked image -----------------------------------------------------------
@@ -526,7 +277,7 @@ def _decode(data: bytes, field: str, source: str, settings: Settings) -> tuple[I
     except Image.DecompressionBombError as error:
         raise InputError(f"{where}: too large to decode ({error}); inputs may be {bound}") from None
     except _DECODE_ERRORS as error:
-        raise InputError(f"{where}: cannot be read as {kind}: {_first_line(error)}") from None
+        raise InputError(f"{where}: cannot be read as {kind}: {first_line(error)}") from None
     width, height = opened.size
     if width > max_side or height > max_side or width * height > max_area:
         raise InputError(f"{where}: {width}x{height} is too large: inputs may be {bound}")
@@ -537,7 +288,7 @@ def _decode(data: bytes, field: str, source: str, settings: Settings) -> tuple[I
     try:
         opened.load()
     except _DECODE_ERRORS as error:
-        raise InputError(f"{where}: the {kind} data is truncated or corrupt: {_first_line(error)}") from None
+        raise InputError(f"{where}: the {kind} data is truncated or corrupt: {first_line(error)}") from None
     if frames > 1:
         warnings.append(f"{field}: it holds {frames} frames; the first is used")
     image: Image.Image = opened
@@ -644,11 +395,6 @@ def _limit_bytes(settings: Settings) -> int:
 
 def _limit_text(settings: Settings) -> str:
     return f"MAX_INPUT_IMAGE_MB={settings.max_input_image_mb:g} ({_limit_bytes(settings)} bytes)"
-
-
-def _shown(url: str) -> str:
-    """``url`` as ``redact_url`` shows it, and not too long: safe for messages and logs."""
-    return clipped(redact_url(url))
 
 
 def _abbreviate(text: str) -> str:
