@@ -8,7 +8,8 @@ leaves every digest as it is; a change that means to change an output records th
 
 The tiny model's weights are seeded, so the digests hold wherever torch 2.13's CPU kernels give the same floats;
 where another kind of CPU rounds differently, its digests are recorded beside the others, on code whose output
-has already matched the recorded digests on a known CPU. They were recorded with two torch threads (torch's
+has already matched the recorded digests on a known CPU (three kinds so far: Intel Xeons with and without
+AVX-512/AMX, and an AMD EPYC). They were recorded with two torch threads (torch's
 default on 2 cores), and the number of threads changes how sums are split: the jobs run in a process of their
 own with two (``python -m tests.test_same_bytes`` from the folder the test prepares prints the digests).
 """
@@ -76,12 +77,14 @@ DIGESTS: dict[str, tuple[str, ...]] = {
     "txt2img": (
         "63a92ad7d8bfe36019cd5d0ee945ccde9e116011a828a83f58c393143741024d",
         "55a55ee7e0a8794890ca963c86be0a02d9d114b27d64e80ae79964b019852ef9",
+        "f40c7ca9819195249480ab7d40b3a9292edb1587ab86d144139a3d96676ee3d2",
     ),
     "txt2img-jpeg": ("37c67f373eb0df20447a1d13e672dab40ceb23cea836ba94a5b678e45e23fe35",),
     "txt2img-webp": ("2de07ec0c8852ca7a6c46b8334537d720e92427a5d5a248b6557a3da3d48c103",),
     "img2img": (
         "8b421d31933458733d068b1c4766634c51428a13cbecb3bf5f0f9268bca12f0f",
         "e534cbada062c4845cc71927da9dad46dbc63956cd4fdd681f435d6c7f5917dd",
+        "23f13db5867f25c575db03af373d34ca0710bf5064c319cb8c2318d6843d78e7",
     ),
     "inpaint": (
         "6f35c237c052af7d60510df4cf6c604484eb3f3f1251d9fc46e83c91dcc8f040",
@@ -94,18 +97,22 @@ DIGESTS: dict[str, tuple[str, ...]] = {
     "outpaint": (
         "ccced48a0bb8413381881898bdd7b2bd7140ff96be01989f16fec5f9a4d5fc1d",
         "d0f7996073f346ff42592fb2e7162758282f2c78925fa487367da23697810d03",
+        "55d6d743ca79f466d5a4c65b424ebc853ead97b2b76bd7ba5a8a24e3d70bd4a4",
     ),
     "hires-latent": (
         "e2544ea26ae00a1dd55a8ebf70674b9864d80c235f9aa6b721666b81ca16406d",
         "ebec0460ad6b9abb1077fa57a0e97e8f54f0602462c5818c36517395326cfbfb",
+        "608d0ad6502c22e5a486ee53e66dd0559e001a3b5a49bb0c4f7da930849e2bfc",
     ),
     "hires-lanczos": (
         "0cd6fb74b975361f9f76313312f2eb60580d278503e2cc0c6c65434e4be09cdd",
         "f198d71dc53b4e255d99533eb616fdf7318af114f1978055083505f275bfdf5e",
+        "7c9832d094a6d05d45b114bee991b3abf95fe89aedb26226804c03c60803d2d6",
     ),
     "lora": (
         "57a2948a4b6470f71e55fce7b04bc2a1c59b882071a33ffe484a206802872848",
         "ad7684fbef7f326dc7e812037bfc10a909ee52b3304332fb1f36a6c731484e3c",
+        "5aee650dce7d018e07e8124aa53a6de4556b51414431eeb2ea7a48fa2b1cea2b",
     ),
     "controlnet": (
         "aeede06eed50b787c40869b71909def3419989e4529b911aee340c1af651a8a1",
