@@ -37,6 +37,7 @@ from src.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from src.adapters.catalog import Catalog
+    from src.prepare.downloads import Downloads
     from src.run.engine import Engine, Generation
     from src.storage import S3Storage
 
@@ -46,6 +47,7 @@ _lock = threading.Lock()
 _settings: Settings | None = None
 _engine: Engine | None = None
 _storage: S3Storage | None = None
+_downloads: Downloads | None = None
 # Sends progress to RunPod; set by main() only when RunPod is there to receive it.
 _send_progress: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
 # The first line of the CUDA error that left this process's GPU unusable; None while it works.
@@ -86,6 +88,19 @@ def get_engine() -> Engine:
 def get_catalog() -> Catalog:
     """The LoRAs and ControlNets the process's engine has, by name (loading the engine on first use)."""
     return get_engine().catalog
+
+
+def get_downloads() -> Downloads:
+    """The process's download cache (DOWNLOAD_CACHE_DIR), for the LoRAs and models requests name by URL."""
+    from src.prepare.downloads import Downloads
+    from src.prepare.http import system_resolve
+
+    global _downloads
+    settings = get_settings()
+    with _lock:
+        if _downloads is None:
+            _downloads = Downloads(settings, system_resolve)
+        return _downloads
 
 
 def get_storage() -> S3Storage | None:
@@ -178,9 +193,12 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
             return await in_thread(lambda: describe(get_engine()), cancelled)
         async with _jobs_in_memory.held(settings.jobs_in_memory):
             plan = await in_thread(lambda: _prepare(job, settings), cancelled)
-            queued = time.perf_counter()
-            generation = await in_thread(lambda: _run(job, plan, settings, cancelled, queued), cancelled, gpu=True)
-            return await in_thread(lambda: _finish(job, plan, generation, settings, started), cancelled)
+            try:
+                queued = time.perf_counter()
+                generation = await in_thread(lambda: _run(job, plan, settings, cancelled, queued), cancelled, gpu=True)
+                return await in_thread(lambda: _finish(job, plan, generation, settings, started), cancelled)
+            finally:
+                plan.release()
     except (InputError, SettingsError, WorkerError) as error:
         return {"error": str(error)}
     except Exception as error:  # noqa: BLE001 - logged with its traceback; the worker serves the next job
@@ -191,7 +209,8 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
 
 def _prepare(job: Any, settings: Settings) -> JobPlan:
     """Stage 1, on the CPU: the input checked, its images read, its plan made."""
-    return prepare_job(job, settings, catalog=get_catalog, storage=get_storage())
+    downloads = get_downloads if settings.downloads_on else None
+    return prepare_job(job, settings, catalog=get_catalog, storage=get_storage(), downloads=downloads)
 
 
 def _run(job: Any, plan: JobPlan, settings: Settings, cancelled: threading.Event, queued: float) -> Generation:
@@ -234,6 +253,8 @@ def prepare() -> Settings:
     try:
         get_engine()
         get_storage()
+        if settings.downloads_on:
+            get_downloads()
     finally:
         runpod_import.join()
     return settings

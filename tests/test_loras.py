@@ -483,7 +483,7 @@ def test_an_unknown_key_in_a_lora_names_a_loras_fields(lora_worker: Callable[...
 
     assert error.startswith("invalid input: loras.0.weight=0.5: unknown field")
     assert "the fields are: prompt" not in error
-    assert "name, scale" in error
+    assert "name, url, sha256, scale" in error
 
 
 # --- what a LoRA does to the image ---------------------------------------------------------------------------

@@ -199,7 +199,8 @@ def test_the_response_and_parameters_name_the_model_as_a1111_does(start: Callabl
     [
         ("../x", "model='../x': a name from MODELS_DIR"),
         ("/models/tiny-a.safetensors", "model='/models/tiny-a.safetensors': a name from MODELS_DIR, not a path"),
-        ("https://example.com/m.safetensors", "a name from MODELS_DIR, not a URL"),
+        ("https://example.com/m.safetensors", "this worker downloads no files: DOWNLOAD_HOSTS is not set"),
+        ("ftp://example.com/m.safetensors", "a name from MODELS_DIR, not a URL"),
         ("xl", "model='xl': xl.safetensors cannot be used: an SDXL checkpoint"),
         ("cut", "model='cut': cut.safetensors cannot be used: the file is cut short"),
         ("a-lora", "model='a-lora': a-lora.safetensors cannot be used: a LoRA"),

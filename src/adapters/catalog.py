@@ -26,7 +26,7 @@ class AdapterRequest(Protocol):
     """The part of a request that names the model and adapters."""
 
     @property
-    def model(self) -> str | None: ...
+    def model(self) -> object: ...  # a name (str), a download (checked once downloaded), or None
     @property
     def vae(self) -> str | None: ...
     @property
@@ -56,7 +56,7 @@ class Catalog:
 
     def problems(self, request: AdapterRequest) -> list[str]:
         """The model, and each LoRA and ControlNet, the request names that the worker does not have, or cannot use."""
-        model = self.model_problem(request.model) if request.model is not None else None
+        model = self.model_problem(request.model) if isinstance(request.model, str) else None
         vae = self.model_problem(request.vae, field="vae") if request.vae is not None else None
         found = [problem for problem in (model, vae) if problem]
         return found + self.lora_problems(request.loras) + self.controlnet_problems(request.controlnets)
@@ -83,13 +83,13 @@ class Catalog:
 
     def lora_problems(self, refs: Sequence[LoraRef]) -> list[str]:
         """Each unknown LoRA name, with the names there are (a file known to be unusable is refused when
-        the job loads it, naming the file and why)."""
+        the job loads it, naming the file and why); a LoRA by URL is checked once downloaded."""
         names = self.lora_names
         listed = f"the LoRAs are: {_shown(names, ' and {} more')}" if names else "LORA_DIR holds no usable LoRA"
         return [
             f"loras.{index}.name={ref.name!r}: not a LoRA in LORA_DIR; {listed}"
             for index, ref in enumerate(refs)
-            if ref.name not in self.loras
+            if ref.name is not None and ref.name not in self.loras
         ]
 
     def controlnet_problems(self, units: Sequence[ControlNetRef]) -> list[str]:

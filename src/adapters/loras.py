@@ -56,10 +56,11 @@ MODELS = ("unet", "text_encoder")
 
 
 class LoraRef(Protocol):
-    """A LoRA a request names: the schema's ``LoraRequest``."""
+    """A LoRA a request names: the schema's ``LoraRequest`` (its ``name`` None for one by URL, until the
+    prepare stage has downloaded it and named it by its key)."""
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str | None: ...
     @property
     def scale(self) -> float: ...
 
@@ -77,6 +78,8 @@ class LoraFile:
     layer_parameters: int = 0
     # Why it cannot be used, when it cannot; None for a LoRA diffusers can load.
     problem: str | None = None
+    # The URL it was downloaded from (no query), for a LoRA a request named by URL.
+    url: str | None = None
 
 
 def scan_loras(folder: str | None) -> dict[str, LoraFile]:
@@ -95,7 +98,7 @@ def scan_loras(folder: str | None) -> dict[str, LoraFile]:
         if path.suffix.lower() != LORA_SUFFIX or not path.is_file():
             continue
         name = path.relative_to(root).with_suffix("").as_posix()
-        files[name] = _describe(name, path)
+        files[name] = describe_lora(name, path)
     files = dict(sorted(files.items()))
     usable = [item.name for item in files.values() if item.problem is None]
     log.info("LoRAs in %s: %d usable%s", folder, len(usable), f": {', '.join(usable)}" if usable else "")
@@ -105,12 +108,14 @@ def scan_loras(folder: str | None) -> dict[str, LoraFile]:
     return files
 
 
-def _describe(name: str, path: Path) -> LoraFile:
+def describe_lora(name: str, path: Path, url: str | None = None) -> LoraFile:
+    """The LoRA file at ``path`` as its header describes it, named ``name``; its ``problem`` says why it cannot
+    be used, when it cannot."""
     try:
         header, _start = read_header(path)
     except (SafetensorsError, KeyError, TypeError, IndexError, OSError) as error:
         problem = str(error).removeprefix(f"{path}: ") if isinstance(error, SafetensorsError) else "unreadable header"
-        return LoraFile(name, path, parameters=0, rank=0, problem=problem)
+        return LoraFile(name, path, parameters=0, rank=0, problem=problem, url=url)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
     parameters = sum(_numel(entry.get("shape", [])) for entry in tensors.values())
     ranks, layer_parameters = [], 0
@@ -128,6 +133,7 @@ def _describe(name: str, path: Path) -> LoraFile:
         rank=max(ranks, default=0),
         problem=_problem(list(tensors)),
         layer_parameters=layer_parameters,
+        url=url,
     )
 
 
@@ -188,6 +194,7 @@ class Applied:
     name: str
     scale: float
     short_hash: str
+    url: str | None = None
 
 
 @dataclass
@@ -220,6 +227,8 @@ class Loras:
         PEFT's layers add the LoRAs at every step."""
         self.pipeline = pipeline
         self.files = files
+        # LoRAs requests named by URL, by key: added by the jobs that downloaded them (``add_downloaded``).
+        self.downloaded: dict[str, LoraFile] = {}
         self.cache_bytes = cache_bytes
         self.offload_to = offload_to
         self._state = _State()
@@ -264,10 +273,17 @@ class Loras:
         """The cached LoRAs' names, least recently used first."""
         return list(self._state.cached)
 
+    def add_downloaded(self, key: str, file: LoraFile) -> None:
+        """A LoRA a request named by URL, downloaded and checked, under ``key`` (which no request can name)."""
+        self.downloaded = {**self.downloaded, key: file}
+
+    def _file(self, name: str) -> LoraFile | None:
+        return self.files.get(name) or self.downloaded.get(name)
+
     def gpu_bytes(self, refs: Sequence[LoraRef], dtype_bytes: int) -> int:
         """The GPU memory a job's LoRAs take, for admission: their weights, and the copies of the layers
         they change that merging keeps."""
-        files = [self.files[ref.name] for ref in refs if ref.name in self.files]
+        files = [file for ref in refs if ref.name is not None and (file := self._file(ref.name)) is not None]
         backups = sum(item.layer_parameters for item in files) if self.merge else 0
         return (sum(item.parameters for item in files) + backups) * dtype_bytes
 
@@ -285,12 +301,18 @@ class Loras:
         try:
             adapters = []
             for index, ref in enumerate(refs):
+                assert ref.name is not None, "a LoRA by URL is named by its key once downloaded"
                 try:
                     adapters.append(self._load(ref.name))
                 except AdapterError as error:
-                    raise AdapterError(f"loras.{index}.name={ref.name!r}: {error}") from None
+                    file = self._file(ref.name)
+                    where = f"url={file.url!r}" if file is not None and file.url else f"name={ref.name!r}"
+                    raise AdapterError(f"loras.{index}.{where}: {error}") from None
             self._switch_on(adapters, [ref.scale for ref in refs])
-            yield [Applied(ref.name, ref.scale, item.short_hash) for ref, item in zip(refs, adapters, strict=True)]
+            yield [
+                Applied(item.file.name, ref.scale, item.short_hash, item.file.url)
+                for ref, item in zip(refs, adapters, strict=True)
+            ]
         finally:
             self._switch_off()
             self._evict()
@@ -301,7 +323,9 @@ class Loras:
         if cached is not None:
             self._state.cached.move_to_end(name)
             return cached
-        file = self.files[name]
+        file = self._file(name)
+        if file is None:
+            raise AdapterError("not a LoRA of LORA_DIR, nor one downloaded for this job")
         if file.problem is not None:
             raise AdapterError(f"{file.path.name} cannot be used: {file.problem}")
         started = time.perf_counter()

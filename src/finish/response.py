@@ -153,11 +153,15 @@ def _metadata(
         seeds=generation.seeds,
         prompt_tokens=generation.prompt_tokens,
         embeddings=generation.embeddings or None,
-        loras=[AppliedLora(name=item.name, scale=item.scale, hash=item.short_hash) for item in generation.loras]
+        loras=[
+            AppliedLora(name=item.name, scale=item.scale, hash=item.short_hash, url=item.url)
+            for item in generation.loras
+        ]
         or None,
         controlnets=_applied_controlnets(request, inputs),
         model=model.name,
         model_hash=model.model_hash,
+        model_url=model.url,
         vae=model.vae,
         vae_hash=model.vae_hash,
         device=generation.device,

@@ -54,6 +54,8 @@ class ModelEntry:
     name: str
     path: Path
     problem: str | None = None
+    # The URL it was downloaded from (no query), for a model a request named by URL.
+    url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,17 @@ def scan_models(folder: Path, config_folder: Path) -> dict[str, ModelEntry]:
         folder,
         "MODELS_DIR",
         "model_index.json",
-        judge_file=lambda path: _refusal(check_checkpoint, path, config_folder, setting="MODELS_DIR"),
+        judge_file=lambda path: model_file_problem(path, config_folder),
         judge_folder=lambda path: _folder_problem(path, config_folder),
     )
     log.info("MODELS_DIR: %d models (%d usable)", len(entries), sum(not entry.problem for entry in entries.values()))
     return entries
+
+
+def model_file_problem(path: Path, config_folder: Path) -> str | None:
+    """Why the single-file checkpoint at ``path`` cannot be served (judged from its header as MODEL_ID's file is:
+    SD 1.5 only, pickles refused unopened); None when it can."""
+    return _refusal(check_checkpoint, path, config_folder, setting="MODELS_DIR")
 
 
 def scan_vaes(folder: Path, config_folder: Path) -> dict[str, ModelEntry]:
@@ -207,7 +215,7 @@ def read_weights(entry: ModelEntry, settings: Settings, dtype: torch.dtype, *, p
     except ModelLoadError as error:
         raise ModelLoadError(f"model={entry.name!r}: {error}") from None
     parts = {part: snapshot(getattr(pipeline, part), pin=pin) for part in PARTS}
-    return Weights(ModelIdentity(entry.name, identity.checkpoint, identity.vae, identity.vae_file), parts)
+    return Weights(ModelIdentity(entry.name, identity.checkpoint, identity.vae, identity.vae_file, entry.url), parts)
 
 
 def snapshot(module: Any, *, pin: bool = False) -> dict[str, torch.Tensor]:

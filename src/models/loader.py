@@ -172,6 +172,8 @@ class ModelIdentity:
     checkpoint: ModelFile | None = None
     vae: str | None = None
     vae_file: ModelFile | None = None
+    # A model a request named by URL: that URL, without its query.
+    url: str | None = None
 
     @property
     def model_hash(self) -> str | None:

@@ -3,7 +3,8 @@
 ``prepare`` validates the input (``schema``), looks up the LoRAs and ControlNets it names (the adapters'
 ``Catalog``), reads its images (``images``: base64, URL or ``s3://``, checked), brings them to the job's
 size and makes the control maps (``canvas``, ``preprocessors``), plans the pipeline calls (``passes``),
-reads the prompts' syntax (``prompts``) and checks that the answer can be delivered (``delivery``).
+reads the prompts' syntax (``prompts``) and checks that the answer can be delivered (``delivery``). The LoRAs
+and models it names by URL are downloaded first (``downloads``, through ``http``).
 Everything a bad input can break fails here, before the job waits for the GPU, and what comes out is one
 immutable ``JobPlan``.
 
@@ -13,12 +14,14 @@ errors, settings, storage, schema, models, prompts and adapters, never ``run`` o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from src.prepare.canvas import ControlMaps, TaskImages
 from src.prepare.delivery import check_inline_fits
+from src.prepare.downloads import Downloaded, Downloads, Lease, fetch_named_files
 from src.prepare.inputs import Inputs, prepare_inputs
 from src.prepare.passes import Pass, plan_passes
 from src.prompts.syntax import PromptError, TextPlan, plan_texts
@@ -42,6 +45,14 @@ class JobPlan:
     passes: tuple[Pass, ...]
     # The texts prompt editing makes of both prompts, for each step of each pass.
     texts: TextPlan
+    # The files the request named by URL, downloaded and checked, and the lease that keeps them in the cache
+    # until the job ends (``release``).
+    downloaded: tuple[Downloaded, ...] = ()
+    lease: Lease = field(default_factory=Lease, compare=False)
+
+    def release(self) -> None:
+        """The job has ended: its downloaded files may be evicted from the cache again."""
+        self.lease.release()
 
     @property
     def request(self) -> GenerateRequest:
@@ -56,25 +67,41 @@ class JobPlan:
         return self.inputs.controls
 
 
-def prepare(job: Any, settings: Settings, *, catalog: Callable[[], Catalog], storage: S3Storage | None) -> JobPlan:
-    """A RunPod job's input, checked and made ready for the GPU.
+def prepare(
+    job: Any,
+    settings: Settings,
+    *,
+    catalog: Callable[[], Catalog],
+    storage: S3Storage | None,
+    downloads: Callable[[], Downloads] | None = None,
+) -> JobPlan:
+    """A RunPod job's input, checked and made ready for the GPU; call the plan's ``release`` when the job ends.
 
     ``catalog`` gives the worker's LoRAs and ControlNets; it is asked only once the input is valid, so a
-    malformed job never waits for the model to load.
+    malformed job never waits for the model to load. ``downloads`` gives the download cache, for the LoRAs
+    and models the request names by URL.
 
     Raises:
         InputError: the input breaks the contract, names what the worker does not have, holds an image
-            that cannot be read or a prompt that cannot be parsed; the message names each field.
+            or a file by URL that cannot be read or used, or a prompt that cannot be parsed; the message
+            names each field.
         ResponseTooLargeError: the answer could not fit inline.
     """
     request = parse_input(job, settings)
     problems = catalog().problems(request)
     if problems:
         raise InputError(f"invalid input: {'; '.join(problems)}")
-    # Input images are read before the job waits for the GPU: a slow download never holds it.
-    inputs = prepare_inputs(request, settings, storage)
-    check_inline_fits(inputs.request, settings)
-    return plan_job(inputs, settings)
+    lease = Lease()
+    try:
+        # Files by URL, then input images, are read before the job waits for the GPU: a slow download never
+        # holds it.
+        request, downloaded = fetch_named_files(request, settings, downloads, lease)
+        inputs = prepare_inputs(request, settings, storage)
+        check_inline_fits(inputs.request, settings)
+        return dataclasses.replace(plan_job(inputs, settings), downloaded=downloaded, lease=lease)
+    except BaseException:
+        lease.release()
+        raise
 
 
 def plan_job(inputs: Inputs, settings: Settings) -> JobPlan:

@@ -44,6 +44,7 @@ _FILENAME_STAR = re.compile(r"""\bfilename\*\s*=\s*"?([^'";\s]*)'[^']*'([^";\s]+
 _FILENAME = re.compile(r"""\bfilename\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]+)""", re.IGNORECASE)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # A host name and port -> its addresses as text, in the resolver's preferred order; raises OSError (such as
 # socket.gaierror) when the name has none.
 Resolve = Callable[[str, int], list[str]]
@@ -71,11 +72,12 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class Rules:
-    """What a caller allows: private addresses or not (``private_setting`` names the variable that would allow
-    them), the hosts (None: any, else each host and its subdomains, named by ``hosts_setting``), the tokens,
+    """What a caller allows: private addresses (True: all, False: none, or these networks; ``private_setting``
+    names the variable that allows them), the hosts (None: any, else each host and its subdomains, named by
+    ``hosts_setting``), the tokens,
     the variable whose deadline applies (``timeout_setting``, as ``NAME=value``), and the Accept header."""
 
-    allow_private: bool
+    allow_private: bool | tuple[IPNetwork, ...]
     private_setting: str
     timeout_setting: str
     accept: str = "*/*"
@@ -294,13 +296,16 @@ def _allowed_addresses(target: _Target, rules: Rules, deadline: float, resolve: 
     except ValueError:
         addresses = _resolve(target.host, target.port, _remaining(deadline, rules), resolve)
         literal = False
-    if rules.allow_private:
+    if rules.allow_private is True:
         return addresses
+    allowed = rules.allow_private or ()
     for address in addresses:
         problem = address_problem(address)
-        if problem is not None:
+        if problem is not None and not any(address in network for network in allowed):
             what = f"{address} is" if literal else f"{target.host} resolves to {address},"
-            raise FetchError(f"{what} {problem}; set {rules.private_setting}=true to allow")
+            setting = rules.private_setting
+            hint = f"{setting} (it allows {', '.join(map(str, allowed))})" if allowed else f"{setting}=true"
+            raise FetchError(f"{what} {problem}; set {hint} to allow")
     return addresses
 
 

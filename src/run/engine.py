@@ -27,7 +27,7 @@ from PIL import Image
 from src.adapters.catalog import Catalog
 from src.adapters.controlnets import ControlNets
 from src.adapters.embeddings import Embedding
-from src.adapters.loras import Applied, Loras
+from src.adapters.loras import Applied, LoraFile, Loras
 from src.errors import JobCancelledError, OutOfMemoryError
 from src.models.loader import ModelIdentity, named_identity
 from src.prepare import JobPlan, plan_job
@@ -39,7 +39,7 @@ from src.run.job import JobState, ProgressCallback
 from src.run.memory import GIB, Plan, Profile, plan_sub_batch
 from src.run.models import Models
 from src.run.startup import apply_offload, load_parts, models_offloaded_after
-from src.schema import GenerateRequest, InputError
+from src.schema import GenerateRequest, InputError, ModelDownload
 from src.settings import Settings
 
 __all__ = ["Engine", "Generation", "apply_offload", "is_out_of_memory"]
@@ -164,10 +164,10 @@ class Engine:
         its plan made here, as ``prepare`` does for a job. For callers that hold a request, not a job.
 
         Raises:
-            InputError: the request names a LoRA or ControlNet the worker lacks, or a prompt cannot be parsed.
-            And whatever ``run`` raises.
+            InputError: the request names a file by URL, a LoRA or ControlNet the worker lacks, or a prompt
+                that cannot be parsed. And whatever ``run`` raises.
         """
-        problems = self.catalog.problems(request)
+        problems = self.catalog.problems(request) + _by_url(request)
         if problems:
             raise InputError(f"invalid input: {'; '.join(problems)}")
         plan = plan_job(Inputs(request=request, images=images, controls=controls), self.settings)
@@ -181,11 +181,9 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         cancelled: threading.Event | None = None,
     ) -> Generation:
-        """Run one prepared job and return its images, in seed order.
-
-        ``timeout_s`` bounds the work from when the job gets the GPU; ``on_progress`` gets ``{"step", "total_steps"}``
-        about once a second and at the last step; once ``cancelled`` is set (from another thread), the job stops
-        waiting for the GPU, or at its next step.
+        """Run one prepared job and return its images, in seed order. ``timeout_s`` bounds the work from when
+        the job gets the GPU; ``on_progress`` gets ``{"step", "total_steps"}`` about once a second and at the last
+        step; once ``cancelled`` is set (from another thread), the job stops waiting for the GPU, or at its next step.
 
         Raises:
             AdmissionError: the job cannot fit on this GPU even one image at a time.
@@ -194,6 +192,7 @@ class Engine:
             AdapterError, ModelLoadError: a LoRA, ControlNet or MODELS_DIR model cannot be loaded (named).
         """
         request = plan.request
+        _know_downloads(self, plan)  # the files it named by URL, known by their keys from now on
         # 1. Admission: how many images fit at once, or a refusal before any work, sized by the largest pass.
         admitted = self._admit(plan)
         job = JobState.for_plan(plan, batch=admitted.batch, timeout_s=timeout_s, on_progress=on_progress)
@@ -327,6 +326,22 @@ class Engine:
             torch.cuda.empty_cache()
 
 
+def _by_url(request: GenerateRequest) -> list[str]:
+    """A request's files by URL: downloaded by a job's prepare stage, not by ``generate``."""
+    if isinstance(request.model, ModelDownload) or any(lora.url for lora in request.loras):
+        return ["a model or LoRA by URL is downloaded by a job's prepare stage: run it as a job"]
+    return []
+
+
+def _know_downloads(engine: Engine, plan: JobPlan) -> None:
+    """The files the prepare stage downloaded for the job, known by their keys from now on."""
+    for item in plan.downloaded:
+        if isinstance(item.entry, LoraFile):
+            engine.loras.add_downloaded(item.key, item.entry)
+        else:
+            engine.models.add_downloaded(item.key, item.entry)
+
+
 @contextmanager
 def _model_and_adapters(
     engine: Engine, request: GenerateRequest, job: JobState
@@ -334,7 +349,8 @@ def _model_and_adapters(
     """The job's model in the modules (``run.models``: swapped in place when the job names another), and its
     LoRAs and ControlNets on for the job only: off again however it ends. Under the GPU lock."""
     models = engine.models
-    model = models.use(request.model, request.vae) if models.entries or models.vaes else engine.identity
+    assert not isinstance(request.model, ModelDownload), "a model by URL is named by its key once downloaded"
+    model = models.use(request.model, request.vae) if models.swappable else engine.identity
     with (
         engine.loras.applied(request.loras) as loras,
         engine.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,

@@ -88,6 +88,8 @@ class Models:
         self.entries = dict(entries)
         # VAE_DIR's VAEs, by name.
         self.vaes: dict[str, ModelEntry] = {}
+        # Models requests named by URL, by key: added by the jobs that downloaded them (``add_downloaded``).
+        self.downloaded: dict[str, ModelEntry] = {}
         self.cache_bytes = cache_bytes
         # How many times each model (and each VAE, as "vae:<name>") was read: once, while it stays in the cache.
         self.reads: Counter[str] = Counter()
@@ -132,6 +134,15 @@ class Models:
     def cached(self) -> list[str]:
         """The models whose weights are in host memory, least recently used first."""
         return [key for key in self._cache if not key.startswith(_VAE_KEY)]
+
+    def add_downloaded(self, key: str, entry: ModelEntry) -> None:
+        """A model a request named by URL, downloaded and checked, under ``key`` (which no request can name)."""
+        self.downloaded = {**self.downloaded, key: entry}
+
+    @property
+    def swappable(self) -> bool:
+        """Whether a job may hold another model than the default, or another VAE."""
+        return bool(self.entries or self.vaes or self.downloaded)
 
     def known(self, name: str) -> ModelIdentity | None:
         """Model ``name``'s identity (its hash among it) when this worker has read it, else None."""
@@ -202,7 +213,7 @@ class Models:
 
     def _weights(self, name: str) -> Weights:
         """Model ``name``'s weights, from the cache, or read from MODELS_DIR and cached."""
-        entry = self.entries.get(name)
+        entry = self.entries.get(name) or self.downloaded.get(name)
         if entry is None:
             raise ModelLoadError(f"model={name!r}: not a model in MODELS_DIR")
         return self._cached(name, entry, lambda: read_weights(entry, self._settings, self._dtype, pin=self._pin))

@@ -30,6 +30,7 @@ from src.schema.adapters import (
     LORA_TAG_KINDS,
     ControlNetUnit,
     LoraRequest,
+    ModelDownload,
     lora_tags,
     without_lora_tags,
 )
@@ -139,6 +140,7 @@ __all__ = [
     "InputError",
     "LoraRequest",
     "Metadata",
+    "ModelDownload",
     "Outpaint",
     "PromptTokens",
     "RequestLimits",

@@ -20,15 +20,39 @@ EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 LORA_TAG_KINDS = ("lora", "lyco")
 
 
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+URL_MAX = 2048
+
+
+def _download_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
 class LoraRequest(BaseModel):
-    """One LoRA for the job: a file of LORA_DIR by name, and its scale."""
+    """One LoRA for the job: a file of LORA_DIR by name, or a file by URL (from DOWNLOAD_HOSTS); and its scale."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: StrictStr = Field(
+    name: StrictStr | None = Field(
+        None,
         min_length=1,
         max_length=255,
-        description="A LoRA's name: its file name in `LORA_DIR` without `.safetensors` (`sub/name` in a subfolder).",
+        description="A LoRA's name: its file name in `LORA_DIR` without `.safetensors` (`sub/name` in a subfolder). "
+        "Give `name` or `url`.",
+    )
+    url: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=URL_MAX,
+        description="A LoRA `.safetensors` file's http(s) URL, on a host of `DOWNLOAD_HOSTS`; downloaded once into "
+        "the download cache. See Files by URL.",
+    )
+    sha256: StrictStr | None = Field(
+        None,
+        pattern=SHA256_PATTERN,
+        description="With `url`: the SHA-256 the file must have (64 hex digits); a file that differs is refused.",
     )
     scale: float = Field(
         1.0,
@@ -41,14 +65,64 @@ class LoraRequest(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _a_name_not_a_path(cls, value: str) -> str:
+    def _a_name_not_a_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         parts = value.split("/")
-        if "://" in value or "\\" in value or any(part in ("", ".", "..") for part in parts):
+        if "://" in value or "\\" in value or "\0" in value or any(part in ("", ".", "..") for part in parts):
             raise ValueError(
                 "must be a LoRA's name: its file name in LORA_DIR without .safetensors (sub/name in a subfolder), "
-                "not a path or a URL"
+                "not a path or a URL (a URL goes in url)"
             )
         return value
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else _download_url(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower_case(cls, value: str | None) -> str | None:
+        return None if value is None else value.lower()
+
+    @model_validator(mode="after")
+    def _name_or_url(self) -> LoraRequest:
+        if (self.name is None) == (self.url is None):
+            raise ValueError("give a LoRA's name (a file of LORA_DIR) or its url, one of the two")
+        if self.sha256 is not None and self.url is None:
+            raise ValueError("sha256 goes with url: a file of LORA_DIR is named, not checked by its hash")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How messages name it: its name, or its URL."""
+        return self.name if self.name is not None else str(self.url)
+
+
+class ModelDownload(BaseModel):
+    """A checkpoint by URL (from DOWNLOAD_HOSTS), with the SHA-256 it must have, if given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: StrictStr = Field(
+        min_length=1,
+        max_length=URL_MAX,
+        description="A single-file SD 1.5 `.safetensors` checkpoint's http(s) URL, on a host of `DOWNLOAD_HOSTS`.",
+    )
+    sha256: StrictStr | None = Field(
+        None, pattern=SHA256_PATTERN, description="The SHA-256 the file must have (64 hex digits)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _download_url(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower_case(cls, value: str | None) -> str | None:
+        return None if value is None else value.lower()
 
 
 CONTROL_MODES: tuple[str, ...] = ("balanced", "prompt", "controlnet")
@@ -244,13 +318,16 @@ def model_name_problem(name: str) -> str | None:
     return None
 
 
-def check_model(model: str | None, vae: str | None, limits: RequestLimits) -> None:
-    """Check that the worker serves more models than its default, or VAEs of VAE_DIR, when a job names one.
+def check_model(model: str | ModelDownload | None, vae: str | None, limits: RequestLimits) -> None:
+    """Check that the worker serves more models than its default (MODELS_DIR's, or by URL from DOWNLOAD_HOSTS),
+    or VAEs of VAE_DIR, when a job names one.
 
     Raises:
         ValueError: naming ``model`` or ``vae`` and the rule.
     """
-    if model is not None and limits.models_dir is None:
+    if isinstance(model, ModelDownload) and not limits.downloads_on:
+        raise ValueError(f"model: {model.url!r}: this worker downloads no files: DOWNLOAD_HOSTS is not set")
+    if isinstance(model, str) and limits.models_dir is None:
         raise ValueError(f"model={model!r}: this worker serves its default model only: MODELS_DIR is not set")
     if vae is not None and limits.vae_dir is None:
         raise ValueError(f"vae={vae!r}: this worker uses each model's own VAE: VAE_DIR is not set")
@@ -264,8 +341,11 @@ def check_loras(loras: Sequence[LoraRequest], limits: RequestLimits) -> None:
     """
     if not loras:
         return
-    if limits.lora_dir is None:
-        raise ValueError("loras: LoRA is off on this worker: LORA_DIR is not set")
+    for index, lora in enumerate(loras):
+        if lora.url is not None and not limits.downloads_on:
+            raise ValueError(f"loras.{index}.url: this worker downloads no files: DOWNLOAD_HOSTS is not set")
+        if lora.name is not None and limits.lora_dir is None:
+            raise ValueError("loras: LoRA is off on this worker: LORA_DIR is not set")
     if len(loras) > limits.max_loras:
         raise ValueError(
             f"loras: {len(loras)} LoRAs asked for, with the prompt's <lora:...> tags: "
@@ -273,9 +353,10 @@ def check_loras(loras: Sequence[LoraRequest], limits: RequestLimits) -> None:
         )
     seen: set[str] = set()
     for index, lora in enumerate(loras):
-        if lora.name in seen:
-            raise ValueError(f"loras.{index}.name={lora.name!r}: named twice; name each LoRA once")
-        seen.add(lora.name)
+        field = "name" if lora.name is not None else "url"
+        if lora.label in seen:
+            raise ValueError(f"loras.{index}.{field}={lora.label!r}: named twice; name each LoRA once")
+        seen.add(lora.label)
 
 
 def check_controlnets(units: Sequence[ControlNetUnit], limits: RequestLimits) -> None:
@@ -297,12 +378,11 @@ def check_controlnets(units: Sequence[ControlNetUnit], limits: RequestLimits) ->
 class AdapterOptions(PassOptions):
     """The fields that name the model and adapters: ``model``, ``loras`` and ``controlnets``."""
 
-    model: StrictStr | None = Field(
+    model: StrictStr | ModelDownload | None = Field(
         None,
-        min_length=1,
-        max_length=MODEL_NAME_MAX,
-        description="A model of `MODELS_DIR` by its name there (`sub/name`, without the extension), never a path "
-        "or URL. Unset: the worker's default model (`MODEL_ID`). See Many models.",
+        description="A model of `MODELS_DIR` by its name there (`sub/name`, without the extension), never a path; "
+        "or, with `DOWNLOAD_HOSTS`, a checkpoint by URL: the URL itself, or `{url, sha256}`. Unset: the worker's "
+        "default model (`MODEL_ID`). See Many models and Files by URL.",
         json_schema_extra={"shown_default": "MODEL_ID"},
     )
 
@@ -330,9 +410,19 @@ class AdapterOptions(PassOptions):
         json_schema_extra={"shown_default": "the model's"},
     )
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _a_url_is_a_download(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(("http://", "https://")):
+            return {"url": value}
+        return value
+
     @field_validator("model", "vae")
     @classmethod
-    def _model_is_a_name(cls, value: str | None) -> str | None:
-        if value is not None and (problem := model_name_problem(value)):
-            raise ValueError(problem)
+    def _model_is_a_name(cls, value: str | ModelDownload | None) -> str | ModelDownload | None:
+        if isinstance(value, str):
+            if len(value) > MODEL_NAME_MAX:
+                raise ValueError(f"a name of at most {MODEL_NAME_MAX} characters")
+            if problem := model_name_problem(value):
+                raise ValueError(problem)
         return value

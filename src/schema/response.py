@@ -62,9 +62,10 @@ class PromptTokens(BaseModel):
 class AppliedLora(BaseModel):
     """A LoRA a job ran with."""
 
-    name: str = Field(description="Its name in `LORA_DIR`.")
+    name: str = Field(description="Its name in `LORA_DIR`; for one by URL, its file name without the extension.")
     scale: float = Field(description="The scale it ran at.")
     hash: str = Field(description="A1111's short hash of the file (its `Lora hashes` value).")
+    url: str | None = Field(None, description="For a LoRA by URL: the URL, without its query.")
 
 
 class AppliedControlNet(BaseModel):
@@ -119,6 +120,7 @@ class Metadata(BaseModel):
     model_hash: str | None = Field(
         None, description="A checkpoint's A1111 `Model hash`: the first 10 hex digits of its file's SHA-256."
     )
+    model_url: str | None = Field(None, description="For a model by URL: the URL, without its query.")
     vae: str | None = Field(None, description="With `VAE_ID` or `VAE_URL`: the VAE's file or folder name.")
     vae_hash: str | None = Field(None, description="A VAE file's A1111 `VAE hash`, as `model_hash`.")
     device: str = Field(description="`cuda` or `cpu`.")

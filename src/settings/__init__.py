@@ -12,6 +12,7 @@ Its modules, one per group of variables, in the order of the README's table:
 - ``adapters``: embeddings, LoRAs and ControlNets;
 - ``run``: prompt encoding limits, GPU memory, the deadline, safety checker, concurrency, fast mode;
 - ``images``: image files in and out;
+- ``downloads``: LoRAs and checkpoints by URL: the hosts allowed, the limits, the disk cache;
 - ``storage``: the S3 bucket, and the keys it accepts (``s3_key_problem``);
 - ``urls``: ``redact_url``, the one place URLs are redacted;
 - ``load``: ``Settings``, composed of the groups, its rules across them, and ``load_settings``.

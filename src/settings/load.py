@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from src.settings.adapters import AdapterSettings
+from src.settings.downloads import DownloadSettings
 from src.settings.images import ImageSettings
 from src.settings.limits import LimitSettings
 from src.settings.model import ModelSettings
@@ -28,7 +29,9 @@ class SettingsError(ValueError):
 
 # The groups are listed last to first: pydantic takes the bases' fields in the reverse of this order (the MRO's),
 # so MODEL_ID comes first and the README's settings table keeps its order.
-class Settings(StorageSettings, ImageSettings, RunSettings, AdapterSettings, LimitSettings, ModelSettings):
+class Settings(
+    StorageSettings, DownloadSettings, ImageSettings, RunSettings, AdapterSettings, LimitSettings, ModelSettings
+):
     """The worker's configuration. Field aliases are the environment variable names."""
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")

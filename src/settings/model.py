@@ -155,20 +155,21 @@ class ModelSettings(BaseModel):
         None,
         alias="HF_TOKEN",
         description="Hugging Face token. The hub client sends it for gated or private repos; the build sends it "
-        "with MODEL_URL, VAE_URL and CONTROLNETS URLs on `huggingface.co` and `hf.co` only. Never logged.",
+        "with MODEL_URL, VAE_URL and CONTROLNETS URLs, and the worker with a request's download URLs, on "
+        "`huggingface.co` and `hf.co` only. Never logged.",
     )
     civitai_token: SecretStr | None = Field(
         None,
         alias="CIVITAI_TOKEN",
-        description="Civitai token, sent by the build with MODEL_URL, VAE_URL and CONTROLNETS URLs on "
-        "`civitai.com` only. Never logged.",
+        description="Civitai token, sent by the build with MODEL_URL, VAE_URL and CONTROLNETS URLs, and by the "
+        "worker with a request's download URLs, on `civitai.com` only. Never logged.",
     )
     download_tokens: SecretStr | None = Field(
         None,
         alias="DOWNLOAD_TOKENS",
         description="Tokens for other download hosts, as `host=token` items separated by commas, such as "
-        "`models.example.com=abc,127.0.0.1:8080=def`: each is sent by the build to that host only (that port "
-        "too, when given), never to its subdomains. Never logged.",
+        "`models.example.com=abc,127.0.0.1:8080=def`: each is sent by the build, and with a request's download "
+        "URLs, to that host only (that port too, when given), never to its subdomains. Never logged.",
     )
     download_token: SecretStr | None = Field(
         None,
