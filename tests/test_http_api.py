@@ -144,6 +144,20 @@ def test_every_image_task_over_http(api_url: str) -> None:
         assert decode_png(item["image"]).size == size
 
 
+def test_a1111_generation_options_over_http(api_url: str) -> None:
+    """Variation seed, seed resize and tiling through runpod's local API; a bad value, then a good job."""
+    fields = {"width": 64, "height": 64, "subseed": 5, "subseed_strength": 0.5, "tiling": True}
+    body = post(api_url, {"input": {"prompt": "a fox", "num_inference_steps": 2, "seed": 1, **fields}})
+    assert body["status"] == "COMPLETED", body
+    metadata = body["output"]["metadata"]
+    assert (metadata["subseed"], metadata["subseed_strength"], metadata["tiling"]) == (5, 0.5, True)
+
+    refused = post(api_url, {"input": {"prompt": "a fox", "seed_resize_from_w": 100, "seed_resize_from_h": 64}})
+    assert refused["status"] == "FAILED"
+    assert "seed_resize_from_w=100: must be a multiple of 8" in refused["error"]
+    assert post(api_url, {"input": {"prompt": "a fox", "num_inference_steps": 2}})["status"] == "COMPLETED"
+
+
 def test_a_long_weighted_prompt_over_http(api_url: str) -> None:
     prompt = "(a red fox:1.3), [blurry], ((snow)), " * 6 + "BREAK a forest at dawn, \\(morning\\)"
     body = post(

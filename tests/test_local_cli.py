@@ -318,6 +318,15 @@ CLI_TASKS = [
     pytest.param((["--image", "photo.png", "--mask", "mask.png"], {}), ("inpaint", (128, 64)), id="inpaint"),
     pytest.param((["--image", "photo.png"], {"outpaint": {"top": 64}}), ("outpaint", (128, 128)), id="outpaint"),
     pytest.param(([], {"width": 64, "height": 64, "hires": {"scale": 1.5}}), ("txt2img", (96, 96)), id="hires"),
+    pytest.param(
+        (
+            [],
+            {"width": 64, "height": 64, "tiling": True, "subseed": 5, "subseed_strength": 0.5}
+            | {"seed_resize_from_w": 128, "seed_resize_from_h": 64},
+        ),
+        ("txt2img", (64, 64)),
+        id="a1111-options",
+    ),
 ]
 
 

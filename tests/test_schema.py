@@ -27,7 +27,10 @@ from src.settings import Settings, SettingsError, load_settings
 
 LIMITS = load_settings({})
 PROMPT = {"prompt": "a fox in the snow"}
-ALL_FIELDS = "prompt, negative_prompt, width, height, num_inference_steps, guidance_scale, seed, num_images, scheduler"
+ALL_FIELDS = (
+    "prompt, negative_prompt, width, height, num_inference_steps, guidance_scale, seed, subseed, subseed_strength, "
+    "seed_resize_from_w, seed_resize_from_h, num_images, scheduler"
+)
 
 
 def parse(data: Any, limits: Settings = LIMITS) -> GenerateRequest:

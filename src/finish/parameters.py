@@ -55,8 +55,15 @@ def a1111_parameters(
     # A checkpoint file has A1111's short hash; a diffusers folder or hub id has none.
     named = {"Model hash": model_hash, "VAE": vae, "VAE hash": vae_hash}
     fields.update({name: value for name, value in named.items() if value is not None})
+    if request.subseed_strength > 0:
+        fields["Variation seed"] = request.subseed
+        fields["Variation seed strength"] = f"{request.subseed_strength:g}"
+    if request.seed_resize_from is not None:
+        fields["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
     if request.clip_skip != 1:
         fields["Clip skip"] = request.clip_skip
+    if request.tiling:
+        fields["Tiling"] = "True"
     fields.update(_task_fields(request, source_size))
     if embeddings:
         fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'

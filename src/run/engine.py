@@ -347,13 +347,14 @@ def _model_and_adapters(
     engine: Engine, request: GenerateRequest, job: JobState
 ) -> Iterator[tuple[ModelIdentity, list[Applied]]]:
     """The job's model in the modules (``run.models``: swapped in place when the job names another), and its
-    LoRAs and ControlNets on for the job only: off again however it ends. Under the GPU lock."""
+    LoRAs, ControlNets and tiling on for the job only: off again however it ends. Under the GPU lock."""
     models = engine.models
     assert not isinstance(request.model, ModelDownload), "a model by URL is named by its key once downloaded"
     model = models.use(request.model, request.vae) if models.swappable else engine.identity
     with (
         engine.loras.applied(request.loras) as loras,
         engine.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,
+        pipelines.tiled([engine._pipeline.unet, engine._pipeline.vae], request.tiling),
     ):
         yield model, loras
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from src.prompts.encoding import Schedule, encode_schedule
 from src.prompts.syntax import PromptError, TextPlan
 from src.run.job import JobState, PromptSwitch
 from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
+from src.run.noise import initial_noise, job_noise
 from src.schema import InputError
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,24 @@ def run_passes(
 
 
 @contextlib.contextmanager
+def tiled(models: Sequence[Any], on: bool) -> Iterator[None]:
+    """With ``on``, every 2D convolution of ``models`` pads circularly for the ``with`` block, as A1111's tiling
+    does, so the image tiles seamlessly; their own padding back after it, however it ends."""
+    if not on:
+        yield
+        return
+    layers = [layer for model in models for layer in model.modules() if isinstance(layer, torch.nn.Conv2d)]
+    modes = [layer.padding_mode for layer in layers]
+    try:
+        for layer in layers:
+            layer.padding_mode = "circular"
+        yield
+    finally:
+        for layer, mode in zip(layers, modes, strict=True):
+            layer.padding_mode = mode
+
+
+@contextlib.contextmanager
 def _switches(vae: Any, setup: Setup) -> Iterator[None]:
     """Apply a profile's switches to the shared VAE for one run, and undo them after.
 
@@ -175,20 +194,31 @@ def denoise(
     controlnet = job.controlnet if step.controlled else None
     pipeline = pipeline_for(base, request.scheduler, step.pipeline, controlnet, show_progress=show_progress)
     job.run_started(step.denoising_steps)
-    latents = pipeline(
-        prompt_embeds=encoded.prompt_embeds,
-        negative_prompt_embeds=encoded.negative_prompt_embeds,
-        num_inference_steps=step.steps,
-        guidance_scale=request.guidance_scale,
-        num_images_per_prompt=len(indices),
-        generator=generators,
-        output_type="latent",
-        callback_on_step_end=PromptSwitch(job, pass_index, len(indices)) if switches else job.on_step_end,
-        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"] if switches else ["latents"],
-        **arguments,
-    ).images
+    with initial_noise(pipeline, _variation(request, indices)):
+        latents = pipeline(
+            prompt_embeds=encoded.prompt_embeds,
+            negative_prompt_embeds=encoded.negative_prompt_embeds,
+            num_inference_steps=step.steps,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=len(indices),
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=PromptSwitch(job, pass_index, len(indices)) if switches else job.on_step_end,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"] if switches else ["latents"],
+            **arguments,
+        ).images
     job.run_finished()
     return latents
+
+
+def _variation(request: Any, indices: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The job's noise from its images' seed noise, with a variation seed or a seed resize; else None."""
+    if not request.varies_noise:
+        return None
+    seeds = [request.seeds[index] for index in indices]
+    return job_noise(
+        seeds, subseed=request.subseed, strength=request.subseed_strength, resize_from=request.seed_resize_from
+    )
 
 
 def upscaled(

@@ -14,7 +14,17 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_PROMPT_CHARS = 2000
 SEED_MAX = 2**32 - 1
@@ -247,6 +257,31 @@ class RequestCore(BaseModel):
             "Image i uses seed + i (mod 2^32), returned with each image."
         ),
     )
+    subseed: StrictInt | None = Field(
+        None,
+        validate_default=True,
+        description=f"A1111's variation seed: 0 to {SEED_MAX}; null or -1 picks a random one. Every image of the "
+        "job mixes its own seed's noise with this seed's, by `subseed_strength`.",
+        json_schema_extra={"shown_default": "random"},
+    )
+    subseed_strength: float = Field(
+        0.0,
+        strict=True,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="A1111's variation strength, 0 to 1: how far the noise moves from the seed's towards the "
+        "variation seed's (spherical interpolation); 0 is the seed alone.",
+    )
+    seed_resize_from_w: StrictInt = Field(
+        0,
+        ge=-1,
+        description="A1111's Seed resize from, with `seed_resize_from_h`: the noise a seed gives at this width "
+        "(a multiple of 8, at most `MAX_SIDE`), centred in the job's; 0 or -1 is off.",
+    )
+    seed_resize_from_h: StrictInt = Field(
+        0, ge=-1, description="The height for `seed_resize_from_w`; 0 or -1 is off. Set both, or neither."
+    )
     num_images: StrictInt = Field(
         1,
         ge=1,
@@ -261,6 +296,11 @@ class RequestCore(BaseModel):
         le=CLIP_SKIP_MAX,
         description=f"1 to {CLIP_SKIP_MAX}, as A1111 counts: 1 reads CLIP's last layer, 2 the one before it "
         "(through the final layer norm), and so on.",
+    )
+    tiling: StrictBool = Field(
+        False,
+        description="`true`: the image tiles seamlessly, its left edge continuing its right and its top its bottom "
+        "(A1111's `tiling`: circular padding in the UNet's and VAE's convolutions, for this job only).",
     )
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png",
@@ -319,6 +359,40 @@ class RequestCore(BaseModel):
         if not 0 <= value <= SEED_MAX:
             raise ValueError(f"must be 0 to {SEED_MAX}, or -1 or null for a random seed")
         return value
+
+    @field_validator("subseed")
+    @classmethod
+    def _resolve_subseed(cls, value: int | None) -> int:
+        return cls._resolve_seed(value)
+
+    @field_validator("seed_resize_from_w", "seed_resize_from_h")
+    @classmethod
+    def _seed_resize_side(cls, value: int, info: ValidationInfo) -> int:
+        if value <= 0:
+            return 0
+        maximum = request_limits(info).max_side
+        if value % 8 or value > maximum:
+            raise ValueError(f"must be a multiple of 8 up to {maximum} (MAX_SIDE), or 0 for off")
+        return value
+
+    @model_validator(mode="after")
+    def _seed_resize_both_or_neither(self) -> RequestCore:
+        if (self.seed_resize_from_w > 0) != (self.seed_resize_from_h > 0):
+            raise ValueError(
+                f"seed_resize_from_w={self.seed_resize_from_w} and seed_resize_from_h={self.seed_resize_from_h}: "
+                "set both (the size the seed's noise is drawn at), or neither"
+            )
+        return self
+
+    @property
+    def seed_resize_from(self) -> tuple[int, int] | None:
+        """A1111's Seed resize from, as (width, height); None when off."""
+        return (self.seed_resize_from_w, self.seed_resize_from_h) if self.seed_resize_from_w > 0 else None
+
+    @property
+    def varies_noise(self) -> bool:
+        """Whether the initial noise is other than the seed's own: a variation seed, or a seed resize."""
+        return self.subseed_strength > 0 or self.seed_resize_from is not None
 
     @field_validator("scheduler")
     @classmethod

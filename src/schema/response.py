@@ -96,6 +96,7 @@ class Metadata(BaseModel):
     guidance_scale: float = Field(description="Classifier-free guidance used.")
     scheduler: str = Field(description="The canonical name of the scheduler used.")
     clip_skip: int = Field(description="The CLIP layer read, counted from the last as A1111 counts it.")
+    tiling: bool = Field(description="Whether the image was made to tile seamlessly.")
     embeddings: dict[str, str] | None = Field(
         None,
         description="The textual-inversion embeddings the prompts named, each with A1111's short hash of its "
@@ -113,6 +114,10 @@ class Metadata(BaseModel):
         description="For `prompt` and `negative_prompt`: its tokens and the chunks of 75 they were encoded in."
     )
     seeds: list[int] = Field(description="The seed of each image, in order.")
+    subseed: int = Field(description="The variation seed (drawn when not given); it acts with `subseed_strength`.")
+    subseed_strength: float = Field(description="The variation strength; 0: the seeds alone.")
+    seed_resize_from_w: int = Field(description="Seed resize from, its width; 0: off.")
+    seed_resize_from_h: int = Field(description="Seed resize from, its height; 0: off.")
     model: str = Field(
         description="A checkpoint's file name without its extension, as A1111's `Model`; otherwise `MODEL_ID`, "
         "with `@MODEL_REVISION` when one is set."
