@@ -199,3 +199,43 @@ def test_a_bad_value_is_refused_naming_the_field_and_the_next_job_works(fields: 
 
     assert says in error, error
     assert "images" in run()
+
+
+# --- hires options -----------------------------------------------------------------------------------------
+
+HIRES = {"scale": 1.5, "steps": 2}
+
+
+def test_the_hires_pass_takes_its_own_sampler_and_prompts() -> None:
+    plain = run(hires=HIRES)
+    same = run(hires={**HIRES, "sampler": JOB.get("scheduler", "DPM++ 2M Karras"), "prompt": JOB["prompt"]})
+    sampler = run(hires={**HIRES, "sampler": "euler_a"})
+    prompt = run(hires={**HIRES, "prompt": "a field of red tulips, at noon"})
+    negative = run(hires={**HIRES, "negative_prompt": "blurry"})
+
+    assert same["images"] == plain["images"], "the job's own sampler and prompt change nothing"
+    for changed in (sampler, prompt, negative):  # the tiny model's text encoder moves pixels a little only
+        assert int(np.abs(pixels(changed) - pixels(plain)).max()) > 0
+    assert "Hires sampler: Euler a" in parameters(sampler)
+    assert 'Hires prompt: "a field of red tulips, at noon"' in parameters(prompt)
+    assert "Hires negative prompt: blurry" in parameters(negative)
+    assert "Hires sampler" not in parameters(same)
+    assert "Hires prompt" not in parameters(same)
+    assert sampler["metadata"]["hires"]["sampler"] == "Euler a"
+
+
+@pytest.mark.parametrize(
+    ("hires", "says"),
+    [
+        ({"sampler": "warp drive"}, "hires.sampler='warp drive': unknown scheduler"),
+        ({"prompt": "a fox <lora:tiny:0.5>"}, "hires.prompt="),
+        ({"prompt": "[" * 40 + "a" + "]" * 40}, "hires.prompt"),
+    ],
+)
+def test_a_bad_hires_option_is_refused_naming_the_field_and_the_next_job_works(
+    hires: dict[str, Any], says: str
+) -> None:
+    error = run(hires={**HIRES, **hires})["error"]
+
+    assert says in error, error
+    assert "images" in run(hires=HIRES)

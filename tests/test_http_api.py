@@ -145,12 +145,15 @@ def test_every_image_task_over_http(api_url: str) -> None:
 
 
 def test_a1111_generation_options_over_http(api_url: str) -> None:
-    """Variation seed, seed resize and tiling through runpod's local API; a bad value, then a good job."""
+    """Variation seed, tiling and the hires pass's own sampler and prompts through runpod's local API; a bad
+    value, then a good job."""
     fields = {"width": 64, "height": 64, "subseed": 5, "subseed_strength": 0.5, "tiling": True}
+    fields["hires"] = {"scale": 1.5, "steps": 1, "sampler": "Euler a", "prompt": "a red fox", "negative_prompt": "dull"}
     body = post(api_url, {"input": {"prompt": "a fox", "num_inference_steps": 2, "seed": 1, **fields}})
     assert body["status"] == "COMPLETED", body
     metadata = body["output"]["metadata"]
     assert (metadata["subseed"], metadata["subseed_strength"], metadata["tiling"]) == (5, 0.5, True)
+    assert (metadata["hires"]["sampler"], metadata["hires"]["prompt"]) == ("Euler a", "a red fox")
 
     refused = post(api_url, {"input": {"prompt": "a fox", "seed_resize_from_w": 100, "seed_resize_from_h": 64}})
     assert refused["status"] == "FAILED"

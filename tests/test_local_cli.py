@@ -327,6 +327,11 @@ CLI_TASKS = [
         ("txt2img", (64, 64)),
         id="a1111-options",
     ),
+    pytest.param(
+        ([], {"width": 64, "height": 64, "hires": {"scale": 1.5, "sampler": "Euler a", "prompt": "a red fox"}}),
+        ("txt2img", (96, 96)),
+        id="hires-options",
+    ),
 ]
 
 

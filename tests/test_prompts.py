@@ -456,11 +456,11 @@ def test_a_prompt_too_costly_to_read_is_refused_before_the_gpu_lock(
 
 def test_nesting_up_to_the_limit_is_read() -> None:
     nested = "[" * 31 + "[cat:dog:0.5]" + "]" * 31
-    plan = plan_texts(nested, "", [Span(4)], max_texts=64)
+    plan = plan_texts([(nested, "", Span(4))], max_texts=64)
 
     assert [positive for _, positive, _ in plan.passes[0]] == ["[" * 31 + word + "]" * 31 for word in ("cat", "dog")]
     with pytest.raises(PromptError, match="prompt: square brackets nest 33 deep"):
-        plan_texts("[" + nested + "]", "", [Span(4)], max_texts=64)
+        plan_texts([("[" + nested + "]", "", Span(4))], max_texts=64)
 
 
 class _CountingTokenizer:

@@ -6,6 +6,7 @@ One line of prompt (LoRA tags included), one of negative prompt when there is on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -137,4 +138,18 @@ def _task_fields(request: GenerateRequest, source_size: tuple[int, int] | None) 
         fields["Hires upscale"] = f"{request.hires.scale:g}"
         fields["Hires steps"] = request.hires.steps
         fields["Hires upscaler"] = HIRES_UPSCALER_NAMES[request.hires.upscaler]
+        if request.hires.sampler is not None and request.hires.sampler != request.scheduler:
+            fields["Hires sampler"] = request.hires.sampler
+        if request.hires.prompt is not None and request.hires.prompt != request.prompt:
+            fields["Hires prompt"] = quote(request.hires.prompt)
+        if request.hires.negative_prompt is not None and request.hires.negative_prompt != request.negative_prompt:
+            fields["Hires negative prompt"] = quote(request.hires.negative_prompt)
     return fields
+
+
+def quote(text: str) -> str:
+    """A value as A1111's ``infotext_utils.quote`` writes it: as is, or JSON-quoted when it holds a comma, a
+    colon or a line break (which would end the value)."""
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)

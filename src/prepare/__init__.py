@@ -114,9 +114,10 @@ def plan_job(inputs: Inputs, settings: Settings) -> JobPlan:
     passes = tuple(plan_passes(request, inputs.images, inputs.controls))
     try:
         texts = plan_texts(
-            request.prompt_text,
-            request.negative_prompt,
-            [step.prompt_span for step in passes],
+            [
+                (step.prompt or request.prompt_text, step.negative_prompt or request.negative_prompt, step.prompt_span)
+                for step in passes
+            ],
             max_texts=settings.max_prompt_texts,
         )
     except PromptError as error:

@@ -54,6 +54,10 @@ class Pass:
     upscaler: str = "latent"
     # Whether the pass runs the job's ControlNet units (its class is then a ControlNet pipeline).
     controlled: bool = False
+    # Hires: its own scheduler, prompt and negative prompt (None: the job's).
+    scheduler: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
     def arguments_for(self, count: int) -> dict[str, Any]:
         """The task's arguments for a call that makes ``count`` images.
@@ -117,6 +121,9 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
             arguments={"strength": strength_for(schedule, hires.steps)},
             upscale_to=request.output_size,
             upscaler=hires.upscaler,
+            scheduler=hires.sampler,
+            prompt=hires.prompt,
+            negative_prompt=hires.negative_prompt,
         )
         return [first, second]
     assert images is not None, f"a {task} job needs its images"

@@ -338,18 +338,21 @@ class TextPlan:
         return named
 
 
-def plan_texts(prompt: str, negative_prompt: str, spans: list[Span], *, max_texts: int) -> TextPlan:
-    """Read both prompts' editing syntax for passes counted as ``spans``: on the CPU, before the job
-    waits for the GPU, so that a prompt that cannot run is refused before any work.
+def plan_texts(passes: list[tuple[str, str, Span]], *, max_texts: int) -> TextPlan:
+    """Read the prompts' editing syntax for each pass, ``(prompt, negative prompt, the steps it counts over)``
+    (a hires pass may have prompts of its own): on the CPU, before the job waits for the GPU, so that a
+    prompt that cannot run is refused before any work.
 
     Raises:
         PromptError: brackets nest deeper than ``MAX_BRACKET_DEPTH``, or editing makes more than
             ``max_texts`` distinct texts; the message names the field.
     """
-    check_nesting(prompt, "prompt")
-    check_nesting(negative_prompt, "negative_prompt")
+    for index, (prompt, negative_prompt, _) in enumerate(passes):
+        prefix = "hires." if index else ""
+        check_nesting(prompt, f"{prefix}prompt")
+        check_nesting(negative_prompt, f"{prefix}negative_prompt")
     runs = []
-    for span in spans:
+    for prompt, negative_prompt, span in passes:
         positive = prompt_schedule(prompt, span.steps, after=span.after)
         negative = prompt_schedule(negative_prompt, span.steps, after=span.after)
         runs.append(_joint(positive, negative))

@@ -192,7 +192,8 @@ def denoise(
         assert previous is not None, "an upscaling pass follows another"
         arguments["image"] = upscaled(base, previous, step, indices, job.warnings)
     controlnet = job.controlnet if step.controlled else None
-    pipeline = pipeline_for(base, request.scheduler, step.pipeline, controlnet, show_progress=show_progress)
+    scheduler = step.scheduler or request.scheduler
+    pipeline = pipeline_for(base, scheduler, step.pipeline, controlnet, show_progress=show_progress)
     job.run_started(step.denoising_steps)
     with initial_noise(pipeline, _variation(request, indices)):
         latents = pipeline(

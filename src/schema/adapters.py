@@ -8,16 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-from src.schema.core import RequestLimits, canonical_name, names_by_key
+from src.schema.core import EXTRA_NETWORK_TAG, LORA_TAG_KINDS, RequestLimits, canonical_name, names_by_key
 from src.schema.passes import PassOptions
 
 LORA_SCALE_LIMIT = 4.0
 # A model's name in MODELS_DIR, such as "styles/anime-v3", is at most this long.
 MODEL_NAME_MAX = 200
-# A1111's extra-network tags, as its re_extra_net reads them: <lora:name> or <lora:name:scale>.
-EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
-# The tag kinds that name a LoRA: A1111 reads <lyco:...> as <lora:...>.
-LORA_TAG_KINDS = ("lora", "lyco")
 
 
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"

@@ -27,6 +27,10 @@ from pydantic import (
 )
 
 MAX_PROMPT_CHARS = 2000
+# A1111's extra-network tags, as its re_extra_net reads them: <lora:name> or <lora:name:scale>.
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+# The tag kinds that name a LoRA: A1111 reads <lyco:...> as <lora:...>.
+LORA_TAG_KINDS = ("lora", "lyco")
 SEED_MAX = 2**32 - 1
 SIDE_STEP = 64
 GUIDANCE_MAX = 30.0

@@ -4,9 +4,26 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from src.schema.core import SIDE_STEP, RequestLimits, request_limits
+from src.schema.core import (
+    EXTRA_NETWORK_TAG,
+    LORA_TAG_KINDS,
+    MAX_PROMPT_CHARS,
+    SIDE_STEP,
+    RequestLimits,
+    canonical_scheduler,
+    request_limits,
+)
 from src.schema.images import ImageInputs
 
 HIRES_STRENGTH_DEFAULT = 0.5
@@ -76,10 +93,43 @@ class Hires(BaseModel):
         "`lanczos`: the image is decoded, enlarged with Lanczos and encoded again.",
     )
 
+    sampler: StrictStr | None = Field(
+        None,
+        description="The second pass's scheduler (A1111's `hr_sampler_name`), any name `scheduler` takes. "
+        "Unset: `scheduler`.",
+        json_schema_extra={"shown_default": "`scheduler`"},
+    )
+    prompt: StrictStr | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="The second pass's prompt (A1111's `hr_prompt`), with the same syntax as `prompt` but "
+        "`<lora:...>` tags. Unset or empty: `prompt`.",
+        json_schema_extra={"shown_default": "`prompt`"},
+    )
+    negative_prompt: StrictStr | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="The second pass's negative prompt (A1111's `hr_negative_prompt`). Unset or empty: "
+        "`negative_prompt`.",
+        json_schema_extra={"shown_default": "`negative_prompt`"},
+    )
+
     @field_validator("upscaler", mode="before")
     @classmethod
     def _case_insensitive(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str | None) -> str | None:
+        return None if value is None else canonical_scheduler(value)
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_lora_tags(cls, value: str | None) -> str | None:
+        if value is not None and any(kind.lower() in LORA_TAG_KINDS for kind, _ in EXTRA_NETWORK_TAG.findall(value)):
+            raise ValueError("<lora:...> tags are read only in prompt; a LoRA applies to the whole job")
+        return value or None
 
     @field_validator("steps")
     @classmethod
@@ -139,6 +189,6 @@ class PassOptions(ImageInputs):
     )
     hires: Hires | None = Field(
         None,
-        description="Text-to-image in two passes, as A1111's hires fix: `{scale, steps, strength, upscaler}`; "
-        "see below. Not with `image`.",
+        description="Text-to-image in two passes, as A1111's hires fix: `{scale, steps, strength, upscaler, "
+        "sampler, prompt, negative_prompt}`; see below. Not with `image`.",
     )
