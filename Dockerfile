@@ -20,13 +20,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, in a layer of its own (several GB, rarely changes), from PyTorch's CUDA 12.6
-# index: the cu126 builds are the last with Pascal (sm_61, GTX 1060) kernels, and they run
+# torch first (with torchvision, for spandrel), in a layer of its own (several GB, rarely changes), from
+# PyTorch's CUDA 12.6 index: the cu126 builds are the last with Pascal (sm_61, GTX 1060) kernels, and they run
 # Volta, Turing, Ampere, Ada and Hopper too. The wheel brings its CUDA libraries; the host
 # brings only the driver.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126
-COPY requirements.txt /tmp/requirements.txt
-RUN pip install -r /tmp/requirements.txt
+RUN pip install torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cu126
+COPY requirements.txt requirements-nodeps.txt /tmp/
+RUN pip install -r /tmp/requirements.txt && pip install --no-deps -r /tmp/requirements-nodeps.txt
 
 # --- app: the worker's code on a slim base --------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS app

@@ -182,9 +182,13 @@ def test_hadolint_is_clean() -> None:
 def test_dockerfile_facts() -> None:
     assert "ARG PYTHON_VERSION=3.11" in DOCKERFILE
     assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim\S* AS deps$", DOCKERFILE, re.MULTILINE)
-    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in DOCKERFILE
+    # torchvision with torch, from the same CUDA index (spandrel's; requirements-nodeps.txt says why).
+    assert (
+        "pip install torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cu126" in DOCKERFILE
+    )
     assert DOCKERFILE.index("torch==2.13.0") < DOCKERFILE.index("COPY requirements.txt")
     assert DOCKERFILE.index("COPY requirements.txt") < DOCKERFILE.index("COPY src/")
+    assert "pip install --no-deps -r /tmp/requirements-nodeps.txt" in DOCKERFILE
     assert 'CMD ["python", "-u", "handler.py"]' in DOCKERFILE
     assert "HEALTHCHECK" in DOCKERFILE
     assert "ARG BAKE_MODEL=true" in DOCKERFILE

@@ -13,9 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from src.schema import HIRES_BUILT_IN
+
 if TYPE_CHECKING:
     from src.adapters.controlnets import ControlNetEntry, ControlNetRef
     from src.adapters.loras import LoraFile, LoraRef
+    from src.adapters.upscalers import UpscalerEntry
     from src.models.library import ModelEntry
 
 # An unknown name's error lists at most this many of the names there are.
@@ -44,6 +47,7 @@ class Catalog:
     controlnets: Mapping[str, ControlNetEntry] = field(default_factory=dict)
     models: Mapping[str, ModelEntry] = field(default_factory=dict)
     vaes: Mapping[str, ModelEntry] = field(default_factory=dict)
+    upscalers: Mapping[str, UpscalerEntry] = field(default_factory=dict)
 
     @property
     def lora_names(self) -> list[str]:
@@ -59,7 +63,28 @@ class Catalog:
         model = self.model_problem(request.model) if isinstance(request.model, str) else None
         vae = self.model_problem(request.vae, field="vae") if request.vae is not None else None
         found = [problem for problem in (model, vae) if problem]
+        found += self.upscaler_problems(request)
         return found + self.lora_problems(request.loras) + self.controlnet_problems(request.controlnets)
+
+    def upscaler_problems(self, request: AdapterRequest) -> list[str]:
+        """The hires upscaler, when it is neither built in nor a usable file of UPSCALER_DIR."""
+        hires = getattr(request, "hires", None)
+        name = hires.upscaler if hires is not None else None
+        if name is None or name in HIRES_BUILT_IN:
+            return []
+        entry = self.upscalers.get(name)
+        if entry is None:
+            usable = sorted(key for key, item in self.upscalers.items() if item.problem is None)
+            closest = difflib.get_close_matches(name, usable, n=3, cutoff=0.5)
+            hint = (
+                f"the closest are {', '.join(closest)}"
+                if closest
+                else f"the upscalers are: {', '.join([*HIRES_BUILT_IN, *usable])}"
+            )
+            return [f"hires.upscaler={name!r}: neither latent, lanczos nor an upscaler in UPSCALER_DIR; {hint}"]
+        if entry.problem:
+            return [f"hires.upscaler={name!r}: {entry.path.name} cannot be used: {entry.problem}"]
+        return []
 
     def model_problem(self, name: str, field: str = "model") -> str | None:
         """Why ``name`` is not a usable model of MODELS_DIR (``field`` vae: VAE of VAE_DIR), naming the field;

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load as load_safetensors
 
+from src.adapters.folders import named_files
 from src.errors import AdapterError, first_line
 from src.models.safetensors_header import SafetensorsError, parse_header, read_header
 
@@ -90,15 +91,7 @@ def scan_loras(folder: str | None) -> dict[str, LoraFile]:
     """
     if folder is None:
         return {}
-    root = Path(folder)
-    if not root.is_dir():
-        raise AdapterError(f"LORA_DIR={folder}: not a folder")
-    files: dict[str, LoraFile] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() != LORA_SUFFIX or not path.is_file():
-            continue
-        name = path.relative_to(root).with_suffix("").as_posix()
-        files[name] = describe_lora(name, path)
+    files = {name: describe_lora(name, path) for name, path in named_files(folder, "LORA_DIR", (LORA_SUFFIX,)).items()}
     files = dict(sorted(files.items()))
     usable = [item.name for item in files.values() if item.problem is None]
     log.info("LoRAs in %s: %d usable%s", folder, len(usable), f": {', '.join(usable)}" if usable else "")

@@ -9,10 +9,10 @@ device and memory profile. Files a scan refused are listed apart, with the reaso
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 from src import __version__
-from src.schema import SCHEDULER_ALIASES, SCHEDULER_NAMES, Hires
+from src.schema import HIRES_BUILT_IN, SCHEDULER_ALIASES, SCHEDULER_NAMES
 
 if TYPE_CHECKING:
     from src.run.engine import Engine
@@ -50,7 +50,7 @@ def describe(engine: Engine) -> dict[str, Any]:
             "controlnets": _usable(engine.controlnets.entries),
             "embeddings": sorted(engine.embeddings),
             "schedulers": [{"name": name, "aliases": sorted(aliases[name])} for name in SCHEDULER_NAMES],
-            "hires_upscalers": list(get_args(Hires.model_fields["upscaler"].annotation)),
+            "hires_upscalers": [*HIRES_BUILT_IN, *engine.upscalers.names],
             "limits": {name: getattr(engine.settings, name) for name in LIMITS},
             "refused": _refused("model", engine.models.entries)
             + _refused("vae", vaes)

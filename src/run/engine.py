@@ -28,6 +28,7 @@ from src.adapters.catalog import Catalog
 from src.adapters.controlnets import ControlNets
 from src.adapters.embeddings import Embedding
 from src.adapters.loras import Applied, LoraFile, Loras
+from src.adapters.upscalers import upscalers_from
 from src.errors import JobCancelledError, OutOfMemoryError
 from src.models.loader import ModelIdentity, named_identity
 from src.prepare import JobPlan, plan_job
@@ -106,8 +107,9 @@ class Engine:
         self.embeddings: dict[str, Embedding] = {}
         # LoRAs from LORA_DIR, and the pipeline's LoRA state.
         self.loras = Loras(pipeline, {}, cache_bytes=0)
-        # ControlNets from CONTROLNET_DIR, loaded on first use and cached.
+        # ControlNets from CONTROLNET_DIR, and UPSCALER_DIR's upscalers, loaded on first use and cached.
         self.controlnets = ControlNets(pipeline, {}, device=device, dtype=dtype, cache_bytes=0)
+        self.upscalers = upscalers_from(settings, device, dtype)
         # MODELS_DIR's models, swapped into the pipeline's modules when a job names one.
         self.models = Models(
             pipeline, {}, settings=settings, dtype=dtype, pin=False, cache_bytes=0, default=self.identity
@@ -130,8 +132,7 @@ class Engine:
             profile=parts.profile,
             gpu_bytes=parts.gpu_bytes,
         )
-        engine.identity = parts.identity
-        engine.embeddings = parts.embeddings
+        engine.identity, engine.embeddings = parts.identity, parts.embeddings
         engine.loras = parts.loras
         engine.controlnets = parts.controlnets
         engine.models = Models.from_settings(
@@ -149,6 +150,7 @@ class Engine:
             controlnets=self.controlnets.entries,
             models=self.models.entries,
             vaes=self.models.vaes,
+            upscalers=self.upscalers.entries,
         )
 
     def generate(
@@ -351,6 +353,7 @@ def _model_and_adapters(
     models = engine.models
     assert not isinstance(request.model, ModelDownload), "a model by URL is named by its key once downloaded"
     model = models.use(request.model, request.vae) if models.swappable else engine.identity
+    job.upscalers = engine.upscalers
     with (
         engine.loras.applied(request.loras) as loras,
         engine.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,

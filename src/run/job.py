@@ -55,6 +55,8 @@ class JobState:
     schedule: Schedule | None = None
     # The job's ControlNet units as one model for its pipelines, while it holds the GPU.
     controlnet: Any = None
+    # The engine's upscalers, for a hires pass through a model of UPSCALER_DIR.
+    upscalers: Any = None
     deadline: float = float("inf")
     # Steps of the pipeline call running now, and of those finished before it, as the request counts them.
     run_steps: int = 0

@@ -190,7 +190,7 @@ def denoise(
     arguments = step.arguments_for(len(indices))
     if step.upscale_to is not None:
         assert previous is not None, "an upscaling pass follows another"
-        arguments["image"] = upscaled(base, previous, step, indices, job.warnings)
+        arguments["image"] = upscaled(base, previous, step, indices, job.warnings, upscalers=job.upscalers)
     controlnet = job.controlnet if step.controlled else None
     scheduler = step.scheduler or request.scheduler
     pipeline = pipeline_for(base, scheduler, step.pipeline, controlnet, show_progress=show_progress)
@@ -223,13 +223,20 @@ def _variation(request: Any, indices: list[int]) -> Callable[[torch.Tensor], tor
 
 
 def upscaled(
-    base: Any, latents: torch.Tensor, step: Pass, indices: list[int], warnings: list[str]
+    base: Any, latents: torch.Tensor, step: Pass, indices: list[int], warnings: list[str], *, upscalers: Any = None
 ) -> torch.Tensor | list[Image.Image]:
-    """The previous pass's result at the hires size: latents enlarged, or images decoded and enlarged."""
+    """The previous pass's result at the hires size: latents enlarged, or images decoded and enlarged (with
+    Lanczos, or through an upscaler of ``upscalers`` and then Lanczos)."""
     assert step.upscale_to is not None
     if step.upscaler == "latent":
         return upscale_latents(latents, step.upscale_to, base.vae_scale_factor)
-    images = base.image_processor.postprocess(decode(base, latents, indices, warnings), output_type="pil")
+    decoded = decode(base, latents, indices, warnings)
+    if step.upscaler != "lanczos":
+        # As A1111: through the model, then resized to the hires size.
+        assert upscalers is not None, "the engine gives a job its upscalers"
+        enlarged = upscalers.upscale(step.upscaler, (decoded.float() / 2 + 0.5).clamp(0, 1))
+        decoded = (enlarged * 2 - 1).to(decoded.dtype)
+    images = base.image_processor.postprocess(decoded, output_type="pil")
     return [image.resize(step.upscale_to, Image.Resampling.LANCZOS) for image in images]
 
 

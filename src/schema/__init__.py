@@ -64,6 +64,7 @@ from src.schema.images import (
     canonical_resize_mode,
 )
 from src.schema.passes import (
+    HIRES_BUILT_IN,
     HIRES_SCALE_MAX,
     HIRES_SCHEDULE_MAX,
     HIRES_SIDE_STEP,
@@ -105,6 +106,7 @@ __all__ = [
     "CONTROL_MODE_LABELS",
     "EXTRA_NETWORK_TAG",
     "GUIDANCE_MAX",
+    "HIRES_BUILT_IN",
     "HIRES_SCALE_MAX",
     "HIRES_SCHEDULE_MAX",
     "HIRES_SIDE_STEP",

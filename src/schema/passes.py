@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -34,6 +34,8 @@ HIRES_STRENGTH_CAP = 0.999
 HIRES_SCHEDULE_MAX = 1000
 # The size a job runs at is a multiple of this; hires' second pass only needs the latent grid's 8.
 HIRES_SIDE_STEP = 8
+# The hires upscalers that need no model file: A1111's "Latent" and "Lanczos".
+HIRES_BUILT_IN = ("latent", "lanczos")
 
 
 class Outpaint(BaseModel):
@@ -87,10 +89,13 @@ class Hires(BaseModel):
         allow_inf_nan=False,
         description=f"Denoising strength of the second pass, above 0 and at most 1; default {HIRES_STRENGTH_DEFAULT}.",
     )
-    upscaler: Literal["latent", "lanczos"] = Field(
+    upscaler: StrictStr = Field(
         "latent",
-        description="`latent`: the latents are enlarged (A1111's Latent). "
-        "`lanczos`: the image is decoded, enlarged with Lanczos and encoded again.",
+        min_length=1,
+        max_length=255,
+        description="`latent`: the latents are enlarged (A1111's Latent). `lanczos`: the image is decoded, "
+        "enlarged with Lanczos and encoded again. Or an upscaler of `UPSCALER_DIR` by name (such as "
+        "`RealESRGAN_x4plus`): the decoded image goes through it, is resized to the hires size and encoded again.",
     )
 
     sampler: StrictStr | None = Field(
@@ -116,8 +121,21 @@ class Hires(BaseModel):
 
     @field_validator("upscaler", mode="before")
     @classmethod
-    def _case_insensitive(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+    def _built_in_names_in_any_case(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in HIRES_BUILT_IN:
+            return value.strip().lower()
+        return value
+
+    @field_validator("upscaler")
+    @classmethod
+    def _a_name_not_a_path(cls, value: str, info: ValidationInfo) -> str:
+        if value in HIRES_BUILT_IN:
+            return value
+        if request_limits(info).upscaler_dir is None:
+            raise ValueError("must be latent or lanczos: this worker has no other upscaler (UPSCALER_DIR is not set)")
+        if "://" in value or "\\" in value or any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError("must be latent, lanczos or an upscaler's name in UPSCALER_DIR, not a path or a URL")
+        return value
 
     @field_validator("sampler")
     @classmethod

@@ -6,7 +6,7 @@ from pydantic import BaseModel, Field
 
 
 class AdapterSettings(BaseModel):
-    """The adapters' variables: ``EMBEDDINGS_DIR`` to ``CONTROLNET_PRELOAD``."""
+    """The adapters' variables: ``EMBEDDINGS_DIR`` to ``UPSCALE_TILE_OVERLAP``."""
 
     embeddings_dir: str | None = Field(
         None,
@@ -61,6 +61,37 @@ class AdapterSettings(BaseModel):
         alias="CONTROLNET_PRELOAD",
         description="ControlNets loaded at startup, by name, comma-separated, such as "
         "`control_v11p_sd15_canny,control_v11f1p_sd15_depth`. Unset: each is loaded on first use.",
+    )
+    upscaler_dir: str | None = Field(
+        None,
+        alias="UPSCALER_DIR",
+        description="Folder of ESRGAN-family upscalers (`.pth`, read as tensors only, and `.safetensors`: ESRGAN, "
+        "Real-ESRGAN and its compact models, SwinIR, and what else spandrel recognises), named by file name "
+        "without the extension; `hires.upscaler` takes them. Unset: `latent` and `lanczos` only.",
+    )
+    upscaler_cache_mb: float = Field(
+        512.0,
+        alias="UPSCALER_CACHE_MB",
+        ge=0,
+        le=1_000_000,
+        description="Memory, in MB (10^6 bytes), that loaded upscalers may keep on the device between jobs, least "
+        "recently used dropped first; the one in use stays whatever its size.",
+    )
+    upscale_tile: int = Field(
+        512,
+        alias="UPSCALE_TILE",
+        ge=64,
+        le=4096,
+        description="An upscaler runs on tiles of at most this many pixels a side, 64 to 4096: smaller tiles "
+        "take less GPU memory.",
+    )
+    upscale_tile_overlap: int = Field(
+        32,
+        alias="UPSCALE_TILE_OVERLAP",
+        ge=0,
+        le=512,
+        description="Pixels by which neighbouring tiles overlap, 0 to 512, less than UPSCALE_TILE; each keeps its "
+        "part up to the middle of the overlap, so no seam is drawn at a tile's edge.",
     )
 
     @property

@@ -63,6 +63,10 @@ class Settings(
             raise ValueError("CONTROLNETS are baked into CONTROLNET_DIR, which is not set")
         if self.controlnet_preload is not None and self.controlnet_dir is None:
             raise ValueError("CONTROLNET_PRELOAD names ControlNets of CONTROLNET_DIR, which is not set")
+        if self.upscale_tile_overlap >= self.upscale_tile:
+            raise ValueError(
+                f"UPSCALE_TILE_OVERLAP={self.upscale_tile_overlap}: must be less than UPSCALE_TILE={self.upscale_tile}"
+            )
         if self.vae_sha256 is not None and self.vae_url is None:
             raise ValueError("VAE_SHA256 is checked against VAE_URL's download; set VAE_URL too")
         if self.download_token is not None and self.model_url is None:

@@ -1,0 +1,24 @@
+"""The files of an adapter folder (LORA_DIR, UPSCALER_DIR) by the names requests give them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from src.errors import AdapterError
+
+
+def named_files(folder: str, setting: str, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Every file under ``folder`` whose suffix is one of ``suffixes`` (any case), by name: its path below the
+    folder without the extension (``sub/name`` in a subfolder), in name order.
+
+    Raises:
+        AdapterError: the folder does not exist; the message names ``setting``.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise AdapterError(f"{setting}={folder}: not a folder")
+    return {
+        path.relative_to(root).with_suffix("").as_posix(): path
+        for path in sorted(root.rglob("*"))
+        if path.suffix.lower() in suffixes and path.is_file()
+    }

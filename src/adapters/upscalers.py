@@ -1,0 +1,247 @@
+"""Upscaler models of UPSCALER_DIR: ESRGAN-family super-resolution models, read with spandrel.
+
+At startup ``scan_upscalers`` lists the folder's ``.pth`` and ``.safetensors`` files by name (the path below
+the folder, without the extension); other files (``.pt``, ``.ckpt``: TorchScript or pickles) are listed as
+refused. A file is read on first use: a ``.pth`` only with torch's ``weights_only`` loader (tensors and plain
+containers; no object of the file's choosing is ever built), a ``.safetensors`` with safetensors. spandrel then
+recognises the architecture from the tensors' names and shapes (ESRGAN, Real-ESRGAN and its compact models,
+SwinIR, and the others it knows); a file it does not recognise, or a model that is not an image
+super-resolution model (a face restorer, a 1x restoration model), is refused by name.
+
+``Upscalers`` keeps the loaded models, least recently used dropped first past UPSCALER_CACHE_MB, and runs one
+on images in tiles of UPSCALE_TILE pixels overlapping by UPSCALE_TILE_OVERLAP, each tile's border dropped where
+it overlaps the next, under the GPU lock. A model runs in the worker's half precision when spandrel says its
+architecture supports it, else in float32 (spandrel's ``supports_half``: most of the ESRGAN family run in
+float16; those that overflow in it, such as some transformer models, do not).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.adapters.folders import named_files
+from src.errors import AdapterError, first_line
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".pth", ".safetensors")
+REFUSED_SUFFIXES = (".pt", ".ckpt", ".bin")
+
+
+@dataclass(frozen=True)
+class UpscalerEntry:
+    """An upscaler file of UPSCALER_DIR: its name, its path, and why it cannot be used (None when it may be)."""
+
+    name: str
+    path: Path
+    problem: str | None = None
+
+
+def scan_upscalers(folder: str | None) -> dict[str, UpscalerEntry]:
+    """Every upscaler file under ``folder``, by name; files of other kinds of model listed as refused.
+
+    Raises:
+        AdapterError: the folder does not exist.
+    """
+    if folder is None:
+        return {}
+    entries: dict[str, UpscalerEntry] = {}
+    for name, path in named_files(folder, "UPSCALER_DIR", SUFFIXES + REFUSED_SUFFIXES).items():
+        problem = None
+        if path.suffix.lower() in REFUSED_SUFFIXES:
+            problem = f"a {path.suffix.lower()} file: only .pth (read as tensors only) and .safetensors files are read"
+            log.warning("UPSCALER_DIR: %s is not served: %s", path.name, problem)
+        entries[name] = UpscalerEntry(name, path, problem)
+    log.info("upscalers in %s: %s", folder, ", ".join(name for name, e in entries.items() if not e.problem) or "none")
+    return entries
+
+
+def read_upscaler(path: Path) -> Any:
+    """The super-resolution model in ``path``, as spandrel's ``ImageModelDescriptor``, on the CPU in float32.
+
+    Raises:
+        AdapterError: the file cannot be read as tensors, spandrel does not recognise it, or it is not an image
+            super-resolution model; the message says which.
+    """
+    from safetensors.torch import load_file
+    from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError, canonicalize_state_dict
+
+    try:
+        state: Any
+        if path.suffix.lower() == ".safetensors":
+            state = load_file(path)
+        else:
+            with warnings.catch_warnings():  # a newer pickle protocol: read all the same, or refused below
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise AdapterError(
+            f"{path.name} holds Python objects besides tensors, which are never built (weights-only loading)"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - whatever the file holds, it is refused by name
+        problem = f"{type(error).__name__}: {first_line(error)}"
+        raise AdapterError(f"{path.name} cannot be read as tensors: {problem}") from None
+    if isinstance(state, dict) and isinstance(state.get("params_ema") or state.get("params"), dict):
+        state = state.get("params_ema") or state["params"]  # BasicSR's training checkpoints
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise AdapterError(f"{path.name} does not hold a model's tensors by name")
+    try:
+        model = ModelLoader().load_from_state_dict(canonicalize_state_dict(state))
+    except UnsupportedModelError:
+        raise AdapterError(f"{path.name}: spandrel does not recognise its architecture") from None
+    except Exception as error:  # noqa: BLE001 - a recognised architecture whose tensors do not fit it
+        raise AdapterError(f"{path.name} cannot be loaded: {type(error).__name__}: {first_line(error)}") from None
+    if not isinstance(model, ImageModelDescriptor) or model.purpose != "SR" or model.scale < 2:
+        kind = f"{model.architecture.name}, {getattr(model, 'purpose', 'not an image model')}, scale {model.scale}"
+        raise AdapterError(f"{path.name} is not an image super-resolution model (spandrel reads it as {kind})")
+    return model.eval()
+
+
+def tiled(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, scale: int, tile: int, overlap: int):
+    """``run`` (an upscaler) on ``images`` (B, C, H, W) in tiles of at most ``tile`` pixels a side overlapping
+    by ``overlap``; each tile's output keeps only its part up to the middle of each overlap."""
+    _, _, height, width = images.shape
+    if height <= tile and width <= tile:
+        return run(images)
+    output: torch.Tensor | None = None
+    for top, bottom, keep_top, keep_bottom in _spans(height, tile, overlap):
+        for left, right, keep_left, keep_right in _spans(width, tile, overlap):
+            part = run(images[:, :, top:bottom, left:right])
+            if output is None:
+                output = part.new_zeros((*part.shape[:2], height * scale, width * scale))
+            output[:, :, keep_top * scale : keep_bottom * scale, keep_left * scale : keep_right * scale] = part[
+                :,
+                :,
+                (keep_top - top) * scale : (keep_bottom - top) * scale,
+                (keep_left - left) * scale : (keep_right - left) * scale,
+            ]
+    assert output is not None
+    return output
+
+
+def _spans(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Tiles along one side: (start, end, first kept, last kept + 1), the kept parts abutting."""
+    if size <= tile:
+        return [(0, size, 0, size)]
+    starts = [0]
+    while starts[-1] + tile < size:
+        starts.append(min(starts[-1] + tile - overlap, size - tile))
+    spans: list[tuple[int, int, int, int]] = []
+    for index, start in enumerate(starts):
+        end = start + tile
+        keep_start = 0 if index == 0 else spans[-1][3]
+        keep_end = size if index == len(starts) - 1 else end - overlap // 2
+        spans.append((start, end, keep_start, keep_end))
+    return spans
+
+
+class Upscalers:
+    """UPSCALER_DIR's models, loaded on first use and kept on the device, least recently used dropped first past
+    UPSCALER_CACHE_MB; every method under the GPU lock."""
+
+    def __init__(
+        self,
+        entries: dict[str, UpscalerEntry],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_bytes: int,
+        tile: int,
+        overlap: int,
+    ) -> None:
+        self.entries = entries
+        self.device, self.dtype = device, dtype
+        self.cache_bytes, self.tile, self.overlap = cache_bytes, tile, overlap
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self.reads = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, entry in self.entries.items() if entry.problem is None]
+
+    @property
+    def cached(self) -> list[str]:
+        return list(self._cache)
+
+    def upscale(self, name: str, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, 3, H, W, values 0 to 1) enlarged by upscaler ``name``'s scale, on the device.
+
+        Raises:
+            AdapterError: the upscaler cannot be loaded; the message names the file and why.
+        """
+        model = self._model(name)
+        dtype = model.dtype
+        with torch.inference_mode():
+            return tiled(
+                lambda part: model(part.to(self.device, dtype)).float().clamp(0, 1),
+                images.float(),
+                model.scale,
+                self.tile,
+                self.overlap,
+            )
+
+    def scale_of(self, name: str) -> int:
+        return int(self._model(name).scale)
+
+    def _model(self, name: str) -> Any:
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        entry = self.entries.get(name)
+        if entry is None:
+            raise AdapterError(f"{name!r} is not an upscaler in UPSCALER_DIR")
+        if entry.problem is not None:
+            raise AdapterError(f"{entry.path.name} cannot be used: {entry.problem}")
+        started = time.perf_counter()
+        model = read_upscaler(entry.path)
+        # The worker's half precision where the architecture runs in it; float32 where it does not.
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        supported = model.supports_half if self.dtype == torch.float16 else model.supports_bfloat16
+        model.to(self.device, dtype=self.dtype if half and supported else torch.float32)
+        self.reads += 1
+        self._cache[name] = model
+        log.info(
+            "upscaler %s (%s, %dx, %s) loaded in %.2f s",
+            name,
+            model.architecture.name,
+            model.scale,
+            str(model.dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+        )
+        while len(self._cache) > 1 and self._bytes() > self.cache_bytes:
+            dropped, _ = self._cache.popitem(last=False)
+            log.info("upscaler %s dropped from the cache (UPSCALER_CACHE_MB)", dropped)
+        return model
+
+    def _bytes(self) -> int:
+        return sum(
+            tensor.numel() * tensor.element_size()
+            for model in self._cache.values()
+            for tensor in model.model.state_dict().values()
+        )
+
+
+def upscalers_from(settings: Any, device: torch.device, dtype: torch.dtype) -> Upscalers:
+    """UPSCALER_DIR's upscalers (none when it is unset), with the settings' cache and tiles.
+
+    Raises:
+        AdapterError: UPSCALER_DIR is not a folder.
+    """
+    return Upscalers(
+        scan_upscalers(settings.upscaler_dir),
+        device=device,
+        dtype=dtype,
+        cache_bytes=int(settings.upscaler_cache_mb * 1e6),
+        tile=settings.upscale_tile,
+        overlap=settings.upscale_tile_overlap,
+    )

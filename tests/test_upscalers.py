@@ -1,0 +1,154 @@
+"""ESRGAN-family upscalers (src/adapters/upscalers.py) with the real spandrel, on the CPU.
+
+The builder's tiny models are spandrel's own architectures at tiny sizes, saved as published files are
+(``builder/tiny_upscalers.py``). torchvision's CUDA wheels do not import beside the suite's CPU torch, so
+spandrel imports the two torchvision names it needs from a stand-in (tests/stand_ins/torchvision, put on the
+path by tests/conftest.py when the real one does not import); the ESRGAN-family paths never call them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+import handler
+from builder.tiny_upscalers import write_tiny_upscalers
+from src.adapters.upscalers import read_upscaler, scan_upscalers, tiled
+from src.errors import AdapterError
+from src.settings import Settings
+
+JOB = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4, "width": 64, "height": 64}
+HIRES = {"scale": 2.0, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def upscaler_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_upscalers(tmp_path_factory.mktemp("upscalers"), bad=True)
+
+
+@pytest.fixture
+def worker(tiny_model_dir: Path, upscaler_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for field in Settings.model_fields.values():
+        monkeypatch.delenv(str(field.alias), raising=False)
+    monkeypatch.setenv("MODEL_ID", str(tiny_model_dir))
+    monkeypatch.setenv("UPSCALER_DIR", str(upscaler_dir))
+    monkeypatch.setattr(handler, "_settings", None)
+    monkeypatch.setattr(handler, "_engine", None)
+
+
+def run(**fields: Any) -> dict[str, Any]:
+    return asyncio.run(handler.handler({"id": "upscalers", "input": {**JOB, **fields}}))
+
+
+def image_of(result: dict[str, Any]) -> Image.Image:
+    assert "images" in result, result
+    with Image.open(io.BytesIO(base64.b64decode(result["images"][0]["image"]))) as image:
+        image.load()
+        return image
+
+
+# --- the files ----------------------------------------------------------------------------------------------
+
+
+def test_the_scan_lists_pth_and_safetensors_by_name_and_refuses_other_files(upscaler_dir: Path) -> None:
+    entries = scan_upscalers(str(upscaler_dir))
+
+    usable = sorted(name for name, entry in entries.items() if entry.problem is None)
+    assert "tiny-esrgan-4x" in usable
+    assert "tiny-compact-2x" in usable
+    assert "only .pth (read as tensors only) and .safetensors" in str(entries["bad/scripted"].problem)
+
+
+@pytest.mark.parametrize(
+    ("name", "architecture", "scale"),
+    [("tiny-esrgan-4x.pth", "ESRGAN", 4), ("tiny-compact-2x.safetensors", "RealESRGAN Compact", 2)],
+)
+def test_spandrel_detects_the_tiny_models_as_it_detects_the_real_ones(
+    upscaler_dir: Path, name: str, architecture: str, scale: int
+) -> None:
+    model = read_upscaler(upscaler_dir / name)
+
+    assert (model.architecture.name, model.scale, model.purpose) == (architecture, scale, "SR")
+    assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 8 * scale, 8 * scale)
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("restoration-1x.safetensors", "is not an image super-resolution model (spandrel reads it as"),
+        ("unknown.safetensors", "spandrel does not recognise its architecture"),
+        ("hostile.pth", "holds Python objects besides tensors, which are never built"),
+    ],
+)
+def test_a_file_that_is_not_a_super_resolution_model_is_refused_by_name(
+    upscaler_dir: Path, name: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(AdapterError, match=f"^{name}") as refused:
+        read_upscaler(upscaler_dir / "bad" / name)
+
+    assert says in str(refused.value)
+    assert "a pickle ran code" not in capsys.readouterr().out, "the hostile pickle built nothing"
+
+
+def test_tiles_give_the_whole_images_upscale(upscaler_dir: Path) -> None:
+    """A model that sees a few pixels around each one (the compact model: four 3x3 convolutions) gives the same
+    image in tiles as whole when the overlap is wider than that."""
+    model = read_upscaler(upscaler_dir / "tiny-compact-2x.safetensors")
+    images = torch.rand(2, 3, 70, 45)
+    with torch.inference_mode():
+        whole = model(images)
+        parts = tiled(model, images, 2, tile=24, overlap=12)
+
+    assert parts.shape == whole.shape
+    assert torch.allclose(parts, whole, atol=1e-5)
+
+
+# --- hires through an upscaler --------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("worker")
+def test_hires_through_an_esrgan_model_as_a1111() -> None:
+    esrgan = run(hires={**HIRES, "upscaler": "tiny-esrgan-4x"})
+    lanczos = run(hires={**HIRES, "upscaler": "Lanczos"})
+    compact = run(hires={**HIRES, "upscaler": "tiny-compact-2x"})
+
+    assert image_of(esrgan).size == image_of(lanczos).size == image_of(compact).size == (128, 128)
+    assert image_of(esrgan).tobytes() != image_of(lanczos).tobytes()
+    assert "Hires upscaler: tiny-esrgan-4x" in image_of(esrgan).text["parameters"]
+    assert esrgan["metadata"]["hires"]["upscaler"] == "tiny-esrgan-4x"
+    assert run(hires={**HIRES, "upscaler": "tiny-esrgan-4x"})["images"] == esrgan["images"]
+    upscalers = handler.get_engine().upscalers
+    assert upscalers.reads == 2, "each model read once, then cached"
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize(
+    ("upscaler", "says"),
+    [
+        ("tiny-esrgan", "hires.upscaler='tiny-esrgan': neither latent, lanczos nor an upscaler in UPSCALER_DIR; "),
+        ("../x", "hires.upscaler='../x': must be latent, lanczos or an upscaler's name"),
+        ("bad/scripted", "hires.upscaler='bad/scripted': scripted.pt cannot be used: a .pt file"),
+        ("bad/unknown", "unknown.safetensors: spandrel does not recognise its architecture"),
+        ("bad/restoration-1x", "is not an image super-resolution model"),
+    ],
+)
+def test_a_bad_upscaler_is_refused_naming_the_field_and_the_next_job_works(upscaler: str, says: str) -> None:
+    error = run(hires={**HIRES, "upscaler": upscaler})["error"]
+
+    assert says in error, error
+    assert "images" in run(hires={**HIRES, "upscaler": "tiny-compact-2x"})
+
+
+@pytest.mark.usefixtures("worker")
+def test_the_describe_job_lists_the_hires_upscalers() -> None:
+    described = asyncio.run(handler.handler({"id": "d", "input": {"describe": True}}))["describe"]
+
+    assert described["hires_upscalers"][:2] == ["latent", "lanczos"]
+    assert {"tiny-esrgan-4x", "tiny-compact-2x"} <= set(described["hires_upscalers"])
