@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -152,3 +153,26 @@ def test_the_describe_job_lists_the_hires_upscalers() -> None:
 
     assert described["hires_upscalers"][:2] == ["latent", "lanczos"]
     assert {"tiny-esrgan-4x", "tiny-compact-2x"} <= set(described["hires_upscalers"])
+
+
+@pytest.mark.usefixtures("worker")
+def test_admission_counts_an_upscalers_weights_and_one_tiles_features() -> None:
+    upscalers = handler.get_engine().upscalers
+    tile = upscalers.tile
+    weights = upscalers.entries["tiny-esrgan-4x"].path.stat().st_size
+
+    assert upscalers.gpu_bytes("latent", 2) == upscalers.gpu_bytes(None, 2) == 0
+    assert upscalers.gpu_bytes("tiny-esrgan-4x", 2) == weights + 3 * 64 * (tile * 4) ** 2 * 2
+    run(hires={**HIRES, "upscaler": "tiny-compact-2x"})  # loaded: its own scale from now on
+    compact = upscalers.entries["tiny-compact-2x"].path.stat().st_size
+    assert upscalers.gpu_bytes("tiny-compact-2x", 2) == compact + 3 * 64 * (tile * 2) ** 2 * 2
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_batch_goes_through_the_upscaler_one_image_at_a_time_as_each_would_alone() -> None:
+    batch = run(num_images=2, hires={**HIRES, "upscaler": "tiny-compact-2x"})
+    second = run(seed=JOB["seed"] + 1, hires={**HIRES, "upscaler": "tiny-compact-2x"})
+
+    one = np.asarray(image_of({"images": batch["images"][1:]}), dtype=np.int16)
+    alone = np.asarray(image_of(second), dtype=np.int16)
+    assert np.abs(one - alone).mean() < 1.0, "within float rounding of a batch (docs/input.md, Seeds)"

@@ -182,13 +182,31 @@ class Upscalers:
         model = self._model(name)
         dtype = model.dtype
         with torch.inference_mode():
-            return tiled(
-                lambda part: model(part.to(self.device, dtype)).float().clamp(0, 1),
-                images.float(),
-                model.scale,
-                self.tile,
-                self.overlap,
+            # One image at a time: the memory a tile takes does not grow with the batch (``gpu_bytes``).
+            return torch.cat(
+                [
+                    tiled(
+                        lambda part: model(part.to(self.device, dtype)).float().clamp(0, 1),
+                        image.unsqueeze(0).float(),
+                        model.scale,
+                        self.tile,
+                        self.overlap,
+                    )
+                    for image in images
+                ]
             )
+
+    def gpu_bytes(self, name: str | None, dtype_bytes: int) -> int:
+        """The GPU memory upscaler ``name`` takes at its peak, for admission: its weights (its file's size until
+        it is loaded) and one tile's widest features, at the output's resolution: the ESRGAN family's last
+        layers hold 64 channels at scale x the tile, three such tensors alive at once (scale 4 until loaded)."""
+        entry = self.entries.get(name or "")
+        if entry is None or entry.problem is not None:
+            return 0
+        model = self._cache.get(entry.name)
+        scale = int(model.scale) if model is not None else 4
+        weights = entry.path.stat().st_size if entry.path.exists() else 0
+        return weights + 3 * 64 * (self.tile * scale) ** 2 * dtype_bytes
 
     def scale_of(self, name: str) -> int:
         return int(self._model(name).scale)

@@ -253,12 +253,8 @@ class Engine:
             self._lock.release()
 
     def _admit(self, plan: JobPlan) -> Plan:
-        """How many of the job's images run at once, with which memory switches.
-
-        Raises:
-            AdmissionError: not even one image at a time fits.
-        """
-        request = plan.request
+        """How many of the job's images run at once, with which memory switches (AdmissionError: not one)."""
+        request, upscaler = plan.request, plan.request.hires.upscaler if plan.request.hires else None
         width, height = request.output_size
         return plan_sub_batch(
             self.profile,
@@ -269,7 +265,8 @@ class Engine:
             dtype_bytes=self.dtype.itemsize,
             safety_checker=self._pipeline.safety_checker is not None,
             adapter_bytes=self.loras.gpu_bytes(request.loras, self.dtype.itemsize)
-            + self.controlnets.gpu_bytes(request.controlnets),
+            + self.controlnets.gpu_bytes(request.controlnets)
+            + self.upscalers.gpu_bytes(upscaler, self.dtype.itemsize),
             control_units=len(request.controlnets),
             prompt_bytes=_prompt_bytes(
                 plan.texts,
