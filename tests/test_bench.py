@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -179,4 +180,27 @@ def test_models_benchmark_smoke_run_writes_every_measurement(tmp_path: Path) -> 
         "| 64², 2 steps, the model already in the modules | ",
     ):
         assert row in table
+    assert f"Command: `{report['command']}`" in table
+
+
+def test_upscalers_benchmark_smoke_run_writes_every_model(tmp_path: Path) -> None:
+    # The builder's tiny models; spandrel imports the tests' torchvision stand-in, as the README's command says.
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.upscalers", "--tiny", "--repeat", "1", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests" / "stand_ins")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((tmp_path / "upscalers-tiny.json").read_text())
+    assert {name: model["scale"] for name, model in report["models"].items()} == {
+        "ESRGAN (RRDB)": 4,
+        "Real-ESRGAN compact": 2,
+    }
+    table = (tmp_path / "upscalers-tiny.md").read_text()
+    assert "| ESRGAN (RRDB) | 0.23 M | 4x | " in table
     assert f"Command: `{report['command']}`" in table
