@@ -8,6 +8,7 @@
 - image tasks, A1111 prompts and LoRAs in float16, in each memory profile;
 - a single-file checkpoint converted at startup, and a VAE file, in float16 on CUDA;
 - MODELS_DIR's models swapped in place from pinned host memory, with and without model offload;
+- ESRGAN-family hires upscalers in float16 (with spandrel's wheels in the kit);
 - ControlNet units in float16, in each memory profile, and where the ControlNets wait between jobs.
 
 Needs only torch, transformers, accelerate, diffusers, pydantic and pytest, as the GPU machine
@@ -346,6 +347,25 @@ def test_models_swapped_in_place_on_the_gpu_give_a_fresh_workers_pixels(
     assert engine.models.reads == {"tiny-a": 1, "tiny-c": 1}
     cached = engine.models._cache["tiny-a"].parts["unet"].values()
     assert all(tensor.is_pinned() for tensor in cached), "the host cache is pinned, for fast copies to the GPU"
+
+
+def test_hires_through_esrgan_family_upscalers_in_float16(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The builder's tiny RRDB and compact models through spandrel on CUDA, in float16 (both support it), as a
+    hires pass's upscaler. Needs spandrel, einops and the torchvision that matches the machine's torch in
+    .gpu/wheels (../shared/gpu/README.md); skipped, saying so, without them."""
+    try:
+        import spandrel  # noqa: F401
+    except Exception as error:  # absent, or a torchvision that does not match torch
+        pytest.skip(f"spandrel cannot be imported here ({type(error).__name__}: {error})")
+    from builder.tiny_upscalers import write_tiny_upscalers
+
+    folder = write_tiny_upscalers(tmp_path / "upscalers")
+    engine = load_engine(tiny_model_dir, UPSCALER_DIR=str(folder))
+    for name in ("tiny-esrgan-4x", "tiny-compact-2x"):
+        generation = generate(engine, width=64, height=64, hires={"scale": 2.0, "steps": 2, "upscaler": name})
+        assert generation.images[0].size == (128, 128)
+        assert np.asarray(generation.images[0]).std() > 0, "not a blank image"
+    assert {str(model.dtype) for model in engine.upscalers._cache.values()} == {"torch.float16"}
 
 
 @pytest.mark.parametrize("profile", ["high", "balanced", "low"])
