@@ -59,6 +59,7 @@ DEFAULTS = {
     "controlnet_cache_mb": 2048.0,
     "controlnet_preload": None,
     "upscaler_dir": None,
+    "upscaler_preload": None,
     "upscaler_cache_mb": 512.0,
     "upscale_tile": 512,
     "upscale_tile_overlap": 32,

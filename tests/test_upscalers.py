@@ -176,3 +176,17 @@ def test_a_batch_goes_through_the_upscaler_one_image_at_a_time_as_each_would_alo
     one = np.asarray(image_of({"images": batch["images"][1:]}), dtype=np.int16)
     alone = np.asarray(image_of(second), dtype=np.int16)
     assert np.abs(one - alone).mean() < 1.0, "within float rounding of a batch (docs/input.md, Seeds)"
+
+
+def test_upscaler_preload_loads_them_at_startup_and_names_an_unknown_one(
+    tiny_model_dir: Path, upscaler_dir: Path
+) -> None:
+    from src.run.engine import Engine
+    from src.settings import load_settings
+
+    base = {"MODEL_ID": str(tiny_model_dir), "UPSCALER_DIR": str(upscaler_dir)}
+    engine = Engine.load(load_settings({**base, "UPSCALER_PRELOAD": "tiny-compact-2x"}))
+    assert engine.upscalers.cached == ["tiny-compact-2x"]
+
+    with pytest.raises(AdapterError, match="UPSCALER_PRELOAD names 'tiny-esrgan': 'tiny-esrgan' is not an upscaler"):
+        Engine.load(load_settings({**base, "UPSCALER_PRELOAD": "tiny-esrgan"}))

@@ -250,12 +250,13 @@ class Upscalers:
 
 
 def upscalers_from(settings: Any, device: torch.device, dtype: torch.dtype) -> Upscalers:
-    """UPSCALER_DIR's upscalers (none when it is unset), with the settings' cache and tiles.
+    """UPSCALER_DIR's upscalers (none when it is unset), with the settings' cache and tiles, and UPSCALER_PRELOAD's
+    loaded.
 
     Raises:
-        AdapterError: UPSCALER_DIR is not a folder.
+        AdapterError: UPSCALER_DIR is not a folder, or a preloaded upscaler is unknown or cannot be loaded.
     """
-    return Upscalers(
+    upscalers = Upscalers(
         scan_upscalers(settings.upscaler_dir),
         device=device,
         dtype=dtype,
@@ -263,3 +264,9 @@ def upscalers_from(settings: Any, device: torch.device, dtype: torch.dtype) -> U
         tile=settings.upscale_tile,
         overlap=settings.upscale_tile_overlap,
     )
+    for name in settings.upscaler_preload_names:
+        try:
+            upscalers.scale_of(name)  # loads it
+        except AdapterError as error:
+            raise AdapterError(f"UPSCALER_PRELOAD names {name!r}: {error}") from None
+    return upscalers

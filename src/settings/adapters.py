@@ -69,6 +69,12 @@ class AdapterSettings(BaseModel):
         "Real-ESRGAN and its compact models, SwinIR, and what else spandrel recognises), named by file name "
         "without the extension; `hires.upscaler` takes them. Unset: `latent` and `lanczos` only.",
     )
+    upscaler_preload: str | None = Field(
+        None,
+        alias="UPSCALER_PRELOAD",
+        description="Upscalers loaded at startup, by name, comma-separated, such as `RealESRGAN_x4plus`. "
+        "Unset: each is loaded on first use.",
+    )
     upscaler_cache_mb: float = Field(
         512.0,
         alias="UPSCALER_CACHE_MB",
@@ -97,9 +103,18 @@ class AdapterSettings(BaseModel):
     @property
     def controlnet_preload_names(self) -> list[str]:
         """CONTROLNET_PRELOAD's names, in order, without blanks."""
-        return [name.strip() for name in (self.controlnet_preload or "").split(",") if name.strip()]
+        return _names(self.controlnet_preload)
+
+    @property
+    def upscaler_preload_names(self) -> list[str]:
+        """UPSCALER_PRELOAD's names, in order, without blanks."""
+        return _names(self.upscaler_preload)
 
     @property
     def controlnets_to_bake_list(self) -> list[str]:
         """CONTROLNETS' hub ids and URLs, in order, without blanks."""
-        return [item.strip() for item in (self.controlnets_to_bake or "").split(",") if item.strip()]
+        return _names(self.controlnets_to_bake)
+
+
+def _names(value: str | None) -> list[str]:
+    return [name.strip() for name in (value or "").split(",") if name.strip()]

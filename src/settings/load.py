@@ -63,6 +63,8 @@ class Settings(
             raise ValueError("CONTROLNETS are baked into CONTROLNET_DIR, which is not set")
         if self.controlnet_preload is not None and self.controlnet_dir is None:
             raise ValueError("CONTROLNET_PRELOAD names ControlNets of CONTROLNET_DIR, which is not set")
+        if self.upscaler_preload is not None and self.upscaler_dir is None:
+            raise ValueError("UPSCALER_PRELOAD names upscalers of UPSCALER_DIR, which is not set")
         if self.upscale_tile_overlap >= self.upscale_tile:
             raise ValueError(
                 f"UPSCALE_TILE_OVERLAP={self.upscale_tile_overlap}: must be less than UPSCALE_TILE={self.upscale_tile}"
