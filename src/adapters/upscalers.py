@@ -208,8 +208,17 @@ class Upscalers:
         weights = entry.path.stat().st_size if entry.path.exists() else 0
         return weights + 3 * 64 * (self.tile * scale) ** 2 * dtype_bytes
 
-    def scale_of(self, name: str) -> int:
-        return int(self._model(name).scale)
+    def preload(self, names: list[str]) -> None:
+        """Load ``names`` now (UPSCALER_PRELOAD).
+
+        Raises:
+            AdapterError: one is unknown or cannot be loaded; the message names the setting.
+        """
+        for name in names:
+            try:
+                self._model(name)
+            except AdapterError as error:
+                raise AdapterError(f"UPSCALER_PRELOAD names {name!r}: {error}") from None
 
     def _model(self, name: str) -> Any:
         if name in self._cache:
@@ -264,9 +273,5 @@ def upscalers_from(settings: Any, device: torch.device, dtype: torch.dtype) -> U
         tile=settings.upscale_tile,
         overlap=settings.upscale_tile_overlap,
     )
-    for name in settings.upscaler_preload_names:
-        try:
-            upscalers.scale_of(name)  # loads it
-        except AdapterError as error:
-            raise AdapterError(f"UPSCALER_PRELOAD names {name!r}: {error}") from None
+    upscalers.preload(settings.upscaler_preload_names)
     return upscalers

@@ -346,7 +346,6 @@ class _Received:
         if self.size > self.limit:
             raise FetchError(f"it grew past {self.limit_text}; stopped there, nothing was kept")
         self.handle.write(chunk)
-        self.handle.flush()
         self.digest.update(chunk)
 
     def __enter__(self) -> _Received:

@@ -354,7 +354,7 @@ def _model_and_adapters(
     with (
         engine.loras.applied(request.loras) as loras,
         engine.controlnets.for_job(request.controlnets, guidance=request.guidance_scale > 1) as job.controlnet,
-        pipelines.tiled([engine._pipeline.unet, engine._pipeline.vae], request.tiling),
+        pipelines.circular_padding([engine._pipeline.unet, engine._pipeline.vae], request.tiling),
     ):
         yield model, loras
 

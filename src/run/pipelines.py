@@ -118,7 +118,7 @@ def run_passes(
 
 
 @contextlib.contextmanager
-def tiled(models: Sequence[Any], on: bool) -> Iterator[None]:
+def circular_padding(models: Sequence[Any], on: bool) -> Iterator[None]:
     """With ``on``, every 2D convolution of ``models`` pads circularly for the ``with`` block, as A1111's tiling
     does, so the image tiles seamlessly; their own padding back after it, however it ends."""
     if not on:
