@@ -12,6 +12,11 @@
 #   docker build --build-arg CONTROLNETS=lllyasviel/control_v11p_sd15_canny,lllyasviel/control_v11f1p_sd15_depth .
 #                                                       # and ControlNets (hub ids or .safetensors URLs), float16,
 #                                                       # baked into /models/controlnets and served from there
+#   docker build --build-arg \
+#     UPSCALERS=https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth .
+#                                                       # and upscalers (URLs of .pth files, read as tensors only,
+#                                                       # or .safetensors), checked as the worker reads them,
+#                                                       # baked into /models/upscalers and served from there
 ARG PYTHON_VERSION=3.11
 
 # --- deps: a virtual environment with torch and the requirements, built once and copied ---------
@@ -64,19 +69,23 @@ ARG VAE_URL=
 ARG VAE_SHA256=
 ARG SAFETY_CHECKER=false
 ARG CONTROLNETS=
+ARG UPSCALERS=
 # The worker reads the same variables, so it serves what the build baked and nothing else. URLs stay out
 # of the image's environment (a query may hold a token): the build reads MODEL_URL, VAE_URL (and
-# VAE_SHA256, which needs it) and CONTROLNETS as arguments, and the worker learns what was baked from
-# /models/sd15/source.json. Without CONTROLNETS, CONTROLNET_DIR is empty, which the worker reads as
-# unset: ControlNet is off.
+# VAE_SHA256, which needs it), CONTROLNETS and UPSCALERS as arguments, and the worker learns what was
+# baked from /models/sd15/source.json and the files in /models/controlnets and /models/upscalers.
+# Without CONTROLNETS, CONTROLNET_DIR is empty, which the worker reads as unset: ControlNet is off;
+# without UPSCALERS, UPSCALER_DIR is empty too: no upscaler is served.
 ENV MODEL_ID=${MODEL_ID} \
     MODEL_REVISION=${MODEL_REVISION} \
     MODEL_SHA256=${MODEL_SHA256} \
     SAFETY_CHECKER=${SAFETY_CHECKER} \
-    CONTROLNET_DIR=${CONTROLNETS:+/models/controlnets}
-# The weights go to /models/sd15 (and ControlNets to /models/controlnets), not HF_HOME, which a network
-# volume at /runpod-volume could hide. A checkpoint or ControlNet file download lands in a build cache,
-# outside the image, where a failed build's part of the same URL is resumed; one build at a time uses it.
+    CONTROLNET_DIR=${CONTROLNETS:+/models/controlnets} \
+    UPSCALER_DIR=${UPSCALERS:+/models/upscalers}
+# The weights go to /models/sd15 (ControlNets to /models/controlnets, upscalers to /models/upscalers), not
+# HF_HOME, which a network volume at /runpod-volume could hide. A checkpoint, ControlNet or upscaler file
+# download lands in a build cache, outside the image, where a failed build's part of the same URL is
+# resumed; one build at a time uses it.
 # Each token is a secret, never an argument, and goes only to its own host.
 RUN --mount=type=secret,id=hf_token,env=HF_TOKEN \
     --mount=type=secret,id=civitai_token,env=CIVITAI_TOKEN \

@@ -5,11 +5,14 @@
     MODEL_ID=/path/model.safetensors python -m builder.cache_model   # the same, from a file
     CONTROLNET_DIR=/models/controlnets CONTROLNETS=lllyasviel/control_v11p_sd15_canny,https://... \
       python -m builder.cache_model               # and ControlNets into CONTROLNET_DIR
+    UPSCALER_DIR=/models/upscalers UPSCALERS=https://.../RealESRGAN_x4plus.pth \
+      python -m builder.cache_model               # and upscalers into UPSCALER_DIR (builder/bake_upscalers.py)
     python -m builder.cache_model --verify-only   # only check that MODEL_DIR loads offline
 
 It reads MODEL_ID, MODEL_REVISION, MODEL_URL, MODEL_SHA256, VAE_URL, VAE_SHA256,
-MODEL_CONFIG, MODEL_DIR, SAFETY_CHECKER, CONTROLNETS and CONTROLNET_DIR through the
-worker's own settings, so the build and the runtime cannot disagree on the model.
+MODEL_CONFIG, MODEL_DIR, SAFETY_CHECKER, CONTROLNETS, CONTROLNET_DIR, UPSCALERS and
+UPSCALER_DIR through the worker's own settings, so the build and the runtime cannot
+disagree on the model.
 
 From the hub it downloads only the fp16 safetensors (no .ckpt, no .bin, no full
 precision copy), and the safety checker only when SAFETY_CHECKER=true, into
@@ -31,6 +34,9 @@ like MODEL_URL and rewritten in float16 when it is not. One already there is kep
 each is checked as the worker checks it at startup, against MODEL_DIR's UNet, and one
 the worker could not use (an SDXL ControlNet, a LoRA) stops the build, named.
 
+UPSCALERS, URLs of ``.pth`` and ``.safetensors`` files, are baked last, unchanged, into
+UPSCALER_DIR, and each is read as the worker reads it (builder/bake_upscalers.py).
+
 Transient network failures are retried; everything else stops the build with
 a message saying what to do.
 """
@@ -45,9 +51,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from builder.download import DownloadError, download_to_folder, file_name_from
@@ -338,11 +345,8 @@ class ControlNetSource:
 
     @property
     def file_name(self) -> str:
-        """The file name a URL gives, as the download takes it (Content-Disposition may name it otherwise); ""
-        for a hub id, or a URL whose path ends in ``/``."""
-        if not self.is_url or not urlsplit(self.item).path.rsplit("/", 1)[-1]:
-            return ""
-        return file_name_from(self.item, None)
+        """The file name a URL gives (``url_file_name``); "" for a hub id."""
+        return url_file_name(self.item) if self.is_url else ""
 
     @property
     def name(self) -> str | None:
@@ -353,6 +357,12 @@ class ControlNetSource:
         return self.file_name[: -len(SAFETENSORS)] if self.file_name.lower().endswith(SAFETENSORS) else None
 
 
+def url_file_name(url: str) -> str:
+    """The file name ``url`` gives, as the download takes it (Content-Disposition may name it otherwise); ""
+    for a URL whose path ends in ``/``."""
+    return file_name_from(url, None) if urlsplit(url).path.rsplit("/", 1)[-1] else ""
+
+
 def controlnet_sources(items: list[str]) -> list[ControlNetSource]:
     """CONTROLNETS' items, told apart and checked before anything is downloaded.
 
@@ -361,7 +371,6 @@ def controlnet_sources(items: list[str]) -> list[ControlNetSource]:
             ``.safetensors``, or two items would get the same name in CONTROLNET_DIR.
     """
     sources: list[ControlNetSource] = []
-    named: dict[str, ControlNetSource] = {}
     for item in items:
         source = ControlNetSource(item, item.lower().startswith(("http://", "https://")))
         if not source.is_url and not _HUB_ID.fullmatch(item):
@@ -374,12 +383,39 @@ def controlnet_sources(items: list[str]) -> list[ControlNetSource]:
             raise CacheError(
                 f"CONTROLNETS: {source.shown} names {source.file_name!r} ({kind}); give the URL of a .safetensors file"
             )
+        sources.append(source)
+    refuse_same_names("CONTROLNETS", "ControlNet", sources)
+    return sources
+
+
+class NamedSource(Protocol):
+    """An item of CONTROLNETS or UPSCALERS: how it is shown, and the name the worker will list it by (None
+    while only its download can tell)."""
+
+    @property
+    def shown(self) -> str: ...
+
+    @property
+    def name(self) -> str | None: ...
+
+
+def refuse_same_names(setting: str, kind: str, sources: Sequence[NamedSource]) -> None:
+    """Refuse two of ``sources``, the items of ``setting``, that would both be the ``kind`` of one name.
+
+    Raises:
+        CacheError: the first two of one name, named.
+    """
+    named: dict[str, NamedSource] = {}
+    for source in sources:
         if source.name is not None and source.name in named:
-            raise CacheError(_same_name(named[source.name], source, source.name))
+            raise CacheError(same_name(setting, kind, named[source.name], source, source.name))
         if source.name is not None:
             named[source.name] = source
-        sources.append(source)
-    return sources
+
+
+def same_name(setting: str, kind: str, first: NamedSource, second: NamedSource, name: str) -> str:
+    """The message refusing ``first`` and ``second``, items of ``setting``, that would both be the ``kind`` ``name``."""
+    return f"{setting}: {first.shown} and {second.shown} would both be the {kind} {name!r}; keep one"
 
 
 def bake_controlnets(settings: Settings) -> list[str]:
@@ -401,7 +437,7 @@ def bake_controlnets(settings: Settings) -> list[str]:
         else:
             name = bake_hub_controlnet(source.item, folder)
         if name in baked:
-            raise CacheError(_same_name(baked[name], source, name))
+            raise CacheError(same_name("CONTROLNETS", "ControlNet", baked[name], source, name))
         baked[name] = source
     verify_controlnets(settings, baked)
     return list(baked)
@@ -540,10 +576,6 @@ def _holds_float16_folder(folder: Path) -> bool:
     return (folder / "config.json").is_file() and bool(weights) and all(map(_holds_float16_file, weights))
 
 
-def _same_name(first: ControlNetSource, second: ControlNetSource, name: str) -> str:
-    return f"CONTROLNETS: {first.shown} and {second.shown} would both be the ControlNet {name!r}; keep one"
-
-
 @dataclass(frozen=True)
 class _UNetOnly:
     """What ``ControlNets`` reads of a pipeline to check the shapes of ControlNets: its UNet."""
@@ -613,6 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m builder.cache_model", description=__doc__.splitlines()[0])
     parser.add_argument("--verify-only", action="store_true", help="only check that MODEL_DIR loads offline")
     args = parser.parse_args(argv)
+    # Here, not at the top: builder.bake_upscalers imports this module (its CacheError, _fetch and checks).
+    from builder.bake_upscalers import bake_upscalers
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
@@ -630,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
             controlnets = bake_controlnets(settings)
             if controlnets:
                 print(f"ControlNets {', '.join(controlnets)} baked into {settings.controlnet_dir} and verified")
+            upscalers = bake_upscalers(settings)
+            if upscalers:
+                print(f"Upscalers {', '.join(upscalers)} baked into {settings.upscaler_dir} and verified")
     except (SettingsError, CacheError) as error:
         print(f"cache_model: {error}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ DEFAULTS = {
     "max_steps": 150,
     "max_images": 4,
     "max_pixels": 1048576,
+    "max_upscale_side": 4096,
     "default_steps": 25,
     "default_scheduler": "DPM++ 2M Karras",
     "memory_profile": "auto",
@@ -59,6 +60,7 @@ DEFAULTS = {
     "controlnet_cache_mb": 2048.0,
     "controlnet_preload": None,
     "upscaler_dir": None,
+    "upscalers_to_bake": None,
     "upscaler_preload": None,
     "upscaler_cache_mb": 512.0,
     "upscale_tile": 512,
@@ -92,8 +94,9 @@ def test_every_setting_has_a_variable() -> None:
     names = {name.upper(): name for name in DEFAULTS} | {
         "MODEL_CONFIG": "model_config_dir",
         "CONTROLNETS": "controlnets_to_bake",
+        "UPSCALERS": "upscalers_to_bake",
     }
-    del names["MODEL_CONFIG_DIR"], names["CONTROLNETS_TO_BAKE"]
+    del names["MODEL_CONFIG_DIR"], names["CONTROLNETS_TO_BAKE"], names["UPSCALERS_TO_BAKE"]
     assert sorted(VARIABLES) == sorted(names)
     assert all(Settings.model_fields[field].alias == variable for variable, field in names.items())
 

@@ -12,10 +12,12 @@ import difflib
 import re
 import secrets
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -124,6 +126,8 @@ class RequestLimits(Protocol):
     @property
     def max_pixels(self) -> int: ...
     @property
+    def max_upscale_side(self) -> int: ...
+    @property
     def default_steps(self) -> int: ...
     @property
     def default_scheduler(self) -> str: ...
@@ -208,6 +212,42 @@ CONFIGURED_DEFAULT = {
     "clip_skip": "default_clip_skip",
 }
 CLIP_SKIP_MAX = 12
+
+
+def _known_output_format(value: Any) -> Any:
+    return canonical_output_format(value) if isinstance(value, str) else value
+
+
+def _case_insensitive(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _s3_needs_a_bucket(value: str, info: ValidationInfo) -> str:
+    if value == "s3" and not request_limits(info).bucket_configured:
+        raise ValueError("needs a bucket, and none is configured: set BUCKET_NAME, or use 'base64'")
+    return value
+
+
+# The output fields, the same for every kind of job (generation and upscale).
+OutputFormat = Annotated[
+    Literal["png", "jpeg", "webp"],
+    BeforeValidator(_known_output_format),
+    Field(
+        description="`png`, `jpeg` (`jpg` accepted) or `webp`; case does not matter. Each file carries its parameters."
+    ),
+]
+OutputQuality = Annotated[
+    StrictInt, Field(ge=1, le=100, description="1 to 100, for `jpeg` and `webp`; lower is smaller. PNG is lossless.")
+]
+OutputType = Annotated[
+    Literal["auto", "s3", "base64"],
+    BeforeValidator(_case_insensitive),
+    AfterValidator(_s3_needs_a_bucket),
+    Field(
+        description="`base64`: inline. `s3`: upload, return URLs (needs `BUCKET_NAME`). "
+        "`auto`: `s3` when a bucket is configured, else `base64`."
+    ),
+]
 
 
 class RequestCore(BaseModel):
@@ -308,35 +348,9 @@ class RequestCore(BaseModel):
         description="`true`: the image tiles seamlessly, its left edge continuing its right and its top its bottom "
         "(A1111's `tiling`: circular padding in the UNet's and VAE's convolutions, for this job only).",
     )
-    output_format: Literal["png", "jpeg", "webp"] = Field(
-        "png",
-        description="`png`, `jpeg` (`jpg` accepted) or `webp`; case does not matter. Each file carries its parameters.",
-    )
-    output_quality: StrictInt = Field(
-        90, ge=1, le=100, description="1 to 100, for `jpeg` and `webp`; lower is smaller. PNG is lossless."
-    )
-    output_type: Literal["auto", "s3", "base64"] = Field(
-        "auto",
-        description="`base64`: inline. `s3`: upload, return URLs (needs `BUCKET_NAME`). "
-        "`auto`: `s3` when a bucket is configured, else `base64`.",
-    )
-
-    @field_validator("output_format", mode="before")
-    @classmethod
-    def _known_output_format(cls, value: Any) -> Any:
-        return canonical_output_format(value) if isinstance(value, str) else value
-
-    @field_validator("output_type", mode="before")
-    @classmethod
-    def _case_insensitive(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
-
-    @field_validator("output_type")
-    @classmethod
-    def _s3_needs_a_bucket(cls, value: str, info: ValidationInfo) -> str:
-        if value == "s3" and not request_limits(info).bucket_configured:
-            raise ValueError("needs a bucket, and none is configured: set BUCKET_NAME, or use 'base64'")
-        return value
+    output_format: OutputFormat = "png"
+    output_quality: OutputQuality = 90
+    output_type: OutputType = "auto"
 
     @field_validator("prompt")
     @classmethod

@@ -1,4 +1,4 @@
-"""Where the adapters come from: embeddings, LoRAs and ControlNets, and the memory they may keep."""
+"""Where the adapters come from: embeddings, LoRAs, ControlNets and upscalers, and the memory they may keep."""
 
 from __future__ import annotations
 
@@ -69,6 +69,13 @@ class AdapterSettings(BaseModel):
         "Real-ESRGAN and its compact models, SwinIR, and what else spandrel recognises), named by file name "
         "without the extension; `hires.upscaler` takes them. Unset: `latent` and `lanczos` only.",
     )
+    upscalers_to_bake: str | None = Field(
+        None,
+        alias="UPSCALERS",
+        description="Upscalers `builder/cache_model.py` bakes into UPSCALER_DIR at build time, comma-separated "
+        "`http(s)://` URLs of `.pth` or `.safetensors` files (such as RealESRGAN_x4plus.pth's GitHub release URL), "
+        "each checked as the worker reads it (a `.pth` as tensors only).",
+    )
     upscaler_preload: str | None = Field(
         None,
         alias="UPSCALER_PRELOAD",
@@ -114,6 +121,11 @@ class AdapterSettings(BaseModel):
     def controlnets_to_bake_list(self) -> list[str]:
         """CONTROLNETS' hub ids and URLs, in order, without blanks."""
         return _names(self.controlnets_to_bake)
+
+    @property
+    def upscalers_to_bake_list(self) -> list[str]:
+        """UPSCALERS' URLs, in order, without blanks."""
+        return _names(self.upscalers_to_bake)
 
 
 def _names(value: str | None) -> list[str]:

@@ -28,6 +28,13 @@ class LimitSettings(BaseModel):
         ge=512 * 512,
         description="Largest width x height x num_images per request; at least 262144 (one default 512x512 image).",
     )
+    max_upscale_side: int = Field(
+        4096,
+        alias="MAX_UPSCALE_SIDE",
+        ge=512,
+        le=16384,
+        description="Largest width or height an `upscale` job may return, 512 to 16384.",
+    )
     default_steps: int = Field(
         25,
         alias="DEFAULT_STEPS",

@@ -19,8 +19,20 @@ from src.settings.urls import redact_url
 
 # Variables whose values never appear in a message.
 _SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY", "HF_TOKEN", "CIVITAI_TOKEN", "DOWNLOAD_TOKENS", "DOWNLOAD_TOKEN"})
-# Variables holding URLs (CONTROLNETS: a list of them) shown in messages through redact_url only.
-_URLS = frozenset({"BUCKET_ENDPOINT_URL", "MODEL_URL", "VAE_URL", "CONTROLNETS"})
+# Variables holding URLs (CONTROLNETS, UPSCALERS: lists of them) shown in messages through redact_url only.
+_URLS = frozenset({"BUCKET_ENDPOINT_URL", "MODEL_URL", "VAE_URL", "CONTROLNETS", "UPSCALERS"})
+
+# Variables that name or fill what a folder variable gives: (the field, the folder's field, the rule when it is unset).
+_NEEDS_FOLDER = (
+    ("controlnets_to_bake", "controlnet_dir", "CONTROLNETS are baked into CONTROLNET_DIR, which is not set"),
+    (
+        "controlnet_preload",
+        "controlnet_dir",
+        "CONTROLNET_PRELOAD names ControlNets of CONTROLNET_DIR, which is not set",
+    ),
+    ("upscalers_to_bake", "upscaler_dir", "UPSCALERS are baked into UPSCALER_DIR, which is not set"),
+    ("upscaler_preload", "upscaler_dir", "UPSCALER_PRELOAD names upscalers of UPSCALER_DIR, which is not set"),
+)
 
 
 class SettingsError(ValueError):
@@ -59,12 +71,9 @@ class Settings(
                 "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY: set both or neither "
                 "(neither: boto3 finds credentials itself, e.g. from an instance role)"
             )
-        if self.controlnets_to_bake is not None and self.controlnet_dir is None:
-            raise ValueError("CONTROLNETS are baked into CONTROLNET_DIR, which is not set")
-        if self.controlnet_preload is not None and self.controlnet_dir is None:
-            raise ValueError("CONTROLNET_PRELOAD names ControlNets of CONTROLNET_DIR, which is not set")
-        if self.upscaler_preload is not None and self.upscaler_dir is None:
-            raise ValueError("UPSCALER_PRELOAD names upscalers of UPSCALER_DIR, which is not set")
+        for field, folder, rule in _NEEDS_FOLDER:
+            if getattr(self, field) is not None and getattr(self, folder) is None:
+                raise ValueError(rule)
         if self.upscale_tile_overlap >= self.upscale_tile:
             raise ValueError(
                 f"UPSCALE_TILE_OVERLAP={self.upscale_tile_overlap}: must be less than UPSCALE_TILE={self.upscale_tile}"

@@ -155,14 +155,14 @@ class ModelSettings(BaseModel):
         None,
         alias="HF_TOKEN",
         description="Hugging Face token. The hub client sends it for gated or private repos; the build sends it "
-        "with MODEL_URL, VAE_URL and CONTROLNETS URLs, and the worker with a request's download URLs, on "
-        "`huggingface.co` and `hf.co` only. Never logged.",
+        "with MODEL_URL, VAE_URL, CONTROLNETS and UPSCALERS URLs, and the worker with a request's download URLs, "
+        "on `huggingface.co` and `hf.co` only. Never logged.",
     )
     civitai_token: SecretStr | None = Field(
         None,
         alias="CIVITAI_TOKEN",
-        description="Civitai token, sent by the build with MODEL_URL, VAE_URL and CONTROLNETS URLs, and by the "
-        "worker with a request's download URLs, on `civitai.com` only. Never logged.",
+        description="Civitai token, sent by the build with MODEL_URL, VAE_URL, CONTROLNETS and UPSCALERS URLs, "
+        "and by the worker with a request's download URLs, on `civitai.com` only. Never logged.",
     )
     download_tokens: SecretStr | None = Field(
         None,
