@@ -1,4 +1,4 @@
-"""RunPod serverless handler for Stable Diffusion 1.5: text-to-image, img2img, inpaint, outpaint, hires fix.
+"""RunPod serverless handler for Stable Diffusion 1.5: text-to-image, img2img, inpaint, outpaint, hires fix, upscale.
 
 A job goes through three stages: ``prepare_job`` (the input checked, its images read, its plan made, on the
 CPU), ``engine.run`` (the plan run under the GPU lock) and ``finish`` (the images encoded and delivered,
@@ -29,7 +29,7 @@ from src.concurrency import JobSlots, in_thread
 from src.errors import WorkerError, breaks_the_gpu, first_line
 from src.finish import finish
 from src.job_loop import remember_stops_before_start, retry_dropped_result_posts, stopped_before_start
-from src.prepare import JobPlan
+from src.prepare import JobPlan, UpscalePlan
 from src.prepare import prepare as prepare_job
 from src.run.describe import describe
 from src.schema import InputError, check_limits, parse_describe
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from src.adapters.catalog import Catalog
     from src.prepare.downloads import Downloads
     from src.run.engine import Engine, Generation
+    from src.run.upscale import Upscaled
     from src.storage import S3Storage
 
 log = logging.getLogger("handler")
@@ -207,26 +208,36 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
         return _unexpected(job, error)
 
 
-def _prepare(job: Any, settings: Settings) -> JobPlan:
+def _prepare(job: Any, settings: Settings) -> JobPlan | UpscalePlan:
     """Stage 1, on the CPU: the input checked, its images read, its plan made."""
     downloads = get_downloads if settings.downloads_on else None
     return prepare_job(job, settings, catalog=get_catalog, storage=get_storage(), downloads=downloads)
 
 
-def _run(job: Any, plan: JobPlan, settings: Settings, cancelled: threading.Event, queued: float) -> Generation:
-    """Stage 2, on the GPU's thread: the plan's pictures. Its wait for that thread, since ``queued``, is part of
-    the job's queue time, with any wait for the engine's lock."""
+def _run(
+    job: Any, plan: JobPlan | UpscalePlan, settings: Settings, cancelled: threading.Event, queued: float
+) -> Generation | Upscaled:
+    """Stage 2, on the GPU's thread: the plan's pictures, or its image enlarged. Its wait for that thread, since
+    ``queued``, is part of the job's queue time, with any wait for the engine's lock."""
     waited_ms = (time.perf_counter() - queued) * 1000
-    generation = get_engine().run(
-        plan,
-        timeout_s=settings.generation_timeout_seconds,
-        on_progress=_progress_reporter(job),
-        cancelled=cancelled,
-    )
-    return dataclasses.replace(generation, queue_ms=generation.queue_ms + waited_ms)
+    result: Generation | Upscaled
+    if isinstance(plan, UpscalePlan):
+        from src.run.upscale import upscale_job
+
+        result = upscale_job(get_engine(), plan, timeout_s=settings.generation_timeout_seconds, cancelled=cancelled)
+    else:
+        result = get_engine().run(
+            plan,
+            timeout_s=settings.generation_timeout_seconds,
+            on_progress=_progress_reporter(job),
+            cancelled=cancelled,
+        )
+    return dataclasses.replace(result, queue_ms=result.queue_ms + waited_ms)
 
 
-def _finish(job: Any, plan: JobPlan, generation: Generation, settings: Settings, started: float) -> dict[str, Any]:
+def _finish(
+    job: Any, plan: JobPlan | UpscalePlan, generation: Generation | Upscaled, settings: Settings, started: float
+) -> dict[str, Any]:
     """Stage 3, on the CPU: the images encoded and delivered, the response."""
     return finish(
         plan, generation, settings=settings, storage=get_storage(), job_id=str(job.get("id") or ""), started=started

@@ -17,7 +17,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from src.schema import CONFIGURED_DEFAULT, GenerateRequest, InlineImage, Metadata, Timings, UploadedImage
+from src.schema import (
+    CONFIGURED_DEFAULT,
+    GenerateRequest,
+    InlineImage,
+    Metadata,
+    Timings,
+    UploadedImage,
+    UpscaleMetadata,
+    UpscaleRequest,
+)
 from src.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +81,12 @@ def input_table() -> str:
         if nested is not None and issubclass(nested, BaseModel):
             lines += _nested_rows(nested, f"{name}.")
     return "\n".join(lines)
+
+
+def upscale_input_table() -> str:
+    """Markdown table of an upscale job's fields: type, default and rule."""
+    lines = [_row("field", "type", "default", "rule"), _row("---", "---", "---", "---")]
+    return "\n".join(lines + _nested_rows(UpscaleRequest, ""))
 
 
 def _nested_rows(model: type[BaseModel], prefix: str) -> list[str]:
@@ -134,10 +149,19 @@ def output_table() -> str:
     return "\n".join(lines)
 
 
+def upscale_output_table() -> str:
+    """Markdown table of an upscale job's metadata (its image is as a generation's, without a seed)."""
+    lines = [_row("field", "type", "meaning"), _row("---", "---", "---")]
+    lines += _model_rows(UpscaleMetadata, "metadata.")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "inputs": input_table,
+    "upscale_inputs": upscale_input_table,
     "settings": settings_table,
     "outputs": output_table,
+    "upscale_outputs": upscale_output_table,
 }
 
 

@@ -164,13 +164,14 @@ def write_images(output: Mapping[str, Any], folder: Path) -> list[str]:
     for index, item in enumerate(output.get("images", [])):
         if "image" in item:
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{index}-{item['seed']}.{extension}"
+            path = folder / f"{index}-{item.get('seed', 'upscaled')}.{extension}"
             path.write_bytes(base64.b64decode(item["image"]))
             where = str(path)
         else:
             where = str(item.get("url", "?"))
         flagged = "  flagged nsfw" if item.get("nsfw") else ""
-        lines.append(f"  {where}  {size}  seed {item['seed']}{flagged}")
+        made = f"seed {item['seed']}" if "seed" in item else "upscaled"
+        lines.append(f"  {where}  {size}  {made}{flagged}")
     return lines
 
 
@@ -182,13 +183,25 @@ def summarize(job_id: str, output: Mapping[str, Any], image_lines: list[str]) ->
         f"job {job_id}: COMPLETED, {len(image_lines)} image(s) in {timings.get('total', 0):.0f} ms "
         f"(inference {timings.get('inference', 0):.0f} ms, encode {timings.get('encode', 0):.0f} ms)",
         *image_lines,
-        f"  model {metadata.get('model')} on {metadata.get('device')} ({metadata.get('dtype')}, "
+        _upscaled_line(metadata)
+        if metadata.get("task") == "upscale"
+        else f"  model {metadata.get('model')} on {metadata.get('device')} ({metadata.get('dtype')}, "
         f"{metadata.get('memory_profile')} profile), "
         f"{metadata.get('task', 'txt2img')}, {metadata.get('scheduler')}, {metadata.get('num_inference_steps')} steps, "
         f"guidance {metadata.get('guidance_scale')}",
     ]
     lines += [f"  warning: {warning}" for warning in metadata.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _upscaled_line(metadata: Mapping[str, Any]) -> str:
+    """An upscale job's line: the upscaler, the factor, the passes, the device."""
+    dtype = f" ({metadata['dtype']})" if metadata.get("dtype") else ""
+    return (
+        f"  upscale from {metadata.get('source_width')}x{metadata.get('source_height')} by {metadata.get('scale'):g} "
+        f"with {metadata.get('upscaler')} ({metadata.get('upscaler_passes')} model passes) on "
+        f"{metadata.get('device')}{dtype}"
+    )
 
 
 def run_local(handler: Callable[[Any], Any], run: LocalRun) -> int:

@@ -38,8 +38,8 @@ class Uploaded:
     key: str
 
 
-# (file bytes, seed, file extension, content type) for one image.
-Upload = tuple[bytes, int, str, str]
+# (file bytes, label, file extension, content type) for one image; the label is its seed, or ``upscaled``.
+Upload = tuple[bytes, str, str, str]
 
 
 class S3Storage:
@@ -60,10 +60,13 @@ class S3Storage:
         self._prefix = settings.bucket_prefix
         self._input_prefix = settings.bucket_input_prefix
         # The keys upload_all writes, key_for's shape with job_folder's characters and the output extensions.
-        self._result_key = re.compile(re.escape(self._prefix) + r"[A-Za-z0-9._-]+/[0-9]+-[0-9]+\.(?:png|jpg|webp)")
+        self._result_key = re.compile(
+            re.escape(self._prefix) + r"[A-Za-z0-9._-]+/[0-9]+-(?:[0-9]+|upscaled)\.(?:png|jpg|webp)"
+        )
         self._outside = (
             f"only keys under BUCKET_INPUT_PREFIX={self._input_prefix!r} and the worker's own results, "
-            f"BUCKET_PREFIX={self._prefix!r} + JOB/INDEX-SEED.png (or .jpg, .webp), can be read"
+            f"BUCKET_PREFIX={self._prefix!r} + JOB/INDEX-SEED.png or JOB/INDEX-upscaled.png (or .jpg, .webp), can "
+            "be read"
         )
         self._expiry = settings.url_expiry_seconds
         secret = settings.bucket_secret_access_key
@@ -102,16 +105,17 @@ class S3Storage:
         """The job's id made safe for a key; a job without one gets a random one, once per call."""
         return _UNSAFE_KEY_CHARS.sub("-", job_id).strip("-.") or f"job-{uuid.uuid4().hex}"
 
-    def key_for(self, folder: str, index: int, seed: int, extension: str) -> str:
-        """``{prefix}{folder}/{index}-{seed}.{ext}``, ``folder`` being the job's ``job_folder``."""
-        return f"{self._prefix}{folder}/{index}-{seed}.{extension}"
+    def key_for(self, folder: str, index: int, label: str, extension: str) -> str:
+        """``{prefix}{folder}/{index}-{label}.{ext}``, ``folder`` being the job's ``job_folder`` and ``label`` the
+        image's seed, or ``upscaled``."""
+        return f"{self._prefix}{folder}/{index}-{label}.{extension}"
 
     def upload_all(self, job_id: str, uploads: Sequence[Upload]) -> list[Uploaded | StorageError]:
         """Upload every file in parallel, all under one folder; each result is where it went or why it failed."""
         folder = self.job_folder(job_id)
         futures = [
-            self._pool.submit(self._upload_one, self.key_for(folder, index, seed, extension), data, content_type)
-            for index, (data, seed, extension, content_type) in enumerate(uploads)
+            self._pool.submit(self._upload_one, self.key_for(folder, index, label, extension), data, content_type)
+            for index, (data, label, extension, content_type) in enumerate(uploads)
         ]
         return [future.result() for future in futures]
 

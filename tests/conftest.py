@@ -25,6 +25,7 @@ from PIL import Image
 import handler
 from builder.tiny_model import write_tiny_model
 from src.settings import Settings
+from tests.stand_ins.spandrel_loader import import_spandrel
 
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
@@ -44,34 +45,11 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    _spandrel_with_torchvision_or_its_stand_in()
+    import_spandrel()
 
 
-# torchvision's stand-in for spandrel, where the real one does not import (tests/stand_ins/torchvision says why).
-STAND_INS = Path(__file__).resolve().parent / "stand_ins"
-
-
-def _spandrel_with_torchvision_or_its_stand_in() -> None:
-    """Import spandrel once, with the real torchvision when it imports, else with the stand-in; the stand-in is
-    then taken off the path again, so that no other library (diffusers and transformers look for torchvision)
-    ever sees it: only spandrel's two imports are bound to it."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # absent, or a CUDA build beside the CPU torch (RuntimeError)
-        _forget_torchvision()
-        sys.path.insert(0, str(STAND_INS))
-        try:
-            import spandrel  # noqa: F401
-        except ImportError:
-            pass  # not installed (the GPU machine's kit): its tests skip
-        finally:
-            sys.path.remove(str(STAND_INS))
-            _forget_torchvision()
-
-
-def _forget_torchvision() -> None:
-    for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
-        del sys.modules[name]
+# Subprocesses that serve upscalers put this folder on PYTHONPATH (its sitecustomize imports spandrel).
+SPANDREL_SITE = Path(__file__).resolve().parent / "stand_ins" / "site"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

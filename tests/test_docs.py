@@ -48,9 +48,20 @@ def test_every_generated_table_lives_in_a_document() -> None:
 
 
 def test_each_table_lives_on_the_page_that_uses_it() -> None:
-    assert docs.tables_in(PAGES["docs/input.md"]) == ["inputs"]
+    assert docs.tables_in(PAGES["docs/input.md"]) == ["inputs", "upscale_inputs"]
     assert docs.tables_in(PAGES["docs/configuration.md"]) == ["settings"]
-    assert docs.tables_in(PAGES["docs/outputs.md"]) == ["outputs"]
+    assert docs.tables_in(PAGES["docs/outputs.md"]) == ["outputs", "upscale_outputs"]
+
+
+def test_upscale_tables_list_every_field_of_its_request_and_metadata() -> None:
+    inputs = PAGES["docs/input.md"].split("<!-- upscale_inputs:start -->")[1].split("<!-- upscale_inputs:end -->")[0]
+    outputs = (
+        PAGES["docs/outputs.md"].split("<!-- upscale_outputs:start -->")[1].split("<!-- upscale_outputs:end -->")[0]
+    )
+
+    assert re.findall(r"^\| `(\w+)` \|", inputs, flags=re.MULTILINE) == list(docs.UpscaleRequest.model_fields)
+    documented = re.findall(r"^\| `metadata\.(\w+)` \|", outputs, flags=re.MULTILINE)
+    assert documented == list(docs.UpscaleMetadata.model_fields)
 
 
 def test_input_table_lists_every_request_field() -> None:

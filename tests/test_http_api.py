@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import ROOT, decode_png, free_port, wait_for_port
+from tests.conftest import ROOT, SPANDREL_SITE, decode_png, free_port, noise_image, wait_for_port
 
 # One process runs this module's tests (``--dist loadgroup``): they share one server.
 pytestmark = pytest.mark.xdist_group("http-api")
@@ -43,9 +44,13 @@ class Server:
 @pytest.fixture(scope="module")
 def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from builder.tiny_lora import write_test_loras
+    from builder.tiny_upscalers import write_tiny_upscalers
 
     loras = tmp_path_factory.mktemp("loras")
     write_test_loras(offline_env["MODEL_ID"], loras, count=1)
+    upscalers = write_tiny_upscalers(tmp_path_factory.mktemp("upscalers"))
+    # The server imports spandrel at start with torchvision's stand-in (tests/stand_ins/spandrel_loader.py).
+    python_path = os.pathsep.join([str(SPANDREL_SITE), offline_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     port = free_port()
     process = subprocess.Popen(
         [
@@ -58,7 +63,7 @@ def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
             str(port),
         ],
         cwd=Path(tmp_path_factory.mktemp("api")),
-        env={**offline_env, "LORA_DIR": str(loras)},
+        env={**offline_env, "LORA_DIR": str(loras), "UPSCALER_DIR": str(upscalers), "PYTHONPATH": python_path},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -159,6 +164,31 @@ def test_a1111_generation_options_over_http(api_url: str) -> None:
     assert refused["status"] == "FAILED"
     assert "seed_resize_from_w=100: must be a multiple of 8" in refused["error"]
     assert post(api_url, {"input": {"prompt": "a fox", "num_inference_steps": 2}})["status"] == "COMPLETED"
+
+
+def test_esrgan_upscalers_over_http(api_url: str) -> None:
+    """A hires pass through an ESRGAN model, an upscale job, a bad upscale job, then a good one."""
+    hires = {"scale": 2, "steps": 1, "upscaler": "tiny-esrgan-4x"}
+    body = post(
+        api_url, {"input": {"prompt": "a fox", "num_inference_steps": 2, "width": 64, "height": 64} | {"hires": hires}}
+    )
+    assert body["status"] == "COMPLETED", body
+    assert "Hires upscaler: tiny-esrgan-4x" in decode_png(body["output"]["images"][0]["image"]).text["parameters"]
+
+    buffer = io.BytesIO()
+    noise_image(48, 32).save(buffer, "PNG")
+    photo = base64.b64encode(buffer.getvalue()).decode("ascii")
+    upscale = {"task": "upscale", "image": photo, "upscaler": "tiny-compact-2x"}
+    body = post(api_url, {"input": {**upscale, "width": 96}})
+    assert body["status"] == "COMPLETED", body
+    [item] = body["output"]["images"]
+    assert decode_png(item["image"]).size == (96, 64)
+    assert body["output"]["metadata"]["upscaler_passes"] == 1
+
+    refused = post(api_url, {"input": {**upscale, "scale": 2, "height": 64}})
+    assert refused["status"] == "FAILED"
+    assert "scale: not with height" in refused["error"]
+    assert post(api_url, {"input": upscale})["status"] == "COMPLETED"
 
 
 def test_a_long_weighted_prompt_over_http(api_url: str) -> None:

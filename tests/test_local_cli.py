@@ -28,7 +28,7 @@ from PIL import Image
 
 import handler
 from src import local
-from tests.conftest import ROOT, free_port, run_handler_cli, wait_for_port
+from tests.conftest import ROOT, SPANDREL_SITE, free_port, run_handler_cli, wait_for_port
 
 FOX = json.dumps({"input": {"prompt": "a fox", "num_inference_steps": 2, "seed": 11}})
 
@@ -366,9 +366,10 @@ def test_an_unreadable_image_file_exits_2(tmp_path: Path, offline_env: dict[str,
     assert "--image missing.png: cannot be read" in result.stderr
 
 
-def run_readme_block(after: str, tmp_path: Path, offline_env: dict[str, str]) -> str:
+def run_readme_block(after: str, tmp_path: Path, offline_env: dict[str, str], *, spandrel: bool = False) -> str:
     """Run the README's bash block that follows ``after``, as written there, in ``tmp_path``; check that it
-    removed the folders it made; return the parameters inside the one PNG it writes."""
+    removed the folders it made; return the parameters inside the one PNG it writes. With ``spandrel``, its
+    programs import spandrel at start as the test processes do (tests/stand_ins/spandrel_loader.py)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme.split(after, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     command = (
@@ -377,7 +378,8 @@ def run_readme_block(after: str, tmp_path: Path, offline_env: dict[str, str]) ->
     # mktemp -d makes its folder under TMPDIR: a block that cleans up leaves this one empty.
     scratch = tmp_path / "tmpdir"
     scratch.mkdir()
-    env = {**offline_env, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
+    python_path = os.pathsep.join([str(ROOT), *([str(SPANDREL_SITE)] if spandrel else [])])
+    env = {**offline_env, "PYTHON": sys.executable, "PYTHONPATH": python_path, "TMPDIR": str(scratch)}
     env.pop("MODEL_ID")
 
     result = subprocess.run(
@@ -426,3 +428,17 @@ def test_the_readme_many_models_smoke_run(tmp_path: Path, offline_env: dict[str,
     )
 
     assert re.search(r"Model: styles/tiny-b, Model hash: [0-9a-f]{10}$", parameters)
+
+
+def test_the_readme_upscale_smoke_run(tmp_path: Path, offline_env: dict[str, str]) -> None:
+    """The README's upscale smoke run, as written there: a picture made, then enlarged through the tiny ESRGAN."""
+    parameters = run_readme_block(
+        "A smoke run with the tiny model and its tiny upscalers", tmp_path, offline_env, spandrel=True
+    )
+
+    assert "a lighthouse\nSteps: 2, " in parameters
+    assert "Seed: 1, " in parameters
+    [png] = (tmp_path / "output").rglob("0-upscaled.png")
+    with Image.open(png) as image:
+        assert image.text["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: tiny-esrgan-4x"
+        assert image.size == (256, 256)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from src.schema import HIRES_BUILT_IN
+from src.schema import HIRES_BUILT_IN, UPSCALE_BUILT_IN
 
 if TYPE_CHECKING:
     from src.adapters.controlnets import ControlNetEntry, ControlNetRef
@@ -69,9 +69,15 @@ class Catalog:
     def upscaler_problems(self, request: AdapterRequest) -> list[str]:
         """The hires upscaler, when it is neither built in nor a usable file of UPSCALER_DIR."""
         hires = getattr(request, "hires", None)
-        name = hires.upscaler if hires is not None else None
-        if name is None or name in HIRES_BUILT_IN:
-            return []
+        problem = self.upscaler_problem(hires.upscaler, "hires.upscaler") if hires is not None else None
+        return [problem] if problem else []
+
+    def upscaler_problem(self, name: str, field: str) -> str | None:
+        """Why ``name``, given as ``field``, is neither built in (``hires.upscaler``'s latent and lanczos, an
+        upscale job's lanczos and nearest) nor a usable file of UPSCALER_DIR; None when it is one of them."""
+        built_in = HIRES_BUILT_IN if field.startswith("hires.") else UPSCALE_BUILT_IN
+        if name in built_in:
+            return None
         entry = self.upscalers.get(name)
         if entry is None:
             usable = sorted(key for key, item in self.upscalers.items() if item.problem is None)
@@ -79,12 +85,12 @@ class Catalog:
             hint = (
                 f"the closest are {', '.join(closest)}"
                 if closest
-                else f"the upscalers are: {', '.join([*HIRES_BUILT_IN, *usable])}"
+                else f"the upscalers are: {', '.join([*built_in, *usable])}"
             )
-            return [f"hires.upscaler={name!r}: neither latent, lanczos nor an upscaler in UPSCALER_DIR; {hint}"]
+            return f"{field}={name!r}: neither {', '.join(built_in)} nor an upscaler in UPSCALER_DIR; {hint}"
         if entry.problem:
-            return [f"hires.upscaler={name!r}: {entry.path.name} cannot be used: {entry.problem}"]
-        return []
+            return f"{field}={name!r}: {entry.path.name} cannot be used: {entry.problem}"
+        return None
 
     def model_problem(self, name: str, field: str = "model") -> str | None:
         """Why ``name`` is not a usable model of MODELS_DIR (``field`` vae: VAE of VAE_DIR), naming the field;

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".pth", ".safetensors")
 REFUSED_SUFFIXES = (".pt", ".ckpt", ".bin")
+# Most times an image goes through a model to reach its size, as A1111's ``Upscaler.upscale``.
+MAX_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -107,15 +109,28 @@ def read_upscaler(path: Path) -> Any:
     return model.eval()
 
 
-def tiled(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, scale: int, tile: int, overlap: int):
+def tiled(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    scale: int,
+    tile: int,
+    overlap: int,
+    *,
+    between: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """``run`` (an upscaler) on ``images`` (B, C, H, W) in tiles of at most ``tile`` pixels a side overlapping
-    by ``overlap``; each tile's output keeps only its part up to the middle of each overlap."""
+    by ``overlap``; each tile's output keeps only its part up to the middle of each overlap. ``between`` is
+    called before each tile (a job's deadline and cancel check: it may raise)."""
     _, _, height, width = images.shape
     if height <= tile and width <= tile:
+        if between is not None:
+            between()
         return run(images)
     output: torch.Tensor | None = None
     for top, bottom, keep_top, keep_bottom in _spans(height, tile, overlap):
         for left, right, keep_left, keep_right in _spans(width, tile, overlap):
+            if between is not None:
+                between()
             part = run(images[:, :, top:bottom, left:right])
             if output is None:
                 output = part.new_zeros((*part.shape[:2], height * scale, width * scale))
@@ -173,8 +188,9 @@ class Upscalers:
     def cached(self) -> list[str]:
         return list(self._cache)
 
-    def upscale(self, name: str, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (B, 3, H, W, values 0 to 1) enlarged by upscaler ``name``'s scale, on the device.
+    def upscale(self, name: str, images: torch.Tensor, between: Callable[[], None] | None = None) -> torch.Tensor:
+        """``images`` (B, 3, H, W, values 0 to 1) enlarged by upscaler ``name``'s scale, on the device;
+        ``between`` is called before each tile.
 
         Raises:
             AdapterError: the upscaler cannot be loaded; the message names the file and why.
@@ -191,10 +207,31 @@ class Upscalers:
                         model.scale,
                         self.tile,
                         self.overlap,
+                        between=between,
                     )
                     for image in images
                 ]
             )
+
+    def enlarge(
+        self, name: str, image: torch.Tensor, size: tuple[int, int], between: Callable[[], None] | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """``image`` (1, 3, H, W, values 0 to 1) through upscaler ``name`` until it covers ``size`` (width,
+        height), as A1111 does: as many passes as that takes, at most ``MAX_PASSES``; and the passes made.
+
+        Raises:
+            AdapterError: the upscaler cannot be loaded; the message names the file and why.
+        """
+        passes = 0
+        while passes < MAX_PASSES and (image.shape[-1] < size[0] or image.shape[-2] < size[1]):
+            image = self.upscale(name, image, between)
+            passes += 1
+        return image, passes
+
+    def facts(self, name: str) -> tuple[int, torch.dtype]:
+        """Upscaler ``name``'s own factor and the dtype it runs in (it is loaded, as it is once it has run)."""
+        model = self._model(name)
+        return int(model.scale), model.dtype
 
     def gpu_bytes(self, name: str | None, dtype_bytes: int) -> int:
         """The GPU memory upscaler ``name`` takes at its peak, for admission: its weights (its file's size until

@@ -1,29 +1,33 @@
 """Stage 3 of a job, on the CPU after the GPU lock: the pictures become the answer.
 
 ``finish`` encodes each image with A1111's parameters inside (``outputs``, ``parameters``), delivers it
-inline or to S3 and assembles the response with its metadata (``response``). It holds no GPU state: jobs
+inline or to S3 and assembles the response with its metadata (``response``); an upscale job's answer is
+``upscaled``'s. It holds no GPU state: jobs
 may finish while another job runs. It may import every stage before it, and nothing imports it but
 ``handler`` and the tools (``local``, ``docs``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from src.finish.response import encode_response
+from src.finish.upscaled import encode_upscale_response
+from src.prepare import UpscalePlan
 
 if TYPE_CHECKING:
     from src.prepare import JobPlan
     from src.run.engine import Generation
+    from src.run.upscale import Upscaled
     from src.settings import Settings
     from src.storage import S3Storage
 
-__all__ = ["encode_response", "finish"]
+__all__ = ["encode_response", "encode_upscale_response", "finish"]
 
 
 def finish(
-    plan: JobPlan,
-    generation: Generation,
+    plan: JobPlan | UpscalePlan,
+    generation: Generation | Upscaled,
     *,
     settings: Settings,
     storage: S3Storage | None,
@@ -38,9 +42,15 @@ def finish(
         StorageError: an upload failed and the request asked for ``s3`` explicitly.
         ResponseTooLargeError: the inline answer is over ``MAX_RESPONSE_MB``.
     """
+    if isinstance(plan, UpscalePlan):  # its run gave an Upscaled
+        upscaled = cast("Upscaled", generation)
+        answer = encode_upscale_response(
+            plan, upscaled, settings=settings, storage=storage, job_id=job_id, started=started
+        )
+        return answer.model_dump(exclude_none=True)
     response = encode_response(
         plan.request,
-        generation,
+        cast("Generation", generation),
         settings=settings,
         storage=storage,
         job_id=job_id,

@@ -29,30 +29,44 @@ class EncodedImage:
     """One image file, ready to send."""
 
     data: bytes
-    seed: int
+    # The seed that made it; None for an upscaled image.
+    seed: int | None
     format: str
     nsfw: bool | None = None
 
+    @property
+    def label(self) -> str:
+        """How it is named in its S3 key and in messages: ``seed 123``'s ``123``, or ``upscaled``."""
+        return "upscaled" if self.seed is None else str(self.seed)
 
-def encode_image(image: Image.Image, output_format: str, quality: int, parameters: str | None) -> bytes:
-    """``image`` as a file of ``output_format``, with ``parameters`` embedded when given."""
+
+def encode_image(
+    image: Image.Image, output_format: str, quality: int, parameters: str | None, postprocessing: str | None = None
+) -> bytes:
+    """``image`` as a file of ``output_format``, with ``parameters`` embedded when given, and ``postprocessing``
+    (A1111's Extras line, such as ``Postprocess upscale by: 2, ...``) beside them in a PNG, or in their place in
+    a JPEG's or WebP's EXIF when there are none."""
     spec = FORMATS[output_format]
     buffer = io.BytesIO()
     options: dict[str, Any] = {}
     if spec.pil_name == "PNG":
         options["compress_level"] = PNG_COMPRESS_LEVEL
-        if parameters is not None:
+        texts = {"parameters": parameters, "postprocessing": postprocessing}
+        if any(text is not None for text in texts.values()):
             # add_text writes tEXt, or iTXt when the text is not Latin-1.
             info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", parameters)
+            for key, text in texts.items():
+                if text is not None:
+                    info.add_text(key, text)
             options["pnginfo"] = info
     else:
         options["quality"] = quality
         if spec.pil_name == "WEBP":
             options["method"] = WEBP_METHOD
-        if parameters is not None:
+        comment = parameters if parameters is not None else postprocessing
+        if comment is not None:
             exif = Image.Exif()
-            exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _USER_COMMENT_UNICODE + parameters.encode(
+            exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _USER_COMMENT_UNICODE + comment.encode(
                 "utf-16-be"
             )
             options["exif"] = exif

@@ -11,11 +11,13 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pydantic import BaseModel
+
 from src import __version__
 from src.errors import StorageError
 from src.finish.outputs import EncodedImage, encode_image
 from src.finish.parameters import a1111_parameters
-from src.prepare.delivery import FORMATS, goes_to_s3, too_large
+from src.prepare.delivery import FORMATS, Delivered, goes_to_s3, too_large
 from src.schema import (
     TASK_FIELDS,
     AppliedControlNet,
@@ -76,25 +78,50 @@ def encode_response(
     timings = {"encode": (time.perf_counter() - encode_started) * 1000}
 
     # 2. Deliver: to S3 when asked or configured, inline otherwise or as the fallback.
-    images: list[InlineImage | UploadedImage] = []
-    if goes_to_s3(request, settings):
-        upload_started = time.perf_counter()
-        images = _upload(request, encoded, storage, job_id, warnings)
-        timings["upload"] = (time.perf_counter() - upload_started) * 1000
-    else:
-        images = [_inline(item) for item in encoded]
+    images = deliver(
+        request, encoded, settings=settings, storage=storage, job_id=job_id, warnings=warnings, timings=timings
+    )
     timings["total"] = (time.perf_counter() - started) * 1000
     response = GenerateResponse(
         images=images, metadata=_metadata(request, generation, inputs, timings=timings, warnings=warnings)
     )
 
     # 3. The size guard: RunPod refuses answers over its limit, so say so ourselves, clearly.
+    check_response_size(response, request, settings)
+    return response
+
+
+def deliver(
+    request: Delivered,
+    encoded: list[EncodedImage],
+    *,
+    settings: Settings,
+    storage: S3Storage | None,
+    job_id: str,
+    warnings: list[str],
+    timings: dict[str, float],
+) -> list[InlineImage | UploadedImage]:
+    """Each file to S3 when asked or configured (its time in ``timings["upload"]``), inline otherwise or as the
+    fallback."""
+    if not goes_to_s3(request, settings):
+        return [_inline(item) for item in encoded]
+    upload_started = time.perf_counter()
+    images = _upload(request, encoded, storage, job_id, warnings)
+    timings["upload"] = (time.perf_counter() - upload_started) * 1000
+    return images
+
+
+def check_response_size(response: BaseModel, request: Delivered, settings: Settings) -> None:
+    """RunPod refuses answers over its limit, so say so ourselves, clearly.
+
+    Raises:
+        ResponseTooLargeError: the answer, as JSON, is over MAX_RESPONSE_MB.
+    """
     # The JSON is pydantic's own, written in Rust; the base64 strings dominate it.
     size = len(response.model_dump_json(exclude_none=True))
     limit = settings.max_response_mb * 1_000_000
     if size > limit:
         raise too_large(request, size, limit, "is")
-    return response
 
 
 def _encoded(
@@ -185,7 +212,7 @@ def _inline(item: EncodedImage) -> InlineImage:
 
 
 def _upload(
-    request: GenerateRequest,
+    request: Delivered,
     encoded: list[EncodedImage],
     storage: S3Storage | None,
     job_id: str,
@@ -196,7 +223,10 @@ def _upload(
         raise StorageError("output_type 's3' needs BUCKET_NAME to be set")
     results = storage.upload_all(
         job_id,
-        [(item.data, item.seed, FORMATS[item.format].extension, FORMATS[item.format].content_type) for item in encoded],
+        [
+            (item.data, item.label, FORMATS[item.format].extension, FORMATS[item.format].content_type)
+            for item in encoded
+        ],
     )
     images: list[InlineImage | UploadedImage] = []
     for index, (item, result) in enumerate(zip(encoded, results, strict=True)):
@@ -204,7 +234,7 @@ def _upload(
             if request.output_type == "s3":
                 raise result
             log.warning("job %s: image %d returned inline: %s", job_id, index, result)
-            warnings.append(f"image {index} (seed {item.seed}) was not uploaded and is returned inline: {result}")
+            warnings.append(f"image {index} ({item.label}) was not uploaded and is returned inline: {result}")
             images.append(_inline(item))
         else:
             images.append(

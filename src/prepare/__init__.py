@@ -4,7 +4,8 @@
 ``Catalog``), reads its images (``images``: base64, URL or ``s3://``, checked), brings them to the job's
 size and makes the control maps (``canvas``, ``preprocessors``), plans the pipeline calls (``passes``),
 reads the prompts' syntax (``prompts``) and checks that the answer can be delivered (``delivery``). The LoRAs
-and models it names by URL are downloaded first (``downloads``, through ``http``).
+and models it names by URL are downloaded first (``downloads``, through ``http``). An upscale job, which
+generates nothing, is made ready by ``upscale``.
 Everything a bad input can break fails here, before the job waits for the GPU, and what comes out is one
 immutable ``JobPlan``.
 
@@ -24,15 +25,16 @@ from src.prepare.delivery import check_inline_fits
 from src.prepare.downloads import Downloaded, Downloads, Lease, fetch_named_files
 from src.prepare.inputs import Inputs, prepare_inputs
 from src.prepare.passes import Pass, plan_passes
+from src.prepare.upscale import UpscalePlan, prepare_upscale
 from src.prompts.syntax import PromptError, TextPlan, plan_texts
-from src.schema import GenerateRequest, InputError, parse_input
+from src.schema import GenerateRequest, InputError, names_upscale, parse_input
 
 if TYPE_CHECKING:
     from src.adapters.catalog import Catalog
     from src.settings import Settings
     from src.storage import S3Storage
 
-__all__ = ["JobPlan", "plan_job", "prepare"]
+__all__ = ["JobPlan", "UpscalePlan", "plan_job", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,9 @@ def prepare(
     catalog: Callable[[], Catalog],
     storage: S3Storage | None,
     downloads: Callable[[], Downloads] | None = None,
-) -> JobPlan:
+) -> JobPlan | UpscalePlan:
     """A RunPod job's input, checked and made ready for the GPU; call the plan's ``release`` when the job ends.
+    An upscale job (``"task": "upscale"``) gives an ``UpscalePlan`` (``prepare_upscale``); any other, a ``JobPlan``.
 
     ``catalog`` gives the worker's LoRAs and ControlNets; it is asked only once the input is valid, so a
     malformed job never waits for the model to load. ``downloads`` gives the download cache, for the LoRAs
@@ -87,6 +90,8 @@ def prepare(
             names each field.
         ResponseTooLargeError: the answer could not fit inline.
     """
+    if names_upscale(job):
+        return prepare_upscale(job, settings, catalog=catalog, storage=storage)
     request = parse_input(job, settings)
     problems = catalog().problems(request)
     if problems:

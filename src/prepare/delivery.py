@@ -8,10 +8,23 @@ with these formats and checks the real size against the same limit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from src.errors import ResponseTooLargeError
-from src.schema import GenerateRequest
 from src.settings import Settings
+
+
+class Delivered(Protocol):
+    """What the delivery needs of a request (a generation's or an upscale's): its images' size, count and form."""
+
+    @property
+    def output_size(self) -> tuple[int, int]: ...
+    @property
+    def num_images(self) -> int: ...
+    @property
+    def output_format(self) -> str: ...
+    @property
+    def output_type(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +53,7 @@ def _megabytes(size: float) -> str:
     return f"{size / 1_000_000:.1f} MB"
 
 
-def too_large(request: GenerateRequest, size: float, limit: float, when: str) -> ResponseTooLargeError:
+def too_large(request: Delivered, size: float, limit: float, when: str) -> ResponseTooLargeError:
     return ResponseTooLargeError(
         f"the answer {when} {_megabytes(size)} inline ({request.num_images} x {_size(request)} "
         f"{request.output_format}, base64), over MAX_RESPONSE_MB={limit / 1_000_000:g}. Ways out: "
@@ -48,12 +61,12 @@ def too_large(request: GenerateRequest, size: float, limit: float, when: str) ->
     )
 
 
-def _size(request: GenerateRequest) -> str:
+def _size(request: Delivered) -> str:
     width, height = request.output_size
     return f"{width}x{height}"
 
 
-def check_inline_fits(request: GenerateRequest, settings: Settings) -> None:
+def check_inline_fits(request: Delivered, settings: Settings) -> None:
     """Refuse, before generating, a request that can only be answered inline and cannot fit.
 
     Raises:
@@ -69,5 +82,5 @@ def check_inline_fits(request: GenerateRequest, settings: Settings) -> None:
         raise too_large(request, smallest, limit, "would be at least")
 
 
-def goes_to_s3(request: GenerateRequest, settings: Settings) -> bool:
+def goes_to_s3(request: Delivered, settings: Settings) -> bool:
     return request.output_type == "s3" or (request.output_type == "auto" and settings.bucket_configured)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from src import __version__
-from src.schema import HIRES_BUILT_IN, SCHEDULER_ALIASES, SCHEDULER_NAMES
+from src.schema import HIRES_BUILT_IN, SCHEDULER_ALIASES, SCHEDULER_NAMES, UPSCALE_BUILT_IN
 
 if TYPE_CHECKING:
     from src.run.engine import Engine
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 LIMITS = (
     "max_side",
     "max_pixels",
+    "max_upscale_side",
     "max_images",
     "max_steps",
     "default_steps",
@@ -51,11 +52,13 @@ def describe(engine: Engine) -> dict[str, Any]:
             "embeddings": sorted(engine.embeddings),
             "schedulers": [{"name": name, "aliases": sorted(aliases[name])} for name in SCHEDULER_NAMES],
             "hires_upscalers": [*HIRES_BUILT_IN, *engine.upscalers.names],
+            "upscalers": [*UPSCALE_BUILT_IN, *engine.upscalers.names],
             "limits": {name: getattr(engine.settings, name) for name in LIMITS},
             "refused": _refused("model", engine.models.entries)
             + _refused("vae", vaes)
             + _refused("lora", engine.loras.files)
-            + _refused("controlnet", engine.controlnets.entries),
+            + _refused("controlnet", engine.controlnets.entries)
+            + _refused("upscaler", engine.upscalers.entries),
         }
     }
 

@@ -200,7 +200,7 @@ class Engine:
         job = JobState.for_plan(plan, batch=admitted.batch, timeout_s=timeout_s, on_progress=on_progress)
         job.clock, job.cancelled = self.clock, cancelled
         # 2. Wait for the GPU: one job at a time. The deadline starts once it is ours.
-        with self._gpu(cancelled) as queue_ms, torch.inference_mode(), models_offloaded_after(self._pipeline):
+        with self.gpu(cancelled) as queue_ms, torch.inference_mode(), models_offloaded_after(self._pipeline):
             started = time.perf_counter()
             job.start()
             # 3. The job's model swapped in, its LoRAs and ControlNets on for the job only.
@@ -233,7 +233,7 @@ class Engine:
         )
 
     @contextmanager
-    def _gpu(self, cancelled: threading.Event | None) -> Iterator[float]:
+    def gpu(self, cancelled: threading.Event | None) -> Iterator[float]:
         """Hold the GPU lock, giving the milliseconds waited for it; while waiting, give up when ``cancelled``
         is set.
 

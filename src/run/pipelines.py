@@ -232,9 +232,9 @@ def upscaled(
         return upscale_latents(latents, step.upscale_to, base.vae_scale_factor)
     decoded = decode(base, latents, indices, warnings)
     if step.upscaler != "lanczos":
-        # As A1111: through the model, then resized to the hires size.
+        # As A1111: through the model (as many times as reach the hires size), then resized to it.
         assert upscalers is not None, "the engine gives a job its upscalers"
-        enlarged = upscalers.upscale(step.upscaler, (decoded.float() / 2 + 0.5).clamp(0, 1))
+        enlarged, _passes = upscalers.enlarge(step.upscaler, (decoded.float() / 2 + 0.5).clamp(0, 1), step.upscale_to)
         decoded = (enlarged * 2 - 1).to(decoded.dtype)
     images = base.image_processor.postprocess(decoded, output_type="pil")
     return [image.resize(step.upscale_to, Image.Resampling.LANCZOS) for image in images]

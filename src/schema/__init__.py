@@ -15,6 +15,7 @@ Its modules, each importing only those above it:
 - ``adapters``: LoRAs (and the prompt's ``<lora:...>`` tags) and ControlNet units;
 - ``size``: the job's size checked against the limits, and settled from an input image (``resolve_size``);
 - ``request``: ``GenerateRequest``, the rules across field groups, ``parse_input``;
+- ``upscale``: ``UpscaleRequest``, an image enlarged with no diffusion, and its size;
 - ``response``: the response models.
 
 Callers import from ``src.schema`` itself, which re-exports every public name.
@@ -93,8 +94,19 @@ from src.schema.response import (
     PromptTokens,
     Timings,
     UploadedImage,
+    UpscaleMetadata,
+    UpscaleResponse,
 )
 from src.schema.size import check_size, resolve_size
+from src.schema.upscale import (
+    UPSCALE_BUILT_IN,
+    UPSCALE_SCALE_DEFAULT,
+    UPSCALE_SCALE_MAX,
+    UpscaleRequest,
+    names_upscale,
+    parse_upscale,
+    resolve_upscale_size,
+)
 
 __all__ = [
     "CLIP_SKIP_MAX",
@@ -131,6 +143,9 @@ __all__ = [
     "SIDE_STEP",
     "STRENGTH_DEFAULT",
     "TASK_FIELDS",
+    "UPSCALE_BUILT_IN",
+    "UPSCALE_SCALE_DEFAULT",
+    "UPSCALE_SCALE_MAX",
     "AppliedControlNet",
     "AppliedLora",
     "ControlNetUnit",
@@ -149,6 +164,9 @@ __all__ = [
     "Task",
     "Timings",
     "UploadedImage",
+    "UpscaleMetadata",
+    "UpscaleRequest",
+    "UpscaleResponse",
     "canonical_output_format",
     "canonical_resize_mode",
     "canonical_scheduler",
@@ -157,8 +175,11 @@ __all__ = [
     "check_size",
     "describe_errors",
     "lora_tags",
+    "names_upscale",
     "parse_describe",
     "parse_input",
+    "parse_upscale",
     "resolve_size",
+    "resolve_upscale_size",
     "without_lora_tags",
 ]

@@ -60,6 +60,32 @@ class Outpaint(BaseModel):
         return self.left + self.right, self.top + self.bottom
 
 
+def built_in_in_any_case(value: Any, built_in: tuple[str, ...]) -> Any:
+    """``value`` in lower case when it names one of the ``built_in`` upscalers in any case; else as it came."""
+    if isinstance(value, str) and value.strip().lower() in built_in:
+        return value.strip().lower()
+    return value
+
+
+def upscaler_name(value: str, built_in: tuple[str, ...], limits: RequestLimits) -> str:
+    """``value`` when it is one of ``built_in`` or may name an upscaler of UPSCALER_DIR (whether it does is
+    the catalog's to say).
+
+    Raises:
+        ValueError: there is no UPSCALER_DIR, or ``value`` is a path or a URL.
+    """
+    if value in built_in:
+        return value
+    names = f"{', '.join(built_in[:-1])} or {built_in[-1]}"
+    if limits.upscaler_dir is None:
+        raise ValueError(f"must be {names}: this worker has no other upscaler (UPSCALER_DIR is not set)")
+    if "://" in value or "\\" in value or any(part in ("", ".", "..") for part in value.split("/")):
+        raise ValueError(
+            f"must be {names.replace(' or ', ', ')} or an upscaler's name in UPSCALER_DIR, not a path or a URL"
+        )
+    return value
+
+
 class Hires(BaseModel):
     """A1111's hires fix: a second, img2img pass at a larger size."""
 
@@ -122,20 +148,12 @@ class Hires(BaseModel):
     @field_validator("upscaler", mode="before")
     @classmethod
     def _built_in_names_in_any_case(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in HIRES_BUILT_IN:
-            return value.strip().lower()
-        return value
+        return built_in_in_any_case(value, HIRES_BUILT_IN)
 
     @field_validator("upscaler")
     @classmethod
     def _a_name_not_a_path(cls, value: str, info: ValidationInfo) -> str:
-        if value in HIRES_BUILT_IN:
-            return value
-        if request_limits(info).upscaler_dir is None:
-            raise ValueError("must be latent or lanczos: this worker has no other upscaler (UPSCALER_DIR is not set)")
-        if "://" in value or "\\" in value or any(part in ("", ".", "..") for part in value.split("/")):
-            raise ValueError("must be latent, lanczos or an upscaler's name in UPSCALER_DIR, not a path or a URL")
-        return value
+        return upscaler_name(value, HIRES_BUILT_IN, request_limits(info))
 
     @field_validator("sampler")
     @classmethod

@@ -191,16 +191,16 @@ _NESTED_MODELS: Mapping[str, type[BaseModel]] = {
 }
 
 
-def _fields_note(parent: str) -> str:
-    """The fields of the request, or of its nested object ``parent``."""
+def _fields_note(parent: str, top: type[BaseModel]) -> str:
+    """The fields of the request (a ``top``), or of its nested object ``parent``."""
     model = _NESTED_MODELS.get(parent)
     if model is None:
-        return f"; the fields are: {', '.join(GenerateRequest.model_fields)}"
+        return f"; the fields are: {', '.join(top.model_fields)}"
     return f"; the fields of {parent} are: {', '.join(model.model_fields)}"
 
 
-def describe_errors(error: ValidationError) -> str:
-    """One line naming each bad field, the value received and the rule it broke.
+def describe_errors(error: ValidationError, top: type[BaseModel] = GenerateRequest) -> str:
+    """One line naming each bad field of a ``top`` request, the value received and the rule it broke.
 
     At most ``MAX_PROBLEMS_SHOWN`` problems are spelled out, and the line stays within
     ``MAX_ERROR_CHARS``: an input with thousands of unknown keys still gets a readable answer.
@@ -225,7 +225,7 @@ def describe_errors(error: ValidationError) -> str:
             problems.append(message)
         else:
             problems.append(f"{field}={_shown(item['input'])}: {message}")
-    fields_note = "".join(_fields_note(parent) for parent in unknown_in)
+    fields_note = "".join(_fields_note(parent, top) for parent in unknown_in)
     # Room for "; ... and 99999 more problems" as well.
     budget = MAX_ERROR_CHARS - len(INVALID_INPUT) - len(fields_note) - 40
     shown: list[str] = []
@@ -281,6 +281,11 @@ def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
         raise InputError(
             f"input={_shown(data)}: must be an object of generation parameters "
             f'such as {{"prompt": "a fox"}}, got {type(data).__name__ if data is not None else "null"}'
+        )
+    if "task" in data:  # an upscale job is parsed by parse_upscale; a generation's task follows from its fields
+        raise InputError(
+            f"invalid input: task={_shown(data['task'])}: must be 'upscale', the one task named; text-to-image, "
+            "img2img, inpaint and outpaint follow from the fields (image, mask, outpaint): leave task out"
         )
     try:
         return GenerateRequest.model_validate(data, context={"limits": limits})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from src.schema.core import Task
@@ -30,7 +32,9 @@ class InlineImage(BaseModel):
     """One image returned inline."""
 
     image: str = Field(description="Base64 of the image file, with no `data:` prefix.")
-    seed: int = Field(description="The seed that regenerates this image alone.")
+    seed: int | None = Field(
+        None, description="The seed that regenerates this image alone; absent from an `upscale` job's image."
+    )
     nsfw: bool | None = Field(
         None,
         description="Flagged by the safety checker; present only when `SAFETY_CHECKER` is on, "
@@ -47,7 +51,7 @@ class UploadedImage(BaseModel):
         description="Its key: `{BUCKET_PREFIX}{job id}/{index}-{seed}.{ext}`; a job without an id gets "
         "one random `job-...` folder for all its images."
     )
-    seed: int = Field(description="The seed that regenerates this image alone.")
+    seed: int | None = Field(None, description="As for inline images.")
     format: str = Field(description="`png`, `jpeg` or `webp`.")
     nsfw: bool | None = Field(None, description="As for inline images.")
 
@@ -157,3 +161,42 @@ class GenerateResponse(BaseModel):
         description="One entry per image, in seed order: inline, or uploaded (or inline after a failed upload)."
     )
     metadata: Metadata
+
+
+class UpscaleMetadata(BaseModel):
+    """What an upscale job did: the upscaler, the sizes, and where the time went."""
+
+    task: Literal["upscale"] = Field(description="`upscale`.")
+    upscaler: str = Field(description="The upscaler, as asked (a name of `UPSCALER_DIR`, `lanczos` or `nearest`).")
+    upscaler_scale: int | None = Field(
+        None, description="The model's own factor (4 for RealESRGAN_x4plus); absent for `lanczos` and `nearest`."
+    )
+    upscaler_passes: int = Field(
+        description="Times the image went through the model (0 for `lanczos` and `nearest`): as many as reach the "
+        "target, at most 3."
+    )
+    scale: float = Field(description="The factor the image was enlarged by, before any crop or padding.")
+    width: int = Field(description="The result's width.")
+    height: int = Field(description="The result's height.")
+    resize_mode: str | None = Field(
+        None, description="With both `width` and `height`: how the image met them (`crop`, `resize` or `fill`)."
+    )
+    source_width: int = Field(description="The input image's width, after EXIF rotation.")
+    source_height: int = Field(description="The input image's height, after EXIF rotation.")
+    device: str = Field(description="`cuda` or `cpu`.")
+    dtype: str | None = Field(
+        None,
+        description="The torch dtype the model ran in: the worker's (`float16` on a GPU) where the architecture "
+        "runs in it, else `float32`; absent for `lanczos` and `nearest`.",
+    )
+    output_format: str = Field(description="`png`, `jpeg` or `webp`.")
+    timings_ms: Timings = Field(description="Milliseconds per stage; `inference` is the upscale itself.")
+    version: str = Field(description="The worker's version.")
+    warnings: list[str] = Field(default_factory=list, description="What the user should know about this result.")
+
+
+class UpscaleResponse(BaseModel):
+    """A successful upscale job's output: one image, in the forms a generation job's come in."""
+
+    images: list[InlineImage | UploadedImage] = Field(description="The enlarged image: inline or uploaded.")
+    metadata: UpscaleMetadata
