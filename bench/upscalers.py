@@ -1,7 +1,7 @@
-"""What an ESRGAN-family upscaler costs in a hires pass, on the CPU: a 512² image to 1024².
+"""What an ESRGAN-family upscaler costs on the CPU, in a hires pass and in an upscale job: a 512² image to 1024².
 
-    PYTHONPATH=tests/stand_ins python -m bench.upscalers              # full-size models, float32: minutes
-    PYTHONPATH=tests/stand_ins python -m bench.upscalers --tiny --out DIR   # the builder's tiny models: seconds
+    PYTHONPATH=tests/stand_ins/site python -m bench.upscalers              # full-size models, float32: minutes
+    PYTHONPATH=tests/stand_ins/site python -m bench.upscalers --tiny --out DIR   # the builder's tiny models: seconds
 
 The models are full-size architectures with random weights (the time does not depend on the values), saved as
 published files are and read through the worker's own ``src.adapters.upscalers`` (spandrel): ESRGAN's RRDB
@@ -10,11 +10,14 @@ and Real-ESRGAN's compact network at ``realesr-general-x4v3``'s (64 features, 32
 its first read, then the step a hires pass adds with it, ``--repeat`` times: the decoded ``--side``² image
 through the model in the worker's tiles (UPSCALE_TILE 512, overlap 32), then resized with Lanczos to twice
 ``--side``, as the hires pass does before encoding it again. The VAE decode and encode and the denoising steps
-cost what they cost with the ``lanczos`` upscaler and are not measured here.
+cost what they cost with the ``lanczos`` upscaler and are not measured here. Then the upscale job
+(``"task": "upscale"``, ``scale`` 2), ``--repeat`` times through ``handler.handler`` as RunPod calls it, the worker
+started with the tiny SD model (an upscale job does not use it) and these models in its UPSCALER_DIR: the PNG
+decoded, the model's pass, Lanczos, the 1024² PNG encoded, with the metadata's stage times.
 
-torchvision's CPU build is not on the package index this runs from: with ``PYTHONPATH=tests/stand_ins`` spandrel
-imports the tests' stand-in for the two torchvision names it binds, which these architectures never call (the
-benchmark imports nothing else that looks for torchvision).
+torchvision's CPU build is not on the package index this runs from: with ``PYTHONPATH=tests/stand_ins/site``
+spandrel is imported at start with the tests' stand-in for the two torchvision names it binds, which these
+architectures never call, and the stand-in is then off the path (tests/stand_ins/spandrel_loader.py).
 """
 
 from __future__ import annotations
@@ -86,6 +89,39 @@ def measure(path: Path, side: int, repeat: int) -> dict[str, Any]:
     return {"read_s": read_s, "step_s": times, "scale": model.scale, "parameters": parameters}
 
 
+def measure_jobs(folder: Path, names: list[str], side: int, repeat: int) -> dict[str, Any]:
+    """Each model's upscale job (``scale`` 2) through the handler, ``repeat`` times: total and stage times, in s."""
+    import asyncio
+    import base64
+    import io
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from builder.tiny_model import write_tiny_model
+
+    os.environ.update(MODEL_ID=str(write_tiny_model(folder / "tiny-sd15")), UPSCALER_DIR=str(folder))
+    import handler
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(buffer, "PNG")
+    photo = base64.b64encode(buffer.getvalue()).decode("ascii")
+    handler.get_engine()  # the worker's start, which a job does not pay
+    jobs: dict[str, Any] = {}
+    for name in names:
+        timings = []
+        for _ in range(repeat):
+            job = {"task": "upscale", "image": photo, "upscaler": name, "scale": 2}
+            result = asyncio.run(handler.handler({"id": "bench", "input": job}))
+            assert "images" in result, result
+            timings.append(result["metadata"]["timings_ms"])
+            print(f"upscale job with {name}: {timings[-1]['total'] / 1000:.1f} s", file=sys.stderr, flush=True)
+        jobs[name] = {stage: [t[stage] / 1000 for t in timings] for stage in ("inputs", "inference", "encode", "total")}
+    return jobs
+
+
 def markdown(report: dict[str, Any]) -> str:
     side = report["settings"]["side"]
     lines = [
@@ -104,6 +140,17 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name} | {result['parameters'] / 1e6:.2f} M | {result['scale']}x | {result['read_s']:.2f} s | "
             f"{median_range(result['step_s'])} |"
         )
+    lines += [
+        "",
+        f"The upscale job, `scale` 2 from a {side}² PNG, through `handler.handler` (the model loaded by the first "
+        "job): median (min-max) per stage.",
+        "",
+        "| model | whole job | input decoded | upscale (inference) | PNG encoded |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, job in report["jobs"].items():
+        cells = [median_range(job[stage]) for stage in ("total", "inputs", "inference", "encode")]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,8 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-upscalers-") as scratch:
         models = write_models(Path(scratch), args.tiny)
         report["models"] = {name: measure(path, args.side, args.repeat) for name, path in models.items()}
+        jobs = measure_jobs(Path(scratch), [path.stem for path in models.values()], args.side, args.repeat)
+        report["jobs"] = {name: jobs[path.stem] for name, path in models.items()}
     report["load_average_after"] = load_average()
-    report["command"] = " ".join(["PYTHONPATH=tests/stand_ins python -m bench.upscalers", *argv])
+    report["command"] = " ".join(["PYTHONPATH=tests/stand_ins/site python -m bench.upscalers", *argv])
     report["seconds"] = round(time.time() - started, 1)
     report = json.loads(json.dumps(report, default=str))
     write_results(args.out, "upscalers-tiny" if args.tiny else "upscalers", report, markdown(report))

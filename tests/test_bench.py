@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from bench.sd15_random import PUBLISHED_MILLIONS, build_sd15_random, check_parameter_counts
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SPANDREL_SITE
 
 
 def test_random_sd15_has_sd15_parameter_counts() -> None:
@@ -188,7 +188,7 @@ def test_upscalers_benchmark_smoke_run_writes_every_model(tmp_path: Path) -> Non
     result = subprocess.run(
         [sys.executable, "-m", "bench.upscalers", "--tiny", "--repeat", "1", "--out", str(tmp_path)],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "tests" / "stand_ins")},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SPANDREL_SITE), str(ROOT)])},
         capture_output=True,
         text=True,
         timeout=600,
@@ -201,6 +201,8 @@ def test_upscalers_benchmark_smoke_run_writes_every_model(tmp_path: Path) -> Non
         "ESRGAN (RRDB)": 4,
         "Real-ESRGAN compact": 2,
     }
+    assert set(report["jobs"]["ESRGAN (RRDB)"]) == {"inputs", "inference", "encode", "total"}
     table = (tmp_path / "upscalers-tiny.md").read_text()
     assert "| ESRGAN (RRDB) | 0.23 M | 4x | " in table
+    assert "| Real-ESRGAN compact | " in table.split("| model | whole job |")[1]
     assert f"Command: `{report['command']}`" in table

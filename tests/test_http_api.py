@@ -44,11 +44,13 @@ class Server:
 @pytest.fixture(scope="module")
 def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from builder.tiny_lora import write_test_loras
+    from builder.tiny_model import write_tiny_models
     from builder.tiny_upscalers import write_tiny_upscalers
 
     loras = tmp_path_factory.mktemp("loras")
     write_test_loras(offline_env["MODEL_ID"], loras, count=1)
     upscalers = write_tiny_upscalers(tmp_path_factory.mktemp("upscalers"))
+    models = write_tiny_models(tmp_path_factory.mktemp("models"))
     # The server imports spandrel at start with torchvision's stand-in (tests/stand_ins/spandrel_loader.py).
     python_path = os.pathsep.join([str(SPANDREL_SITE), offline_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     port = free_port()
@@ -63,7 +65,14 @@ def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
             str(port),
         ],
         cwd=Path(tmp_path_factory.mktemp("api")),
-        env={**offline_env, "LORA_DIR": str(loras), "UPSCALER_DIR": str(upscalers), "PYTHONPATH": python_path},
+        env={
+            **offline_env,
+            "LORA_DIR": str(loras),
+            "UPSCALER_DIR": str(upscalers),
+            "MODELS_DIR": str(models),
+            "MODEL_CONFIG": offline_env["MODEL_ID"],
+            "PYTHONPATH": python_path,
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -189,6 +198,20 @@ def test_esrgan_upscalers_over_http(api_url: str) -> None:
     assert refused["status"] == "FAILED"
     assert "scale: not with height" in refused["error"]
     assert post(api_url, {"input": upscale})["status"] == "COMPLETED"
+
+
+def test_a_hires_pass_on_another_model_over_http(api_url: str) -> None:
+    """hires.model (A1111's hr_checkpoint_name), then one the worker lacks, then a plain job."""
+    job = {"prompt": "a fox", "num_inference_steps": 2, "width": 64, "height": 64, "model": "tiny-a"}
+    body = post(api_url, {"input": {**job, "hires": {"scale": 2, "steps": 1, "model": "tiny-c"}}})
+    assert body["status"] == "COMPLETED", body
+    assert body["output"]["metadata"]["hires"]["model"] == "tiny-c"
+    assert "Hires checkpoint: tiny-c" in decode_png(body["output"]["images"][0]["image"]).text["parameters"]
+
+    refused = post(api_url, {"input": {**job, "hires": {"scale": 2, "model": "tiny-z"}}})
+    assert refused["status"] == "FAILED"
+    assert "hires.model='tiny-z': not a model in MODELS_DIR" in refused["error"]
+    assert post(api_url, {"input": job})["status"] == "COMPLETED"
 
 
 def test_a_long_weighted_prompt_over_http(api_url: str) -> None:

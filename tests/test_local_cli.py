@@ -427,7 +427,8 @@ def test_the_readme_many_models_smoke_run(tmp_path: Path, offline_env: dict[str,
         "A smoke run with the tiny model and its tiny models for `MODELS_DIR`", tmp_path, offline_env
     )
 
-    assert re.search(r"Model: styles/tiny-b, Model hash: [0-9a-f]{10}$", parameters)
+    assert re.search(r"Model: styles/tiny-b, Model hash: [0-9a-f]{10}", parameters)
+    assert "Hires checkpoint: tiny-c" in parameters
 
 
 def test_the_readme_upscale_smoke_run(tmp_path: Path, offline_env: dict[str, str]) -> None:
@@ -438,6 +439,7 @@ def test_the_readme_upscale_smoke_run(tmp_path: Path, offline_env: dict[str, str
 
     assert "a lighthouse\nSteps: 2, " in parameters
     assert "Seed: 1, " in parameters
+    assert "Hires upscaler: tiny-compact-2x" in parameters
     [png] = (tmp_path / "output").rglob("0-upscaled.png")
     with Image.open(png) as image:
         assert image.text["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: tiny-esrgan-4x"

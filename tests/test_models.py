@@ -369,3 +369,62 @@ def test_model_cache_ram_mb_above_what_the_machine_holds_is_refused(start: Calla
 
     with pytest.raises(ModelLoadError, match=rf"MODEL_CACHE_RAM_MB={total_mib}: more than 80% of this machine's"):
         handler.get_engine()
+
+
+HIRES = {"scale": 2, "steps": 2, "upscaler": "lanczos"}
+
+
+def test_hires_model_runs_the_second_pass_on_its_own_model_and_prompts(
+    start: Callable[..., None], volume: Path, tmp_path: Path
+) -> None:
+    """A1111's hr_checkpoint_name. The same weights under another name give the same bytes (the swap between the
+    passes, the generators carried across it, the prompts encoded again by the same text encoder); another
+    model's give another image; the next job is the job's model's again."""
+    models = tmp_path / "models"
+    shutil.copytree(volume / "models", models)
+    shutil.copy(models / "tiny-a.safetensors", models / "tiny-a-copy.safetensors")
+    start(MODELS_DIR=str(models), EMBED_PARAMETERS="true")
+    plain = run("tiny-a", hires=HIRES)
+
+    same_weights = run("tiny-a", hires={**HIRES, "model": "tiny-a-copy"})
+    other = run("tiny-a", hires={**HIRES, "model": "tiny-c"})
+    second_on_c = run("tiny-c", hires=HIRES)
+
+    assert pixels(same_weights) == pixels(plain)
+    assert handler.get_engine().models.reads["tiny-a-copy"] == 1, "swapped in for the second pass"
+    assert len({pixels(plain), pixels(other), pixels(second_on_c)}) == 3
+    assert (other["metadata"]["model"], other["metadata"]["hires"]["model"]) == ("tiny-a", "tiny-c")
+    with Image.open(io.BytesIO(image_bytes(other))) as image:
+        assert "Model: tiny-a, " in image.text["parameters"]
+        assert "Hires checkpoint: tiny-c" in image.text["parameters"]
+    assert image_bytes(run("tiny-a", hires=HIRES)) == image_bytes(plain)
+
+
+@pytest.mark.parametrize(
+    ("fields", "variables", "says"),
+    [
+        ({"model": "tiny-z"}, {}, "hires.model='tiny-z': not a model in MODELS_DIR; the closest are"),
+        ({"model": "xl"}, {}, "hires.model='xl': xl.safetensors cannot be used: an SDXL checkpoint"),
+        (
+            {"model": "tiny-c", "loras": True},
+            {},
+            "hires.model='tiny-c': not with loras: a job's LoRAs apply to its model for both passes",
+        ),
+        (
+            {"model": "tiny-c"},
+            {"MODELS_DIR": None},
+            "hires.model='tiny-c': this worker serves its default model only: MODELS_DIR is not set",
+        ),
+    ],
+    ids=["unknown", "sdxl", "with-loras", "no-models-dir"],
+)
+def test_a_refused_hires_model_names_the_field_and_the_next_job_works(
+    start: Callable[..., None], fields: dict[str, Any], variables: dict[str, str | None], says: str
+) -> None:
+    start(**variables)
+    loras = TASKS["lora"] if fields.pop("loras", False) else {}
+
+    refused = run(None, hires={**HIRES, **fields}, **loras)
+
+    assert says in refused["error"], refused
+    assert "images" in run(None, hires=HIRES)

@@ -62,7 +62,9 @@ class Catalog:
         """The model, and each LoRA and ControlNet, the request names that the worker does not have, or cannot use."""
         model = self.model_problem(request.model) if isinstance(request.model, str) else None
         vae = self.model_problem(request.vae, field="vae") if request.vae is not None else None
-        found = [problem for problem in (model, vae) if problem]
+        hires = getattr(request, "hires", None)
+        hires_model = self.model_problem(hires.model, field="hires.model") if hires and hires.model else None
+        found = [problem for problem in (model, vae, hires_model) if problem]
         found += self.upscaler_problems(request)
         return found + self.lora_problems(request.loras) + self.controlnet_problems(request.controlnets)
 

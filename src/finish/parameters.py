@@ -138,6 +138,8 @@ def _task_fields(request: GenerateRequest, source_size: tuple[int, int] | None) 
         fields["Hires upscale"] = f"{request.hires.scale:g}"
         fields["Hires steps"] = request.hires.steps
         fields["Hires upscaler"] = HIRES_UPSCALER_NAMES.get(request.hires.upscaler, request.hires.upscaler)
+        if request.hires.model is not None:
+            fields["Hires checkpoint"] = request.hires.model
         if request.hires.sampler is not None and request.hires.sampler != request.scheduler:
             fields["Hires sampler"] = request.hires.sampler
         if request.hires.prompt is not None and request.hires.prompt != request.prompt:

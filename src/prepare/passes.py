@@ -54,7 +54,8 @@ class Pass:
     upscaler: str = "latent"
     # Whether the pass runs the job's ControlNet units (its class is then a ControlNet pipeline).
     controlled: bool = False
-    # Hires: its own scheduler, prompt and negative prompt (None: the job's).
+    # Hires: its own model (a MODELS_DIR name), scheduler, prompt and negative prompt (None: the job's).
+    model: str | None = None
     scheduler: str | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
@@ -121,6 +122,7 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
             arguments={"strength": strength_for(schedule, hires.steps)},
             upscale_to=request.output_size,
             upscaler=hires.upscaler,
+            model=hires.model,
             scheduler=hires.sampler,
             prompt=hires.prompt,
             negative_prompt=hires.negative_prompt,

@@ -213,6 +213,7 @@ class Engine:
                     max_chunks=self.settings.max_prompt_chunks,
                     embeddings=self.embeddings,
                 )
+                job.before_pass = _hires_model(self, plan, job)
                 # 5. Generate; after an OOM, free memory and retry frugally once.
                 pictures, nsfw = self._generate(job, admitted)
             inference_ms = (time.perf_counter() - started) * 1000
@@ -357,6 +358,35 @@ def _model_and_adapters(
         pipelines.circular_padding([engine._pipeline.unet, engine._pipeline.vae], request.tiling),
     ):
         yield model, loras
+
+
+def _hires_model(engine: Engine, plan: JobPlan, job: JobState) -> Callable[[int], None] | None:
+    """With ``hires.model``, what runs before each pass: the modules made to hold the pass's model (the job's
+    for the first, hires.model for the second; swapped in place, under the GPU lock), and the job's prompts as
+    that model's text encoder reads them (each model's encoded once). None when every pass has the job's."""
+    request = plan.request
+    names = [step.model if step.model is not None else request.model for step in plan.passes]
+    if all(name == names[0] for name in names):
+        return None
+    assert job.schedule is not None, "the first model's prompts are encoded"
+    assert not any(isinstance(name, ModelDownload) for name in names), "a model by URL is named by its key"
+    schedules = {names[0]: job.schedule}
+
+    def before(index: int) -> None:
+        name = names[index]
+        assert not isinstance(name, ModelDownload)
+        engine.models.use(name, request.vae)
+        if name not in schedules:
+            schedules[name] = pipelines.encode_prompts(
+                engine._pipeline,
+                plan.texts,
+                job,
+                max_chunks=engine.settings.max_prompt_chunks,
+                embeddings=engine.embeddings,
+            )
+        job.schedule = schedules[name]
+
+    return before
 
 
 def _warm_up(engine: Engine) -> None:

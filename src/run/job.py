@@ -57,6 +57,9 @@ class JobState:
     controlnet: Any = None
     # The engine's upscalers, for a hires pass through a model of UPSCALER_DIR.
     upscalers: Any = None
+    # Called with a pass's index before its pipeline call (after the previous pass's image is decoded and
+    # enlarged): the engine swaps in the pass's model (hires.model) and its prompts' embeddings.
+    before_pass: Callable[[int], None] | None = None
     deadline: float = float("inf")
     # Steps of the pipeline call running now, and of those finished before it, as the request counts them.
     run_steps: int = 0

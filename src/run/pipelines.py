@@ -183,14 +183,17 @@ def denoise(
     show_progress: bool = False,
 ) -> torch.Tensor:
     """One pipeline call (the pass ``pass_index``) for the images ``indices``; returns its latents."""
-    request, schedule, step = job.request, job.schedule, job.passes[pass_index]
-    assert schedule is not None, "the prompts are encoded before the first pass"
-    encoded = schedule.at(pass_index, 0)
-    switches = len(schedule.passes[pass_index]) > 1
+    request, step = job.request, job.passes[pass_index]
     arguments = step.arguments_for(len(indices))
     if step.upscale_to is not None:
         assert previous is not None, "an upscaling pass follows another"
         arguments["image"] = upscaled(base, previous, step, indices, job.warnings, upscalers=job.upscalers)
+    if job.before_pass is not None:
+        job.before_pass(pass_index)  # the pass's own model, once the previous pass's image is decoded
+    schedule = job.schedule
+    assert schedule is not None, "the prompts are encoded before the first pass"
+    encoded = schedule.at(pass_index, 0)
+    switches = len(schedule.passes[pass_index]) > 1
     controlnet = job.controlnet if step.controlled else None
     scheduler = step.scheduler or request.scheduler
     pipeline = pipeline_for(base, scheduler, step.pipeline, controlnet, show_progress=show_progress)

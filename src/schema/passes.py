@@ -124,6 +124,15 @@ class Hires(BaseModel):
         "`RealESRGAN_x4plus`): the decoded image goes through it, is resized to the hires size and encoded again.",
     )
 
+    model: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="The second pass's model (A1111's `hr_checkpoint_name`): a model of `MODELS_DIR` by name, "
+        "swapped in for that pass and given its prompts encoded by its own text encoder. Unset: the job's "
+        "`model`. Not with `loras`.",
+        json_schema_extra={"shown_default": "`model`"},
+    )
     sampler: StrictStr | None = Field(
         None,
         description="The second pass's scheduler (A1111's `hr_sampler_name`), any name `scheduler` takes. "

@@ -97,6 +97,16 @@ class GenerateRequest(AdapterOptions):
     @model_validator(mode="after")
     def _model_allowed(self, info: ValidationInfo) -> GenerateRequest:
         check_model(self.model, self.vae, request_limits(info))
+        hires_model = self.hires.model if self.hires is not None else None
+        if hires_model is not None and request_limits(info).models_dir is None:
+            raise ValueError(
+                f"hires.model={hires_model!r}: this worker serves its default model only: MODELS_DIR is not set"
+            )
+        if hires_model is not None and self.loras:
+            raise ValueError(
+                f"hires.model={hires_model!r}: not with loras: a job's LoRAs apply to its model for both passes; "
+                "leave out hires.model or the loras"
+            )
         return self
 
     @model_validator(mode="after")
