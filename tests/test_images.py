@@ -896,7 +896,7 @@ def test_the_input_prefix_is_configured(s3_inputs: S3Server) -> None:
 
 OUTSIDE = (
     "only keys under BUCKET_INPUT_PREFIX='inputs/' and the worker's own results, "
-    "BUCKET_PREFIX='out/' + JOB/INDEX-SEED.png (or .jpg, .webp), can be read"
+    "BUCKET_PREFIX='out/' + JOB/INDEX-SEED.png or JOB/INDEX-upscaled.png (or .jpg, .webp), can be read"
 )
 
 

@@ -51,7 +51,8 @@ class StorageSettings(BaseModel):
         "inputs/",
         alias="BUCKET_INPUT_PREFIX",
         description="Folder of the bucket that `s3://` image inputs may be read from, ending in `/`; the worker's "
-        "own results (`BUCKET_PREFIX` + `JOB/INDEX-SEED.png`, `.jpg` or `.webp`) may be read too, and no other key.",
+        "own results (`BUCKET_PREFIX` + `JOB/INDEX-SEED.png` or an upscale job's `JOB/INDEX-upscaled.png`, "
+        "`.jpg` or `.webp`) may be read too, and no other key.",
     )
     url_expiry_seconds: int = Field(
         604_800,
