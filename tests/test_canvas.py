@@ -178,3 +178,38 @@ def test_the_mask_follows_the_image_in_every_resize_mode(mode: str) -> None:
     assert np.asarray(images.overlay)[64, 64] > 200, "the centre of the box is still painted"
     with pytest.raises(InputError, match="mask: is all black"):
         prepared(image, Image.new("L", (192, 128), 0), resize_mode=mode, width=128, height=128)
+
+
+def test_mask_invert_repaints_the_black_as_an_inverted_mask_would() -> None:
+    image = noise_image(64, 64)
+    mask = box_mask(64, 64, (16, 16, 48, 48))
+    inverted, _ = prepared(image, mask, mask_invert=True, width=64, height=64)
+    by_hand, _ = prepared(image, Image.eval(mask, lambda value: 255 - value), width=64, height=64)
+    assert inverted.mask is not None
+    assert by_hand.mask is not None
+    assert np.array_equal(np.asarray(inverted.mask), np.asarray(by_hand.mask))
+
+
+def test_fill_paints_the_masked_area_from_its_surroundings_and_keeps_the_rest() -> None:
+    # Red on the left half, blue on the right; the mask covers a band across the middle of both.
+    image = Image.new("RGB", (64, 64), (255, 0, 0))
+    image.paste((0, 0, 255), (32, 0, 64, 64))
+    image.paste((0, 255, 0), (0, 24, 64, 40))  # what was under the mask: green, which fill must not keep
+    mask = box_mask(64, 64, (0, 24, 64, 40))
+    filled, _ = prepared(image, mask, inpaint_fill="fill", mask_blur=0, width=64, height=64)
+    original, _ = prepared(image, mask, mask_blur=0, width=64, height=64)
+    start, kept = np.asarray(filled.image).astype(int), np.asarray(original.image).astype(int)
+    unmasked = np.asarray(mask) == 0
+    assert np.array_equal(start[unmasked], kept[unmasked])
+    assert start[32, 8, 1] < 40, "the green under the mask is replaced"
+    assert start[32, 8, 0] > 200, "by the red around it on the left"
+    assert start[32, 56, 2] > 200, "and the blue on the right"
+    assert np.array_equal(np.asarray(filled.original), np.asarray(original.image)), "the paste-back keeps the image"
+
+
+def test_fill_applies_to_the_masked_crop() -> None:
+    image, mask = noise_image(64, 64), box_mask(64, 64, (24, 24, 40, 40))
+    filled, _ = prepared(image, mask, inpaint_fill="fill", inpaint_area="masked", width=64, height=64)
+    plain, _ = prepared(image, mask, inpaint_area="masked", width=64, height=64)
+    assert filled.crop == plain.crop
+    assert not np.array_equal(np.asarray(filled.image), np.asarray(plain.image))

@@ -89,7 +89,7 @@ def controlnet_parameters(request: GenerateRequest, control_sizes: Sequence[tupl
     for index, unit in enumerate(request.controlnets):
         if unit.preprocess == "canny":
             low, high = unit.canny_thresholds
-            resolution = min(control_sizes[index]) if index < len(control_sizes) else None
+            resolution = min(control_sizes[index]) if index < len(control_sizes) else unit.processor_res
             sliders = {"Processor Res": resolution, "Threshold A": float(low), "Threshold B": float(high)}
         else:
             sliders = {"Processor Res": 512, "Threshold A": 0.5, "Threshold B": 0.5}
@@ -97,7 +97,7 @@ def controlnet_parameters(request: GenerateRequest, control_sizes: Sequence[tupl
             "Module": unit.preprocess,
             "Model": unit.model,
             "Weight": float(unit.scale),
-            "Resize Mode": _CONTROLNET_RESIZE_MODES[request.resize_mode],
+            "Resize Mode": _CONTROLNET_RESIZE_MODES[unit.resize_mode or request.resize_mode],
             **sliders,
             "Guidance Start": float(unit.start),
             "Guidance End": float(unit.end),
@@ -124,12 +124,7 @@ def _task_fields(request: GenerateRequest, source_size: tuple[int, int] | None) 
         if source_size is not None:
             fields["Source size"] = f"{source_size[0]}x{source_size[1]}"
     if task in ("inpaint", "outpaint"):
-        fields["Mask blur"] = request.mask_blur
-        if request.inpaint_area == "masked":
-            fields["Inpaint area"] = "Only masked"
-            fields["Masked area padding"] = request.inpaint_padding
-        if not request.keep_unmasked:
-            fields["Keep unmasked"] = "False"
+        fields.update(_mask_fields(request))
     if request.outpaint is not None:
         margins = request.outpaint
         fields["Outpaint"] = f'"left {margins.left}, right {margins.right}, top {margins.top}, bottom {margins.bottom}"'
@@ -146,6 +141,21 @@ def _task_fields(request: GenerateRequest, source_size: tuple[int, int] | None) 
             fields["Hires prompt"] = quote(request.hires.prompt)
         if request.hires.negative_prompt is not None and request.hires.negative_prompt != request.negative_prompt:
             fields["Hires negative prompt"] = quote(request.hires.negative_prompt)
+    return fields
+
+
+def _mask_fields(request: GenerateRequest) -> dict[str, Any]:
+    """Inpaint's and outpaint's fields: the mask's blur and mode, the area repainted, what it starts from."""
+    fields: dict[str, Any] = {"Mask blur": request.mask_blur}
+    if request.mask_invert:
+        fields["Mask mode"] = "Inpaint not masked"
+    if request.inpaint_fill == "fill":
+        fields["Masked content"] = "fill"
+    if request.inpaint_area == "masked":
+        fields["Inpaint area"] = "Only masked"
+        fields["Masked area padding"] = request.inpaint_padding
+    if not request.keep_unmasked:
+        fields["Keep unmasked"] = "False"
     return fields
 
 

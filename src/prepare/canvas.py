@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageChops, ImageFilter
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from src.schema import GenerateRequest, InputError
 
@@ -108,6 +108,8 @@ def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | No
         original, painted = _outpaint_canvas(request, image)
     else:
         assert mask is not None  # the task is inpaint
+        if request.mask_invert:
+            mask = ImageOps.invert(mask.convert("L"))
         if mask.size != image.size:
             raise InputError(
                 f"mask: is {mask.size[0]}x{mask.size[1]} and the image is {image.size[0]}x{image.size[1]}: "
@@ -122,18 +124,42 @@ def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | No
     # The overlay is the blurred mask, but black wherever the mask was black: those pixels stay exact.
     overlay = ImageChops.darker(blurred, painted.point(lambda value: 255 if value else 0))
     if request.inpaint_area == "whole":
-        return TaskImages(image=original, mask=blurred, original=original, overlay=overlay), warnings
+        start = fill_masked(original, blurred) if request.inpaint_fill == "fill" else original
+        return TaskImages(image=start, mask=blurred, original=original, overlay=overlay), warnings
     crop = _processor().get_crop_region(blurred, width, height, pad=request.inpaint_padding)
+    region = fit(original.crop(crop), width, height, "fill")
+    region_mask = fit(blurred.crop(crop), width, height, "fill").convert("L")
     return (
         TaskImages(
-            image=fit(original.crop(crop), width, height, "fill"),
-            mask=fit(blurred.crop(crop), width, height, "fill").convert("L"),
+            image=fill_masked(region, region_mask) if request.inpaint_fill == "fill" else region,
+            mask=region_mask,
             original=original,
             overlay=overlay,
             crop=crop,
         ),
         warnings,
     )
+
+
+# Gaussian radii, coarse to fine, and how many times each layer is laid: A1111's masked content "fill".
+_FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """``image`` with its masked area painted from the colours around it, as A1111's masked content "fill".
+
+    The unmasked pixels, weighted by how unmasked they are (premultiplied alpha), are blurred at each radius of
+    ``_FILL_LAYERS`` and laid over one another, coarse first: far from the edge the colour is the wide blur's,
+    near it the fine blur's, and the unmasked pixels end as they were.
+    """
+    weighted = Image.new("RGBa", image.size)
+    weighted.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    layered = Image.new("RGBA", image.size)
+    for radius, times in _FILL_LAYERS:
+        layer = weighted.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            layered.alpha_composite(layer)
+    return layered.convert("RGB")
 
 
 def _outpaint_canvas(request: GenerateRequest, image: Image.Image) -> tuple[Image.Image, Image.Image]:

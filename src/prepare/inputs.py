@@ -82,15 +82,16 @@ def control_maps(
         field_name = f"controlnets.{index}.image"
         loaded = load_image(unit.image, field_name, settings, storage)
         warnings += loaded.warnings
-        control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds)
+        control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds, unit.processor_res)
         sources.append(control.size)
-        fitted = fit(control, width, height, request.resize_mode)
+        resize_mode = unit.resize_mode or request.resize_mode
+        fitted = fit(control, width, height, resize_mode)
         if images is not None and images.crop is not None:
             fitted = fit(fitted.crop(images.crop), width, height, "fill")
         first.append(fitted)
         if request.hires is not None:
-            hires.append(fit(control, *request.output_size, request.resize_mode))
-        note = proportions_changed(control.size, (width, height), request.resize_mode)
+            hires.append(fit(control, *request.output_size, resize_mode))
+        note = proportions_changed(control.size, (width, height), resize_mode)
         resized.append(note)
         if note:
             warnings.append(f"{field_name}: {note}")

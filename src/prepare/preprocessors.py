@@ -1,8 +1,9 @@
 """ControlNet preprocessors: an input image -> the control map a ControlNet was trained on.
 
 ``canny`` is OpenCV's Canny edge detector, run as A1111's ControlNet extension runs
-it: on the RGB image at its own resolution, before the map is brought to the job's
-size. The map is white edges on black, in three channels.
+it: on the RGB image at its own resolution, or with its short side brought to the
+unit's ``processor_res``, before the map is brought to the job's size. The map is
+white edges on black, in three channels.
 """
 
 from __future__ import annotations
@@ -19,8 +20,25 @@ def canny(image: Image.Image, low: int, high: int) -> Image.Image:
     return Image.fromarray(edges, mode="L").convert("RGB")
 
 
-def preprocess(image: Image.Image, name: str, thresholds: tuple[int, int]) -> Image.Image:
-    """``image`` through the preprocessor ``name``: ``none`` returns it as it is (an RGB control map)."""
+def at_resolution(image: Image.Image, resolution: int) -> Image.Image:
+    """``image`` with its short side ``resolution`` pixels, its proportions kept: OpenCV's area resampling to
+    shrink, bicubic to enlarge, as the ControlNet extension resizes before a preprocessor (without its padding to
+    multiples of 64)."""
+    import cv2
+
+    scale = resolution / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if size == image.size:
+        return image
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return Image.fromarray(cv2.resize(np.asarray(image.convert("RGB")), size, interpolation=interpolation))
+
+
+def preprocess(
+    image: Image.Image, name: str, thresholds: tuple[int, int], resolution: int | None = None
+) -> Image.Image:
+    """``image`` through the preprocessor ``name``, at ``resolution`` (its short side) when one is given; ``none``
+    returns it as it is (an RGB control map)."""
     if name == "canny":
-        return canny(image, *thresholds)
+        return canny(image if resolution is None else at_resolution(image, resolution), *thresholds)
     return image.convert("RGB")

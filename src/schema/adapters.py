@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from src.schema.core import EXTRA_NETWORK_TAG, LORA_TAG_KINDS, RequestLimits, canonical_name, names_by_key
+from src.schema.images import canonical_resize_mode
 from src.schema.passes import PassOptions
 
 LORA_SCALE_LIMIT = 4.0
@@ -137,6 +138,7 @@ CONTROL_MODE_LABELS: Mapping[str, str] = {
 }
 _CONTROL_MODES_BY_KEY = names_by_key(CONTROL_MODES, CONTROL_MODE_ALIASES)
 CONTROLNET_SCALE_MAX = 2.0
+PROCESSOR_RES_MAX = 2048
 
 
 class ControlNetUnit(BaseModel):
@@ -161,6 +163,14 @@ class ControlNetUnit(BaseModel):
     )
     low: StrictInt | None = Field(None, ge=0, le=255, description="Canny's low threshold, 0 to 255; default 100.")
     high: StrictInt | None = Field(None, ge=0, le=255, description="Canny's high threshold, 0 to 255; default 200.")
+    processor_res: StrictInt | None = Field(
+        None,
+        ge=64,
+        le=PROCESSOR_RES_MAX,
+        description=f"Canny runs on the image with its short side this many pixels, 64 to {PROCESSOR_RES_MAX} "
+        "(the ControlNet extension's `processor_res`). Unset: on the image at its own size.",
+        json_schema_extra={"shown_default": "the image's"},
+    )
     scale: float = Field(
         1.0,
         strict=True,
@@ -185,6 +195,12 @@ class ControlNetUnit(BaseModel):
         allow_inf_nan=False,
         description="The fraction of the steps where it stops (A1111's guidance end), 0 to 1, above `start`.",
     )
+    resize_mode: Literal["resize", "crop", "fill"] | None = Field(
+        None,
+        description="How this unit's image meets the job's size, as the job's `resize_mode` (the ControlNet "
+        "extension's per-unit resize mode). Unset: the job's `resize_mode`.",
+        json_schema_extra={"shown_default": "`resize_mode`"},
+    )
     control_mode: Literal["balanced", "prompt", "controlnet"] = Field(
         "balanced",
         description='`balanced`; `prompt` (A1111\'s "My prompt is more important": the control fades towards the '
@@ -204,6 +220,11 @@ class ControlNetUnit(BaseModel):
     def _preprocess_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _known_resize_mode(cls, value: Any) -> Any:
+        return None if value is None else canonical_resize_mode(value)
+
     @field_validator("control_mode", mode="before")
     @classmethod
     def _known_control_mode(cls, value: Any) -> Any:
@@ -217,7 +238,7 @@ class ControlNetUnit(BaseModel):
         if self.start >= self.end:
             problems.append(f"start={self.start:g}, end={self.end:g}: start must be below end")
         if self.preprocess != "canny":
-            given = [name for name in ("low", "high") if getattr(self, name) is not None]
+            given = [name for name in ("low", "high", "processor_res") if getattr(self, name) is not None]
             problems += [f"{name}: only with preprocess 'canny'" for name in given]
         elif self.canny_thresholds[0] > self.canny_thresholds[1]:
             low, high = self.canny_thresholds

@@ -26,7 +26,7 @@ INPAINT_PADDING_MAX = 256
 _RESIZE_MODES_BY_KEY = names_by_key(RESIZE_MODES, RESIZE_MODE_ALIASES)
 # Fields that mean something only for some tasks; asking for one elsewhere is an error, never ignored.
 IMAGE_FIELDS = ("mask", "strength", "resize_mode", "outpaint")
-MASK_FIELDS = ("mask_blur", "inpaint_area", "inpaint_padding", "keep_unmasked")
+MASK_FIELDS = ("mask_blur", "inpaint_area", "inpaint_padding", "inpaint_fill", "mask_invert", "keep_unmasked")
 
 
 def canonical_resize_mode(value: Any) -> Any:
@@ -86,6 +86,17 @@ class ImageInputs(RequestCore):
         le=INPAINT_PADDING_MAX,
         description=f"Pixels around the masked region with `inpaint_area` `masked`, 0 to {INPAINT_PADDING_MAX}.",
     )
+    inpaint_fill: Literal["original", "fill"] = Field(
+        "original",
+        description="What the model starts from inside the mask: `original`, the image's pixels there; `fill`, "
+        'the colours around the mask spread into it (A1111\'s masked content "fill", its `inpainting_fill` 0). '
+        "With `mask` or `outpaint`.",
+    )
+    mask_invert: StrictBool = Field(
+        False,
+        description="`true` repaints the mask's black and keeps its white (A1111's `inpainting_mask_invert`). "
+        "With `mask`.",
+    )
     keep_unmasked: StrictBool = Field(
         True,
         description="Pixels outside the mask come back exactly as they were in the image (brought to the job's "
@@ -97,7 +108,7 @@ class ImageInputs(RequestCore):
     def _known_resize_mode(cls, value: Any) -> Any:
         return canonical_resize_mode(value)
 
-    @field_validator("inpaint_area", mode="before")
+    @field_validator("inpaint_area", "inpaint_fill", mode="before")
     @classmethod
     def _inpaint_area_case(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

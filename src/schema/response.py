@@ -143,6 +143,8 @@ class Metadata(BaseModel):
     mask_blur: int | None = Field(None, description="Inpaint and outpaint: the mask blur used.")
     inpaint_area: str | None = Field(None, description="Inpaint and outpaint: `whole` or `masked`.")
     inpaint_padding: int | None = Field(None, description="Inpaint and outpaint: the padding used.")
+    inpaint_fill: str | None = Field(None, description="Inpaint and outpaint: `original` or `fill`.")
+    mask_invert: bool | None = Field(None, description="Inpaint and outpaint: whether the mask was inverted.")
     keep_unmasked: bool | None = Field(None, description="Inpaint and outpaint: whether unmasked pixels were kept.")
     outpaint: Outpaint | None = Field(None, description="Outpaint: the pixels added on each side.")
     hires: Hires | None = Field(None, description="Hires fix: scale, steps, strength and upscaler, as run.")
