@@ -161,7 +161,7 @@ def write_images(output: Mapping[str, Any], folder: Path) -> list[str]:
     scale = (metadata.get("hires") or {}).get("scale", 1)
     size = f"{int(metadata.get('width', 0) * scale)}x{int(metadata.get('height', 0) * scale)}"
     extension = FORMATS[metadata.get("output_format", "png")].extension
-    for index, item in enumerate(output.get("images", [])):
+    for index, item in enumerate(_listed_images(output)):
         if "image" in item:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{index}-{item.get('seed', 'upscaled')}.{extension}"
@@ -173,6 +173,21 @@ def write_images(output: Mapping[str, Any], folder: Path) -> list[str]:
         made = f"seed {item['seed']}" if "seed" in item else "upscaled"
         lines.append(f"  {where}  {size}  {made}{flagged}")
     return lines
+
+
+def _listed_images(output: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The output's images as this worker lists them, from A1111's shape too (base64 or URL strings, with the
+    seeds in ``metadata``; an ``extra-single-image`` answer's one ``image``)."""
+    listed = output.get("images", []) if "html_info" not in output else [output["image"]] if output.get("image") else []
+    seeds = output.get("metadata", {}).get("seeds", [])
+    images = []
+    for index, item in enumerate(listed):
+        if not isinstance(item, str):
+            images.append(item)
+            continue
+        where = "url" if item.startswith(("https://", "http://")) else "image"
+        images.append({where: item, **({"seed": seeds[index]} if index < len(seeds) else {})})
+    return images
 
 
 def summarize(job_id: str, output: Mapping[str, Any], image_lines: list[str]) -> str:

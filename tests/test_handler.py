@@ -197,7 +197,7 @@ BAD_JOBS = [
     pytest.param({"id": "j", "input": "a fox"}, "input", id="input-string"),
     pytest.param({"id": "j", "input": {"prompt": "a fox", "width": 500}}, "width=500", id="bad-width"),
     pytest.param({"id": "j", "input": {"prompt": " "}}, "prompt", id="blank-prompt"),
-    pytest.param({"id": "j", "input": {"prompt": "a", "steps": 5}}, "steps", id="unknown-field"),
+    pytest.param({"id": "j", "input": {"prompt": "a", "stepz": 5}}, "stepz", id="unknown-field"),
     pytest.param({"id": "j", "input": {"prompt": "a", "scheduler": "Turbo"}}, "scheduler", id="bad-scheduler"),
 ]
 

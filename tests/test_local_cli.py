@@ -6,6 +6,7 @@ process on the warm tiny model (``run_here``); the program itself, started as th
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import io
 import json
@@ -444,3 +445,29 @@ def test_the_readme_upscale_smoke_run(tmp_path: Path, offline_env: dict[str, str
     with Image.open(png) as image:
         assert image.text["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: tiny-esrgan-4x"
         assert image.size == (256, 256)
+
+
+def test_an_a1111_payload_runs_from_the_command_line(tmp_path: Path, run_here: Callable[..., Ran]) -> None:
+    """A wrapped txt2img payload and a flat extra-single-image one: images written as for a native job."""
+    txt2img = {
+        "api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"},
+        "payload": {"prompt": "a fox", "steps": 2, "seed": 12, "batch_size": 2, "width": 64, "height": 64},
+    }
+    result = run_here(["--test_input", json.dumps({"id": "a1111", "input": txt2img}), "--output_dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in (tmp_path / "a1111").glob("*.png")) == ["0-12.png", "1-13.png"]
+    assert "seed 12" in result.stdout
+    assert "iVBOR" not in result.stdout + result.stderr
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "teal").save(buffer, "PNG")
+    extras = {
+        "image": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        "upscaler_1": "Lanczos",
+        "upscaling_resize": 2,
+    }
+    result = run_here(["--test_input", json.dumps({"id": "extras", "input": extras}), "--output_dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    [png] = (tmp_path / "extras").glob("*.png")
+    with Image.open(png) as image:
+        assert image.size == (64, 64)

@@ -2,7 +2,7 @@
 
 ``finish`` encodes each image with A1111's parameters inside (``outputs``, ``parameters``), delivers it
 inline or to S3 and assembles the response with its metadata (``response``); an upscale job's answer is
-``upscaled``'s. It holds no GPU state: jobs
+``upscaled``'s, and an A1111 request's is put in A1111's shape (``a1111``). It holds no GPU state: jobs
 may finish while another job runs. It may import every stage before it, and nothing imports it but
 ``handler`` and the tools (``local``, ``docs``).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+from src.finish.a1111 import a1111_answer, a1111_upscale_answer
 from src.finish.response import encode_response
 from src.finish.upscaled import encode_upscale_response
 from src.prepare import UpscalePlan
@@ -47,14 +48,13 @@ def finish(
         answer = encode_upscale_response(
             plan, upscaled, settings=settings, storage=storage, job_id=job_id, started=started
         )
+        if plan.a1111 is not None:
+            return a1111_upscale_answer(plan.a1111, plan, answer)
         return answer.model_dump(exclude_none=True)
+    made = cast("Generation", generation)
     response = encode_response(
-        plan.request,
-        cast("Generation", generation),
-        settings=settings,
-        storage=storage,
-        job_id=job_id,
-        started=started,
-        inputs=plan.inputs,
+        plan.request, made, settings=settings, storage=storage, job_id=job_id, started=started, inputs=plan.inputs
     )
+    if plan.a1111 is not None:
+        return a1111_answer(plan.a1111, plan, made, response)
     return response.model_dump(exclude_none=True)

@@ -128,35 +128,37 @@ def _encoded(
     request: GenerateRequest, generation: Generation, settings: Settings, inputs: Inputs | None
 ) -> list[EncodedImage]:
     """Each image as a file of the request's format, with A1111's parameters inside unless turned off."""
-    source_size = inputs.source_size if inputs is not None else None
-    control_sizes = inputs.controls.sources if inputs is not None and inputs.controls is not None else []
-    model = generation.model
+    texts = infotexts(request, generation, inputs) if settings.embed_parameters else [None] * len(generation.images)
     return [
         EncodedImage(
-            data=encode_image(
-                image,
-                request.output_format,
-                request.output_quality,
-                a1111_parameters(
-                    request,
-                    seed,
-                    model.name,
-                    model_hash=model.model_hash,
-                    vae=model.vae,
-                    vae_hash=model.vae_hash,
-                    source_size=source_size,
-                    embeddings=generation.embeddings,
-                    loras=generation.loras,
-                    control_sizes=control_sizes,
-                )
-                if settings.embed_parameters
-                else None,
-            ),
+            data=encode_image(image, request.output_format, request.output_quality, text),
             seed=seed,
             format=request.output_format,
             nsfw=None if generation.nsfw is None else generation.nsfw[index],
         )
-        for index, (image, seed) in enumerate(zip(generation.images, generation.seeds, strict=True))
+        for index, (image, seed, text) in enumerate(zip(generation.images, generation.seeds, texts, strict=True))
+    ]
+
+
+def infotexts(request: GenerateRequest, generation: Generation, inputs: Inputs | None) -> list[str]:
+    """A1111's parameters text of each image, in seed order: what its files carry and A1111's ``infotexts``."""
+    source_size = inputs.source_size if inputs is not None else None
+    control_sizes = inputs.controls.sources if inputs is not None and inputs.controls is not None else []
+    model = generation.model
+    return [
+        a1111_parameters(
+            request,
+            seed,
+            model.name,
+            model_hash=model.model_hash,
+            vae=model.vae,
+            vae_hash=model.vae_hash,
+            source_size=source_size,
+            embeddings=generation.embeddings,
+            loras=generation.loras,
+            control_sizes=control_sizes,
+        )
+        for seed in generation.seeds
     ]
 
 

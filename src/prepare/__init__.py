@@ -16,7 +16,7 @@ errors, settings, storage, schema, models, prompts and adapters, never ``run`` o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ from src.prepare.inputs import Inputs, prepare_inputs
 from src.prepare.passes import Pass, plan_passes
 from src.prepare.upscale import UpscalePlan, prepare_upscale
 from src.prompts.syntax import PromptError, TextPlan, plan_texts
-from src.schema import GenerateRequest, InputError, names_upscale, parse_input
+from src.schema import A1111Call, GenerateRequest, InputError, names_upscale, parse_input, read_a1111
 
 if TYPE_CHECKING:
     from src.adapters.catalog import Catalog
@@ -51,6 +51,8 @@ class JobPlan:
     # until the job ends (``release``).
     downloaded: tuple[Downloaded, ...] = ()
     lease: Lease = field(default_factory=Lease, compare=False)
+    # The A1111 request the job came as, to be answered in A1111's shape; None for this worker's own.
+    a1111: A1111Call | None = None
 
     def release(self) -> None:
         """The job has ended: its downloaded files may be evicted from the cache again."""
@@ -90,9 +92,30 @@ def prepare(
             names each field.
         ResponseTooLargeError: the answer could not fit inline.
     """
+    call = read_a1111(job)
+    if call is None:
+        return _prepare(job, settings, catalog=catalog, storage=storage, downloads=downloads)
+    # An A1111 request: this worker's input made of it, its errors naming A1111's fields, its answer A1111's.
+    native = {**job, "input": call.input}
+    try:
+        plan = _prepare(native, settings, catalog=catalog, storage=storage, downloads=downloads, names=call.names)
+    except InputError as error:
+        raise InputError(call.renamed(str(error))) from None
+    return dataclasses.replace(plan, a1111=call)
+
+
+def _prepare(
+    job: Any,
+    settings: Settings,
+    *,
+    catalog: Callable[[], Catalog],
+    storage: S3Storage | None,
+    downloads: Callable[[], Downloads] | None,
+    names: Mapping[str, str] | None = None,
+) -> JobPlan | UpscalePlan:
     if names_upscale(job):
-        return prepare_upscale(job, settings, catalog=catalog, storage=storage)
-    request = parse_input(job, settings)
+        return prepare_upscale(job, settings, catalog=catalog, storage=storage, names=names)
+    request = parse_input(job, settings, names)
     problems = catalog().problems(request)
     if problems:
         raise InputError(f"invalid input: {'; '.join(problems)}")

@@ -7,7 +7,7 @@ break fails here, before the job waits for the GPU, and what comes out is one im
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from src.prepare.delivery import check_inline_fits
 from src.prepare.images import load_image
-from src.schema import InputError, UpscaleRequest, parse_upscale, resolve_upscale_size
+from src.schema import A1111Call, InputError, UpscaleRequest, parse_upscale, resolve_upscale_size
 
 if TYPE_CHECKING:
     from src.adapters.catalog import Catalog
@@ -37,6 +37,8 @@ class UpscalePlan:
     parameters: str | None = None
     warnings: list[str] = field(default_factory=list)
     read_ms: float = 0.0
+    # The A1111 request (extra-single-image) the job came as; None for this worker's own.
+    a1111: A1111Call | None = None
 
     @property
     def source_size(self) -> tuple[int, int]:
@@ -52,7 +54,12 @@ class UpscalePlan:
 
 
 def prepare_upscale(
-    job: Any, settings: Settings, *, catalog: Callable[[], Catalog], storage: S3Storage | None
+    job: Any,
+    settings: Settings,
+    *,
+    catalog: Callable[[], Catalog],
+    storage: S3Storage | None,
+    names: Mapping[str, str] | None = None,
 ) -> UpscalePlan:
     """An upscale job's input, checked, its image read and its size settled.
 
@@ -61,8 +68,8 @@ def prepare_upscale(
             that cannot be read, or asks for a size that is not larger or is over MAX_UPSCALE_SIDE.
         ResponseTooLargeError: the answer could not fit inline.
     """
-    request = parse_upscale(job, settings)
-    problem = catalog().upscaler_problem(request.upscaler, "upscaler")
+    request = parse_upscale(job, settings, names)
+    problem = catalog().upscaler_problem(request.upscaler, (names or {}).get("upscaler", "upscaler"))
     if problem:
         raise InputError(f"invalid input: {problem}")
     started = time.perf_counter()

@@ -16,11 +16,13 @@ Its modules, each importing only those above it:
 - ``size``: the job's size checked against the limits, and settled from an input image (``resolve_size``);
 - ``request``: ``GenerateRequest``, the rules across field groups, ``parse_input``;
 - ``upscale``: ``UpscaleRequest``, an image enlarged with no diffusion, and its size;
-- ``response``: the response models.
+- ``response``: the response models;
+- ``a1111``: A1111's own API payloads (``/sdapi/v1/txt2img``...) read as this worker's input (``read_a1111``).
 
 Callers import from ``src.schema`` itself, which re-exports every public name.
 """
 
+from src.schema.a1111 import A1111_ENDPOINTS, A1111Call, names_a1111, read_a1111
 from src.schema.adapters import (
     CONTROL_MODE_ALIASES,
     CONTROL_MODE_LABELS,
@@ -109,6 +111,7 @@ from src.schema.upscale import (
 )
 
 __all__ = [
+    "A1111_ENDPOINTS",
     "CLIP_SKIP_MAX",
     "CONFIGURED_DEFAULT",
     "CONFIGURED_MAXIMUM",
@@ -146,6 +149,7 @@ __all__ = [
     "UPSCALE_BUILT_IN",
     "UPSCALE_SCALE_DEFAULT",
     "UPSCALE_SCALE_MAX",
+    "A1111Call",
     "AppliedControlNet",
     "AppliedLora",
     "ControlNetUnit",
@@ -175,10 +179,12 @@ __all__ = [
     "check_size",
     "describe_errors",
     "lora_tags",
+    "names_a1111",
     "names_upscale",
     "parse_describe",
     "parse_input",
     "parse_upscale",
+    "read_a1111",
     "resolve_size",
     "resolve_upscale_size",
     "without_lora_tags",

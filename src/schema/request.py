@@ -82,6 +82,8 @@ class GenerateRequest(AdapterOptions):
                 problems.append("hires: is for text-to-image; with an image, `strength` sets how much is repainted")
             if self.mask is not None and self.outpaint is not None:
                 problems.append("mask: not with outpaint, whose new area is the mask")
+            if self.outpaint is not None and "mask_invert" in given:
+                problems.append("mask_invert: needs a mask; outpaint paints its new area")
             if self.mask is None and self.outpaint is None:
                 problems += [f"{name}: needs a mask or outpaint" for name in MASK_FIELDS if name in given]
             if int(self.num_inference_steps * self.strength) < 1:
@@ -176,7 +178,7 @@ class GenerateRequest(AdapterOptions):
         return [(self.seed + index) % (SEED_MAX + 1) for index in range(self.num_images)]
 
 
-def _shown(value: Any, limit: int = 60) -> str:
+def shown(value: Any, limit: int = 60) -> str:
     """``value`` as it came in, abbreviated when long so an error stays readable."""
     text = repr(value)
     if len(text) <= limit:
@@ -209,8 +211,13 @@ def _fields_note(parent: str, top: type[BaseModel]) -> str:
     return f"; the fields of {parent} are: {', '.join(model.model_fields)}"
 
 
-def describe_errors(error: ValidationError, top: type[BaseModel] = GenerateRequest) -> str:
+def describe_errors(
+    error: ValidationError, top: type[BaseModel] = GenerateRequest, names: Mapping[str, str] | None = None
+) -> str:
     """One line naming each bad field of a ``top`` request, the value received and the rule it broke.
+
+    ``names`` renames fields (their dotted paths) to those the client sent, for an input translated from
+    A1111's vocabulary (``num_inference_steps`` -> ``steps``).
 
     At most ``MAX_PROBLEMS_SHOWN`` problems are spelled out, and the line stays within
     ``MAX_ERROR_CHARS``: an input with thousands of unknown keys still gets a readable answer.
@@ -220,7 +227,9 @@ def describe_errors(error: ValidationError, top: type[BaseModel] = GenerateReque
     # Where unknown fields were found: the request itself ("") or one of its nested objects.
     unknown_in: list[str] = []
     for item in error.errors(include_url=False):
-        field = _field_name(".".join(str(part) for part in item["loc"])) or "input"
+        path = ".".join(str(part) for part in item["loc"])
+        # A renamed field is the client's own A1111 name, shown whole; an unknown key, abbreviated when long.
+        field = (names or {}).get(path) or _field_name(path) or "input"
         kind = item["type"]
         message = item["msg"].removeprefix("Value error, ")
         message = message.replace("Input should be", "must be").replace("String should have", "must have")
@@ -234,19 +243,25 @@ def describe_errors(error: ValidationError, top: type[BaseModel] = GenerateReque
         elif field == "input":
             problems.append(message)
         else:
-            problems.append(f"{field}={_shown(item['input'])}: {message}")
+            problems.append(f"{field}={shown(item['input'])}: {message}")
     fields_note = "".join(_fields_note(parent, top) for parent in unknown_in)
+    return joined_problems(problems, fields_note)
+
+
+def joined_problems(problems: list[str], note: str = "") -> str:
+    """An input error of one line: the first ``MAX_PROBLEMS_SHOWN`` ``problems``, within ``MAX_ERROR_CHARS`` with
+    the ``note`` that ends it."""
     # Room for "; ... and 99999 more problems" as well.
-    budget = MAX_ERROR_CHARS - len(INVALID_INPUT) - len(fields_note) - 40
-    shown: list[str] = []
+    budget = MAX_ERROR_CHARS - len(INVALID_INPUT) - len(note) - 40
+    shown_problems: list[str] = []
     for problem in problems[:MAX_PROBLEMS_SHOWN]:
         budget -= len(problem) + 2
-        if budget < 0 and shown:
+        if budget < 0 and shown_problems:
             break
-        shown.append(problem)
-    if len(problems) > len(shown):
-        shown.append(f"... and {len(problems) - len(shown)} more problems")
-    return INVALID_INPUT + "; ".join(shown) + fields_note
+        shown_problems.append(problem)
+    if len(problems) > len(shown_problems):
+        shown_problems.append(f"... and {len(problems) - len(shown_problems)} more problems")
+    return INVALID_INPUT + "; ".join(shown_problems) + note
 
 
 class DescribeRequest(BaseModel):
@@ -270,14 +285,15 @@ def parse_describe(job: Any) -> DescribeRequest | None:
     if not isinstance(data, dict) or "describe" not in data:
         return None
     if data["describe"] is not True:
-        raise InputError(f"invalid input: describe={_shown(data['describe'])}: must be true")
+        raise InputError(f"invalid input: describe={shown(data['describe'])}: must be true")
     if others := sorted(str(name) for name in data if name != "describe"):
         raise InputError(f"invalid input: describe: a describe job takes no other field; got {', '.join(others)}")
     return DescribeRequest.model_validate(data)
 
 
-def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
-    """Validate a RunPod job's ``input`` into a ``GenerateRequest``.
+def parse_input(job: Any, limits: RequestLimits, names: Mapping[str, str] | None = None) -> GenerateRequest:
+    """Validate a RunPod job's ``input`` into a ``GenerateRequest``; ``names`` renames fields in errors (see
+    ``describe_errors``).
 
     Raises:
         InputError: the job or its input breaks the contract; the message says where.
@@ -289,15 +305,15 @@ def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
     data = job["input"]
     if not isinstance(data, dict):
         raise InputError(
-            f"input={_shown(data)}: must be an object of generation parameters "
+            f"input={shown(data)}: must be an object of generation parameters "
             f'such as {{"prompt": "a fox"}}, got {type(data).__name__ if data is not None else "null"}'
         )
     if "task" in data:  # an upscale job is parsed by parse_upscale; a generation's task follows from its fields
         raise InputError(
-            f"invalid input: task={_shown(data['task'])}: must be 'upscale', the one task named; text-to-image, "
+            f"invalid input: task={shown(data['task'])}: must be 'upscale', the one task named; text-to-image, "
             "img2img, inpaint and outpaint follow from the fields (image, mask, outpaint): leave task out"
         )
     try:
         return GenerateRequest.model_validate(data, context={"limits": limits})
     except ValidationError as error:
-        raise InputError(describe_errors(error)) from None
+        raise InputError(describe_errors(error, names=names)) from None

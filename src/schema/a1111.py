@@ -1,0 +1,227 @@
+"""AUTOMATIC1111's own API payloads (``/sdapi/v1/txt2img``, ``img2img``, ``extra-single-image``) read as this
+worker's input.
+
+Two forms arrive. The wrapped one, which other RunPod A1111 workers take: ``{"api": {"method": "POST",
+"endpoint": "/sdapi/v1/txt2img"}, "payload": {...}}``. The flat one, which RunPod's own A1111 worker takes: the
+payload itself as the job's input, known by A1111's field names (``steps``, ``cfg_scale``, ``sampler_name``...).
+``read_a1111`` turns either into this worker's input, which ``GenerateRequest`` or ``UpscaleRequest`` then checks
+as any other, and an ``A1111Call``: the endpoint to answer as, the payload to echo, and which A1111 field each of
+this worker's fields came from, so that an error names the field the client sent.
+
+Every field of A1111's request models is read: translated, honoured, or accepted at a value that changes nothing
+(its neutral value, or any value when it only matters behind a switch that is off). Any other value is refused by
+name, as is an unknown field: nothing a client sends is silently dropped. Defaults are A1111's own (50 steps,
+CFG 7, Euler, 512x512), so that a payload means here what it means there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from src.schema.a1111_fields import Translation, translate_upscale
+from src.schema.core import INVALID_INPUT, InputError
+from src.schema.request import joined_problems, shown
+
+# The endpoints a job may name, and what each is here.
+A1111_ENDPOINTS: Mapping[str, str] = {
+    "/sdapi/v1/txt2img": "txt2img",
+    "/sdapi/v1/img2img": "img2img",
+    "/sdapi/v1/extra-single-image": "extra-single-image",
+}
+# This worker's fields that mean the same in an A1111 payload: the output options, which A1111 lacks.
+NATIVE_IN_A1111 = ("output_format", "output_quality", "output_type")
+
+
+# The field path an error's problem starts with: ``hires.upscaler='x': ...``, ``controlnets.0.image: ...``.
+_LEADING_FIELD = re.compile(r"([A-Za-z_][\w.]*)(?=[=:])")
+
+
+@dataclass(frozen=True)
+class A1111Call:
+    """An A1111 request, read: this worker's input, and how to answer in A1111's shape."""
+
+    # ``txt2img``, ``img2img`` or ``extra-single-image``.
+    endpoint: str
+    # This worker's input made of the payload.
+    input: dict[str, Any]
+    # The payload as A1111 echoes it in its answer (``parameters``), its images left out.
+    parameters: dict[str, Any]
+    # A1111's ``send_images`` (``show_extras_results`` for an upscale): false answers with no images.
+    send_images: bool = True
+    # This worker's field path -> the A1111 field it came from, for naming fields in errors.
+    names: Mapping[str, str] = field(default_factory=dict)
+    # What the client should know: a ControlNet unit left out by ``enabled: false``.
+    notes: tuple[str, ...] = ()
+
+    def renamed(self, message: str) -> str:
+        """An input error about this worker's fields, each problem led by the A1111 field the client sent."""
+        body = message.removeprefix(INVALID_INPUT)
+        problems = []
+        for problem in body.split("; "):
+            path = _LEADING_FIELD.match(problem)
+            named = path is not None and path.group(1) in self.names
+            problems.append(self.names[path.group(1)] + problem[path.end(1) :] if path and named else problem)
+        return message[: len(message) - len(body)] + "; ".join(problems)
+
+
+# This worker's fields, by the A1111 field that names the same thing in an A1111 request.
+_COUNTERPARTS: Mapping[str, str] = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "cfg_scale",
+    "num_images": "batch_size",
+    "strength": "denoising_strength",
+    "hires": "enable_hr",
+    "inpaint_area": "inpaint_full_res",
+    "inpaint_padding": "inpaint_full_res_padding",
+    "inpaint_fill": "inpainting_fill",
+    "mask_invert": "inpainting_mask_invert",
+    "model": "override_settings.sd_model_checkpoint",
+    "vae": "override_settings.sd_vae",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "controlnets": "alwayson_scripts.controlnet",
+    "upscaler": "upscaler_1",
+    "scale": "upscaling_resize",
+    "task": "api.endpoint",
+}
+# A1111's fields that this worker's own input never has: one of them makes a flat input an A1111 payload.
+A1111_ONLY_FIELDS = frozenset(
+    {
+        "steps", "cfg_scale", "sampler_name", "sampler_index", "batch_size", "n_iter", "denoising_strength",
+        "init_images", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+        "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+        "firstphase_width", "firstphase_height", "restore_faces", "styles", "override_settings",
+        "override_settings_restore_afterwards", "alwayson_scripts", "script_name", "script_args", "send_images",
+        "save_images", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
+        "mask_blur_x", "mask_blur_y", "mask_round", "initial_noise_multiplier", "latent_mask", "image_cfg_scale",
+        "include_init_images", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond",
+        "do_not_save_samples", "do_not_save_grid", "refiner_checkpoint", "refiner_switch_at",
+        "disable_extra_networks", "firstpass_image", "comments", "force_task_id", "infotext", "seed_enable_extras",
+        "token_merging_ratio", "token_merging_ratio_hr", "upscaling_resize", "upscaling_resize_w",
+        "upscaling_resize_h", "upscaling_crop", "upscaler_1", "upscaler_2", "extras_upscaler_2_visibility",
+        "gfpgan_visibility", "codeformer_visibility", "codeformer_weight", "upscale_first", "show_extras_results",
+    }
+)  # fmt: skip
+_EXTRAS_FIELDS = frozenset(
+    name for name in A1111_ONLY_FIELDS if name.startswith(("upscal", "extras_", "gfpgan", "codeformer"))
+)
+
+
+def _endpoint(api: Any) -> str:
+    """The endpoint an ``api`` object names, as a key of ``A1111_ENDPOINTS``.
+
+    Raises:
+        InputError: ``api`` is not ``{"method": "POST", "endpoint": ...}`` naming a known endpoint.
+    """
+    known = ", ".join(A1111_ENDPOINTS)
+    if not isinstance(api, dict) or set(api) - {"method", "endpoint"}:
+        raise InputError(f'{INVALID_INPUT}api={shown(api)}: must be {{"method": "POST", "endpoint": ...}}')
+    endpoint = api.get("endpoint")
+    path = "/" + endpoint.strip().strip("/") if isinstance(endpoint, str) else None
+    method = api.get("method", "POST")
+    for name in A1111_ENDPOINTS:
+        if path not in (name, name.removeprefix("/sdapi/v1")):
+            continue
+        if not isinstance(method, str) or method.strip().upper() != "POST":
+            raise InputError(f"{INVALID_INPUT}api.method={shown(method)}: must be POST, the method of {known}")
+        return name
+    raise InputError(
+        f"{INVALID_INPUT}api.endpoint={shown(endpoint)}: not an endpoint this worker answers; it answers {known} "
+        '(and {"describe": true} lists its models, samplers and upscalers)'
+    )
+
+
+def _flat_endpoint(data: Mapping[str, Any]) -> str:
+    if data.keys() & _EXTRAS_FIELDS:
+        return "/sdapi/v1/extra-single-image"
+    return "/sdapi/v1/img2img" if "init_images" in data else "/sdapi/v1/txt2img"
+
+
+def _native_fields(data: Mapping[str, Any], endpoint: str) -> tuple[list[str], set[str]]:
+    """This worker's own fields in an A1111 payload, each refused with its A1111 counterpart: the problems and the
+    fields they name."""
+    problems, named = [], set()
+    extras = endpoint.endswith("extra-single-image")
+    native = {*_COUNTERPARTS, "image", "loras", "outpaint", "keep_unmasked", "inpaint_area", "hires"}
+    for name in sorted(set(data) & native):
+        if name == "image" and extras:
+            continue
+        named.add(name)
+        counterpart = "init_images" if name == "image" else _COUNTERPARTS.get(name)
+        if counterpart is not None and counterpart.split(".")[0] in data:
+            problems.append(
+                f"{name} and {counterpart}: name the same thing in two vocabularies, this worker's and A1111's; "
+                f"keep {counterpart}, as the payload's other fields are A1111's"
+            )
+        else:
+            instead = f"A1111's is {counterpart}" if counterpart else "send the job in this worker's own form"
+            problems.append(f"{name}: this worker's field, in a payload read as A1111's; {instead}")
+    return problems, named
+
+
+def _echo(payload: Mapping[str, Any], endpoint: str) -> dict[str, Any]:
+    """The payload as A1111 echoes it in ``parameters``: its input images left out (unless include_init_images)."""
+    echo = dict(payload)
+    if endpoint == "img2img" and payload.get("include_init_images") is not True:
+        echo.update(init_images=None, mask=None)
+    if endpoint == "extra-single-image":
+        echo["image"] = None
+    scripts = echo.get("alwayson_scripts")
+    if isinstance(scripts, dict):
+        echo["alwayson_scripts"] = {
+            name: {"args": [{**unit, "image": None} if isinstance(unit, dict) else unit for unit in script["args"]]}
+            if isinstance(script, dict) and isinstance(script.get("args"), list)
+            else script
+            for name, script in scripts.items()
+        }
+    return echo
+
+
+def names_a1111(data: Any) -> bool:
+    """Whether a job's input is an A1111 request: wrapped (``api`` and ``payload``) or flat (A1111's field names)."""
+    return isinstance(data, dict) and ("api" in data or bool(data.keys() & A1111_ONLY_FIELDS))
+
+
+def read_a1111(job: Any) -> A1111Call | None:
+    """The job's input read as an A1111 request; None when it is this worker's own.
+
+    Raises:
+        InputError: naming every field the worker cannot honour, or an unknown endpoint with the known ones.
+    """
+    data = job.get("input") if isinstance(job, dict) else None
+    if not names_a1111(data):
+        return None
+    assert isinstance(data, dict)
+    if "api" in data:
+        if others := sorted(str(name) for name in set(data) - {"api", "payload"}):
+            raise InputError(f"{INVALID_INPUT}{', '.join(others)}: an A1111 request has only api and payload")
+        endpoint, payload = _endpoint(data["api"]), data.get("payload")
+        if not isinstance(payload, dict):
+            raise InputError(f"{INVALID_INPUT}payload={shown(payload)}: must be the A1111 request's JSON object")
+    else:
+        endpoint, payload = _flat_endpoint(data), data
+    problems, named = _native_fields(payload, endpoint)
+    translation = Translation(A1111_ENDPOINTS[endpoint], payload)
+    translation.fields.accept(*NATIVE_IN_A1111, *named)
+    if endpoint.endswith("extra-single-image"):
+        translate_upscale(translation)
+    else:
+        translation.generation()
+        translation.hires() if endpoint.endswith("txt2img") else translation.img2img()
+    for name in NATIVE_IN_A1111:
+        if name in payload:
+            translation.out[name] = payload[name]
+    translation.fields.unknown(f"of A1111's {endpoint} (docs/a1111.md lists the fields read)")
+    if problems := problems + translation.fields.problems:
+        raise InputError(joined_problems(problems))
+    send = payload.get("show_extras_results" if endpoint.endswith("extra-single-image") else "send_images", True)
+    return A1111Call(
+        endpoint=A1111_ENDPOINTS[endpoint],
+        input=translation.out,
+        parameters=_echo(payload, A1111_ENDPOINTS[endpoint]),
+        send_images=send is not False,
+        names=translation.names,
+        notes=tuple(translation.notes),
+    )

@@ -1,0 +1,519 @@
+"""The fields of an A1111 payload, read one by one into this worker's input (``Translation``).
+
+Each of A1111's fields is translated, honoured, or accepted at a value that changes nothing (its neutral value,
+or any value when it acts only behind a switch that is off); any other value is refused by name, and ``Fields``
+refuses the fields never read as unknown. ``src.schema.a1111`` says which payload is read and how it is answered.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from src.schema.adapters import without_lora_tags
+from src.schema.core import canonical_scheduler
+from src.schema.request import shown
+
+# A1111's API defaults, where they differ from this worker's own.
+A1111_DEFAULTS: Mapping[str, Any] = {
+    "steps": 50,
+    "cfg_scale": 7.0,
+    "sampler_name": "Euler",
+    "width": 512,
+    "height": 512,
+    "denoising_strength": 0.75,
+    "hr_scale": 2.0,
+    "upscaling_resize": 2.0,
+}
+# The override_settings this worker honours.
+A1111_OVERRIDES = (
+    "sd_model_checkpoint",
+    "sd_vae",
+    "CLIP_stop_at_last_layers",
+    "samples_format",
+    "eta_noise_seed_delta",
+)
+# A1111's upscaler names for the files its users bake into UPSCALER_DIR under their own names.
+A1111_UPSCALER_NAMES: Mapping[str, str] = {
+    "R-ESRGAN 4x+": "RealESRGAN_x4plus",
+    "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
+    "R-ESRGAN General 4xV3": "realesr-general-x4v3",
+    "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3",
+    "R-ESRGAN AnimeVideo": "realesr-animevideov3",
+    "R-ESRGAN 2x+": "RealESRGAN_x2plus",
+}
+# The ControlNet extension's older names for its resize modes.
+_CONTROLNET_RESIZE_ALIASES = {
+    "inner fit (scale to fit)": "crop",
+    "scale to fit (inner fit)": "crop",
+    "outer fit (shrink to fit)": "fill",
+    "envelope (outer fit)": "fill",
+}
+# The ControlNet extension's canny resolution when a unit gives none (processor_res -1).
+CANNY_RESOLUTION = 512
+_AUTOMATIC = ("", "automatic", "use same scheduler")
+_SAME = ("", "use same sampler", "use same checkpoint", "none")
+_CHECKPOINT_HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")
+
+
+class Fields:
+    """A payload's fields as the translation reads them; those it never reads are unknown, and refused."""
+
+    def __init__(self, data: Mapping[str, Any], where: str = "") -> None:
+        self.data = data
+        self.where = where
+        self.read: set[str] = set()
+        self.problems: list[str] = []
+
+    def take(self, name: str, default: Any = None) -> Any:
+        """The field's value, or ``default`` when it is absent or null (A1111's models read null as unset)."""
+        self.read.add(name)
+        value = self.data.get(name)
+        return default if value is None else value
+
+    def given(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def accept(self, *names: str) -> None:
+        """Fields read and accepted at any value: they change nothing this worker returns."""
+        self.read.update(names)
+
+    def only(self, name: str, neutral: Callable[[Any], bool], why: str) -> None:
+        """Accept ``name`` absent, null or at a value ``neutral`` accepts; refuse any other, saying ``why``."""
+        value = self.take(name)
+        if value is not None and not neutral(value):
+            self.refuse(name, value, why)
+
+    def refuse(self, name: str, value: Any, why: str) -> None:
+        self.problems.append(f"{self.where}{name}={shown(value)}: {why}")
+
+    def unknown(self, known_note: str) -> None:
+        for name in sorted(str(key) for key in set(self.data) - self.read):
+            self.problems.append(f"{self.where}{name}: unknown field {known_note}")
+
+
+def _is_zero(value: Any) -> bool:
+    return value == 0 and not isinstance(value, bool)
+
+
+def _is_false(value: Any) -> bool:
+    return value is False or _is_zero(value)
+
+
+def _is_empty(value: Any) -> bool:
+    return value in ("", [], {})
+
+
+def _names_nothing(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() in _SAME
+
+
+def _file_name(value: Any) -> Any:
+    """A1111's checkpoint or VAE title (``sub\\name.safetensors [6ce0161689]``) as a name of MODELS_DIR or VAE_DIR."""
+    if not isinstance(value, str):
+        return value
+    name = _CHECKPOINT_HASH.sub("", value.strip()).replace("\\", "/")
+    return re.sub(r"\.(safetensors|ckpt|pth|pt|bin)$", "", name, flags=re.IGNORECASE)
+
+
+def _sampler(sampler: Any, schedule: Any) -> Any:
+    """This worker's scheduler for A1111's ``sampler_name`` and ``scheduler`` (its sigma schedule).
+
+    Raises:
+        ValueError: the pair is not one this worker has.
+    """
+    if not isinstance(sampler, str) or not isinstance(schedule, str) or schedule.strip().lower() in _AUTOMATIC:
+        return sampler
+    if sampler.strip().lower().endswith(schedule.strip().lower()):
+        return sampler
+    try:
+        return canonical_scheduler(f"{sampler} {schedule}")
+    except ValueError:
+        raise ValueError(
+            f"{sampler!r} with the {schedule!r} schedule is not a sampler this worker has; it has Karras schedules "
+            "for DPM++ 2M, DPM++ 2M SDE and LMS, and each sampler's own schedule ('Automatic')"
+        ) from None
+
+
+class Translation:
+    """One payload turned into this worker's input, field by field."""
+
+    def __init__(self, endpoint: str, payload: Mapping[str, Any]) -> None:
+        self.endpoint = endpoint
+        self.fields = Fields(payload)
+        self.out: dict[str, Any] = {}
+        self.names: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def copy(self, a1111: str, native: str, default: Any = None) -> None:
+        """``a1111`` into ``native``, as it came (A1111's default when absent; this worker's without one)."""
+        value = self.fields.take(a1111, default)
+        if value is not None:
+            self.out[native] = value
+        if native != a1111:
+            self.names[native] = a1111
+
+    # --- txt2img and img2img ---------------------------------------------------------------------------------
+
+    def generation(self) -> None:
+        fields = self.fields
+        for name in ("prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "tiling"):
+            self.copy(name, name)
+        for name in ("width", "height"):
+            self.copy(name, name, A1111_DEFAULTS[name])
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            self.copy(name, name)
+        self.copy("steps", "num_inference_steps", A1111_DEFAULTS["steps"])
+        self.copy("cfg_scale", "guidance_scale", A1111_DEFAULTS["cfg_scale"])
+        sampler = fields.take("sampler_name") or fields.take("sampler_index") or A1111_DEFAULTS["sampler_name"]
+        fields.accept("sampler_index")
+        try:
+            self.out["scheduler"] = _sampler(sampler, fields.take("scheduler"))
+        except ValueError as error:
+            fields.refuse("sampler_name", sampler, f"with scheduler: {error}")
+        self.names["scheduler"] = "sampler_name"
+        self._batch()
+        # As A1111 with disable_extra_networks: the prompt's <lora:...> tags are removed and no network applied.
+        if fields.take("disable_extra_networks") is True and isinstance(self.out.get("prompt"), str):
+            self.out["prompt"] = without_lora_tags(self.out["prompt"])
+        self._neutral_generation_fields()
+        read_overrides(self)
+        self._scripts()
+
+    def _batch(self) -> None:
+        fields = self.fields
+        batch_size, n_iter = fields.take("batch_size", 1), fields.take("n_iter", 1)
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in (batch_size, n_iter)):
+            fields.refuse("batch_size", [batch_size, n_iter], "batch_size and n_iter must be integers")
+            return
+        self.out["num_images"] = batch_size * n_iter
+        self.names["num_images"] = "batch_size x n_iter" if n_iter != 1 else "batch_size"
+        strength = self.out.get("subseed_strength")
+        if batch_size * n_iter > 1 and isinstance(strength, (int, float)) and strength > 0:
+            fields.refuse(
+                "subseed_strength",
+                strength,
+                f"with {batch_size * n_iter} images: A1111 gives every image of a variation batch the same seed "
+                "and subseed + i, this worker gives image i seed + i and one subseed; send one image per job "
+                "(batch_size 1, n_iter 1) with the subseed you want",
+            )
+
+    def _neutral_generation_fields(self) -> None:
+        fields = self.fields
+        fields.only("styles", _is_empty, "this worker keeps no saved styles: put their text in the prompts")
+        fields.only("restore_faces", _is_false, "face restoration (GFPGAN, CodeFormer) is not part of this worker")
+        fields.only(
+            "eta", lambda value: value in (0, 1), "this worker's samplers run at A1111's default eta (0 or 1) only"
+        )
+        fields.only("s_churn", _is_zero, "stochastic churn is not part of this worker's samplers")
+        fields.only("s_min_uncond", _is_zero, "negative guidance minimum sigma is not part of this worker")
+        for name in ("token_merging_ratio", "token_merging_ratio_hr"):
+            fields.only(name, _is_zero, "token merging is not part of this worker")
+        fields.only("firstpass_image", _is_empty, "a first pass's image is not taken: send it as img2img")
+        fields.only("infotext", _is_empty, "an infotext is not read: send its values as fields")
+        fields.only("refiner_checkpoint", _names_nothing, "a refiner is for SDXL; this worker serves SD 1.5")
+        fields.only("script_name", _names_nothing, "A1111's scripts are not part of this worker")
+        fields.only("save_images", _is_false, "the worker keeps no files: output_type 's3' stores them in a bucket")
+        # They act only with s_churn (0), a refiner, a script or on A1111's own disk and progress bar.
+        fields.accept("s_tmin", "s_tmax", "s_noise", "refiner_switch_at", "script_args")
+        fields.accept("do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards")
+        fields.accept("comments", "force_task_id", "send_images")
+        # Not among A1111's API fields (its API leaves it out, and ignores it), but sent by clients built on its
+        # processing class; the variation seed fields act here as A1111's API runs them, with extras on.
+        fields.accept("seed_enable_extras")
+
+    def _scripts(self) -> None:
+        fields = self.fields
+        scripts = fields.take("alwayson_scripts", {})
+        if not isinstance(scripts, dict):
+            fields.refuse("alwayson_scripts", scripts, "must be an object of scripts by name")
+            return
+        for name, script in scripts.items():
+            if str(name).lower() != "controlnet":
+                fields.refuse(f"alwayson_scripts.{name}", "...", "this worker runs no A1111 script but ControlNet's")
+            elif not isinstance(script, dict) or not isinstance(script.get("args", []), list) or set(script) - {"args"}:
+                fields.refuse(f"alwayson_scripts.{name}", script, 'must be {"args": [unit, ...]}')
+            else:
+                self._controlnet_units(str(name), script.get("args", []))
+
+    def _controlnet_units(self, key: str, args: list[Any]) -> None:
+        units: list[dict[str, Any]] = []
+        for index, arg in enumerate(args):
+            where = f"alwayson_scripts.{key}.args.{index}"
+            if not isinstance(arg, dict):
+                self.fields.refuse(where, arg, "must be a unit object, as the ControlNet extension's API takes it")
+                continue
+            size = (self.out.get("width"), self.out.get("height"))
+            unit = _ControlNetUnit(arg, f"{where}.", hires=self._hires_on(), size=size)
+            if unit.skipped:
+                self.notes.append(f"{where}: enabled false, not run (as the ControlNet extension)")
+            elif unit.unit is not None:
+                at = f"controlnets.{len(units)}"
+                self.names.update({f"{at}.{name}": f"{where}.{a1111}" for name, a1111 in unit.names})
+                units.append(unit.unit)
+            self.fields.problems += unit.fields.problems
+        if units:
+            self.out["controlnets"] = units
+            self.names["controlnets"] = f"alwayson_scripts.{key}.args"
+
+    def _hires_on(self) -> bool:
+        return self.endpoint == "txt2img" and self.fields.data.get("enable_hr") is True
+
+    def hires(self) -> None:
+        """txt2img's hires fix: read when ``enable_hr`` is on, accepted at any value when it is off."""
+        fields = self.fields
+        names = (
+            "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
+            "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "denoising_strength",
+            "firstphase_width", "firstphase_height",
+        )  # fmt: skip
+        if fields.take("enable_hr") is not True:
+            fields.accept(*names)
+            return
+        hires: dict[str, Any] = {"strength": fields.take("denoising_strength", A1111_DEFAULTS["denoising_strength"])}
+        hires["scale"] = self._hires_scale()
+        for a1111, native in (("hr_second_pass_steps", "steps"), ("hr_prompt", "prompt")):
+            if (value := fields.take(a1111)) is not None:
+                hires[native] = value
+        if (negative := fields.take("hr_negative_prompt")) is not None:
+            hires["negative_prompt"] = negative
+        upscaler = fields.take("hr_upscaler", "Latent")
+        hires["upscaler"] = "lanczos" if _names_nothing(upscaler) else A1111_UPSCALER_NAMES.get(upscaler, upscaler)
+        if not _names_nothing(model := fields.take("hr_checkpoint_name", "")):
+            hires["model"] = _file_name(model)
+        sampler = fields.take("hr_sampler_name", "")
+        schedule = fields.take("hr_scheduler", "")
+        if not _names_nothing(sampler) or not _names_nothing(schedule):
+            base = sampler if not _names_nothing(sampler) else self.fields.data.get("sampler_name") or "Euler"
+            if _names_nothing(schedule) or str(schedule).strip().lower() in _AUTOMATIC:
+                schedule = fields.data.get("scheduler") or ""
+            try:
+                hires["sampler"] = _sampler(base, schedule)
+            except ValueError as error:
+                fields.refuse("hr_sampler_name", sampler, f"with hr_scheduler: {error}")
+        for name in ("firstphase_width", "firstphase_height"):
+            fields.only(name, _is_zero, "A1111's old hires sizing is not read: use hr_scale or hr_resize_x/y")
+        self.out["hires"] = hires
+        self.names.update(
+            {
+                "hires": "enable_hr",
+                "hires.scale": "hr_scale",
+                "hires.strength": "denoising_strength",
+                "hires.steps": "hr_second_pass_steps",
+                "hires.upscaler": "hr_upscaler",
+                "hires.model": "hr_checkpoint_name",
+                "hires.sampler": "hr_sampler_name",
+                "hires.prompt": "hr_prompt",
+                "hires.negative_prompt": "hr_negative_prompt",
+            }
+        )
+
+    def _hires_scale(self) -> Any:
+        """``hr_scale``, or the factor that ``hr_resize_x`` and ``hr_resize_y`` name (both, or one of the two)."""
+        fields = self.fields
+        scale = fields.take("hr_scale", A1111_DEFAULTS["hr_scale"])
+        target_x, target_y = fields.take("hr_resize_x", 0), fields.take("hr_resize_y", 0)
+        if not target_x and not target_y:
+            return scale
+        width, height = self.out.get("width"), self.out.get("height")
+        if not all(isinstance(value, int) and value > 0 for value in (width, height, target_x or 1, target_y or 1)):
+            fields.refuse("hr_resize_x", [target_x, target_y], "must be whole pixels, with width and height")
+            return scale
+        factor = target_x / width if target_x else target_y / height
+        if (target_x and int(width * factor) != target_x) or (target_y and int(height * factor) != target_y):
+            fields.refuse(
+                "hr_resize_x",
+                [target_x, target_y],
+                f"hr_resize_x x hr_resize_y = {target_x}x{target_y} does not keep {width}x{height}'s proportions; "
+                "this worker's hires pass enlarges by one factor: use hr_scale, or one of the two",
+            )
+        return factor
+
+    def img2img(self) -> None:
+        fields = self.fields
+        images = fields.take("init_images")
+        if not isinstance(images, list) or len(images) != 1:
+            fields.refuse(
+                "init_images", images if images is not None else "(none)", "must be a list of one base64 image"
+            )
+        else:
+            self.out["image"], self.names["image"] = images[0], "init_images.0"
+        self.copy("denoising_strength", "strength", A1111_DEFAULTS["denoising_strength"])
+        resize_mode = fields.take("resize_mode", 0)
+        if resize_mode == 3:
+            fields.refuse("resize_mode", resize_mode, "A1111's latent upscale is not part of this worker: 0, 1 or 2")
+        else:
+            self.out["resize_mode"] = resize_mode
+        fields.only("initial_noise_multiplier", lambda value: value == 1, "this worker's noise is not scaled: only 1")
+        fields.only("latent_mask", _is_empty, "a separate latent mask is not taken: send mask")
+        fields.only("mask_round", lambda value: value is True, "this worker rounds the mask of the latents: only true")
+        # image_cfg_scale acts only on instruct-pix2pix models, which this worker does not serve.
+        fields.accept("image_cfg_scale", "include_init_images")
+        self._mask()
+
+    def _mask(self) -> None:
+        """The inpaint fields: read with a mask, accepted at any value without one (they act only with it)."""
+        fields = self.fields
+        mask = fields.take("mask")
+        blur = fields.take("mask_blur")
+        blur_x, blur_y = fields.take("mask_blur_x", 4), fields.take("mask_blur_y", 4)
+        fill = fields.take("inpainting_fill", 0)
+        full_res = fields.take("inpaint_full_res", True)
+        padding = fields.take("inpaint_full_res_padding", 0)
+        invert = fields.take("inpainting_mask_invert", 0)
+        if mask is None:
+            return
+        self.out["mask"] = mask
+        if blur is None and blur_x != blur_y:
+            fields.refuse("mask_blur_x", [blur_x, blur_y], "the mask is blurred alike both ways: mask_blur_x = y")
+        self.out["mask_blur"] = blur_x if blur is None else blur
+        self.names["mask_blur"] = "mask_blur" if blur is not None else "mask_blur_x"
+        fills = {0: "fill", 1: "original"}
+        if fill not in fills or isinstance(fill, bool):
+            fields.refuse("inpainting_fill", fill, "0 (fill) or 1 (original); latent noise and nothing are not taken")
+        else:
+            self.out["inpaint_fill"], self.names["inpaint_fill"] = fills[fill], "inpainting_fill"
+        self.out["inpaint_area"] = "masked" if full_res else "whole"
+        self.names["inpaint_area"] = "inpaint_full_res"
+        self.copy("inpaint_full_res_padding", "inpaint_padding", padding)
+        if invert not in (0, 1):
+            fields.refuse("inpainting_mask_invert", invert, "0 (paint the white) or 1 (paint the black)")
+        else:
+            self.out["mask_invert"], self.names["mask_invert"] = bool(invert), "inpainting_mask_invert"
+
+
+class _ControlNetUnit:
+    """One unit of ``alwayson_scripts.controlnet.args``, as the ControlNet extension's API takes it."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, *, hires: bool, size: tuple[Any, Any]) -> None:
+        self.fields = fields = Fields(data, where)
+        self.names: list[tuple[str, str]] = []
+        self.unit: dict[str, Any] | None = None
+        # The extension runs a unit only when enabled; a unit with no `enabled` runs, as in its older API.
+        self.skipped = fields.take("enabled", True) is False
+        image: Any = fields.take("image") or fields.take("input_image")
+        mask: Any = fields.take("mask") or fields.take("mask_image")
+        if isinstance(image, dict):
+            image, mask = image.get("image"), image.get("mask") or mask
+        module = str(fields.take("module", "none")).strip().lower()
+        unit: dict[str, Any] = {"model": _file_name(fields.take("model", "None")), "image": image}
+        self.names += [("model", "model"), ("image", "image")]
+        for a1111, native in (
+            ("weight", "scale"),
+            ("guidance_start", "start"),
+            ("guidance_end", "end"),
+            ("control_mode", "control_mode"),
+        ):
+            if (value := fields.take(a1111)) is not None:
+                unit[native] = value
+                self.names.append((native, a1111))
+        if (end := fields.take("guidance")) is not None:  # the extension's old name for guidance_end
+            unit["end"] = end
+        resize = fields.take("resize_mode", "Crop and Resize")
+        unit["resize_mode"] = _CONTROLNET_RESIZE_ALIASES.get(str(resize).strip().lower(), resize)
+        self.names.append(("resize_mode", "resize_mode"))
+        self._module(module, unit, size)
+        self._neutral(mask, hires=hires)
+        if not self.skipped:
+            self.unit = unit
+
+    def _module(self, module: str, unit: dict[str, Any], size: tuple[Any, Any]) -> None:
+        fields = self.fields
+        low, high = fields.take("threshold_a", -1), fields.take("threshold_b", -1)
+        resolution = fields.take("processor_res", -1)
+        pixel_perfect = fields.take("pixel_perfect", False)
+        if module == "none":
+            return  # the sliders act only on a preprocessor
+        if module != "canny":
+            fields.refuse("module", module, "this worker's preprocessors are none and canny")
+            return
+        unit["preprocess"] = "canny"
+        for name, value, native in (("threshold_a", low, "low"), ("threshold_b", high, "high")):
+            if value != -1:
+                whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+                unit[native] = int(value) if whole else value
+                self.names.append((native, name))
+        if pixel_perfect is True:
+            # The extension's pixel-perfect resolution, for a control image of the job's proportions.
+            sides = [side for side in size if isinstance(side, int)]
+            unit["processor_res"] = min(sides) if len(sides) == 2 else None
+        else:
+            unit["processor_res"] = CANNY_RESOLUTION if resolution == -1 else resolution
+        self.names.append(("processor_res", "processor_res"))
+
+    def _neutral(self, mask: Any, *, hires: bool) -> None:
+        fields = self.fields
+        if mask:
+            fields.refuse("mask", "...", "a unit's own mask is not taken")
+        if hires:
+            fields.only("hr_option", lambda value: value == "Both", "this worker's units act in both hires passes")
+        fields.accept("hr_option", "low_vram", "lowvram", "save_detected_map", "is_ui", "output_dir", "loopback")
+        fields.only("guessmode", _is_false, "guess mode is control_mode 'ControlNet is more important'")
+        for name in ("advanced_weighting", "effective_region_mask", "ipadapter_input", "batch_images"):
+            fields.only(name, _is_empty, "not part of this worker's ControlNet")
+        for name in ("batch_mask_dir", "batch_keyframe_idx", "batch_modifiers", "batch_image_files"):
+            fields.only(name, _is_empty, "batch units are not part of this worker")
+        fields.only("animatediff_batch", _is_false, "AnimateDiff is not part of this worker")
+        fields.only("input_mode", lambda value: str(value).lower() == "simple", "only one image per unit")
+        # They act only on IP-Adapter, PuLID and union models, which this worker does not serve, and
+        # inpaint_crop_input_image as this worker does (the control image cropped with inpaint_full_res).
+        fields.accept("pulid_mode", "union_control_type", "inpaint_crop_input_image")
+        fields.unknown("of a ControlNet unit")
+
+
+def read_overrides(self: Translation) -> None:
+    fields = self.fields
+    overrides = fields.take("override_settings", {})
+    if not isinstance(overrides, dict):
+        fields.refuse("override_settings", overrides, "must be an object of A1111 settings")
+        return
+    for name, value in overrides.items():
+        where = f"override_settings.{name}"
+        if name == "sd_model_checkpoint":
+            if not _names_nothing(value):
+                self.out["model"], self.names["model"] = _file_name(value), where
+        elif name == "sd_vae":
+            if not (isinstance(value, str) and value.strip().lower() in ("automatic", "none", "")):
+                self.out["vae"], self.names["vae"] = _file_name(value), where
+        elif name == "CLIP_stop_at_last_layers":
+            self.out["clip_skip"], self.names["clip_skip"] = value, where
+        elif name == "samples_format":
+            self.out["output_format"], self.names["output_format"] = value, where
+        elif name == "eta_noise_seed_delta":
+            if not _is_zero(value):
+                fields.refuse(where, value, "this worker's noise has no seed delta: only 0")
+        else:
+            fields.refuse(where, value, f"not a setting this worker takes; it takes {', '.join(A1111_OVERRIDES)}")
+
+
+def translate_upscale(self: Translation) -> None:
+    fields = self.fields
+    self.out["task"] = "upscale"
+    self.copy("image", "image")
+    upscaler = fields.take("upscaler_1", "None")
+    if _names_nothing(upscaler):
+        fields.refuse("upscaler_1", upscaler, "names no upscaler: an upscale job enlarges the image by one")
+    else:
+        self.out["upscaler"] = A1111_UPSCALER_NAMES.get(upscaler, upscaler)
+    self.names["upscaler"] = "upscaler_1"
+    mode = fields.take("resize_mode", 0)
+    factor = fields.take("upscaling_resize", A1111_DEFAULTS["upscaling_resize"])
+    target = fields.take("upscaling_resize_w", 512), fields.take("upscaling_resize_h", 512)
+    crop = fields.take("upscaling_crop", True)
+    if mode == 0 and not isinstance(mode, bool):
+        self.out["scale"], self.names["scale"] = factor, "upscaling_resize"
+    elif mode == 1:
+        self.out["width"], self.out["height"] = target
+        self.out["resize_mode"] = "crop" if crop else "resize"
+        self.names.update(width="upscaling_resize_w", height="upscaling_resize_h", resize_mode="upscaling_crop")
+    else:
+        fields.refuse("resize_mode", mode, "0 (by upscaling_resize) or 1 (to upscaling_resize_w x _h)")
+    second = fields.take("upscaler_2", "None")
+    if not _names_nothing(second):
+        fields.only("extras_upscaler_2_visibility", _is_zero, "a second upscaler's blend is not taken")
+    fields.accept("extras_upscaler_2_visibility")
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        fields.only(name, _is_zero, "face restoration (GFPGAN, CodeFormer) is not part of this worker")
+    # They act only with face restoration (0 above).
+    fields.accept("codeformer_weight", "upscale_first", "show_extras_results")

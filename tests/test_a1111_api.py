@@ -1,0 +1,702 @@
+"""A1111's own API payloads, through the handler on the tiny model: the same pixels as the native request, A1111's
+answer, and every field the worker cannot honour refused by name.
+
+The payloads are written from A1111's API documentation (its ``/docs`` page, generated from
+``StableDiffusionProcessingTxt2Img``/``Img2Img`` and ``ExtrasSingleImageRequest``) and the ControlNet extension's
+API wiki, as clients send them: RunPod's own A1111 worker's flat form, other RunPod A1111 workers' wrapped form
+(``{"api": {...}, "payload": {...}}``), and a client generated from the docs, which sends every field at its
+neutral value. Each is run beside the native request that means the same, and the two must give the same pixels.
+
+``parse_infotext`` reads the answer's infotexts as A1111's ``parse_generation_parameters`` does (rewritten here
+from its description: the prompt's lines, a ``Negative prompt:`` line, then ``Key: value`` pairs on the last line,
+a value JSON-quoted when it holds a comma), so a client that reads A1111's infotexts reads these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import handler
+from builder.tiny_model import CONTROLNET_DIFFUSERS, write_tiny_controlnets, write_tiny_model, write_tiny_models
+from builder.tiny_upscalers import write_tiny_upscalers
+from src.schema import read_a1111
+from src.settings import Settings
+from tests.conftest import box_mask, noise_image
+from tests.stand_ins.spandrel_loader import import_spandrel
+
+SIZE = {"width": 64, "height": 64}
+PROMPT = "a lighthouse on a cliff, (storm:1.2)"
+NEGATIVE = "blurry"
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+PICTURE = png_base64(noise_image(64, 64, seed=4))
+MASK = png_base64(box_mask(64, 64, (16, 16, 48, 48)))
+# A control image of shapes, so that canny finds edges.
+_shapes = Image.new("RGB", (64, 64), "black")
+_shapes.paste((255, 255, 255), (12, 20, 40, 52))
+CONTROL = png_base64(_shapes)
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its ControlNets, MODELS_DIR's tiny models and the tiny upscalers."""
+    folder = write_tiny_model(tmp_path_factory.mktemp("a1111"))
+    write_tiny_controlnets(folder)
+    write_tiny_models(folder / "models")
+    write_tiny_upscalers(folder / "upscalers")
+    return folder
+
+
+@pytest.fixture
+def worker(volume: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import_spandrel()
+    for field in Settings.model_fields.values():
+        monkeypatch.delenv(str(field.alias), raising=False)
+    monkeypatch.setenv("MODEL_ID", str(volume))
+    monkeypatch.setenv("MODEL_CONFIG", str(volume))
+    monkeypatch.setenv("MODELS_DIR", str(volume / "models"))
+    monkeypatch.setenv("CONTROLNET_DIR", str(volume / "controlnets"))
+    monkeypatch.setenv("UPSCALER_DIR", str(volume / "upscalers"))
+    monkeypatch.setenv("EMBED_PARAMETERS", "true")
+    monkeypatch.setattr(handler, "_settings", None)
+    monkeypatch.setattr(handler, "_engine", None)
+
+
+def run(job_input: dict[str, Any]) -> dict[str, Any]:
+    return asyncio.run(handler.handler({"id": "a1111", "input": job_input}))
+
+
+def wrapped(endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return {"api": {"method": "POST", "endpoint": f"/sdapi/v1/{endpoint}"}, "payload": payload}
+
+
+def pixels(data: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def native_pixels(result: dict[str, Any]) -> list[np.ndarray]:
+    assert "error" not in result, result["error"]
+    return [pixels(item["image"]) for item in result["images"]]
+
+
+def a1111_pixels(result: dict[str, Any]) -> list[np.ndarray]:
+    assert "error" not in result, result["error"]
+    assert set(result) >= {"images", "parameters", "info"}, result.keys()
+    assert all(isinstance(item, str) for item in result["images"])
+    return [pixels(item) for item in result["images"]]
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """An infotext read as A1111's parse_generation_parameters reads one (written from its description)."""
+    *lines, last = text.strip().split("\n")
+    if not re.findall(r"\s*(\w[\w \-/]+):\s*(\"(?:\\.|[^\\\"])+\"|[^,]*)(?:,|$)", last) or len(lines) == 0:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        in_negative = in_negative or line.startswith("Negative prompt:")
+        (negative if in_negative else prompt).append(line.removeprefix("Negative prompt:").strip())
+    found: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, raw in re.findall(r"\s*(\w[\w \-/]+):\s*(\"(?:\\.|[^\\\"])+\"|[^,]*)(?:,|$)", last):
+        value = raw.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        size = re.fullmatch(r"(\d+)x(\d+)", value)
+        if size:
+            found[f"{key}-1"], found[f"{key}-2"] = size.group(1), size.group(2)
+        found[key] = value
+    return found
+
+
+# --- The payloads, each beside the native request that means the same ---------------------------------------
+
+# RunPod's own A1111 worker: the txt2img payload itself as the job's input.
+FLAT = {
+    "prompt": PROMPT,
+    "negative_prompt": NEGATIVE,
+    "steps": 3,
+    "cfg_scale": 7,
+    "sampler_name": "DPM++ 2M Karras",
+    "seed": 1234,
+    **SIZE,
+}
+FLAT_NATIVE = {
+    "prompt": PROMPT,
+    "negative_prompt": NEGATIVE,
+    "num_inference_steps": 3,
+    "guidance_scale": 7.0,
+    "scheduler": "DPM++ 2M Karras",
+    "seed": 1234,
+    **SIZE,
+}
+
+# A client generated from A1111's /docs: every field, most at their neutral value.
+GENERATED = {
+    "prompt": PROMPT,
+    "negative_prompt": NEGATIVE,
+    "styles": [],
+    "seed": 99,
+    "subseed": -1,
+    "subseed_strength": 0,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "sampler_name": "DPM++ 2M",
+    "scheduler": "Karras",
+    "batch_size": 2,
+    "n_iter": 1,
+    "steps": 3,
+    "cfg_scale": 6.5,
+    **SIZE,
+    "restore_faces": False,
+    "tiling": False,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "eta": 0,
+    "denoising_strength": 0,
+    "s_min_uncond": 0,
+    "s_churn": 0,
+    "s_tmax": 0,
+    "s_tmin": 0,
+    "s_noise": 0,
+    "override_settings": {},
+    "override_settings_restore_afterwards": True,
+    "refiner_checkpoint": "",
+    "refiner_switch_at": 0,
+    "disable_extra_networks": False,
+    "firstpass_image": "",
+    "comments": {},
+    "enable_hr": False,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "hr_scale": 2,
+    "hr_upscaler": "string",
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "hr_checkpoint_name": "string",
+    "hr_sampler_name": "string",
+    "hr_scheduler": "string",
+    "hr_prompt": "",
+    "hr_negative_prompt": "",
+    "force_task_id": "string",
+    "sampler_index": "Euler",
+    "script_name": "",
+    "script_args": [],
+    "send_images": True,
+    "save_images": False,
+    "alwayson_scripts": {},
+    "infotext": "",
+}
+GENERATED_NATIVE = {
+    "prompt": PROMPT,
+    "negative_prompt": NEGATIVE,
+    "seed": 99,
+    "scheduler": "DPM++ 2M Karras",
+    "num_images": 2,
+    "num_inference_steps": 3,
+    "guidance_scale": 6.5,
+    **SIZE,
+}
+
+HIRES = {
+    "prompt": PROMPT,
+    "steps": 2,
+    "seed": 7,
+    **SIZE,
+    "sampler_name": "Euler a",
+    "enable_hr": True,
+    "hr_scale": 1.5,
+    "hr_upscaler": "Latent",
+    "hr_second_pass_steps": 2,
+    "denoising_strength": 0.6,
+    "hr_sampler_name": "Euler",
+    "hr_prompt": "a lighthouse at night",
+    "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "tiny-a.safetensors [0123456789]"},
+}
+HIRES_NATIVE = {
+    "prompt": PROMPT,
+    "num_inference_steps": 2,
+    "guidance_scale": 7.0,
+    "seed": 7,
+    **SIZE,
+    "scheduler": "Euler a",
+    "clip_skip": 2,
+    "model": "tiny-a",
+    "hires": {
+        "scale": 1.5,
+        "upscaler": "latent",
+        "steps": 2,
+        "strength": 0.6,
+        "sampler": "Euler",
+        "prompt": "a lighthouse at night",
+    },
+}
+
+VARIATION = {
+    "prompt": PROMPT,
+    "steps": 2,
+    "seed": 11,
+    "subseed": 12,
+    "subseed_strength": 0.4,
+    "seed_resize_from_w": 48,
+    "seed_resize_from_h": 48,
+    "tiling": True,
+    "sampler_name": "Euler",
+    **SIZE,
+}
+VARIATION_NATIVE = {
+    "prompt": PROMPT,
+    "num_inference_steps": 2,
+    "guidance_scale": 7.0,
+    "seed": 11,
+    "subseed": 12,
+    "subseed_strength": 0.4,
+    "seed_resize_from_w": 48,
+    "seed_resize_from_h": 48,
+    "tiling": True,
+    "scheduler": "Euler",
+    **SIZE,
+}
+
+IMG2IMG = {
+    "init_images": [PICTURE],
+    "prompt": PROMPT,
+    "denoising_strength": 0.5,
+    "resize_mode": 1,
+    "steps": 4,
+    "seed": 21,
+    "sampler_name": "Euler",
+    "width": 64,
+    "height": 128,
+    "include_init_images": False,
+}
+IMG2IMG_NATIVE = {
+    "image": PICTURE,
+    "prompt": PROMPT,
+    "strength": 0.5,
+    "resize_mode": "crop",
+    "num_inference_steps": 4,
+    "guidance_scale": 7.0,
+    "seed": 21,
+    "scheduler": "Euler",
+    "width": 64,
+    "height": 128,
+}
+
+INPAINT = {
+    "init_images": [PICTURE],
+    "mask": MASK,
+    "prompt": PROMPT,
+    "denoising_strength": 0.75,
+    "mask_blur": 2,
+    "inpainting_fill": 1,
+    "inpaint_full_res": False,
+    "inpaint_full_res_padding": 32,
+    "inpainting_mask_invert": 0,
+    "steps": 4,
+    "seed": 31,
+    "sampler_name": "Euler",
+    **SIZE,
+}
+INPAINT_NATIVE = {
+    "image": PICTURE,
+    "mask": MASK,
+    "prompt": PROMPT,
+    "strength": 0.75,
+    "mask_blur": 2,
+    "num_inference_steps": 4,
+    "guidance_scale": 7.0,
+    "seed": 31,
+    "scheduler": "Euler",
+    **SIZE,
+}
+
+# A1111's API defaults for inpaint: masked content "fill", only the masked area, padding 0; here inverted.
+INPAINT_DEFAULTS = {
+    "init_images": [PICTURE],
+    "mask": MASK,
+    "prompt": PROMPT,
+    "inpainting_mask_invert": 1,
+    "steps": 4,
+    "seed": 32,
+    "mask_blur_x": 3,
+    "mask_blur_y": 3,
+    **SIZE,
+}
+INPAINT_DEFAULTS_NATIVE = {
+    "image": PICTURE,
+    "mask": MASK,
+    "prompt": PROMPT,
+    "strength": 0.75,
+    "mask_blur": 3,
+    "inpaint_fill": "fill",
+    "inpaint_area": "masked",
+    "inpaint_padding": 0,
+    "mask_invert": True,
+    "num_inference_steps": 4,
+    "guidance_scale": 7.0,
+    "seed": 32,
+    "scheduler": "Euler",
+    **SIZE,
+}
+
+# The ControlNet extension's API: a unit in alwayson_scripts.controlnet.args, its model named with its hash.
+CONTROLNET = {
+    "prompt": PROMPT,
+    "steps": 2,
+    "seed": 41,
+    **SIZE,
+    "sampler_name": "Euler",
+    "alwayson_scripts": {
+        "controlnet": {
+            "args": [
+                {
+                    "enabled": True,
+                    "input_image": CONTROL,
+                    "module": "canny",
+                    "model": f"{CONTROLNET_DIFFUSERS} [a1b2c3d4]",
+                    "weight": 0.8,
+                    "resize_mode": "Crop and Resize",
+                    "low_vram": False,
+                    "processor_res": 64,
+                    "threshold_a": 50,
+                    "threshold_b": 150,
+                    "guidance_start": 0.0,
+                    "guidance_end": 0.5,
+                    "control_mode": "My prompt is more important",
+                    "pixel_perfect": False,
+                    "hr_option": "Both",
+                    "save_detected_map": True,
+                },
+                {"enabled": False, "image": CONTROL, "module": "none", "model": "None"},
+            ]
+        }
+    },
+}
+CONTROLNET_NATIVE = {
+    "prompt": PROMPT,
+    "num_inference_steps": 2,
+    "guidance_scale": 7.0,
+    "seed": 41,
+    **SIZE,
+    "scheduler": "Euler",
+    "controlnets": [
+        {
+            "model": CONTROLNET_DIFFUSERS,
+            "image": CONTROL,
+            "preprocess": "canny",
+            "low": 50,
+            "high": 150,
+            "processor_res": 64,
+            "scale": 0.8,
+            "start": 0.0,
+            "end": 0.5,
+            "control_mode": "prompt",
+            "resize_mode": "crop",
+        }
+    ],
+}
+
+EXTRAS = {
+    "resize_mode": 0,
+    "show_extras_results": True,
+    "gfpgan_visibility": 0,
+    "codeformer_visibility": 0,
+    "codeformer_weight": 0,
+    "upscaling_resize": 2,
+    "upscaling_resize_w": 512,
+    "upscaling_resize_h": 512,
+    "upscaling_crop": True,
+    "upscaler_1": "tiny-compact-2x",
+    "upscaler_2": "None",
+    "extras_upscaler_2_visibility": 0,
+    "upscale_first": False,
+    "image": PICTURE,
+}
+EXTRAS_NATIVE = {"task": "upscale", "image": PICTURE, "upscaler": "tiny-compact-2x", "scale": 2.0}
+EXTRAS_TO_SIZE = {
+    "resize_mode": 1,
+    "upscaling_resize_w": 160,
+    "upscaling_resize_h": 96,
+    "upscaling_crop": True,
+    "upscaler_1": "Lanczos",
+    "image": PICTURE,
+}
+EXTRAS_TO_SIZE_NATIVE = {
+    "task": "upscale",
+    "image": PICTURE,
+    "upscaler": "lanczos",
+    "width": 160,
+    "height": 96,
+    "resize_mode": "crop",
+}
+
+GENERATIONS = [
+    pytest.param("txt2img", FLAT, FLAT_NATIVE, id="flat"),
+    pytest.param("txt2img", GENERATED, GENERATED_NATIVE, id="generated-client"),
+    pytest.param("txt2img", HIRES, HIRES_NATIVE, id="hires-model-clip-skip"),
+    pytest.param("txt2img", VARIATION, VARIATION_NATIVE, id="variation-seed-resize-tiling"),
+    pytest.param("img2img", IMG2IMG, IMG2IMG_NATIVE, id="img2img"),
+    pytest.param("img2img", INPAINT, INPAINT_NATIVE, id="inpaint"),
+    pytest.param("img2img", INPAINT_DEFAULTS, INPAINT_DEFAULTS_NATIVE, id="inpaint-a1111-defaults-inverted"),
+    pytest.param("txt2img", CONTROLNET, CONTROLNET_NATIVE, id="controlnet"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "payload", "native"), GENERATIONS)
+def test_an_a1111_payload_gives_the_native_requests_pixels(
+    worker: None, endpoint: str, payload: dict[str, Any], native: dict[str, Any]
+) -> None:
+    expected = native_pixels(run(native))
+    for form in (wrapped(endpoint, payload), payload):
+        got = a1111_pixels(run(form))
+        assert len(got) == len(expected)
+        for index, (ours, theirs) in enumerate(zip(got, expected, strict=True)):
+            assert np.array_equal(ours, theirs), f"image {index} differs from the native request's"
+
+
+@pytest.mark.parametrize(
+    ("payload", "native"),
+    [
+        pytest.param(EXTRAS, EXTRAS_NATIVE, id="by-factor-model"),
+        pytest.param(EXTRAS_TO_SIZE, EXTRAS_TO_SIZE_NATIVE, id="to-size-lanczos"),
+    ],
+)
+def test_an_extras_payload_gives_the_upscale_tasks_pixels(
+    worker: None, payload: dict[str, Any], native: dict[str, Any]
+) -> None:
+    expected = native_pixels(run(native))[0]
+    for form in (wrapped("extra-single-image", payload), payload):
+        result = run(form)
+        assert "error" not in result, result["error"]
+        assert set(result) >= {"image", "html_info"}
+        assert result["html_info"].startswith("<p>Postprocess upscale")
+        assert np.array_equal(pixels(result["image"]), expected)
+
+
+def test_the_answer_reads_as_a1111s(worker: None) -> None:
+    result = run(wrapped("txt2img", GENERATED))
+    assert result["parameters"] == GENERATED
+    info = json.loads(result["info"])
+    assert info["seed"] == 99
+    assert info["all_seeds"] == [99, 100]
+    assert (info["width"], info["height"], info["steps"], info["cfg_scale"]) == (64, 64, 3, 6.5)
+    assert info["sampler_name"] == "DPM++ 2M Karras"
+    assert info["batch_size"] == 2
+    assert len(info["infotexts"]) == 2
+    for seed, text, image in zip((99, 100), info["infotexts"], result["images"], strict=True):
+        fields = parse_infotext(text)
+        assert fields["Prompt"] == PROMPT
+        assert fields["Negative prompt"] == NEGATIVE
+        assert (fields["Steps"], fields["Seed"], fields["CFG scale"]) == ("3", str(seed), "6.5")
+        assert (fields["Size-1"], fields["Size-2"]) == ("64", "64")
+        assert fields["Sampler"] == "DPM++ 2M Karras"
+        with Image.open(io.BytesIO(base64.b64decode(image))) as opened:
+            assert opened.text["parameters"] == text  # the file carries the same infotext
+    assert result["metadata"]["seeds"] == [99, 100]
+
+
+def test_img2img_echoes_its_parameters_without_the_images_and_reports_its_strength(worker: None) -> None:
+    result = run(wrapped("img2img", IMG2IMG))
+    assert result["parameters"]["init_images"] is None
+    assert result["parameters"]["prompt"] == PROMPT
+    info = json.loads(result["info"])
+    assert info["denoising_strength"] == 0.5
+    fields = parse_infotext(info["infotexts"][0])
+    assert fields["Denoising strength"] == "0.5"
+
+
+def test_hires_reports_its_pass_and_a_controlnet_unit_its_fields(worker: None) -> None:
+    hires = parse_infotext(json.loads(run(HIRES)["info"])["infotexts"][0])
+    assert (hires["Hires upscale"], hires["Hires steps"], hires["Hires upscaler"]) == ("1.5", "2", "Latent")
+    assert (hires["Denoising strength"], hires["Clip skip"], hires["Model"]) == ("0.6", "2", "tiny-a")
+    result = run(CONTROLNET)
+    unit = parse_infotext(json.loads(result["info"])["infotexts"][0])["ControlNet 0"]
+    assert "Module: canny" in unit
+    assert f"Model: {CONTROLNET_DIFFUSERS}" in unit
+    assert "Weight: 0.8" in unit
+    assert "Processor Res: 64" in unit
+    assert any("args.1: enabled false" in warning for warning in result["metadata"]["warnings"])
+
+
+def test_send_images_false_answers_without_images(worker: None) -> None:
+    result = run({**FLAT, "send_images": False})
+    assert result["images"] == []
+    assert json.loads(result["info"])["seed"] == 1234
+
+
+def test_an_unknown_endpoint_is_refused_naming_the_known_ones_and_the_next_job_runs(worker: None) -> None:
+    result = run({"api": {"method": "GET", "endpoint": "/sdapi/v1/sd-models"}, "payload": {}})
+    assert "api.endpoint='/sdapi/v1/sd-models'" in result["error"]
+    for known in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image"):
+        assert known in result["error"]
+    assert "describe" in result["error"]
+    assert "error" not in run(FLAT)
+
+
+REFUSED = [
+    pytest.param({"restore_faces": True}, "restore_faces=True: face restoration", id="restore-faces"),
+    pytest.param({"script_name": "x/y/z plot"}, "script_name='x/y/z plot'", id="script"),
+    pytest.param({"styles": ["cinematic"]}, "styles=['cinematic']", id="styles"),
+    pytest.param({"s_churn": 0.5}, "s_churn=0.5", id="churn"),
+    pytest.param({"eta": 0.3}, "eta=0.3", id="eta"),
+    pytest.param({"promt": "typo"}, "promt: unknown field", id="unknown-field"),
+    pytest.param({"num_inference_steps": 4}, "num_inference_steps and steps: name the same thing", id="both-names"),
+    pytest.param({"outpaint": {"left": 64}}, "outpaint: this worker's field", id="native-only-field"),
+    pytest.param({"sampler_name": "DPM++ 3M SDE"}, "sampler_name='DPM++ 3M SDE'", id="unknown-sampler"),
+    pytest.param({"scheduler": "Exponential"}, "sampler_name='DPM++ 2M Karras': with scheduler", id="schedule"),
+    pytest.param({"steps": 500}, "steps=500: must be at most", id="steps-over-max"),
+    pytest.param({"cfg_scale": "7"}, "cfg_scale='7'", id="cfg-as-string"),
+    pytest.param(
+        {"batch_size": 2, "subseed_strength": 0.5}, "subseed_strength=0.5: with 2 images", id="batch-variation"
+    ),
+    pytest.param({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer", id="other-script"),
+    pytest.param({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings.sd_hypernetwork", id="override"),
+    pytest.param({"enable_hr": True, "hr_upscaler": "Latent (bicubic)"}, "hr_upscaler='Latent (bicubic)'", id="hr-up"),
+    pytest.param({"enable_hr": True, "hr_resize_x": 100, "hr_resize_y": 200}, "hr_resize_x", id="hr-resize"),
+]
+
+
+@pytest.mark.parametrize(("change", "named"), REFUSED)
+def test_a_field_the_worker_cannot_honour_is_refused_by_name_and_the_next_job_runs(
+    worker: None, change: dict[str, Any], named: str
+) -> None:
+    result = run({**FLAT, **change})
+    assert set(result) == {"error"}, result
+    assert named in result["error"]
+    assert "error" not in run(FLAT)
+
+
+IMG2IMG_REFUSED = [
+    pytest.param({"inpainting_fill": 2}, "inpainting_fill=2", id="latent-noise"),
+    pytest.param({"mask_blur": None, "mask_blur_x": 2, "mask_blur_y": 6}, "mask_blur_x=[2, 6]", id="blur-x-y"),
+    pytest.param({"init_images": [PICTURE, PICTURE]}, "init_images=", id="two-images"),
+    pytest.param({"resize_mode": 3}, "resize_mode=3", id="latent-resize"),
+    pytest.param({"image": PICTURE}, "image and init_images", id="image-and-init-images"),
+    pytest.param({"denoising_strength": 0}, "denoising_strength=0", id="strength-zero"),
+]
+
+
+@pytest.mark.parametrize(("change", "named"), IMG2IMG_REFUSED)
+def test_an_img2img_field_the_worker_cannot_honour_is_refused_by_name(
+    worker: None, change: dict[str, Any], named: str
+) -> None:
+    result = run(wrapped("img2img", {**INPAINT, **change}))
+    assert set(result) == {"error"}, result
+    assert named in result["error"]
+
+
+def test_a_controlnet_unit_the_worker_cannot_honour_is_refused_by_name(worker: None) -> None:
+    args = CONTROLNET["alwayson_scripts"]["controlnet"]["args"]
+    for change, named in (
+        ({"module": "openpose"}, "args.0.module='openpose'"),
+        ({"effective_region_mask": PICTURE}, "args.0.effective_region_mask"),
+        ({"weigth": 1}, "args.0.weigth: unknown field"),
+        ({"weight": 3.0}, "args.0.weight=3.0"),
+        ({"model": "control_v11p_sd15_openpose [cab727d4]"}, "control_v11p_sd15_openpose"),
+    ):
+        unit = {**args[0], **change}
+        result = run({**CONTROLNET, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert set(result) == {"error"}, (change, result)
+        assert named in result["error"], (change, result["error"])
+
+
+def test_an_extras_field_the_worker_cannot_honour_is_refused_by_name(worker: None) -> None:
+    for change, named in (
+        ({"gfpgan_visibility": 0.5}, "gfpgan_visibility=0.5"),
+        ({"upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.3}, "extras_upscaler_2_visibility=0.3"),
+        ({"upscaler_1": "None"}, "upscaler_1='None'"),
+        ({"upscaler_1": "4x-UltraSharp"}, "upscaler_1"),
+        ({"upscaling_resize": 1}, "upscaling_resize=1"),
+    ):
+        result = run(wrapped("extra-single-image", {**EXTRAS, **change}))
+        assert set(result) == {"error"}, (change, result)
+        assert named in result["error"], (change, result["error"])
+
+
+def test_every_a1111_field_read_is_listed_in_the_docs() -> None:
+    """docs/a1111.md's field map names each A1111 field the translation reads."""
+    from src.schema.a1111 import A1111_ONLY_FIELDS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "a1111.md").read_text()
+    missing = sorted(name for name in A1111_ONLY_FIELDS if f"`{name}`" not in text)
+    assert not missing, f"docs/a1111.md does not name: {missing}"
+
+
+def test_a_native_input_is_not_read_as_a1111s() -> None:
+    assert read_a1111({"input": {"prompt": "a fox", "num_inference_steps": 3, "seed": 1}}) is None
+    assert read_a1111({"input": {"prompt": "a fox", "width": 64, "tiling": True, "mask_blur": 4}}) is None
+
+
+def test_the_flat_form_takes_its_endpoint_from_its_fields() -> None:
+    def endpoint(payload: dict[str, Any]) -> str:
+        call = read_a1111({"input": payload})
+        assert call is not None
+        return call.endpoint
+
+    assert endpoint({"prompt": "a", "steps": 3}) == "txt2img"
+    assert endpoint({"prompt": "a", "init_images": [PICTURE]}) == "img2img"
+    assert endpoint({"image": PICTURE, "upscaling_resize": 2, "upscaler_1": "Lanczos"}) == "extra-single-image"
+
+
+def test_an_endpoint_may_be_named_without_its_prefix() -> None:
+    for name in ("txt2img", "/sdapi/v1/txt2img/", "sdapi/v1/txt2img"):
+        call = read_a1111({"input": {"api": {"method": "post", "endpoint": name}, "payload": {"prompt": "a"}}})
+        assert call is not None
+        assert call.endpoint == "txt2img"
+
+
+def test_a_units_processor_res_is_the_resolution_canny_runs_at() -> None:
+    from src.prepare.preprocessors import at_resolution, preprocess
+
+    image = noise_image(96, 64, seed=2)
+    direct = preprocess(at_resolution(image, 32), "canny", (100, 200))
+    assert direct.size == (48, 32)
+    assert np.array_equal(np.asarray(preprocess(image, "canny", (100, 200), 32)), np.asarray(direct))
+    assert preprocess(image, "canny", (100, 200)).size == (96, 64)
+
+
+def test_a_units_resize_mode_is_its_own_and_the_jobs_by_default(worker: None) -> None:
+    wide = Image.new("RGB", (128, 64), "black")
+    wide.paste((255, 255, 255), (8, 8, 120, 20))
+    unit = {"model": CONTROLNET_DIFFUSERS, "image": png_base64(wide), "preprocess": "canny"}
+    job = {"prompt": PROMPT, "num_inference_steps": 2, "seed": 5, **SIZE}
+    cropped = native_pixels(run({**job, "controlnets": [{**unit, "resize_mode": "crop"}]}))[0]
+    stretched = native_pixels(run({**job, "controlnets": [unit]}))[0]
+    assert not np.array_equal(cropped, stretched)
+    with_image = native_pixels(run({**job, "image": PICTURE, "resize_mode": "crop", "controlnets": [unit]}))[0]
+    with_own = native_pixels(
+        run({**job, "image": PICTURE, "resize_mode": "crop", "controlnets": [{**unit, "resize_mode": "crop"}]})
+    )[0]
+    assert np.array_equal(with_image, with_own)
+
+
+def test_the_docs_complete_example_runs(worker: None) -> None:
+    """docs/a1111.md's complete example, read as it is, then run at the tiny model's size with its control image."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "a1111.md").read_text()
+    example = json.loads(text.split("<!-- a1111-example:start -->\n```json")[1].split("```")[0])
+    assert read_a1111(example) is not None
+    payload = example["input"]["payload"]
+    unit = payload["alwayson_scripts"]["controlnet"]["args"][0]
+    unit.update(image=CONTROL, model=f"{CONTROLNET_DIFFUSERS} [d14c016b]", processor_res=64)
+    payload.update(width=64, height=64, steps=3, hr_second_pass_steps=2)
+    result = run(example["input"])
+    assert len(a1111_pixels(result)) == 1
+    assert json.loads(result["info"])["seed"] == 1234
