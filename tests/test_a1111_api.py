@@ -700,3 +700,53 @@ def test_the_docs_complete_example_runs(worker: None) -> None:
     result = run(example["input"])
     assert len(a1111_pixels(result)) == 1
     assert json.loads(result["info"])["seed"] == 1234
+
+
+@pytest.mark.parametrize(
+    ("fields", "scheduler", "hires_sampler"),
+    [
+        pytest.param({"sampler_name": "DPM++ 2M", "scheduler": "Karras"}, "DPM++ 2M Karras", None, id="pair"),
+        pytest.param({"sampler_index": "Euler a"}, "Euler a", None, id="sampler-index"),
+        pytest.param({}, "Euler", None, id="a1111-default"),
+        pytest.param(
+            {
+                "sampler_name": "DPM++ 2M",
+                "scheduler": "Karras",
+                "hr_sampler_name": "Euler",
+                "hr_scheduler": "Automatic",
+            },
+            "DPM++ 2M Karras",
+            "Euler",
+            id="hires-own-schedule",
+        ),
+        pytest.param(
+            {"sampler_name": "LMS", "hr_sampler_name": "Use same sampler", "hr_scheduler": "Karras"},
+            "LMS",
+            "LMS Karras",
+            id="hires-same-sampler-karras",
+        ),
+        pytest.param(
+            {"sampler_name": "DPM++ 2M", "scheduler": "Karras", "hr_sampler_name": "DPM++ 2M SDE"},
+            "DPM++ 2M Karras",
+            "DPM++ 2M SDE Karras",
+            id="hires-same-schedule",
+        ),
+    ],
+)
+def test_samplers_and_schedules_are_read_as_a1111_pairs_them(
+    fields: dict[str, Any], scheduler: str, hires_sampler: str | None
+) -> None:
+    call = read_a1111({"input": {"prompt": "a", "steps": 3, "enable_hr": True, **fields}})
+    assert call is not None
+    assert call.input["scheduler"] == scheduler
+    assert call.input["hires"].get("sampler") == hires_sampler
+
+
+def test_an_a1111_answer_lists_uploaded_images_by_url(worker: None, bucket: str, s3_server: Any) -> None:
+    result = run(wrapped("txt2img", {**FLAT, "batch_size": 2, "output_type": "s3"}))
+    assert "error" not in result, result["error"]
+    assert len(result["images"]) == 2
+    assert all(url.startswith(s3_server.url) for url in result["images"])
+    keys = [item["Key"] for item in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert sorted(key.rsplit("/", 1)[1] for key in keys) == ["0-1234.png", "1-1235.png"]
+    assert json.loads(result["info"])["all_seeds"] == [1234, 1235]

@@ -52,7 +52,7 @@ _CONTROLNET_RESIZE_ALIASES = {
 }
 # The ControlNet extension's canny resolution when a unit gives none (processor_res -1).
 CANNY_RESOLUTION = 512
-_AUTOMATIC = ("", "automatic", "use same scheduler")
+_AUTOMATIC = ("", "automatic")
 _SAME = ("", "use same sampler", "use same checkpoint", "none")
 _CHECKPOINT_HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")
 
@@ -166,8 +166,7 @@ class Translation:
             self.copy(name, name)
         self.copy("steps", "num_inference_steps", A1111_DEFAULTS["steps"])
         self.copy("cfg_scale", "guidance_scale", A1111_DEFAULTS["cfg_scale"])
-        sampler = fields.take("sampler_name") or fields.take("sampler_index") or A1111_DEFAULTS["sampler_name"]
-        fields.accept("sampler_index")
+        sampler = self.job_sampler()
         try:
             self.out["scheduler"] = _sampler(sampler, fields.take("scheduler"))
         except ValueError as error:
@@ -180,6 +179,11 @@ class Translation:
         self._neutral_generation_fields()
         read_overrides(self)
         self._scripts()
+
+    def job_sampler(self) -> Any:
+        """A1111's sampler for the job: ``sampler_name``, else ``sampler_index`` (its older name), else Euler."""
+        name, index = self.fields.take("sampler_name"), self.fields.take("sampler_index")
+        return name or index or A1111_DEFAULTS["sampler_name"]
 
     def _batch(self) -> None:
         fields = self.fields
@@ -285,9 +289,9 @@ class Translation:
         sampler = fields.take("hr_sampler_name", "")
         schedule = fields.take("hr_scheduler", "")
         if not _names_nothing(sampler) or not _names_nothing(schedule):
-            base = sampler if not _names_nothing(sampler) else self.fields.data.get("sampler_name") or "Euler"
-            if _names_nothing(schedule) or str(schedule).strip().lower() in _AUTOMATIC:
-                schedule = fields.data.get("scheduler") or ""
+            base = sampler if not _names_nothing(sampler) else self.job_sampler()
+            if not isinstance(schedule, str) or schedule.strip().lower() in ("", "use same scheduler"):
+                schedule = fields.data.get("scheduler") or ""  # the first pass's schedule, as A1111
             try:
                 hires["sampler"] = _sampler(base, schedule)
             except ValueError as error:
