@@ -1,11 +1,9 @@
-"""A1111's own API payloads, through the handler on the tiny model: the same pixels as the native request, A1111's
-answer, and every field the worker cannot honour refused by name.
+"""A1111's own API payloads, through the handler and the command line on the tiny model: the same pixels as the
+native request, A1111's answer, and every field the worker cannot honour refused by name.
 
-The payloads are written from A1111's API documentation (its ``/docs`` page, generated from
-``StableDiffusionProcessingTxt2Img``/``Img2Img`` and ``ExtrasSingleImageRequest``) and the ControlNet extension's
-API wiki, as clients send them: RunPod's own A1111 worker's flat form, other RunPod A1111 workers' wrapped form
-(``{"api": {...}, "payload": {...}}``), and a client generated from the docs, which sends every field at its
-neutral value. Each is run beside the native request that means the same, and the two must give the same pixels.
+The payloads (tests/a1111_payloads.py) are written from A1111's and the ControlNet extension's API documentation,
+as clients send them; each runs beside the native request that means the same, in both forms (wrapped and flat),
+and the two must give the same pixels. tests/test_http_api.py runs the same set over the local HTTP API.
 
 ``parse_infotext`` reads the answer's infotexts as A1111's ``parse_generation_parameters`` does (rewritten here
 from its description: the prompt's lines, a ``Negative prompt:`` line, then ``Key: value`` pairs on the last line,
@@ -27,30 +25,34 @@ import pytest
 from PIL import Image
 
 import handler
-from builder.tiny_model import CONTROLNET_DIFFUSERS, write_tiny_controlnets, write_tiny_model, write_tiny_models
+from builder.tiny_model import write_tiny_controlnets, write_tiny_model, write_tiny_models
 from builder.tiny_upscalers import write_tiny_upscalers
+from src import local
 from src.schema import read_a1111
 from src.settings import Settings
-from tests.conftest import box_mask, noise_image
+from tests.a1111_payloads import (
+    CONTROL,
+    CONTROLNET,
+    CONTROLNET_DIFFUSERS,
+    EXTRAS,
+    FLAT,
+    GENERATED,
+    HIRES,
+    IMG2IMG,
+    INPAINT,
+    NEGATIVE,
+    PAYLOADS,
+    PICTURE,
+    PROMPT,
+    SIZE,
+    png_base64,
+    wrapped,
+)
+from tests.conftest import noise_image
 from tests.stand_ins.spandrel_loader import import_spandrel
 
-SIZE = {"width": 64, "height": 64}
-PROMPT = "a lighthouse on a cliff, (storm:1.2)"
-NEGATIVE = "blurry"
-
-
-def png_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-PICTURE = png_base64(noise_image(64, 64, seed=4))
-MASK = png_base64(box_mask(64, 64, (16, 16, 48, 48)))
-# A control image of shapes, so that canny finds edges.
-_shapes = Image.new("RGB", (64, 64), "black")
-_shapes.paste((255, 255, 255), (12, 20, 40, 52))
-CONTROL = png_base64(_shapes)
+# Every payload of the set, by name.
+EACH = [pytest.param(endpoint, payload, native, id=name) for name, endpoint, payload, native in PAYLOADS]
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +82,6 @@ def worker(volume: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def run(job_input: dict[str, Any]) -> dict[str, Any]:
     return asyncio.run(handler.handler({"id": "a1111", "input": job_input}))
-
-
-def wrapped(endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
-    return {"api": {"method": "POST", "endpoint": f"/sdapi/v1/{endpoint}"}, "payload": payload}
 
 
 def pixels(data: str) -> np.ndarray:
@@ -125,370 +123,49 @@ def parse_infotext(text: str) -> dict[str, Any]:
     return found
 
 
-# --- The payloads, each beside the native request that means the same ---------------------------------------
-
-# RunPod's own A1111 worker: the txt2img payload itself as the job's input.
-FLAT = {
-    "prompt": PROMPT,
-    "negative_prompt": NEGATIVE,
-    "steps": 3,
-    "cfg_scale": 7,
-    "sampler_name": "DPM++ 2M Karras",
-    "seed": 1234,
-    **SIZE,
-}
-FLAT_NATIVE = {
-    "prompt": PROMPT,
-    "negative_prompt": NEGATIVE,
-    "num_inference_steps": 3,
-    "guidance_scale": 7.0,
-    "scheduler": "DPM++ 2M Karras",
-    "seed": 1234,
-    **SIZE,
-}
-
-# A client generated from A1111's /docs: every field, most at their neutral value.
-GENERATED = {
-    "prompt": PROMPT,
-    "negative_prompt": NEGATIVE,
-    "styles": [],
-    "seed": 99,
-    "subseed": -1,
-    "subseed_strength": 0,
-    "seed_resize_from_h": -1,
-    "seed_resize_from_w": -1,
-    "sampler_name": "DPM++ 2M",
-    "scheduler": "Karras",
-    "batch_size": 2,
-    "n_iter": 1,
-    "steps": 3,
-    "cfg_scale": 6.5,
-    **SIZE,
-    "restore_faces": False,
-    "tiling": False,
-    "do_not_save_samples": False,
-    "do_not_save_grid": False,
-    "eta": 0,
-    "denoising_strength": 0,
-    "s_min_uncond": 0,
-    "s_churn": 0,
-    "s_tmax": 0,
-    "s_tmin": 0,
-    "s_noise": 0,
-    "override_settings": {},
-    "override_settings_restore_afterwards": True,
-    "refiner_checkpoint": "",
-    "refiner_switch_at": 0,
-    "disable_extra_networks": False,
-    "firstpass_image": "",
-    "comments": {},
-    "enable_hr": False,
-    "firstphase_width": 0,
-    "firstphase_height": 0,
-    "hr_scale": 2,
-    "hr_upscaler": "string",
-    "hr_second_pass_steps": 0,
-    "hr_resize_x": 0,
-    "hr_resize_y": 0,
-    "hr_checkpoint_name": "string",
-    "hr_sampler_name": "string",
-    "hr_scheduler": "string",
-    "hr_prompt": "",
-    "hr_negative_prompt": "",
-    "force_task_id": "string",
-    "sampler_index": "Euler",
-    "script_name": "",
-    "script_args": [],
-    "send_images": True,
-    "save_images": False,
-    "alwayson_scripts": {},
-    "infotext": "",
-}
-GENERATED_NATIVE = {
-    "prompt": PROMPT,
-    "negative_prompt": NEGATIVE,
-    "seed": 99,
-    "scheduler": "DPM++ 2M Karras",
-    "num_images": 2,
-    "num_inference_steps": 3,
-    "guidance_scale": 6.5,
-    **SIZE,
-}
-
-HIRES = {
-    "prompt": PROMPT,
-    "steps": 2,
-    "seed": 7,
-    **SIZE,
-    "sampler_name": "Euler a",
-    "enable_hr": True,
-    "hr_scale": 1.5,
-    "hr_upscaler": "Latent",
-    "hr_second_pass_steps": 2,
-    "denoising_strength": 0.6,
-    "hr_sampler_name": "Euler",
-    "hr_prompt": "a lighthouse at night",
-    "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "tiny-a.safetensors [0123456789]"},
-}
-HIRES_NATIVE = {
-    "prompt": PROMPT,
-    "num_inference_steps": 2,
-    "guidance_scale": 7.0,
-    "seed": 7,
-    **SIZE,
-    "scheduler": "Euler a",
-    "clip_skip": 2,
-    "model": "tiny-a",
-    "hires": {
-        "scale": 1.5,
-        "upscaler": "latent",
-        "steps": 2,
-        "strength": 0.6,
-        "sampler": "Euler",
-        "prompt": "a lighthouse at night",
-    },
-}
-
-VARIATION = {
-    "prompt": PROMPT,
-    "steps": 2,
-    "seed": 11,
-    "subseed": 12,
-    "subseed_strength": 0.4,
-    "seed_resize_from_w": 48,
-    "seed_resize_from_h": 48,
-    "tiling": True,
-    "sampler_name": "Euler",
-    **SIZE,
-}
-VARIATION_NATIVE = {
-    "prompt": PROMPT,
-    "num_inference_steps": 2,
-    "guidance_scale": 7.0,
-    "seed": 11,
-    "subseed": 12,
-    "subseed_strength": 0.4,
-    "seed_resize_from_w": 48,
-    "seed_resize_from_h": 48,
-    "tiling": True,
-    "scheduler": "Euler",
-    **SIZE,
-}
-
-IMG2IMG = {
-    "init_images": [PICTURE],
-    "prompt": PROMPT,
-    "denoising_strength": 0.5,
-    "resize_mode": 1,
-    "steps": 4,
-    "seed": 21,
-    "sampler_name": "Euler",
-    "width": 64,
-    "height": 128,
-    "include_init_images": False,
-}
-IMG2IMG_NATIVE = {
-    "image": PICTURE,
-    "prompt": PROMPT,
-    "strength": 0.5,
-    "resize_mode": "crop",
-    "num_inference_steps": 4,
-    "guidance_scale": 7.0,
-    "seed": 21,
-    "scheduler": "Euler",
-    "width": 64,
-    "height": 128,
-}
-
-INPAINT = {
-    "init_images": [PICTURE],
-    "mask": MASK,
-    "prompt": PROMPT,
-    "denoising_strength": 0.75,
-    "mask_blur": 2,
-    "inpainting_fill": 1,
-    "inpaint_full_res": False,
-    "inpaint_full_res_padding": 32,
-    "inpainting_mask_invert": 0,
-    "steps": 4,
-    "seed": 31,
-    "sampler_name": "Euler",
-    **SIZE,
-}
-INPAINT_NATIVE = {
-    "image": PICTURE,
-    "mask": MASK,
-    "prompt": PROMPT,
-    "strength": 0.75,
-    "mask_blur": 2,
-    "num_inference_steps": 4,
-    "guidance_scale": 7.0,
-    "seed": 31,
-    "scheduler": "Euler",
-    **SIZE,
-}
-
-# A1111's API defaults for inpaint: masked content "fill", only the masked area, padding 0; here inverted.
-INPAINT_DEFAULTS = {
-    "init_images": [PICTURE],
-    "mask": MASK,
-    "prompt": PROMPT,
-    "inpainting_mask_invert": 1,
-    "steps": 4,
-    "seed": 32,
-    "mask_blur_x": 3,
-    "mask_blur_y": 3,
-    **SIZE,
-}
-INPAINT_DEFAULTS_NATIVE = {
-    "image": PICTURE,
-    "mask": MASK,
-    "prompt": PROMPT,
-    "strength": 0.75,
-    "mask_blur": 3,
-    "inpaint_fill": "fill",
-    "inpaint_area": "masked",
-    "inpaint_padding": 0,
-    "mask_invert": True,
-    "num_inference_steps": 4,
-    "guidance_scale": 7.0,
-    "seed": 32,
-    "scheduler": "Euler",
-    **SIZE,
-}
-
-# The ControlNet extension's API: a unit in alwayson_scripts.controlnet.args, its model named with its hash.
-CONTROLNET = {
-    "prompt": PROMPT,
-    "steps": 2,
-    "seed": 41,
-    **SIZE,
-    "sampler_name": "Euler",
-    "alwayson_scripts": {
-        "controlnet": {
-            "args": [
-                {
-                    "enabled": True,
-                    "input_image": CONTROL,
-                    "module": "canny",
-                    "model": f"{CONTROLNET_DIFFUSERS} [a1b2c3d4]",
-                    "weight": 0.8,
-                    "resize_mode": "Crop and Resize",
-                    "low_vram": False,
-                    "processor_res": 64,
-                    "threshold_a": 50,
-                    "threshold_b": 150,
-                    "guidance_start": 0.0,
-                    "guidance_end": 0.5,
-                    "control_mode": "My prompt is more important",
-                    "pixel_perfect": False,
-                    "hr_option": "Both",
-                    "save_detected_map": True,
-                },
-                {"enabled": False, "image": CONTROL, "module": "none", "model": "None"},
-            ]
-        }
-    },
-}
-CONTROLNET_NATIVE = {
-    "prompt": PROMPT,
-    "num_inference_steps": 2,
-    "guidance_scale": 7.0,
-    "seed": 41,
-    **SIZE,
-    "scheduler": "Euler",
-    "controlnets": [
-        {
-            "model": CONTROLNET_DIFFUSERS,
-            "image": CONTROL,
-            "preprocess": "canny",
-            "low": 50,
-            "high": 150,
-            "processor_res": 64,
-            "scale": 0.8,
-            "start": 0.0,
-            "end": 0.5,
-            "control_mode": "prompt",
-            "resize_mode": "crop",
-        }
-    ],
-}
-
-EXTRAS = {
-    "resize_mode": 0,
-    "show_extras_results": True,
-    "gfpgan_visibility": 0,
-    "codeformer_visibility": 0,
-    "codeformer_weight": 0,
-    "upscaling_resize": 2,
-    "upscaling_resize_w": 512,
-    "upscaling_resize_h": 512,
-    "upscaling_crop": True,
-    "upscaler_1": "tiny-compact-2x",
-    "upscaler_2": "None",
-    "extras_upscaler_2_visibility": 0,
-    "upscale_first": False,
-    "image": PICTURE,
-}
-EXTRAS_NATIVE = {"task": "upscale", "image": PICTURE, "upscaler": "tiny-compact-2x", "scale": 2.0}
-EXTRAS_TO_SIZE = {
-    "resize_mode": 1,
-    "upscaling_resize_w": 160,
-    "upscaling_resize_h": 96,
-    "upscaling_crop": True,
-    "upscaler_1": "Lanczos",
-    "image": PICTURE,
-}
-EXTRAS_TO_SIZE_NATIVE = {
-    "task": "upscale",
-    "image": PICTURE,
-    "upscaler": "lanczos",
-    "width": 160,
-    "height": 96,
-    "resize_mode": "crop",
-}
-
-GENERATIONS = [
-    pytest.param("txt2img", FLAT, FLAT_NATIVE, id="flat"),
-    pytest.param("txt2img", GENERATED, GENERATED_NATIVE, id="generated-client"),
-    pytest.param("txt2img", HIRES, HIRES_NATIVE, id="hires-model-clip-skip"),
-    pytest.param("txt2img", VARIATION, VARIATION_NATIVE, id="variation-seed-resize-tiling"),
-    pytest.param("img2img", IMG2IMG, IMG2IMG_NATIVE, id="img2img"),
-    pytest.param("img2img", INPAINT, INPAINT_NATIVE, id="inpaint"),
-    pytest.param("img2img", INPAINT_DEFAULTS, INPAINT_DEFAULTS_NATIVE, id="inpaint-a1111-defaults-inverted"),
-    pytest.param("txt2img", CONTROLNET, CONTROLNET_NATIVE, id="controlnet"),
-]
+def a1111_answer_pixels(result: dict[str, Any]) -> list[np.ndarray]:
+    """The pictures of an A1111 answer: ``images``, or Extras' one ``image`` (with its ``html_info``)."""
+    assert "error" not in result, result["error"]
+    if "html_info" in result:
+        assert result["html_info"].startswith("<p>Postprocess upscale")
+        return [pixels(result["image"])]
+    return a1111_pixels(result)
 
 
-@pytest.mark.parametrize(("endpoint", "payload", "native"), GENERATIONS)
+@pytest.mark.parametrize(("endpoint", "payload", "native"), EACH)
 def test_an_a1111_payload_gives_the_native_requests_pixels(
     worker: None, endpoint: str, payload: dict[str, Any], native: dict[str, Any]
 ) -> None:
     expected = native_pixels(run(native))
     for form in (wrapped(endpoint, payload), payload):
-        got = a1111_pixels(run(form))
+        got = a1111_answer_pixels(run(form))
         assert len(got) == len(expected)
         for index, (ours, theirs) in enumerate(zip(got, expected, strict=True)):
             assert np.array_equal(ours, theirs), f"image {index} differs from the native request's"
 
 
-@pytest.mark.parametrize(
-    ("payload", "native"),
-    [
-        pytest.param(EXTRAS, EXTRAS_NATIVE, id="by-factor-model"),
-        pytest.param(EXTRAS_TO_SIZE, EXTRAS_TO_SIZE_NATIVE, id="to-size-lanczos"),
-    ],
-)
-def test_an_extras_payload_gives_the_upscale_tasks_pixels(
-    worker: None, payload: dict[str, Any], native: dict[str, Any]
+@pytest.mark.parametrize("case", [pytest.param(case, id=case[0]) for case in PAYLOADS])
+def test_an_a1111_payload_runs_from_the_command_line(
+    worker: None,
+    case: tuple[str, str, dict[str, Any], dict[str, Any]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    expected = native_pixels(run(native))[0]
-    for form in (wrapped("extra-single-image", payload), payload):
-        result = run(form)
-        assert "error" not in result, result["error"]
-        assert set(result) >= {"image", "html_info"}
-        assert result["html_info"].startswith("<p>Postprocess upscale")
-        assert np.array_equal(pixels(result["image"]), expected)
+    """``python handler.py --test_input JOB``'s local run (the command line read, runpod's run_job), in this
+    process on the worker's tiny model: the images written are the native request's."""
+    _name, endpoint, payload, native = case
+    job = json.dumps({"id": "cli", "input": wrapped(endpoint, payload)})
+    run_args = local.read_command_line(["--test_input", job, "--output_dir", str(tmp_path)], environ={})
+    assert run_args is not None
+    assert local.run_local(handler.handler, run_args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "COMPLETED" in printed
+    written = sorted((tmp_path / "cli").glob("*.png"), key=lambda path: int(path.name.split("-")[0]))
+    expected = native_pixels(run(native))
+    assert len(written) == len(expected)
+    for path, theirs in zip(written, expected, strict=True):
+        with Image.open(path) as image:
+            assert np.array_equal(np.asarray(image.convert("RGB")), theirs)
 
 
 def test_the_answer_reads_as_a1111s(worker: None) -> None:

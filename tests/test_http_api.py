@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 from PIL import Image
 
+from tests.a1111_payloads import FLAT, PAYLOADS, wrapped
 from tests.conftest import ROOT, SPANDREL_SITE, decode_png, free_port, noise_image, wait_for_port
 
 # One process runs this module's tests (``--dist loadgroup``): they share one server.
@@ -44,12 +46,16 @@ class Server:
 @pytest.fixture(scope="module")
 def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from builder.tiny_lora import write_test_loras
-    from builder.tiny_model import write_tiny_models
+    from builder.tiny_model import write_tiny_controlnets, write_tiny_models
     from builder.tiny_upscalers import write_tiny_upscalers
 
     loras = tmp_path_factory.mktemp("loras")
     write_test_loras(offline_env["MODEL_ID"], loras, count=1)
     upscalers = write_tiny_upscalers(tmp_path_factory.mktemp("upscalers"))
+    # The tiny ControlNets, copied from the served model's UNet (write_tiny_controlnets reads its unet/).
+    controlnet_source = tmp_path_factory.mktemp("controlnet-source")
+    (controlnet_source / "unet").symlink_to(Path(offline_env["MODEL_ID"]) / "unet")
+    controlnets = write_tiny_controlnets(controlnet_source)
     models = write_tiny_models(tmp_path_factory.mktemp("models"))
     # The server imports spandrel at start with torchvision's stand-in (tests/stand_ins/spandrel_loader.py).
     python_path = os.pathsep.join([str(SPANDREL_SITE), offline_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -69,6 +75,7 @@ def server(offline_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
             **offline_env,
             "LORA_DIR": str(loras),
             "UPSCALER_DIR": str(upscalers),
+            "CONTROLNET_DIR": str(controlnets),
             "MODELS_DIR": str(models),
             "MODEL_CONFIG": offline_env["MODEL_ID"],
             "PYTHONPATH": python_path,
@@ -243,46 +250,27 @@ def test_a_lora_by_tag_then_an_unknown_one_then_a_plain_job(api_url: str) -> Non
     assert again["output"]["images"][0]["image"] == plain["output"]["images"][0]["image"]
 
 
-def test_a1111_payloads_over_http(api_url: str) -> None:
-    """A1111's txt2img (wrapped), img2img inpaint (flat) and extra-single-image payloads give the native requests'
-    pixels in A1111's answer; a field the worker cannot honour is refused by name, then a job runs."""
-    buffer = io.BytesIO()
-    noise_image(64, 64).save(buffer, "PNG")
-    photo = base64.b64encode(buffer.getvalue()).decode("ascii")
-    mask_buffer = io.BytesIO()
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
-    mask.save(mask_buffer, "PNG")
-    mask_b64 = base64.b64encode(mask_buffer.getvalue()).decode("ascii")
-    size = {"width": 64, "height": 64}
-    cases = [
-        (
-            {"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": {
-                "prompt": "a fox", "steps": 2, "cfg_scale": 6, "sampler_name": "Euler a", "seed": 8, "batch_size": 2,
-                "override_settings": {"sd_model_checkpoint": "tiny-a.safetensors [0123abcd]"}, **size}},
-            {"prompt": "a fox", "num_inference_steps": 2, "guidance_scale": 6.0, "scheduler": "Euler a", "seed": 8,
-             "num_images": 2, "model": "tiny-a", **size},
-        ),
-        (
-            {"init_images": [photo], "mask": mask_b64, "prompt": "a fox", "steps": 3, "seed": 9,
-             "inpainting_fill": 1, "inpaint_full_res": False, "denoising_strength": 0.6, **size},
-            {"image": photo, "mask": mask_b64, "prompt": "a fox", "num_inference_steps": 3, "seed": 9,
-             "guidance_scale": 7.0, "scheduler": "Euler", "strength": 0.6, **size},
-        ),
-    ]  # fmt: skip
-    for a1111, native in cases:
-        body = post(api_url, {"input": a1111})
-        assert body["status"] == "COMPLETED", body
-        expected = post(api_url, {"input": native})["output"]["images"]
-        assert len(body["output"]["images"]) == len(expected)
-        for ours, theirs in zip(body["output"]["images"], expected, strict=True):
-            assert decode_png(ours).tobytes() == decode_png(theirs["image"]).tobytes()
-        assert "infotexts" in body["output"]["info"]
-    extras = {"image": photo, "upscaler_1": "tiny-compact-2x", "upscaling_resize": 2, "resize_mode": 0}
-    body = post(api_url, {"input": {"api": {"method": "POST", "endpoint": "extra-single-image"}, "payload": extras}})
+@pytest.mark.parametrize("case", [pytest.param(case, id=case[0]) for case in PAYLOADS])
+def test_each_a1111_payload_over_http(api_url: str, case: tuple[str, str, dict[str, Any], dict[str, Any]]) -> None:
+    """Each payload of the A1111 set (tests/a1111_payloads.py), wrapped, gives the native request's pixels in
+    A1111's answer."""
+    _name, endpoint, payload, native = case
+    body = post(api_url, {"input": wrapped(endpoint, payload)})
     assert body["status"] == "COMPLETED", body
-    assert decode_png(body["output"]["image"]).size == (128, 128)
-    refused = post(api_url, {"input": {"prompt": "a fox", "steps": 2, "restore_faces": True}})
+    answer = body["output"]
+    pictures = [answer["image"]] if "html_info" in answer else answer["images"]
+    expected = post(api_url, {"input": native})
+    assert expected["status"] == "COMPLETED", expected
+    assert len(pictures) == len(expected["output"]["images"])
+    for ours, theirs in zip(pictures, expected["output"]["images"], strict=True):
+        assert decode_png(ours).tobytes() == decode_png(theirs["image"]).tobytes()
+
+
+def test_an_a1111_field_the_worker_cannot_honour_over_http_then_a_job(api_url: str) -> None:
+    refused = post(api_url, {"input": {**FLAT, "restore_faces": True}})
     assert refused["status"] == "FAILED"
     assert "restore_faces=True" in refused["error"]
-    assert post(api_url, {"input": {"prompt": "a fox", "steps": 2, **size}})["status"] == "COMPLETED"
+    unknown = post(api_url, {"input": {"api": {"method": "POST", "endpoint": "/sdapi/v1/png-info"}, "payload": {}}})
+    assert unknown["status"] == "FAILED"
+    assert "/sdapi/v1/txt2img, /sdapi/v1/img2img, /sdapi/v1/extra-single-image" in unknown["error"]
+    assert post(api_url, {"input": FLAT})["status"] == "COMPLETED"
