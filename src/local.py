@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from src.finish.outputs import FORMATS
+from src.schema import a1111_endpoint, names_a1111
 
 DEFAULT_TEST_INPUT = Path("test_input.json")
 # A job id becomes one folder name: anything else turns into "-", so "../x" or "/abs" cannot lead out.
@@ -149,9 +150,24 @@ def _attach_files(job: dict[str, Any], files: Mapping[str, Path | None]) -> None
         if not isinstance(job.get("input"), dict):
             raise ValueError(f'--{field} needs a job whose input is an object, such as {{"input": {{...}}}}')
         try:
-            job["input"][field] = base64.b64encode(path.read_bytes()).decode("ascii")
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
         except OSError as error:
             raise ValueError(f"--{field} {path}: cannot be read: {error.strerror or error}") from None
+        target, name, value = _a1111_place(job["input"], field, data)
+        target[name] = value
+
+
+def _a1111_place(job_input: dict[str, Any], field: str, data: str) -> tuple[dict[str, Any], str, Any]:
+    """Where a file given as ``--image`` or ``--mask`` goes: the input's own field, or, in an A1111 request, its
+    payload's (an img2img's ``init_images``, a list of one)."""
+    if not names_a1111(job_input):
+        return job_input, field, data
+    payload = job_input.get("payload") if "api" in job_input else job_input
+    if not isinstance(payload, dict):
+        return job_input, field, data  # refused by the schema, with its own message
+    if field == "image" and a1111_endpoint(job_input) != "extra-single-image":
+        return payload, "init_images", [data]
+    return payload, field, data
 
 
 def write_images(output: Mapping[str, Any], folder: Path) -> list[str]:

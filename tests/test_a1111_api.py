@@ -420,6 +420,8 @@ def test_samplers_and_schedules_are_read_as_a1111_pairs_them(
 
 
 def test_an_a1111_answer_lists_uploaded_images_by_url(worker: None, bucket: str, s3_server: Any) -> None:
+    inline = run(wrapped("txt2img", FLAT))
+    assert a1111_pixels(inline), "inline by default, as A1111's answer, though the worker has a bucket"
     result = run(wrapped("txt2img", {**FLAT, "batch_size": 2, "output_type": "s3"}))
     assert "error" not in result, result["error"]
     assert len(result["images"]) == 2

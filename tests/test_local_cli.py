@@ -471,3 +471,23 @@ def test_an_a1111_payload_runs_from_the_command_line(tmp_path: Path, run_here: C
     [png] = (tmp_path / "extras").glob("*.png")
     with Image.open(png) as image:
         assert image.size == (64, 64)
+
+
+def test_image_flag_fills_an_a1111_payloads_init_images_or_extras_image(
+    tmp_path: Path, run_here: Callable[..., Ran]
+) -> None:
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), "olive").save(photo)
+    img2img = {"prompt": "a fox", "steps": 2, "seed": 4, "width": 64, "height": 64, "denoising_strength": 0.5}
+    result = run_here(["--image", str(photo), "--test_input", json.dumps({"id": "flat", "input": img2img})])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "img2img" in result.stdout
+    extras = {
+        "api": {"method": "POST", "endpoint": "/sdapi/v1/extra-single-image"},
+        "payload": {"upscaler_1": "Lanczos"},
+    }
+    result = run_here(["--image", str(photo), "--test_input", json.dumps({"id": "extras", "input": extras})])
+    assert result.returncode == 0, result.stderr[-3000:]
+    [png] = (tmp_path / "output" / "extras").glob("*.png")
+    with Image.open(png) as image:
+        assert image.size == (128, 128)

@@ -22,7 +22,7 @@ Its modules, each importing only those above it:
 Callers import from ``src.schema`` itself, which re-exports every public name.
 """
 
-from src.schema.a1111 import A1111_ENDPOINTS, A1111Call, names_a1111, read_a1111
+from src.schema.a1111 import A1111_ENDPOINTS, A1111Call, a1111_endpoint, names_a1111, read_a1111
 from src.schema.adapters import (
     CONTROL_MODE_ALIASES,
     CONTROL_MODE_LABELS,
@@ -171,6 +171,7 @@ __all__ = [
     "UpscaleMetadata",
     "UpscaleRequest",
     "UpscaleResponse",
+    "a1111_endpoint",
     "canonical_output_format",
     "canonical_resize_mode",
     "canonical_scheduler",

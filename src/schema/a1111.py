@@ -179,6 +179,18 @@ def _echo(payload: Mapping[str, Any], endpoint: str) -> dict[str, Any]:
     return echo
 
 
+def a1111_endpoint(data: Any) -> str | None:
+    """The endpoint (``txt2img``, ``img2img``, ``extra-single-image``) an A1111 input names or, flat, implies;
+    None for this worker's own input or an endpoint it does not answer."""
+    if not names_a1111(data):
+        return None
+    try:
+        path = _endpoint(data["api"]) if "api" in data else _flat_endpoint(data)
+    except InputError:
+        return None
+    return A1111_ENDPOINTS[path]
+
+
 def names_a1111(data: Any) -> bool:
     """Whether a job's input is an A1111 request: wrapped (``api`` and ``payload``) or flat (A1111's field names)."""
     return isinstance(data, dict) and ("api" in data or bool(data.keys() & A1111_ONLY_FIELDS))
@@ -210,6 +222,8 @@ def read_a1111(job: Any) -> A1111Call | None:
     else:
         translation.generation()
         translation.hires() if endpoint.endswith("txt2img") else translation.img2img()
+    # A1111's answer carries its images inline: an upload is asked for by name, whatever the worker's bucket.
+    translation.out["output_type"] = "base64"
     for name in NATIVE_IN_A1111:
         if name in payload:
             translation.out[name] = payload[name]
