@@ -100,6 +100,15 @@ def test_cuda_runs_float16_and_a_seed_gives_the_same_image_twice(cuda_engine: En
     assert torch.cuda.memory_allocated() <= allocated_after_first, "a job leaves nothing allocated behind"
 
 
+def test_phases_are_timed_by_cuda_events_and_add_up_to_the_inference(cuda_engine: Engine) -> None:
+    generation = generate(cuda_engine, hires={"scale": 1.5, "steps": 2})
+    phases = generation.phases_ms
+    assert list(phases) == ["text_encoding", "denoising", "hires_upscale", "decoding", "to_images"]
+    assert all(value >= 0 for value in phases.values())
+    assert sum(phases.values()) <= generation.inference_ms + 1
+    assert phases["denoising"] > phases["hires_upscale"], "the UNet's steps outweigh a latent upscale"
+
+
 # --- the balanced profile ---------------------------------------------------------------------------
 
 

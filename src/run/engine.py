@@ -39,6 +39,7 @@ from src.run import pipelines
 from src.run.job import JobState, ProgressCallback
 from src.run.memory import GIB, Plan, Profile, plan_sub_batch
 from src.run.models import Models
+from src.run.phases import Phases
 from src.run.startup import apply_offload, load_parts, models_offloaded_after
 from src.schema import GenerateRequest, InputError, ModelDownload
 from src.settings import Settings
@@ -74,6 +75,8 @@ class Generation:
     embeddings: dict[str, str] = field(default_factory=dict)
     # The LoRAs the job ran with, in the order asked.
     loras: list[Applied] = field(default_factory=list)
+    # Milliseconds of each phase of its time on the device (src/run/phases.py).
+    phases_ms: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -198,7 +201,7 @@ class Engine:
         # 1. Admission: how many images fit at once, or a refusal before any work, sized by the largest pass.
         admitted = self._admit(plan)
         job = JobState.for_plan(plan, batch=admitted.batch, timeout_s=timeout_s, on_progress=on_progress)
-        job.clock, job.cancelled = self.clock, cancelled
+        job.clock, job.cancelled, job.phases = self.clock, cancelled, Phases(self.device)
         # 2. Wait for the GPU: one job at a time. The deadline starts once it is ours.
         with self.gpu(cancelled) as queue_ms, torch.inference_mode(), models_offloaded_after(self._pipeline):
             started = time.perf_counter()
@@ -231,6 +234,7 @@ class Engine:
             prompt_tokens=schedule.first.counts,
             embeddings={name: self.embeddings[name].short_hash for name in schedule.embeddings},
             loras=loras,
+            phases_ms=job.phases.milliseconds(),
         )
 
     @contextmanager

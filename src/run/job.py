@@ -21,6 +21,7 @@ from src.prepare.canvas import TaskImages
 from src.prepare.passes import Pass
 from src.prompts.encoding import Schedule
 from src.run.memory import sub_batches
+from src.run.phases import Phases
 from src.schema import GenerateRequest
 
 # At most one progress report per this many seconds.
@@ -60,6 +61,8 @@ class JobState:
     # Called with a pass's index before its pipeline call (after the previous pass's image is decoded and
     # enlarged): the engine swaps in the pass's model (hires.model) and its prompts' embeddings.
     before_pass: Callable[[int], None] | None = None
+    # Where its time on the device goes (src/run/phases.py); None: not timed.
+    phases: Phases | None = None
     deadline: float = float("inf")
     # Steps of the pipeline call running now, and of those finished before it, as the request counts them.
     run_steps: int = 0
@@ -94,6 +97,13 @@ class JobState:
         """
         self.deadline = self.clock() + self.timeout_s
         self._stop_if_cancelled_or_late(self.clock(), "before its first step")
+        if self.phases is not None:
+            self.phases.start()
+
+    def phase_ended(self, phase: str) -> None:
+        """One of ``PHASES`` ends now (src/run/phases.py)."""
+        if self.phases is not None:
+            self.phases.mark(phase)
 
     def count_again(self, total_steps: int) -> None:
         """Count from the first step again, for the frugal retry; the deadline stays as it was."""

@@ -62,7 +62,7 @@ def encode_prompts(
         InputError: a prompt is longer than ``max_chunks`` chunks of 75 tokens.
     """
     try:
-        return encode_schedule(
+        schedule = encode_schedule(
             texts,
             tokenizer=base.tokenizer,
             text_encoder=base.text_encoder,
@@ -74,6 +74,8 @@ def encode_prompts(
         )
     except PromptError as error:
         raise InputError(f"invalid input: {error}") from None
+    job.phase_ended("text_encoding")
+    return schedule
 
 
 def run_passes(
@@ -106,7 +108,9 @@ def run_passes(
                 )
             assert latents is not None
             decoded = decode(base, latents, indices, job.warnings)
+            job.phase_ended("decoding")
         chunk_images, chunk_flags = checked_pictures(base, decoded, indices, job.warnings, device=device, dtype=dtype)
+        job.phase_ended("to_images")
         chunk_flags = chunk_flags or [False] * len(indices)
         # A flagged image stays black: nothing of the input is pasted onto it.
         results += [
@@ -188,6 +192,7 @@ def denoise(
     if step.upscale_to is not None:
         assert previous is not None, "an upscaling pass follows another"
         arguments["image"] = upscaled(base, previous, step, indices, job.warnings, upscalers=job.upscalers)
+        job.phase_ended("hires_upscale")
     if job.before_pass is not None:
         job.before_pass(pass_index)  # the pass's own model, once the previous pass's image is decoded
     schedule = job.schedule
@@ -212,6 +217,7 @@ def denoise(
             **arguments,
         ).images
     job.run_finished()
+    job.phase_ended("denoising")
     return latents
 
 

@@ -23,6 +23,12 @@ class Timings(BaseModel):
     inference: float = Field(
         description="Text encoding, denoising and VAE decoding, from the moment the job had the GPU."
     )
+    phases: dict[str, float] | None = Field(
+        None,
+        description="`inference` split by phase, as the device ran it (CUDA events on a GPU): `text_encoding`, "
+        "`denoising` (every pass), `hires_upscale` (between the passes), `decoding` (the VAE) and `to_images` "
+        "(the safety checker and the pictures made); absent for an `upscale` job.",
+    )
     encode: float = Field(description="Writing the image files.")
     upload: float | None = Field(None, description="Uploading to S3; present only when the job uploaded.")
     total: float = Field(description="The whole job, from input to response.")
