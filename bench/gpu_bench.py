@@ -1,224 +1,355 @@
-"""GPU benchmark: plain diffusers against the worker's default mode and FAST_MODE, on one NVIDIA GPU.
+"""GPU speed, measured so that a figure holds: plain diffusers against the worker, interleaved, with an A/A control.
 
-    python -m bench.gpu_bench            # under 8 minutes on an A100/H100-class card
+    python -m bench.gpu_bench                      # one NVIDIA GPU; fits the GPU kit's bench step (330 s)
+    python -m bench.gpu_bench --device cpu --model DIR --side 64 --steps 2 --repeat 3 --batches 1 --modes plain,worker
 
-SD 1.5's full architecture with random weights in fp16 (bench/sd15_random.py),
-512², 25 steps, DPM++ 2M Karras, batch 1 and batch 4. For each mode: cold start
-(load from a saved folder, move to the GPU, and for FAST_MODE the compilation and
-warm-up), median job latency over repeats (the worker's include PNG encoding and
-base64), plain diffusers' UNet steps per second, and peak GPU memory. Speed-ups are ratios of medians
-measured in this one run, against plain diffusers with SDPA on the same card.
+SD 1.5's full architecture with random fp16 weights (bench/sd15_random.py), or the model folder ``--model``;
+512², 25 steps, DPM++ 2M Karras, CFG 7.5 (two UNet evaluations a step), batch 1 and batch 4. The modes:
 
-Then, in each worker mode, model swaps (MODELS_DIR holds a second model with weights of its own): its first
-use (read into pinned host memory, then copied in), a swap to it and back from the host cache (median of
-``--repeat``), and the graphs torch.compile made during the swaps and a batch-1 job on the swapped-in model
-(FAST_MODE: 0 when the compiled graphs stay valid).
+- ``plain``: bare diffusers (``from_pretrained``, ``.to(device)``, SDPA, the same scheduler and seeds), its job
+  split at diffusers' own seams: ``encode_prompt``, the pipeline's denoising loop (``output_type="latent"``), the
+  VAE decode, ``postprocess``, then the PNG files written;
+- ``worker``: the worker's prepare, run and finish stages as the handler runs them, PNG files and base64 included;
+- ``fast``: the same with FAST_MODE on (on cards of compute capability 7.0 and above).
+
+Each mode is loaded once (its cold start timed, after the CUDA context exists). The timed jobs interleave the
+modes, round after round: plain, worker, plain again, fast; the two plain series are the A/A control, whose
+ratio of medians must fall within +-3% or the run says that it is too noisy to conclude. ``--warmup`` untimed
+rounds come first; the timed rounds stop at ``--repeat`` or when the batch size's share of ``--budget-s`` is spent
+(at least 2 rounds), and the report says how many ran.
+
+Per job: its whole time (the clock, from the request to the encoded files), and on the device (CUDA events; the
+clock on the CPU) text encoding, the denoising loop (UNet steps/s = steps / its seconds), the VAE decode and the
+pictures made; then the image encoding. Figures are medians with the interquartile range. nvidia-smi's clocks,
+temperature, power and the processes on the GPU are logged before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
+import io
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-STEPS = 25
-SIDE = 512
-BATCHES = (1, 4)
+PROMPT = "a red fox in a snowy forest"
+# The A/A control: two series of the same mode whose medians differ by more than this make the run inconclusive.
+NOISE_LIMIT = 0.03
+_SMI_GPU = "name,clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu,memory.used"
+_SMI_APPS = "pid,process_name,used_memory"
 
 
-def _timed(run: Callable[[], Any], repeat: int) -> float:
-    run()  # warm: cuDNN autotuning, allocator, lazy CUDA start
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
+@dataclass
+class Series:
+    """One mode's timed jobs at one batch size: each job's milliseconds, whole and by phase."""
+
+    jobs: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, job_ms: float, phases: dict[str, float]) -> None:
+        self.jobs.append(job_ms)
+        for name, value in phases.items():
+            self.phases.setdefault(name, []).append(value)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and interquartile range (first and third quartiles) of ``values``."""
+    if len(values) < 2:
+        return {"median": values[0], "q1": values[0], "q3": values[0]}
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3}
+
+
+class Plain:
+    """Bare diffusers, its job timed at diffusers' own seams."""
+
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> None:
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        self.device, self.args = device, args
         started = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            folder, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        ).to(device)
+        _synchronize(device)
+        self.cold_start_s = time.perf_counter() - started
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config, use_karras_sigmas=True)
+        self.pipeline = pipeline
+
+    @torch.inference_mode()  # as the pipeline's own call runs: the decode and postprocess are outside it here
+    def job(self, batch: int) -> tuple[float, dict[str, float]]:
+        from src.run.phases import Phases
+
+        pipeline, args = self.pipeline, self.args
+        started = time.perf_counter()
+        timer = Phases(self.device)
+        timer.start()
+        embeds, negative = pipeline.encode_prompt(PROMPT, self.device, batch, True, "")
+        timer.mark("text_encoding")
+        latents = pipeline(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
+            num_inference_steps=args.steps,
+            width=args.side,
+            height=args.side,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in range(batch)],
+            output_type="latent",
+        ).images
+        timer.mark("denoising")
+        decoded = pipeline.vae.decode(latents / pipeline.vae.config.scaling_factor, return_dict=False)[0]
+        timer.mark("decoding")
+        pictures = pipeline.image_processor.postprocess(decoded, output_type="pil")
+        timer.mark("to_images")
+        phases = timer.milliseconds()
+        encode_started = time.perf_counter()
+        for picture in pictures:
+            picture.save(io.BytesIO(), format="PNG")
+        phases["encode"] = (time.perf_counter() - encode_started) * 1000
+        return (time.perf_counter() - started) * 1000, phases
 
 
-def _release() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+class Worker:
+    """The worker's three stages, as the handler runs them, FAST_MODE on or off."""
 
+    def __init__(self, folder: Path, device: torch.device, args: argparse.Namespace, *, fast: bool) -> None:
+        from src.run.engine import Engine
+        from src.settings import load_settings
 
-def plain(folder: Path, repeat: int) -> dict[str, Any]:
-    """Bare diffusers: from_pretrained, .to('cuda'), SDPA (its default), the same scheduler and seed."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        variables = {"MODEL_ID": str(folder), "FAST_MODE": str(fast).lower(), "MAX_STEPS": str(max(args.steps, 150))}
+        if device.type == "cuda":
+            variables["MEMORY_PROFILE"] = "high"
+        self.settings = load_settings(variables)
+        self.device, self.args = device, args
+        started = time.perf_counter()
+        self.engine = Engine.load(self.settings)  # FAST_MODE compiles and warms up in here
+        _synchronize(device)
+        self.cold_start_s = time.perf_counter() - started
 
-    started = time.perf_counter()
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        folder, dtype=torch.float16, safety_checker=None, requires_safety_checker=False
-    ).to("cuda")
-    torch.cuda.synchronize()
-    cold = time.perf_counter() - started
-    pipeline.set_progress_bar_config(disable=True)
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config, use_karras_sigmas=True)
-    result: dict[str, Any] = {"cold_start_s": cold}
-    for batch in BATCHES:
+    def job(self, batch: int) -> tuple[float, dict[str, float]]:
+        from src.finish import finish
+        from src.prepare import JobPlan, prepare
 
-        def job(output_type: str = "pil", batch: int = batch) -> Any:
-            generators = [torch.Generator("cpu").manual_seed(seed) for seed in range(batch)]
-            return pipeline(
-                "a red fox in a snowy forest",
-                num_inference_steps=STEPS,
-                width=SIDE,
-                height=SIDE,
-                num_images_per_prompt=batch,
-                generator=generators,
-                output_type=output_type,
-            )
-
-        result[f"batch{batch}_s"] = _timed(job, repeat)
-        denoise = _timed(lambda job=job: job("latent"), repeat)
-        result[f"batch{batch}_steps_per_s"] = STEPS / denoise
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return result  # the pipeline goes with this frame; main() then releases its memory
-
-
-def worker(folder: Path, models_dir: Path, repeat: int, fast: bool) -> dict[str, Any]:
-    """The worker's engine and handler path, as deployed, with FAST_MODE off or on; then its model swaps."""
-    from src.finish.response import encode_response
-    from src.run.engine import Engine
-    from src.schema import parse_input
-    from src.settings import load_settings
-
-    settings = load_settings(
-        {
-            "MODEL_ID": str(folder),
-            "MODEL_CONFIG": str(folder),
-            "MODELS_DIR": str(models_dir),
-            "FAST_MODE": str(fast).lower(),
-            "MEMORY_PROFILE": "high",
+        args = self.args
+        request = {
+            "prompt": PROMPT,
+            "num_images": batch,
+            "seed": 0,
+            "num_inference_steps": args.steps,
+            "width": args.side,
+            "height": args.side,
+            "scheduler": "DPM++ 2M Karras",
+            "output_type": "base64",
         }
+        started = time.perf_counter()
+        plan = prepare({"input": request}, self.settings, catalog=lambda: self.engine.catalog, storage=None)
+        assert isinstance(plan, JobPlan)
+        generation = self.engine.run(plan, timeout_s=600)
+        answer = finish(plan, generation, settings=self.settings, storage=None, job_id="bench", started=started)
+        job_ms = (time.perf_counter() - started) * 1000
+        return job_ms, {**generation.phases_ms, "encode": answer["metadata"]["timings_ms"]["encode"]}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def nvidia_smi() -> dict[str, str]:
+    """The GPU's clocks, temperature, power, use and memory, and the processes on it, as nvidia-smi says."""
+    found = {}
+    for name, query in (("gpu", f"--query-gpu={_SMI_GPU}"), ("processes", f"--query-compute-apps={_SMI_APPS}")):
+        try:
+            done = subprocess.run(
+                ["nvidia-smi", query, "--format=csv"], capture_output=True, text=True, timeout=20, check=False
+            )
+            found[name] = (done.stdout or done.stderr).strip()
+        except (OSError, subprocess.TimeoutExpired) as error:
+            found[name] = f"not available: {error}"
+    return found
+
+
+def load_modes(folder: Path, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Any]:
+    """Each mode asked for, loaded once; the CUDA context made first, so that no cold start pays for it."""
+    if device.type == "cuda":
+        torch.ones(1, device=device).sum().item()
+    modes: dict[str, Any] = {}
+    for name in args.modes:
+        if name == "plain":
+            modes["plain"] = Plain(folder, device, dtype, args)
+        elif name == "worker":
+            modes["worker"] = Worker(folder, device, args, fast=False)
+        elif name == "fast" and (device.type != "cuda" or torch.cuda.get_device_capability() >= (7, 0)):
+            modes["fast"] = Worker(folder, device, args, fast=True)
+    return modes
+
+
+def rounds(modes: dict[str, Any], args: argparse.Namespace, clock: Callable[[], float]) -> dict[str, Any]:
+    """The timed rounds, interleaved, per batch size: plain, worker, plain again (the A/A control), fast."""
+    order = [("plain", "plain"), ("worker", "worker"), ("plain (again)", "plain"), ("fast", "fast")]
+    order = [(label, mode) for label, mode in order if mode in modes and ("plain" in modes or label != "plain (again)")]
+    measured: dict[str, Any] = {}
+    for batch in args.batches:
+        series = {label: Series() for label, _ in order}
+        for _ in range(args.warmup):
+            for _label, mode in order:
+                modes[mode].job(batch)
+        deadline = clock() + args.budget_s / len(args.batches)  # each batch size its share of the budget
+        done = 0
+        while done < args.repeat and (done < 2 or clock() < deadline):
+            for label, mode in order:
+                series[label].add(*modes[mode].job(batch))
+            done += 1
+        measured[f"batch {batch}"] = {"rounds": done, "series": series}
+    return measured
+
+
+def summary(measured: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Medians and quartiles of each series; steps/s of its denoising loop; ratios to plain; the A/A verdict."""
+    report: dict[str, Any] = {}
+    for batch, found in measured.items():
+        rows = {}
+        for label, series in found["series"].items():
+            row = {"job_ms": spread(series.jobs), **{name: spread(v) for name, v in series.phases.items()}}
+            if "denoising" in series.phases:
+                row["unet_steps_per_s"] = spread([args.steps * 1000 / value for value in series.phases["denoising"]])
+            rows[label] = row
+        entry: dict[str, Any] = {"rounds": found["rounds"], "modes": rows}
+        if "plain (again)" in rows:
+            ratio = rows["plain"]["job_ms"]["median"] / rows["plain (again)"]["job_ms"]["median"]
+            entry["aa_ratio"] = ratio
+            entry["conclusive"] = abs(ratio - 1) <= NOISE_LIMIT
+        report[batch] = entry
+    return report
+
+
+def table(report: dict[str, Any], cold: dict[str, float]) -> list[str]:
+    """The report as a Markdown table, one row per mode and batch size."""
+    lines = [
+        "| batch | mode | job ms (IQR) | vs plain | text ms | denoising ms | UNet steps/s (IQR) | vs plain | "
+        "decode ms | to images ms | encode ms | cold start s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for batch, entry in report.items():
+        modes = entry["modes"]
+        base = modes.get("plain")
+        for label, row in modes.items():
+            lines.append(_row(batch.removeprefix("batch "), label, row, base, cold.get(label.split(" ")[0])))
+    return lines
+
+
+def _row(batch: str, label: str, row: dict[str, Any], base: dict[str, Any] | None, cold: float | None) -> str:
+    def ms(name: str) -> str:
+        return f"{row[name]['median']:.1f}" if name in row else ""
+
+    job, steps = row["job_ms"], row.get("unet_steps_per_s")
+    job_ratio = f"{base['job_ms']['median'] / job['median']:.2f}x" if base else ""
+    steps_ratio = f"{steps['median'] / base['unet_steps_per_s']['median']:.2f}x" if base and steps else ""
+    steps_cell = f"{steps['median']:.1f} ({steps['q1']:.1f}-{steps['q3']:.1f})" if steps else ""
+    return (
+        f"| {batch} | {label} | {job['median']:.1f} ({job['q1']:.1f}-{job['q3']:.1f}) | {job_ratio} | "
+        f"{ms('text_encoding')} | {ms('denoising')} | {steps_cell} | {steps_ratio} | {ms('decoding')} | "
+        f"{ms('to_images')} | {ms('encode')} | {'' if cold is None else f'{cold:.1f}'} |"
     )
-    started = time.perf_counter()
-    engine = Engine.load(settings)  # FAST_MODE compiles and warms up in here
-    torch.cuda.synchronize()
-    result: dict[str, Any] = {"cold_start_s": time.perf_counter() - started}
-    for batch in BATCHES:
-        request = parse_input(
-            {
-                "input": {
-                    "prompt": "a red fox in a snowy forest",
-                    "num_images": batch,
-                    "seed": 0,
-                    "output_type": "base64",
-                }
-            },
-            settings,
+
+
+def verdicts(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for batch, entry in report.items():
+        if "aa_ratio" not in entry:
+            continue
+        verdict = "conclusive" if entry["conclusive"] else "TOO NOISY TO CONCLUDE: rerun on a quieter machine"
+        lines.append(
+            f"- {batch}: A/A control (plain against itself) {entry['aa_ratio']:.3f}, limit +-{NOISE_LIMIT:.0%}: "
+            f"{verdict}; {entry['rounds']} timed rounds"
         )
-
-        def job(request: Any = request) -> Any:
-            generation = engine.generate(request, timeout_s=600)
-            return encode_response(request, generation, settings=settings, storage=None, job_id="bench", started=0.0)
-
-        result[f"batch{batch}_s"] = _timed(job, repeat)
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    result["swaps"] = swaps(engine, settings, repeat)
-    return result
+    return lines
 
 
-def swaps(engine: Any, settings: Any, repeat: int) -> dict[str, float]:
-    """The second model's first use, then swaps from the host cache, and the graphs compiled meanwhile."""
-    from torch._dynamo.utils import counters
-
-    from bench.models import CHECKPOINTS, cached_swaps
-    from src.schema import parse_input
-
-    graphs = counters["stats"]["unique_graphs"]
-    started = time.perf_counter()
-    engine.models.use(CHECKPOINTS[0])  # synchronizes the device
-    first_use = time.perf_counter() - started
-    engine.models.use(None)
-    times = cached_swaps(engine, repeat)
-    request = parse_input({"input": {"prompt": "a red fox in a snowy forest", "model": CHECKPOINTS[0]}}, settings)
-    engine.generate(request, timeout_s=600)
-    return {
-        "first_use_s": first_use,
-        "swap_s": statistics.median(times["to_checkpoint"]),
-        "swap_back_s": statistics.median(times["to_default"]),
-        "graphs_compiled": counters["stats"]["unique_graphs"] - graphs,
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this benchmark needs one NVIDIA GPU")
-    started = time.time()
-    from bench.models import CHECKPOINTS
+def model_folder(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, workdir: Path) -> Path:
+    """``--model``, or SD 1.5's architecture with random weights saved in ``workdir``."""
+    if args.model is not None:
+        return Path(args.model)
     from bench.sd15_random import build_sd15_random, check_parameter_counts
 
+    folder = workdir / "sd15-random"
+    model = build_sd15_random(str(device), dtype)
+    check_parameter_counts(model)
+    model.save_pretrained(folder)
+    del model
+    return folder
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--model", help="a diffusers folder; default: SD 1.5's architecture with random weights")
+    parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--modes", type=lambda text: text.split(","), default=["plain", "worker", "fast"])
+    parser.add_argument("--repeat", type=int, default=20, help="timed rounds per batch size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size first")
+    parser.add_argument(
+        "--budget-s", type=float, default=180, help="timed rounds stop after this many seconds (shared by the batches)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu, or on one NVIDIA GPU")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    started = time.time()
+    smi_before = nvidia_smi() if device.type == "cuda" else {}
     with tempfile.TemporaryDirectory() as workdir:
-        folder = Path(workdir) / "sd15-random"
-        models_dir = Path(workdir) / "models"
-        model = build_sd15_random("cuda", torch.float16)
-        check_parameter_counts(model)
-        model.save_pretrained(folder)
-        del model
-        # The second model a request may name: a diffusers folder with weights of its own.
-        build_sd15_random("cuda", torch.float16, seed=1).save_pretrained(models_dir / CHECKPOINTS[0])
-        _release()
-        results = {"plain diffusers": plain(folder, args.repeat)}
-        _release()
-        results["worker, default"] = worker(folder, models_dir, args.repeat, fast=False)
-        _release()
-        capability = torch.cuda.get_device_capability()
-        if capability >= (7, 0):
-            results["worker, FAST_MODE"] = worker(folder, models_dir, args.repeat, fast=True)
-    base = results["plain diffusers"]
-    name = torch.cuda.get_device_name()
+        folder = model_folder(args, device, dtype, Path(workdir))
+        modes = load_modes(folder, device, dtype, args)
+        measured = rounds(modes, args, time.monotonic)
+    smi_after = nvidia_smi() if device.type == "cuda" else {}
+    report = summary(measured, args)
+    cold = {name: mode.cold_start_s for name, mode in modes.items()}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    command = " ".join(["python -m bench.gpu_bench", *(sys.argv[1:] if argv is None else argv)])
     lines = [
-        f"{name} (compute capability {capability[0]}.{capability[1]}), torch {torch.__version__}, "
-        f"{datetime.date.today()}; SD 1.5 architecture, random fp16 weights, {SIDE}², {STEPS} steps, DPM++ 2M Karras",
-        f"Command: `{' '.join(['python -m bench.gpu_bench', *sys.argv[1:]])}`, {time.time() - started:.0f} s.",
+        f"{name}, torch {torch.__version__}, {datetime.date.today()}; {'random' if args.model is None else args.model} "
+        f"{str(dtype).removeprefix('torch.')} weights, {args.side}², {args.steps} steps, DPM++ 2M Karras, CFG 7.5",
+        f"Command: `{command}`, {time.time() - started:.0f} s; medians (interquartile range) of the timed rounds, "
+        "each round the modes in turn.",
         "",
-        "| mode | cold start | batch 1 job | speed-up | batch 4 job | speed-up | plain steps/s (b1, b4) | peak GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for mode, result in results.items():
-        steps = (
-            f"{base['batch1_steps_per_s']:.1f}, {base['batch4_steps_per_s']:.1f}" if mode == "plain diffusers" else ""
-        )
-        lines.append(
-            f"| {mode} | {result['cold_start_s']:.1f} s | {result['batch1_s']:.2f} s | "
-            f"{base['batch1_s'] / result['batch1_s']:.2f} | {result['batch4_s']:.2f} s | "
-            f"{base['batch4_s'] / result['batch4_s']:.2f} | {steps} | {result['peak_gib']:.2f} |"
-        )
-    lines += [
+        *verdicts(report),
         "",
-        "| mode | model swap: first use | from the host cache | back to the default | graphs compiled |",
-        "| --- | --- | --- | --- | --- |",
+        *table(report, cold),
     ]
-    for mode, result in results.items():
-        if "swaps" in result:
-            swap = result["swaps"]
-            lines.append(
-                f"| {mode} | {swap['first_use_s']:.2f} s | {swap['swap_s']:.3f} s | {swap['swap_back_s']:.3f} s | "
-                f"{swap['graphs_compiled']} |"
-            )
-    table = "\n".join(lines)
-    print(table)
+    for when, smi in (("before", smi_before), ("after", smi_after)):
+        if smi:
+            lines += ["", f"nvidia-smi {when}:", "", "```", smi["gpu"], smi["processes"], "```"]
+    text = "\n".join(lines)
+    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.md").write_text(table + "\n", encoding="utf-8")
-    (args.out / "gpu.json").write_text(json.dumps({"device": name, "results": results}, indent=2), encoding="utf-8")
-    print(f"\ntotal {time.time() - started:.0f} s")
+    (args.out / "gpu-speed.md").write_text(text + "\n", encoding="utf-8")
+    raw = {
+        batch: {label: vars(series) for label, series in found["series"].items()} for batch, found in measured.items()
+    }
+    record = {"device": name, "command": command, "cold_start_s": cold, "report": report, "samples_ms": raw}
+    record["nvidia_smi"] = {"before": smi_before, "after": smi_after}
+    (args.out / "gpu-speed.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -206,3 +206,28 @@ def test_upscalers_benchmark_smoke_run_writes_every_model(tmp_path: Path) -> Non
     assert "| ESRGAN (RRDB) | 0.23 M | 4x | " in table
     assert "| Real-ESRGAN compact | " in table.split("| model | whole job |")[1]
     assert f"Command: `{report['command']}`" in table
+
+
+def test_gpu_speed_benchmark_runs_its_harness_on_the_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """bench.gpu_bench's interleaved rounds, phases, A/A control and report, on the CPU with the tiny model."""
+    run_bench(
+        "bench.gpu_bench", "--device", "cpu", "--model", str(tiny_model_dir), "--side", "64", "--steps", "2",
+        "--repeat", "3", "--warmup", "1", "--batches", "1", "2", "--modes", "plain,worker", "--out", str(tmp_path),
+    )  # fmt: skip
+    record = json.loads((tmp_path / "gpu-speed.json").read_text())
+    for batch in ("batch 1", "batch 2"):
+        entry = record["report"][batch]
+        assert entry["rounds"] == 3
+        assert set(entry["modes"]) == {"plain", "worker", "plain (again)"}
+        assert isinstance(entry["conclusive"], bool)
+        assert abs(entry["aa_ratio"] - 1) <= 0.03 or not entry["conclusive"]
+        for row in entry["modes"].values():
+            assert {"job_ms", "text_encoding", "denoising", "decoding", "to_images", "encode"} <= set(row)
+            assert row["job_ms"]["q1"] <= row["job_ms"]["median"] <= row["job_ms"]["q3"]
+            assert row["unet_steps_per_s"]["median"] > 0
+        samples = record["samples_ms"][batch]
+        assert all(len(series["jobs"]) == 3 for series in samples.values())
+    table = (tmp_path / "gpu-speed.md").read_text()
+    assert "A/A control (plain against itself)" in table
+    assert "| 1 | worker |" in table
+    assert "| 2 | plain (again) |" in table
