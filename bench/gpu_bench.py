@@ -18,6 +18,9 @@ ratio of medians must fall within +-3% or the run says that it is too noisy to c
 rounds come first; the timed rounds stop at ``--repeat`` or when the batch size's share of ``--budget-s`` is spent
 (at least 2 rounds), and the report says how many ran.
 
+Then each cold start in a process of its own, torch's compile caches empty: plain diffusers, FAST_MODE, and
+FAST_MODE again with the COMPILE_CACHE_DIR the first one filled (``--no-cold-starts`` skips them).
+
 Per job: its whole time (the clock, from the request to the encoded files), and on the device (CUDA events; the
 clock on the CPU) text encoding, the denoising loop (UNet steps/s = steps / its seconds), the VAE decode and the
 pictures made; then the image encoding. Figures are medians with the interquartile range. nvidia-smi's clocks,
@@ -30,6 +33,7 @@ import argparse
 import datetime
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -122,11 +126,15 @@ class Plain:
 class Worker:
     """The worker's three stages, as the handler runs them, FAST_MODE on or off."""
 
-    def __init__(self, folder: Path, device: torch.device, args: argparse.Namespace, *, fast: bool) -> None:
+    def __init__(
+        self, folder: Path, device: torch.device, args: argparse.Namespace, *, fast: bool, compile_cache: Any = None
+    ) -> None:
         from src.run.engine import Engine
         from src.settings import load_settings
 
         variables = {"MODEL_ID": str(folder), "FAST_MODE": str(fast).lower(), "MAX_STEPS": str(max(args.steps, 150))}
+        if compile_cache is not None:
+            variables["COMPILE_CACHE_DIR"] = str(compile_cache)
         if device.type == "cuda":
             variables["MEMORY_PROFILE"] = "high"
         self.settings = load_settings(variables)
@@ -276,6 +284,43 @@ def verdicts(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def cold_start(args: argparse.Namespace) -> None:
+    """``--cold-start MODE``: this process loads one mode and prints its cold start (a line of JSON)."""
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    folder = Path(args.model)
+    if args.cold_start == "plain":
+        mode: Any = Plain(folder, device, dtype, args)
+    else:
+        mode = Worker(folder, device, args, fast=args.cold_start == "fast", compile_cache=args.compile_cache)
+    print(json.dumps({"load_s": mode.cold_start_s, "process_s": time.perf_counter() - started}))
+
+
+def cold_starts(folder: Path, args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Each mode's cold start in a process of its own, torch's compile caches empty: plain diffusers, FAST_MODE,
+    then FAST_MODE again with the COMPILE_CACHE_DIR the first filled."""
+    found: dict[str, dict[str, Any]] = {}
+    kept = workdir / "compile-cache"
+    for label, mode, cache in (("plain", "plain", None), ("fast", "fast", None), ("fast, cached", "fast", kept)):
+        if mode not in args.modes:
+            continue
+        scratch = Path(tempfile.mkdtemp(dir=workdir))
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch)}
+        command = [sys.executable, "-m", "bench.gpu_bench", "--cold-start", mode, "--model", str(folder)]
+        command += ["--device", args.device, "--steps", str(args.steps), "--side", str(args.side)]
+        if label == "fast":
+            command += ["--compile-cache", str(kept)]  # fills it
+        elif cache is not None:
+            command += ["--compile-cache", str(cache)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            found[label] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+            continue
+        found[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
 def model_folder(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, workdir: Path) -> Path:
     """``--model``, or SD 1.5's architecture with random weights saved in ``workdir``."""
     if args.model is not None:
@@ -301,9 +346,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size first")
     parser.add_argument(
-        "--budget-s", type=float, default=180, help="timed rounds stop after this many seconds (shared by the batches)"
+        "--budget-s", type=float, default=150, help="timed rounds stop after this many seconds (shared by the batches)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--no-cold-starts", action="store_true", help="skip the cold starts in processes of their own")
+    parser.add_argument("--cold-start", choices=("plain", "worker", "fast"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile-cache", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -312,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
+    if args.cold_start is not None:
+        cold_start(args)
+        return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu, or on one NVIDIA GPU")
@@ -322,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = model_folder(args, device, dtype, Path(workdir))
         modes = load_modes(folder, device, dtype, args)
         measured = rounds(modes, args, time.monotonic)
+        processes = {} if args.no_cold_starts else cold_starts(folder, args, Path(workdir))
     smi_after = nvidia_smi() if device.type == "cuda" else {}
     report = summary(measured, args)
     cold = {name: mode.cold_start_s for name, mode in modes.items()}
@@ -337,6 +389,14 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *table(report, cold),
     ]
+    if processes:
+        lines += ["", "Cold starts, each in a process of its own with torch's compile caches empty:", ""]
+        lines += ["| mode | load s | process s (imports included) |", "| --- | --- | --- |"]
+        for label, found in processes.items():
+            if "error" in found:
+                lines.append(f"| {label} | failed: {found['error']} | |")
+            else:
+                lines.append(f"| {label} | {found['load_s']:.1f} | {found['process_s']:.1f} |")
     for when, smi in (("before", smi_before), ("after", smi_after)):
         if smi:
             lines += ["", f"nvidia-smi {when}:", "", "```", smi["gpu"], smi["processes"], "```"]
@@ -349,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     record = {"device": name, "command": command, "cold_start_s": cold, "report": report, "samples_ms": raw}
     record["nvidia_smi"] = {"before": smi_before, "after": smi_after}
+    record["cold_starts"] = processes
     (args.out / "gpu-speed.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 

@@ -227,7 +227,9 @@ def test_gpu_speed_benchmark_runs_its_harness_on_the_cpu(tiny_model_dir: Path, t
             assert row["unet_steps_per_s"]["median"] > 0
         samples = record["samples_ms"][batch]
         assert all(len(series["jobs"]) == 3 for series in samples.values())
+    assert record["cold_starts"]["plain"]["load_s"] > 0, "plain's cold start in a process of its own"
     table = (tmp_path / "gpu-speed.md").read_text()
     assert "A/A control (plain against itself)" in table
+    assert "| plain | " in table.split("Cold starts")[1]
     assert "| 1 | worker |" in table
     assert "| 2 | plain (again) |" in table

@@ -109,6 +109,21 @@ def test_phases_are_timed_by_cuda_events_and_add_up_to_the_inference(cuda_engine
     assert phases["denoising"] > phases["hires_upscale"], "the UNet's steps outweigh a latent upscale"
 
 
+def test_fast_mode_keeps_its_compiled_kernels_and_a_second_engine_loads_them(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "compile-cache"
+    first = load_engine(tiny_model_dir, FAST_MODE="true", COMPILE_CACHE_DIR=str(folder))
+    [kept] = folder.iterdir()
+    assert kept.name.startswith("nvidia-") or "-sm" in kept.name
+    assert kept.stat().st_size > 0
+    pixels = generate(first).images[0].tobytes()
+    del first
+    second = load_engine(tiny_model_dir, FAST_MODE="true", COMPILE_CACHE_DIR=str(folder))
+    assert list(folder.iterdir()) == [kept]
+    assert generate(second).images[0].tobytes() == pixels
+
+
 # --- the balanced profile ---------------------------------------------------------------------------
 
 

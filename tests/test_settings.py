@@ -45,6 +45,7 @@ DEFAULTS = {
     "concurrency": 1,
     "max_jobs_in_memory": None,
     "fast_mode": False,
+    "compile_cache_dir": None,
     "embed_parameters": True,
     "max_response_mb": 20.0,
     "default_clip_skip": 1,

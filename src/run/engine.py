@@ -36,6 +36,7 @@ from src.prepare.canvas import ControlMaps, TaskImages
 from src.prepare.inputs import Inputs
 from src.prompts.syntax import CHUNK_TOKENS, TextPlan
 from src.run import pipelines
+from src.run.compile_cache import CompileCache
 from src.run.job import JobState, ProgressCallback
 from src.run.memory import GIB, Plan, Profile, plan_sub_batch
 from src.run.models import Models
@@ -142,7 +143,7 @@ class Engine:
             parts.pipeline, settings, dtype=parts.dtype, pin=parts.device.type == "cuda", default=parts.identity
         )
         if parts.fast:
-            _warm_up(engine)
+            _warm_up(engine, parts.compile_cache)
         return engine
 
     @property
@@ -393,9 +394,10 @@ def _hires_model(engine: Engine, plan: JobPlan, job: JobState) -> Callable[[int]
     return before
 
 
-def _warm_up(engine: Engine) -> None:
+def _warm_up(engine: Engine, compile_cache: CompileCache | None = None) -> None:
     """Run the production shape once (512², one image, the default scheduler) so that compilation
-    and CUDA's lazy start happen before the first job, inside the cold start."""
+    and CUDA's lazy start happen before the first job, inside the cold start; then keep what was compiled
+    (COMPILE_CACHE_DIR) for the next workers."""
     started = time.perf_counter()
     request = GenerateRequest.model_validate(
         {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, context={"limits": engine.settings}
@@ -405,6 +407,8 @@ def _warm_up(engine: Engine) -> None:
         with engine.loras.first_slot_on():
             engine.generate(request, timeout_s=3600)
     log.info("warmed up in %.1f s", time.perf_counter() - started)
+    if compile_cache is not None:
+        compile_cache.save()
 
 
 def _prompt_bytes(texts: TextPlan, width: int, max_chunks: int, dtype_bytes: int) -> int:

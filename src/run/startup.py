@@ -22,6 +22,7 @@ from src.adapters.controlnets import ControlNets, scan_controlnets
 from src.adapters.embeddings import Embedding, load_embeddings
 from src.adapters.loras import Loras, scan_loras
 from src.models.loader import ModelIdentity, load_model, resolve_device, resolve_dtype
+from src.run.compile_cache import CompileCache, open_cache
 from src.run.memory import GIB, Profile, choose_profile
 from src.settings import Settings
 
@@ -46,6 +47,8 @@ class Parts:
     controlnets: ControlNets
     # FAST_MODE applies here (a CUDA GPU, Volta or newer, no offload), and was applied.
     fast: bool
+    # FAST_MODE's compiled kernels kept between workers (COMPILE_CACHE_DIR); None: not kept.
+    compile_cache: CompileCache | None = None
 
 
 def load_parts(settings: Settings) -> Parts:
@@ -79,7 +82,11 @@ def load_parts(settings: Settings) -> Parts:
         offload=profile in OFFLOADING,
     )
     controlnets.preload(settings.controlnet_preload_names)
+    compile_cache = None
     if fast:
+        # Loaded before anything compiles: the warm-up then finds the kernels instead of making them.
+        shape = {"lora_slots": loras.slot_count if loras.files else 0}
+        compile_cache = open_cache(settings.compile_cache_dir, pipeline.unet, dtype, shape)
         _apply_fast_mode(pipeline, loras)
     log.info(
         "loaded %s on %s (%s, %s profile%s) in %.1f s",
@@ -90,7 +97,9 @@ def load_parts(settings: Settings) -> Parts:
         f", {gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "",
         time.perf_counter() - started,
     )
-    return Parts(pipeline, device, dtype, profile, gpu_bytes, identity, embeddings, loras, controlnets, fast)
+    return Parts(
+        pipeline, device, dtype, profile, gpu_bytes, identity, embeddings, loras, controlnets, fast, compile_cache
+    )
 
 
 def _loras(pipeline: Any, settings: Settings, device: torch.device, profile: Profile, *, fast: bool) -> Loras:

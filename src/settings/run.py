@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 
 class RunSettings(BaseModel):
-    """The run's variables: ``MAX_PROMPT_CHUNKS`` to ``FAST_MODE``."""
+    """The run's variables: ``MAX_PROMPT_CHUNKS`` to ``COMPILE_CACHE_DIR``."""
 
     max_prompt_chunks: int = Field(
         8,
@@ -74,6 +74,14 @@ class RunSettings(BaseModel):
         description="On GPUs of compute capability 7.0 or newer: channels_last, fused QKV, a compiled UNet "
         "and a warm-up at start. Measured on an H200 (BENCHMARKS.md): a cold start of 9.5 to 17.2 s and no "
         "faster jobs, 0.82x to 0.90x plain diffusers' speed at batch 4. Ignored, with a warning, elsewhere.",
+    )
+    compile_cache_dir: str | None = Field(
+        None,
+        alias="COMPILE_CACHE_DIR",
+        description="Folder (such as `/runpod-volume/compile-cache`) where FAST_MODE keeps what torch.compile made "
+        "at its warm-up (torch's cache artifacts), one file per GPU, compute capability, torch version, dtype and "
+        "UNet shape; the next workers load it before they compile, so their cold start skips most of the "
+        "compilation. Unset: compiled at every start.",
     )
 
     @property

@@ -1,0 +1,91 @@
+"""FAST_MODE's compiled kernels kept between workers (src/run/compile_cache.py, COMPILE_CACHE_DIR).
+
+The round trip is real: two processes, each with an empty inductor cache of its own, compile the same module with
+torch.compile's inductor on the CPU; the first keeps its artifacts through ``CompileCache.save``, the second loads
+them through ``open_cache`` and finds its graph in them instead of compiling it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+
+from src.run.compile_cache import CompileCache, cache_key, open_cache
+from tests.conftest import ROOT
+
+SCRIPT = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from src.run.compile_cache import open_cache
+
+class Net(torch.nn.Module):
+    config = {"width": 8}
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(x @ x.T) + 1
+
+net = Net()
+cache = open_cache(sys.argv[1], net, torch.float32, {"lora_slots": 0})
+torch.compile(net, fullgraph=True)(torch.randn(8, 8))
+cache.save()
+found = counters["inductor"]
+print(json.dumps({"found": cache.found, "hits": found["fxgraph_cache_hit"], "misses": found["fxgraph_cache_miss"]}))
+"""
+
+
+def compile_once(folder: Path, scratch: Path) -> dict[str, object]:
+    """One process's compile, with COMPILE_CACHE_DIR ``folder`` and an inductor cache of its own."""
+    scratch.mkdir()
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folder)], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_finds_the_first_ones_kernels(tmp_path: Path) -> None:
+    folder = tmp_path / "compile-cache"
+    first = compile_once(folder, tmp_path / "inductor-1")
+    assert first == {"found": False, "hits": 0, "misses": 1}
+    [kept] = folder.iterdir()
+    assert kept.name.startswith("cpu-sm00-torch")
+    second = compile_once(folder, tmp_path / "inductor-2")
+    assert second == {"found": True, "hits": 1, "misses": 0}
+    assert list(folder.iterdir()) == [kept], "a worker that found the file leaves it as it was"
+
+
+def test_the_file_name_carries_the_gpu_torch_dtype_and_shape() -> None:
+    shape = {"unet": {"block_out_channels": [320, 640]}, "lora_slots": 0}
+    name = cache_key("NVIDIA H100 80GB HBM3", (9, 0), torch.float16, shape)
+    assert name.startswith(f"nvidia-h100-80gb-hbm3-sm90-torch{torch.__version__.replace('+', '-')}-float16-")
+    others = {
+        cache_key("NVIDIA A100-SXM4-80GB", (8, 0), torch.float16, shape),
+        cache_key("NVIDIA H100 80GB HBM3", (9, 0), torch.bfloat16, shape),
+        cache_key("NVIDIA H100 80GB HBM3", (9, 0), torch.float16, {**shape, "lora_slots": 2}),
+    }
+    assert name not in others
+    assert len(others) == 3
+    assert name == cache_key("NVIDIA H100 80GB HBM3", (9, 0), torch.float16, dict(reversed(shape.items())))
+
+
+def test_no_folder_no_cache_and_a_bad_file_costs_a_compile(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Net(torch.nn.Module):
+        config: ClassVar[dict[str, int]] = {"width": 8}
+
+    assert open_cache(None, Net(), torch.float32, {}) is None
+    cache = open_cache(str(tmp_path), Net(), torch.float32, {})
+    assert cache == CompileCache(cache.path if cache else tmp_path)
+    assert cache is not None
+    cache.path.write_bytes(b"not torch's artifacts")
+    again = open_cache(str(tmp_path), Net(), torch.float32, {})
+    assert again is not None
+    assert not again.found, "it will be written again after the warm-up"
+    assert "cannot be loaded" in caplog.text
