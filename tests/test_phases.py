@@ -18,7 +18,8 @@ JOB = {"prompt": "a fox", "num_inference_steps": 2, "seed": 1, "width": 64, "hei
 def timings(**fields: Any) -> dict[str, Any]:
     result = asyncio.run(handler.handler({"id": "phases", "input": {**JOB, **fields}}))
     assert "error" not in result, result["error"]
-    return result["metadata"]["timings_ms"]
+    metadata = result["metadata"]
+    return {**metadata["timings_ms"], "phases": metadata["phases_ms"]}
 
 
 @pytest.mark.parametrize(

@@ -144,6 +144,7 @@ NEUTRAL_SINCE = {
     "subseed_strength": 0.0,
     "seed_resize_from_w": 0,
     "seed_resize_from_h": 0,
+    "deepcache_interval": 1,
     # Inpaint's and outpaint's only; absent from the other tasks' metadata.
     "inpaint_fill": "original",
     "mask_invert": False,

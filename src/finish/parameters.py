@@ -65,6 +65,8 @@ def a1111_parameters(
         fields["Clip skip"] = request.clip_skip
     if request.tiling:
         fields["Tiling"] = "True"
+    if request.deepcache_interval > 1:
+        fields["DeepCache interval"] = request.deepcache_interval
     fields.update(_task_fields(request, source_size))
     if embeddings:
         fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'

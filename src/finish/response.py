@@ -200,11 +200,11 @@ def _metadata(
             inputs=None if inputs is None or inputs.read_ms is None else round(inputs.read_ms, 1),
             queue=round(generation.queue_ms, 1),
             inference=round(generation.inference_ms, 1),
-            phases=generation.phases_ms or None,
             encode=round(timings["encode"], 1),
             upload=None if upload is None else round(upload, 1),
             total=round(timings["total"], 1),
         ),
+        phases_ms=generation.phases_ms or None,
         version=__version__,
         warnings=warnings,
     )

@@ -32,6 +32,7 @@ from src.prepare.canvas import paste_back
 from src.prepare.passes import Pass, PipelineKind
 from src.prompts.encoding import Schedule, encode_schedule
 from src.prompts.syntax import PromptError, TextPlan
+from src.run.feature_reuse import feature_reuse
 from src.run.job import JobState, PromptSwitch
 from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
 from src.run.noise import initial_noise, job_noise
@@ -203,7 +204,10 @@ def denoise(
     scheduler = step.scheduler or request.scheduler
     pipeline = pipeline_for(base, scheduler, step.pipeline, controlnet, show_progress=show_progress)
     job.run_started(step.denoising_steps)
-    with initial_noise(pipeline, _variation(request, indices)):
+    with (
+        initial_noise(pipeline, _variation(request, indices)),
+        feature_reuse(pipeline.unet, request.deepcache_interval),
+    ):
         latents = pipeline(
             prompt_embeds=encoded.prompt_embeds,
             negative_prompt_embeds=encoded.negative_prompt_embeds,

@@ -36,6 +36,7 @@ LORA_TAG_KINDS = ("lora", "lyco")
 SEED_MAX = 2**32 - 1
 SIDE_STEP = 64
 GUIDANCE_MAX = 30.0
+DEEPCACHE_INTERVAL_MAX = 10
 # Every input error's message starts with this.
 INVALID_INPUT = "invalid input: "
 
@@ -347,6 +348,15 @@ class RequestCore(BaseModel):
         False,
         description="`true`: the image tiles seamlessly, its left edge continuing its right and its top its bottom "
         "(A1111's `tiling`: circular padding in the UNet's and VAE's convolutions, for this job only).",
+    )
+    deepcache_interval: StrictInt = Field(
+        1,
+        ge=1,
+        le=DEEPCACHE_INTERVAL_MAX,
+        description=f"DeepCache-style feature reuse, 1 (off) to {DEEPCACHE_INTERVAL_MAX}: every Nth UNet evaluation "
+        "runs whole and keeps its deep features; those between run only the UNet's first down block and last up "
+        "block on them. Faster the higher N, at a cost in fine detail that grows with N: the images differ from "
+        "the default's (2 or 3 keeps most of it). Not with `controlnets`.",
     )
     output_format: OutputFormat = "png"
     output_quality: OutputQuality = 90

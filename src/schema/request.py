@@ -119,6 +119,11 @@ class GenerateRequest(AdapterOptions):
     @model_validator(mode="after")
     def _controlnets_allowed(self, info: ValidationInfo) -> GenerateRequest:
         check_controlnets(self.controlnets, request_limits(info))
+        if self.controlnets and self.deepcache_interval > 1:
+            raise ValueError(
+                f"deepcache_interval={self.deepcache_interval}: not with controlnets, whose residuals enter the "
+                "UNet's deep blocks at every step; leave it at 1"
+            )
         return self
 
     @model_validator(mode="after")

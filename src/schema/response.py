@@ -23,12 +23,6 @@ class Timings(BaseModel):
     inference: float = Field(
         description="Text encoding, denoising and VAE decoding, from the moment the job had the GPU."
     )
-    phases: dict[str, float] | None = Field(
-        None,
-        description="`inference` split by phase, as the device ran it (CUDA events on a GPU): `text_encoding`, "
-        "`denoising` (every pass), `hires_upscale` (between the passes), `decoding` (the VAE) and `to_images` "
-        "(the safety checker and the pictures made); absent for an `upscale` job.",
-    )
     encode: float = Field(description="Writing the image files.")
     upload: float | None = Field(None, description="Uploading to S3; present only when the job uploaded.")
     total: float = Field(description="The whole job, from input to response.")
@@ -107,6 +101,7 @@ class Metadata(BaseModel):
     scheduler: str = Field(description="The canonical name of the scheduler used.")
     clip_skip: int = Field(description="The CLIP layer read, counted from the last as A1111 counts it.")
     tiling: bool = Field(description="Whether the image was made to tile seamlessly.")
+    deepcache_interval: int = Field(description="DeepCache's interval: the UNet ran whole every this many steps.")
     embeddings: dict[str, str] | None = Field(
         None,
         description="The textual-inversion embeddings the prompts named, each with A1111's short hash of its "
@@ -155,6 +150,12 @@ class Metadata(BaseModel):
     outpaint: Outpaint | None = Field(None, description="Outpaint: the pixels added on each side.")
     hires: Hires | None = Field(None, description="Hires fix: scale, steps, strength and upscaler, as run.")
     timings_ms: Timings = Field(description="Milliseconds per stage; see below.")
+    phases_ms: dict[str, float] | None = Field(
+        None,
+        description="`timings_ms.inference` split by phase, as the device ran it (CUDA events on a GPU): "
+        "`text_encoding`, `denoising` (every pass), `hires_upscale` (between the passes), `decoding` (the VAE) and "
+        "`to_images` (the safety checker and the pictures made).",
+    )
     version: str = Field(description="The worker's version.")
     warnings: list[str] = Field(
         default_factory=list,
