@@ -10,10 +10,11 @@ SD 1.5's full architecture with random fp16 weights (bench/sd15_random.py), or t
   split at diffusers' own seams: ``encode_prompt``, the pipeline's denoising loop (``output_type="latent"``), the
   VAE decode, ``postprocess``, then the PNG files written;
 - ``worker``: the worker's prepare, run and finish stages as the handler runs them, PNG files and base64 included;
-- ``fast``: the same with FAST_MODE on (on cards of compute capability 7.0 and above).
+- ``fast``: the same with FAST_MODE on (on cards of compute capability 7.0 and above);
+- ``deepcache``: the worker's default mode with ``deepcache_interval`` 3 (an opt-in that changes the images).
 
 Each mode is loaded once (its cold start timed, after the CUDA context exists). The timed jobs interleave the
-modes, round after round: plain, worker, plain again, fast; the two plain series are the A/A control, whose
+modes, round after round: plain, worker, plain again, fast, deepcache; the two plain series are the A/A control, whose
 ratio of medians must fall within +-3% or the run says that it is too noisy to conclude. ``--warmup`` untimed
 rounds come first; the timed rounds stop at ``--repeat`` or when the batch size's share of ``--budget-s`` is spent
 (at least 2 rounds), and the report says how many ran.
@@ -47,6 +48,8 @@ from typing import Any
 import torch
 
 PROMPT = "a red fox in a snowy forest"
+# The interval of the ``deepcache`` mode: the worker with deepcache_interval 3 (src/run/feature_reuse.py).
+DEEPCACHE = 3
 # The A/A control: two series of the same mode whose medians differ by more than this make the run inconclusive.
 NOISE_LIMIT = 0.03
 _SMI_GPU = "name,clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu,memory.used"
@@ -127,7 +130,14 @@ class Worker:
     """The worker's three stages, as the handler runs them, FAST_MODE on or off."""
 
     def __init__(
-        self, folder: Path, device: torch.device, args: argparse.Namespace, *, fast: bool, compile_cache: Any = None
+        self,
+        folder: Path,
+        device: torch.device,
+        args: argparse.Namespace,
+        *,
+        fast: bool,
+        compile_cache: Any = None,
+        fields: dict[str, Any] | None = None,
     ) -> None:
         from src.run.engine import Engine
         from src.settings import load_settings
@@ -138,7 +148,7 @@ class Worker:
         if device.type == "cuda":
             variables["MEMORY_PROFILE"] = "high"
         self.settings = load_settings(variables)
-        self.device, self.args = device, args
+        self.device, self.args, self.fields = device, args, fields or {}
         started = time.perf_counter()
         self.engine = Engine.load(self.settings)  # FAST_MODE compiles and warms up in here
         _synchronize(device)
@@ -158,6 +168,7 @@ class Worker:
             "height": args.side,
             "scheduler": "DPM++ 2M Karras",
             "output_type": "base64",
+            **self.fields,
         }
         started = time.perf_counter()
         plan = prepare({"input": request}, self.settings, catalog=lambda: self.engine.catalog, storage=None)
@@ -199,12 +210,15 @@ def load_modes(folder: Path, device: torch.device, dtype: torch.dtype, args: arg
             modes["worker"] = Worker(folder, device, args, fast=False)
         elif name == "fast" and (device.type != "cuda" or torch.cuda.get_device_capability() >= (7, 0)):
             modes["fast"] = Worker(folder, device, args, fast=True)
+        elif name == "deepcache":
+            modes["deepcache"] = Worker(folder, device, args, fast=False, fields={"deepcache_interval": DEEPCACHE})
     return modes
 
 
 def rounds(modes: dict[str, Any], args: argparse.Namespace, clock: Callable[[], float]) -> dict[str, Any]:
     """The timed rounds, interleaved, per batch size: plain, worker, plain again (the A/A control), fast."""
     order = [("plain", "plain"), ("worker", "worker"), ("plain (again)", "plain"), ("fast", "fast")]
+    order.append(("deepcache", "deepcache"))
     order = [(label, mode) for label, mode in order if mode in modes and ("plain" in modes or label != "plain (again)")]
     measured: dict[str, Any] = {}
     for batch in args.batches:
@@ -342,7 +356,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--modes", type=lambda text: text.split(","), default=["plain", "worker", "fast"])
+    parser.add_argument("--modes", type=lambda text: text.split(","), default=["plain", "worker", "fast", "deepcache"])
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size first")
     parser.add_argument(
