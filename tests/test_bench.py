@@ -235,12 +235,19 @@ def test_gpu_speed_benchmark_runs_its_harness_on_the_cpu(tiny_model_dir: Path, t
     assert "| 2 | plain (again) |" in table
 
 
-def test_deepcache_benchmark_writes_each_interval(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_speed_options_benchmark_writes_each_setting(tiny_model_dir: Path, tmp_path: Path) -> None:
     run_bench(
-        "bench.deepcache", "--model", str(tiny_model_dir), "--side", "64", "--steps", "4", "--out", str(tmp_path)
+        "bench.speed_options", "--model", str(tiny_model_dir), "--side", "64", "--steps", "4", "--out", str(tmp_path)
     )  # fmt: skip
-    report = json.loads((tmp_path / "deepcache.json").read_text())
-    assert [row["interval"] for row in report["rows"]] == [1, 2, 3, 5]
+    report = json.loads((tmp_path / "speed-options.json").read_text())
+    assert [(row["option"], row["value"]) for row in report["rows"]] == [
+        ("default", None),
+        ("deepcache_interval", 2),
+        ("deepcache_interval", 3),
+        ("deepcache_interval", 5),
+        ("tome_ratio", 0.3),
+        ("tome_ratio", 0.5),
+    ]
     assert report["rows"][0]["mean_difference"] == 0
     assert all(row["denoising_ms"] > 0 for row in report["rows"])
-    assert "| 3 |" in (tmp_path / "deepcache.md").read_text()
+    assert "| tome_ratio 0.5 |" in (tmp_path / "speed-options.md").read_text()

@@ -67,6 +67,8 @@ def a1111_parameters(
         fields["Tiling"] = "True"
     if request.deepcache_interval > 1:
         fields["DeepCache interval"] = request.deepcache_interval
+    if request.tome_ratio > 0:
+        fields["Token merging ratio"] = f"{request.tome_ratio:g}"
     fields.update(_task_fields(request, source_size))
     if embeddings:
         fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'

@@ -36,6 +36,7 @@ from src.run.feature_reuse import feature_reuse
 from src.run.job import JobState, PromptSwitch
 from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
 from src.run.noise import initial_noise, job_noise
+from src.run.token_merging import token_merging
 from src.schema import InputError
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,9 @@ def denoise(
     with (
         initial_noise(pipeline, _variation(request, indices)),
         feature_reuse(pipeline.unet, request.deepcache_interval),
+        token_merging(
+            pipeline.unet, request.tome_ratio, seed=request.seeds[indices[0]], device=pipeline._execution_device
+        ),
     ):
         latents = pipeline(
             prompt_embeds=encoded.prompt_embeds,

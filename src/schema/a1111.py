@@ -85,6 +85,7 @@ _COUNTERPARTS: Mapping[str, str] = {
     "upscaler": "upscaler_1",
     "scale": "upscaling_resize",
     "task": "api.endpoint",
+    "tome_ratio": "token_merging_ratio",
 }
 # A1111's fields that this worker's own input never has: one of them makes a flat input an A1111 payload.
 A1111_ONLY_FIELDS = frozenset(
@@ -144,7 +145,16 @@ def _native_fields(data: Mapping[str, Any], endpoint: str) -> tuple[list[str], s
     fields they name."""
     problems, named = [], set()
     extras = endpoint.endswith("extra-single-image")
-    native = {*_COUNTERPARTS, "image", "loras", "outpaint", "keep_unmasked", "inpaint_area", "hires"}
+    native = {
+        *_COUNTERPARTS,
+        "image",
+        "loras",
+        "outpaint",
+        "keep_unmasked",
+        "inpaint_area",
+        "hires",
+        "deepcache_interval",
+    }
     for name in sorted(set(data) & native):
         if name == "image" and extras:
             continue

@@ -212,8 +212,13 @@ class Translation:
         )
         fields.only("s_churn", _is_zero, "stochastic churn is not part of this worker's samplers")
         fields.only("s_min_uncond", _is_zero, "negative guidance minimum sigma is not part of this worker")
-        for name in ("token_merging_ratio", "token_merging_ratio_hr"):
-            fields.only(name, _is_zero, "token merging is not part of this worker")
+        self.copy("token_merging_ratio", "tome_ratio")
+        ratio = fields.data.get("token_merging_ratio") or 0
+        fields.only(
+            "token_merging_ratio_hr",
+            lambda value: value in (0, ratio),
+            "this worker merges tokens at one ratio in both passes (token_merging_ratio): 0 or that ratio",
+        )
         fields.only("firstpass_image", _is_empty, "a first pass's image is not taken: send it as img2img")
         fields.only("infotext", _is_empty, "an infotext is not read: send its values as fields")
         fields.only("refiner_checkpoint", _names_nothing, "a refiner is for SDXL; this worker serves SD 1.5")
@@ -276,7 +281,7 @@ class Translation:
             fields.accept(*names)
             return
         hires: dict[str, Any] = {"strength": fields.take("denoising_strength", A1111_DEFAULTS["denoising_strength"])}
-        hires["scale"] = self._hires_scale()
+        hires["scale"] = hires_scale(self)
         for a1111, native in (("hr_second_pass_steps", "steps"), ("hr_prompt", "prompt")):
             if (value := fields.take(a1111)) is not None:
                 hires[native] = value
@@ -312,27 +317,6 @@ class Translation:
                 "hires.negative_prompt": "hr_negative_prompt",
             }
         )
-
-    def _hires_scale(self) -> Any:
-        """``hr_scale``, or the factor that ``hr_resize_x`` and ``hr_resize_y`` name (both, or one of the two)."""
-        fields = self.fields
-        scale = fields.take("hr_scale", A1111_DEFAULTS["hr_scale"])
-        target_x, target_y = fields.take("hr_resize_x", 0), fields.take("hr_resize_y", 0)
-        if not target_x and not target_y:
-            return scale
-        width, height = self.out.get("width"), self.out.get("height")
-        if not all(isinstance(value, int) and value > 0 for value in (width, height, target_x or 1, target_y or 1)):
-            fields.refuse("hr_resize_x", [target_x, target_y], "must be whole pixels, with width and height")
-            return scale
-        factor = target_x / width if target_x else target_y / height
-        if (target_x and int(width * factor) != target_x) or (target_y and int(height * factor) != target_y):
-            fields.refuse(
-                "hr_resize_x",
-                [target_x, target_y],
-                f"hr_resize_x x hr_resize_y = {target_x}x{target_y} does not keep {width}x{height}'s proportions; "
-                "this worker's hires pass enlarges by one factor: use hr_scale, or one of the two",
-            )
-        return factor
 
     def img2img(self) -> None:
         fields = self.fields
@@ -521,3 +505,25 @@ def translate_upscale(self: Translation) -> None:
         fields.only(name, _is_zero, "face restoration (GFPGAN, CodeFormer) is not part of this worker")
     # They act only with face restoration (0 above).
     fields.accept("codeformer_weight", "upscale_first", "show_extras_results")
+
+
+def hires_scale(self: Translation) -> Any:
+    """``hr_scale``, or the factor that ``hr_resize_x`` and ``hr_resize_y`` name (both, or one of the two)."""
+    fields = self.fields
+    scale = fields.take("hr_scale", A1111_DEFAULTS["hr_scale"])
+    target_x, target_y = fields.take("hr_resize_x", 0), fields.take("hr_resize_y", 0)
+    if not target_x and not target_y:
+        return scale
+    width, height = self.out.get("width"), self.out.get("height")
+    if not all(isinstance(value, int) and value > 0 for value in (width, height, target_x or 1, target_y or 1)):
+        fields.refuse("hr_resize_x", [target_x, target_y], "must be whole pixels, with width and height")
+        return scale
+    factor = target_x / width if target_x else target_y / height
+    if (target_x and int(width * factor) != target_x) or (target_y and int(height * factor) != target_y):
+        fields.refuse(
+            "hr_resize_x",
+            [target_x, target_y],
+            f"hr_resize_x x hr_resize_y = {target_x}x{target_y} does not keep {width}x{height}'s proportions; "
+            "this worker's hires pass enlarges by one factor: use hr_scale, or one of the two",
+        )
+    return factor

@@ -37,6 +37,7 @@ SEED_MAX = 2**32 - 1
 SIDE_STEP = 64
 GUIDANCE_MAX = 30.0
 DEEPCACHE_INTERVAL_MAX = 10
+TOME_RATIO_MAX = 0.75
 # Every input error's message starts with this.
 INVALID_INPUT = "invalid input: "
 
@@ -152,6 +153,8 @@ class RequestLimits(Protocol):
     def downloads_on(self) -> bool: ...
     @property
     def upscaler_dir(self) -> str | None: ...
+    @property
+    def fast_mode(self) -> bool: ...
 
 
 def canonical_name(name: str, names_by_key: Mapping[str, str], kind: str, listed: Iterable[str]) -> str:
@@ -358,6 +361,17 @@ class RequestCore(BaseModel):
         "block on them. Faster the higher N, at a cost in fine detail that grows with N: the images differ from "
         "the default's (2 or 3 keeps most of it). Not with `controlnets`.",
     )
+    tome_ratio: float = Field(
+        0.0,
+        strict=True,
+        ge=0.0,
+        le=TOME_RATIO_MAX,
+        allow_inf_nan=False,
+        description=f"Token merging (ToMe for SD), 0 (off) to {TOME_RATIO_MAX:g}: this fraction of the image tokens "
+        "at the UNet's full latent resolution is merged before self-attention and unmerged after. Faster the "
+        "larger the image, at a cost in fine detail that grows with the ratio: the images differ from the "
+        "default's (0.3 to 0.5 is usual). Not with `FAST_MODE`.",
+    )
     output_format: OutputFormat = "png"
     output_quality: OutputQuality = 90
     output_type: OutputType = "auto"
@@ -394,6 +408,15 @@ class RequestCore(BaseModel):
     @classmethod
     def _resolve_subseed(cls, value: int | None) -> int:
         return cls._resolve_seed(value)
+
+    @field_validator("tome_ratio")
+    @classmethod
+    def _tome_without_fast_mode(cls, value: float, info: ValidationInfo) -> float:
+        if value > 0 and request_limits(info).fast_mode:
+            raise ValueError(
+                "not with FAST_MODE: token merging changes the UNet's transformer blocks, which FAST_MODE compiled"
+            )
+        return value
 
     @field_validator("seed_resize_from_w", "seed_resize_from_h")
     @classmethod

@@ -102,6 +102,7 @@ class Metadata(BaseModel):
     clip_skip: int = Field(description="The CLIP layer read, counted from the last as A1111 counts it.")
     tiling: bool = Field(description="Whether the image was made to tile seamlessly.")
     deepcache_interval: int = Field(description="DeepCache's interval: the UNet ran whole every this many steps.")
+    tome_ratio: float = Field(description="Token merging's ratio; 0: off.")
     embeddings: dict[str, str] | None = Field(
         None,
         description="The textual-inversion embeddings the prompts named, each with A1111's short hash of its "

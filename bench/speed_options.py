@@ -1,12 +1,12 @@
-"""What ``deepcache_interval`` trades on SD 1.5's full architecture: the denoising loop's time against how far the
-image moves from the default's.
+"""What the per-request speed options trade on SD 1.5's full architecture: ``deepcache_interval`` and
+``tome_ratio``, the denoising loop's time against how far the image moves from the default's.
 
-    python -m bench.deepcache            # CPU, random fp32 weights, 256², 10 steps; about 3 minutes on 2 cores
+    python -m bench.speed_options        # CPU, random fp32 weights, 256², 10 steps; about 4 minutes on 2 cores
 
-The worker's engine, as deployed, runs the same job (one image, DPM++ 2M Karras, CFG 7.5) at each interval; the
-denoising time is its ``metadata.phases_ms``, the difference the mean and largest absolute difference per pixel
-and channel (0 to 255) from interval 1's image. The weights are random, so the difference says how far the
-picture moves, not what that does to a real model's picture.
+The worker's engine, as deployed, runs the same job (one image, DPM++ 2M Karras, CFG 7.5) with each option's
+value; the denoising time is its ``metadata.phases_ms``, the difference the mean and largest absolute difference
+per pixel and channel (0 to 255) from the default job's image. The weights are random, so the difference says
+how far the picture moves, not what that does to a real model's picture.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from PIL import Image
 
 from bench.machine import report_header, write_results
 
-INTERVALS = (1, 2, 3, 5)
+# (field, value) of each job; the first is the default job, the reference.
+SETTINGS = (
+    ("default", None),
+    ("deepcache_interval", 2),
+    ("deepcache_interval", 3),
+    ("deepcache_interval", 5),
+    ("tome_ratio", 0.3),
+    ("tome_ratio", 0.5),
+)
 
 
 def pixels(answer: dict[str, Any]) -> np.ndarray:
@@ -35,7 +43,7 @@ def pixels(answer: dict[str, Any]) -> np.ndarray:
 
 
 def measure(folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Each interval's job through the worker's three stages, timed by phase, after one untimed warm-up."""
+    """Each setting's job through the worker's three stages, timed by phase, after one untimed warm-up."""
     from src.finish import finish
     from src.prepare import JobPlan, prepare
     from src.run.engine import Engine
@@ -46,10 +54,10 @@ def measure(folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     request = {"prompt": "a lighthouse on a cliff at dusk", "num_inference_steps": args.steps, "seed": 1}
     request.update(width=args.side, height=args.side, scheduler="DPM++ 2M Karras", output_type="base64")
 
-    def job(interval: int) -> tuple[dict[str, Any], float]:
+    def job(option: dict[str, Any]) -> tuple[dict[str, Any], float]:
         started = time.perf_counter()
         plan = prepare(
-            {"input": {**request, "deepcache_interval": interval}},
+            {"input": {**request, **option}},
             settings,
             catalog=lambda: engine.catalog,
             storage=None,
@@ -60,16 +68,17 @@ def measure(folder: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         return answer, (time.perf_counter() - started) * 1000
 
-    job(1)  # warm-up: the first job's allocations
+    job({})  # warm-up: the first job's allocations
     rows, reference = [], None
-    for interval in INTERVALS:
-        answer, job_ms = job(interval)
+    for name, value in SETTINGS:
+        answer, job_ms = job({} if value is None else {name: value})
         picture = pixels(answer)
         reference = picture if reference is None else reference
         difference = np.abs(picture - reference)
         rows.append(
             {
-                "interval": interval,
+                "option": name,
+                "value": value,
                 "job_ms": job_ms,
                 "denoising_ms": answer["metadata"]["phases_ms"]["denoising"],
                 "mean_difference": float(difference.mean()),
@@ -99,7 +108,7 @@ def main() -> None:
             del model
         rows = measure(folder, args)
     base = rows[0]
-    report.update(command=" ".join(["python -m bench.deepcache", *sys.argv[1:]]), torch=torch.__version__)
+    report.update(command=" ".join(["python -m bench.speed_options", *sys.argv[1:]]), torch=torch.__version__)
     report.update(rows=rows, seconds=time.time() - started)
     lines = [
         f"{report['cpu']} ({report['machine']}), torch {torch.__version__}, {report['date']}, load average "
@@ -108,16 +117,18 @@ def main() -> None:
         f"{args.steps} steps, DPM++ 2M Karras, CFG 7.5, one image",
         f"Command: `{report['command']}`, {report['seconds']:.0f} s.",
         "",
-        "| deepcache_interval | denoising s | speed-up | whole job s | mean difference | largest difference |",
+        "| option | denoising s | speed-up | whole job s | mean difference | largest difference |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
+        label = row["option"] if row["value"] is None else f"{row['option']} {row['value']:g}"
         lines.append(
-            f"| {row['interval']} | {row['denoising_ms'] / 1000:.2f} | "
+            f"| {label} | "
+            f"{row['denoising_ms'] / 1000:.2f} | "
             f"{base['denoising_ms'] / row['denoising_ms']:.2f}x | {row['job_ms'] / 1000:.2f} | "
             f"{row['mean_difference']:.2f} | {row['max_difference']} |"
         )
-    write_results(args.out, "deepcache", report, "\n".join(lines) + "\n")
+    write_results(args.out, "speed-options", report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
