@@ -360,7 +360,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size first")
     parser.add_argument(
-        "--budget-s", type=float, default=150, help="timed rounds stop after this many seconds (shared by the batches)"
+        "--budget-s", type=float, default=130, help="timed rounds stop after this many seconds (shared by the batches)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--no-cold-starts", action="store_true", help="skip the cold starts in processes of their own")

@@ -18,7 +18,7 @@ go through runpod's own job loop: take, run, post the result, the stop channel. 
 2. Reference pass: each job of the mix (``job_mix``) that makes an image once, one at a time: its images
    are the references. Then each bad input once.
 3. Soak: ``--clients`` threads submit jobs from the mix in a fixed rotation until ``--minutes`` have passed
-   since the first answer (the reference pass included; each client sends at least one job) or ``--max-jobs``
+   after the reference pass (each client sends at least one job) or ``--max-jobs``
    were submitted; each waits for its job's answer before the next, except a job to cancel, which it cancels
    and leaves: ``cancel`` once the job runs (its first progress post has come), ``cancel-at-take`` as soon
    as the worker has taken it.
@@ -892,8 +892,10 @@ def soak_run(args: argparse.Namespace, workdir: Path, log: Path) -> dict[str, An
             print(f"worker {worker.pid} started", file=sys.stderr, flush=True)
             soak.run_startup()
             phases["ready"] = soak.now()
-            until = time.monotonic() + args.minutes * 60
             soak.run_reference_pass()
+            # The soak lasts --minutes from here: on a busy machine a slow reference pass would otherwise leave
+            # it a few jobs, too few for the growth of descriptors and threads to mean anything.
+            until = time.monotonic() + args.minutes * 60
             phases["soak_start"] = soak.now()
             print(f"reference pass done; {args.clients} clients until {args.minutes} min", file=sys.stderr, flush=True)
             soak.run_clients(args.clients, until, args.max_jobs)

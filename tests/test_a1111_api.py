@@ -28,7 +28,7 @@ import handler
 from builder.tiny_model import write_tiny_controlnets, write_tiny_model, write_tiny_models
 from builder.tiny_upscalers import write_tiny_upscalers
 from src import local
-from src.schema import read_a1111
+from src.schema import InputError, read_a1111
 from src.settings import Settings
 from tests.a1111_payloads import (
     CONTROL,
@@ -429,3 +429,11 @@ def test_an_a1111_answer_lists_uploaded_images_by_url(worker: None, bucket: str,
     keys = [item["Key"] for item in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert sorted(key.rsplit("/", 1)[1] for key in keys) == ["0-1234.png", "1-1235.png"]
     assert json.loads(result["info"])["all_seeds"] == [1234, 1235]
+
+
+def test_a1111s_token_merging_ratio_is_the_jobs_tome_ratio() -> None:
+    call = read_a1111({"input": {"prompt": "a", "steps": 3, "token_merging_ratio": 0.4, "token_merging_ratio_hr": 0.4}})
+    assert call is not None
+    assert call.input["tome_ratio"] == 0.4
+    with pytest.raises(InputError, match=r"token_merging_ratio_hr=0\.2: this worker merges tokens at one ratio"):
+        read_a1111({"input": {"prompt": "a", "steps": 3, "token_merging_ratio": 0.4, "token_merging_ratio_hr": 0.2}})
