@@ -16,7 +16,7 @@ errors, settings, storage, schema, models, prompts and adapters, never ``run`` o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +98,7 @@ def prepare(
     # An A1111 request: this worker's input made of it, its errors naming A1111's fields, its answer A1111's.
     native = {**job, "input": call.input}
     try:
-        plan = _prepare(native, settings, catalog=catalog, storage=storage, downloads=downloads, names=call.names)
+        plan = _prepare(native, settings, catalog=catalog, storage=storage, downloads=downloads)
     except InputError as error:
         raise InputError(call.renamed(str(error))) from None
     return dataclasses.replace(plan, a1111=call)
@@ -111,11 +111,10 @@ def _prepare(
     catalog: Callable[[], Catalog],
     storage: S3Storage | None,
     downloads: Callable[[], Downloads] | None,
-    names: Mapping[str, str] | None = None,
 ) -> JobPlan | UpscalePlan:
     if names_upscale(job):
-        return prepare_upscale(job, settings, catalog=catalog, storage=storage, names=names)
-    request = parse_input(job, settings, names)
+        return prepare_upscale(job, settings, catalog=catalog, storage=storage)
+    request = parse_input(job, settings)
     problems = catalog().problems(request)
     if problems:
         raise InputError(f"invalid input: {'; '.join(problems)}")

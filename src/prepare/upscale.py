@@ -7,7 +7,7 @@ break fails here, before the job waits for the GPU, and what comes out is one im
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,6 @@ def prepare_upscale(
     *,
     catalog: Callable[[], Catalog],
     storage: S3Storage | None,
-    names: Mapping[str, str] | None = None,
 ) -> UpscalePlan:
     """An upscale job's input, checked, its image read and its size settled.
 
@@ -68,8 +67,8 @@ def prepare_upscale(
             that cannot be read, or asks for a size that is not larger or is over MAX_UPSCALE_SIDE.
         ResponseTooLargeError: the answer could not fit inline.
     """
-    request = parse_upscale(job, settings, names)
-    problem = catalog().upscaler_problem(request.upscaler, (names or {}).get("upscaler", "upscaler"))
+    request = parse_upscale(job, settings)
+    problem = catalog().upscaler_problem(request.upscaler, "upscaler")
     if problem:
         raise InputError(f"invalid input: {problem}")
     started = time.perf_counter()

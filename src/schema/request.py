@@ -216,13 +216,8 @@ def _fields_note(parent: str, top: type[BaseModel]) -> str:
     return f"; the fields of {parent} are: {', '.join(model.model_fields)}"
 
 
-def describe_errors(
-    error: ValidationError, top: type[BaseModel] = GenerateRequest, names: Mapping[str, str] | None = None
-) -> str:
+def describe_errors(error: ValidationError, top: type[BaseModel] = GenerateRequest) -> str:
     """One line naming each bad field of a ``top`` request, the value received and the rule it broke.
-
-    ``names`` renames fields (their dotted paths) to those the client sent, for an input translated from
-    A1111's vocabulary (``num_inference_steps`` -> ``steps``).
 
     At most ``MAX_PROBLEMS_SHOWN`` problems are spelled out, and the line stays within
     ``MAX_ERROR_CHARS``: an input with thousands of unknown keys still gets a readable answer.
@@ -232,9 +227,7 @@ def describe_errors(
     # Where unknown fields were found: the request itself ("") or one of its nested objects.
     unknown_in: list[str] = []
     for item in error.errors(include_url=False):
-        path = ".".join(str(part) for part in item["loc"])
-        # A renamed field is the client's own A1111 name, shown whole; an unknown key, abbreviated when long.
-        field = (names or {}).get(path) or _field_name(path) or "input"
+        field = _field_name(".".join(str(part) for part in item["loc"])) or "input"
         kind = item["type"]
         message = item["msg"].removeprefix("Value error, ")
         message = message.replace("Input should be", "must be").replace("String should have", "must have")
@@ -296,9 +289,8 @@ def parse_describe(job: Any) -> DescribeRequest | None:
     return DescribeRequest.model_validate(data)
 
 
-def parse_input(job: Any, limits: RequestLimits, names: Mapping[str, str] | None = None) -> GenerateRequest:
-    """Validate a RunPod job's ``input`` into a ``GenerateRequest``; ``names`` renames fields in errors (see
-    ``describe_errors``).
+def parse_input(job: Any, limits: RequestLimits) -> GenerateRequest:
+    """Validate a RunPod job's ``input`` into a ``GenerateRequest``.
 
     Raises:
         InputError: the job or its input breaks the contract; the message says where.
@@ -321,4 +313,4 @@ def parse_input(job: Any, limits: RequestLimits, names: Mapping[str, str] | None
     try:
         return GenerateRequest.model_validate(data, context={"limits": limits})
     except ValidationError as error:
-        raise InputError(describe_errors(error, names=names)) from None
+        raise InputError(describe_errors(error)) from None

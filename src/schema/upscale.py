@@ -7,7 +7,6 @@ of the factor (``width``, ``height``, or both with ``resize_mode``). Its size is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -172,9 +171,8 @@ def names_upscale(job: Any) -> bool:
     return isinstance(data, dict) and data.get("task") == "upscale"
 
 
-def parse_upscale(job: Any, limits: RequestLimits, names: Mapping[str, str] | None = None) -> UpscaleRequest:
-    """Validate an upscale job's ``input`` into an ``UpscaleRequest`` (its size still to settle); ``names`` renames
-    fields in errors (see ``describe_errors``).
+def parse_upscale(job: Any, limits: RequestLimits) -> UpscaleRequest:
+    """Validate an upscale job's ``input`` into an ``UpscaleRequest`` (its size still to settle).
 
     Raises:
         InputError: the input breaks the contract; the message names each field.
@@ -182,4 +180,4 @@ def parse_upscale(job: Any, limits: RequestLimits, names: Mapping[str, str] | No
     try:
         return UpscaleRequest.model_validate(job["input"], context={"limits": limits})
     except ValidationError as error:
-        raise InputError(describe_errors(error, UpscaleRequest, names)) from None
+        raise InputError(describe_errors(error, UpscaleRequest)) from None
