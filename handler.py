@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from src.concurrency import JobSlots, in_thread
+from src.concurrency import JobSlots, in_thread, on_gpu_thread
 from src.errors import WorkerError, breaks_the_gpu, first_line
 from src.finish import finish
 from src.job_loop import remember_stops_before_start, retry_dropped_result_posts, stopped_before_start
@@ -82,7 +82,8 @@ def get_engine() -> Engine:
     settings = get_settings()
     with _lock:
         if _engine is None:
-            _engine = Engine.load(settings)
+            # FAST_MODE's warm-up on the GPU's thread, where the jobs will replay the CUDA graphs it records.
+            _engine = Engine.load(settings, run_on=on_gpu_thread)
         return _engine
 
 

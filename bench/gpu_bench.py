@@ -1,6 +1,6 @@
 """GPU speed, measured so that a figure holds: plain diffusers against the worker, interleaved, with an A/A control.
 
-    python -m bench.gpu_bench                      # one NVIDIA GPU; fits the GPU kit's bench step (330 s)
+    python -m bench.gpu_bench                      # one NVIDIA GPU; planned to fit the GPU kit's bench step (330 s)
     python -m bench.gpu_bench --device cpu --model DIR --side 64 --steps 2 --repeat 3 --batches 1 --modes plain,worker
 
 SD 1.5's full architecture with random fp16 weights (bench/sd15_random.py), or the model folder ``--model``;
@@ -10,17 +10,23 @@ SD 1.5's full architecture with random fp16 weights (bench/sd15_random.py), or t
   split at diffusers' own seams: ``encode_prompt``, the pipeline's denoising loop (``output_type="latent"``), the
   VAE decode, ``postprocess``, then the PNG files written;
 - ``worker``: the worker's prepare, run and finish stages as the handler runs them, PNG files and base64 included;
-- ``fast``: the same with FAST_MODE on (on cards of compute capability 7.0 and above);
-- ``deepcache``: the worker's default mode with ``deepcache_interval`` 3 (an opt-in that changes the images).
+- ``fast``: the same with FAST_MODE on (on cards of compute capability 7.0 and above): the UNet compiled whole
+  and replayed as CUDA graphs, the VAE decoder compiled (src/run/fast_path.py);
+- ``deepcache``: the worker's default mode with ``deepcache_interval`` 3 (an opt-in that changes the images);
+- ``lcm``: the worker's default mode as an LCM-LoRA job runs, the LCM scheduler at 6 steps and CFG 1.5 (its UNet
+  steps/s counts its own 6 steps).
 
 Each mode is loaded once (its cold start timed, after the CUDA context exists). The timed jobs interleave the
-modes, round after round: plain, worker, plain again, fast, deepcache; the two plain series are the A/A control, whose
-ratio of medians must fall within +-3% or the run says that it is too noisy to conclude. ``--warmup`` untimed
-rounds come first; the timed rounds stop at ``--repeat`` or when the batch size's share of ``--budget-s`` is spent
-(at least 2 rounds), and the report says how many ran.
+modes, round after round: plain, worker, plain again, fast, deepcache, lcm; the two plain series are the A/A
+control, whose ratio of medians must fall within +-3% or the run says that it is too noisy to conclude.
+``--warmup`` untimed rounds come first; the timed rounds stop at ``--repeat`` or when the batch size's share of
+``--budget-s`` is spent (at least 2 rounds), and the report says how many ran.
 
-Then each cold start in a process of its own, torch's compile caches empty: plain diffusers, FAST_MODE, and
-FAST_MODE again with the COMPILE_CACHE_DIR the first one filled (``--no-cold-starts`` skips them).
+Then one more batch-1 job of each mode under torch.profiler: its kernels' time against the timed median says
+whether the GPU's kernels or the gaps between them take the time. The report is written then, and again after
+the cold starts, each in a process of its own with torch's compile caches empty: plain diffusers, and FAST_MODE
+with the COMPILE_CACHE_DIR that the timed FAST_MODE filled (``--no-cold-starts`` skips them); the timed FAST_MODE's
+own load is its uncached cold start.
 
 Per job: its whole time (the clock, from the request to the encoded files), and on the device (CUDA events; the
 clock on the CPU) text encoding, the denoising loop (UNet steps/s = steps / its seconds), the VAE decode and the
@@ -50,6 +56,9 @@ import torch
 PROMPT = "a red fox in a snowy forest"
 # The interval of the ``deepcache`` mode: the worker with deepcache_interval 3 (src/run/feature_reuse.py).
 DEEPCACHE = 3
+# The ``lcm`` mode: the worker as an LCM-LoRA job runs it (docs/lora.md), the LCM scheduler at 6 steps and CFG 1.5.
+# With random weights no LoRA is loaded; a LoRA merged into the weights costs nothing per step (src/adapters/loras.py).
+LCM = {"scheduler": "LCM", "num_inference_steps": 6, "guidance_scale": 1.5}
 # The A/A control: two series of the same mode whose medians differ by more than this make the run inconclusive.
 NOISE_LIMIT = 0.03
 _SMI_GPU = "name,clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu,memory.used"
@@ -198,8 +207,11 @@ def nvidia_smi() -> dict[str, str]:
     return found
 
 
-def load_modes(folder: Path, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Any]:
-    """Each mode asked for, loaded once; the CUDA context made first, so that no cold start pays for it."""
+def load_modes(
+    folder: Path, device: torch.device, dtype: torch.dtype, args: argparse.Namespace, kept: Path
+) -> dict[str, Any]:
+    """Each mode asked for, loaded once; the CUDA context made first, so that no cold start pays for it. FAST_MODE
+    keeps what it compiled in ``kept`` (COMPILE_CACHE_DIR), for the cached cold start after."""
     if device.type == "cuda":
         torch.ones(1, device=device).sum().item()
     modes: dict[str, Any] = {}
@@ -209,16 +221,19 @@ def load_modes(folder: Path, device: torch.device, dtype: torch.dtype, args: arg
         elif name == "worker":
             modes["worker"] = Worker(folder, device, args, fast=False)
         elif name == "fast" and (device.type != "cuda" or torch.cuda.get_device_capability() >= (7, 0)):
-            modes["fast"] = Worker(folder, device, args, fast=True)
+            modes["fast"] = Worker(folder, device, args, fast=True, compile_cache=kept)
         elif name == "deepcache":
             modes["deepcache"] = Worker(folder, device, args, fast=False, fields={"deepcache_interval": DEEPCACHE})
+        elif name == "lcm":
+            modes["lcm"] = Worker(folder, device, args, fast=False, fields=LCM)
     return modes
 
 
 def rounds(modes: dict[str, Any], args: argparse.Namespace, clock: Callable[[], float]) -> dict[str, Any]:
-    """The timed rounds, interleaved, per batch size: plain, worker, plain again (the A/A control), fast."""
+    """The timed rounds, interleaved, per batch size: plain, worker, plain again (the A/A control), fast,
+    deepcache, lcm."""
     order = [("plain", "plain"), ("worker", "worker"), ("plain (again)", "plain"), ("fast", "fast")]
-    order.append(("deepcache", "deepcache"))
+    order += [("deepcache", "deepcache"), ("lcm", "lcm")]
     order = [(label, mode) for label, mode in order if mode in modes and ("plain" in modes or label != "plain (again)")]
     measured: dict[str, Any] = {}
     for batch in args.batches:
@@ -244,7 +259,8 @@ def summary(measured: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         for label, series in found["series"].items():
             row = {"job_ms": spread(series.jobs), **{name: spread(v) for name, v in series.phases.items()}}
             if "denoising" in series.phases:
-                row["unet_steps_per_s"] = spread([args.steps * 1000 / value for value in series.phases["denoising"]])
+                steps = LCM["num_inference_steps"] if label == "lcm" else args.steps
+                row["unet_steps_per_s"] = spread([steps * 1000 / value for value in series.phases["denoising"]])
             rows[label] = row
         entry: dict[str, Any] = {"rounds": found["rounds"], "modes": rows}
         if "plain (again)" in rows:
@@ -312,26 +328,42 @@ def cold_start(args: argparse.Namespace) -> None:
 
 
 def cold_starts(folder: Path, args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
-    """Each mode's cold start in a process of its own, torch's compile caches empty: plain diffusers, FAST_MODE,
-    then FAST_MODE again with the COMPILE_CACHE_DIR the first filled."""
+    """Cold starts in processes of their own, torch's compile caches empty: plain diffusers, and FAST_MODE with the
+    COMPILE_CACHE_DIR the timed FAST_MODE filled (whose own load, in this process, is the uncached cold start)."""
     found: dict[str, dict[str, Any]] = {}
-    kept = workdir / "compile-cache"
-    for label, mode, cache in (("plain", "plain", None), ("fast", "fast", None), ("fast, cached", "fast", kept)):
+    for label, mode in (("plain", "plain"), ("fast, cached", "fast")):
         if mode not in args.modes:
             continue
         scratch = Path(tempfile.mkdtemp(dir=workdir))
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch)}
         command = [sys.executable, "-m", "bench.gpu_bench", "--cold-start", mode, "--model", str(folder)]
         command += ["--device", args.device, "--steps", str(args.steps), "--side", str(args.side)]
-        if label == "fast":
-            command += ["--compile-cache", str(kept)]  # fills it
-        elif cache is not None:
-            command += ["--compile-cache", str(cache)]
+        if mode == "fast":
+            command += ["--compile-cache", str(workdir / "compile-cache")]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0:
             found[label] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
             continue
         found[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def kernel_time(modes: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """Each mode's batch-1 job once more under torch.profiler: the milliseconds its GPU kernels ran (on the CPU,
+    its operators). Set against the unprofiled job's median, it says whether the kernels or the gaps between
+    them (launches, Python, synchronisation) take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    found = {}
+    for name, mode in modes.items():
+        with profile(activities=[activity]) as profiler:
+            mode.job(1)
+        events = profiler.key_averages()
+        if device.type == "cuda":
+            found[name] = sum(event.self_device_time_total for event in events) / 1000
+        else:
+            found[name] = sum(event.self_cpu_time_total for event in events) / 1000
     return found
 
 
@@ -356,11 +388,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--side", type=int, default=512)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--modes", type=lambda text: text.split(","), default=["plain", "worker", "fast", "deepcache"])
+    parser.add_argument(
+        "--modes", type=lambda text: text.split(","), default=["plain", "worker", "fast", "deepcache", "lcm"]
+    )
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size first")
     parser.add_argument(
-        "--budget-s", type=float, default=130, help="timed rounds stop after this many seconds (shared by the batches)"
+        "--budget-s", type=float, default=100, help="timed rounds stop after this many seconds (shared by the batches)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--no-cold-starts", action="store_true", help="skip the cold starts in processes of their own")
@@ -381,28 +415,48 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu, or on one NVIDIA GPU")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    started = time.time()
-    smi_before = nvidia_smi() if device.type == "cuda" else {}
-    with tempfile.TemporaryDirectory() as workdir:
-        folder = model_folder(args, device, dtype, Path(workdir))
-        modes = load_modes(folder, device, dtype, args)
-        measured = rounds(modes, args, time.monotonic)
-        processes = {} if args.no_cold_starts else cold_starts(folder, args, Path(workdir))
-    smi_after = nvidia_smi() if device.type == "cuda" else {}
-    report = summary(measured, args)
-    cold = {name: mode.cold_start_s for name, mode in modes.items()}
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     command = " ".join(["python -m bench.gpu_bench", *(sys.argv[1:] if argv is None else argv)])
+    run: dict[str, Any] = {"device": name, "command": command, "dtype": dtype, "started": time.time()}
+    run["smi_before"] = nvidia_smi() if device.type == "cuda" else {}
+    with tempfile.TemporaryDirectory() as workdir:
+        folder = model_folder(args, device, dtype, Path(workdir))
+        modes = load_modes(folder, device, dtype, args, Path(workdir) / "compile-cache")
+        run["measured"] = rounds(modes, args, time.monotonic)
+        run["cold"] = {label: mode.cold_start_s for label, mode in modes.items()}
+        run["kernels"] = kernel_time(modes, device)
+        write(args, run)  # written now too: the cold starts may run past the kit's limit
+        if not args.no_cold_starts:
+            run["processes"] = cold_starts(folder, args, Path(workdir))
+    run["smi_after"] = nvidia_smi() if device.type == "cuda" else {}
+    print(write(args, run))
+
+
+def write(args: argparse.Namespace, run: dict[str, Any]) -> str:
+    """gpu-speed.md and gpu-speed.json in ``--out`` from what ``run`` holds so far; the Markdown returned."""
+    measured, processes, kernels = run["measured"], run.get("processes", {}), run["kernels"]
+    report = summary(measured, args)
     lines = [
-        f"{name}, torch {torch.__version__}, {datetime.date.today()}; {'random' if args.model is None else args.model} "
-        f"{str(dtype).removeprefix('torch.')} weights, {args.side}², {args.steps} steps, DPM++ 2M Karras, CFG 7.5",
-        f"Command: `{command}`, {time.time() - started:.0f} s; medians (interquartile range) of the timed rounds, "
-        "each round the modes in turn.",
+        f"{run['device']}, torch {torch.__version__}, {datetime.date.today()}; "
+        f"{'random' if args.model is None else args.model} {str(run['dtype']).removeprefix('torch.')} weights, "
+        f"{args.side}², {args.steps} steps, DPM++ 2M Karras, CFG 7.5",
+        f"Command: `{run['command']}`, {time.time() - run['started']:.0f} s; medians (interquartile range) of the "
+        "timed rounds, each round the modes in turn.",
         "",
         *verdicts(report),
         "",
-        *table(report, cold),
+        *table(report, run["cold"]),
+        "",
+        "Kernel time: one more batch-1 job of each mode under torch.profiler, its kernels' milliseconds (on the CPU,"
+        " its operators') against the timed median job; the rest is launches, Python and waiting:",
+        "",
+        "| mode | kernels ms | job ms (median) | kernels' share |",
+        "| --- | --- | --- | --- |",
     ]
+    for label, kernel_ms in kernels.items():
+        job_ms = report.get("batch 1", {}).get("modes", {}).get(label, {}).get("job_ms", {}).get("median")
+        share = f"{kernel_ms / job_ms:.0%}" if job_ms else ""
+        lines.append(f"| {label} | {kernel_ms:.1f} | {'' if job_ms is None else f'{job_ms:.1f}'} | {share} |")
     if processes:
         lines += ["", "Cold starts, each in a process of its own with torch's compile caches empty:", ""]
         lines += ["| mode | load s | process s (imports included) |", "| --- | --- | --- |"]
@@ -411,20 +465,21 @@ def main(argv: list[str] | None = None) -> None:
                 lines.append(f"| {label} | failed: {found['error']} | |")
             else:
                 lines.append(f"| {label} | {found['load_s']:.1f} | {found['process_s']:.1f} |")
-    for when, smi in (("before", smi_before), ("after", smi_after)):
+    for when in ("before", "after"):
+        smi = run.get(f"smi_{when}")
         if smi:
             lines += ["", f"nvidia-smi {when}:", "", "```", smi["gpu"], smi["processes"], "```"]
     text = "\n".join(lines)
-    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu-speed.md").write_text(text + "\n", encoding="utf-8")
     raw = {
         batch: {label: vars(series) for label, series in found["series"].items()} for batch, found in measured.items()
     }
-    record = {"device": name, "command": command, "cold_start_s": cold, "report": report, "samples_ms": raw}
-    record["nvidia_smi"] = {"before": smi_before, "after": smi_after}
-    record["cold_starts"] = processes
+    record = {"device": run["device"], "command": run["command"], "cold_start_s": run["cold"], "report": report}
+    record |= {"kernel_ms": kernels, "samples_ms": raw, "cold_starts": processes}
+    record["nvidia_smi"] = {"before": run["smi_before"], "after": run.get("smi_after", {})}
     (args.out / "gpu-speed.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return text
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ T = TypeVar("T")
 _CPU_THREADS = 8
 _pools: dict[str, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+# Set on the GPU's thread, and only there.
+_gpu_thread = threading.local()
+
+
+def _mark_gpu_thread() -> None:
+    _gpu_thread.marked = True
 
 
 def _pool(name: str) -> ThreadPoolExecutor:
@@ -37,8 +43,20 @@ def _pool(name: str) -> ThreadPoolExecutor:
     with _pools_lock:
         if name not in _pools:
             threads = 1 if name == "gpu" else _CPU_THREADS
-            _pools[name] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"job-{name}")
+            _pools[name] = ThreadPoolExecutor(
+                max_workers=threads,
+                thread_name_prefix=f"job-{name}",
+                initializer=_mark_gpu_thread if name == "gpu" else None,
+            )
         return _pools[name]
+
+
+def on_gpu_thread(stage: Callable[[], T]) -> T:
+    """Run ``stage`` on the GPU's thread, the one that runs the jobs' ``run`` stages, and return what it returns;
+    on that thread already (an engine loaded by a job's first ``run``), it runs there and then."""
+    if getattr(_gpu_thread, "marked", False):
+        return stage()
+    return _pool("gpu").submit(stage).result()
 
 
 async def in_thread(stage: Callable[[], T], cancelled: threading.Event, *, gpu: bool = False) -> T:

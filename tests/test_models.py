@@ -25,8 +25,8 @@ from builder import single_file
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import MODELS, build_tiny_vae, write_tiny_controlnets, write_tiny_models
 from src.errors import ModelLoadError
+from src.run.fast_path import apply_fast_mode, compiled_modules, uncompiled
 from src.run.models import machine_memory_bytes
-from src.run.startup import _apply_fast_mode
 from src.settings import Settings
 from tests.conftest import rss_bytes
 from tests.test_checkpoints import write_sdxl, write_truncated
@@ -154,10 +154,10 @@ def test_every_task_on_a_swapped_in_model_gives_the_image_of_a_worker_started_wi
 
 
 def fast_mode_on(counter: Any) -> None:
-    """FAST_MODE's own changes (channels_last, fused QKV or LoRA hot-swap slots, compiled UNet blocks) on the
-    started worker, compiled by ``counter``: FAST_MODE itself runs on CUDA only."""
+    """FAST_MODE's own changes (channels_last, fused QKV or LoRA hot-swap slots, the UNet and VAE decoder
+    compiled) on the started worker, compiled by ``counter``: FAST_MODE itself runs on CUDA only."""
     engine = handler.get_engine()
-    _apply_fast_mode(engine._pipeline, engine.loras, backend=counter)
+    apply_fast_mode(engine._pipeline, engine.loras, graphs=False, backend=counter)
 
 
 @pytest.mark.parametrize("lora_dir", [False, True], ids=["fused-qkv", "lora-slots"])
@@ -177,7 +177,10 @@ def test_with_fast_mode_a_swap_compiles_nothing_and_gives_the_image_of_a_worker_
     assert back == default
     start(MODEL_ID=str(volume / "models" / "tiny-a.safetensors"), MODELS_DIR=None, LORA_DIR=None)
     fast_mode_on(CompileCounter())
-    assert pixels(run()) == swapped["tiny-a"], "the fused projections hold the swapped-in model's weights"
+    pipeline = handler.get_engine()._pipeline
+    # Its modules as written (compiled by the counting backend, they give the same pixels: tests/test_fast_path.py).
+    with uncompiled(*compiled_modules(pipeline)):
+        assert pixels(run()) == swapped["tiny-a"], "the fused projections hold the swapped-in model's weights"
 
 
 def test_the_response_and_parameters_name_the_model_as_a1111_does(start: Callable[..., None], volume: Path) -> None:

@@ -12,6 +12,7 @@ the stages (errors, settings, schema, models, prompts, adapters, prepare), never
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -35,7 +36,7 @@ from src.prepare import JobPlan, plan_job
 from src.prepare.canvas import ControlMaps, TaskImages
 from src.prepare.inputs import Inputs
 from src.prompts.syntax import CHUNK_TOKENS, TextPlan
-from src.run import pipelines
+from src.run import fast_path, pipelines
 from src.run.compile_cache import CompileCache
 from src.run.job import JobState, ProgressCallback
 from src.run.memory import GIB, Plan, Profile, plan_sub_batch
@@ -120,8 +121,9 @@ class Engine:
         )
 
     @classmethod
-    def load(cls, settings: Settings) -> Engine:
+    def load(cls, settings: Settings, *, run_on: Callable[[Callable[[], None]], None] | None = None) -> Engine:
         """Resolve device, dtype and memory profile, load the model and place it (``startup.load_parts``).
+        FAST_MODE's warm-up goes through ``run_on`` to the jobs' thread (CUDA graphs are per thread); None: here.
 
         Raises:
             ModelLoadError: the model cannot be loaded; the message says what to do.
@@ -143,7 +145,7 @@ class Engine:
             parts.pipeline, settings, dtype=parts.dtype, pin=parts.device.type == "cuda", default=parts.identity
         )
         if parts.fast:
-            _warm_up(engine, parts.compile_cache)
+            (run_on or _right_here)(functools.partial(_warm_up, engine, parts.compile_cache))
         return engine
 
     @property
@@ -394,21 +396,36 @@ def _hires_model(engine: Engine, plan: JobPlan, job: JobState) -> Callable[[int]
     return before
 
 
+def _right_here(stage: Callable[[], None]) -> None:
+    stage()
+
+
 def _warm_up(engine: Engine, compile_cache: CompileCache | None = None) -> None:
-    """Run the production shape once (512², one image, the default scheduler) so that compilation
-    and CUDA's lazy start happen before the first job, inside the cold start; then keep what was compiled
-    (COMPILE_CACHE_DIR) for the next workers."""
+    """Compile and record before the first job, inside the cold start: the production shape (512², one image,
+    the default scheduler), then a second shape (two images, 448x512), which makes torch compile the dynamic
+    graphs every other size and batch replays. Then keep what was compiled (COMPILE_CACHE_DIR) for the next
+    workers, and log how far the compiled image is from the uncompiled one. A warm-up that fails costs
+    FAST_MODE, never the worker: it serves on uncompiled."""
     started = time.perf_counter()
-    request = GenerateRequest.model_validate(
-        {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, context={"limits": engine.settings}
-    )
-    engine.generate(request, timeout_s=3600)
-    if engine.loras.has_slots:
-        with engine.loras.first_slot_on():
-            engine.generate(request, timeout_s=3600)
+    first = {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}
+    second = {**first, "num_images": min(2, engine.settings.max_images), "width": 448}
+    requests = [GenerateRequest.model_validate(job, context={"limits": engine.settings}) for job in (first, second)]
+    try:
+        compiled = [engine.generate(request, timeout_s=3600) for request in requests]
+        if engine.loras.has_slots:
+            with engine.loras.first_slot_on():
+                engine.generate(requests[0], timeout_s=3600)
+    except Exception:  # whatever the compiler raised, the worker serves on without it
+        log.exception("FAST_MODE's warm-up failed: the worker serves on without FAST_MODE's compiled modules")
+        fast_path.drop_fast_mode(engine._pipeline)
+        return
     log.info("warmed up in %.1f s", time.perf_counter() - started)
     if compile_cache is not None:
         compile_cache.save()
+    with fast_path.uncompiled(*fast_path.compiled_modules(engine._pipeline)):
+        reference = engine.generate(requests[0], timeout_s=3600)
+    mean, largest = fast_path.grey_levels_apart(compiled[0].images, reference.images)
+    log.info("FAST_MODE: the warm-up image is %.2f grey levels from the uncompiled one, %d at most", mean, largest)
 
 
 def _prompt_bytes(texts: TextPlan, width: int, max_chunks: int, dtype_bytes: int) -> int:

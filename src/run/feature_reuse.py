@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from src.run.fast_path import uncompiled
+
 
 class FeatureReuse:
     """The UNet's forward, wrapped: whole every ``interval`` calls, its outer blocks only in between."""
@@ -79,7 +81,9 @@ def feature_reuse(unet: Any, interval: int) -> Iterator[None]:
     own = unet.__dict__.get("forward")
     unet.forward = wrapped
     try:
-        yield
+        # FAST_MODE's compiled UNet would compile the wrapper, its Python state and all: the job runs it as written.
+        with uncompiled(unet):
+            yield
     finally:
         if own is None:
             del unet.forward  # the class's own forward again

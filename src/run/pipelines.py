@@ -32,6 +32,7 @@ from src.prepare.canvas import paste_back
 from src.prepare.passes import Pass, PipelineKind
 from src.prompts.encoding import Schedule, encode_schedule
 from src.prompts.syntax import PromptError, TextPlan
+from src.run.fast_path import uncompiled
 from src.run.feature_reuse import feature_reuse
 from src.run.job import JobState, PromptSwitch
 from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
@@ -126,16 +127,19 @@ def run_passes(
 @contextlib.contextmanager
 def circular_padding(models: Sequence[Any], on: bool) -> Iterator[None]:
     """With ``on``, every 2D convolution of ``models`` pads circularly for the ``with`` block, as A1111's tiling
-    does, so the image tiles seamlessly; their own padding back after it, however it ends."""
+    does, so the image tiles seamlessly; their own padding back after it, however it ends. FAST_MODE's compiled
+    modules run as written meanwhile: compiled again for a rare option, a job would wait for the compiler."""
     if not on:
         yield
         return
-    layers = [layer for model in models for layer in model.modules() if isinstance(layer, torch.nn.Conv2d)]
+    modules = [module for model in models for module in model.modules()]
+    layers = [layer for layer in modules if isinstance(layer, torch.nn.Conv2d)]
     modes = [layer.padding_mode for layer in layers]
     try:
         for layer in layers:
             layer.padding_mode = "circular"
-        yield
+        with uncompiled(*(module for module in modules if module._compiled_call_impl is not None)):
+            yield
     finally:
         for layer, mode in zip(layers, modes, strict=True):
             layer.padding_mode = mode
@@ -284,9 +288,11 @@ def decode(base: Any, latents: torch.Tensor, indices: list[int], warnings: list[
     log.warning("NaN in the VAE decode of images %s; decoding again in float32", indices)
     original = vae.dtype
     # torch's own Module.to: diffusers' override warns on every cast about fp32 modules the VAE does not have.
+    # FAST_MODE's compiled decoder would compile again for float32, for a rare decode: it runs as written.
     try:
-        torch.nn.Module.to(vae, dtype=torch.float32)
-        decoded = vae.decode(scaled.to(torch.float32), return_dict=False)[0]
+        with uncompiled(vae.decoder):
+            torch.nn.Module.to(vae, dtype=torch.float32)
+            decoded = vae.decode(scaled.to(torch.float32), return_dict=False)[0]
     finally:
         torch.nn.Module.to(vae, dtype=original)
     if not bool(torch.isfinite(decoded).all()):

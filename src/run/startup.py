@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from src.adapters.controlnets import ControlNets, scan_controlnets
 from src.adapters.embeddings import Embedding, load_embeddings
 from src.adapters.loras import Loras, scan_loras
 from src.models.loader import ModelIdentity, load_model, resolve_device, resolve_dtype
 from src.run.compile_cache import CompileCache, open_cache
+from src.run.fast_path import apply_fast_mode
 from src.run.memory import GIB, Profile, choose_profile
 from src.settings import Settings
 
@@ -85,9 +86,10 @@ def load_parts(settings: Settings) -> Parts:
     compile_cache = None
     if fast:
         # Loaded before anything compiles: the warm-up then finds the kernels instead of making them.
-        shape = {"lora_slots": loras.slot_count if loras.files else 0}
+        shape = {"compiled": "unet+decoder, dynamic", "lora_slots": loras.slot_count if loras.files else 0}
+        shape["graphs"] = profile is Profile.HIGH
         compile_cache = open_cache(settings.compile_cache_dir, pipeline.unet, dtype, shape)
-        _apply_fast_mode(pipeline, loras)
+        apply_fast_mode(pipeline, loras, graphs=profile is Profile.HIGH)
     log.info(
         "loaded %s on %s (%s, %s profile%s) in %.1f s",
         identity.name,
@@ -163,32 +165,6 @@ def _fast_mode_applies(device: torch.device, profile: Profile) -> bool:
         log.warning("FAST_MODE ignored with the %s profile: CPU offload and compilation do not mix", profile.value)
         return False
     return True
-
-
-def _apply_fast_mode(pipeline: StableDiffusionPipeline, loras: Loras, backend: Any = "inductor") -> None:
-    """FAST_MODE's speed-ups: channels_last suits tensor cores; fused QKV projections make one
-    matmul of three; regional compilation compiles the UNet's repeated transformer block once,
-    so the compile costs seconds, not minutes. ``backend`` is torch.compile's (the tests count graphs
-    with a counting one).
-
-    With LoRAs, the QKV projections stay apart (a fused ``to_qkv`` would bypass the LoRA layers
-    on ``to_q``, ``to_k`` and ``to_v``), the UNet gets its hot-swap slots before it is compiled,
-    and the compile may break the graph where PEFT's layers need it.
-    """
-    pipeline.unet.to(memory_format=torch.channels_last)
-    pipeline.vae.to(memory_format=torch.channels_last)
-    if loras.files:
-        loras.prepare_slots()
-        # Each transformer block is compiled for each width and for each number of LoRAs on (none, 1, 2, ...):
-        # more variants than torch.compile keeps by default (8), after which it would run them uncompiled.
-        limit = 8 * (loras.slot_count + 2)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        pipeline.unet.compile_repeated_blocks(fullgraph=False, backend=backend)
-        log.info("FAST_MODE: channels_last, compiled UNet blocks with LoRA hot-swap slots; QKV projections unfused")
-    else:
-        pipeline.fuse_qkv_projections()
-        pipeline.unet.compile_repeated_blocks(fullgraph=True, backend=backend)
-        log.info("FAST_MODE: channels_last, fused QKV projections, compiled UNet blocks")
 
 
 def _gpu_bytes(settings: Settings) -> int:

@@ -71,9 +71,11 @@ class RunSettings(BaseModel):
     fast_mode: bool = Field(
         False,
         alias="FAST_MODE",
-        description="On GPUs of compute capability 7.0 or newer: channels_last, fused QKV, a compiled UNet "
-        "and a warm-up at start. Measured on an H200 (BENCHMARKS.md): a cold start of 9.5 to 17.2 s and no "
-        "faster jobs, 0.82x to 0.90x plain diffusers' speed at batch 4. Ignored, with a warning, elsewhere.",
+        description="On GPUs of compute capability 7.0 or newer: channels_last, fused QKV, the whole UNet compiled "
+        "with dynamic shapes and, in the high memory profile, replayed as CUDA graphs; the VAE decoder compiled; "
+        "a warm-up at start that compiles, and falls back to the uncompiled modules if compiling fails. Not yet "
+        "timed on a GPU (BENCHMARKS.md); its earlier form, compiled transformer blocks, ran 0.82x to 0.90x plain "
+        "diffusers' speed on an H200. Ignored, with a warning, elsewhere.",
     )
     compile_cache_dir: str | None = Field(
         None,

@@ -1,0 +1,134 @@
+"""FAST_MODE: the UNet compiled whole and replayed as CUDA graphs, the VAE's decoder compiled.
+
+At batch 1, SD 1.5's UNet is bound by kernel launches and Python, not by the GPU: plain diffusers ran 33 UNet
+steps/s on an H200 at batch 1 and at batch 4 alike (BENCHMARKS.md). FAST_MODE takes that overhead away:
+
+- channels_last, the layout tensor cores read; fused QKV projections, one matmul of three (with LoRAs they stay
+  apart, and the UNet gets its hot-swap slots instead, src/adapters/loras.py);
+- the whole UNet compiled by inductor with dynamic shapes, so that one compile serves each size and batch, and,
+  in the high memory profile, replayed as CUDA graphs (torch.compile's "reduce-overhead"), one recorded per shape;
+- the VAE's decoder compiled too, without CUDA graphs: its activations are large and it runs once a job.
+
+Each compiled call is wrapped (``CompiledCall``): a UNet evaluation starts a new CUDA-graph step and its output is
+copied out of the graph's memory, which the next replay overwrites (a scheduler may keep it, as PNDM does); a
+compile that fails leaves that module uncompiled instead of failing the job; a square image or a batch of one is
+not a special case compiled again. ``uncompiled`` runs the modules as written, for what changes them
+per job (DeepCache's feature reuse) and for the warm-up's reference image.
+
+The compiled call sits where ``torch.nn.Module.compile`` puts it (``_compiled_call_impl``), so the modules keep
+their names and parameters: model swaps copy into them, LoRAs hot-swap into their slots, and neither compiles
+again (tests/test_fast_path.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+if TYPE_CHECKING:
+    from src.adapters.loras import Loras
+
+log = logging.getLogger(__name__)
+
+
+# Dynamic shapes as jobs vary: a square image (width equal to height) and a batch of one (no CFG) are no special
+# cases compiled again, as torch's duck sizing and its 0/1 specialization would make them.
+_SHAPES = {"use_duck_shape": False, "backed_size_oblivious": True}
+
+
+class CompiledCall:
+    """A module's call compiled with dynamic shapes; as CUDA graphs with ``graphs``. If compiling fails, the
+    module runs as written from then on (a compile that failed would be tried again, at its cost, each call)."""
+
+    def __init__(self, module: torch.nn.Module, *, backend: Any, graphs: bool, fullgraph: bool) -> None:
+        self.module, self.graphs = module, graphs
+        self.name = type(module).__name__
+        options: dict[str, Any] = {"mode": "reduce-overhead"} if graphs else {}
+        self.compiled = torch.compile(module._call_impl, backend=backend, fullgraph=fullgraph, dynamic=True, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with torch.fx.experimental._config.patch(**_SHAPES):  # type: ignore[attr-defined]
+                if not self.graphs:
+                    return self.compiled(*args, **kwargs)
+                torch.compiler.cudagraph_mark_step_begin()
+                return _copied(self.compiled(*args, **kwargs))
+        except torch._dynamo.exc.TorchDynamoException as error:
+            log.warning("FAST_MODE: compiling the %s failed; it runs uncompiled from now on: %s", self.name, error)
+            self.module._compiled_call_impl = None
+            return self.module._call_impl(*args, **kwargs)
+
+
+def _copied(output: Any) -> Any:
+    """The UNet's output, out of the CUDA graph's memory: a tuple (``return_dict=False``) or its output class."""
+    if isinstance(output, tuple):
+        return tuple(item.clone() if isinstance(item, torch.Tensor) else item for item in output)
+    output.sample = output.sample.clone()
+    return output
+
+
+def apply_fast_mode(
+    pipeline: StableDiffusionPipeline, loras: Loras, *, graphs: bool, backend: Any = "inductor"
+) -> None:
+    """FAST_MODE on ``pipeline``: channels_last, fused QKV projections or LoRA hot-swap slots, the UNet and the
+    VAE's decoder compiled; the UNet replayed as CUDA graphs with ``graphs``. ``backend`` is torch.compile's
+    (tests count graphs with a counting one, on the CPU)."""
+    unet, vae = pipeline.unet, pipeline.vae
+    unet.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)
+    if loras.files:
+        loras.prepare_slots()
+        # PEFT's layers may break the graph where they need Python; each part is compiled (and recorded) apart.
+        fullgraph = False
+    else:
+        pipeline.fuse_qkv_projections()
+        fullgraph = True
+    # Compiled again for each number of LoRAs on (none, 1, 2, ...), with and without CFG's doubled batch,
+    # with ControlNet residuals, with circular padding (tiling): more variants than torch.compile keeps by
+    # default (8), after which it would run them uncompiled.
+    limit = 8 * (loras.slot_count + 2)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    unet._compiled_call_impl = CompiledCall(unet, backend=backend, graphs=graphs, fullgraph=fullgraph)
+    vae.decoder._compiled_call_impl = CompiledCall(vae.decoder, backend=backend, graphs=False, fullgraph=True)
+    log.info(
+        "FAST_MODE: channels_last, %s, the UNet compiled whole%s, the VAE decoder compiled",
+        "LoRA hot-swap slots (QKV projections unfused)" if loras.files else "fused QKV projections",
+        " and replayed as CUDA graphs" if graphs else "",
+    )
+
+
+def compiled_modules(pipeline: Any) -> list[torch.nn.Module]:
+    """The modules of ``pipeline`` that FAST_MODE compiled."""
+    return [module for module in (pipeline.unet, pipeline.vae.decoder) if module._compiled_call_impl is not None]
+
+
+@contextlib.contextmanager
+def uncompiled(*modules: torch.nn.Module) -> Iterator[None]:
+    """``modules`` run as written for the ``with`` block, compiled or not; as they were after."""
+    kept = [module._compiled_call_impl for module in modules]
+    for module in modules:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in zip(modules, kept, strict=True):
+            module._compiled_call_impl = call
+
+
+def drop_fast_mode(pipeline: Any) -> None:
+    """The compiled calls dropped for good: the worker serves on with the modules as written."""
+    for module in compiled_modules(pipeline):
+        module._compiled_call_impl = None
+
+
+def grey_levels_apart(first: list[Any], second: list[Any]) -> tuple[float, int]:
+    """Mean and largest difference between two lists of images, in grey levels (0 to 255)."""
+    pairs = zip(first, second, strict=True)
+    stacked = np.stack([np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)) for a, b in pairs])
+    return float(stacked.mean()), int(stacked.max())
