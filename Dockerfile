@@ -42,6 +42,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/tmp/hf-home \
     MODEL_DIR=/models/sd15
 COPY --from=deps /opt/venv /opt/venv
+# FAST_MODE's compiler: Triton builds the launchers of the kernels torch.compile makes with a C compiler, at run
+# time; without one, FAST_MODE's compile fails (the worker then serves uncompiled and says so in its log).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY handler.py test_input.json ./
 COPY src/ src/

@@ -229,7 +229,9 @@ def load_modes(
     return modes
 
 
-def rounds(modes: dict[str, Any], args: argparse.Namespace, clock: Callable[[], float]) -> dict[str, Any]:
+def rounds(
+    modes: dict[str, Any], args: argparse.Namespace, clock: Callable[[], float], budget_s: float
+) -> dict[str, Any]:
     """The timed rounds, interleaved, per batch size: plain, worker, plain again (the A/A control), fast,
     deepcache, lcm."""
     order = [("plain", "plain"), ("worker", "worker"), ("plain (again)", "plain"), ("fast", "fast")]
@@ -241,7 +243,7 @@ def rounds(modes: dict[str, Any], args: argparse.Namespace, clock: Callable[[], 
         for _ in range(args.warmup):
             for _label, mode in order:
                 modes[mode].job(batch)
-        deadline = clock() + args.budget_s / len(args.batches)  # each batch size its share of the budget
+        deadline = clock() + budget_s / len(args.batches)  # each batch size its share of the budget
         done = 0
         while done < args.repeat and (done < 2 or clock() < deadline):
             for label, mode in order:
@@ -327,12 +329,16 @@ def cold_start(args: argparse.Namespace) -> None:
     print(json.dumps({"load_s": mode.cold_start_s, "process_s": time.perf_counter() - started}))
 
 
-def cold_starts(folder: Path, args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
+def cold_starts(folder: Path, args: argparse.Namespace, workdir: Path, left_s: Callable[[], float]) -> dict[str, Any]:
     """Cold starts in processes of their own, torch's compile caches empty: plain diffusers, and FAST_MODE with the
-    COMPILE_CACHE_DIR the timed FAST_MODE filled (whose own load, in this process, is the uncached cold start)."""
+    COMPILE_CACHE_DIR the timed FAST_MODE filled (whose own load, in this process, is the uncached cold start);
+    each within what ``left_s`` says is left of the run's time."""
     found: dict[str, dict[str, Any]] = {}
     for label, mode in (("plain", "plain"), ("fast, cached", "fast")):
         if mode not in args.modes:
+            continue
+        if left_s() < 20:
+            found[label] = {"error": f"skipped: the run's {args.deadline_s:.0f} s were spent"}
             continue
         scratch = Path(tempfile.mkdtemp(dir=workdir))
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch)}
@@ -340,7 +346,11 @@ def cold_starts(folder: Path, args: argparse.Namespace, workdir: Path) -> dict[s
         command += ["--device", args.device, "--steps", str(args.steps), "--side", str(args.side)]
         if mode == "fast":
             command += ["--compile-cache", str(workdir / "compile-cache")]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=left_s(), check=False)
+        except subprocess.TimeoutExpired:
+            found[label] = {"error": f"stopped: the run's {args.deadline_s:.0f} s were spent"}
+            continue
         if done.returncode != 0:
             found[label] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
             continue
@@ -396,6 +406,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget-s", type=float, default=100, help="timed rounds stop after this many seconds (shared by the batches)"
     )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=300,
+        help="the whole run's time (the kit's bench step has 330 s): the timed rounds shrink to fit, and cold "
+        "starts that would not fit are skipped",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--no-cold-starts", action="store_true", help="skip the cold starts in processes of their own")
     parser.add_argument("--cold-start", choices=("plain", "worker", "fast"), help=argparse.SUPPRESS)
@@ -418,16 +435,23 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     command = " ".join(["python -m bench.gpu_bench", *(sys.argv[1:] if argv is None else argv)])
     run: dict[str, Any] = {"device": name, "command": command, "dtype": dtype, "started": time.time()}
+    deadline = time.monotonic() + args.deadline_s
+
+    def left_s() -> float:
+        return deadline - time.monotonic()
+
     run["smi_before"] = nvidia_smi() if device.type == "cuda" else {}
     with tempfile.TemporaryDirectory() as workdir:
         folder = model_folder(args, device, dtype, Path(workdir))
         modes = load_modes(folder, device, dtype, args, Path(workdir) / "compile-cache")
-        run["measured"] = rounds(modes, args, time.monotonic)
+        # The timed rounds get their budget, or what is left of the run's time but for the profile and the cold starts.
+        budget_s = max(0.0, min(args.budget_s, left_s() - 60))
+        run["measured"] = rounds(modes, args, time.monotonic, budget_s)
         run["cold"] = {label: mode.cold_start_s for label, mode in modes.items()}
         run["kernels"] = kernel_time(modes, device)
         write(args, run)  # written now too: the cold starts may run past the kit's limit
         if not args.no_cold_starts:
-            run["processes"] = cold_starts(folder, args, Path(workdir))
+            run["processes"] = cold_starts(folder, args, Path(workdir), left_s)
     run["smi_after"] = nvidia_smi() if device.type == "cuda" else {}
     print(write(args, run))
 
@@ -462,7 +486,7 @@ def write(args: argparse.Namespace, run: dict[str, Any]) -> str:
         lines += ["| mode | load s | process s (imports included) |", "| --- | --- | --- |"]
         for label, found in processes.items():
             if "error" in found:
-                lines.append(f"| {label} | failed: {found['error']} | |")
+                lines.append(f"| {label} | not measured: {found['error']} | |")
             else:
                 lines.append(f"| {label} | {found['load_s']:.1f} | {found['process_s']:.1f} |")
     for when in ("before", "after"):

@@ -191,6 +191,9 @@ def test_dockerfile_facts() -> None:
     assert "pip install --no-deps -r /tmp/requirements-nodeps.txt" in DOCKERFILE
     assert 'CMD ["python", "-u", "handler.py"]' in DOCKERFILE
     assert "HEALTHCHECK" in DOCKERFILE
+    # Triton, under FAST_MODE's torch.compile, builds its kernel launchers with a C compiler at run time.
+    app = DOCKERFILE.split(" AS app")[1].split(" AS slim")[0]
+    assert "apt-get install -y --no-install-recommends gcc libc6-dev" in app
     assert "ARG BAKE_MODEL=true" in DOCKERFILE
     assert "python -m builder.cache_model" in DOCKERFILE
     assert "MODEL_DIR=/models/sd15" in DOCKERFILE

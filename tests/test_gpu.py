@@ -112,127 +112,6 @@ def test_phases_are_timed_by_cuda_events_and_add_up_to_the_inference(cuda_engine
     assert phases["denoising"] > phases["hires_upscale"], "the UNet's steps outweigh a latent upscale"
 
 
-def test_fast_mode_keeps_its_compiled_kernels_and_a_second_engine_loads_them(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    folder = tmp_path / "compile-cache"
-    first = load_engine(tiny_model_dir, FAST_MODE="true", COMPILE_CACHE_DIR=str(folder))
-    [kept] = folder.iterdir()
-    assert kept.name.startswith("nvidia-") or "-sm" in kept.name
-    assert kept.stat().st_size > 0
-    pixels = generate(first).images[0].tobytes()
-    del first
-    second = load_engine(tiny_model_dir, FAST_MODE="true", COMPILE_CACHE_DIR=str(folder))
-    assert list(folder.iterdir()) == [kept]
-    assert generate(second).images[0].tobytes() == pixels
-
-
-# --- FAST_MODE: the UNet compiled whole and replayed as CUDA graphs --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fast_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    """FAST_MODE in the high profile, with LoRAs (hot-swap slots), ControlNets and MODELS_DIR's models."""
-    from builder.tiny_lora import write_test_loras
-    from builder.tiny_model import write_tiny_controlnets, write_tiny_model, write_tiny_models
-
-    root = tmp_path_factory.mktemp("fast")
-    folder = write_tiny_model(root / "tiny")
-    write_tiny_controlnets(folder)
-    write_test_loras(folder, root / "loras", count=2)
-    models = write_tiny_models(root / "models")
-    variables = {"LORA_DIR": str(root / "loras"), "CONTROLNET_DIR": str(folder / "controlnets")}
-    return load_engine(folder, FAST_MODE="true", MODELS_DIR=str(models), MODEL_CONFIG=str(folder), **variables)
-
-
-def fast_job(engine: Engine, **fields: object) -> list[np.ndarray]:
-    """A job's pixels through FAST_MODE's compiled modules, its ControlNet images decoded as prepare does."""
-    from src.prepare.inputs import prepare_inputs
-
-    inputs = prepare_inputs(request_for(engine, **fields), engine.settings, None)
-    return pixels(engine.generate(inputs.request, controls=inputs.controls, timeout_s=120))
-
-
-def as_written(engine: Engine, **fields: object) -> list[np.ndarray]:
-    """The same job with the modules as written: the default path's pixels."""
-    from src.run.fast_path import compiled_modules, uncompiled
-
-    with uncompiled(*compiled_modules(engine._pipeline)):
-        return fast_job(engine, **fields)
-
-
-def grey_levels(first: list[np.ndarray], second: list[np.ndarray]) -> float:
-    return float(np.mean([np.abs(a - b).mean() for a, b in zip(first, second, strict=True)]))
-
-
-def control_image() -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def test_fast_mode_replays_cuda_graphs_within_a_grey_level_of_the_default_path(fast_engine: Engine) -> None:
-    from torch._dynamo.utils import counters
-    from torch._inductor import cudagraph_trees
-
-    from src.run.fast_path import CompiledCall
-
-    unet_call = fast_engine._pipeline.unet._compiled_call_impl
-    assert isinstance(unet_call, CompiledCall)
-    assert unet_call.graphs, "the high profile replays the UNet as CUDA graphs"
-    kinds = {"default": {}, "batch": {"num_images": 2, "width": 128}, "no CFG": {"guidance_scale": 1.0}}
-    kinds["hires"] = {"hires": {"scale": 1.5, "steps": 2}}
-    for name, fields in kinds.items():
-        compiled = fast_job(fast_engine, **fields)
-        assert grey_levels(compiled, as_written(fast_engine, **fields)) <= 1.0, name
-        assert all(np.array_equal(a, b) for a, b in zip(compiled, fast_job(fast_engine, **fields), strict=True))
-    graphs = counters["stats"]["unique_graphs"]
-    fast_job(fast_engine, num_images=3, width=192, height=128)
-    assert counters["stats"]["unique_graphs"] == graphs, "a new size and batch replay the dynamic graphs"
-    assert cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None
-    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
-
-
-def test_fast_mode_keeps_loras_controlnets_and_model_swaps_working(fast_engine: Engine) -> None:
-    from torch._dynamo.utils import counters
-
-    first, second = fast_engine.loras.names
-    plain = fast_job(fast_engine)
-    one = fast_job(fast_engine, loras=[{"name": first}])
-    assert grey_levels(one, as_written(fast_engine, loras=[{"name": first}])) <= 1.0
-    graphs = counters["stats"]["unique_graphs"]
-    other = fast_job(fast_engine, loras=[{"name": second, "scale": 0.5}])
-    assert counters["stats"]["unique_graphs"] == graphs, "another LoRA hot-swaps into the compiled UNet's slot"
-    assert grey_levels(other, as_written(fast_engine, loras=[{"name": second, "scale": 0.5}])) <= 1.0
-    assert grey_levels(one, plain) > 0
-
-    unit = [{"model": "tiny-controlnet", "image": control_image()}]
-    controlled = fast_job(fast_engine, controlnets=unit)
-    assert grey_levels(controlled, as_written(fast_engine, controlnets=unit)) <= 1.0
-    assert grey_levels(controlled, plain) > 0
-
-    swapped = fast_job(fast_engine, model="tiny-a")
-    assert grey_levels(swapped, as_written(fast_engine, model="tiny-a")) <= 1.0
-    assert grey_levels(swapped, plain) > 0
-    assert all(np.array_equal(a, b) for a, b in zip(fast_job(fast_engine), plain, strict=True)), "back to default"
-
-
-def test_fast_mode_in_the_balanced_profile_compiles_without_cuda_graphs(tiny_model_dir: Path) -> None:
-    from src.run.fast_path import CompiledCall
-
-    engine = load_engine(tiny_model_dir, FAST_MODE="true", MEMORY_PROFILE="balanced")
-    unet_call = engine._pipeline.unet._compiled_call_impl
-    assert isinstance(unet_call, CompiledCall)
-    assert not unet_call.graphs
-    fields = {"num_images": 2, "width": 128}
-    assert grey_levels(fast_job(engine, **fields), as_written(engine, **fields)) <= 1.0
-
-
 # --- the balanced profile ---------------------------------------------------------------------------
 
 
@@ -707,3 +586,124 @@ def test_a_real_device_side_assert_is_answered_and_asks_for_a_new_worker(offline
     assert "device-side assert triggered" in first["error"]
     assert set(second) == {"error", "refresh_worker"}, second
     assert second["error"].startswith("not run: an earlier job on this worker broke its GPU")
+
+
+# --- FAST_MODE: the UNet compiled whole and replayed as CUDA graphs (last: the compiles take the longest) ----
+
+
+@pytest.fixture(scope="module")
+def fast_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """FAST_MODE in the high profile, with LoRAs (hot-swap slots), ControlNets and MODELS_DIR's models."""
+    from builder.tiny_lora import write_test_loras
+    from builder.tiny_model import write_tiny_controlnets, write_tiny_model, write_tiny_models
+
+    root = tmp_path_factory.mktemp("fast")
+    folder = write_tiny_model(root / "tiny")
+    write_tiny_controlnets(folder)
+    write_test_loras(folder, root / "loras", count=2)
+    models = write_tiny_models(root / "models")
+    variables = {"LORA_DIR": str(root / "loras"), "CONTROLNET_DIR": str(folder / "controlnets")}
+    return load_engine(folder, FAST_MODE="true", MODELS_DIR=str(models), MODEL_CONFIG=str(folder), **variables)
+
+
+def fast_job(engine: Engine, **fields: object) -> list[np.ndarray]:
+    """A job's pixels through FAST_MODE's compiled modules, its ControlNet images decoded as prepare does."""
+    from src.prepare.inputs import prepare_inputs
+
+    inputs = prepare_inputs(request_for(engine, **fields), engine.settings, None)
+    return pixels(engine.generate(inputs.request, controls=inputs.controls, timeout_s=120))
+
+
+def as_written(engine: Engine, **fields: object) -> list[np.ndarray]:
+    """The same job with the modules as written: the default path's pixels."""
+    from src.run.fast_path import compiled_modules, uncompiled
+
+    with uncompiled(*compiled_modules(engine._pipeline)):
+        return fast_job(engine, **fields)
+
+
+def grey_levels(first: list[np.ndarray], second: list[np.ndarray]) -> float:
+    return float(np.mean([np.abs(a - b).mean() for a, b in zip(first, second, strict=True)]))
+
+
+def control_image() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_fast_mode_replays_cuda_graphs_within_a_grey_level_of_the_default_path(fast_engine: Engine) -> None:
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    from src.run.fast_path import CompiledCall
+
+    unet_call = fast_engine._pipeline.unet._compiled_call_impl
+    assert isinstance(unet_call, CompiledCall)
+    assert unet_call.graphs, "the high profile replays the UNet as CUDA graphs"
+    kinds = {"default": {}, "batch": {"num_images": 2, "width": 128}, "no CFG": {"guidance_scale": 1.0}}
+    kinds["hires"] = {"hires": {"scale": 1.5, "steps": 2}}
+    for name, fields in kinds.items():
+        compiled = fast_job(fast_engine, **fields)
+        assert grey_levels(compiled, as_written(fast_engine, **fields)) <= 1.0, name
+        assert all(np.array_equal(a, b) for a, b in zip(compiled, fast_job(fast_engine, **fields), strict=True))
+    graphs = counters["stats"]["unique_graphs"]
+    fast_job(fast_engine, num_images=3, width=192, height=128)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new size and batch replay the dynamic graphs"
+    assert cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
+def test_fast_mode_keeps_loras_controlnets_and_model_swaps_working(fast_engine: Engine) -> None:
+    from torch._dynamo.utils import counters
+
+    first, second = fast_engine.loras.names
+    plain = fast_job(fast_engine)
+    one = fast_job(fast_engine, loras=[{"name": first}])
+    assert grey_levels(one, as_written(fast_engine, loras=[{"name": first}])) <= 1.0
+    graphs = counters["stats"]["unique_graphs"]
+    other = fast_job(fast_engine, loras=[{"name": second, "scale": 0.5}])
+    assert counters["stats"]["unique_graphs"] == graphs, "another LoRA hot-swaps into the compiled UNet's slot"
+    assert grey_levels(other, as_written(fast_engine, loras=[{"name": second, "scale": 0.5}])) <= 1.0
+    assert grey_levels(one, plain) > 0
+
+    unit = [{"model": "tiny-controlnet", "image": control_image()}]
+    controlled = fast_job(fast_engine, controlnets=unit)
+    assert grey_levels(controlled, as_written(fast_engine, controlnets=unit)) <= 1.0
+    assert grey_levels(controlled, plain) > 0
+
+    swapped = fast_job(fast_engine, model="tiny-a")
+    assert grey_levels(swapped, as_written(fast_engine, model="tiny-a")) <= 1.0
+    assert grey_levels(swapped, plain) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(fast_job(fast_engine), plain, strict=True)), "back to default"
+
+
+def test_fast_mode_in_the_balanced_profile_compiles_without_cuda_graphs(tiny_model_dir: Path) -> None:
+    from src.run.fast_path import CompiledCall
+
+    engine = load_engine(tiny_model_dir, FAST_MODE="true", MEMORY_PROFILE="balanced")
+    unet_call = engine._pipeline.unet._compiled_call_impl
+    assert isinstance(unet_call, CompiledCall)
+    assert not unet_call.graphs
+    fields = {"num_images": 2, "width": 128}
+    assert grey_levels(fast_job(engine, **fields), as_written(engine, **fields)) <= 1.0
+
+
+def test_fast_mode_keeps_its_compiled_kernels_and_a_second_engine_loads_them(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "compile-cache"
+    first = load_engine(tiny_model_dir, FAST_MODE="true", COMPILE_CACHE_DIR=str(folder))
+    [kept] = folder.iterdir()
+    assert kept.name.startswith("nvidia-") or "-sm" in kept.name
+    assert kept.stat().st_size > 0
+    pixels = generate(first).images[0].tobytes()
+    del first
+    second = load_engine(tiny_model_dir, FAST_MODE="true", COMPILE_CACHE_DIR=str(folder))
+    assert list(folder.iterdir()) == [kept]
+    assert generate(second).images[0].tobytes() == pixels

@@ -54,7 +54,7 @@ class CompiledCall:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            with torch.fx.experimental._config.patch(**_SHAPES):  # type: ignore[attr-defined]
+            with torch.fx.experimental._config.patch(**_shape_options()):  # type: ignore[attr-defined]
                 if not self.graphs:
                     return self.compiled(*args, **kwargs)
                 torch.compiler.cudagraph_mark_step_begin()
@@ -63,6 +63,11 @@ class CompiledCall:
             log.warning("FAST_MODE: compiling the %s failed; it runs uncompiled from now on: %s", self.name, error)
             self.module._compiled_call_impl = None
             return self.module._call_impl(*args, **kwargs)
+
+
+def _shape_options() -> dict[str, bool]:
+    """``_SHAPES``, less what this torch does not have (an older torch compiles those cases again)."""
+    return {name: value for name, value in _SHAPES.items() if hasattr(torch.fx.experimental._config, name)}
 
 
 def _copied(output: Any) -> Any:
