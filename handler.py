@@ -82,8 +82,11 @@ def get_engine() -> Engine:
     settings = get_settings()
     with _lock:
         if _engine is None:
-            # FAST_MODE's warm-up on the GPU's thread, where the jobs will replay the CUDA graphs it records.
-            _engine = Engine.load(settings, run_on=on_gpu_thread)
+            # FAST_MODE's warm-up on the GPU's thread, where the jobs replay the CUDA graphs it records. Only from
+            # the main thread (the preload): a lazy load from a stage's thread warms up there, for the GPU's thread
+            # may itself be waiting for this lock.
+            preload = threading.current_thread() is threading.main_thread()
+            _engine = Engine.load(settings, run_on=on_gpu_thread if preload else None)
         return _engine
 
 

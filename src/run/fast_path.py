@@ -94,9 +94,9 @@ def apply_fast_mode(
     else:
         pipeline.fuse_qkv_projections()
         fullgraph = True
-    # Compiled again for each number of LoRAs on (none, 1, 2, ...), with and without CFG's doubled batch,
-    # with ControlNet residuals, with circular padding (tiling): more variants than torch.compile keeps by
-    # default (8), after which it would run them uncompiled.
+    # Compiled again for each number of LoRAs on (none, 1, 2, ...), with and without ControlNet residuals, and
+    # wherever a guard of the card's own kernels' choice falls: more variants than torch.compile keeps by default
+    # (8), after which it would run them uncompiled.
     limit = 8 * (loras.slot_count + 2)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     unet._compiled_call_impl = CompiledCall(unet, backend=backend, graphs=graphs, fullgraph=fullgraph)
