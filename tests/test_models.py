@@ -18,14 +18,12 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from torch._dynamo.testing import CompileCounter
 
 import handler
 from builder import single_file
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import MODELS, build_tiny_vae, write_tiny_controlnets, write_tiny_models
 from src.errors import ModelLoadError
-from src.run.fast_path import apply_fast_mode, compiled_modules, uncompiled
 from src.run.models import machine_memory_bytes
 from src.settings import Settings
 from tests.conftest import rss_bytes
@@ -153,34 +151,16 @@ def test_every_task_on_a_swapped_in_model_gives_the_image_of_a_worker_started_wi
     assert swapped == fresh
 
 
-def fast_mode_on(counter: Any) -> None:
-    """FAST_MODE's own changes (channels_last, fused QKV or LoRA hot-swap slots, the UNet and VAE decoder
-    compiled) on the started worker, compiled by ``counter``: FAST_MODE itself runs on CUDA only."""
-    engine = handler.get_engine()
-    apply_fast_mode(engine._pipeline, engine.loras, graphs=False, backend=counter)
+def test_fused_qkv_projections_hold_the_swapped_in_models_weights(start: Callable[..., None], volume: Path) -> None:
+    """FAST_MODE fuses the attention's QKV projections (without LORA_DIR): a swap copies into the fused ones too.
+    That its compiled UNet compiles nothing again on a swap is tests/test_fast_path.py's."""
+    start(LORA_DIR=None)
+    handler.get_engine()._pipeline.fuse_qkv_projections()
+    swapped = pixels(run("tiny-a"))
 
-
-@pytest.mark.parametrize("lora_dir", [False, True], ids=["fused-qkv", "lora-slots"])
-def test_with_fast_mode_a_swap_compiles_nothing_and_gives_the_image_of_a_worker_started_with_the_model(
-    start: Callable[..., None], volume: Path, lora_dir: bool
-) -> None:
-    start(**({} if lora_dir else {"LORA_DIR": None}))
-    counter = CompileCounter()
-    fast_mode_on(counter)
-    default = pixels(run())
-    graphs = counter.frame_count
-    swapped = {name: pixels(run(name)) for name in NAMES}
-    back = pixels(run())
-
-    assert graphs > 0
-    assert counter.frame_count == graphs, "a swap copies into the compiled modules: nothing is compiled again"
-    assert back == default
     start(MODEL_ID=str(volume / "models" / "tiny-a.safetensors"), MODELS_DIR=None, LORA_DIR=None)
-    fast_mode_on(CompileCounter())
-    pipeline = handler.get_engine()._pipeline
-    # Its modules as written (compiled by the counting backend, they give the same pixels: tests/test_fast_path.py).
-    with uncompiled(*compiled_modules(pipeline)):
-        assert pixels(run()) == swapped["tiny-a"], "the fused projections hold the swapped-in model's weights"
+    handler.get_engine()._pipeline.fuse_qkv_projections()
+    assert pixels(run()) == swapped
 
 
 def test_the_response_and_parameters_name_the_model_as_a1111_does(start: Callable[..., None], volume: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from src.run.fast_path import uncompiled
+
 
 @contextlib.contextmanager
 def token_merging(unet: Any, ratio: float, *, seed: int, device: torch.device) -> Iterator[None]:
@@ -30,6 +32,8 @@ def token_merging(unet: Any, ratio: float, *, seed: int, device: torch.device) -
     tomesd.apply_patch(unet, ratio=ratio, max_downsample=1, sx=2, sy=2, use_rand=True, merge_attn=True)
     unet._tome_info["args"]["generator"] = torch.Generator(device=device).manual_seed(seed)
     try:
-        yield
+        # FAST_MODE's compiled UNet would compile the patched blocks again, for one job: it runs them as written.
+        with uncompiled(unet):
+            yield
     finally:
         tomesd.remove_patch(unet)

@@ -153,8 +153,6 @@ class RequestLimits(Protocol):
     def downloads_on(self) -> bool: ...
     @property
     def upscaler_dir(self) -> str | None: ...
-    @property
-    def fast_mode(self) -> bool: ...
 
 
 def canonical_name(name: str, names_by_key: Mapping[str, str], kind: str, listed: Iterable[str]) -> str:
@@ -370,7 +368,7 @@ class RequestCore(BaseModel):
         description=f"Token merging (ToMe for SD), 0 (off) to {TOME_RATIO_MAX:g}: this fraction of the image tokens "
         "at the UNet's full latent resolution is merged before self-attention and unmerged after. Faster the "
         "larger the image, at a cost in fine detail that grows with the ratio: the images differ from the "
-        "default's (0.3 to 0.5 is usual). Not with `FAST_MODE`.",
+        "default's (0.3 to 0.5 is usual). With `FAST_MODE` the job runs the UNet uncompiled.",
     )
     output_format: OutputFormat = "png"
     output_quality: OutputQuality = 90
@@ -408,15 +406,6 @@ class RequestCore(BaseModel):
     @classmethod
     def _resolve_subseed(cls, value: int | None) -> int:
         return cls._resolve_seed(value)
-
-    @field_validator("tome_ratio")
-    @classmethod
-    def _tome_without_fast_mode(cls, value: float, info: ValidationInfo) -> float:
-        if value > 0 and request_limits(info).fast_mode:
-            raise ValueError(
-                "not with FAST_MODE: token merging changes the UNet's transformer blocks, which FAST_MODE compiled"
-            )
-        return value
 
     @field_validator("seed_resize_from_w", "seed_resize_from_h")
     @classmethod
