@@ -86,10 +86,11 @@ def load_parts(settings: Settings) -> Parts:
     compile_cache = None
     if fast:
         # Loaded before anything compiles: the warm-up then finds the kernels instead of making them.
+        # CUDA graphs keep their memory pools beside what admission counts: only where memory is plenty.
+        graphs = profile is Profile.HIGH
         shape = {"compiled": "unet+decoder, dynamic", "lora_slots": loras.slot_count if loras.files else 0}
-        shape["graphs"] = profile is Profile.HIGH
-        compile_cache = open_cache(settings.compile_cache_dir, pipeline.unet, dtype, shape)
-        apply_fast_mode(pipeline, loras, graphs=profile is Profile.HIGH)
+        compile_cache = open_cache(settings.compile_cache_dir, pipeline.unet, dtype, {**shape, "graphs": graphs})
+        apply_fast_mode(pipeline, loras, graphs=graphs)
     log.info(
         "loaded %s on %s (%s, %s profile%s) in %.1f s",
         identity.name,
