@@ -36,6 +36,7 @@ from src.models.checkpoints import CONVERT_PICKLE, check_checkpoint
 from src.models.loader import BAKED_SOURCE_FILE, load_model, read_baked_source
 from src.settings import Settings, load_settings
 from tests.conftest import ROOT
+from tests.forked import run_module
 
 JOB = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7, "width": 64, "height": 64}
 
@@ -669,14 +670,7 @@ def test_the_worker_refuses_a_model_url_that_was_not_baked(tiny_files: Path, tmp
 
 
 def test_tiny_model_cli_writes_the_single_files_beside_the_folder(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "builder.tiny_model", str(tmp_path / "tiny"), "--single-file"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_module("builder.tiny_model", str(tmp_path / "tiny"), "--single-file", cwd=ROOT, timeout=300)
 
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "tiny" / "model_index.json").is_file()

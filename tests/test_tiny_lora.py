@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +21,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from builder.tiny_lora import build_lora_state_dict, main, save_lora, write_test_loras
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+from tests.forked import run_module
 
 
 def load_pipeline(model_dir: Path) -> StableDiffusionPipeline:
@@ -187,9 +185,8 @@ def test_write_test_loras_alternates_layouts_and_records_them(tiny_model_dir: Pa
 
 
 def test_cli_writes_the_files_and_prints_their_paths(tiny_model_dir: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "builder.tiny_lora", str(tiny_model_dir), str(tmp_path), "--count", "2"]
-    command += ["--layout", "kohya", "--seed", "5", "--unet-only"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    arguments = [str(tiny_model_dir), str(tmp_path), "--count", "2", "--layout", "kohya", "--seed", "5", "--unet-only"]
+    result = run_module("builder.tiny_lora", *arguments, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     expected = [tmp_path / "tiny-kohya-5.safetensors", tmp_path / "tiny-kohya-6.safetensors"]
     assert result.stdout.splitlines() == [str(path) for path in expected]
