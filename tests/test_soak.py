@@ -8,27 +8,20 @@ run on a quiet machine (BENCHMARKS.md, "Soak"); a 15-second run on a shared mach
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.soak import FD_GROWTH_MARGIN, TASKS, job_mix
 from tests.conftest import ROOT
+from tests.forked import run_module
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_quarter_minute_soak_loses_nothing_and_answers_every_job_right(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--minutes", "0.25", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
+    # Forked with torch and diffusers imported (tests/forked.py); the worker it runs is `python handler.py`.
+    completed = run_module("bench.soak", "--minutes", "0.25", "--out", str(tmp_path), cwd=ROOT, timeout=280)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     report = json.loads((tmp_path / "soak.json").read_text(encoding="utf-8"))
     counts = report["counts"]
