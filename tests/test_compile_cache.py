@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 
 from src.run.compile_cache import CompileCache, cache_key, open_cache
-from tests.conftest import ROOT
+from tests.forked import run_module
 
 SCRIPT = """
 import json, sys, torch
@@ -41,12 +39,12 @@ print(json.dumps({"found": cache.found, "hits": found["fxgraph_cache_hit"], "mis
 
 
 def compile_once(folder: Path, scratch: Path) -> dict[str, object]:
-    """One process's compile, with COMPILE_CACHE_DIR ``folder`` and an inductor cache of its own."""
+    """One process's compile, with COMPILE_CACHE_DIR ``folder`` and an inductor cache of its own: a process forked
+    from tests/forked.py's server, which imported torch and never compiled anything."""
     scratch.mkdir()
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(folder)], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    (scratch / "compile_once.py").write_text(SCRIPT)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
+    done = run_module("compile_once", str(folder), cwd=scratch, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
