@@ -7,6 +7,8 @@ Usage::
                                                       # checkpoint file plus a VAE file
     python -m builder.tiny_model DIR --controlnet     # and, in DIR/controlnets, tiny ControlNets
     python -m builder.tiny_model DIR --models         # and, in DIR/models, tiny models for MODELS_DIR
+    python -m builder.tiny_model DIR --loras          # and, in DIR/loras, tiny LoRAs for LORA_DIR
+    python -m builder.tiny_model DIR --upscalers      # and, in DIR/upscalers, tiny upscalers for UPSCALER_DIR
 
 The pipeline is built from the real diffusers and transformers classes at tiny
 sizes and saved with ``save_pretrained``, so ``MODEL_ID=DIR`` loads it through
@@ -36,6 +38,11 @@ copied from the tiny UNet with ``ControlNetModel.from_unet``, as ControlNets are
 - ``tiny-controlnet-file.safetensors``: the same weights as one file in the layout of
   lllyasviel's ``control_v11p_sd15_*`` files (``control_model.*``);
 - ``tiny-controlnet-b.safetensors``: another ControlNet (seed 1), in the same layout.
+
+``--loras`` writes ``DIR/loras/``, the two LoRAs ``python -m builder.tiny_lora DIR DIR/loras`` writes
+(``tiny-peft-0`` and ``tiny-kohya-1``); ``--upscalers`` writes ``DIR/upscalers/``, the upscalers of
+``python -m builder.tiny_upscalers DIR/upscalers`` (``tiny-esrgan-4x`` and ``tiny-compact-2x``, which need spandrel).
+Each flag saves a smoke run one more process start.
 
 A ControlNet starts from zero output convolutions, which would leave every image unchanged;
 these get random weights instead, so that the conditioning scale and the control image both
@@ -67,6 +74,8 @@ MODELS_FOLDER = "models"
 MODELS = {"tiny-a.safetensors": 1, "styles/tiny-b.safetensors": 2, "tiny-c": 3}
 VAE_FILE = "tiny-vae.safetensors"
 CONTROLNET_FOLDER = "controlnets"
+LORA_FOLDER = "loras"
+UPSCALER_FOLDER = "upscalers"
 CONTROLNET_DIFFUSERS = "tiny-controlnet"
 CONTROLNET_FILE = "tiny-controlnet-file.safetensors"
 CONTROLNET_B_FILE = "tiny-controlnet-b.safetensors"
@@ -360,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"also write tiny ControlNets into {CONTROLNET_FOLDER}/ ({', '.join(CONTROLNET_ENTRIES)})",
     )
+    parser.add_argument(
+        "--loras", action="store_true", help=f"also write tiny LoRAs into {LORA_FOLDER}/ (tiny-peft-0, tiny-kohya-1)"
+    )
+    parser.add_argument(
+        "--upscalers",
+        action="store_true",
+        help=f"also write tiny upscalers into {UPSCALER_FOLDER}/ (tiny-esrgan-4x, tiny-compact-2x; needs spandrel)",
+    )
     args = parser.parse_args(argv)
     # Keep the terminal quiet: no torchvision notice (no image processor is used) and no
     # progress bars for writing a 4 MB model.
@@ -373,14 +390,29 @@ def main(argv: list[str] | None = None) -> int:
         args.directory, safety_checker=args.safety_checker, single_file=args.single_file, controlnet=args.controlnet
     )
     print(f"tiny SD 1.5-shaped pipeline written to {path}")
-    if args.models:
-        print(f"tiny models for MODELS_DIR (MODEL_CONFIG={path}): {write_tiny_models(path / MODELS_FOLDER)}")
     if args.single_file:
         print(f"as one checkpoint file: {path / CHECKPOINT_FILE}")
         print(f"a VAE file with other weights: {path / VAE_FILE}")
     if args.controlnet:
         print(f"tiny ControlNets ({', '.join(CONTROLNET_ENTRIES)}) written to {path / CONTROLNET_FOLDER}")
+    _write_extras(path, models=args.models, loras=args.loras, upscalers=args.upscalers)
     return 0
+
+
+def _write_extras(path: Path, *, models: bool, loras: bool, upscalers: bool) -> None:
+    """What --models, --loras and --upscalers add beside the pipeline in ``path``, each said in a line."""
+    if models:
+        print(f"tiny models for MODELS_DIR (MODEL_CONFIG={path}): {write_tiny_models(path / MODELS_FOLDER)}")
+    if loras:
+        from builder.tiny_lora import write_test_loras
+
+        names = ", ".join(lora.stem for lora in write_test_loras(path, path / LORA_FOLDER))
+        print(f"tiny LoRAs for LORA_DIR ({names}) written to {path / LORA_FOLDER}")
+    if upscalers:
+        from builder.tiny_upscalers import TINY, write_tiny_upscalers
+
+        folder = write_tiny_upscalers(path / UPSCALER_FOLDER)
+        print(f"tiny upscalers for UPSCALER_DIR ({', '.join(TINY)}) written to {folder}")
 
 
 if __name__ == "__main__":
