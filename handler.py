@@ -249,7 +249,8 @@ def _finish(
 
 
 def prepare() -> Settings:
-    """Everything the worker does before it can take a job: settings, logging, the engine, the S3 client.
+    """Everything the worker does before it can take a job: settings, logging, the model found, the engine,
+    the S3 client.
 
     runpod takes about 1.7 s to import, alone; in a thread while the model loads it adds
     about 0.7 s (bench/run.py measures it).
@@ -260,6 +261,10 @@ def prepare() -> Settings:
     """
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Where the model is, found before torch is imported: a model that cannot be served stops the start here.
+    from src.models.locate import locate_model
+
+    locate_model(settings)
     # transformers warns at import, twice per class, that torchvision is missing and
     # it will use PIL image processors; this worker uses no image processor at all.
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)

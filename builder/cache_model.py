@@ -68,7 +68,7 @@ from src.models.checkpoints import (
     load_vae_file,
 )
 from src.models.checkpoints import sha256_file as file_sha256
-from src.models.loader import BakedSource, read_baked_source
+from src.models.locate import BakedSource, read_baked_source
 from src.models.safetensors_header import SafetensorsError, read_header
 from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, SettingsError, load_settings, redact_url
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from builder import cache_model, selfcheck
-from src.models.loader import BAKED_SOURCE_FILE
+from src.models.locate import BAKED_SOURCE_FILE
 from src.run.gpu import CU126_INSTALL, has_kernels, kernel_advice
 from src.run.memory import GIB, Profile
 from src.schema import parse_input

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,8 @@ from builder.tiny_lora import write_test_loras
 from builder.tiny_model import CHECKPOINT_FILE, VAE_FILE, write_tiny_model
 from src.errors import ModelLoadError
 from src.models.checkpoints import CONVERT_PICKLE, check_checkpoint
-from src.models.loader import BAKED_SOURCE_FILE, load_model, read_baked_source
+from src.models.loader import load_model
+from src.models.locate import BAKED_SOURCE_FILE, read_baked_source
 from src.settings import Settings, load_settings
 from tests.conftest import ROOT
 from tests.forked import run_module
@@ -481,7 +483,7 @@ def test_the_worker_exits_with_the_refusal_when_started_on_a_pickle(
     tiny_files: Path, tmp_path: Path, offline_env: dict[str, str]
 ) -> None:
     ckpt = _pickle(tmp_path / "model.ckpt")
-    env = {**offline_env, "MODEL_ID": str(ckpt), "MODEL_CONFIG": str(tiny_files)}
+    env = {**offline_env, "MODEL_ID": str(ckpt), "MODEL_CONFIG": str(tiny_files), "PYTHONPROFILEIMPORTTIME": "1"}
 
     result = subprocess.run(
         [sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps({"input": JOB})],
@@ -497,6 +499,8 @@ def test_the_worker_exits_with_the_refusal_when_started_on_a_pickle(
     assert "a pickled checkpoint (.ckpt)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not ckpt.with_suffix(".unpickled").exists()
+    # Refused from its name, before torch was imported: Python lists each import (PYTHONPROFILEIMPORTTIME).
+    assert not re.search(r"^import time:.*\| +torch$", result.stderr, re.MULTILINE)
 
 
 # --- MODEL_URL: downloaded and converted at build time -----------------------------------------

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from src.errors import ModelLoadError
-from src.models.loader import BAKED_SOURCE_FILE, BakedSource, load_pipeline, resolve_dtype
+from src.models.loader import load_pipeline, resolve_dtype
+from src.models.locate import BAKED_SOURCE_FILE, BakedSource
 from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, load_settings
 
 

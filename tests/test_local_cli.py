@@ -241,17 +241,22 @@ def test_bad_setting_stops_startup_naming_the_variable(tmp_path: Path, offline_e
     ],
     ids=["hub-id", "missing-folder"],
 )
-def test_unreachable_model_fails_fast_with_the_ways_out(
+def test_unreachable_model_fails_before_torch_is_imported_with_the_ways_out(
     tmp_path: Path, offline_env: dict[str, str], model_id: str, named: str
 ) -> None:
-    # No wall-clock bound: the subprocess limit catches a hang, with room for a busy machine.
-    result = run_handler_cli(["--test_input", FOX], {**offline_env, "MODEL_ID": model_id}, tmp_path, timeout=120)
+    # No wall-clock bound: the subprocess limit catches a hang, with room for a busy machine. Python lists
+    # every module it imports (PYTHONPROFILEIMPORTTIME) on stderr.
+    env = {**offline_env, "MODEL_ID": model_id, "PYTHONPROFILEIMPORTTIME": "1"}
+    result = run_handler_cli(["--test_input", FOX], env, tmp_path, timeout=120)
 
     assert result.returncode == 1
     assert named in result.stderr
     assert "Ways out" in result.stderr
     assert "builder.tiny_model" in result.stderr
     assert "Traceback" not in result.stderr
+    imported = re.findall(r"^import time:.*\| +(\S+)$", result.stderr, re.MULTILINE)
+    assert "src.models.locate" in imported
+    assert not {"torch", "diffusers", "transformers"} & set(imported), "found out before torch was imported"
 
 
 def test_silent_hub_cannot_hang_startup(tmp_path: Path, offline_env: dict[str, str]) -> None:

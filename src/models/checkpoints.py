@@ -13,6 +13,9 @@ and the tokenizer read from the config folder, offline. ``convert_checkpoint``
 converts in float16, whether the result is then saved (``builder.cache_model``,
 ``MODEL_CACHE_DIR``) or used at once, so a baked checkpoint and one converted at
 startup hold the same numbers.
+
+Importing this module does not import torch: the worker checks a checkpoint's header before torch is
+imported (``src.models.locate``), so a file it cannot serve stops the start in about a second.
 """
 
 from __future__ import annotations
@@ -23,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from src.errors import ModelLoadError
 from src.models.safetensors_header import SafetensorsError, read_header, tensor_shapes
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 log = logging.getLogger(__name__)
@@ -208,17 +210,28 @@ def check_config_folder(folder: Path, setting: str) -> Path:
     return folder
 
 
-def check_checkpoint(path: Path, config_folder: Path, setting: str = "MODEL_ID") -> None:
-    """Refuse a file that is not an SD 1.5 checkpoint shaped as the config folder's pipeline, by its header.
+def check_checkpoint_kind(path: Path, config_folder: Path, setting: str = "MODEL_ID") -> dict[str, tuple[int, ...]]:
+    """Refuse a file that is not an SD 1.5 checkpoint by what its header says it is, and a config folder that
+    cannot build one; return the file's tensor shapes. Needs no torch.
 
     Raises:
-        ModelLoadError: what the file is instead, or which tensors do not fit; the message names the file.
+        ModelLoadError: what the file is instead, or what the config folder lacks; the message names the file.
     """
     shapes = read_shapes(path, setting)
     kind = looks_like(shapes)
     if kind is not None:
         raise ModelLoadError(f"{setting}={str(path)!r}: {kind}")
     check_config_folder(config_folder, "MODEL_CONFIG")
+    return shapes
+
+
+def check_checkpoint(path: Path, config_folder: Path, setting: str = "MODEL_ID") -> None:
+    """Refuse a file that is not an SD 1.5 checkpoint shaped as the config folder's pipeline, by its header.
+
+    Raises:
+        ModelLoadError: what the file is instead, or which tensors do not fit; the message names the file.
+    """
+    shapes = check_checkpoint_kind(path, config_folder, setting)
     problems = _misfits(shapes, config_folder)
     if problems:
         raise ModelLoadError(
@@ -252,17 +265,21 @@ def convert_checkpoint(
     config_folder: Path,
     *,
     safety_checker: bool = False,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype | None = None,
 ) -> StableDiffusionPipeline:
     """Build the pipeline from a checked checkpoint, configs and tokenizer from ``config_folder``, offline.
 
-    Weights are converted in float16, as they are baked; the caller casts to the dtype it runs in.
-    With ``safety_checker``, the checker and its feature extractor come from the config folder.
+    Weights are converted in ``dtype``, float16 unless told otherwise, as they are baked; the caller casts to
+    the dtype it runs in. With ``safety_checker``, the checker and its feature extractor come from the config
+    folder.
 
     Raises:
         ModelLoadError: the config folder lacks the safety checker asked for.
     """
+    import torch
     from diffusers import StableDiffusionPipeline
+
+    dtype = dtype or torch.float16
 
     options: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     if safety_checker:
@@ -301,6 +318,8 @@ def load_vae_file(path: Path, vae_config: dict[str, Any], dtype: torch.dtype) ->
 def cast(module: Any, dtype: torch.dtype) -> Any:
     """``module`` in ``dtype``, through torch's own ``to``: diffusers' warns on every dtype cast (0.42 checks
     ``_keep_in_fp32_modules or []`` against None), though SD 1.5's models keep nothing in float32."""
+    import torch
+
     return torch.nn.Module.to(module, dtype=dtype)
 
 
@@ -345,6 +364,8 @@ def _misfits(shapes: dict[str, tuple[int, ...]], config_folder: Path) -> list[st
 
 def _converted(convert: Any, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The diffusers names and shapes ``convert`` gives tensors of these shapes, worked out on the meta device."""
+    import torch
+
     stand_in = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()}
     try:
         return {key: tuple(value.shape) for key, value in convert(stand_in, config).items()}

@@ -1,8 +1,8 @@
-"""Find the weights and load the SD 1.5 pipeline: device, dtype, baked folder, local folder, hub, single file, VAE.
+"""Load the SD 1.5 pipeline: device, dtype, baked folder, local folder, hub, single file, VAE.
 
-Loading never hangs: a hub id whose weights are not on disk is looked up on
-the hub with a short timeout first, and a failed look-up ends startup with a
-message that says what to do. A single-file checkpoint is checked, then
+Where the weights are is found first, without torch (``src.models.locate``). Loading never hangs: a hub id
+whose weights are not on disk is looked up on the hub with a short timeout first, and a failed look-up ends
+startup with a message that says what to do. A single-file checkpoint is checked, then
 converted with configs from a local folder, never the network
 (``src.models.checkpoints``); with ``MODEL_CACHE_DIR`` the conversion is kept for the
 next workers.
@@ -10,22 +10,18 @@ next workers.
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import model_info
 from transformers.utils import logging as transformers_logging
 
 from src.errors import ModelLoadError, first_line
@@ -39,11 +35,18 @@ from src.models.checkpoints import (
     load_vae_file,
     sha256_file,
 )
-from src.settings import Settings, redact_url
+from src.models.locate import (
+    BAKED_SOURCE_FILE,
+    BakedSource,
+    Location,
+    check_vae_path,
+    locate_model,
+    probe_hub,
+    read_baked_source,
+)
+from src.settings import Settings
 
 log = logging.getLogger(__name__)
-
-HUB_PROBE_TIMEOUT_S = 5.0
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -78,92 +81,6 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return DTYPES[setting]
 
 
-def _ways_out(model_id: str) -> str:
-    return (
-        "Ways out: (1) cache the weights at build time, into the image "
-        "(see the README's Model weights section); (2) point MODEL_ID at a local diffusers folder "
-        "or a single-file .safetensors checkpoint; "
-        f"(3) for a smoke test with no weights, `python -m builder.tiny_model /tmp/tiny` "
-        f"and MODEL_ID=/tmp/tiny. The model asked for was MODEL_ID={model_id!r}."
-    )
-
-
-def _probe_hub(model_id: str, revision: str | None) -> None:
-    """Ask the hub about the repo with a hard deadline, so that startup cannot hang.
-
-    The request runs in a worker thread because name resolution is not covered
-    by the HTTP client's own timeout.
-    """
-    if hub_constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(f"{model_id!r} is not on this machine and HF_HUB_OFFLINE is set. {_ways_out(model_id)}")
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-probe")
-    future = pool.submit(model_info, model_id, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
-    try:
-        future.result(timeout=HUB_PROBE_TIMEOUT_S + 5)
-    except concurrent.futures.TimeoutError:
-        raise ModelLoadError(
-            f"{model_id!r} is not on this machine and the Hugging Face hub did not answer within "
-            f"{HUB_PROBE_TIMEOUT_S + 5:.0f} s. {_ways_out(model_id)}"
-        ) from None
-    except Exception as error:  # any failure of the look-up means the same thing to the user
-        reason = str(error).splitlines()[0] if str(error) else ""
-        raise ModelLoadError(
-            f"{model_id!r} is not on this machine and the Hugging Face hub could not provide it "
-            f"({type(error).__name__}: {reason}). {_ways_out(model_id)}"
-        ) from error
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-# Written by builder/cache_model.py next to the weights it bakes, and into each MODEL_CACHE_DIR conversion.
-BAKED_SOURCE_FILE = "source.json"
-
-
-@dataclass(frozen=True)
-class BakedSource:
-    """Which model, revision and file variant a baked folder holds.
-
-    A folder converted from a single-file checkpoint also names that ``checkpoint``
-    (``name``, ``sha256``, and the file's ``file``/``size``/``mtime_ns`` it was read as), the
-    ``url`` it was downloaded from (query hidden), and a ``vae`` baked in place of its own.
-    """
-
-    model_id: str
-    revision: str | None
-    variant: str | None
-    safety_checker: bool
-    checkpoint: dict[str, Any] | None = None
-    url: str | None = None
-    vae: dict[str, Any] | None = None
-
-    def holds(self, model_id: str, revision: str | None) -> bool:
-        """Whether the folder holds this model at this revision, whatever else it holds."""
-        return (self.model_id, self.revision) == (model_id, revision)
-
-    def matches(self, model_id: str, revision: str | None, safety_checker: bool) -> bool:
-        """Whether the folder holds everything a worker with these settings loads."""
-        return self.holds(model_id, revision) and (self.safety_checker or not safety_checker)
-
-    @property
-    def checkpoint_file(self) -> ModelFile | None:
-        return ModelFile(self.checkpoint["name"], self.checkpoint["sha256"]) if self.checkpoint else None
-
-    @property
-    def vae_file(self) -> ModelFile | None:
-        return ModelFile(self.vae["name"], self.vae["sha256"]) if self.vae else None
-
-    def write(self, folder: Path) -> None:
-        (folder / BAKED_SOURCE_FILE).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-
-
-def read_baked_source(folder: Path) -> BakedSource | None:
-    """The baked folder's ``source.json``, or None when there is no usable one."""
-    try:
-        return BakedSource(**json.loads((folder / BAKED_SOURCE_FILE).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
 @dataclass(frozen=True)
 class ModelIdentity:
     """The model as responses and image parameters name it, as A1111 does for a checkpoint and a VAE."""
@@ -192,11 +109,9 @@ def load_pipeline(settings: Settings, dtype: torch.dtype) -> StableDiffusionPipe
 def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionPipeline, ModelIdentity]:
     """Load the model the settings name in ``dtype``, on the CPU, and say what it is.
 
-    The engine places it on the device, as its memory profile says. The model is, in order:
-    MODEL_DIR when the build baked MODEL_URL (or MODEL_ID at its revision) there; a single-file
-    checkpoint at MODEL_ID; a local diffusers folder; a hub id, read from the local cache when it
-    is there and downloaded only after the hub has answered a quick look-up. VAE_ID then
-    replaces the VAE.
+    The engine places it on the device, as its memory profile says. ``locate_model`` finds the model (and says
+    in which order); a hub id is read from the local cache when it is there and downloaded only after the hub
+    has answered a quick look-up. VAE_ID then replaces the VAE.
 
     Raises:
         ModelLoadError: the weights are missing, unreachable, or not SD 1.5; the message says what to do.
@@ -210,32 +125,22 @@ def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionP
         # Off by default (see the README). Without requires_safety_checker=False,
         # diffusers warns about it on every load.
         options.update(safety_checker=None, requires_safety_checker=False)
-    model_dir = Path(settings.model_dir)
-    baked = read_baked_source(model_dir)
-    # The image keeps no URL in its environment (a query may hold a token): MODEL_DIR's label says it holds a
-    # MODEL_URL checkpoint, and that is the model unless MODEL_ID names another.
-    baked_url = baked is not None and baked.url is not None and "model_id" not in settings.model_fields_set
-    if settings.model_url is not None or baked_url:
-        if settings.model_url is not None and "model_id" in settings.model_fields_set:
-            log.warning("MODEL_URL is set, so it is the model; MODEL_ID=%s is not used", settings.model_id)
-        pipeline, source = _load_baked_url(settings, baked, options), baked
-    elif is_file_path(settings.model_id) and not (baked is not None and baked.holds(settings.model_id, None)):
+    location = locate_model(settings)
+    source = location.label
+    if location.way == "checkpoint":
         pipeline, source = _load_checkpoint(settings, dtype, options)
+    elif location.way in ("baked-url", "baked") and location.label is not None:
+        pipeline = _load_baked(settings, location, location.label, options)
+    elif location.way == "folder":
+        pipeline = StableDiffusionPipeline.from_pretrained(location.path, local_files_only=True, **options)
     else:
-        pipeline, source = _load_diffusers(settings, baked, options)
+        pipeline = _load_hub(settings, options)
     if settings.safety_checker and getattr(pipeline, "safety_checker", None) is None:
         raise ModelLoadError(
             f"SAFETY_CHECKER=true, but MODEL_ID={settings.model_id!r} has no safety_checker and feature_extractor; "
             "use a model that ships them (SD 1.5 does) or set SAFETY_CHECKER=false"
         )
     identity = _identity(settings, source)
-    baked_vae = source.vae.get("url") if source is not None and source.vae is not None else None
-    if settings.vae_url is not None and settings.vae_id is None and baked_vae != redact_url(settings.vae_url):
-        raise ModelLoadError(
-            f"VAE_URL={redact_url(settings.vae_url)!r} is baked into MODEL_DIR at build time, and the model "
-            "loaded does not hold it. Bake it: `docker build --build-arg VAE_URL=...`, or "
-            "`VAE_URL=... python -m builder.cache_model` with this MODEL_DIR; or use VAE_ID"
-        )
     if settings.vae_id is not None:
         vae, name, vae_file = load_vae(settings.vae_id, pipeline.vae, dtype)
         pipeline.register_modules(vae=vae)
@@ -256,67 +161,25 @@ def _identity(settings: Settings, source: BakedSource | None) -> ModelIdentity:
     return ModelIdentity(name, checkpoint, vae.name if vae else None, vae)
 
 
-def _load_baked_url(settings: Settings, baked: BakedSource | None, options: dict[str, Any]) -> StableDiffusionPipeline:
-    """MODEL_DIR holding the checkpoint the build downloaded: MODEL_URL's, when it is set."""
-    url = redact_url(settings.model_url) if settings.model_url is not None else baked and baked.url
-    if baked is None or baked.url != url:
-        holds = f"holds {baked.url or baked.model_id}" if baked is not None else "holds no baked model"
-        raise ModelLoadError(
-            f"MODEL_URL={url!r} is downloaded and converted at build time, and MODEL_DIR={settings.model_dir!r} "
-            f"{holds}. Bake it: `docker build --build-arg MODEL_URL=...`, or `MODEL_URL=... python -m "
-            "builder.cache_model` with this MODEL_DIR (a network volume, say); or set MODEL_ID to the file"
-        )
-    held = baked.checkpoint_file
-    if settings.model_sha256 is not None and held is not None and held.sha256 != settings.model_sha256:
-        raise ModelLoadError(
-            f"MODEL_SHA256={settings.model_sha256}, but MODEL_DIR={settings.model_dir!r} holds {url} with SHA-256 "
-            f"{held.sha256}; bake it again"
-        )
-    _require_checker(settings, baked)
-    log.info("loading %s (%s) from %s, baked at build time", held and held.name, url, settings.model_dir)
-    return _from_baked(settings, baked, options)
-
-
-def _from_baked(settings: Settings, baked: BakedSource, options: dict[str, Any]) -> StableDiffusionPipeline:
-    """MODEL_DIR as the build baked it: safetensors only, its file variant, offline."""
+def _load_baked(
+    settings: Settings, location: Location, baked: BakedSource, options: dict[str, Any]
+) -> StableDiffusionPipeline:
+    """MODEL_DIR as the build baked it (``baked`` is its label): safetensors only, its file variant, offline."""
+    if location.way == "baked-url":
+        if settings.model_url is not None and "model_id" in settings.model_fields_set:
+            log.warning("MODEL_URL is set, so it is the model; MODEL_ID=%s is not used", settings.model_id)
+        held = baked.checkpoint_file
+        log.info("loading %s (%s) from %s, baked at build time", held and held.name, baked.url, settings.model_dir)
+    else:
+        log.info("loading %s from %s, baked at build time", named_identity(settings).name, settings.model_dir)
     return StableDiffusionPipeline.from_pretrained(
         settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options
     )
 
 
-def _require_checker(settings: Settings, baked: BakedSource) -> None:
-    if settings.safety_checker and not baked.safety_checker:
-        raise ModelLoadError(
-            f"SAFETY_CHECKER=true, but MODEL_DIR={settings.model_dir!r} holds {baked.url or baked.model_id} baked "
-            "without the safety checker. Bake it with the checker: `docker build --build-arg "
-            "SAFETY_CHECKER=true ...`, or `SAFETY_CHECKER=true python -m builder.cache_model` with this "
-            "MODEL_DIR; or set SAFETY_CHECKER=false"
-        )
-
-
-def _load_diffusers(
-    settings: Settings, baked: BakedSource | None, options: dict[str, Any]
-) -> tuple[StableDiffusionPipeline, BakedSource | None]:
-    """MODEL_ID as MODEL_DIR's baked folder, a local diffusers folder, or a hub id; and the folder's label."""
+def _load_hub(settings: Settings, options: dict[str, Any]) -> StableDiffusionPipeline:
+    """MODEL_ID as a hub id: from the local cache, else downloaded once the hub has answered a quick look-up."""
     model_id, revision = settings.model_id, settings.revision
-    folder = Path(model_id).expanduser()
-    if baked is not None and baked.holds(model_id, revision):
-        _require_checker(settings, baked)
-        log.info("loading %s from %s, baked at build time", named_identity(settings).name, settings.model_dir)
-        return _from_baked(settings, baked, options), baked
-    if folder.is_dir():
-        if not (folder / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"MODEL_ID={model_id!r} is a folder but not a diffusers pipeline: it has no "
-                f"model_index.json. {_ways_out(model_id)}"
-            )
-        return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **options), read_baked_source(
-            folder
-        )
-    if model_id.startswith(("/", "./", "../", "~")):
-        raise ModelLoadError(
-            f"MODEL_ID={model_id!r} looks like a path, but no such folder exists. {_ways_out(model_id)}"
-        )
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
             model_id, local_files_only=True, revision=revision, **options
@@ -324,9 +187,9 @@ def _load_diffusers(
         log.info("loaded %s from the local Hugging Face cache", model_id)
     except OSError:
         log.info("%s is not in the local cache; asking the hub", model_id)
-        _probe_hub(model_id, revision)
+        probe_hub(model_id, revision)
         pipeline = StableDiffusionPipeline.from_pretrained(model_id, revision=revision, **options)
-    return pipeline, None
+    return pipeline
 
 
 def _load_checkpoint(
@@ -437,13 +300,11 @@ def load_vae(vae_id: str, current: Any, dtype: torch.dtype) -> tuple[Any, str, M
     from diffusers import AutoencoderKL
 
     config = dict(current.config)
-    path = Path(vae_id).expanduser()
+    path = check_vae_path(vae_id)
     if is_file_path(vae_id):
         check_vae_file(path, config)
         vae = load_vae_file(path, config, dtype)
         return vae, path.stem, ModelFile(path.stem, sha256_file(path))
-    if not path.is_dir():
-        raise ModelLoadError(f"VAE_ID={vae_id!r}: no such file or folder; give a VAE folder or a .safetensors VAE")
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
     if not (path / (subfolder or "") / "config.json").is_file():
         raise ModelLoadError(f"VAE_ID={vae_id!r}: a folder without a VAE (no config.json nor vae/config.json)")
