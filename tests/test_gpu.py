@@ -1,6 +1,6 @@
 """On a machine with an NVIDIA GPU (`pytest -m gpu`, a few minutes with FAST_MODE's compiles), with the tiny model:
 
-- float16 on CUDA, and a seed that gives the same image twice;
+- float16 on CUDA, and a seed that gives the same image twice; variation seeds and seed resize;
 - the `balanced` profile (MEMORY_PROFILE=balanced): a 2-image job decodes one image at a time
   (VAE slicing), gives the same pictures as the `high` profile, and leaves no switch on;
 - real CUDA out-of-memory errors: from the caching allocator under the GPU_MEMORY_GB cap,
@@ -30,6 +30,7 @@ import torch
 from src.errors import OutOfMemoryError
 from src.run.engine import Engine, Generation
 from src.run.memory import Profile
+from src.run.noise import job_noise, randn
 from src.schema import GenerateRequest, parse_input
 from src.settings import load_settings
 
@@ -101,6 +102,24 @@ def test_cuda_runs_float16_and_a_seed_gives_the_same_image_twice(cuda_engine: En
     assert first.images[0].tobytes() == second.images[0].tobytes()
     assert not first.warnings, "no NaN re-decode, no black image"
     assert torch.cuda.memory_allocated() <= allocated_after_first, "a job leaves nothing allocated behind"
+
+
+def test_variation_seeds_and_seed_resize_draw_the_cpus_noise_on_cuda(cuda_engine: Engine) -> None:
+    """A1111's variation seeds and seed resize mix noise drawn on the CPU with the seed's, which the pipeline has
+    already moved to the GPU: the mix is made on the CPU, so a CUDA worker starts from the CPU's very noise."""
+    drawn = randn(3, (2, 4, 16, 16))
+    for resize_from in (None, (96, 160)):
+        make = job_noise([3, 4], subseed=7, strength=0.4, resize_from=resize_from)
+        assert torch.equal(make(drawn.cuda()), make(drawn)), resize_from
+
+    plain = pixels(generate(cuda_engine))
+    varied = generate(cuda_engine, subseed=7, subseed_strength=0.4)
+    resized = generate(cuda_engine, subseed=7, subseed_strength=0.4, seed_resize_from_w=448, seed_resize_from_h=576)
+
+    assert pixels(varied)[0].tobytes() != plain[0].tobytes()
+    assert pixels(resized)[0].tobytes() not in {plain[0].tobytes(), pixels(varied)[0].tobytes()}
+    assert not varied.warnings
+    assert not resized.warnings
 
 
 def test_phases_are_timed_by_cuda_events_and_add_up_to_the_inference(cuda_engine: Engine) -> None:

@@ -53,20 +53,22 @@ def image_noise(
     strength: float,
     resize_from: tuple[int, int] | None,
 ) -> torch.Tensor:
-    """One image's noise, (C, H, W), from ``drawn``, the noise its seed's generator gave at the job's size.
+    """One image's noise, (C, H, W), on the CPU, from ``drawn``, the noise its seed's generator gave at the job's
+    size (on the pipeline's device).
 
     As A1111's ``ImageRNG.first``: at ``resize_from`` (width, height), the seed's noise is drawn at that size
     (a fresh generator), mixed with the variation seed's, and pasted, centred (cropped when larger), into
     ``drawn``.
     """
+    # On the CPU, where A1111 draws its noise and where randn draws here: ``drawn`` is on the pipeline's device.
     shape = tuple(drawn.shape)
     noise_shape = shape if resize_from is None else (shape[0], resize_from[1] // 8, resize_from[0] // 8)
-    noise = drawn.float() if noise_shape == shape else randn(seed, noise_shape)
+    noise = drawn.float().cpu() if noise_shape == shape else randn(seed, noise_shape)
     if strength > 0:
         noise = slerp(strength, noise, randn(subseed, noise_shape))
     if noise_shape == shape:
         return noise
-    placed = drawn.float().clone()
+    placed = drawn.float().cpu().clone()
     dx, dy = (shape[2] - noise_shape[2]) // 2, (shape[1] - noise_shape[1]) // 2
     width = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
     height = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
