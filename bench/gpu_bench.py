@@ -230,10 +230,14 @@ def load_modes(
 
 
 def rounds(
-    modes: dict[str, Any], args: argparse.Namespace, clock: Callable[[], float], budget_s: float
+    modes: dict[str, Any],
+    args: argparse.Namespace,
+    clock: Callable[[], float],
+    budget_s: float,
+    after_batch: Callable[[dict[str, Any]], None] = lambda _measured: None,
 ) -> dict[str, Any]:
     """The timed rounds, interleaved, per batch size: plain, worker, plain again (the A/A control), fast,
-    deepcache, lcm."""
+    deepcache, lcm. ``after_batch`` gets what is measured so far, after each batch size."""
     order = [("plain", "plain"), ("worker", "worker"), ("plain (again)", "plain"), ("fast", "fast")]
     order += [("deepcache", "deepcache"), ("lcm", "lcm")]
     order = [(label, mode) for label, mode in order if mode in modes and ("plain" in modes or label != "plain (again)")]
@@ -250,6 +254,7 @@ def rounds(
                 series[label].add(*modes[mode].job(batch))
             done += 1
         measured[f"batch {batch}"] = {"rounds": done, "series": series}
+        after_batch(measured)
     return measured
 
 
@@ -444,10 +449,20 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         folder = model_folder(args, device, dtype, Path(workdir))
         modes = load_modes(folder, device, dtype, args, Path(workdir) / "compile-cache")
+        # Written as it comes, so that what the kit's time limit cuts short leaves what was measured before it.
+        run |= {"measured": {}, "cold": {label: mode.cold_start_s for label, mode in modes.items()}, "kernels": {}}
+        write(args, run)
+        loads = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in run["cold"].items())
+        print(f"loaded at {time.time() - run['started']:.0f} s: {loads}", flush=True)
+
+        def after_batch(measured: dict[str, Any]) -> None:
+            run["measured"] = measured
+            write(args, run)
+            print(f"measured {', '.join(measured)} at {time.time() - run['started']:.0f} s", flush=True)
+
         # The timed rounds get their budget, or what is left of the run's time but for the profile and the cold starts.
         budget_s = max(0.0, min(args.budget_s, left_s() - 60))
-        run["measured"] = rounds(modes, args, time.monotonic, budget_s)
-        run["cold"] = {label: mode.cold_start_s for label, mode in modes.items()}
+        run["measured"] = rounds(modes, args, time.monotonic, budget_s, after_batch)
         run["kernels"] = kernel_time(modes, device)
         write(args, run)  # written now too: the cold starts may run past the kit's limit
         if not args.no_cold_starts:

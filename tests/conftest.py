@@ -40,12 +40,38 @@ TORCH_THREADS = "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    del config
     os.environ.setdefault("OMP_NUM_THREADS", TORCH_THREADS)
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     import_spandrel()
+    if "gpu" in (config.option.markexpr or ""):
+        config.pluginmanager.register(LinePerTest(config), "line-per-test")
+
+
+class LinePerTest:
+    """With ``-m gpu``: a line as each test starts and one as it ends (its outcome, phase and seconds).
+
+    The GPU kit runs these tests under a time limit (../shared/gpu/run.sh); a run the limit cuts short still
+    says which tests passed, which failed, and which one was running.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def write_line(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        # On a line of its own, below the previous test's progress character.
+        self.write_line(f"\nSTART {nodeid}")
+
+    @pytest.hookimpl(tryfirst=True)  # before pytest's progress character
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" or report.outcome != "passed":
+            self.write_line(f"{report.outcome.upper()} {report.nodeid} ({report.when}, {report.duration:.1f} s)")
 
 
 # Subprocesses that serve upscalers put this folder on PYTHONPATH (its sitecustomize imports spandrel).

@@ -200,10 +200,13 @@ def test_upscalers_benchmark_smoke_run_writes_every_model(tmp_path: Path) -> Non
 
 def test_gpu_speed_benchmark_runs_its_harness_on_the_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
     """bench.gpu_bench's interleaved rounds, phases, A/A control and report, on the CPU with the tiny model."""
-    run_bench(
+    result = run_bench(
         "bench.gpu_bench", "--device", "cpu", "--model", str(tiny_model_dir), "--side", "64", "--steps", "2",
         "--repeat", "2", "--warmup", "1", "--batches", "1", "2", "--modes", "plain,worker", "--out", str(tmp_path),
     )  # fmt: skip
+    # Its progress, in the order the files were written (a kit's time limit would leave them as they were then).
+    progress = [line.split(" at ")[0] for line in result.stdout.splitlines() if " at " in line and " s" in line]
+    assert progress[:3] == ["loaded", "measured batch 1", "measured batch 1, batch 2"], progress
     record = json.loads((tmp_path / "gpu-speed.json").read_text())
     for batch in ("batch 1", "batch 2"):
         entry = record["report"][batch]

@@ -1,4 +1,4 @@
-"""`pytest -m gpu tests/test_gpu.py` collects on the GPU machine, which has torch, transformers,
+"""`pytest -m gpu tests/test_gpu.py` collects and runs on the GPU machine, which has torch, transformers,
 accelerate, diffusers, pydantic and pytest, and not the test suite's other tools."""
 
 from __future__ import annotations
@@ -51,16 +51,18 @@ def test_the_blocker_blocks(tmp_path: Path) -> None:
         assert f"ModuleNotFoundError: No module named '{name}'" in result.stderr, result.stderr
 
 
-def test_gpu_tests_collect_without_the_cpu_only_packages(tmp_path: Path) -> None:
-    # As the GPU kit runs them (../shared/gpu/run.sh), with pytest-timeout absent: -p no:timeout.
+def test_gpu_tests_run_without_the_cpu_only_packages_and_say_each_outcome(tmp_path: Path) -> None:
+    # As the GPU kit runs them (../shared/gpu/run.sh), with pytest-timeout absent: -p no:timeout. Here, with no
+    # CUDA device, each is collected and skipped, with a line for its start and one for its outcome.
     result = run_blocked(
-        tmp_path, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:timeout", "-p", "no:cacheprovider",
-        "tests/test_gpu.py",
+        tmp_path, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:timeout", "-p", "no:cacheprovider", "tests/test_gpu.py",
     )  # fmt: skip
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    collected = [line for line in result.stdout.splitlines() if line.startswith("tests/test_gpu.py::")]
+    started = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("START tests/test_gpu.py::")]
+    ended = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("SKIPPED tests/test_gpu.py::")]
+    assert started == ended, result.stdout
     defined = re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_gpu.py").read_text(), flags=re.MULTILINE)
-    names = [line.split("::")[1].split("[")[0] for line in collected]
+    names = [nodeid.split("::")[1].split("[")[0] for nodeid in started]
     assert list(dict.fromkeys(names)) == defined, result.stdout
     assert "Unknown config option" not in result.stdout + result.stderr, "pyproject's timeout key is declared"
