@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 import handler
@@ -213,6 +214,27 @@ def test_a_model_removed_after_the_scan_is_refused_and_the_modules_keep_their_mo
 
     assert "model='tiny-a': its file is no longer in MODELS_DIR" in refused["error"]
     assert image_bytes(run("tiny-c")) == before
+
+
+def test_a_swap_under_sequential_offload_is_refused_before_anything_is_read(start: Callable[..., None]) -> None:
+    """The minimal profile's sequential CPU offload (a GPU's, under 3.5 GiB) keeps the weights in accelerate's hooks
+    and leaves the modules' own on the meta device: a model or a VAE to swap in is refused, naming it, before its
+    file is read or the default model's weights are copied."""
+    from accelerate import cpu_offload
+
+    start()
+    engine = handler.get_engine()
+    before = image_bytes(run())
+    for part in ("unet", "text_encoder", "vae"):  # what diffusers' enable_sequential_cpu_offload does, on the CPU
+        cpu_offload(getattr(engine._pipeline, part), execution_device=torch.device("cpu"))
+
+    refused = {"model": run("tiny-a"), "vae": run(vae="tiny-vae")}
+
+    says = "another model cannot be swapped in while sequential CPU offload holds the weights"
+    assert f"model='tiny-a': {says}" in refused["model"]["error"]
+    assert f"vae='tiny-vae': {says}" in refused["vae"]["error"]
+    assert engine.models.cached == [], "nothing read"
+    assert image_bytes(run()) == before, "the default model, offloaded, still serves"
 
 
 def test_model_without_models_dir_is_refused(start: Callable[..., None]) -> None:

@@ -258,20 +258,30 @@ def fitting_targets(module: Any, weights: dict[str, torch.Tensor]) -> dict[str, 
         ModelLoadError: they do not (another architecture), or the module's weights are not on it (sequential
             CPU offload keeps them in its hooks).
     """
+    check_swappable(module)
     targets = _own_tensors(module)
     if targets.keys() != weights.keys():
         missing = sorted(targets.keys() - weights.keys())[:3]
         extra = sorted(weights.keys() - targets.keys())[:3]
         raise ModelLoadError(f"the weights do not fit the model's modules: missing {missing}, unexpected {extra}")
     for name, target in targets.items():
-        if target.device.type == "meta":
-            raise ModelLoadError(
-                "another model cannot be swapped in while sequential CPU offload holds the weights (the minimal "
-                "memory profile); use the low or balanced profile"
-            )
         if weights[name].shape != target.shape:
             raise ModelLoadError(f"{name} is {list(weights[name].shape)}, the model's is {list(target.shape)}")
     return targets
+
+
+def check_swappable(module: Any) -> None:
+    """Refuse a module whose weights are not on it: sequential CPU offload (the minimal memory profile) keeps them
+    in its hooks and leaves the module's own on the meta device, with no data to copy from or into.
+
+    Raises:
+        ModelLoadError: they are not.
+    """
+    if any(tensor.device.type == "meta" for tensor in _own_tensors(module).values()):
+        raise ModelLoadError(
+            "another model cannot be swapped in while sequential CPU offload holds the weights (the minimal "
+            "memory profile); use the low or balanced profile"
+        )
 
 
 def _own_tensors(module: Any) -> dict[str, torch.Tensor]:

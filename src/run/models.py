@@ -17,7 +17,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,6 +26,7 @@ from src.models.library import (
     PARTS,
     ModelEntry,
     Weights,
+    check_swappable,
     copy_into,
     fitting_targets,
     read_vae,
@@ -47,6 +48,7 @@ MAX_RAM_SHARE = 0.8
 _UNKNOWN = "\0unknown"
 # A VAE of VAE_DIR in the host cache, under this prefix and its name: no model's name starts with a NUL.
 _VAE_KEY = "\0vae/"
+_T = TypeVar("_T")
 
 
 def machine_memory_bytes() -> int:
@@ -162,10 +164,12 @@ class Models:
         if wanted == self._held:
             return self._identity
         started = time.perf_counter()
+        changed = [part for part in PARTS if wanted[part] != self._held[part]]
+        for part in changed:  # before anything is read or copied
+            self._named(wanted[part], check_swappable, getattr(self._pipeline, part))
         if self._default is None and all(key is None for key in self._held.values()):
             parts = {part: snapshot(getattr(self._pipeline, part), pin=self._pin) for part in PARTS}
             self._default = Weights(self._default_identity, parts)
-        changed = [part for part in PARTS if wanted[part] != self._held[part]]
         sources = {part: self._source(wanted[part]) for part in changed}
         # Checked whole before the first copy, so that weights that do not fit change nothing.
         targets = {part: self._fitting(part, wanted[part], sources[part]) for part in changed}
@@ -189,8 +193,13 @@ class Models:
 
     def _fitting(self, part: str, key: str | None, source: Weights) -> dict[str, torch.Tensor]:
         """``part``'s module's tensors that take ``source``'s weights; refused naming the model or VAE."""
+        return self._named(key, fitting_targets, getattr(self._pipeline, part), source.parts[part])
+
+    @staticmethod
+    def _named(key: str | None, check: Callable[..., _T], *args: Any) -> _T:
+        """``check(*args)``, its refusal naming the model or VAE that ``key`` stands for."""
         try:
-            return fitting_targets(getattr(self._pipeline, part), source.parts[part])
+            return check(*args)
         except ModelLoadError as error:
             field = f"vae={key.removeprefix(_VAE_KEY)!r}" if key and key.startswith(_VAE_KEY) else f"model={key!r}"
             raise ModelLoadError(f"{field}: {error}") from None
