@@ -32,9 +32,10 @@ from src.prompts import (
     prompt_schedule,
     to_chunks,
 )
+from src.prompts.encoding import _weighted
 from src.run.engine import Engine, Generation
 from src.run.memory import Profile, estimate_peak_bytes
-from src.schema import parse_input
+from src.schema import InputError, parse_input
 from src.settings import load_settings
 from tests.conftest import decode_png
 from tests.test_resilience import FakeClock, injected, load_engine
@@ -347,8 +348,6 @@ def test_a_bad_embedding_file_stops_startup_naming_it(
 
 
 def test_weighting_restores_the_mean_and_never_blows_a_chunk_up() -> None:
-    from src.prompts.encoding import _weighted
-
     hidden = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(0)) + 0.5
     weights = [1.0] * 40 + [1.5] * 37
     weighted = _weighted(hidden, weights)
@@ -358,6 +357,28 @@ def test_weighting_restores_the_mean_and_never_blows_a_chunk_up() -> None:
     result = _weighted(balanced, [1.0] * 38 + [1.3] * 39)
     assert torch.isfinite(result).all()
     assert result.abs().max() <= 1.3
+
+
+def test_weights_past_float16_are_refused_naming_the_field_and_weighted_in_float32_below(
+    tiny_model_dir: Path,
+) -> None:
+    """On a float16 worker (a GPU's; float16 runs on the CPU too) a weight that takes a token's vector past 65504 is
+    refused, naming the field and the weight; a weight below that is applied in float32 and cast, finite."""
+    half = Engine.load(load_settings({"MODEL_ID": str(tiny_model_dir), "DTYPE": "float16"}))
+
+    def generate(**fields: str) -> Generation:
+        return half.generate(parse_input({"input": {**FAST, **fields}}, half.settings), timeout_s=600)
+
+    for field in ("prompt", "negative_prompt"):
+        with pytest.raises(InputError, match=rf"{field}: its weights \(the largest 1e\+08\) take its text encoding "
+                           r"past what torch.float16 holds \(at most 65504\); use smaller weights"):  # fmt: skip
+            generate(**{"prompt": "a fox", field: "a (fox:100000000)"})
+    weighted = generate(prompt="a (fox:20)")
+    assert not weighted.warnings, "finite embeddings, no black image"
+
+    hidden = torch.full((1, 77, 8), 1000.0, dtype=torch.float16)
+    weights = [1.0] * 76 + [100.0]  # 100000 in float16 is inf; the chunk, brought back to its mean, is not
+    assert torch.isfinite(_weighted(hidden, weights)).all()
 
 
 @pytest.mark.parametrize(

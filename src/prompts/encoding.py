@@ -290,15 +290,16 @@ def _weighted(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """Each token's vector times its weight, then the chunk brought back to its mean, as A1111 does."""
     if all(weight == 1.0 for weight in weights):
         return hidden  # unweighted: exactly what diffusers' own encode_prompt gives
-    multipliers = torch.tensor(weights, device=hidden.device, dtype=hidden.dtype).reshape(1, -1, 1)
-    weighted = hidden * multipliers
-    # The means in float32: in float16 a sum over 77 x 768 values loses the digits that matter.
-    ratio = hidden.float().mean() / weighted.float().mean()
-    if not RESCALE_RANGE[0] <= float(ratio) <= RESCALE_RANGE[1]:
-        # A weighted mean near zero, or of the other sign, would blow the chunk up (A1111 does not guard this);
-        # the weights stand without the rescale.
-        return weighted
-    return weighted * ratio.to(weighted.dtype)
+    # In float32, then back to the encoder's dtype: in float16 a large weight times a value passes 65504 (inf),
+    # and a sum over 77 x 768 values loses the digits that matter.
+    multipliers = torch.tensor(weights, device=hidden.device, dtype=torch.float32).reshape(1, -1, 1)
+    weighted = hidden.float() * multipliers
+    ratio = hidden.float().mean() / weighted.mean()
+    # A weighted mean near zero, or of the other sign, would blow the chunk up (A1111 does not guard this);
+    # the weights then stand without the rescale.
+    if RESCALE_RANGE[0] <= float(ratio) <= RESCALE_RANGE[1]:
+        weighted = weighted * ratio
+    return weighted.to(hidden.dtype)
 
 
 @dataclass(frozen=True)
@@ -324,6 +325,15 @@ class Schedule:
     @property
     def embeddings(self) -> list[str]:
         return list(dict.fromkeys(name for run in self.passes for _, encoded in run for name in encoded.embeddings))
+
+
+def _not_finite(name: str, chunks: Chunks, dtype: torch.dtype) -> str:
+    """Why a text's encoding is not finite: its weights, when one is past what ``dtype`` holds once encoded."""
+    largest = max((abs(weight) for row in chunks.rows for weight in row.weights), default=1.0)
+    return (
+        f"{name}: its weights (the largest {largest:g}) take its text encoding past what {dtype} holds "
+        f"(at most {torch.finfo(dtype).max:g}); use smaller weights"
+    )
 
 
 def encode_schedule(
@@ -359,6 +369,8 @@ def encode_schedule(
     for done, (text, chunks) in enumerate(chunked.items(), start=1):
         rows = chunks.rows + [empty_chunk(tokenizer)] * (length - len(chunks.rows))
         embeds[text] = torch.cat([_encode_chunk(row, text_encoder, device, clip_skip) for row in rows], dim=1)
+        if not bool(torch.isfinite(embeds[text]).all()):
+            raise PromptError(_not_finite(texts[text], chunks, embeds[text].dtype))
         if on_encoded is not None:
             on_encoded(done, len(chunked))
     pairs: dict[tuple[str, str], Encoded] = {}
