@@ -440,7 +440,8 @@ def test_an_upscale_job_in_float16_on_the_gpu_matches_the_cpu_in_float32(tiny_mo
 
 @pytest.mark.parametrize("profile", ["high", "balanced", "low"])
 def test_controlnet_units_in_float16_change_only_their_jobs(tmp_path: Path, profile: str) -> None:
-    """One and two units on the GPU; the ControlNets stay on it between jobs, but with model offload ("low")."""
+    """One and two units on the GPU; the ControlNets stay on it between jobs, but with model offload ("low"), and
+    CONTROLNET_PRELOAD's wait where a job's would."""
     import base64
     import io
 
@@ -451,7 +452,14 @@ def test_controlnet_units_in_float16_change_only_their_jobs(tmp_path: Path, prof
 
     folder = write_tiny_model(tmp_path / "tiny")
     write_tiny_controlnets(folder)
-    engine = load_engine(folder, MEMORY_PROFILE=profile, CONTROLNET_DIR=str(folder / "controlnets"))
+    engine = load_engine(
+        folder,
+        MEMORY_PROFILE=profile,
+        CONTROLNET_DIR=str(folder / "controlnets"),
+        CONTROLNET_PRELOAD="tiny-controlnet-b",
+    )
+    waits = "cpu" if profile == "low" else "cuda"
+    assert next(engine.controlnets._loaded["tiny-controlnet-b"].parameters()).device.type == waits, "preloaded"
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
     control = base64.b64encode(buffer.getvalue()).decode()
@@ -469,7 +477,7 @@ def test_controlnet_units_in_float16_change_only_their_jobs(tmp_path: Path, prof
     assert not np.array_equal(two[0], one[0])
     assert np.array_equal(run()[0], plain[0])
     devices = {str(next(net.parameters()).device.type) for net in engine.controlnets._loaded.values()}
-    assert devices == ({"cpu"} if profile == "low" else {"cuda"})
+    assert devices == {waits}
 
 
 # --- CPU offload: LoRAs that fail to load, and what stays on the GPU between jobs ------------------------------

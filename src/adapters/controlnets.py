@@ -278,6 +278,7 @@ class ControlNets:
             size = self._bytes_of(name)
             if self.resident_on_device and on_device + size <= self.cache_bytes:
                 on_device += size
+                _move(self._loaded[name], self.device)  # a job's are there already; CONTROLNET_PRELOAD's are not
                 continue
             if in_host + size <= self.cache_bytes:
                 in_host += size
