@@ -47,7 +47,10 @@ class BadImageError(WorkerError):
 
 # The CUDA runtime's words for its "sticky" errors: after one, the process's CUDA context is lost, and every later
 # CUDA call fails the same way until the process ends. torch raises them as torch.AcceleratorError (a RuntimeError),
-# or as a plain RuntimeError from older code paths, with the runtime's message after "CUDA error: ".
+# or as a plain RuntimeError from older code paths, with the runtime's message after "CUDA error: "; a compiled
+# (FAST_MODE) kernel's launch says "CUDA driver error: " (inductor's static launcher, AT_CUDA_DRIVER_CHECK) or
+# "Triton Error [CUDA]: " (Triton's own launcher), with the driver's words, which are the runtime's.
+_CUDA_ERROR_PREFIXES = ("CUDA error: ", "CUDA driver error: ", "Triton Error [CUDA]: ")
 _STICKY_CUDA_ERRORS = (
     "an illegal memory access was encountered",
     "device-side assert triggered",
@@ -67,9 +70,9 @@ def breaks_the_gpu(error: BaseException) -> bool:
     seen: BaseException | None = error
     while seen is not None:
         message = str(seen)
-        if isinstance(seen, RuntimeError) and "CUDA error" in message:
-            reason = message.split("CUDA error: ", 1)[-1]
-            if any(reason.startswith(sticky) for sticky in _STICKY_CUDA_ERRORS):
+        if isinstance(seen, RuntimeError):
+            reasons = [message.split(prefix, 1)[1] for prefix in _CUDA_ERROR_PREFIXES if prefix in message]
+            if any(reason.startswith(_STICKY_CUDA_ERRORS) for reason in reasons):
                 return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -781,6 +781,10 @@ def test_an_ordinary_failure_keeps_the_worker(monkeypatch: pytest.MonkeyPatch) -
         ("CUDA error: unspecified launch failure", True),
         ("CUDA error: uncorrectable ECC error encountered", True),
         ("CUDA error: the launch timed out and was terminated", True),
+        # A compiled kernel's launch: inductor's static launcher, and Triton's own.
+        ("CUDA driver error: an illegal memory access was encountered", True),
+        ("Triton Error [CUDA]: device-side assert triggered", True),
+        ("CUDA driver error: out of memory", False),
         ("CUDA error: out of memory", False),
         ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
         ("CUDA error: invalid configuration argument", False),
