@@ -998,6 +998,36 @@ def test_hot_swap_slots_survive_a_lora_whose_unet_layers_do_not_fit(
 # --- schedulers and admission --------------------------------------------------------------------------------------
 
 
+def test_with_model_offload_admission_counts_the_cached_adapters_that_ride_along(
+    tiny_model_dir: Path, six_dir: Path
+) -> None:
+    """Model offload (the low profile) moves each model to the GPU whole, with every adapter cached in it: the
+    cached LoRAs a job does not use are counted besides the job's own."""
+    from src.run.engine import apply_offload
+    from src.run.memory import Profile
+
+    engine = load_engine(tiny_model_dir, LORA_DIR=str(six_dir))
+    restore = functools.partial(apply_offload, engine._pipeline, Profile.LOW, torch.device("cpu"))
+    restore()
+    files = scan_loras(str(six_dir))
+    engine.loras = Loras(engine._pipeline, files, cache_bytes=10**9, offload=restore, cache_rides_along=True)
+    generate(engine, loras=loras((SIX[0], 1.0), (SIX[1], 0.5)))
+
+    def refs(*names: str) -> Any:
+        request = {"input": {"prompt": "a fox", "loras": loras(*((name, 1.0) for name in names))}}
+        return parse_input(request, engine.settings).loras
+
+    cache_empty = Loras(engine._pipeline, files, cache_bytes=10**9, cache_rides_along=True)  # the job's own only
+    sizes = {name: engine.loras._state.cached[name].size for name in SIX[:2]}
+    assert engine.loras.cached == SIX[:2]
+    assert all(size > 0 for size in sizes.values())
+    assert engine.loras.gpu_bytes(refs(), 2) == sizes[SIX[0]] + sizes[SIX[1]]
+    assert engine.loras.gpu_bytes(refs(SIX[0]), 2) == cache_empty.gpu_bytes(refs(SIX[0]), 2) + sizes[SIX[1]]
+    assert engine.loras.gpu_bytes(refs(*SIX[:2]), 2) == cache_empty.gpu_bytes(refs(*SIX[:2]), 2)
+    stays = Loras(engine._pipeline, files, cache_bytes=10**9)  # other profiles: cached adapters wait in host memory
+    assert stays.gpu_bytes(refs(), 2) == 0
+
+
 @pytest.mark.parametrize("scheduler", ["LCM", "lcm"])
 def test_the_lcm_scheduler_runs_with_a_lora(lora_worker: Callable[..., None], scheduler: str) -> None:
     result = ok(scheduler=scheduler, num_inference_steps=4, guidance_scale=1.5, loras=[{"name": "a"}])

@@ -11,9 +11,10 @@ the job, and switched off in a ``finally`` under the GPU lock, so a job without
 LoRA runs exactly the layers a worker that never loaded one runs. A loaded
 adapter stays cached, off, while the cache fits ``LORA_CACHE_MB`` (least recently
 used evicted); on a GPU the cached adapters wait in host memory and only the
-job's are on the card. With ``FAST_MODE``'s compiled UNet, the UNet's adapters
-live in fixed slots whose weights are hot-swapped, so a new LoRA does not
-recompile; see ``_Slots``.
+job's are on the card, but with model offload (the ``low`` memory profile), which
+moves each model whole, cached adapters and all: admission counts them. With
+``FAST_MODE``'s compiled UNet, the UNet's adapters live in fixed slots whose
+weights are hot-swapped, so a new LoRA does not recompile; see ``_Slots``.
 """
 
 from __future__ import annotations
@@ -210,8 +211,11 @@ class Loras:
         slots: int = 0,
         merge: bool = True,
         offload: Callable[[], None] | None = None,
+        cache_rides_along: bool = False,
     ) -> None:
-        """``offload_to`` is the GPU whose cached adapters wait in host memory between jobs (None: no moves).
+        """``offload_to`` is the GPU whose cached adapters wait in host memory between jobs (None: no moves);
+        ``cache_rides_along`` says that the cached adapters go to the GPU with their models in every job (model
+        offload moves a model whole), so that ``gpu_bytes`` counts them.
         ``offload`` puts the memory profile's CPU offload (accelerate's hooks) on the pipeline; loading a
         LoRA takes the hooks off and calls it after, whatever happens (None: the profile has no offload).
         ``slots`` above 0 puts the UNet's LoRA layers in that many hot-swapped slots (``prepare_slots``).
@@ -228,6 +232,7 @@ class Loras:
         self._slots = _Slots(pipeline.unet, slots) if slots else None
         self.merge = merge and self._slots is None
         self.offload = offload
+        self.cache_rides_along = cache_rides_along
         self._merged = _Merged()
 
     def prepare_slots(self) -> None:
@@ -274,11 +279,14 @@ class Loras:
         return self.files.get(name) or self.downloaded.get(name)
 
     def gpu_bytes(self, refs: Sequence[LoraRef], dtype_bytes: int) -> int:
-        """The GPU memory a job's LoRAs take, for admission: their weights, and the copies of the layers
-        they change that merging keeps."""
+        """The GPU memory a job's LoRAs take, for admission: their weights, the copies of the layers they change
+        that merging keeps, and the other cached adapters when they ride along (``cache_rides_along``)."""
         files = [file for ref in refs if ref.name is not None and (file := self._file(ref.name)) is not None]
         backups = sum(item.layer_parameters for item in files) if self.merge else 0
-        return (sum(item.parameters for item in files) + backups) * dtype_bytes
+        job = {ref.name for ref in refs}
+        cached = self._state.cached.items()
+        riding = sum(item.size for name, item in cached if name not in job) if self.cache_rides_along else 0
+        return (sum(item.parameters for item in files) + backups) * dtype_bytes + riding
 
     @contextlib.contextmanager
     def applied(self, refs: Sequence[LoraRef]) -> Iterator[list[Applied]]:

@@ -118,6 +118,8 @@ def _loras(pipeline: Any, settings: Settings, device: torch.device, profile: Pro
         # Sequential offload keeps weights off the device, where they cannot be merged into.
         merge=profile is not Profile.MINIMAL,
         offload=functools.partial(apply_offload, pipeline, profile, device) if profile in OFFLOADING else None,
+        # Model offload moves a model whole onto the GPU, with every adapter cached in it.
+        cache_rides_along=device.type == "cuda" and profile is Profile.LOW,
     )
 
 
