@@ -305,8 +305,8 @@ def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return folder
 
 
-def _lora_devices(engine: Engine) -> set[str]:
-    """The devices of every LoRA weight in the UNet and the text encoder."""
+def _lora_devices(engine: Engine, adapter: str | None = None) -> set[str]:
+    """The devices of every LoRA weight in the UNet and the text encoder (of one adapter, when named)."""
     pipeline = engine._pipeline
     return {
         parameter.device.type
@@ -314,26 +314,39 @@ def _lora_devices(engine: Engine) -> set[str]:
         for module in model.modules()
         for table in ("lora_A", "lora_B")
         if isinstance(getattr(module, table, None), torch.nn.ModuleDict)
-        for parameter in getattr(module, table).parameters()
+        for name, layer in getattr(module, table).items()
+        if adapter is None or name == adapter
+        for parameter in layer.parameters()
     }
 
 
 @pytest.mark.parametrize("profile", ["high", "balanced", "low"])
 def test_loras_in_float16_change_only_their_jobs(tiny_model_dir: Path, lora_dir: Path, profile: str) -> None:
     """LoRAs on CUDA in float16, in each profile: they change the image, a plain job after them is
-    the same as before, and (without offloading) cached adapters wait in host memory between jobs."""
+    the same as before, and (without offloading) cached adapters wait in host memory between jobs, and during a
+    job that loads another LoRA (diffusers' loader moves the text encoder whole to the GPU)."""
     engine = load_engine(tiny_model_dir, LORA_DIR=str(lora_dir), MEMORY_PROFILE=profile)
     first, second = engine.loras.names
     plain = pixels(generate(engine))[0]
     one = pixels(generate(engine, loras=[{"name": first}]))[0]
+    waiting = engine.loras._state.cached[first].adapter
+    during: list[set[str]] = []
+    watch = engine._pipeline.unet.register_forward_pre_hook(
+        lambda _module, _args: during.append(_lora_devices(engine, waiting))
+    )
+    other = pixels(generate(engine, loras=[{"name": second}]))[0]
+    watch.remove()
     both = pixels(generate(engine, loras=[{"name": first}, {"name": second, "scale": 0.5}]))[0]
     after = pixels(generate(engine))[0]
     assert np.array_equal(plain, after)
     assert np.abs(one - plain).max() > 0
+    assert np.abs(other - plain).max() > 0
     assert np.abs(both - one).max() > 0
     assert engine.loras.cached == [first, second]
     if profile != "low":
         assert _lora_devices(engine) == {"cpu"}
+        assert during, "the UNet ran"
+        assert all(devices == {"cpu"} for devices in during), "the first LoRA waits while the second runs"
 
 
 def test_a_single_file_checkpoint_on_the_gpu_matches_its_folder(tmp_path: Path) -> None:

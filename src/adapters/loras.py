@@ -358,6 +358,9 @@ class Loras:
             tensor.numel() * tensor.element_size() for tensor in kept.values()
         )
         item = _Adapter(file, adapter, short_hash(data, start), size, models, unet_part)
+        if self.offload_to is not None and self._state.cached:
+            # diffusers' loader ends with the text encoder moved whole to its device: back to host memory, the others.
+            self.pipeline.set_lora_device([other.adapter for other in self._state.cached.values()], "cpu")
         self._state.cached[name] = item
         log.info(
             "LoRA %s loaded (%s, %.1f MB) in %.2f s",
