@@ -92,11 +92,11 @@ class Plain:
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> None:
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+        from src.models.checkpoints import WITHOUT_SAFETY_CHECKER
+
         self.device, self.args = device, args
         started = time.perf_counter()
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            folder, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        ).to(device)
+        pipeline = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, **WITHOUT_SAFETY_CHECKER).to(device)
         _synchronize(device)
         self.cold_start_s = time.perf_counter() - started
         pipeline.set_progress_bar_config(disable=True)

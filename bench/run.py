@@ -78,9 +78,9 @@ def _bare_pipeline(model: str) -> Any:
     import diffusers
     import torch
 
-    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
-        model, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
-    )
+    from src.models.checkpoints import WITHOUT_SAFETY_CHECKER
+
+    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32, **WITHOUT_SAFETY_CHECKER)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

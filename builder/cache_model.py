@@ -61,6 +61,7 @@ from builder.download import DownloadError, download_to_folder, file_name_from
 from src.errors import AdapterError, ModelLoadError
 from src.models.checkpoints import (
     PICKLE_SUFFIXES,
+    WITHOUT_SAFETY_CHECKER,
     check_checkpoint,
     check_config_folder,
     check_vae_file,
@@ -176,7 +177,7 @@ def verify(folder: Path, variant: str | None, safety_checker: bool = False) -> N
 
     if not (folder / "model_index.json").is_file():
         raise CacheError(f"{folder} does not load: it holds no model_index.json. Run `python -m builder.cache_model`")
-    options: dict[str, object] = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    options: dict[str, object] = {} if safety_checker else dict(WITHOUT_SAFETY_CHECKER)
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True, variant=variant, **options

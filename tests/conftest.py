@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -248,6 +250,23 @@ def bucket(s3_server: S3Server, configure: Callable[..., None]) -> str:
 def tiny_model_with_checker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with a tiny random safety checker and its CLIP image processor."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-sd15-checker"), safety_checker=True)
+
+
+# How SD 1.5's model_index.json on the hub names the safety checker and its feature extractor.
+HUB_CHECKER_ENTRIES = {
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+}
+
+
+def as_baked_without_the_checker(model: Path, folder: Path) -> Path:
+    """A copy of the tiny model in ``folder`` as SD 1.5 is baked without the checker (the default): its
+    model_index.json names the safety checker and feature extractor, as the hub's does, and their folders are
+    not there."""
+    shutil.copytree(model, folder)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    (folder / "model_index.json").write_text(json.dumps({**index, **HUB_CHECKER_ENTRIES}), encoding="utf-8")
+    return folder
 
 
 def rss_bytes() -> int:

@@ -19,7 +19,7 @@ from src.run.gpu import CU126_INSTALL, has_kernels, kernel_advice
 from src.run.memory import GIB, Profile
 from src.schema import parse_input
 from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, load_settings
-from tests.conftest import ROOT, run_handler_cli
+from tests.conftest import ROOT, as_baked_without_the_checker, run_handler_cli
 
 # Arch lists as torch 2.13 reports them (torch.cuda.get_arch_list()).
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
@@ -114,8 +114,10 @@ def test_builder_and_runtime_share_the_model_and_its_pinned_revision() -> None:
     assert load_settings({"MODEL_REVISION": "main"}).revision == "main"
 
 
-def test_verify_passes_on_the_tiny_model(tiny_model_dir: Path) -> None:
+def test_verify_passes_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     cache_model.verify(tiny_model_dir, variant=None)
+    # As the default bake leaves SD 1.5: its index names the checker and its feature extractor, not downloaded.
+    cache_model.verify(as_baked_without_the_checker(tiny_model_dir, tmp_path / "sd15"), variant=None)
 
 
 def test_verify_fails_clearly_on_a_corrupted_folder(tiny_model_dir: Path, tmp_path: Path) -> None:

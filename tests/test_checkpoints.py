@@ -33,11 +33,11 @@ from builder import cache_model, single_file
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import CHECKPOINT_FILE, VAE_FILE, write_tiny_model
 from src.errors import ModelLoadError
-from src.models.checkpoints import CONVERT_PICKLE, check_checkpoint
+from src.models.checkpoints import CONVERT_PICKLE, check_checkpoint, convert_checkpoint
 from src.models.loader import load_model
 from src.models.locate import BAKED_SOURCE_FILE, read_baked_source
 from src.settings import Settings, load_settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, as_baked_without_the_checker
 from tests.forked import run_module
 
 JOB = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7, "width": 64, "height": 64}
@@ -477,6 +477,17 @@ def test_the_readme_conversion_command_turns_a_ckpt_into_a_checkpoint_the_worker
 
     assert result.returncode == 0, result.stderr
     check_checkpoint(tmp_path / "model.safetensors", tiny_files)
+
+
+def test_a_checkpoint_converts_with_sd15_configs_baked_without_the_checker(tiny_files: Path, tmp_path: Path) -> None:
+    """The default image's MODEL_CONFIG is SD 1.5 baked without the checker: its index names the checker and its
+    feature extractor, whose folders are not there."""
+    config = as_baked_without_the_checker(tiny_files, tmp_path / "config")
+
+    pipeline = convert_checkpoint(tiny_files / CHECKPOINT_FILE, config)
+
+    assert pipeline.safety_checker is None
+    assert pipeline.feature_extractor is None
 
 
 def test_the_worker_exits_with_the_refusal_when_started_on_a_pickle(

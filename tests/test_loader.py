@@ -13,6 +13,7 @@ from src.errors import ModelLoadError
 from src.models.loader import load_pipeline, resolve_dtype
 from src.models.locate import BAKED_SOURCE_FILE, BakedSource
 from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, load_settings
+from tests.conftest import as_baked_without_the_checker
 
 
 def bake_label(folder: Path, *, safety_checker: bool) -> None:
@@ -48,6 +49,19 @@ def test_folder_baked_with_the_checker_serves_without_it(tiny_model_with_checker
     pipeline = load_pipeline(load_settings({"MODEL_DIR": str(baked)}), torch.float32)
 
     assert pipeline.safety_checker is None
+
+
+def test_sd15_baked_without_the_checker_loads_though_its_index_names_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SD 1.5's model_index.json names a safety checker and a feature extractor; the default bake downloads
+    neither. diffusers looks for every component the index names that it is not given as None."""
+    baked = as_baked_without_the_checker(tiny_model_dir, tmp_path / "sd15")
+    bake_label(baked, safety_checker=False)
+
+    for settings in ({"MODEL_DIR": str(baked)}, {"MODEL_ID": str(baked)}):  # baked, and as a folder of its own
+        pipeline = load_pipeline(load_settings(settings), torch.float32)
+
+        assert pipeline.safety_checker is None
+        assert pipeline.feature_extractor is None
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from src.errors import ModelLoadError
@@ -59,6 +61,13 @@ CONFIG_FILES = (
 )
 # A shape mismatch message names at most this many tensors.
 SHOWN = 3
+# What a pipeline loads with when SAFETY_CHECKER is off. SD 1.5's model_index.json names a safety checker and its
+# feature extractor, which a folder baked without the checker does not hold: diffusers would look for both (and
+# fail on the extractor's missing preprocessor_config.json) unless they are given as None. requires_safety_checker
+# False keeps it from warning on every load.
+WITHOUT_SAFETY_CHECKER: Mapping[str, Any] = MappingProxyType(
+    {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+)
 
 # sha256_file's results, by (resolved path, size, modification time in ns).
 _HASHED: dict[tuple[str, int, int], str] = {}
@@ -281,7 +290,7 @@ def convert_checkpoint(
 
     dtype = dtype or torch.float16
 
-    options: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    options: dict[str, Any] = dict(WITHOUT_SAFETY_CHECKER)
     if safety_checker:
         options = _safety_checker_from(config_folder, dtype)
     noise = logging.getLogger("diffusers.models.modeling_utils")

@@ -26,6 +26,7 @@ from transformers.utils import logging as transformers_logging
 
 from src.errors import ModelLoadError, first_line
 from src.models.checkpoints import (
+    WITHOUT_SAFETY_CHECKER,
     ModelFile,
     cast,
     check_checkpoint,
@@ -121,10 +122,8 @@ def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionP
     transformers_logging.disable_progress_bar()
 
     options: dict[str, Any] = {"dtype": dtype}
-    if not settings.safety_checker:
-        # Off by default (see the README). Without requires_safety_checker=False,
-        # diffusers warns about it on every load.
-        options.update(safety_checker=None, requires_safety_checker=False)
+    if not settings.safety_checker:  # off by default (see the README)
+        options.update(WITHOUT_SAFETY_CHECKER)
     location = locate_model(settings)
     source = location.label
     if location.way == "checkpoint":
