@@ -573,14 +573,19 @@ def test_the_low_profile_leaves_no_model_on_the_gpu_between_jobs(tiny_model_dir:
 
 # Run in a child process: after a device-side assert no CUDA call of that process works again.
 _DEVICE_SIDE_ASSERT_JOB = """
-import asyncio, json, torch, handler
+import asyncio, json, os, sys, torch, handler
 
 conv_out = handler.get_engine()._pipeline.unet.conv_out
 
 def out_of_range(_module, _inputs, output):
-    # index_select checks its indices on the device: one past the end is a device-side assert, raised
-    # at the next synchronization (the NaN check after the VAE decode), as torch.AcceleratorError.
-    return output.index_select(0, torch.tensor([output.shape[0] + 1000], device=output.device))
+    # index_select checks its indices on the device: past the end is a device-side assert. The output keeps its
+    # batch (the pipeline splits it in two for guidance), and the assert is raised here, at the synchronization,
+    # as torch.AcceleratorError "CUDA error: device-side assert triggered" (the next kernel could word it as
+    # cuBLAS or cuDNN does).
+    index = torch.full((output.shape[0],), output.shape[0] + 1000, device=output.device)
+    broken = output.index_select(0, index)
+    torch.cuda.synchronize()
+    return broken
 
 conv_out.register_forward_hook(out_of_range)
 job = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 1}
@@ -592,6 +597,8 @@ try:
 except RuntimeError:
     still_broken = True
 print(json.dumps({"first": first, "second": second, "still_broken": still_broken}))
+sys.stdout.flush()
+os._exit(0)  # no CUDA teardown in a broken context
 """
 
 
@@ -614,7 +621,7 @@ def test_a_real_device_side_assert_is_answered_and_asks_for_a_new_worker(offline
         env={**offline_env, "DEVICE": "cuda"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
