@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1.7
+# syntax=docker/dockerfile:1.10
 # Stable Diffusion 1.5 worker for RunPod serverless.
 #
 #   docker build -t sd15-worker .                       # "full": SD 1.5 baked into /models/sd15

@@ -253,6 +253,10 @@ def test_the_image_keeps_no_url_in_its_environment() -> None:
 
 def test_each_token_is_a_secret_of_its_own() -> None:
     secrets = dict(re.findall(r"--mount=type=secret,id=(\w+),env=(\w+)", DOCKERFILE))
+    # A secret mount's env key came with the Dockerfile frontend 1.10: the syntax line must ask for it or later.
+    syntax = re.match(r"# syntax=docker/dockerfile:(\d+)\.(\d+)\n", DOCKERFILE)
+    assert syntax is not None
+    assert (int(syntax[1]), int(syntax[2])) >= (1, 10), syntax[0]
 
     assert secrets == {
         "hf_token": "HF_TOKEN",
