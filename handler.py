@@ -204,11 +204,11 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
                 return await in_thread(lambda: _finish(job, plan, generation, settings, started), cancelled)
             finally:
                 plan.release()
-    except (InputError, SettingsError, WorkerError) as error:
-        return {"error": str(error)}
-    except Exception as error:  # noqa: BLE001 - logged with its traceback; the worker serves the next job
-        if breaks_the_gpu(error):
+    except Exception as error:  # noqa: BLE001 - answered; an unexpected one is logged with its traceback
+        if breaks_the_gpu(error):  # a WorkerError too: a LoRA's refusal may wrap the CUDA error that broke the GPU
             return _gpu_failed(job, error)
+        if isinstance(error, (InputError, SettingsError, WorkerError)):
+            return {"error": str(error)}
         return _unexpected(job, error)
 
 
