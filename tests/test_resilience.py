@@ -30,7 +30,7 @@ from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.run.engine import Engine, Generation
 from src.schema import SCHEDULER_NAMES, GenerateRequest, parse_input
 from src.settings import load_settings
-from tests.conftest import rss_bytes
+from tests.conftest import held_rss_bytes
 
 JOB = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 21, "num_images": 2}
 DTYPES = ["float32", "float16"]
@@ -582,10 +582,10 @@ def test_fifty_jobs_keep_memory_flat_and_results_identical(tmp_path: Path) -> No
     first = asyncio.run(handler.handler(job))
     for _ in range(9):  # warm up the allocator and caches
         assert asyncio.run(handler.handler(job))["images"] == first["images"]
-    series = [rss_bytes()]
+    series = [held_rss_bytes()]
     for _ in range(40):
         assert asyncio.run(handler.handler(job))["images"] == first["images"]
-        series.append(rss_bytes())
+        series.append(held_rss_bytes())
 
     growth = [(value - series[0]) / 2**20 for value in series]
     # The slope of a least-squares line through the series: MiB per job.
