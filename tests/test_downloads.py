@@ -546,12 +546,16 @@ def test_eviction_keeps_the_cache_in_its_budget_and_never_removes_a_file_in_use(
     done.release()
     assert a.exists(), "a is in use"
     assert b.exists(), "b is the file just asked for"
-    c = fetch("c.safetensors", Lease())
+    holding_c = Lease()
+    c = fetch("c.safetensors", holding_c)
     assert a.exists()
     assert c.exists()
     assert not b.exists(), "b, least recently used and not in use, went"
     in_use.release()
-    fetch("b.safetensors", Lease())
+    holding_c.release()
+    holding_b = Lease()
+    fetch("b.safetensors", holding_b)
+    holding_b.release()
     assert not a.exists(), "a, released, goes in its turn"
     assert server.requests("/b.safetensors") == 2, "an evicted file is downloaded again"
 

@@ -1038,20 +1038,22 @@ def test_the_lcm_scheduler_runs_with_a_lora(lora_worker: Callable[..., None], sc
 
 
 def test_a_cuda_error_that_breaks_the_gpu_while_a_lora_loads_asks_for_a_new_worker(
-    lora_worker: Callable[..., None], lora_engine: Engine, monkeypatch: pytest.MonkeyPatch
+    lora_worker: Callable[..., None], tiny_model_dir: Path, lora_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A LoRA's refusal wraps whatever diffusers raised while loading it; when that was a CUDA error that broke the
     GPU, the job is answered as any such error is (refresh_worker), and the next job is not run."""
     del lora_worker
     monkeypatch.setattr(handler, "_gpu_failure", None)  # this process's record, put back after the test
-    name = next(name for name in lora_engine.loras.names if name not in lora_engine.loras.cached)
+    engine = load_engine(tiny_model_dir, LORA_DIR=str(lora_dir))  # its own: the module's may have cached every LoRA
+    monkeypatch.setattr(handler, "_engine", engine)
+    engine.clock = FakeClock()
 
     def load_lora_weights(*_args: Any, **_kwargs: Any) -> None:
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(lora_engine._pipeline, "load_lora_weights", load_lora_weights)
+    monkeypatch.setattr(engine._pipeline, "load_lora_weights", load_lora_weights)
 
-    answer = run(loras=[{"name": name}])
+    answer = run(loras=[{"name": engine.loras.names[0]}])
 
     assert answer["refresh_worker"] is True, answer
     assert "AdapterError" in answer["error"]
