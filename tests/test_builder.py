@@ -376,6 +376,17 @@ def test_hub_json_follows_runpod_format_and_the_settings() -> None:
         assert entry["input"]["default"] == ("" if default is None else default), entry["key"]
 
 
+def test_the_hub_allows_every_driver_the_images_cuda_build_runs_on() -> None:
+    """The image's torch is built for CUDA 12.6, which every newer driver runs, CUDA 13's included (the README
+    says "CUDA 12.6 or newer drivers"); the hub's test runs on the same hosts."""
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text(encoding="utf-8"))
+    tests = json.loads((ROOT / ".runpod" / "tests.json").read_text(encoding="utf-8"))
+
+    assert hub["config"]["allowedCudaVersions"] == ["13.0", "12.9", "12.8", "12.7", "12.6"]
+    assert tests["config"]["allowedCudaVersions"] == hub["config"]["allowedCudaVersions"]
+    assert "download.pytorch.org/whl/cu126" in (ROOT / "Dockerfile").read_text(encoding="utf-8")
+
+
 def test_hub_tests_are_valid_requests() -> None:
     tests = json.loads((ROOT / ".runpod" / "tests.json").read_text(encoding="utf-8"))
 
