@@ -89,13 +89,14 @@ ENV MODEL_ID=${MODEL_ID} \
     CONTROLNET_DIR=${CONTROLNETS:+/models/controlnets} \
     UPSCALER_DIR=${UPSCALERS:+/models/upscalers}
 # The weights go to /models/sd15 (ControlNets to /models/controlnets, upscalers to /models/upscalers), not
-# HF_HOME, which a network volume at /runpod-volume could hide. A checkpoint, ControlNet or upscaler file
-# download lands in a build cache, outside the image, where a failed build's part of the same URL is
-# resumed; one build at a time uses it.
+# HF_HOME, which a network volume at /runpod-volume could hide. Hub repos are downloaded into a build cache,
+# outside the image, and copied out: a rebuild after a code change copies them from there instead of downloading
+# them again. A checkpoint, ControlNet or upscaler file download lands in the same cache, where a failed build's
+# part of the same URL is resumed; one build at a time uses it.
 # Each token is a secret, never an argument, and goes only to its own host.
 RUN --mount=type=secret,id=hf_token,env=HF_TOKEN \
     --mount=type=secret,id=civitai_token,env=CIVITAI_TOKEN \
     --mount=type=secret,id=download_tokens,env=DOWNLOAD_TOKENS \
     --mount=type=secret,id=download_token,env=DOWNLOAD_TOKEN \
     --mount=type=cache,target=/models/.downloads,sharing=locked \
-    if [ "$BAKE_MODEL" = "true" ]; then python -m builder.cache_model; fi
+    if [ "$BAKE_MODEL" = "true" ]; then python -m builder.cache_model --hub-cache /models/.downloads/hub; fi

@@ -8,6 +8,7 @@
     UPSCALER_DIR=/models/upscalers UPSCALERS=https://.../RealESRGAN_x4plus.pth \
       python -m builder.cache_model               # and upscalers into UPSCALER_DIR (builder/bake_upscalers.py)
     python -m builder.cache_model --verify-only   # only check that MODEL_DIR loads offline
+    python -m builder.cache_model --hub-cache DIR # hub repos through a download cache (the Dockerfile's)
 
 It reads MODEL_ID, MODEL_REVISION, MODEL_URL, MODEL_SHA256, VAE_URL, VAE_SHA256,
 MODEL_CONFIG, MODEL_DIR, SAFETY_CHECKER, CONTROLNETS, CONTROLNET_DIR, UPSCALERS and
@@ -124,17 +125,26 @@ def allow_patterns(safety_checker: bool) -> list[str]:
     return FILES + (SAFETY_FILES if safety_checker else [])
 
 
-def download(settings: Settings, destination: Path) -> None:
+def download(settings: Settings, destination: Path, hub_cache: Path | None = None) -> None:
     """Download MODEL_ID at its revision into ``destination``, retrying transient failures."""
-    download_repo(settings.model_id, settings.revision, destination, allow_patterns(settings.safety_checker))
+    patterns = allow_patterns(settings.safety_checker)
+    download_repo(settings.model_id, settings.revision, destination, patterns, hub_cache=hub_cache)
 
 
 def download_repo(
-    model_id: str, revision: str | None, destination: Path, patterns: list[str], setting: str = "MODEL_ID"
+    model_id: str,
+    revision: str | None,
+    destination: Path,
+    patterns: list[str],
+    setting: str = "MODEL_ID",
+    *,
+    hub_cache: Path | None = None,
 ) -> None:
     """Download the files of a hub repo matching ``patterns`` into ``destination``, retrying transient failures.
 
-    ``setting`` is the variable that named the repo, for the messages.
+    ``setting`` is the variable that named the repo, for the messages. With ``hub_cache`` (the hub client's
+    cache layout, a build cache in the Dockerfile) the files are downloaded there, or found there from an earlier
+    build, and copied into ``destination``.
 
     Raises:
         CacheError: the repo, the revision or the access is wrong, or the network stayed down.
@@ -144,7 +154,11 @@ def download_repo(
 
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            snapshot_download(model_id, revision=revision, local_dir=destination, allow_patterns=patterns)
+            if hub_cache is None:
+                snapshot_download(model_id, revision=revision, local_dir=destination, allow_patterns=patterns)
+            else:
+                snapshot = snapshot_download(model_id, revision=revision, cache_dir=hub_cache, allow_patterns=patterns)
+                copy_snapshot(Path(snapshot), destination, patterns)
             return
         except GatedRepoError:
             raise CacheError(
@@ -165,6 +179,18 @@ def download_repo(
             wait = 2**attempt
             log.warning("download attempt %d failed (%s); retrying in %d s", attempt, type(error).__name__, wait)
             time.sleep(wait)
+
+
+def copy_snapshot(snapshot: Path, destination: Path, patterns: list[str]) -> None:
+    """Copy the files of a cached ``snapshot`` that match ``patterns`` into ``destination``, as files: the
+    cache holds links to its blobs, and an earlier build may have cached more of the repo than these."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
+    for name in filter_repo_objects(sorted(files), allow_patterns=patterns):
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(snapshot / name, target)
 
 
 def verify(folder: Path, variant: str | None, safety_checker: bool = False) -> None:
@@ -192,19 +218,20 @@ def verify(folder: Path, variant: str | None, safety_checker: bool = False) -> N
         raise CacheError(f"{folder} loads without {', '.join(missing)}; delete it and bake again")
 
 
-def bake(settings: Settings) -> Path:
-    """Download (or convert), verify and label MODEL_DIR. Returns the folder."""
+def bake(settings: Settings, hub_cache: Path | None = None) -> Path:
+    """Download (or convert), verify and label MODEL_DIR. Returns the folder. Hub files go through ``hub_cache``
+    when it is given (``download_repo``)."""
     from src.models.checkpoints import is_file_path
 
     if settings.model_url is not None or is_file_path(settings.model_id):
-        return bake_checkpoint(settings)
+        return bake_checkpoint(settings, hub_cache)
     destination = Path(settings.model_dir)
     baked = read_baked_source(destination)
     if baked is not None and baked.matches(settings.model_id, settings.revision, settings.safety_checker):
         log.info("%s already holds %s@%s; verifying", destination, settings.model_id, settings.revision)
     else:
         destination.mkdir(parents=True, exist_ok=True)
-        download(settings, destination)
+        download(settings, destination, hub_cache)
     source = BakedSource(settings.model_id, settings.revision, VARIANT, settings.safety_checker)
     if settings.vae_url is not None:
         source = bake_vae(settings, destination, source)
@@ -213,7 +240,7 @@ def bake(settings: Settings) -> Path:
     return destination
 
 
-def bake_checkpoint(settings: Settings) -> Path:
+def bake_checkpoint(settings: Settings, hub_cache: Path | None = None) -> Path:
     """Convert the single-file checkpoint (MODEL_URL, else the file at MODEL_ID) into MODEL_DIR, labelled.
 
     Raises:
@@ -237,7 +264,7 @@ def bake_checkpoint(settings: Settings) -> Path:
             if settings.model_sha256 is not None and sha256 != settings.model_sha256:
                 expected = settings.model_sha256
                 raise CacheError(f"MODEL_ID={str(path)!r}: its SHA-256 is {sha256}, MODEL_SHA256 says {expected}")
-        config = _config_folder(settings, Path(scratch) / "config")
+        config = _config_folder(settings, Path(scratch) / "config", hub_cache)
         try:
             check_checkpoint(path, config)
             log.info("converting %s (SHA-256 %s) with the configs in %s", path.name, sha256[:10], config)
@@ -307,7 +334,7 @@ def _fetch(settings: Settings, url: str, folder: Path, sha256: str | None) -> tu
         raise CacheError(str(error)) from None
 
 
-def _config_folder(settings: Settings, scratch: Path) -> Path:
+def _config_folder(settings: Settings, scratch: Path, hub_cache: Path | None) -> Path:
     """MODEL_CONFIG when it is an SD 1.5 folder; else SD 1.5's configs and tokenizer, fetched into ``scratch``."""
     configured = Path(settings.model_config_folder)
     try:
@@ -317,7 +344,7 @@ def _config_folder(settings: Settings, scratch: Path) -> Path:
             raise CacheError(str(error)) from None
     log.info("fetching SD 1.5's configs and tokenizer (%s, no weights) to convert with", DEFAULT_MODEL_ID)
     patterns = CONFIG_FILES + (SAFETY_FILES if settings.safety_checker else [])
-    download_repo(DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, scratch, patterns)
+    download_repo(DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, scratch, patterns, hub_cache=hub_cache)
     if settings.safety_checker:
         _drop_variant(scratch / "safety_checker")
     return scratch
@@ -419,7 +446,7 @@ def same_name(setting: str, kind: str, first: NamedSource, second: NamedSource, 
     return f"{setting}: {first.shown} and {second.shown} would both be the {kind} {name!r}; keep one"
 
 
-def bake_controlnets(settings: Settings) -> list[str]:
+def bake_controlnets(settings: Settings, hub_cache: Path | None = None) -> list[str]:
     """Bake CONTROLNETS into CONTROLNET_DIR in float16 and check them as the worker will; their names, in order.
 
     Raises:
@@ -436,7 +463,7 @@ def bake_controlnets(settings: Settings) -> list[str]:
         if source.is_url:
             name = bake_url_controlnet(source, folder, settings)
         else:
-            name = bake_hub_controlnet(source.item, folder)
+            name = bake_hub_controlnet(source.item, folder, hub_cache)
         if name in baked:
             raise CacheError(same_name("CONTROLNETS", "ControlNet", baked[name], source, name))
         baked[name] = source
@@ -444,7 +471,7 @@ def bake_controlnets(settings: Settings) -> list[str]:
     return list(baked)
 
 
-def bake_hub_controlnet(repo_id: str, folder: Path) -> str:
+def bake_hub_controlnet(repo_id: str, folder: Path, hub_cache: Path | None = None) -> str:
     """Download the diffusers ControlNet ``repo_id`` into ``folder/<its name>``, in float16; the name.
 
     The download goes to a hidden folder beside it, which the worker does not list, and takes
@@ -459,10 +486,10 @@ def bake_hub_controlnet(repo_id: str, folder: Path) -> str:
         log.info("%s already holds the ControlNet %s; keeping it", target, name)
         return name
     staging = folder / f".{name}.download"
-    download_repo(repo_id, None, staging, CONTROLNET_FILES, setting="CONTROLNETS")
+    download_repo(repo_id, None, staging, CONTROLNET_FILES, setting="CONTROLNETS", hub_cache=hub_cache)
     if not any((staging / weights).is_file() for weights in (CONTROLNET_FP16_WEIGHTS, CONTROLNET_WEIGHTS)):
         log.info("%s has no float16 safetensors; downloading its full-precision ones to convert", repo_id)
-        download_repo(repo_id, None, staging, CONTROLNET_FULL_FILES, setting="CONTROLNETS")
+        download_repo(repo_id, None, staging, CONTROLNET_FULL_FILES, setting="CONTROLNETS", hub_cache=hub_cache)
     finish_hub_controlnet(staging, repo_id)
     shutil.rmtree(staging / ".cache", ignore_errors=True)  # the hub client's download records
     if target.is_dir():
@@ -645,6 +672,13 @@ def _describe(settings: Settings) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m builder.cache_model", description=__doc__.splitlines()[0])
     parser.add_argument("--verify-only", action="store_true", help="only check that MODEL_DIR loads offline")
+    parser.add_argument(
+        "--hub-cache",
+        type=Path,
+        metavar="DIR",
+        help="download hub repos into this cache (the hub client's layout) and copy them out, so that a later "
+        "bake finds them there instead of downloading them again; the Dockerfile gives its build cache",
+    )
     args = parser.parse_args(argv)
     # Here, not at the top: builder.bake_upscalers imports this module (its CacheError, _fetch and checks).
     from builder.bake_upscalers import bake_upscalers
@@ -661,9 +695,9 @@ def main(argv: list[str] | None = None) -> int:
             verify(Path(settings.model_dir), baked.variant if baked else None, settings.safety_checker)
             print(f"{settings.model_dir} loads offline")
         else:
-            folder = bake(settings)
+            folder = bake(settings, args.hub_cache)
             print(f"{_describe(settings)} baked into {folder} and verified")
-            controlnets = bake_controlnets(settings)
+            controlnets = bake_controlnets(settings, args.hub_cache)
             if controlnets:
                 print(f"ControlNets {', '.join(controlnets)} baked into {settings.controlnet_dir} and verified")
             upscalers = bake_upscalers(settings)

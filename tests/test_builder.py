@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub.utils import filter_repo_objects
 
 from builder import cache_model, selfcheck
 from src.models.locate import BAKED_SOURCE_FILE
@@ -151,6 +153,62 @@ def test_runtime_loads_the_baked_folder_offline(
     assert f"{DEFAULT_MODEL_ID}@{DEFAULT_MODEL_REVISION}" in result.stdout
 
 
+def hub_cache_of(model_dir: Path, cache: Path, repo_id: str) -> Path:
+    """``model_dir`` as the hub client caches a download of ``repo_id`` at main: blobs, and a snapshot of links to
+    them. Its weights are there both as the fp16 variant the bake asks for and unvaried, which it must not copy."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    for path in sorted(model_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        name = path.relative_to(model_dir).as_posix()
+        names = [name, name.replace(".safetensors", ".fp16.safetensors")] if name.endswith(".safetensors") else [name]
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, blob)
+        for linked in names:
+            (snapshot / linked).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / linked).symlink_to(os.path.relpath(blob, (snapshot / linked).parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_a_hub_bake_through_a_hub_cache_finds_an_earlier_download_and_copies_only_its_files(
+    tiny_model_dir: Path, tmp_path: Path, offline_env: dict[str, str]
+) -> None:
+    """The Dockerfile's bake: hub repos go through a build cache. A rebuild, offline here, finds the repo there
+    and copies what MODEL_DIR needs, as files, not the cache's links, and nothing the patterns leave out."""
+    snapshot = hub_cache_of(tiny_model_dir, tmp_path / "cache", "someone/tiny-sd15")
+    model_dir = tmp_path / "models" / "sd15"
+    env = {**offline_env, "MODEL_ID": "someone/tiny-sd15", "MODEL_DIR": str(model_dir), "HF_HUB_OFFLINE": "1"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "builder.cache_model", "--hub-cache", str(tmp_path / "cache")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"someone/tiny-sd15 baked into {model_dir} and verified" in result.stdout
+    copied = {path.relative_to(model_dir).as_posix() for path in model_dir.rglob("*") if path.is_file()}
+    wanted = set(
+        filter_repo_objects(
+            [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()],
+            allow_patterns=cache_model.allow_patterns(safety_checker=False),
+        )
+    )
+    assert copied == wanted | {BAKED_SOURCE_FILE}
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in copied
+    assert "unet/diffusion_pytorch_model.safetensors" not in copied
+    assert not [path for path in model_dir.rglob("*") if path.is_symlink()]
+
+
 def test_cache_model_cli_reports_an_unloadable_folder(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "builder.cache_model", "--verify-only"],
@@ -197,7 +255,8 @@ def test_dockerfile_facts() -> None:
     app = DOCKERFILE.split(" AS app")[1].split(" AS slim")[0]
     assert "apt-get install -y --no-install-recommends gcc libc6-dev" in app
     assert "ARG BAKE_MODEL=true" in DOCKERFILE
-    assert "python -m builder.cache_model" in DOCKERFILE
+    assert "python -m builder.cache_model --hub-cache /models/.downloads/hub" in DOCKERFILE
+    assert "--mount=type=cache,target=/models/.downloads," in DOCKERFILE
     assert "MODEL_DIR=/models/sd15" in DOCKERFILE
     assert re.search(r"^FROM app AS slim$", DOCKERFILE, re.MULTILINE)
     assert DOCKERFILE.rstrip().splitlines()[-1].startswith(("RUN", "    if")), "full is the last, default stage"
