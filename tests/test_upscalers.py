@@ -21,7 +21,7 @@ from PIL import Image
 
 import handler
 from builder.tiny_upscalers import write_tiny_upscalers
-from src.adapters.upscalers import read_upscaler, scan_upscalers, tiled
+from src.adapters.upscalers import Upscalers, read_upscaler, scan_upscalers, tiled
 from src.errors import AdapterError
 from src.settings import Settings
 
@@ -166,6 +166,38 @@ def test_admission_counts_an_upscalers_weights_and_one_tiles_features() -> None:
     run(hires={**HIRES, "upscaler": "tiny-compact-2x"})  # loaded: its own scale from now on
     compact = upscalers.entries["tiny-compact-2x"].path.stat().st_size
     assert upscalers.gpu_bytes("tiny-compact-2x", 2) == compact + 3 * 64 * (tile * 2) ** 2 * 2
+
+
+def test_on_a_gpu_admission_counts_the_upscalers_the_cache_keeps_there(upscaler_dir: Path) -> None:
+    """The cache keeps upscalers on the device: on a GPU they take its memory during every job, less those that
+    loading the job's own upscaler drops past UPSCALER_CACHE_MB."""
+    entries = scan_upscalers(str(upscaler_dir))
+    options: dict[str, Any] = {"dtype": torch.float32, "tile": 64, "overlap": 8}
+    upscalers = Upscalers(entries, device=torch.device("cpu"), cache_bytes=10**9, **options)
+    for name in ("tiny-esrgan-4x", "tiny-compact-2x"):
+        upscalers.facts(name)  # loaded, on the CPU
+    plain = upscalers.gpu_bytes("tiny-compact-2x", 4)
+    assert upscalers.gpu_bytes(None, 4) == 0, "on the CPU, nothing is on a GPU"
+
+    upscalers.device = torch.device("cuda")  # what a GPU worker holding the same two would count
+    esrgan = sum(tensor.nbytes for tensor in upscalers._cache["tiny-esrgan-4x"].model.state_dict().values())
+    compact = sum(tensor.nbytes for tensor in upscalers._cache["tiny-compact-2x"].model.state_dict().values())
+    assert upscalers.gpu_bytes(None, 4) == esrgan + compact
+    assert upscalers.gpu_bytes("tiny-compact-2x", 4) == plain + esrgan, "the job's own counted once"
+    assert upscalers.gpu_bytes("Lanczos", 4) == esrgan + compact
+
+    # Only the ESRGAN cached, in a cache too small for two: loading the compact model drops it first.
+    small = Upscalers(entries, device=torch.device("cpu"), cache_bytes=esrgan, **options)
+    small.facts("tiny-esrgan-4x")
+    small.device = torch.device("cuda")
+    weights = entries["tiny-compact-2x"].path.stat().st_size
+    assert small.gpu_bytes("tiny-compact-2x", 4) == weights + 3 * 64 * (64 * 4) ** 2 * 4
+    assert (
+        Upscalers(entries, device=torch.device("cuda"), cache_bytes=esrgan + weights, **options).gpu_bytes(
+            "tiny-compact-2x", 4
+        )
+        == weights + 3 * 64 * (64 * 4) ** 2 * 4
+    ), "nothing cached, nothing more"
 
 
 @pytest.mark.usefixtures("worker")
