@@ -248,6 +248,9 @@ REFUSED = [
     pytest.param({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings.sd_hypernetwork", id="override"),
     pytest.param({"enable_hr": True, "hr_upscaler": "Latent (bicubic)"}, "hr_upscaler='Latent (bicubic)'", id="hr-up"),
     pytest.param({"enable_hr": True, "hr_resize_x": 100, "hr_resize_y": 200}, "hr_resize_x", id="hr-resize"),
+    pytest.param(
+        {"enable_hr": True, "hr_upscaler": ["Lanczos"]}, "hr_upscaler=['Lanczos']: must be a valid string", id="hr-list"
+    ),
 ]
 
 
@@ -268,6 +271,7 @@ IMG2IMG_REFUSED = [
     pytest.param({"resize_mode": 3}, "resize_mode=3", id="latent-resize"),
     pytest.param({"image": PICTURE}, "image and init_images", id="image-and-init-images"),
     pytest.param({"denoising_strength": 0}, "denoising_strength=0", id="strength-zero"),
+    pytest.param({"inpainting_fill": [1]}, "inpainting_fill=[1]: 0 (fill) or 1 (original)", id="fill-as-a-list"),
 ]
 
 
@@ -301,6 +305,7 @@ def test_an_extras_field_the_worker_cannot_honour_is_refused_by_name(worker: Non
         ({"upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.3}, "extras_upscaler_2_visibility=0.3"),
         ({"upscaler_1": "None"}, "upscaler_1='None'"),
         ({"upscaler_1": "4x-UltraSharp"}, "upscaler_1"),
+        ({"upscaler_1": {"name": "Lanczos"}}, "upscaler_1={'name': 'Lanczos'}: must be a valid string"),
         ({"upscaling_resize": 1}, "upscaling_resize=1"),
     ):
         result = run(wrapped("extra-single-image", {**EXTRAS, **change}))

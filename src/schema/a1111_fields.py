@@ -109,6 +109,11 @@ def _names_nothing(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() in _SAME
 
 
+def _upscaler(value: Any) -> Any:
+    """A1111's upscaler name as this worker names it; any other value as it came, for the schema to refuse."""
+    return A1111_UPSCALER_NAMES.get(value, value) if isinstance(value, str) else value
+
+
 def _file_name(value: Any) -> Any:
     """A1111's checkpoint or VAE title (``sub\\name.safetensors [6ce0161689]``) as a name of MODELS_DIR or VAE_DIR."""
     if not isinstance(value, str):
@@ -288,7 +293,7 @@ class Translation:
         if (negative := fields.take("hr_negative_prompt")) is not None:
             hires["negative_prompt"] = negative
         upscaler = fields.take("hr_upscaler", "Latent")
-        hires["upscaler"] = "lanczos" if _names_nothing(upscaler) else A1111_UPSCALER_NAMES.get(upscaler, upscaler)
+        hires["upscaler"] = "lanczos" if _names_nothing(upscaler) else _upscaler(upscaler)
         if not _names_nothing(model := fields.take("hr_checkpoint_name", "")):
             hires["model"] = _file_name(model)
         sampler = fields.take("hr_sampler_name", "")
@@ -358,10 +363,10 @@ class Translation:
         self.out["mask_blur"] = blur_x if blur is None else blur
         self.names["mask_blur"] = "mask_blur" if blur is not None else "mask_blur_x"
         fills = {0: "fill", 1: "original"}
-        if fill not in fills or isinstance(fill, bool):
+        if not isinstance(fill, int | float) or isinstance(fill, bool) or fill not in fills:
             fields.refuse("inpainting_fill", fill, "0 (fill) or 1 (original); latent noise and nothing are not taken")
         else:
-            self.out["inpaint_fill"], self.names["inpaint_fill"] = fills[fill], "inpainting_fill"
+            self.out["inpaint_fill"], self.names["inpaint_fill"] = fills[int(fill)], "inpainting_fill"
         self.out["inpaint_area"] = "masked" if full_res else "whole"
         self.names["inpaint_area"] = "inpaint_full_res"
         self.copy("inpaint_full_res_padding", "inpaint_padding", padding)
@@ -483,7 +488,7 @@ def translate_upscale(self: Translation) -> None:
     if _names_nothing(upscaler):
         fields.refuse("upscaler_1", upscaler, "names no upscaler: an upscale job enlarges the image by one")
     else:
-        self.out["upscaler"] = A1111_UPSCALER_NAMES.get(upscaler, upscaler)
+        self.out["upscaler"] = _upscaler(upscaler)
     self.names["upscaler"] = "upscaler_1"
     mode = fields.take("resize_mode", 0)
     factor = fields.take("upscaling_resize", A1111_DEFAULTS["upscaling_resize"])
