@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from bench.machine import code_version, describe_code
+
 PROMPT = "a red fox in a snowy forest"
 # The interval of the ``deepcache`` mode: the worker with deepcache_interval 3 (src/run/feature_reuse.py).
 DEEPCACHE = 3
@@ -440,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     command = " ".join(["python -m bench.gpu_bench", *(sys.argv[1:] if argv is None else argv)])
     run: dict[str, Any] = {"device": name, "command": command, "dtype": dtype, "started": time.time()}
+    run["code"] = code_version()
     deadline = time.monotonic() + args.deadline_s
 
     def left_s() -> float:
@@ -481,6 +484,7 @@ def write(args: argparse.Namespace, run: dict[str, Any]) -> str:
         f"{args.side}², {args.steps} steps, DPM++ 2M Karras, CFG 7.5",
         f"Command: `{run['command']}`, {time.time() - run['started']:.0f} s; medians (interquartile range) of the "
         "timed rounds, each round the modes in turn.",
+        f"Code: {describe_code(run['code'])}",
         "",
         *verdicts(report),
         "",
@@ -514,7 +518,8 @@ def write(args: argparse.Namespace, run: dict[str, Any]) -> str:
     raw = {
         batch: {label: vars(series) for label, series in found["series"].items()} for batch, found in measured.items()
     }
-    record = {"device": run["device"], "command": run["command"], "cold_start_s": run["cold"], "report": report}
+    record = {"device": run["device"], "command": run["command"], "code": run["code"], "cold_start_s": run["cold"]}
+    record["report"] = report
     record |= {"kernel_ms": kernels, "samples_ms": raw, "cold_starts": processes}
     record["nvidia_smi"] = {"before": run["smi_before"], "after": run.get("smi_after", {})}
     (args.out / "gpu-speed.json").write_text(json.dumps(record, indent=2), encoding="utf-8")

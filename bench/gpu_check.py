@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import code_version, describe_code
 from src.adapters.controlnets import ControlNets, scan_controlnets
 from src.errors import WorkerError
 from src.models.loader import load_pipeline
@@ -186,6 +187,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if engine.device.type == "cuda" else "CPU (tiny model)"
     print(f"# GPU check: {device}, capped at {CAP_GIB:g} GiB, torch {torch.__version__}, {datetime.date.today()}")
     print(f"Command: `{' '.join(['python -m bench.gpu_check', *sys.argv[1:]])}`")
+    print(f"Code: {describe_code(code_version())}")
     print(f"model ready in {time.perf_counter() - started:.0f} s; {args.steps} steps, DPM++ 2M Karras\n")
     divisor = TINY_SIDE_DIVISOR if args.tiny is not None else 1
     cases = [

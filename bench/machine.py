@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_name() -> str:
@@ -39,7 +42,7 @@ def run_child(module: str, *args: str, env: Mapping[str, str] | None = None) -> 
     """
     completed = subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,
@@ -51,14 +54,43 @@ def run_child(module: str, *args: str, env: Mapping[str, str] | None = None) -> 
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+# The Python files a benchmark's figures depend on: the worker's, the builder's and the benchmarks' own.
+CODE = ("handler.py", "src/**/*.py", "builder/**/*.py", "bench/**/*.py")
+
+
+def code_version(root: Path = ROOT) -> dict[str, str]:
+    """The code a run measured: ``digest``, a SHA-256 over the paths and bytes of the files ``CODE`` names,
+    which a copy without git history (the GPU machine's) has too, and which ``python -m bench.machine`` prints for
+    any checkout; and ``commit``, git's HEAD, with "+changes" when tracked files differ from it, where git can tell."""
+    digest = hashlib.sha256()
+    for path in sorted({path for pattern in CODE for path in root.glob(pattern) if "__pycache__" not in path.parts}):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    version = {"digest": digest.hexdigest()[:16]}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        changed = subprocess.run(status, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return version
+    return {"commit": head.stdout.strip() + ("+changes" if changed else ""), **version}
+
+
+def describe_code(version: dict[str, str]) -> str:
+    """``version`` as a results table's header says it."""
+    commit = f"commit {version['commit']}, " if "commit" in version else ""
+    return f"{commit}code digest {version['digest']} (`python -m bench.machine` prints a checkout's)"
+
+
 def report_header() -> dict[str, Any]:
-    """What every results file starts with: the date, the machine, its CPU, Python, and how busy it was."""
+    """What every results file starts with: the date, the machine, its CPU, Python, how busy it was, and the
+    code it measured."""
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "cpu": cpu_name(),
         "python": platform.python_version(),
         "load_average_before": load_average(),
+        "code": code_version(),
     }
 
 
@@ -90,3 +122,7 @@ class LogArguments(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if isinstance(record.msg, str) and record.msg.startswith(self.prefix) and isinstance(record.args, tuple):
             self.loads.append(dict(zip(self.names, record.args, strict=True)))
+
+
+if __name__ == "__main__":
+    print(json.dumps(code_version()))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from bench.machine import CODE, code_version
 from bench.sd15_random import PUBLISHED_MILLIONS, build_sd15_random, check_parameter_counts
 from tests.conftest import ROOT
 from tests.forked import run_module
@@ -229,6 +232,28 @@ def test_gpu_speed_benchmark_runs_its_harness_on_the_cpu(tiny_model_dir: Path, t
     assert "| plain | " in table.split("Cold starts")[1]
     assert "| 1 | worker |" in table
     assert "| 2 | plain (again) |" in table
+    assert record["code"] == code_version(), "the code it measured: this checkout's commit and digest"
+    assert f"Code: commit {record['code']['commit']}, code digest {record['code']['digest']}" in table
+
+
+def test_the_code_digest_names_a_copy_without_git_history_as_its_checkout(tmp_path: Path) -> None:
+    """The GPU machine gets the files without .git: the digest, which a checkout prints, still names the code."""
+    here = code_version()
+    for pattern in CODE:
+        for path in ROOT.glob(pattern):
+            if "__pycache__" not in path.parts:
+                (tmp_path / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, tmp_path / path.relative_to(ROOT))
+    (tmp_path / "src" / "__pycache__").mkdir()
+    (tmp_path / "src" / "__pycache__" / "stale.py").write_text("compiled leftovers do not count")
+
+    assert code_version(tmp_path) == {"digest": here["digest"]}, "no git history: the digest alone, the same"
+    printed = subprocess.run(
+        [sys.executable, "-m", "bench.machine"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(printed) == here
+    (tmp_path / "src" / "errors.py").write_text((tmp_path / "src" / "errors.py").read_text() + "\n# changed\n")
+    assert code_version(tmp_path)["digest"] != here["digest"]
 
 
 def test_speed_options_benchmark_writes_each_setting(tiny_model_dir: Path, tmp_path: Path) -> None:
