@@ -27,7 +27,8 @@ from src.schema.upscale import parse_upscale
 from src.settings import load_settings
 
 SETTINGS = load_settings({})
-ROUNDS = 3000
+SEEDS = range(1, 9)
+ROUNDS = 1000  # per seed
 MESSAGE_LIMIT = 2048  # as tests/test_schema.py holds every refusal
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 SCALARS: list[Any] = [
@@ -73,7 +74,8 @@ class Payloads:
 
 
 def native(payloads: Payloads) -> dict[str, Any]:
-    data = {"prompt": "a fox", **payloads.fields(payloads.rng.randint(1, 5))}
+    prompt = payloads.rng.choice(["a fox", "a fox <lora:a:1>", "a fox, (snow:1.2) [dusk:night:0.5] AND a den"])
+    data = {"prompt": prompt, **payloads.fields(payloads.rng.randint(1, 5))}
     for name, unit, listed in (
         ("loras", {"name": "a"}, True),
         ("controlnets", {"model": "a", "image": PNG}, True),
@@ -122,9 +124,15 @@ def parse(job: dict[str, Any]) -> None:
 def test_random_malformed_requests_are_answered_or_refused_as_input_errors(
     make: Callable[[Payloads], dict[str, Any]], names: list[str]
 ) -> None:
-    payloads = Payloads(seed=1, names=names)
-    refusals = [refusal for _ in range(ROUNDS) if (refusal := refused(make(payloads))) is not None]
-    assert ROUNDS / 10 < len(refusals) < ROUNDS, "the payloads are neither all valid nor all refused"
+    refusals = [
+        refusal
+        for seed in SEEDS
+        for payloads in [Payloads(seed, names)]
+        for _ in range(ROUNDS)
+        if (refusal := refused(make(payloads))) is not None
+    ]
+    total = len(SEEDS) * ROUNDS
+    assert total / 10 < len(refusals) < total, "the payloads are neither all valid nor all refused"
     assert all(0 < len(message) <= MESSAGE_LIMIT for message in refusals)
 
 

@@ -315,7 +315,7 @@ def merge_lora_tags(data: dict[str, Any]) -> dict[str, Any]:
     listed = data.get("loras") or []
     if not isinstance(listed, list):
         return data  # pydantic refuses it with its own message
-    listed_names = {item.get("name") for item in listed if isinstance(item, dict)}
+    listed_names = {item.get("name") for item in listed if isinstance(item, dict) and isinstance(item.get("name"), str)}
     for item in tagged:
         if item["name"] in listed_names:
             raise ValueError(
