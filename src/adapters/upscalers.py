@@ -237,29 +237,23 @@ class Upscalers:
         """The GPU memory upscaler ``name`` takes at its peak, for admission: its weights (its file's size until
         it is loaded) and one tile's widest features, at the output's resolution: the ESRGAN family's last
         layers hold 64 channels at scale x the tile, three such tensors alive at once (scale 4 until loaded).
-        On a GPU, the other upscalers the cache keeps there count too, with or without ``name``."""
+        On a GPU, the other upscalers the cache keeps there count too, with or without ``name`` (``_kept_bytes``)."""
         entry = self.entries.get(name or "")
         if entry is None or entry.problem is not None:
-            return self._kept_bytes(None, 0)
+            return self._kept_bytes(None)
         model = self._cache.get(entry.name)
         scale = int(model.scale) if model is not None else 4
         weights = entry.path.stat().st_size if entry.path.exists() else 0
-        return weights + 3 * 64 * (self.tile * scale) ** 2 * dtype_bytes + self._kept_bytes(entry.name, weights)
+        return weights + 3 * 64 * (self.tile * scale) ** 2 * dtype_bytes + self._kept_bytes(entry.name)
 
-    def _kept_bytes(self, name: str | None, weights: int) -> int:
-        """The bytes of the cached upscalers other than ``name`` that stay on the GPU while it runs: when loading
-        ``name`` (``weights`` bytes) takes the cache past UPSCALER_CACHE_MB, ``_model`` drops the least recently
-        used first."""
+    def _kept_bytes(self, name: str | None) -> int:
+        """The bytes of the cached upscalers other than ``name``, which wait on the GPU while it runs. All count,
+        though loading ``name`` may drop some from the cache: what a file takes once loaded is known only then (a
+        float32 file run in half precision takes about half its size), and too much is safe where too little is
+        not; at most UPSCALER_CACHE_MB too much, while a new upscaler loads into a full cache."""
         if self.device.type != "cuda":
             return 0
-        kept = {cached: _model_bytes(model) for cached, model in self._cache.items() if cached != name}
-        if name is not None and name not in self._cache:
-            total = sum(kept.values()) + weights
-            for cached in list(kept):
-                if total <= self.cache_bytes:
-                    break
-                total -= kept.pop(cached)
-        return sum(kept.values())
+        return sum(_model_bytes(model) for cached, model in self._cache.items() if cached != name)
 
     def preload(self, names: list[str]) -> None:
         """Load ``names`` now (UPSCALER_PRELOAD).
