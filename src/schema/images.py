@@ -61,7 +61,7 @@ class ImageInputs(RequestCore):
         le=1.0,
         allow_inf_nan=False,
         description="How much of the image is repainted (A1111's denoising strength), above 0 and at most 1. "
-        "It runs int(num_inference_steps x strength) steps, at least 1. Needs `image`.",
+        "It runs int(num_inference_steps x strength) steps, which must come to at least 1. Needs `image`.",
     )
     resize_mode: Literal["resize", "crop", "fill"] = Field(
         "resize",

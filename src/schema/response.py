@@ -17,8 +17,8 @@ class Timings(BaseModel):
         None, description="Reading the input images (download, decode, resize); present when the job had any."
     )
     queue: float = Field(
-        description="Waiting for the GPU while other jobs held it: about 0 under runpod, which runs one job at "
-        "a time; more when a caller runs `handler` from several threads."
+        description="Waiting for the GPU while other jobs held it (`CONCURRENCY` above 1, or callers on several "
+        "threads); about 0 otherwise."
     )
     inference: float = Field(
         description="Text encoding, denoising and VAE decoding, from the moment the job had the GPU."
@@ -125,14 +125,17 @@ class Metadata(BaseModel):
     seed_resize_from_w: int = Field(description="Seed resize from, its width; 0: off.")
     seed_resize_from_h: int = Field(description="Seed resize from, its height; 0: off.")
     model: str = Field(
-        description="A checkpoint's file name without its extension, as A1111's `Model`; otherwise `MODEL_ID`, "
-        "with `@MODEL_REVISION` when one is set."
+        description="A checkpoint's file name without its extension, as A1111's `Model`; a model of `MODELS_DIR`, "
+        "its name there; otherwise `MODEL_ID`, with `@` and its revision when it has one (the default model's "
+        "pinned commit, or `MODEL_REVISION`)."
     )
     model_hash: str | None = Field(
         None, description="A checkpoint's A1111 `Model hash`: the first 10 hex digits of its file's SHA-256."
     )
     model_url: str | None = Field(None, description="For a model by URL: the URL, without its query.")
-    vae: str | None = Field(None, description="With `VAE_ID` or `VAE_URL`: the VAE's file or folder name.")
+    vae: str | None = Field(
+        None, description="With `VAE_ID`, `VAE_URL` or a request's `vae`: the VAE's file or folder name."
+    )
     vae_hash: str | None = Field(None, description="A VAE file's A1111 `VAE hash`, as `model_hash`.")
     device: str = Field(description="`cuda` or `cpu`.")
     dtype: str = Field(description="The torch dtype the model ran in, such as `float16`.")
