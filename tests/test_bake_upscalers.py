@@ -102,7 +102,7 @@ def test_the_build_prints_the_upscalers_it_baked_or_why_it_stopped(
     monkeypatch.setenv("UPSCALER_DIR", str(tmp_path / "upscalers"))
     monkeypatch.setenv("UPSCALERS", f"{served.url}/up/{COMPACT}")
     # The model's own bake is test_checkpoints' subject; here it is skipped, to keep this test to the upscalers.
-    monkeypatch.setattr(cache_model, "bake", lambda settings: Path(settings.model_dir))
+    monkeypatch.setattr(cache_model, "bake", lambda settings, _hub_cache: Path(settings.model_dir))
 
     assert cache_model.main([]) == 0
 
