@@ -127,6 +127,23 @@ def test_a_model_swap_and_a_lora_swap_compile_nothing_again(fast: tuple[Engine, 
     assert np.array_equal(back, default)
 
 
+def test_a_scheduler_with_float_timesteps_compiles_nothing_again(
+    fast: tuple[Engine, CompileCounterWithBackend],
+) -> None:
+    """DPM++ 2M Karras (the default, the warm-up's) gives int64 timesteps, Euler, Heun and LMS float32 ones; the
+    compiled UNet takes them all as float32, so a job with another scheduler compiles nothing in its time."""
+    engine, counter = fast
+    generate(engine)
+    graphs = counter.frame_count
+    for scheduler in ("Euler", "Euler a", "LMS", "DDIM"):
+        compiled = pixels(generate(engine, scheduler=scheduler))
+        with uncompiled(*compiled_modules(engine._pipeline)):
+            written = pixels(generate(engine, scheduler=scheduler))
+        assert np.array_equal(compiled, written), scheduler
+
+    assert counter.frame_count == graphs
+
+
 class Small(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

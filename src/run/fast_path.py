@@ -40,21 +40,33 @@ log = logging.getLogger(__name__)
 # Dynamic shapes as jobs vary: a square image (width equal to height) and a batch of one (no CFG) are no special
 # cases compiled again, as torch's duck sizing and its 0/1 specialization would make them.
 _SHAPES = {"use_duck_shape": False, "backed_size_oblivious": True}
+# The UNet's float constants (a ResNet's output scale, an attention's rescale, epsilons) kept as constants: with
+# dynamic shapes torch makes each an input, a float64 tensor on the CPU, and a graph with CPU inputs is not
+# recorded as a CUDA graph (torch/_dynamo/variables/builder.py says so where it specializes floats).
+_FLOATS = {"specialize_float": True}
 
 
 class CompiledCall:
     """A module's call compiled with dynamic shapes; as CUDA graphs with ``graphs``. If compiling fails, the
     module runs as written from then on (a compile that failed would be tried again, at its cost, each call)."""
 
-    def __init__(self, module: torch.nn.Module, *, backend: Any, graphs: bool, fullgraph: bool) -> None:
-        self.module, self.graphs = module, graphs
+    def __init__(
+        self, module: torch.nn.Module, *, backend: Any, graphs: bool, fullgraph: bool, timestep: bool = False
+    ) -> None:
+        """``timestep``: the module is the UNet, whose second argument is the timestep (``_float_timestep``)."""
+        self.module, self.graphs, self.timestep = module, graphs, timestep
         self.name = type(module).__name__
         options: dict[str, Any] = {"mode": "reduce-overhead"} if graphs else {}
         self.compiled = torch.compile(module._call_impl, backend=backend, fullgraph=fullgraph, dynamic=True, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.timestep:
+            args = _float_timestep(args)
         try:
-            with torch.fx.experimental._config.patch(**_shape_options()):  # type: ignore[attr-defined]
+            with (
+                torch.fx.experimental._config.patch(**_shape_options()),  # type: ignore[attr-defined]
+                torch._dynamo.config.patch(_known(torch._dynamo.config, _FLOATS)),
+            ):
                 if not self.graphs:
                     return self.compiled(*args, **kwargs)
                 torch.compiler.cudagraph_mark_step_begin()
@@ -65,9 +77,24 @@ class CompiledCall:
             return self.module._call_impl(*args, **kwargs)
 
 
-def _shape_options() -> dict[str, bool]:
+def _shape_options() -> dict[str, Any]:
     """``_SHAPES``, less what this torch does not have (an older torch compiles those cases again)."""
-    return {name: value for name, value in _SHAPES.items() if hasattr(torch.fx.experimental._config, name)}
+    return _known(torch.fx.experimental._config, _SHAPES)
+
+
+def _known(config: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options``, less those ``config`` (a torch config module) does not have."""
+    return {name: value for name, value in options.items() if hasattr(config, name)}
+
+
+def _float_timestep(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The UNet's arguments with its timestep (the second) a float32 tensor. Schedulers give int64 (DPM++, DDIM,
+    LCM) or float32 (Euler, Heun, LMS, DPM2) timesteps, and a new dtype compiles the whole UNet again, inside a
+    job; the UNet's time embedding casts it to float32 first thing (diffusers' get_timestep_embedding), so the
+    result is the same."""
+    if len(args) < 2 or not isinstance(args[1], torch.Tensor) or args[1].dtype == torch.float32:
+        return args
+    return (args[0], args[1].to(torch.float32), *args[2:])
 
 
 def _copied(output: Any) -> Any:
@@ -99,7 +126,7 @@ def apply_fast_mode(
     # (8), after which it would run them uncompiled.
     limit = 8 * (loras.slot_count + 2)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    unet._compiled_call_impl = CompiledCall(unet, backend=backend, graphs=graphs, fullgraph=fullgraph)
+    unet._compiled_call_impl = CompiledCall(unet, backend=backend, graphs=graphs, fullgraph=fullgraph, timestep=True)
     vae.decoder._compiled_call_impl = CompiledCall(vae.decoder, backend=backend, graphs=False, fullgraph=True)
     log.info(
         "FAST_MODE: channels_last, %s, the UNet compiled whole%s, the VAE decoder compiled",
