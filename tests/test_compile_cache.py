@@ -32,19 +32,22 @@ class Net(torch.nn.Module):
 net = Net()
 cache = open_cache(sys.argv[1], net, torch.float32, {"lora_slots": 0})
 torch.compile(net, fullgraph=True)(torch.randn(8, 8))
+if "more" in sys.argv:  # a graph the file does not hold: compiled, and kept with the others
+    torch.compile(torch.nn.Tanh(), fullgraph=True)(torch.randn(8, 8))
 cache.save()
 found = counters["inductor"]
 print(json.dumps({"found": cache.found, "hits": found["fxgraph_cache_hit"], "misses": found["fxgraph_cache_miss"]}))
 """
 
 
-def compile_once(folder: Path, scratch: Path) -> dict[str, object]:
+def compile_once(folder: Path, scratch: Path, *more: str) -> dict[str, object]:
     """One process's compile, with COMPILE_CACHE_DIR ``folder`` and an inductor cache of its own: a process forked
-    from tests/forked.py's server, which imported torch and never compiled anything."""
+    from tests/forked.py's server, which imported torch and never compiled anything. ``more``: "more" compiles a
+    second graph too."""
     scratch.mkdir()
     (scratch / "compile_once.py").write_text(SCRIPT)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
-    done = run_module("compile_once", str(folder), cwd=scratch, env=env, timeout=300)
+    done = run_module("compile_once", str(folder), *more, cwd=scratch, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -55,9 +58,14 @@ def test_a_second_process_finds_the_first_ones_kernels(tmp_path: Path) -> None:
     assert first == {"found": False, "hits": 0, "misses": 1}
     [kept] = folder.iterdir()
     assert kept.name.startswith("cpu-sm00-torch")
+    written = kept.stat().st_mtime_ns
     second = compile_once(folder, tmp_path / "inductor-2")
     assert second == {"found": True, "hits": 1, "misses": 0}
-    assert list(folder.iterdir()) == [kept], "a worker that found the file leaves it as it was"
+    assert list(folder.iterdir()) == [kept]
+    assert kept.stat().st_mtime_ns == written, "a worker that found everything leaves the file as it was"
+    # One that compiles a graph the file lacks (the file predates a change its name does not see) keeps it too.
+    assert compile_once(folder, tmp_path / "inductor-3", "more") == {"found": True, "hits": 1, "misses": 1}
+    assert compile_once(folder, tmp_path / "inductor-4", "more") == {"found": True, "hits": 2, "misses": 0}
 
 
 def test_the_file_name_carries_the_gpu_torch_dtype_and_shape() -> None:

@@ -144,6 +144,19 @@ def test_a_scheduler_with_float_timesteps_compiles_nothing_again(
     assert counter.frame_count == graphs
 
 
+def test_the_slots_say_what_they_make_of_the_graph_for_the_compile_cache(
+    fast: tuple[Engine, CompileCounterWithBackend],
+) -> None:
+    """COMPILE_CACHE_DIR's file name carries the slots' count, rank and layers: kernels compiled for other slots
+    are another file (src/run/startup.py)."""
+    engine, _ = fast
+    shape = engine.loras.slot_shape
+
+    assert shape["count"] == engine.loras.slot_count > 0
+    assert shape["rank"] == 4, "the folder's largest rank"
+    assert len(shape["layers"]) == 16
+
+
 class Small(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

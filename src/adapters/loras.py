@@ -249,6 +249,14 @@ class Loras:
     def slot_count(self) -> int:
         return self._slots.count if self._slots is not None else 0
 
+    @property
+    def slot_shape(self) -> dict[str, Any]:
+        """What the slots make of the UNet's graph, for the compiled kernels' cache key: count, rank, layers."""
+        if self._slots is None or not self.files or not self.has_slots:
+            return {"count": 0}
+        layers = hashlib.sha256("\n".join(self._slots.layers).encode()).hexdigest()[:16]
+        return {"count": self.slot_count, "rank": self._slots.rank, "layers": layers}
+
     @contextlib.contextmanager
     def first_slot_on(self) -> Iterator[None]:
         """Slot 0 on, holding zeros, for the ``with`` block: a warm-up then compiles the one-LoRA graph
@@ -626,6 +634,7 @@ class _Slots:
         self.holds: list[str | None] = [None] * count
         self.unit_scaling: list[dict[str, float]] = [{} for _ in range(count)]
         self.rank = 1
+        self.layers: list[str] = []
 
     def prepare(self, pipeline: Any, files: list[LoraFile]) -> None:
         """Make the slots: zero LoRAs on the union of the folder's UNet layers, padded to its largest rank."""
@@ -651,6 +660,7 @@ class _Slots:
             self.count = 0
             return
         self.rank = max(max((item.rank for item in files), default=1), 1)
+        self.layers = sorted(shapes)
         prototype = {key: torch.zeros(shape, dtype=self.unet.dtype) for key, shape in shapes.items()}
         for name in self.names:
             with _expected_noise_dropped(name):

@@ -26,21 +26,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CompileCache:
-    """The cache file of this worker's compiled UNet, and whether it was there at startup."""
+    """The cache file of this worker's compiled UNet, and the artifacts loaded from it at startup (none when it
+    was not there)."""
 
     path: Path
-    found: bool = False
+    loaded: frozenset[tuple[str, str]] = frozenset()
+
+    @property
+    def found(self) -> bool:
+        return bool(self.loaded)
 
     def save(self) -> None:
-        """Write what torch.compile made so far, unless the file was there (a worker that found it compiled
-        nothing new worth keeping); a failed write is logged, never raised: the worker serves on."""
-        if self.found:
-            return
+        """Write what torch.compile made and found so far (torch records the artifacts it finds too), when that
+        holds one the file did not: a worker that found everything leaves the file as it was, and one that had to
+        compile more (its file was from before a change its key does not see) keeps the more. A failed write is
+        logged, never raised: the worker serves on."""
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             log.info("COMPILE_CACHE_DIR: nothing compiled to keep")
             return
-        data, _info = saved
+        data, info = saved
+        if _keys(info) <= self.loaded:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Written whole, then renamed: a worker that starts meanwhile reads no half file.
@@ -51,6 +58,11 @@ class CompileCache:
             log.warning("COMPILE_CACHE_DIR: cannot keep the compiled kernels in %s: %s", self.path, error)
             return
         log.info("COMPILE_CACHE_DIR: kept %.1f MB of compiled kernels in %s", len(data) / 1e6, self.path)
+
+
+def _keys(info: Any) -> frozenset[tuple[str, str]]:
+    """The artifacts a ``torch.compiler`` CacheInfo names, by kind and key."""
+    return frozenset((kind, key) for kind, keys in info.artifacts.items() for key in keys)
 
 
 def cache_key(device: str, capability: tuple[int, int], dtype: torch.dtype, shape: dict[str, Any]) -> str:
@@ -77,7 +89,7 @@ def open_cache(folder: str | None, unet: Any, dtype: torch.dtype, extra: dict[st
         return CompileCache(path)
     try:
         # None for a file torch cannot read (it says why in its own warning); it raises for one it cannot open.
-        loaded = torch.compiler.load_cache_artifacts(path.read_bytes())
+        loaded: Any = torch.compiler.load_cache_artifacts(path.read_bytes())
     except Exception as error:  # noqa: BLE001 - a bad file costs a compile, never the worker
         loaded, problem = None, str(error)
     else:
@@ -86,4 +98,4 @@ def open_cache(folder: str | None, unet: Any, dtype: torch.dtype, extra: dict[st
         log.warning("COMPILE_CACHE_DIR: %s cannot be loaded (%s); compiling, then writing it again", path, problem)
         return CompileCache(path)
     log.info("COMPILE_CACHE_DIR: loaded the compiled kernels of %s", path.name)
-    return CompileCache(path, found=True)
+    return CompileCache(path, loaded=_keys(loaded))

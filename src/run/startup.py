@@ -88,9 +88,9 @@ def load_parts(settings: Settings) -> Parts:
         # Loaded before anything compiles: the warm-up then finds the kernels instead of making them.
         # CUDA graphs keep their memory pools beside what admission counts: only where memory is plenty.
         graphs = profile is Profile.HIGH
-        shape = {"compiled": "unet+decoder, dynamic", "lora_slots": loras.slot_count if loras.files else 0}
-        compile_cache = open_cache(settings.compile_cache_dir, pipeline.unet, dtype, {**shape, "graphs": graphs})
         apply_fast_mode(pipeline, loras, graphs=graphs)
+        shape = {"compiled": "unet+decoder, dynamic", "lora_slots": loras.slot_shape, "graphs": graphs}
+        compile_cache = open_cache(settings.compile_cache_dir, pipeline.unet, dtype, shape)
     log.info(
         "loaded %s on %s (%s, %s profile%s) in %.1f s",
         identity.name,
