@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import yaml
 from huggingface_hub.utils import filter_repo_objects
@@ -176,26 +177,21 @@ def hub_cache_of(model_dir: Path, cache: Path, repo_id: str) -> Path:
 
 
 def test_a_hub_bake_through_a_hub_cache_finds_an_earlier_download_and_copies_only_its_files(
-    tiny_model_dir: Path, tmp_path: Path, offline_env: dict[str, str]
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The Dockerfile's bake: hub repos go through a build cache. A rebuild, offline here, finds the repo there
     and copies what MODEL_DIR needs, as files, not the cache's links, and nothing the patterns leave out."""
     snapshot = hub_cache_of(tiny_model_dir, tmp_path / "cache", "someone/tiny-sd15")
     model_dir = tmp_path / "models" / "sd15"
-    env = {**offline_env, "MODEL_ID": "someone/tiny-sd15", "MODEL_DIR": str(model_dir), "HF_HUB_OFFLINE": "1"}
+    for field in Settings.model_fields.values():
+        monkeypatch.delenv(str(field.alias), raising=False)
+    monkeypatch.setenv("MODEL_ID", "someone/tiny-sd15")
+    monkeypatch.setenv("MODEL_DIR", str(model_dir))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, read at its import
 
-    result = subprocess.run(
-        [sys.executable, "-m", "builder.cache_model", "--hub-cache", str(tmp_path / "cache")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    assert cache_model.main(["--hub-cache", str(tmp_path / "cache")]) == 0
 
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"someone/tiny-sd15 baked into {model_dir} and verified" in result.stdout
+    assert f"someone/tiny-sd15 baked into {model_dir} and verified" in capsys.readouterr().out
     copied = {path.relative_to(model_dir).as_posix() for path in model_dir.rglob("*") if path.is_file()}
     wanted = set(
         filter_repo_objects(
