@@ -190,6 +190,16 @@ def test_the_answer_reads_as_a1111s(worker: None) -> None:
     assert result["metadata"]["seeds"] == [99, 100]
 
 
+def test_a_variation_batch_answers_a1111s_seeds_and_subseeds(worker: None) -> None:
+    payload = {**GENERATED, "subseed": 12, "subseed_strength": 0.4}
+    info = json.loads(run(wrapped("txt2img", payload))["info"])
+    assert (info["all_seeds"], info["all_subseeds"], info["subseed"]) == ([99, 99], [12, 13], 12)
+    for subseed, text in zip((12, 13), info["infotexts"], strict=True):
+        fields = parse_infotext(text)
+        variation = (fields["Variation seed"], fields["Variation seed strength"])
+        assert (fields["Seed"], *variation) == ("99", str(subseed), "0.4")
+
+
 def test_img2img_echoes_its_parameters_without_the_images_and_reports_its_strength(worker: None) -> None:
     result = run(wrapped("img2img", IMG2IMG))
     assert result["parameters"]["init_images"] is None
@@ -241,9 +251,6 @@ REFUSED = [
     pytest.param({"scheduler": "Exponential"}, "sampler_name='DPM++ 2M Karras': with scheduler", id="schedule"),
     pytest.param({"steps": 500}, "steps=500: must be at most", id="steps-over-max"),
     pytest.param({"cfg_scale": "7"}, "cfg_scale='7'", id="cfg-as-string"),
-    pytest.param(
-        {"batch_size": 2, "subseed_strength": 0.5}, "subseed_strength=0.5: with 2 images", id="batch-variation"
-    ),
     pytest.param({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer", id="other-script"),
     pytest.param({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings.sd_hypernetwork", id="override"),
     pytest.param({"enable_hr": True, "hr_upscaler": "Latent (bicubic)"}, "hr_upscaler='Latent (bicubic)'", id="hr-up"),

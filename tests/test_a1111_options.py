@@ -145,6 +145,32 @@ def test_a_variation_seed_acts_on_every_task_and_batch_image() -> None:
         assert varied["images"] == again["images"], "the same variation seed gives the same images"
 
 
+def test_a_variation_batch_is_a1111s_one_seed_and_subseed_plus_i_each_image_as_asked_for_alone() -> None:
+    batch = run(num_images=3, subseed=5, subseed_strength=0.5)
+
+    assert batch["metadata"]["seeds"] == [3, 3, 3], "A1111's all_seeds: the seed for every image"
+    assert batch["metadata"]["subseeds"] == [5, 6, 7], "A1111's all_subseeds: subseed + i"
+    assert [image["seed"] for image in batch["images"]] == [3, 3, 3]
+    images = [_decoded(batch, index) for index in range(3)]
+    assert all(int(np.abs(images[0] - other).max()) > 10 for other in images[1:]), "three variations"
+    for index in range(3):
+        alone = run(subseed=5 + index, subseed_strength=0.5)
+        # Within float rounding of a batch (docs/input.md, Seeds).
+        assert np.abs(images[index] - pixels(alone)).mean() < 0.5, index
+        with Image.open(io.BytesIO(base64.b64decode(batch["images"][index]["image"]))) as image:
+            assert "Seed: 3, Size: 64x64" in image.text["parameters"]
+            assert f"Variation seed: {5 + index}, Variation seed strength: 0.5" in image.text["parameters"]
+    plain = run(num_images=2, subseed=5)
+    assert plain["metadata"]["seeds"] == [3, 4], "without a strength, seed + i"
+    assert plain["metadata"]["subseeds"] == [5, 6]
+
+
+def test_the_variation_seeds_wrap_as_the_seeds_do() -> None:
+    batch = run(num_images=2, seed=4294967295, subseed=4294967295, subseed_strength=0.25)
+    assert batch["metadata"]["seeds"] == [4294967295, 4294967295]
+    assert batch["metadata"]["subseeds"] == [4294967295, 0]
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -109,7 +109,7 @@ def test_variation_seeds_and_seed_resize_draw_the_cpus_noise_on_cuda(cuda_engine
     already moved to the GPU: the mix is made on the CPU, so a CUDA worker starts from the CPU's very noise."""
     drawn = randn(3, (2, 4, 16, 16))
     for resize_from in (None, (96, 160)):
-        make = job_noise([3, 4], subseed=7, strength=0.4, resize_from=resize_from)
+        make = job_noise([3, 3], subseeds=[7, 8], strength=0.4, resize_from=resize_from)
         assert torch.equal(make(drawn.cuda()), make(drawn)), resize_from
 
     plain = pixels(generate(cuda_engine))

@@ -161,7 +161,7 @@ def digest(response: dict[str, Any]) -> str:
         hashed.update(base64.b64decode(image["image"]))
     metadata = response["metadata"]
     assert all(metadata.get(key, value) == value for key, value in NEUTRAL_SINCE.items()), "they are left neutral"
-    left_out = {"timings_ms", "phases_ms", "subseed", *NEUTRAL_SINCE}
+    left_out = {"timings_ms", "phases_ms", "subseed", "subseeds", *NEUTRAL_SINCE}
     metadata = {key: value for key, value in metadata.items() if key not in left_out}
     hashed.update(json.dumps(metadata, sort_keys=True).encode())
     return hashed.hexdigest()

@@ -64,7 +64,7 @@ def _info(call: A1111Call, plan: JobPlan, generation: Generation, response: Gene
         "seed": metadata.seeds[0],
         "all_seeds": metadata.seeds,
         "subseed": request.subseed,
-        "all_subseeds": [request.subseed] * count,
+        "all_subseeds": metadata.subseeds,
         "subseed_strength": request.subseed_strength,
         "width": width,
         "height": height,

@@ -33,8 +33,10 @@ def a1111_parameters(
     embeddings: dict[str, str] | None = None,
     loras: Sequence[Applied] = (),
     control_sizes: Sequence[tuple[int, int]] = (),
+    subseed: int | None = None,
 ) -> str:
-    """The parameters text AUTOMATIC1111 writes into its images, for one image.
+    """The parameters text AUTOMATIC1111 writes into its images, for one image: ``seed`` and ``subseed`` are
+    the image's (``subseed`` None: the request's).
 
     Like A1111, it has no "Negative prompt:" line when the negative prompt is empty, and
     names only what the task used: ``Denoising strength`` and ``Mask blur`` with an image,
@@ -57,7 +59,7 @@ def a1111_parameters(
     named = {"Model hash": model_hash, "VAE": vae, "VAE hash": vae_hash}
     fields.update({name: value for name, value in named.items() if value is not None})
     if request.subseed_strength > 0:
-        fields["Variation seed"] = request.subseed
+        fields["Variation seed"] = request.subseed if subseed is None else subseed
         fields["Variation seed strength"] = f"{request.subseed_strength:g}"
     if request.seed_resize_from is not None:
         fields["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)

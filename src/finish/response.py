@@ -157,8 +157,9 @@ def infotexts(request: GenerateRequest, generation: Generation, inputs: Inputs |
             embeddings=generation.embeddings,
             loras=generation.loras,
             control_sizes=control_sizes,
+            subseed=subseed,
         )
-        for seed in generation.seeds
+        for seed, subseed in zip(generation.seeds, request.subseeds, strict=True)
     ]
 
 
@@ -180,6 +181,7 @@ def _metadata(
         source_width=source_size[0] if source_size else None,
         source_height=source_size[1] if source_size else None,
         seeds=generation.seeds,
+        subseeds=request.subseeds,
         prompt_tokens=generation.prompt_tokens,
         embeddings=generation.embeddings or None,
         loras=[

@@ -3,7 +3,8 @@
 
 Image i's noise is its seed's, as in a job without them (drawn from the image's own generator, so everything the
 generator draws after it is the same); with a variation seed, it moves towards the variation seed's noise by
-spherical interpolation; with a seed resize, the seed's noise is drawn at the size named and placed in the
+spherical interpolation (as A1111, image i then has the job's seed and the variation seed subseed + i); with a
+seed resize, the seed's noise is drawn at the size named and placed in the
 middle of noise drawn at the job's size. Without either, nothing here runs: the pipeline draws the noise itself,
 and a job gives the bytes it gave before these fields existed.
 
@@ -79,15 +80,16 @@ def image_noise(
 
 
 def job_noise(
-    seeds: Sequence[int], *, subseed: int, strength: float, resize_from: tuple[int, int] | None
+    seeds: Sequence[int], *, subseeds: Sequence[int], strength: float, resize_from: tuple[int, int] | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function that turns a batch's seed noise (B, C, H, W), the images of ``seeds``, into the job's."""
+    """The function that turns a batch's seed noise (B, C, H, W), the images of ``seeds``, into the job's; image
+    i's variation seed is ``subseeds[i]``."""
 
     def make(drawn: torch.Tensor) -> torch.Tensor:
         return torch.stack(
             [
                 image_noise(drawn[index], seed, subseed=subseed, strength=strength, resize_from=resize_from)
-                for index, seed in enumerate(seeds)
+                for index, (seed, subseed) in enumerate(zip(seeds, subseeds, strict=True))
             ]
         )
 

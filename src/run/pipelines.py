@@ -237,9 +237,11 @@ def _variation(request: Any, indices: list[int]) -> Callable[[torch.Tensor], tor
     """The job's noise from its images' seed noise, with a variation seed or a seed resize; else None."""
     if not request.varies_noise:
         return None
-    seeds = [request.seeds[index] for index in indices]
     return job_noise(
-        seeds, subseed=request.subseed, strength=request.subseed_strength, resize_from=request.seed_resize_from
+        [request.seeds[index] for index in indices],
+        subseeds=[request.subseeds[index] for index in indices],
+        strength=request.subseed_strength,
+        resize_from=request.seed_resize_from,
     )
 
 

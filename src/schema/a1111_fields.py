@@ -198,15 +198,6 @@ class Translation:
             return
         self.out["num_images"] = batch_size * n_iter
         self.names["num_images"] = "batch_size x n_iter" if n_iter != 1 else "batch_size"
-        strength = self.out.get("subseed_strength")
-        if batch_size * n_iter > 1 and isinstance(strength, (int, float)) and strength > 0:
-            fields.refuse(
-                "subseed_strength",
-                strength,
-                f"with {batch_size * n_iter} images: A1111 gives every image of a variation batch the same seed "
-                "and subseed + i, this worker gives image i seed + i and one subseed; send one image per job "
-                "(batch_size 1, n_iter 1) with the subseed you want",
-            )
 
     def _neutral_generation_fields(self) -> None:
         fields = self.fields

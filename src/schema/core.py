@@ -302,14 +302,15 @@ class RequestCore(BaseModel):
         validate_default=True,
         description=(
             f"0 to {SEED_MAX}; null or -1 picks a random 32-bit seed. "
-            "Image i uses seed + i (mod 2^32), returned with each image."
+            "Image i uses seed + i (mod 2^32), returned with each image; with `subseed_strength` above 0, every "
+            "image uses the seed (as A1111)."
         ),
     )
     subseed: StrictInt | None = Field(
         None,
         validate_default=True,
-        description=f"A1111's variation seed: 0 to {SEED_MAX}; null or -1 picks a random one. Every image of the "
-        "job mixes its own seed's noise with this seed's, by `subseed_strength`.",
+        description=f"A1111's variation seed: 0 to {SEED_MAX}; null or -1 picks a random one. Image i mixes its "
+        "seed's noise with that of subseed + i (mod 2^32), by `subseed_strength`, as A1111.",
         json_schema_extra={"shown_default": "random"},
     )
     subseed_strength: float = Field(

@@ -178,9 +178,17 @@ class GenerateRequest(AdapterOptions):
 
     @property
     def seeds(self) -> list[int]:
-        """The seed of each image: seed + i, wrapped into 0..2^32-1 so each can be asked for alone."""
+        """The seed of each image: seed + i, wrapped into 0..2^32-1 so each can be asked for alone; with a
+        variation strength above 0, the seed itself for every image, as A1111 (its ``all_seeds``)."""
         assert self.seed is not None  # resolved by _resolve_seed
-        return [(self.seed + index) % (SEED_MAX + 1) for index in range(self.num_images)]
+        step = 0 if self.subseed_strength > 0 else 1
+        return [(self.seed + step * index) % (SEED_MAX + 1) for index in range(self.num_images)]
+
+    @property
+    def subseeds(self) -> list[int]:
+        """The variation seed of each image: subseed + i, wrapped as the seeds are (A1111's ``all_subseeds``)."""
+        assert self.subseed is not None  # resolved by _resolve_subseed
+        return [(self.subseed + index) % (SEED_MAX + 1) for index in range(self.num_images)]
 
 
 def shown(value: Any, limit: int = 60) -> str:

@@ -119,8 +119,13 @@ class Metadata(BaseModel):
     prompt_tokens: dict[str, PromptTokens] = Field(
         description="For `prompt` and `negative_prompt`: its tokens and the chunks of 75 they were encoded in."
     )
-    seeds: list[int] = Field(description="The seed of each image, in order.")
+    seeds: list[int] = Field(
+        description="The seed of each image, in order: seed + i, or the seed for all with `subseed_strength` above 0."
+    )
     subseed: int = Field(description="The variation seed (drawn when not given); it acts with `subseed_strength`.")
+    subseeds: list[int] = Field(
+        description="The variation seed of each image, in order: subseed + i, as A1111's `all_subseeds`."
+    )
     subseed_strength: float = Field(description="The variation strength; 0: the seeds alone.")
     seed_resize_from_w: int = Field(description="Seed resize from, its width; 0: off.")
     seed_resize_from_h: int = Field(description="Seed resize from, its height; 0: off.")
