@@ -376,6 +376,12 @@ PAYLOADS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("img2img", "img2img", IMG2IMG, IMG2IMG_NATIVE),
     ("inpaint", "img2img", INPAINT, INPAINT_NATIVE),
     ("inpaint-a1111-defaults-inverted", "img2img", INPAINT_DEFAULTS, INPAINT_DEFAULTS_NATIVE),
+    (
+        "inpaint-latent-noise",
+        "img2img",
+        {**INPAINT, "inpainting_fill": 2},
+        {**INPAINT_NATIVE, "inpaint_fill": "latent_noise"},
+    ),
     ("controlnet", "txt2img", CONTROLNET, CONTROLNET_NATIVE),
     ("extras-by-factor-model", "extra-single-image", EXTRAS, EXTRAS_NATIVE),
     ("extras-to-size-lanczos", "extra-single-image", EXTRAS_TO_SIZE, EXTRAS_TO_SIZE_NATIVE),

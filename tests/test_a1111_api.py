@@ -272,13 +272,13 @@ def test_a_field_the_worker_cannot_honour_is_refused_by_name_and_the_next_job_ru
 
 
 IMG2IMG_REFUSED = [
-    pytest.param({"inpainting_fill": 2}, "inpainting_fill=2", id="latent-noise"),
     pytest.param({"mask_blur": None, "mask_blur_x": 2, "mask_blur_y": 6}, "mask_blur_x=[2, 6]", id="blur-x-y"),
     pytest.param({"init_images": [PICTURE, PICTURE]}, "init_images=", id="two-images"),
     pytest.param({"resize_mode": 3}, "resize_mode=3", id="latent-resize"),
+    pytest.param({"inpainting_fill": 4}, "inpainting_fill=4: 0 (fill), 1 (original), 2 (latent noise)", id="fill-4"),
     pytest.param({"image": PICTURE}, "image and init_images", id="image-and-init-images"),
     pytest.param({"denoising_strength": 0}, "denoising_strength=0", id="strength-zero"),
-    pytest.param({"inpainting_fill": [1]}, "inpainting_fill=[1]: 0 (fill) or 1 (original)", id="fill-as-a-list"),
+    pytest.param({"inpainting_fill": [1]}, "inpainting_fill=[1]: 0 (fill), 1 (original)", id="fill-as-a-list"),
 ]
 
 

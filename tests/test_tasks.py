@@ -224,6 +224,56 @@ def test_inpaint_matches_bare_diffusers() -> None:
     assert np.abs(array(images_of(result)[0]) - array(reference)).max() <= 1
 
 
+class A1111LatentFill(StableDiffusionInpaintPipeline):
+    """Bare diffusers' inpaint with A1111's masked content "latent noise" or "latent nothing", written here from
+    A1111's img2img ``init``: ``init_latent * mask + create_random_tensors(seeds) * nmask``, or ``* mask``."""
+
+    fill = "latent_noise"
+    seeds: tuple[int, ...] = (11,)
+
+    def _encode_vae_image(self, image: torch.Tensor, generator: Any) -> torch.Tensor:
+        latents = super()._encode_vae_image(image, generator)
+        # MASK's box has its edges on multiples of 8, so any resize to the latents' size gives the same mask.
+        small = MASK.resize((latents.shape[-1], latents.shape[-2]), Image.Resampling.NEAREST)
+        nmask = torch.from_numpy(np.asarray(small) >= 128).to(latents.dtype)
+        if self.fill == "latent_nothing":
+            return latents * (1 - nmask)
+        drawn = [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in self.seeds]
+        noise = torch.stack(drawn)
+        return latents * (1 - nmask) + noise * nmask
+
+
+@pytest.mark.parametrize("fill", ["latent_noise", "latent_nothing"])
+def test_inpaint_from_latent_noise_or_nothing_is_a1111s_and_keeps_the_unmasked_pixels(fill: str) -> None:
+    fields = {"image": png_base64(IMAGE), "mask": png_base64(MASK), "mask_blur": 0}
+    result = ok(**fields, inpaint_fill=fill, keep_unmasked=False)
+
+    A1111LatentFill.fill = fill
+    reference = bare(A1111LatentFill)(
+        "a fox",
+        image=[IMAGE],
+        mask_image=MASK,
+        strength=0.75,
+        width=128,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(11)],
+    ).images[0]
+    assert np.abs(array(images_of(result)[0]) - array(reference)).max() <= 1
+    original = ok(**fields, keep_unmasked=False)
+    inside = np.asarray(MASK) > 0
+    assert np.abs(array(images_of(result)[0]) - array(images_of(original)[0]))[inside].mean() > 2
+
+    kept = ok(**fields, inpaint_fill=fill.replace("_", " "), num_images=2)
+    assert kept["metadata"]["inpaint_fill"] == fill
+    for image in images_of(kept):
+        assert np.array_equal(array(image)[~inside], array(IMAGE)[~inside])
+        assert f"Masked content: {fill.replace('_', ' ')}" in image.text["parameters"]
+    alone = ok(**fields, inpaint_fill=fill, seed=12)
+    assert_same_within_a_level(array(images_of(kept)[1]), array(images_of(alone)[0]))
+
+
 # --- one copy of the weights --------------------------------------------------------------------
 
 

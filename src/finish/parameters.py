@@ -155,8 +155,8 @@ def _mask_fields(request: GenerateRequest) -> dict[str, Any]:
     fields: dict[str, Any] = {"Mask blur": request.mask_blur}
     if request.mask_invert:
         fields["Mask mode"] = "Inpaint not masked"
-    if request.inpaint_fill == "fill":
-        fields["Masked content"] = "fill"
+    if request.inpaint_fill != "original":
+        fields["Masked content"] = request.inpaint_fill.replace("_", " ")  # A1111's labels: "latent noise"
     if request.inpaint_area == "masked":
         fields["Inpaint area"] = "Only masked"
         fields["Masked area padding"] = request.inpaint_padding

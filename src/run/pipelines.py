@@ -36,7 +36,7 @@ from src.run.fast_path import uncompiled
 from src.run.feature_reuse import feature_reuse
 from src.run.job import JobState, PromptSwitch
 from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
-from src.run.noise import initial_noise, job_noise
+from src.run.noise import initial_noise, job_noise, latent_fill
 from src.run.token_merging import token_merging
 from src.schema import InputError
 
@@ -211,6 +211,7 @@ def denoise(
     job.run_started(step.denoising_steps)
     with (
         initial_noise(pipeline, _variation(request, indices)),
+        latent_fill(pipeline, request.inpaint_fill, arguments.get("mask_image"), [request.seeds[i] for i in indices]),
         feature_reuse(pipeline.unet, request.deepcache_interval),
         token_merging(
             pipeline.unet, request.tome_ratio, seed=request.seeds[indices[0]], device=pipeline._execution_device

@@ -353,9 +353,9 @@ class Translation:
             fields.refuse("mask_blur_x", [blur_x, blur_y], "the mask is blurred alike both ways: mask_blur_x = y")
         self.out["mask_blur"] = blur_x if blur is None else blur
         self.names["mask_blur"] = "mask_blur" if blur is not None else "mask_blur_x"
-        fills = {0: "fill", 1: "original"}
+        fills = {0: "fill", 1: "original", 2: "latent_noise", 3: "latent_nothing"}
         if not isinstance(fill, int | float) or isinstance(fill, bool) or fill not in fills:
-            fields.refuse("inpainting_fill", fill, "0 (fill) or 1 (original); latent noise and nothing are not taken")
+            fields.refuse("inpainting_fill", fill, "0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)")
         else:
             self.out["inpaint_fill"], self.names["inpaint_fill"] = fills[int(fill)], "inpainting_fill"
         self.out["inpaint_area"] = "masked" if full_res else "whole"

@@ -86,11 +86,12 @@ class ImageInputs(RequestCore):
         le=INPAINT_PADDING_MAX,
         description=f"Pixels around the masked region with `inpaint_area` `masked`, 0 to {INPAINT_PADDING_MAX}.",
     )
-    inpaint_fill: Literal["original", "fill"] = Field(
+    inpaint_fill: Literal["original", "fill", "latent_noise", "latent_nothing"] = Field(
         "original",
         description="What the model starts from inside the mask: `original`, the image's pixels there; `fill`, "
-        'the colours around the mask spread into it (A1111\'s masked content "fill", its `inpainting_fill` 0). '
-        "With `mask` or `outpaint`.",
+        'the colours around the mask spread into it (A1111\'s masked content "fill", its `inpainting_fill` 0); '
+        "`latent_noise`, the seed's noise in place of the image's latents there, and `latent_nothing`, zero "
+        "latents (A1111's 2 and 3). With `mask` or `outpaint`.",
     )
     mask_invert: StrictBool = Field(
         False,
@@ -111,7 +112,8 @@ class ImageInputs(RequestCore):
     @field_validator("inpaint_area", "inpaint_fill", mode="before")
     @classmethod
     def _inpaint_area_case(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+        # A1111's UI labels ("latent noise") name the same fills.
+        return value.strip().lower().replace(" ", "_") if isinstance(value, str) else value
 
     @field_validator("image", "mask")
     @classmethod

@@ -153,7 +153,9 @@ class Metadata(BaseModel):
     mask_blur: int | None = Field(None, description="Inpaint and outpaint: the mask blur used.")
     inpaint_area: str | None = Field(None, description="Inpaint and outpaint: `whole` or `masked`.")
     inpaint_padding: int | None = Field(None, description="Inpaint and outpaint: the padding used.")
-    inpaint_fill: str | None = Field(None, description="Inpaint and outpaint: `original` or `fill`.")
+    inpaint_fill: str | None = Field(
+        None, description="Inpaint and outpaint: `original`, `fill`, `latent_noise` or `latent_nothing`."
+    )
     mask_invert: bool | None = Field(None, description="Inpaint and outpaint: whether the mask was inverted.")
     keep_unmasked: bool | None = Field(None, description="Inpaint and outpaint: whether unmasked pixels were kept.")
     outpaint: Outpaint | None = Field(None, description="Outpaint: the pixels added on each side.")
