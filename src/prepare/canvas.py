@@ -123,15 +123,16 @@ def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | No
     blurred = painted.filter(ImageFilter.GaussianBlur(request.mask_blur)) if request.mask_blur else painted
     # The overlay is the blurred mask, but black wherever the mask was black: those pixels stay exact.
     overlay = ImageChops.darker(blurred, painted.point(lambda value: 255 if value else 0))
+    # As A1111: every masked content but "original" starts from the filled pixels (the latent ones, from there).
     if request.inpaint_area == "whole":
-        start = fill_masked(original, blurred) if request.inpaint_fill == "fill" else original
+        start = fill_masked(original, blurred) if request.inpaint_fill != "original" else original
         return TaskImages(image=start, mask=blurred, original=original, overlay=overlay), warnings
     crop = _processor().get_crop_region(blurred, width, height, pad=request.inpaint_padding)
     region = fit(original.crop(crop), width, height, "fill")
     region_mask = fit(blurred.crop(crop), width, height, "fill").convert("L")
     return (
         TaskImages(
-            image=fill_masked(region, region_mask) if request.inpaint_fill == "fill" else region,
+            image=fill_masked(region, region_mask) if request.inpaint_fill != "original" else region,
             mask=region_mask,
             original=original,
             overlay=overlay,

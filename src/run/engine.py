@@ -5,9 +5,10 @@
 refusal before any work), one job on the GPU at a time, a deadline from the moment the job gets the GPU,
 the job's adapters on for the job only, one frugal retry after an out-of-memory error, and progress.
 
-Each image gets its own CPU ``torch.Generator`` seeded with its own seed, so a seed means the same image
-on every device and image i of a batch can be regenerated alone. It may import everything before it in
-the stages (errors, settings, schema, models, prompts, adapters, prepare), never ``finish``.
+Each image gets its own CPU ``torch.Generator`` seeded with its own seed, so a seed (with its variation seed)
+means the same image on every device and image i of a batch can be regenerated alone. It may import
+everything before it in the stages (errors, settings, schema, models, prompts, adapters, prepare), never
+``finish``.
 """
 
 from __future__ import annotations

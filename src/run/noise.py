@@ -107,17 +107,27 @@ def latent_fill(pipeline: Any, fill: str, mask: Any, seeds: Sequence[int]) -> It
     (``latent_noise``) or zero (``latent_nothing``), and the image's outside it; another ``fill``, or no
     ``mask``: unchanged.
 
-    As A1111's img2img ``init`` with ``inpainting_fill`` 2 and 3: the noise is that of image i's seed, drawn
-    on the CPU (its ``create_random_tensors``). The mask is the pipeline's own at the latents' size (black and
-    white, nearest), the one it blends the kept part with at every step, so only what is repainted changes.
+    As A1111's img2img ``init`` with ``inpainting_fill`` 2 and 3, on the image its "fill" painted (``canvas``):
+    the noise is that of image i's seed, drawn on the CPU (its ``create_random_tensors``; A1111 gives every
+    ``n_iter`` batch the first one's). The mask is the pipeline's own at the latents' size (black and white,
+    nearest), the one it blends the kept part with at every step, so only what is repainted changes.
+
+    Only the first encoding is the image's: diffusers' ``prepare_mask_latents`` encodes the masked image after it,
+    for a 9-channel inpainting UNet's conditioning, which A1111 makes from the pixels. A 9-channel UNet at
+    strength 1 encodes no image at all, so only 4-channel UNets (the ones this worker loads) are filled.
     """
-    if fill not in LATENT_FILLS or mask is None:
+    if fill not in LATENT_FILLS or mask is None or pipeline.unet.config.in_channels != 4:
         yield
         return
     encode = pipeline._encode_vae_image
+    calls = 0
 
     def filled(image: torch.Tensor, generator: Any) -> torch.Tensor:
+        nonlocal calls
         latents = encode(image=image, generator=generator)
+        calls += 1
+        if calls > 1:
+            return latents
         assert latents.shape[0] == len(seeds), "the inpaint pass encodes one copy of the image per image"
         height, width = (side * pipeline.vae_scale_factor for side in latents.shape[-2:])
         painted = pipeline.mask_processor.preprocess(mask, height=height, width=width)

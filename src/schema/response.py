@@ -33,7 +33,9 @@ class InlineImage(BaseModel):
 
     image: str = Field(description="Base64 of the image file, with no `data:` prefix.")
     seed: int | None = Field(
-        None, description="The seed that regenerates this image alone; absent from an `upscale` job's image."
+        None,
+        description="The seed that regenerates this image alone (with `metadata.subseeds`' i-th when "
+        "`subseed_strength` is above 0); absent from an `upscale` job's image.",
     )
     nsfw: bool | None = Field(
         None,
