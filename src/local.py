@@ -177,6 +177,8 @@ def write_images(output: Mapping[str, Any], folder: Path) -> list[str]:
     scale = (metadata.get("hires") or {}).get("scale", 1)
     size = f"{int(metadata.get('width', 0) * scale)}x{int(metadata.get('height', 0) * scale)}"
     extension = FORMATS[metadata.get("output_format", "png")].extension
+    # A batch of variations shares one seed: each image is told apart by its variation seed.
+    subseeds = metadata.get("subseeds", []) if metadata.get("subseed_strength", 0) > 0 else []
     for index, item in enumerate(_listed_images(output)):
         if "image" in item:
             folder.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,8 @@ def write_images(output: Mapping[str, Any], folder: Path) -> list[str]:
             where = str(item.get("url", "?"))
         flagged = "  flagged nsfw" if item.get("nsfw") else ""
         made = f"seed {item['seed']}" if "seed" in item else "upscaled"
+        if index < len(subseeds):
+            made += f", variation seed {subseeds[index]}"
         lines.append(f"  {where}  {size}  {made}{flagged}")
     return lines
 

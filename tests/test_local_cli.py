@@ -104,6 +104,19 @@ def test_test_input_flag_names_files_by_seed(tmp_path: Path, run_here: Callable[
     assert "iVBOR" not in result.stdout + result.stderr, "no base64 in the terminal"
 
 
+def test_a_variation_batch_prints_each_images_variation_seed(tmp_path: Path, run_here: Callable[..., Ran]) -> None:
+    job = {"prompt": "a fox", "num_inference_steps": 2, "seed": 11, "num_images": 2, "width": 64, "height": 64}
+    varied = json.dumps({"input": {**job, "subseed": 5, "subseed_strength": 0.5}})
+    result = run_here(["--test_input", varied, "--output_dir", str(tmp_path / "out")])
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(png.name for png in (tmp_path / "out").rglob("*.png")) == ["0-11.png", "1-11.png"]
+    assert "seed 11, variation seed 5" in result.stdout
+    assert "seed 11, variation seed 6" in result.stdout
+    plain = run_here(["--test_input", json.dumps({"input": {**job, "subseed": 5}})])
+    assert "variation seed" not in plain.stdout, "without a strength the variation seed does nothing"
+
+
 def test_no_arguments_runs_test_input_json(tmp_path: Path, run_here: Callable[..., Ran]) -> None:
     """The project's test_input.json, made small: 512² at 25 steps is a minute of the tiny model on a busy CPU.
 
