@@ -4,10 +4,10 @@
 Image i's noise is its seed's, as in a job without them (drawn from the image's own generator, so everything the
 generator draws after it is the same); with a variation seed, it moves towards the variation seed's noise by
 spherical interpolation (as A1111, image i then has the job's seed and the variation seed subseed + i); with a
-seed resize, the seed's noise is drawn at the size named and placed in the
-middle of noise drawn at the job's size. Inpaint's masked content "latent noise" and "latent nothing"
-(``latent_fill``) are made here too. Without any of them, nothing here runs: the pipeline draws the noise itself,
-and a job gives the bytes it gave before these fields existed.
+seed resize, the seed's noise is drawn at the size named and placed in the middle of noise drawn at the job's
+size. Inpaint's masked content "latent noise" and "latent nothing" (``latent_fill``) are made here too. Without
+any of them, nothing here runs: the pipeline draws the noise itself, and a job gives the bytes it gave before
+these fields existed.
 
 The pipelines draw the initial noise with diffusers' ``randn_tensor``; ``initial_noise`` makes the first such
 draw of a pipeline call (the starting latents of txt2img, the noise added to the image's latents in img2img and

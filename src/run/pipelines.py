@@ -209,13 +209,13 @@ def denoise(
     scheduler = step.scheduler or request.scheduler
     pipeline = pipeline_for(base, scheduler, step.pipeline, controlnet, show_progress=show_progress)
     job.run_started(step.denoising_steps)
+    all_seeds = request.seeds
+    seeds = [all_seeds[index] for index in indices]
     with (
-        initial_noise(pipeline, _variation(request, indices)),
-        latent_fill(pipeline, request.inpaint_fill, arguments.get("mask_image"), [request.seeds[i] for i in indices]),
+        initial_noise(pipeline, _variation(request, indices, seeds)),
+        latent_fill(pipeline, request.inpaint_fill, arguments.get("mask_image"), seeds),
         feature_reuse(pipeline.unet, request.deepcache_interval),
-        token_merging(
-            pipeline.unet, request.tome_ratio, seed=request.seeds[indices[0]], device=pipeline._execution_device
-        ),
+        token_merging(pipeline.unet, request.tome_ratio, seed=seeds[0], device=pipeline._execution_device),
     ):
         latents = pipeline(
             prompt_embeds=encoded.prompt_embeds,
@@ -234,13 +234,15 @@ def denoise(
     return latents
 
 
-def _variation(request: Any, indices: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The job's noise from its images' seed noise, with a variation seed or a seed resize; else None."""
+def _variation(request: Any, indices: list[int], seeds: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The job's noise from the seed noise of its images ``indices`` (whose seeds are ``seeds``), with a
+    variation seed or a seed resize; else None."""
     if not request.varies_noise:
         return None
+    subseeds = request.subseeds
     return job_noise(
-        [request.seeds[index] for index in indices],
-        subseeds=[request.subseeds[index] for index in indices],
+        seeds,
+        subseeds=[subseeds[index] for index in indices],
         strength=request.subseed_strength,
         resize_from=request.seed_resize_from,
     )
