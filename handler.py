@@ -197,7 +197,7 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
             # What the worker has, from the engine's state: no slot, no GPU.
             return await in_thread(lambda: describe(get_engine()), cancelled)
         async with _jobs_in_memory.held(settings.jobs_in_memory):
-            plan = await in_thread(lambda: _prepare(job, settings), cancelled)
+            plan = await in_thread(lambda: _prepare(job, settings, cancelled), cancelled)
             try:
                 queued = time.perf_counter()
                 generation = await in_thread(lambda: _run(job, plan, settings, cancelled, queued), cancelled, gpu=True)
@@ -212,10 +212,13 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
         return _unexpected(job, error)
 
 
-def _prepare(job: Any, settings: Settings) -> JobPlan | UpscalePlan:
-    """Stage 1, on the CPU: the input checked, its images read, its plan made."""
+def _prepare(job: Any, settings: Settings, cancelled: threading.Event) -> JobPlan | UpscalePlan:
+    """Stage 1, on the CPU: the input checked, its images read (its files by URL downloaded, until the job is
+    cancelled), its plan made."""
     downloads = get_downloads if settings.downloads_on else None
-    return prepare_job(job, settings, catalog=get_catalog, storage=get_storage(), downloads=downloads)
+    return prepare_job(
+        job, settings, catalog=get_catalog, storage=get_storage(), downloads=downloads, cancelled=cancelled
+    )
 
 
 def _run(

@@ -611,6 +611,9 @@ def test_hf_token_and_civitai_token_are_for_their_hosts_exactly() -> None:
         "https://huggingface.co.evil.example/x",
         "https://evil-huggingface.co/x",
         "https://image.civitai.com/x",
+        # Plain HTTP, where anyone on the way reads the header: these hosts serve HTTPS only.
+        "http://huggingface.co/org/repo/resolve/main/model.safetensors",
+        "http://civitai.com:8080/api/download/models/1",
     ):
         assert sent(url) == [], url
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import hashlib
 import io
+import os
 import re
 import shutil
 import threading
@@ -59,6 +61,8 @@ class Server:
     ranges: list[str | None] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     partner: str = ""  # where /to-other redirects
+    dripped: int = 0  # header lines /drip-headers/ sent before the client went
+    gone: threading.Event = field(default_factory=threading.Event)  # a client left /crawl/ or /drip-headers/
 
     @property
     def url(self) -> str:
@@ -87,40 +91,62 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
 
         def route(self, path: str, count: int) -> None:
             name = path.rsplit("/", 1)[-1]
-            if path.startswith("/status/"):
-                self.send_response(int(name))
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            elif path.startswith("/redirect/"):  # /redirect/<url-encoded target without scheme>
-                self.send_response(302)
-                self.send_header("Location", "http://" + path.removeprefix("/redirect/"))
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            elif path.startswith("/api/download/"):  # Civitai: the name only in Content-Disposition
-                self.send_file(state.files[name], disposition=f'attachment; filename="{name}.safetensors"')
-            elif path.startswith("/cut-once/"):
-                self.send_file(state.files[name], cut=count == 1)
-            elif path.startswith("/cut-always/"):
-                self.send_file(state.files[name], cut=True)
-            elif path.startswith("/slow/"):
-                self.send_file(state.files[name], delay=0.05)
-            elif path.startswith("/chunked/"):
-                self.send_chunked(state.files[name])
-            elif path.startswith("/private/"):
-                if self.headers.get("Authorization") == f"Bearer {TOKEN}":
-                    self.send_file(state.files[name])
-                else:
-                    self.send_response(401)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+            data = state.files.get(name, b"")
+            authorized = self.headers.get("Authorization") == f"Bearer {TOKEN}"
+            routes: dict[str, Callable[[], None]] = {
+                "/status/": lambda: self.send_empty(int(name)),
+                # /redirect/<url-encoded target without scheme>
+                "/redirect/": lambda: self.send_empty(302, location="http://" + path.removeprefix("/redirect/")),
+                "/bad-location/": lambda: self.send_empty(302, location="http://[::1/x"),
+                # Civitai: the name only in Content-Disposition
+                "/api/download/": lambda: self.send_file(
+                    data, disposition=f'attachment; filename="{name}.safetensors"'
+                ),
+                "/cut-once/": lambda: self.send_file(data, cut=count == 1),
+                # No ETag, no Last-Modified: nothing to resume against.
+                "/cut-once-plain/": lambda: self.send_file(data, cut=count == 1, validator=False),
+                "/cut-always/": lambda: self.send_file(data, cut=True),
+                "/slow/": lambda: self.send_file(data, delay=0.05),
+                "/crawl/": lambda: self.send_file(data, delay=0.2, chunk=256),
+                "/chunked/": lambda: self.send_chunked(data),
+                "/drip-headers/": self.drip_headers,
+                "/odd-length/": lambda: self.send_odd_length(data),
+                "/private/": lambda: self.send_file(data) if authorized else self.send_empty(401),
+            }
+            answer = next((answer for prefix, answer in routes.items() if path.startswith(prefix)), None)
+            if answer is not None:
+                answer()
             elif name in state.files:
-                self.send_file(state.files[name])
+                self.send_file(data)
             else:
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.send_empty(404)
 
-        def send_file(self, data: bytes, *, cut: bool = False, delay: float = 0, disposition: str = "") -> None:
+        def send_empty(self, status: int, location: str = "") -> None:
+            self.send_response(status)
+            if location:
+                self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def send_odd_length(self, data: bytes) -> None:
+            """A Content-Length of a digit no int() reads: the length is unknown, the body ends with the connection."""
+            self.send_response(200)
+            self.send_header("Content-Length", "\u00b2")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+            self.close_connection = True
+
+        def send_file(
+            self,
+            data: bytes,
+            *,
+            cut: bool = False,
+            delay: float = 0,
+            disposition: str = "",
+            validator: bool = True,
+            chunk: int = CHUNK,
+        ) -> None:
             start = 0
             asked = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
             if asked:
@@ -130,7 +156,8 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
             else:
                 self.send_response(200)
             self.send_header("Content-Length", str(len(data) - start))
-            self.send_header("ETag", '"v1"')
+            if validator:
+                self.send_header("ETag", '"v1"')
             if disposition:
                 self.send_header("Content-Disposition", disposition)
             self.end_headers()
@@ -141,9 +168,25 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            for offset in range(0, len(body), CHUNK):
-                self.wfile.write(body[offset : offset + CHUNK])
-                time.sleep(delay)
+            try:
+                for offset in range(0, len(body), chunk):
+                    self.wfile.write(body[offset : offset + chunk])
+                    self.wfile.flush()
+                    time.sleep(delay)
+            except OSError:
+                state.gone.set()
+
+        def drip_headers(self) -> None:
+            """A status line, then a header line every 0.2 s for a minute: each read gets bytes in time."""
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            try:
+                for number in range(300):
+                    self.wfile.write(f"X-Drip-{number}: a\r\n".encode())
+                    self.wfile.flush()
+                    state.dripped += 1
+                    time.sleep(0.2)
+            except OSError:
+                state.gone.set()
 
         def send_chunked(self, data: bytes) -> None:
             self.send_response(200)
@@ -259,6 +302,12 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def cache_in(folder: Path, model_config: Path) -> Downloads:
+    """A worker's download cache in ``folder``, taking files from 127.0.0.1."""
+    variables = {"DOWNLOAD_HOSTS": "127.0.0.1", "DOWNLOAD_ALLOW_PRIVATE": "true", "DOWNLOAD_CACHE_DIR": str(folder)}
+    return Downloads(load_settings({**variables, "MODEL_CONFIG": str(model_config)}), system_resolve)
+
+
 # --- LoRAs and models by URL ----------------------------------------------------------------------------
 
 
@@ -307,9 +356,9 @@ def test_two_jobs_asking_for_one_url_at_once_download_it_once(start: Callable[..
     downloaded: list[str] = []
 
     @contextlib.contextmanager
-    def lock_once_both_asked(url: str, deadline: float) -> Iterator[None]:
+    def lock_once_both_asked(url: str, stop: Any) -> Iterator[None]:
         both_asked.wait()  # neither job has the file yet: both found the cache empty
-        with url_lock(url, deadline):
+        with url_lock(url, stop):
             yield
 
     def counted(url: str, *args: Any) -> Any:
@@ -342,6 +391,19 @@ def test_a_cut_connection_resumes_where_it_stopped(
     assert server.requests("/cut-once/detail.safetensors") == 2
     assert str(server.ranges[-1]).startswith("bytes="), "the rest only"
     assert kept(cache) == [f"{sha256(files['lora'])}.safetensors"]
+
+
+def test_a_cut_connection_without_a_validator_is_downloaded_again_whole(
+    start: Callable[..., Path], server: Server, files: dict[str, Path]
+) -> None:
+    # No ETag, no Last-Modified: a file changed between the two requests could not be told apart, and the rest
+    # of another version would be spliced onto this one's start.
+    start()
+    result = run(loras=[{"url": f"{server.url}/cut-once-plain/detail.safetensors", "sha256": sha256(files["lora"])}])
+
+    assert "images" in result, result
+    assert server.requests("/cut-once-plain/detail.safetensors") == 2
+    assert server.ranges[-2:] == [None, None], "no Range without If-Range"
 
 
 def test_a_connection_cut_every_time_fails_and_keeps_nothing(start: Callable[..., Path], server: Server) -> None:
@@ -380,6 +442,64 @@ def test_a_file_over_the_cap_is_stopped_at_the_cap(
         assert "stopped there" in error
     assert kept(cache) == []
     assert "images" in run()
+
+
+def test_a_server_dripping_its_headers_is_cut_at_the_deadline(start: Callable[..., Path], server: Server) -> None:
+    # Every read gets a header line well within the socket's timeout: only the deadline itself can end it.
+    cache = start(DOWNLOAD_TIMEOUT_SECONDS="1")
+    error = run(loras=[{"url": f"{server.url}/drip-headers/detail.safetensors"}])["error"]
+
+    assert error == (
+        f"loras.0.url: {server.url}/drip-headers/detail.safetensors: "
+        "timed out: not done within DOWNLOAD_TIMEOUT_SECONDS=1"
+    )
+    assert server.gone.wait(30), "the connection was shut"
+    assert server.dripped < 300, "long before the server was done"
+    assert kept(cache) == []
+
+
+def test_a_cancelled_job_stops_its_download(server: Server, tmp_path: Path, tiny_model_dir: Path) -> None:
+    downloads = cache_in(tmp_path / "cache", tiny_model_dir)
+    cancelled = threading.Event()
+    raised: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            downloads.fetch(
+                f"{server.url}/crawl/detail.safetensors",  # 256 bytes every 0.2 s: minutes for the file
+                kind="lora",
+                sha256=None,
+                field="loras.0.url",
+                deadline=time.monotonic() + 600,
+                lease=Lease(),
+                cancelled=cancelled,
+            )
+        except BaseException as error:  # what the test checks
+            raised.append(error)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    for _ in range(300):
+        if server.requests("/crawl/detail.safetensors"):
+            break
+        time.sleep(0.1)
+    cancelled.set()
+    thread.join(60)
+
+    assert not thread.is_alive()
+    assert [type(error).__name__ for error in raised] == ["JobCancelledError"]
+    assert "cancelled; it stopped downloading" in str(raised[0])
+    assert server.gone.wait(30), "the connection was closed"
+    assert kept(tmp_path / "cache") == []
+
+
+def test_bad_headers_from_a_server_fail_the_job_naming_the_field(start: Callable[..., Path], server: Server) -> None:
+    start()
+    error = run(loras=[{"url": f"{server.url}/bad-location/detail.safetensors"}])["error"]
+    unknown_length = run(loras=[{"url": f"{server.url}/odd-length/detail.safetensors"}])
+
+    assert error == f"loras.0.url: {server.url}/bad-location/detail.safetensors: HTTP 302 redirect to an invalid URL"
+    assert "images" in unknown_length, "a length no one can read is no length: the body is read to its end"
 
 
 # --- hosts, addresses, tokens --------------------------------------------------------------------------
@@ -423,6 +543,17 @@ def test_a_redirect_to_a_private_address_is_refused(
 
     assert error.endswith(f"{says}; set DOWNLOAD_ALLOW_PRIVATE (it allows 127.0.0.1/32) to allow"), error
     assert "images" in run()
+
+
+def test_a_url_off_the_list_is_refused_even_when_its_checksum_is_cached(
+    start: Callable[..., Path], server: Server, files: dict[str, Path]
+) -> None:
+    start()
+    digest = sha256(files["lora"])
+    assert "images" in run(loras=[{"url": f"{server.url}/loras/detail.safetensors", "sha256": digest}])
+    error = run(loras=[{"url": f"http://localhost:{server.port}/loras/detail.safetensors", "sha256": digest}])
+
+    assert error["error"].endswith("the host localhost is not in DOWNLOAD_HOSTS (127.0.0.1)"), error
 
 
 def test_private_addresses_are_refused_unless_allowed(start: Callable[..., Path], server: Server) -> None:
@@ -558,6 +689,50 @@ def test_eviction_keeps_the_cache_in_its_budget_and_never_removes_a_file_in_use(
     holding_b.release()
     assert not a.exists(), "a, released, goes in its turn"
     assert server.requests("/b.safetensors") == 2, "an evicted file is downloaded again"
+
+
+def test_the_same_bytes_from_a_second_url_leave_the_held_file_in_place(
+    server: Server, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    downloads = cache_in(tmp_path / "cache", tiny_model_dir)
+
+    def fetch(path: str, lease: Lease) -> Path:
+        url = f"{server.url}{path}"
+        return downloads.fetch(
+            url, kind="lora", sha256=None, field="loras.0.url", deadline=time.monotonic() + 60, lease=lease
+        ).path
+
+    holding = Lease()
+    first = fetch("/detail.safetensors", holding)
+    held = first.stat().st_ino
+    also = Lease()
+    second = fetch("/loras/detail.safetensors", also)
+
+    assert second == first
+    assert first.stat().st_ino == held, "the file a job holds is the one in the cache, which eviction must lock first"
+    holding.release()
+    also.release()
+
+
+def test_parts_left_by_a_worker_that_died_are_swept_and_parts_being_written_are_not(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    cache = tmp_path / "cache"
+    (cache / ".partial").mkdir(parents=True)
+    left, writing, fresh = (cache / ".partial" / f"{name}.safetensors" for name in ("left", "writing", "fresh"))
+    for path in (left, writing, fresh):
+        path.write_bytes(b"\0" * 1000)
+    for path in (left, writing):
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    settings = load_settings(
+        {"DOWNLOAD_HOSTS": "127.0.0.1", "DOWNLOAD_CACHE_DIR": str(cache), "MODEL_CONFIG": str(tiny_model_dir)}
+    )
+
+    with writing.open("rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # as a download in another worker holds its part
+        Downloads(settings, system_resolve)
+
+        assert sorted(path.name for path in (cache / ".partial").iterdir()) == [fresh.name, writing.name]
 
 
 def test_a_refused_download_names_the_field_when_called_directly(server: Server, tmp_path: Path) -> None:

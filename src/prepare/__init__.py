@@ -16,6 +16,7 @@ errors, settings, storage, schema, models, prompts and adapters, never ``run`` o
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -78,27 +79,29 @@ def prepare(
     catalog: Callable[[], Catalog],
     storage: S3Storage | None,
     downloads: Callable[[], Downloads] | None = None,
+    cancelled: threading.Event | None = None,
 ) -> JobPlan | UpscalePlan:
     """A RunPod job's input, checked and made ready for the GPU; call the plan's ``release`` when the job ends.
     An upscale job (``"task": "upscale"``) gives an ``UpscalePlan`` (``prepare_upscale``); any other, a ``JobPlan``.
 
     ``catalog`` gives the worker's LoRAs and ControlNets; it is asked only once the input is valid, so a
     malformed job never waits for the model to load. ``downloads`` gives the download cache, for the LoRAs
-    and models the request names by URL.
+    and models the request names by URL; their downloads stop once ``cancelled`` is set.
 
     Raises:
         InputError: the input breaks the contract, names what the worker does not have, holds an image
             or a file by URL that cannot be read or used, or a prompt that cannot be parsed; the message
             names each field.
         ResponseTooLargeError: the answer could not fit inline.
+        JobCancelledError: ``cancelled`` was set during a download.
     """
     call = read_a1111(job)
     if call is None:
-        return _prepare(job, settings, catalog=catalog, storage=storage, downloads=downloads)
+        return _prepare(job, settings, catalog=catalog, storage=storage, downloads=downloads, cancelled=cancelled)
     # An A1111 request: this worker's input made of it, its errors naming A1111's fields, its answer A1111's.
     native = {**job, "input": call.input}
     try:
-        plan = _prepare(native, settings, catalog=catalog, storage=storage, downloads=downloads)
+        plan = _prepare(native, settings, catalog=catalog, storage=storage, downloads=downloads, cancelled=cancelled)
     except InputError as error:
         raise InputError(call.renamed(str(error))) from None
     return dataclasses.replace(plan, a1111=call)
@@ -111,6 +114,7 @@ def _prepare(
     catalog: Callable[[], Catalog],
     storage: S3Storage | None,
     downloads: Callable[[], Downloads] | None,
+    cancelled: threading.Event | None,
 ) -> JobPlan | UpscalePlan:
     if names_upscale(job):
         return prepare_upscale(job, settings, catalog=catalog, storage=storage)
@@ -122,7 +126,7 @@ def _prepare(
     try:
         # Files by URL, then input images, are read before the job waits for the GPU: a slow download never
         # holds it.
-        request, downloaded = fetch_named_files(request, settings, downloads, lease)
+        request, downloaded = fetch_named_files(request, settings, downloads, lease, cancelled)
         inputs = prepare_inputs(request, settings, storage)
         check_inline_fits(inputs.request, settings)
         return dataclasses.replace(plan_job(inputs, settings), downloaded=downloaded, lease=lease)

@@ -4,14 +4,19 @@ file of LORA_DIR or MODELS_DIR is checked.
 Off unless DOWNLOAD_HOSTS names hosts. A URL goes through ``http`` (every hop's host among DOWNLOAD_HOSTS, its
 addresses checked unless DOWNLOAD_ALLOW_PRIVATE allows them, the connection pinned to a checked address, a
 token only to its own host), within the job's download deadline (DOWNLOAD_TIMEOUT_SECONDS) and at most
-MAX_DOWNLOADS at once. The body is refused at its first bytes when it is not a safetensors file (a pickle, an
-HTML page), and stopped at the size cap (MAX_LORA_DOWNLOAD_MB, MAX_MODEL_DOWNLOAD_MB), never after it. A
-connection cut part way is resumed (``Range``, with ``If-Range`` so that a file changed meanwhile comes whole).
+MAX_DOWNLOADS at once, and stopped when the job is cancelled. The body is refused at its first bytes when it is
+not a safetensors file (a pickle, an HTML page), and stopped at the size cap (MAX_LORA_DOWNLOAD_MB,
+MAX_MODEL_DOWNLOAD_MB), never after it. A connection cut part way is resumed (``Range``, with ``If-Range`` so that
+a file changed meanwhile comes whole) when the server gave a validator (a strong ETag, or Last-Modified), and
+downloaded again from its start when it did not: nothing else tells a changed file from the same one.
 
 The cache, DOWNLOAD_CACHE_DIR:
 
-- ``files/<sha256>.safetensors``: the files, named by their SHA-256, written aside in ``.partial/`` and renamed
-  into place once complete and checked, so that a worker never sees half a file;
+- ``files/<sha256>.safetensors``: the files, named by their SHA-256, written aside in ``.partial/`` and linked
+  into place once complete and checked, so that a worker never sees half a file; a file already in place (the
+  same bytes from another URL) stays as it is, with the jobs that hold it;
+- ``.partial/``: the downloads in progress, each locked by its writer; one left by a worker that died is removed
+  once no one holds it and it is older than a minute;
 - ``index/<sha256 of the URL>.json``: what a URL gave (the file's SHA-256 and name, the URL without its query);
   a second request for the URL reads no network;
 - ``.locks/<sha256 of the URL>.lock``: one download of a URL at a time, across the workers on the volume; a
@@ -40,7 +45,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from src.prepare.http import FetchError, Resolve, Rules, chunks, content_length, file_name_from, opened, shown
+from src.errors import JobCancelledError
+from src.prepare.http import (
+    FetchError,
+    Resolve,
+    Rules,
+    check_url,
+    chunks,
+    content_length,
+    file_name_from,
+    opened,
+    shown,
+)
 from src.schema import GenerateRequest, InputError, ModelDownload
 from src.settings import Settings, SettingsError, redact_url
 
@@ -57,6 +73,8 @@ KEY_PREFIX = "\0url/"
 _ATTEMPTS = 3
 _CHUNK_BYTES = 1 << 20
 _WAIT_S = 0.1
+# A part file no one holds and no one wrote to for this long was left by a worker that died mid-download.
+_STALE_PART_S = 60
 # A safetensors file starts with its header's length (8 bytes, little-endian) and the header's "{".
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -143,9 +161,18 @@ class Downloads:
                 (self.folder / sub).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise SettingsError(f"DOWNLOAD_CACHE_DIR={str(self.folder)!r}: cannot be written: {error}") from None
+        self._sweep_parts()
 
     def fetch(
-        self, url: str, *, kind: str, sha256: str | None, field: str, deadline: float, lease: Lease
+        self,
+        url: str,
+        *,
+        kind: str,
+        sha256: str | None,
+        field: str,
+        deadline: float,
+        lease: Lease,
+        cancelled: threading.Event | None = None,
     ) -> Downloaded:
         """The file ``url`` gives, from the cache or downloaded, checked, and held by ``lease``.
 
@@ -153,12 +180,16 @@ class Downloads:
             InputError: the URL is refused, the download fails or is too large, the checksum differs, or the
                 file is not a usable LoRA or SD 1.5 checkpoint; the message names ``field`` and the URL, never
                 a token or the query.
+            JobCancelledError: ``cancelled`` was set while the download waited or ran.
         """
+        stop = _Stop(deadline, cancelled, self.rules.timeout_setting)
         try:
+            # A URL the worker would refuse is refused even when the file a checksum names is cached.
+            check_url(url, self.rules)
             found = self._cached(url, kind, sha256, lease)
             if found is None:
-                with self._url_lock(url, deadline):
-                    found = self._cached(url, kind, sha256, lease) or self._download(url, kind, sha256, deadline, lease)
+                with self._url_lock(url, stop):
+                    found = self._cached(url, kind, sha256, lease) or self._download(url, kind, sha256, stop, lease)
                 self._evict(keep=found.path)
             return found
         except FetchError as error:
@@ -216,7 +247,7 @@ class Downloads:
         return self.folder / "index" / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
 
     @contextlib.contextmanager
-    def _url_lock(self, url: str, deadline: float) -> Iterator[None]:
+    def _url_lock(self, url: str, stop: _Stop) -> Iterator[None]:
         """One download of ``url`` at a time, in this worker and every other on the volume."""
         path = self.folder / ".locks" / f"{hashlib.sha256(url.encode()).hexdigest()}.lock"
         with path.open("a+b") as handle:
@@ -225,10 +256,7 @@ class Downloads:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise FetchError(
-                            f"timed out waiting for another download of it ({self.rules.timeout_setting})"
-                        ) from None
+                    stop.check("waiting for another download of it")
                     time.sleep(_WAIT_S)
             try:
                 yield
@@ -237,6 +265,7 @@ class Downloads:
 
     def _evict(self, keep: Path) -> None:
         """Remove the least recently used files past DOWNLOAD_CACHE_GB; never ``keep``, nor one a job holds."""
+        self._sweep_parts()
         files = []
         for path in (self.folder / "files").glob("*.safetensors"):
             with contextlib.suppress(FileNotFoundError):
@@ -257,22 +286,37 @@ class Downloads:
             total -= size
             log.info("download cache: removed %s (%d MB) to stay within DOWNLOAD_CACHE_GB", path.name, size // MB)
 
+    def _sweep_parts(self) -> None:
+        """Remove what a worker that died mid-download left in ``.partial``: files no one holds (a download in
+        progress locks its part) and no one wrote to for ``_STALE_PART_S``."""
+        now = time.time()
+        for path in (self.folder / ".partial").iterdir():
+            try:
+                if now - path.stat().st_mtime < _STALE_PART_S:
+                    continue
+                with path.open("rb") as handle:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    path.unlink()
+            except (BlockingIOError, FileNotFoundError, IsADirectoryError):
+                continue  # being written, or removed by another worker
+            log.info("download cache: removed %s, left part way by an earlier download", path.name)
+
     # --- a download ---------------------------------------------------------------------------------------
 
-    def _download(self, url: str, kind: str, sha256: str | None, deadline: float, lease: Lease) -> Downloaded:
-        """Download ``url`` aside, check it, and move it into the cache; nothing is kept when a check fails."""
+    def _download(self, url: str, kind: str, sha256: str | None, stop: _Stop, lease: Lease) -> Downloaded:
+        """Download ``url`` aside, check it, and put it in the cache; nothing is kept when a check fails."""
         started = time.monotonic()
         # Named as a checkpoint is, for the checks; hidden in .partial until it is complete and checked.
         part = self.folder / ".partial" / f"{uuid.uuid4().hex}.safetensors"
         try:
-            with self._slot(deadline), _Received(part, *self._limits[kind]) as received:
-                name = self._receive(url, received, deadline)
+            with self._slot(stop), _Received(part, *self._limits[kind]) as received:
+                name = self._receive(url, received, stop)
             digest = received.digest.hexdigest()
             if sha256 is not None and digest != sha256:
                 raise FetchError(f"its SHA-256 is {digest}, not the {sha256} the request gave; nothing was kept")
             found = self._checked(url, kind, digest, name, part)
             path = self._file(digest)
-            os.replace(part, path)
+            _put_in_place(part, path)
         finally:
             part.unlink(missing_ok=True)
         record = {"sha256": digest, "name": name, "kind": kind, "url": found.url, "size": received.size}
@@ -286,29 +330,34 @@ class Downloads:
         return Downloaded(kind, name, path, digest, found.url, _moved(found.entry, path))
 
     @contextlib.contextmanager
-    def _slot(self, deadline: float) -> Iterator[None]:
+    def _slot(self, stop: _Stop) -> Iterator[None]:
         """One of MAX_DOWNLOADS downloads in flight, waited for within the deadline."""
-        if not self._slots.acquire(timeout=max(deadline - time.monotonic(), 0)):
-            raise FetchError(f"timed out waiting for one of the MAX_DOWNLOADS={self._max_downloads} download slots")
+        while not self._slots.acquire(timeout=_WAIT_S):
+            stop.check(f"waiting for one of the MAX_DOWNLOADS={self._max_downloads} download slots")
         try:
             yield
         finally:
             self._slots.release()
 
-    def _receive(self, url: str, received: _Received, deadline: float) -> str:
+    def _receive(self, url: str, received: _Received, stop: _Stop) -> str:
         """Fill ``received`` from ``url``, resuming after a cut connection; the file's name."""
         name, validator = None, None
         for attempt in range(1, _ATTEMPTS + 1):
-            headers = {"Range": f"bytes={received.size}-", **({"If-Range": validator} if validator else {})}
+            if received.size and validator is None:
+                received.restart()  # nothing tells a file changed meanwhile from the same one: all of it again
+            headers: dict[str, str] | None = None
+            if validator is not None:
+                headers = {"Range": f"bytes={received.size}-", "If-Range": validator}
             try:
-                with opened(url, self.rules, deadline, self._resolve, headers if received.size else None) as answer:
+                with opened(url, self.rules, stop.deadline, self._resolve, headers) as answer:
                     response = answer.response
                     if received.size and not _continues(response, received.size):
                         received.restart()
                     name = name or _stem(file_name_from(answer.url, response.headers.get("Content-Disposition")))
                     validator = validator or _validator(response.headers)
                     received.expect(content_length(response))
-                    for chunk in chunks(response, deadline, self.rules, _CHUNK_BYTES):
+                    for chunk in chunks(response, stop.deadline, self.rules, _CHUNK_BYTES):
+                        stop.check("downloading")
                         received.write(chunk)
                     return name
             except FetchError as error:
@@ -318,12 +367,35 @@ class Downloads:
         raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True)
+class _Stop:
+    """When a job's downloads stop waiting or receiving: at its deadline, or once it is cancelled."""
+
+    deadline: float
+    cancelled: threading.Event | None
+    timeout_setting: str
+
+    def check(self, doing: str) -> None:
+        """Go on, or stop: ``doing`` says where, in the message.
+
+        Raises:
+            JobCancelledError: the job was cancelled.
+            FetchError: the deadline passed.
+        """
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise JobCancelledError(f"the job was cancelled; it stopped {doing}")
+        if time.monotonic() >= self.deadline:
+            raise FetchError(f"timed out {doing} ({self.timeout_setting})")
+
+
 class _Received:
-    """The bytes of one download so far, in a part file, with their running SHA-256 and the size cap."""
+    """The bytes of one download so far, in a part file (locked, so that no sweep takes it), with their running
+    SHA-256 and the size cap."""
 
     def __init__(self, path: Path, limit: int, limit_text: str) -> None:
         self.path, self.limit, self.limit_text = path, limit, limit_text
         self.handle = path.open("wb")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
         self.size = 0
         self.digest = hashlib.sha256()
         self._head = b""
@@ -371,6 +443,18 @@ def _check_start(head: bytes) -> None:
     raise FetchError(f"it is {kind}; only .safetensors files are read")
 
 
+def _put_in_place(part: Path, path: Path) -> None:
+    """``part`` at ``path``, unless a file is there already: the same bytes (their SHA-256 names them), which jobs
+    may hold; replacing it would leave their locks on a file no longer in the cache."""
+    try:
+        os.link(part, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links
+        if not path.exists():
+            os.replace(part, path)
+
+
 def _continues(response: Any, size: int) -> bool:
     """Whether a ranged answer carries the rest from ``size``; a plain 200 brings the whole file again."""
     if response.status != 206:
@@ -410,13 +494,19 @@ def _hint(error: FetchError) -> str:
 
 
 def fetch_named_files(
-    request: GenerateRequest, settings: Settings, downloads: Callable[[], Downloads] | None, lease: Lease
+    request: GenerateRequest,
+    settings: Settings,
+    downloads: Callable[[], Downloads] | None,
+    lease: Lease,
+    cancelled: threading.Event | None = None,
 ) -> tuple[GenerateRequest, tuple[Downloaded, ...]]:
     """The LoRAs and model ``request`` names by URL, downloaded (or found in the cache) and checked, within one
-    DOWNLOAD_TIMEOUT_SECONDS; and the request naming each by its key, as the engine will know it.
+    DOWNLOAD_TIMEOUT_SECONDS and until ``cancelled`` is set; and the request naming each by its key, as the engine
+    will know it.
 
     Raises:
         InputError: as ``Downloads.fetch``; or one file given twice.
+        JobCancelledError: ``cancelled`` was set.
     """
     model = request.model if isinstance(request.model, ModelDownload) else None
     by_url = [(index, lora) for index, lora in enumerate(request.loras) if lora.url is not None]
@@ -430,8 +520,15 @@ def fetch_named_files(
     loras = list(request.loras)
     seen: dict[str, int] = {}
     for index, lora in by_url:
+        field = f"loras.{index}.url"
         item = cache.fetch(
-            str(lora.url), kind=LORA, sha256=lora.sha256, field=f"loras.{index}.url", deadline=deadline, lease=lease
+            str(lora.url),
+            kind=LORA,
+            sha256=lora.sha256,
+            field=field,
+            deadline=deadline,
+            lease=lease,
+            cancelled=cancelled,
         )
         if item.key in seen:
             raise InputError(f"loras.{index}.url: the same file as loras.{seen[item.key]} ({item.name}); give it once")
@@ -440,7 +537,15 @@ def fetch_named_files(
         fetched.append(item)
     update: dict[str, Any] = {"loras": loras}
     if model is not None:
-        item = cache.fetch(model.url, kind=MODEL, sha256=model.sha256, field="model", deadline=deadline, lease=lease)
+        item = cache.fetch(
+            model.url,
+            kind=MODEL,
+            sha256=model.sha256,
+            field="model",
+            deadline=deadline,
+            lease=lease,
+            cancelled=cancelled,
+        )
         update["model"] = item.key
         fetched.append(item)
     return request.model_copy(update=update), tuple(fetched)

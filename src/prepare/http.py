@@ -7,8 +7,10 @@ allow private addresses); the connection then goes to a checked address, the hos
 Host header, the TLS server name and the certificate check. A DNS answer that changes between the check and
 the connection (DNS rebinding) therefore cannot reach a private address. Redirects are followed here, at most
 ``Rules.max_redirects``, each hop checked the same way (and, when the rules name hosts, its host among them), and
-one deadline covers them all. A bearer token goes to the hops on its own host only (``HostToken``): never to
-the presigned URL on another host that Civitai and Hugging Face redirect to.
+one deadline covers them all: a connection is shut when it passes, whatever it waits for (a status line, headers
+or a TLS handshake dripped a byte at a time included). A bearer token goes to the hops on its own host only
+(``HostToken``): never to the presigned URL on another host that Civitai and Hugging Face redirect to, and
+HF_TOKEN's and CIVITAI_TOKEN's never over plain HTTP.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import urllib3
+import urllib3.connection
 
 from src import __version__
 from src.errors import clipped, first_line
@@ -165,7 +169,10 @@ def opened(
                 location = response.headers.get("Location", "").strip()
                 if not location:
                     raise FetchError(f"HTTP {response.status} redirect without a Location", current)
-                current = urljoin(current, location)
+                try:
+                    current = urljoin(current, location)
+                except ValueError:  # such as an unclosed [ in its host
+                    raise FetchError(f"HTTP {response.status} redirect to an invalid URL", current) from None
                 continue
             if not 200 <= response.status < 300:
                 reason = f"HTTP {response.status} {response.reason or ''}".rstrip()
@@ -190,15 +197,18 @@ def chunks(response: urllib3.BaseHTTPResponse, deadline: float, rules: Rules, si
     sock = getattr(getattr(response, "connection", None), "sock", None)
     while True:
         # The clock is checked between chunks, so a server that drips bytes is cut at the deadline; the
-        # socket's timeout follows the deadline down, so one that goes silent is cut at it too.
+        # socket's timeout follows the deadline down, so one that goes silent is cut at it too (and
+        # ``_CutAtDeadline`` shuts the connection at the deadline whatever happens).
         remaining = _remaining(deadline, rules)
         if sock is not None:
             sock.settimeout(remaining)
         try:
             chunk = response.read1(size, decode_content=False)
         except (urllib3.exceptions.HTTPError, OSError) as error:
+            _remaining(deadline, rules)  # the connection was shut at the deadline: say so, not "cut"
             raise FetchError(connection_problem(error, rules), cut=True) from None
         if not chunk:
+            _remaining(deadline, rules)  # an end that the deadline's shutdown made is no end of the file
             return
         yield chunk
 
@@ -206,7 +216,7 @@ def chunks(response: urllib3.BaseHTTPResponse, deadline: float, rules: Rules, si
 def content_length(response: urllib3.BaseHTTPResponse) -> int | None:
     """The body's length the server announced, if it did."""
     length = response.headers.get("Content-Length", "").strip()
-    return int(length) if length.isdigit() else None
+    return int(length) if re.fullmatch(r"[0-9]{1,20}", length) else None
 
 
 def file_name_from(url: str, content_disposition: str | None) -> str:
@@ -235,6 +245,19 @@ def file_name_from(url: str, content_disposition: str | None) -> str:
         if name not in ("", ".", ".."):
             return name
     return DEFAULT_FILE_NAME
+
+
+def check_url(url: str, rules: Rules) -> None:
+    """Refuse ``url`` as ``opened`` would before any connection: its scheme, its form, its host.
+
+    Raises:
+        FetchError: as ``opened`` for such a URL.
+    """
+    try:
+        _target(url, rules)
+    except FetchError as error:
+        error.url = url
+        raise
 
 
 def host_allowed(host: str, hosts: tuple[str, ...]) -> bool:
@@ -352,7 +375,7 @@ def _request(
         timeout = urllib3.Timeout(connect=remaining, read=remaining)
         pool: urllib3.HTTPConnectionPool
         if target.scheme == "https":
-            pool = urllib3.HTTPSConnectionPool(
+            pool = _TLSPool(
                 str(address),
                 target.port,
                 timeout=timeout,
@@ -361,9 +384,10 @@ def _request(
                 ssl_context=context,
                 server_hostname=target.host,
                 assert_hostname=target.host,
+                deadline=deadline,
             )
         else:
-            pool = urllib3.HTTPConnectionPool(str(address), target.port, timeout=timeout, retries=False, maxsize=1)
+            pool = _Pool(str(address), target.port, timeout=timeout, retries=False, maxsize=1, deadline=deadline)
         try:
             response = pool.urlopen(
                 "GET",
@@ -380,6 +404,7 @@ def _request(
             continue
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as error:
             pool.close()
+            _remaining(deadline, rules)  # the connection was shut at the deadline: say so
             raise FetchError(connection_problem(error, rules)) from None
         return pool, response
     if len(failures) == 1:
@@ -387,6 +412,47 @@ def _request(
     else:
         reasons = "; ".join(f"{address}: {problem}" for address, problem in failures)
     raise FetchError(f"cannot connect to {target.host} port {target.port}: {reasons}")
+
+
+class _CutAtDeadline(urllib3.connection.HTTPConnection):
+    """A connection whose socket is shut at the deadline, whatever it is waiting for. The socket's timeout
+    bounds each read only: a server that drips its status line, its headers or its TLS handshake a few bytes
+    at a time would pass it for ever."""
+
+    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+        self._timer: threading.Timer | None = None
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self._timer = threading.Timer(max(self._deadline - time.monotonic(), 0), _shut, (sock,))
+        self._timer.daemon = True
+        self._timer.start()
+        return sock
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        super().close()
+
+
+class _CutAtDeadlineTLS(_CutAtDeadline, urllib3.connection.HTTPSConnection):
+    """``_CutAtDeadline`` over TLS: the handshake too."""
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _CutAtDeadline
+
+
+class _TLSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _CutAtDeadlineTLS
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake whatever waits on ``sock``: its reads end as a closed connection's do."""
+    with contextlib.suppress(OSError):  # closed already
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _remaining(deadline: float, rules: Rules) -> float:

@@ -22,11 +22,14 @@ TOKEN_HOSTS = {"HF_TOKEN": ("huggingface.co", "hf.co"), "CIVITAI_TOKEN": ("civit
 
 @dataclass(frozen=True)
 class HostToken:
-    """A download token and the one host it is for: ``scope`` is ``host`` (any port) or ``host:port``."""
+    """A download token and the one host it is for: ``scope`` is ``host`` (any port) or ``host:port``. With
+    ``https_only`` (the tokens of TOKEN_HOSTS, whose hosts serve HTTPS only) it never goes over plain HTTP, where
+    anyone on the way would read it; an operator's own host (DOWNLOAD_TOKENS) may be a mirror on plain HTTP."""
 
     scope: str
     token: str = field(repr=False)
     variable: str  # the variable that gave it, for messages
+    https_only: bool = False
 
     @property
     def host(self) -> str:
@@ -37,11 +40,14 @@ class HostToken:
         return _host_and_port(self.scope)[1]
 
     def applies_to(self, url: str) -> bool:
-        """Whether ``url``'s host (and port, when the scope names one) is this token's."""
+        """Whether ``url``'s host (and port, when the scope names one) is this token's, and its scheme one the
+        token may travel by."""
         try:
             parts = urlsplit(url)
             port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
         except ValueError:
+            return False
+        if self.https_only and parts.scheme.lower() != "https":
             return False
         return parts.hostname == self.host and self.port in (None, port)
 
@@ -235,7 +241,7 @@ class ModelSettings(BaseModel):
         DOWNLOAD_TOKEN to MODEL_URL's host (and its port, when MODEL_URL names one).
         """
         tokens = [
-            HostToken(host, secret.get_secret_value(), variable)
+            HostToken(host, secret.get_secret_value(), variable, https_only=True)
             for variable, secret in (("HF_TOKEN", self.hf_token), ("CIVITAI_TOKEN", self.civitai_token))
             if secret is not None and secret.get_secret_value()
             for host in TOKEN_HOSTS[variable]
