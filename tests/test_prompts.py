@@ -33,6 +33,7 @@ from src.prompts import (
     to_chunks,
 )
 from src.prompts.encoding import _weighted
+from src.prompts.syntax import without_comments
 from src.run.engine import Engine, Generation
 from src.run.memory import Profile, estimate_peak_bytes
 from src.schema import InputError, parse_input
@@ -235,6 +236,49 @@ def test_bad_prompt_settings_name_the_field_and_the_next_job_runs(fields: dict[s
     if "prompt" in fields:
         assert "chunks of 75; at most 8 (MAX_PROMPT_CHUNKS)" in result["error"]
     ok()
+
+
+# As A1111's modules/processing_scripts/comments.py strips them (text in, text out).
+COMMENTS = [
+    ("a castle # TODO try a tower\nat night", "a castle \nat night"),
+    ("# a note first\na fox", "\na fox"),
+    ("a fox\n# a note last", "a fox\n"),
+    ("a fox # one\n# two\nin snow", "a fox \nin snow"),
+    ("no comment here", "no comment here"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), COMMENTS)
+def test_comments_are_removed_as_a1111_removes_them(text: str, expected: str) -> None:
+    assert without_comments(text) == expected
+
+
+@pytestmark_worker
+def test_a_prompts_comments_change_nothing_and_a_tag_in_one_is_not_read() -> None:
+    commented = ok(
+        prompt="a fox # <lora:absent:0.8> try a wolf\nin the snow",
+        negative_prompt="blurry # too soft?",
+        hires={"scale": 1.5, "steps": 1, "prompt": "a fox # sharper\nin the snow"},
+    )
+    plain = ok(
+        prompt="a fox \nin the snow",
+        negative_prompt="blurry \n",
+        hires={"scale": 1.5, "steps": 1, "prompt": "a fox \nin the snow"},
+    )
+
+    assert same_image(commented, plain)
+    assert commented["metadata"]["prompt"] == "a fox \nin the snow", "the prompt as it was read"
+    assert not commented["metadata"].get("loras"), "a commented-out tag is no tag"
+
+
+@pytestmark_worker
+def test_and_is_refused_in_a_prompt_not_as_a_word() -> None:
+    error = run(prompt="a red cat :1.2 AND a blue ball :0.8")["error"]
+
+    assert error.startswith("invalid input: prompt='a red cat :1.2 AND a blue ball :0.8': AND (A1111's composable")
+    hires = run(hires={"scale": 1.5, "steps": 1, "prompt": "a cat AND a dog"})["error"]
+    assert "hires.prompt='a cat AND a dog': AND" in hires
+    ok(prompt="rock and roll, ANDROID, BRAND", negative_prompt="blurry AND soft")
 
 
 # --- textual-inversion embeddings -----------------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from src.errors import clipped
+
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 # Tokens per chunk between its start and end tokens: CLIP reads 77.
@@ -38,6 +40,18 @@ _SYNTAX = re.compile(
     re.VERBOSE,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+# A1111's comments (1.8 and later, "Enable comments", on by default): a line that starts with # goes whole; then
+# from any other # to the end of its line.
+_COMMENT_LINE = re.compile(r"(^|\n)#[^\n]*(\n|$)")
+_COMMENT = re.compile(r"#[^\n]*(\n|$)")
+# A1111's composable diffusion: "a cat AND a dog :0.8" is two prompts guided at once.
+_AND = re.compile(r"\bAND\b")
+
+
+def without_comments(text: str) -> str:
+    """``text`` as A1111 reads a prompt with comments on: from each ``#`` to the end of its line removed, the line
+    break kept."""
+    return _COMMENT.sub("\n", _COMMENT_LINE.sub("\n", text))
 
 
 class PromptError(ValueError):
@@ -344,13 +358,18 @@ def plan_texts(passes: list[tuple[str, str, Span]], *, max_texts: int) -> TextPl
     prompt that cannot run is refused before any work.
 
     Raises:
-        PromptError: brackets nest deeper than ``MAX_BRACKET_DEPTH``, or editing makes more than
-            ``max_texts`` distinct texts; the message names the field.
+        PromptError: brackets nest deeper than ``MAX_BRACKET_DEPTH``, a prompt uses ``AND``, or editing makes more
+            than ``max_texts`` distinct texts; the message names the field.
     """
     for index, (prompt, negative_prompt, _) in enumerate(passes):
         prefix = "hires." if index else ""
         check_nesting(prompt, f"{prefix}prompt")
         check_nesting(negative_prompt, f"{prefix}negative_prompt")
+        if _AND.search(prompt):  # A1111 splits a prompt at AND, not a negative prompt
+            raise PromptError(
+                f"{prefix}prompt={clipped(prompt)!r}: AND (A1111's composable diffusion, several prompts guided at "
+                "once) is not supported; join the parts into one prompt, or write the word in lower case"
+            )
     runs = []
     for prompt, negative_prompt, span in passes:
         positive = prompt_schedule(prompt, span.steps, after=span.after)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from src.prompts.syntax import without_comments
 from src.schema.adapters import (
     AdapterOptions,
     ControlNetUnit,
@@ -32,6 +33,23 @@ TASK_FIELDS: Mapping[str, tuple[str, ...]] = {
     "inpaint": ("strength", "resize_mode", *MASK_FIELDS),
     "outpaint": ("strength", "resize_mode", *MASK_FIELDS, "outpaint"),
 }
+
+
+def _without_comments(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with A1111's ``#`` comments removed from its prompts and the hires pass's, before their
+    ``<lora:...>`` tags are read: a tag in a comment is not read."""
+
+    def stripped(fields: dict[str, Any]) -> dict[str, Any]:
+        prompts = ("prompt", "negative_prompt")
+        return {
+            name: without_comments(value) if name in prompts and isinstance(value, str) else value
+            for name, value in fields.items()
+        }
+
+    data = stripped(data)
+    if isinstance(data.get("hires"), dict):
+        data["hires"] = stripped(data["hires"])
+    return data
 
 
 class GenerateRequest(AdapterOptions):
@@ -60,7 +78,7 @@ class GenerateRequest(AdapterOptions):
                 "steps" not in hires or (type(hires["steps"]) is int and hires["steps"] == 0)
             ):
                 data["hires"] = {**hires, "steps": data["num_inference_steps"]}
-            data = merge_lora_tags(data)
+            data = merge_lora_tags(_without_comments(data))
         return data
 
     @model_validator(mode="after")
