@@ -22,13 +22,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import handler
 from builder.tiny_model import write_tiny_controlnets, write_tiny_model, write_tiny_models
 from builder.tiny_upscalers import write_tiny_upscalers
 from src import local
-from src.schema import InputError, read_a1111
+from src.finish.parameters import HIRES_UPSCALER_NAMES
+from src.run.pipelines import upscale_latents
+from src.schema import Hires, InputError, read_a1111
 from src.settings import Settings
 from tests.a1111_payloads import (
     CONTROL,
@@ -223,6 +226,47 @@ def test_hires_reports_its_pass_and_a_controlnet_unit_its_fields(worker: None) -
     assert any("args.1: enabled false" in warning for warning in result["metadata"]["warnings"])
 
 
+# A1111's latent_upscale_modes (modules/shared.py): its names, and torch's interpolation for each.
+A1111_LATENT_MODES = {
+    "Latent": {"mode": "bilinear", "antialias": False},
+    "Latent (antialiased)": {"mode": "bilinear", "antialias": True},
+    "Latent (bicubic)": {"mode": "bicubic", "antialias": False},
+    "Latent (bicubic antialiased)": {"mode": "bicubic", "antialias": True},
+    "Latent (nearest)": {"mode": "nearest", "antialias": False},
+    "Latent (nearest-exact)": {"mode": "nearest-exact", "antialias": False},
+}
+
+
+@pytest.mark.parametrize("upscaler", list(A1111_LATENT_MODES))
+def test_each_latent_upscaler_enlarges_as_a1111s_of_its_name(upscaler: str) -> None:
+    latents = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(3))
+    hires = read_a1111({"input": {**FLAT, "enable_hr": True, "hr_upscaler": upscaler}})
+    assert hires is not None
+    name = hires.input["hires"]["upscaler"]
+    native = Hires.model_validate({"upscaler": name, "steps": 1}, context={"limits": Settings()}).upscaler
+
+    enlarged = upscale_latents(latents, (144, 96), 8, native)
+
+    expected = torch.nn.functional.interpolate(latents, size=(12, 18), **A1111_LATENT_MODES[upscaler])
+    assert torch.equal(enlarged, expected)
+    assert HIRES_UPSCALER_NAMES[native] == upscaler, "the infotext names it as A1111 does"
+
+
+@pytest.mark.parametrize("upscaler", ["Latent (bicubic antialiased)", "Latent (nearest-exact)"])
+def test_a1111s_other_latent_upscalers_run_under_either_name_and_are_named_as_a1111_names_them(
+    worker: None, upscaler: str
+) -> None:
+    hires = {**FLAT, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 1}
+    result = run({**hires, "hr_upscaler": upscaler})
+    native_name = upscaler.lower().replace(" (", "-").replace(")", "").replace(" ", "-")
+    native = run({**hires, "hr_upscaler": native_name})
+    plain = run({**hires, "hr_upscaler": "Latent"})
+
+    assert np.array_equal(pixels(result["images"][0]), pixels(native["images"][0]))
+    assert not np.array_equal(pixels(result["images"][0]), pixels(plain["images"][0])), "another interpolation"
+    assert parse_infotext(json.loads(result["info"])["infotexts"][0])["Hires upscaler"] == upscaler
+
+
 def test_send_images_false_answers_without_images(worker: None) -> None:
     result = run({**FLAT, "send_images": False})
     assert result["images"] == []
@@ -253,7 +297,7 @@ REFUSED = [
     pytest.param({"cfg_scale": "7"}, "cfg_scale='7'", id="cfg-as-string"),
     pytest.param({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer", id="other-script"),
     pytest.param({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings.sd_hypernetwork", id="override"),
-    pytest.param({"enable_hr": True, "hr_upscaler": "Latent (bicubic)"}, "hr_upscaler='Latent (bicubic)'", id="hr-up"),
+    pytest.param({"enable_hr": True, "hr_upscaler": "SwinIR 4x"}, "hr_upscaler='SwinIR 4x'", id="hr-up"),
     pytest.param({"enable_hr": True, "hr_resize_x": 100, "hr_resize_y": 200}, "hr_resize_x", id="hr-resize"),
     pytest.param(
         {"enable_hr": True, "hr_upscaler": ["Lanczos"]}, "hr_upscaler=['Lanczos']: must be a valid string", id="hr-list"

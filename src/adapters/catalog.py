@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from src.schema import HIRES_BUILT_IN, UPSCALE_BUILT_IN
+from src.schema import HIRES_BUILT_IN, LATENT_VARIANTS, UPSCALE_BUILT_IN
 
 if TYPE_CHECKING:
     from src.adapters.controlnets import ControlNetEntry, ControlNetRef
@@ -78,7 +78,7 @@ class Catalog:
         """Why ``name``, given as ``field``, is neither built in (``hires.upscaler``'s latent and lanczos, an
         upscale job's lanczos and nearest) nor a usable file of UPSCALER_DIR; None when it is one of them."""
         built_in = HIRES_BUILT_IN if field.startswith("hires.") else UPSCALE_BUILT_IN
-        if name in built_in:
+        if name in built_in or (field.startswith("hires.") and name in LATENT_VARIANTS):
             return None
         entry = self.upscalers.get(name)
         if entry is None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from src import __version__
-from src.schema import HIRES_BUILT_IN, SCHEDULER_ALIASES, SCHEDULER_NAMES, UPSCALE_BUILT_IN
+from src.schema import HIRES_BUILT_IN, LATENT_VARIANTS, SCHEDULER_ALIASES, SCHEDULER_NAMES, UPSCALE_BUILT_IN
 
 if TYPE_CHECKING:
     from src.run.engine import Engine
@@ -51,7 +51,7 @@ def describe(engine: Engine) -> dict[str, Any]:
             "controlnets": _usable(engine.controlnets.entries),
             "embeddings": sorted(engine.embeddings),
             "schedulers": [{"name": name, "aliases": sorted(aliases[name])} for name in SCHEDULER_NAMES],
-            "hires_upscalers": [*HIRES_BUILT_IN, *engine.upscalers.names],
+            "hires_upscalers": [*HIRES_BUILT_IN, *LATENT_VARIANTS, *engine.upscalers.names],
             "upscalers": [*UPSCALE_BUILT_IN, *engine.upscalers.names],
             "limits": {name: getattr(engine.settings, name) for name in LIMITS},
             "refused": _refused("model", engine.models.entries)

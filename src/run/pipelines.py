@@ -53,6 +53,16 @@ CONTROLNET_PIPELINES: dict[PipelineKind, type[DiffusionPipeline]] = {
     "img2img": StableDiffusionControlNetImg2ImgPipeline,
     "inpaint": StableDiffusionControlNetInpaintPipeline,
 }
+# The hires pass's latent upscalers: torch's interpolation and antialias for each, as A1111's
+# latent_upscale_modes (in its modules/shared.py) give them.
+LATENT_MODES: Mapping[str, tuple[str, bool]] = {
+    "latent": ("bilinear", False),
+    "latent-antialiased": ("bilinear", True),
+    "latent-bicubic": ("bicubic", False),
+    "latent-bicubic-antialiased": ("bicubic", True),
+    "latent-nearest": ("nearest", False),
+    "latent-nearest-exact": ("nearest-exact", False),
+}
 
 
 def encode_prompts(
@@ -254,8 +264,8 @@ def upscaled(
     """The previous pass's result at the hires size: latents enlarged, or images decoded and enlarged (with
     Lanczos, or through an upscaler of ``upscalers`` and then Lanczos)."""
     assert step.upscale_to is not None
-    if step.upscaler == "latent":
-        return upscale_latents(latents, step.upscale_to, base.vae_scale_factor)
+    if step.upscaler in LATENT_MODES:
+        return upscale_latents(latents, step.upscale_to, base.vae_scale_factor, step.upscaler)
     decoded = decode(base, latents, indices, warnings)
     if step.upscaler != "lanczos":
         # As A1111: through the model (as many times as reach the hires size), then resized to it.
@@ -266,11 +276,14 @@ def upscaled(
     return [image.resize(step.upscale_to, Image.Resampling.LANCZOS) for image in images]
 
 
-def upscale_latents(latents: torch.Tensor, size: tuple[int, int], scale_factor: int) -> torch.Tensor:
-    """Latents enlarged for the hires pass, as A1111's "Latent" upscaler: bilinear, no antialias."""
+def upscale_latents(
+    latents: torch.Tensor, size: tuple[int, int], scale_factor: int, upscaler: str = "latent"
+) -> torch.Tensor:
+    """Latents enlarged for the hires pass, as A1111's latent upscaler of that name (``LATENT_MODES``)."""
     width, height = size
+    mode, antialias = LATENT_MODES[upscaler]
     return torch.nn.functional.interpolate(
-        latents, size=(height // scale_factor, width // scale_factor), mode="bilinear", antialias=False
+        latents, size=(height // scale_factor, width // scale_factor), mode=mode, antialias=antialias
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import (
@@ -36,6 +37,15 @@ HIRES_SCHEDULE_MAX = 1000
 HIRES_SIDE_STEP = 8
 # The hires upscalers that need no model file: A1111's "Latent" and "Lanczos".
 HIRES_BUILT_IN = ("latent", "lanczos")
+# A1111's other latent upscalers (its latent_upscale_modes), which enlarge the latents as ``latent`` does with
+# another interpolation; A1111's own spellings ("Latent (nearest-exact)") are taken too.
+LATENT_VARIANTS = (
+    "latent-antialiased",
+    "latent-bicubic",
+    "latent-bicubic-antialiased",
+    "latent-nearest",
+    "latent-nearest-exact",
+)
 
 
 class Outpaint(BaseModel):
@@ -119,7 +129,9 @@ class Hires(BaseModel):
         "latent",
         min_length=1,
         max_length=255,
-        description="`latent`: the latents are enlarged (A1111's Latent). `lanczos`: the image is decoded, "
+        description="`latent`: the latents are enlarged, bilinear (A1111's Latent); A1111's other latent "
+        "upscalers too: `latent-antialiased`, `latent-bicubic`, `latent-bicubic-antialiased`, `latent-nearest`, "
+        "`latent-nearest-exact` (or A1111's names, such as `Latent (bicubic)`). `lanczos`: the image is decoded, "
         "enlarged with Lanczos and encoded again. Or an upscaler of `UPSCALER_DIR` by name (such as "
         "`RealESRGAN_x4plus`): the decoded image goes through it, is resized to the hires size and encoded again.",
     )
@@ -157,12 +169,16 @@ class Hires(BaseModel):
     @field_validator("upscaler", mode="before")
     @classmethod
     def _built_in_names_in_any_case(cls, value: Any) -> Any:
+        if isinstance(value, str):  # A1111's "Latent (bicubic antialiased)" is latent-bicubic-antialiased
+            variant = re.sub(r"\s*\(\s*(.*?)\s*\)\s*$", r"-\1", value.strip().lower()).replace(" ", "-")
+            if variant in LATENT_VARIANTS:
+                return variant
         return built_in_in_any_case(value, HIRES_BUILT_IN)
 
     @field_validator("upscaler")
     @classmethod
     def _a_name_not_a_path(cls, value: str, info: ValidationInfo) -> str:
-        return upscaler_name(value, HIRES_BUILT_IN, request_limits(info))
+        return value if value in LATENT_VARIANTS else upscaler_name(value, HIRES_BUILT_IN, request_limits(info))
 
     @field_validator("sampler")
     @classmethod
