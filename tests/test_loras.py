@@ -462,6 +462,26 @@ REFUSED = [
 ]
 
 
+def test_a_hires_prompt_may_repeat_the_prompts_tags_and_no_other(lora_worker: Callable[..., None]) -> None:
+    hires = {"scale": 1.5, "steps": 1}
+    tagged = "a red fox in the snow <lora:a:0.8>"
+    plain = ok(prompt=tagged, hires=hires)
+    copied = ok(prompt=tagged, hires={**hires, "prompt": tagged})
+    sharper = ok(prompt=tagged, hires={**hires, "prompt": "a sharp red fox <lora:a:0.8>"})
+    own = ok(prompt=tagged, hires={**hires, "prompt": "a sharp red fox"})
+
+    def drawn(result: dict[str, Any]) -> bytes:
+        return decode_png(files_of(result)[0]).tobytes()
+
+    assert files_of(copied) == files_of(plain), "the prompt again, tags and all, is the prompt: the same file"
+    assert drawn(sharper) == drawn(own), "the tags repeated change nothing"
+    assert drawn(sharper) != drawn(plain)
+    for other in ("a fox <lora:b:0.8>", "a fox <lora:a:0.5>", "a fox <lora:a:0.8> <lora:b:1>"):
+        error = run(prompt=tagged, hires={**hires, "prompt": other})["error"]
+        assert f"hires.prompt={other!r}: <lora:...> tags are read only in prompt" in error, error
+    ok()
+
+
 @pytest.mark.parametrize(("fields", "says"), REFUSED)
 def test_a_refused_lora_request_names_the_field_and_rule_and_the_next_job_is_clean(
     lora_worker: Callable[..., None],

@@ -302,6 +302,7 @@ def test_the_describe_job_lists_what_the_worker_has_without_the_gpu(start: Calla
     assert "tiny-controlnet" in answer["controlnets"]
     assert {"name": "Euler a", "aliases": ["euler_ancestral", "k_euler_a", "k_euler_ancestral"]} in answer["schedulers"]
     assert answer["hires_upscalers"] == ["latent", "lanczos"]
+    assert "latent-nearest-exact" in answer["hires_latent_variants"]
     assert answer["limits"]["max_side"] == engine.settings.max_side
     assert (answer["device"], answer["memory_profile"]) == ("cpu", "cpu")
 

@@ -51,7 +51,9 @@ def describe(engine: Engine) -> dict[str, Any]:
             "controlnets": _usable(engine.controlnets.entries),
             "embeddings": sorted(engine.embeddings),
             "schedulers": [{"name": name, "aliases": sorted(aliases[name])} for name in SCHEDULER_NAMES],
-            "hires_upscalers": [*HIRES_BUILT_IN, *LATENT_VARIANTS, *engine.upscalers.names],
+            "hires_upscalers": [*HIRES_BUILT_IN, *engine.upscalers.names],
+            # Each enlarges the latents as "latent" does, with another of A1111's interpolations.
+            "hires_latent_variants": list(LATENT_VARIANTS),
             "upscalers": [*UPSCALE_BUILT_IN, *engine.upscalers.names],
             "limits": {name: getattr(engine.settings, name) for name in LIMITS},
             "refused": _refused("model", engine.models.entries)

@@ -258,6 +258,16 @@ def lora_tags(text: str) -> list[tuple[str, str]]:
     return [(match.group(1), match.group(2)) for match in EXTRA_NETWORK_TAG.finditer(text)]
 
 
+def lora_tag_list(text: str) -> list[tuple[str, str]]:
+    """The ``<lora:...>`` tags of ``text``, as (name, scale) text, in order: what two prompts are compared by."""
+    found = []
+    for kind, arguments in lora_tags(text):
+        if kind.lower() in LORA_TAG_KINDS:
+            name, _, scale = arguments.partition(":")
+            found.append((name.strip(), scale.strip()))
+    return found
+
+
 def without_lora_tags(text: str) -> str:
     """``text`` with its ``<lora:...>`` tags removed, as A1111 removes them before encoding."""
     return EXTRA_NETWORK_TAG.sub(lambda match: "" if match.group(1).lower() in LORA_TAG_KINDS else match.group(0), text)

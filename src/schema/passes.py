@@ -155,7 +155,8 @@ class Hires(BaseModel):
         None,
         max_length=MAX_PROMPT_CHARS,
         description="The second pass's prompt (A1111's `hr_prompt`), with the same syntax as `prompt` but "
-        "`<lora:...>` tags. Unset or empty: `prompt`.",
+        "`<lora:...>` tags: the prompt's own may be repeated, all of them as they are (as clients that copy the "
+        "prompt send them), and change nothing. Unset or empty: `prompt`.",
         json_schema_extra={"shown_default": "`prompt`"},
     )
     negative_prompt: StrictStr | None = Field(
@@ -189,7 +190,10 @@ class Hires(BaseModel):
     @classmethod
     def _no_lora_tags(cls, value: str | None) -> str | None:
         if value is not None and any(kind.lower() in LORA_TAG_KINDS for kind, _ in EXTRA_NETWORK_TAG.findall(value)):
-            raise ValueError("<lora:...> tags are read only in prompt; a LoRA applies to the whole job")
+            raise ValueError(
+                "<lora:...> tags are read only in prompt; a LoRA applies to the whole job (a hires prompt may "
+                "repeat the prompt's tags, all of them, as they are)"
+            )
         return value or None
 
     @field_validator("steps")

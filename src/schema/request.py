@@ -15,6 +15,7 @@ from src.schema.adapters import (
     check_controlnets,
     check_loras,
     check_model,
+    lora_tag_list,
     merge_lora_tags,
     without_lora_tags,
 )
@@ -52,6 +53,22 @@ def _without_comments(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _hires_prompt_untagged(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with a hires prompt that repeats the prompt's ``<lora:...>`` tags exactly (as clients that copy
+    A1111's prompt into ``hr_prompt`` send it) without them: they ask for what the job's LoRAs do in both passes
+    already. A hires prompt that is then the prompt itself is dropped, as one not given. Other tags are left for
+    the hires fields to refuse."""
+    hires, prompt = data.get("hires"), data.get("prompt")
+    if not isinstance(hires, dict) or not isinstance(prompt, str) or not isinstance(hires.get("prompt"), str):
+        return data
+    tags = lora_tag_list(hires["prompt"])
+    if not tags or tags != lora_tag_list(prompt):
+        return data
+    untagged = without_lora_tags(hires["prompt"])
+    hires = {name: value for name, value in hires.items() if name != "prompt"}
+    return {**data, "hires": hires if untagged == without_lora_tags(prompt) else {**hires, "prompt": untagged}}
+
+
 class GenerateRequest(AdapterOptions):
     """One text-to-image job. Unknown fields are errors, so typos fail loudly.
 
@@ -78,7 +95,7 @@ class GenerateRequest(AdapterOptions):
                 "steps" not in hires or (type(hires["steps"]) is int and hires["steps"] == 0)
             ):
                 data["hires"] = {**hires, "steps": data["num_inference_steps"]}
-            data = merge_lora_tags(_without_comments(data))
+            data = merge_lora_tags(_hires_prompt_untagged(_without_comments(data)))
         return data
 
     @model_validator(mode="after")
