@@ -39,6 +39,7 @@ from tests.a1111_payloads import (
     CONTROLNET_DIFFUSERS,
     EXTRAS,
     FLAT,
+    FLAT_NATIVE,
     GENERATED,
     HIRES,
     IMG2IMG,
@@ -224,6 +225,33 @@ def test_hires_reports_its_pass_and_a_controlnet_unit_its_fields(worker: None) -
     assert "Weight: 0.8" in unit
     assert "Processor Res: 64" in unit
     assert any("args.1: enabled false" in warning for warning in result["metadata"]["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("hires", "size"),
+    [
+        ({"hr_scale": 1.3}, (80, 80)),  # int(64 x 1.3) = 83, which A1111's latents round down to 80
+        ({"hr_resize_x": 100}, (96, 96)),
+        ({"hr_resize_y": 120, "hr_resize_x": 120}, (120, 120)),
+        ({"hr_scale": 1.3, "width": 64, "height": 128}, (80, 160)),  # 83 x 166: 80 x 160, the factor 1.25
+    ],
+)
+def test_a_hires_size_lands_where_a1111s_does(worker: None, hires: dict[str, Any], size: tuple[int, int]) -> None:
+    result = run({**FLAT, "enable_hr": True, "hr_second_pass_steps": 1, **hires})
+
+    assert "error" not in result, result["error"]
+    assert Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).size == size
+    scale = parse_infotext(json.loads(result["info"])["infotexts"][0])["Hires upscale"]
+    again = {**FLAT_NATIVE, **{k: v for k, v in hires.items() if k in ("width", "height")}}
+    native = asyncio.run(handler.handler({"id": "n", "input": {**again, "hires": {"scale": float(scale), "steps": 1}}}))
+    assert Image.open(io.BytesIO(base64.b64decode(native["images"][0]["image"]))).size == size, "its infotext again"
+
+
+def test_a_hires_size_no_single_factor_reaches_is_refused_naming_the_field(worker: None) -> None:
+    result = run({**FLAT, "enable_hr": True, "hr_scale": 1.3, "width": 64, "height": 192})
+
+    assert "hr_scale=1.3: A1111 would make 80x248 of 64x192, which no single factor" in result["error"]
+    assert "error" not in run(FLAT)
 
 
 # A1111's latent_upscale_modes (modules/shared.py): its names, and torch's interpolation for each.

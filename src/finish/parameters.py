@@ -144,7 +144,7 @@ def _task_fields(request: GenerateRequest, source_size: tuple[int, int] | None) 
         fields["Outpaint"] = f'"left {margins.left}, right {margins.right}, top {margins.top}, bottom {margins.bottom}"'
     if request.hires is not None:
         fields["Denoising strength"] = f"{request.hires.strength:g}"
-        fields["Hires upscale"] = f"{request.hires.scale:g}"
+        fields["Hires upscale"] = f"{request.hires.scale:.12g}"  # all its digits: run again, it makes the same size
         fields["Hires steps"] = request.hires.steps
         fields["Hires upscaler"] = HIRES_UPSCALER_NAMES.get(request.hires.upscaler, request.hires.upscaler)
         if request.hires.model is not None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from math import isfinite
 from typing import Any
 
 from src.schema.adapters import without_lora_tags
 from src.schema.core import canonical_scheduler
+from src.schema.passes import HIRES_SIDE_STEP
 from src.schema.request import shown
 
 # A1111's API defaults, where they differ from this worker's own.
@@ -504,22 +506,52 @@ def translate_upscale(self: Translation) -> None:
 
 
 def hires_scale(self: Translation) -> Any:
-    """``hr_scale``, or the factor that ``hr_resize_x`` and ``hr_resize_y`` name (both, or one of the two)."""
+    """The factor of this worker's hires pass that gives the size A1111 would: from ``hr_scale``, or from
+    ``hr_resize_x`` and ``hr_resize_y`` (one of the two; both when they keep the proportions).
+
+    A1111 enlarges to int(side x hr_scale) (or to the resize target, the other side in proportion) and its latents
+    round that down to a multiple of 8: the factor is ``hr_scale`` itself when that lands on multiples of 8, else one
+    that lands on A1111's sizes, when a single factor does; else the field is refused.
+    """
     fields = self.fields
     scale = fields.take("hr_scale", A1111_DEFAULTS["hr_scale"])
     target_x, target_y = fields.take("hr_resize_x", 0), fields.take("hr_resize_y", 0)
-    if not target_x and not target_y:
-        return scale
     width, height = self.out.get("width"), self.out.get("height")
-    if not all(isinstance(value, int) and value > 0 for value in (width, height, target_x or 1, target_y or 1)):
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        return scale  # the schema refuses the size, naming its field
+    if not target_x and not target_y:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not isfinite(scale):
+            return scale  # the schema refuses a bad one, naming hr_scale
+        return _factor_for(self, "hr_scale", scale, (int(width * scale), int(height * scale))) or scale
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in (target_x, target_y)):
         fields.refuse("hr_resize_x", [target_x, target_y], "must be whole pixels, with width and height")
         return scale
-    factor = target_x / width if target_x else target_y / height
-    if (target_x and int(width * factor) != target_x) or (target_y and int(height * factor) != target_y):
+    wanted = (target_x, target_x * height // width) if target_x else (target_y * width // height, target_y)
+    if target_x and target_y and wanted != (target_x, target_y):
         fields.refuse(
             "hr_resize_x",
             [target_x, target_y],
             f"hr_resize_x x hr_resize_y = {target_x}x{target_y} does not keep {width}x{height}'s proportions; "
-            "this worker's hires pass enlarges by one factor: use hr_scale, or one of the two",
+            "this worker's hires pass enlarges by one factor and crops nothing: use hr_scale, or one of the two",
         )
-    return factor
+        return scale
+    return _factor_for(self, "hr_resize_x" if target_x else "hr_resize_y", None, wanted) or scale
+
+
+def _factor_for(self: Translation, name: str, scale: float | None, target: tuple[int, int]) -> float | None:
+    """The factor that takes width x height to ``target`` rounded down to multiples of 8, as A1111's latents
+    round it: ``scale`` when it does; None (the field refused) when no single factor does."""
+    width, height = self.out["width"], self.out["height"]
+    rounded = (target[0] // HIRES_SIDE_STEP * HIRES_SIDE_STEP, target[1] // HIRES_SIDE_STEP * HIRES_SIDE_STEP)
+    # Exact quotients first; half a pixel more, where float rounding puts an exact one a pixel short (960 / 704).
+    candidates = (rounded[0] / width, rounded[1] / height, (rounded[0] + 0.5) / width, (rounded[1] + 0.5) / height)
+    for factor in (scale, *candidates):
+        if factor is not None and (int(width * factor), int(height * factor)) == rounded:
+            return factor
+    self.fields.refuse(
+        name,
+        self.fields.data.get(name),
+        f"A1111 would make {rounded[0]}x{rounded[1]} of {width}x{height}, which no single factor of this worker's "
+        "hires pass reaches; choose a size in the first pass's proportions",
+    )
+    return None
