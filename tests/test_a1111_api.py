@@ -327,6 +327,7 @@ REFUSED = [
     pytest.param({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings.sd_hypernetwork", id="override"),
     pytest.param({"enable_hr": True, "hr_upscaler": "SwinIR 4x"}, "hr_upscaler='SwinIR 4x'", id="hr-up"),
     pytest.param({"enable_hr": True, "hr_resize_x": 100, "hr_resize_y": 200}, "hr_resize_x", id="hr-resize"),
+    pytest.param({"enable_hr": "true"}, "enable_hr='true': must be true or false", id="hr-switch-text"),
     pytest.param(
         {"enable_hr": True, "hr_upscaler": ["Lanczos"]}, "hr_upscaler=['Lanczos']: must be a valid string", id="hr-list"
     ),
@@ -351,6 +352,7 @@ IMG2IMG_REFUSED = [
     pytest.param({"image": PICTURE}, "image and init_images", id="image-and-init-images"),
     pytest.param({"denoising_strength": 0}, "denoising_strength=0", id="strength-zero"),
     pytest.param({"inpainting_fill": [1]}, "inpainting_fill=[1]: 0 (fill), 1 (original)", id="fill-as-a-list"),
+    pytest.param({"inpaint_full_res": "false"}, "inpaint_full_res='false': must be true or false", id="switch-text"),
 ]
 
 

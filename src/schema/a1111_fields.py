@@ -87,6 +87,15 @@ class Fields:
         if value is not None and not neutral(value):
             self.refuse(name, value, why)
 
+    def switch(self, name: str, default: bool) -> bool:
+        """An A1111 switch (``enable_hr``, ``inpaint_full_res``...): true or false, or 1 or 0; ``default`` when
+        absent or null. Any other value (the string "false", say) is refused by name, never read as on or off."""
+        value = self.take(name, default)
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        self.refuse(name, value, "must be true or false")
+        return default
+
     def refuse(self, name: str, value: Any, why: str) -> None:
         self.problems.append(f"{self.where}{name}={shown(value)}: {why}")
 
@@ -181,7 +190,7 @@ class Translation:
         self.names["scheduler"] = "sampler_name"
         self._batch()
         # As A1111 with disable_extra_networks: the prompt's <lora:...> tags are removed and no network applied.
-        if fields.take("disable_extra_networks") is True and isinstance(self.out.get("prompt"), str):
+        if fields.switch("disable_extra_networks", False) and isinstance(self.out.get("prompt"), str):
             self.out["prompt"] = without_lora_tags(self.out["prompt"])
         self._neutral_generation_fields()
         read_overrides(self)
@@ -265,7 +274,7 @@ class Translation:
             self.names["controlnets"] = f"alwayson_scripts.{key}.args"
 
     def _hires_on(self) -> bool:
-        return self.endpoint == "txt2img" and self.fields.data.get("enable_hr") is True
+        return self.endpoint == "txt2img" and self.fields.data.get("enable_hr") in (True, 1)
 
     def hires(self) -> None:
         """txt2img's hires fix: read when ``enable_hr`` is on, accepted at any value when it is off."""
@@ -275,7 +284,7 @@ class Translation:
             "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "denoising_strength",
             "firstphase_width", "firstphase_height",
         )  # fmt: skip
-        if fields.take("enable_hr") is not True:
+        if not fields.switch("enable_hr", False):
             fields.accept(*names)
             return
         hires: dict[str, Any] = {"strength": fields.take("denoising_strength", A1111_DEFAULTS["denoising_strength"])}
@@ -345,7 +354,7 @@ class Translation:
         blur = fields.take("mask_blur")
         blur_x, blur_y = fields.take("mask_blur_x", 4), fields.take("mask_blur_y", 4)
         fill = fields.take("inpainting_fill", 0)
-        full_res = fields.take("inpaint_full_res", True)
+        full_res = fields.switch("inpaint_full_res", True)
         padding = fields.take("inpaint_full_res_padding", 0)
         invert = fields.take("inpainting_mask_invert", 0)
         if mask is None:
