@@ -201,7 +201,9 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
             try:
                 queued = time.perf_counter()
                 generation = await in_thread(lambda: _run(job, plan, settings, cancelled, queued), cancelled, gpu=True)
-                return await in_thread(lambda: _finish(job, plan, generation, settings, started), cancelled)
+                return await in_thread(
+                    lambda: _finish(job, plan, generation, settings, started=started, cancelled=cancelled), cancelled
+                )
             finally:
                 plan.release()
     except Exception as error:  # noqa: BLE001 - answered; an unexpected one is logged with its traceback
@@ -243,11 +245,19 @@ def _run(
 
 
 def _finish(
-    job: Any, plan: JobPlan | UpscalePlan, generation: Generation | Upscaled, settings: Settings, started: float
+    job: Any,
+    plan: JobPlan | UpscalePlan,
+    generation: Generation | Upscaled,
+    settings: Settings,
+    *,
+    started: float,
+    cancelled: threading.Event,
 ) -> dict[str, Any]:
-    """Stage 3, on the CPU: the images encoded and delivered, the response."""
+    """Stage 3, on the CPU: the images encoded and delivered (none uploaded once the job is cancelled), the
+    response."""
+    job_id = str(job.get("id") or "")
     return finish(
-        plan, generation, settings=settings, storage=get_storage(), job_id=str(job.get("id") or ""), started=started
+        plan, generation, settings=settings, storage=get_storage(), job_id=job_id, started=started, cancelled=cancelled
     )
 
 
@@ -268,6 +278,8 @@ def prepare() -> Settings:
     from src.models.locate import locate_model
 
     locate_model(settings)
+    if (unnamed := settings.bucket_without_a_name) is not None:
+        log.warning("%s", unnamed)
     # transformers warns at import, twice per class, that torchvision is missing and
     # it will use PIL image processors; this worker uses no image processor at all.
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)

@@ -82,7 +82,7 @@ class Worker:
 
     def job(self, loras: list[str], scale: float = 0.8) -> tuple[float, int, bytes]:
         """Seconds, graphs compiled during the job, and the PNG, for a job with ``loras``."""
-        from src.finish.response import encode_response
+        from src.finish.response import Route, encode_response
         from src.schema import parse_input
 
         request = parse_input(
@@ -102,9 +102,7 @@ class Worker:
         _synchronize()
         started = time.perf_counter()
         generation = self.engine.generate(request, timeout_s=600)
-        response = encode_response(
-            request, generation, settings=self.settings, storage=None, job_id="bench", started=0.0
-        )
+        response = encode_response(request, generation, Route(self.settings, None, "bench"), started=0.0)
         _synchronize()
         seconds = time.perf_counter() - started
         image = response.images[0]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -42,6 +44,21 @@ class Uploaded:
 Upload = tuple[bytes, str, str, str]
 
 
+def _without_the_bucket(endpoint: str | None, bucket: str) -> str | None:
+    """``endpoint`` without the bucket in its host (``https://renders.s3.eu-west-1.amazonaws.com``, as RunPod's
+    docs write an endpoint): the client names the bucket in the path, which with the bucket in the host as well
+    would store every object under a folder of the bucket's name."""
+    if endpoint is None:
+        return None
+    parts = urlsplit(endpoint)
+    host = parts.hostname or ""
+    if not host.startswith(f"{bucket}.") or host.count(".") < 2:
+        return endpoint
+    netloc = parts.netloc.replace(host, host.removeprefix(f"{bucket}."), 1)
+    log.info("BUCKET_ENDPOINT_URL names the bucket %s in its host: the endpoint used is %s", bucket, netloc)
+    return parts._replace(netloc=netloc).geturl()
+
+
 class S3Storage:
     """Uploads image files to one bucket and presigns GET URLs for them."""
 
@@ -55,8 +72,9 @@ class S3Storage:
         if settings.bucket_name is None:
             raise ValueError("S3Storage needs BUCKET_NAME")
         self.bucket = settings.bucket_name
+        endpoint = _without_the_bucket(settings.bucket_endpoint_url, self.bucket)
         # Settings refuse credentials in the endpoint, so it can be named in every message.
-        self.endpoint = settings.bucket_endpoint_url or "AWS S3"
+        self.endpoint = endpoint or "AWS S3"
         self._prefix = settings.bucket_prefix
         self._input_prefix = settings.bucket_input_prefix
         # The keys upload_all writes, key_for's shape with job_folder's characters and the output extensions.
@@ -73,8 +91,8 @@ class S3Storage:
         try:
             self._client = boto3.client(
                 "s3",
-                endpoint_url=settings.bucket_endpoint_url,
-                region_name=settings.bucket_region or "us-east-1",
+                endpoint_url=endpoint,
+                region_name=settings.bucket_region_name,
                 aws_access_key_id=settings.bucket_access_key_id,
                 aws_secret_access_key=secret.get_secret_value() if secret else None,
                 config=Config(
@@ -110,16 +128,25 @@ class S3Storage:
         image's seed, or ``upscaled``."""
         return f"{self._prefix}{folder}/{index}-{label}.{extension}"
 
-    def upload_all(self, job_id: str, uploads: Sequence[Upload]) -> list[Uploaded | StorageError]:
-        """Upload every file in parallel, all under one folder; each result is where it went or why it failed."""
+    def upload_all(
+        self, job_id: str, uploads: Sequence[Upload], *, cancelled: threading.Event | None = None
+    ) -> list[Uploaded | StorageError]:
+        """Upload every file in parallel, all under one folder; each result is where it went or why it failed.
+        Once ``cancelled`` is set, a file whose upload has not started is not uploaded."""
         folder = self.job_folder(job_id)
         futures = [
-            self._pool.submit(self._upload_one, self.key_for(folder, index, label, extension), data, content_type)
+            self._pool.submit(
+                self._upload_one, self.key_for(folder, index, label, extension), data, content_type, cancelled
+            )
             for index, (data, label, extension, content_type) in enumerate(uploads)
         ]
         return [future.result() for future in futures]
 
-    def _upload_one(self, key: str, data: bytes, content_type: str) -> Uploaded | StorageError:
+    def _upload_one(
+        self, key: str, data: bytes, content_type: str, cancelled: threading.Event | None = None
+    ) -> Uploaded | StorageError:
+        if cancelled is not None and cancelled.is_set():
+            return StorageError(f"s3://{self.bucket}/{key} was not uploaded: the job was cancelled")
         try:
             self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
             url = self._client.generate_presigned_url(

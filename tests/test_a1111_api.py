@@ -19,6 +19,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -512,8 +513,10 @@ def test_an_a1111_answer_lists_uploaded_images_by_url(worker: None, bucket: str,
     assert "error" not in result, result["error"]
     assert len(result["images"]) == 2
     assert all(url.startswith(s3_server.url) for url in result["images"])
-    keys = [item["Key"] for item in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
-    assert sorted(key.rsplit("/", 1)[1] for key in keys) == ["0-1234.png", "1-1235.png"]
+    # The job's folder only: moto keeps one store per process, which earlier tests' objects share.
+    folder = urlsplit(result["images"][0]).path.removeprefix(f"/{bucket}/").rsplit("/", 1)[0]
+    listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"{folder}/")["Contents"]
+    assert sorted(item["Key"].rsplit("/", 1)[1] for item in listed) == ["0-1234.png", "1-1235.png"]
     assert json.loads(result["info"])["all_seeds"] == [1234, 1235]
 
 

@@ -16,7 +16,9 @@ import requests
 from PIL import ExifTags, Image
 
 import handler
-from tests.conftest import ACCESS_KEY, SECRET, S3Server, decode_png
+from src.settings import SettingsError, load_settings
+from src.storage import S3Storage
+from tests.conftest import ACCESS_KEY, SECRET, S3Server, decode_png, noise_image
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -321,6 +323,40 @@ def test_secrets_never_reach_logs_errors_or_responses(
     del bucket
 
 
+def test_a_job_cancelled_before_its_upload_leaves_nothing_in_the_bucket(
+    s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finishing, go_on = threading.Event(), threading.Event()
+    real_finish = handler.finish
+
+    def held_finish(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        finishing.set()  # the images are made; RunPod cancels the job now
+        go_on.wait(60)
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(handler, "finish", held_finish)
+
+    async def cancelled_in_finish() -> None:
+        task = asyncio.create_task(
+            handler.handler(
+                {"id": "job-cancelled", "input": {"prompt": "a fox", **FAST, "num_images": 2, "output_type": "s3"}}
+            )
+        )
+        await asyncio.to_thread(finishing.wait, 120)
+        task.cancel()
+        await asyncio.sleep(0.1)  # the cancellation reaches the job first
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_in_finish())
+
+    listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="test/job-cancelled/")
+    assert listed.get("KeyCount") == 0, [item["Key"] for item in listed.get("Contents", [])]
+    monkeypatch.setattr(handler, "finish", real_finish)
+    assert "images" in run(output_type="s3")
+
+
 # --- the size guard ----------------------------------------------------------------------------
 
 
@@ -350,6 +386,30 @@ def test_answer_over_the_limit_after_encoding_is_a_clear_error(configure: Callab
     assert set(result) == {"error"}
     assert "MAX_RESPONSE_MB=0.01" in result["error"]
     assert " MB inline" in result["error"]
+
+
+def test_an_a1111_answer_echoing_its_images_is_measured_whole(configure: Callable[..., None]) -> None:
+    configure(MAX_RESPONSE_MB="0.1")
+    picture = io.BytesIO()
+    noise_image(192, 192).save(picture, "PNG")  # about 150 KB in base64: the answer's own image is far smaller
+    payload = {
+        "prompt": "a fox",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "init_images": [base64.b64encode(picture.getvalue()).decode("ascii")],
+    }
+
+    def img2img(**more: Any) -> dict[str, Any]:
+        api = {"method": "POST", "endpoint": "/sdapi/v1/img2img"}
+        return asyncio.run(handler.handler({"id": "a1111", "input": {"api": api, "payload": {**payload, **more}}}))
+
+    plain, echoed = img2img(), img2img(include_init_images=True)
+
+    assert "error" not in plain, plain
+    assert plain["parameters"]["init_images"] is None
+    assert set(echoed) == {"error"}
+    assert "over MAX_RESPONSE_MB=0.1" in echoed["error"]
 
 
 def test_answer_under_the_limit_is_returned(configure: Callable[..., None]) -> None:
@@ -457,3 +517,62 @@ def test_bad_s3_setup_stops_startup_with_a_message(
     assert record.getMessage().startswith("startup failed: cannot set up the S3 client for bucket 'renders'")
     assert "us east 1" in record.getMessage()
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "region"),
+    [
+        ("https://s3.eu-west-1.amazonaws.com", "eu-west-1"),
+        ("https://renders.s3.eu-central-1.amazonaws.com", "eu-central-1"),
+        ("https://s3.us-west-004.backblazeb2.com", "us-west-004"),
+        ("https://nyc3.digitaloceanspaces.com", "nyc3"),
+        ("https://s3.amazonaws.com", "us-east-1"),
+        ("http://127.0.0.1:9000", "us-east-1"),
+    ],
+)
+def test_the_region_is_read_from_the_endpoint_as_runpods_uploader_reads_it(endpoint: str, region: str) -> None:
+    settings = load_settings({"BUCKET_NAME": "renders", "BUCKET_ENDPOINT_URL": endpoint})
+
+    assert settings.bucket_region_name == region
+    assert load_settings({**settings_env(endpoint), "BUCKET_REGION": "ap-south-1"}).bucket_region_name == "ap-south-1"
+
+
+def settings_env(endpoint: str) -> dict[str, str]:
+    return {
+        "BUCKET_NAME": "renders",
+        "BUCKET_ENDPOINT_URL": endpoint,
+        "BUCKET_ACCESS_KEY_ID": ACCESS_KEY,
+        "BUCKET_SECRET_ACCESS_KEY": SECRET,
+    }
+
+
+def test_an_endpoint_naming_the_bucket_in_its_host_stores_keys_where_they_belong() -> None:
+    # As RunPod's docs write an endpoint: the bucket in the host. With the bucket also in the path, every object
+    # would land under a folder named after the bucket.
+    storage = S3Storage(load_settings(settings_env("https://renders.s3.eu-west-1.amazonaws.com")))
+    plain = S3Storage(load_settings(settings_env("https://s3.eu-west-1.amazonaws.com")))
+
+    assert storage.endpoint == plain.endpoint == "https://s3.eu-west-1.amazonaws.com"
+    request = storage._client.generate_presigned_url("get_object", Params={"Bucket": "renders", "Key": "a/0-1.png"})
+    assert request.startswith("https://s3.eu-west-1.amazonaws.com/renders/a/0-1.png?")
+    assert "eu-west-1" in request
+
+
+@pytest.mark.parametrize("prefix", ["/out/", "my renders/", "renders", "a//b/"])
+def test_a_bucket_prefix_that_would_make_unreadable_keys_stops_startup(prefix: str) -> None:
+    with pytest.raises(SettingsError, match=r"BUCKET_PREFIX="):
+        load_settings({**settings_env("http://127.0.0.1:9000"), "BUCKET_PREFIX": prefix})
+    assert load_settings({**settings_env("http://127.0.0.1:9000"), "BUCKET_PREFIX": "renders/2026/"})
+
+
+def test_bucket_variables_without_a_name_are_warned_of_at_startup() -> None:
+    endpoint = "https://s3.eu-west-1.amazonaws.com"
+    warned = load_settings(
+        {"BUCKET_ENDPOINT_URL": endpoint, "BUCKET_ACCESS_KEY_ID": "k", "BUCKET_SECRET_ACCESS_KEY": "s"}
+    )
+
+    assert warned.bucket_without_a_name == (
+        "BUCKET_ENDPOINT_URL and BUCKET_ACCESS_KEY_ID set but BUCKET_NAME is not: no image is uploaded, "
+        "all come back inline"
+    )
+    assert load_settings(settings_env("https://s3.eu-west-1.amazonaws.com")).bucket_without_a_name is None

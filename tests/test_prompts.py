@@ -33,10 +33,10 @@ from src.prompts import (
     to_chunks,
 )
 from src.prompts.encoding import _weighted
-from src.prompts.syntax import without_comments
 from src.run.engine import Engine, Generation
 from src.run.memory import Profile, estimate_peak_bytes
 from src.schema import InputError, parse_input
+from src.schema.adapters import without_comments
 from src.settings import load_settings
 from tests.conftest import decode_png
 from tests.test_resilience import FakeClock, injected, load_engine

@@ -240,3 +240,15 @@ def test_the_describe_job_lists_the_upscalers_and_the_largest_result() -> None:
     assert {"kind": "upscaler", "name": "bad/scripted"} in [
         {key: item[key] for key in ("kind", "name")} for item in described["refused"]
     ]
+
+
+@pytest.mark.usefixtures("worker")
+def test_parameters_too_long_for_a_jpegs_exif_are_left_out_with_a_warning() -> None:
+    long_text = "a lighthouse, " * 2500 + "\nSteps: 2, Seed: 1"  # 35000 characters: 70 KB in UTF-16
+    job = {"task": "upscale", "image": as_base64(photo(), long_text), "upscaler": "lanczos", "output_format": "jpeg"}
+    result = asyncio.run(handler.handler({"id": "long", "input": job}))
+
+    assert "images" in result, result
+    assert any("are not in the jpeg file" in warning for warning in result["metadata"]["warnings"])
+    webp = asyncio.run(handler.handler({"id": "long", "input": {**job, "output_format": "webp"}}))
+    assert not any("are not in" in warning for warning in webp["metadata"].get("warnings", []))

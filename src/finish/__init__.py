@@ -9,10 +9,11 @@ may finish while another job runs. It may import every stage before it, and noth
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, cast
 
 from src.finish.a1111 import a1111_answer, a1111_upscale_answer
-from src.finish.response import encode_response
+from src.finish.response import Route, check_answer_size, encode_response
 from src.finish.upscaled import encode_upscale_response
 from src.prepare import UpscalePlan
 
@@ -34,27 +35,27 @@ def finish(
     storage: S3Storage | None,
     job_id: str,
     started: float,
+    cancelled: threading.Event | None = None,
 ) -> dict[str, Any]:
     """The job's response as RunPod returns it: its images inline or uploaded, and its metadata.
 
-    ``started`` is the ``time.perf_counter()`` reading taken when the job arrived.
+    ``started`` is the ``time.perf_counter()`` reading taken when the job arrived; once ``cancelled`` is set, no
+    image is uploaded.
 
     Raises:
         StorageError: an upload failed and the request asked for ``s3`` explicitly.
-        ResponseTooLargeError: the inline answer is over ``MAX_RESPONSE_MB``.
+        ResponseTooLargeError: the inline answer (an A1111 answer's echoed payload included) is over
+            ``MAX_RESPONSE_MB``.
+        JobCancelledError: the job was cancelled before its images were uploaded.
     """
+    route = Route(settings, storage, job_id, cancelled)
     if isinstance(plan, UpscalePlan):  # its run gave an Upscaled
-        upscaled = cast("Upscaled", generation)
-        answer = encode_upscale_response(
-            plan, upscaled, settings=settings, storage=storage, job_id=job_id, started=started
-        )
-        if plan.a1111 is not None:
-            return a1111_upscale_answer(plan.a1111, plan, answer)
-        return answer.model_dump(exclude_none=True)
+        answer = encode_upscale_response(plan, cast("Upscaled", generation), route, started=started)
+        if plan.a1111 is None:
+            return answer.model_dump(exclude_none=True)
+        return check_answer_size(a1111_upscale_answer(plan.a1111, plan, answer), plan.request, settings)
     made = cast("Generation", generation)
-    response = encode_response(
-        plan.request, made, settings=settings, storage=storage, job_id=job_id, started=started, inputs=plan.inputs
-    )
-    if plan.a1111 is not None:
-        return a1111_answer(plan.a1111, plan, made, response)
-    return response.model_dump(exclude_none=True)
+    response = encode_response(plan.request, made, route, started=started, inputs=plan.inputs)
+    if plan.a1111 is None:
+        return response.model_dump(exclude_none=True)
+    return check_answer_size(a1111_answer(plan.a1111, plan, made, response), plan.request, settings)

@@ -40,6 +40,26 @@ class EncodedImage:
         return "upscaled" if self.seed is None else str(self.seed)
 
 
+# A JPEG keeps its EXIF in one segment of at most 64 KiB, where the text goes as UTF-16: about 32000 characters.
+_JPEG_EXIF_TEXT_BYTES = 65_000
+
+
+def embeddable(output_format: str, text: str | None) -> str | None:
+    """``text`` when a file of ``output_format`` can carry it (a JPEG's EXIF cannot carry a very long one); else
+    None, and the caller says so in the job's warnings."""
+    if text is not None and output_format == "jpeg" and 2 * len(text) > _JPEG_EXIF_TEXT_BYTES:
+        return None
+    return text
+
+
+def not_embedded(output_format: str, text: str) -> str:
+    """The warning for a text ``embeddable`` left out."""
+    return (
+        f"the parameters ({len(text)} characters) are not in the {output_format} file: its EXIF holds about "
+        f"{_JPEG_EXIF_TEXT_BYTES // 2} characters; png and webp carry them whole"
+    )
+
+
 def encode_image(
     image: Image.Image, output_format: str, quality: int, parameters: str | None, postprocessing: str | None = None
 ) -> bytes:

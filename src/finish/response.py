@@ -7,15 +7,18 @@ a warning, so an image is never lost. The answer's size is checked against MAX_R
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from src import __version__
-from src.errors import StorageError
-from src.finish.outputs import EncodedImage, encode_image
+from src.errors import JobCancelledError, StorageError
+from src.finish.outputs import EncodedImage, embeddable, encode_image, not_embedded
 from src.finish.parameters import a1111_parameters
 from src.prepare.delivery import FORMATS, Delivered, goes_to_s3, too_large
 from src.schema import (
@@ -47,17 +50,26 @@ _ECHOED = set(Metadata.model_fields) & set(GenerateRequest.model_fields)
 _ECHOED_FIELDS = _ECHOED - _TASK_FIELDS - {"loras", "controlnets", "model", "vae"}
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a job's files go: the worker's settings, its S3 client (None without a bucket), the job's id (its
+    folder in the bucket), and the job's cancellation, after which no upload starts."""
+
+    settings: Settings
+    storage: S3Storage | None
+    job_id: str
+    cancelled: threading.Event | None = None
+
+
 def encode_response(
     request: GenerateRequest,
     generation: Generation,
+    route: Route,
     *,
-    settings: Settings,
-    storage: S3Storage | None,
-    job_id: str,
     started: float,
     inputs: Inputs | None = None,
 ) -> GenerateResponse:
-    """Encode every image, deliver it inline or to S3, and wrap the lot with its metadata.
+    """Encode every image, deliver it inline or to S3 by ``route``, and wrap the lot with its metadata.
 
     ``started`` is the ``time.perf_counter()`` reading taken when the job arrived; ``inputs``
     are the job's input images as read, when it had any.
@@ -74,13 +86,12 @@ def encode_response(
 
     # 1. Encode, with the parameters inside each file.
     encode_started = time.perf_counter()
-    encoded = _encoded(request, generation, settings, inputs)
+    settings = route.settings
+    encoded = _encoded(request, generation, settings, inputs, warnings)
     timings = {"encode": (time.perf_counter() - encode_started) * 1000}
 
     # 2. Deliver: to S3 when asked or configured, inline otherwise or as the fallback.
-    images = deliver(
-        request, encoded, settings=settings, storage=storage, job_id=job_id, warnings=warnings, timings=timings
-    )
+    images = deliver(request, encoded, route, warnings=warnings, timings=timings)
     timings["total"] = (time.perf_counter() - started) * 1000
     response = GenerateResponse(
         images=images, metadata=_metadata(request, generation, inputs, timings=timings, warnings=warnings)
@@ -92,23 +103,35 @@ def encode_response(
 
 
 def deliver(
-    request: Delivered,
-    encoded: list[EncodedImage],
-    *,
-    settings: Settings,
-    storage: S3Storage | None,
-    job_id: str,
-    warnings: list[str],
-    timings: dict[str, float],
+    request: Delivered, encoded: list[EncodedImage], route: Route, *, warnings: list[str], timings: dict[str, float]
 ) -> list[InlineImage | UploadedImage]:
     """Each file to S3 when asked or configured (its time in ``timings["upload"]``), inline otherwise or as the
-    fallback."""
-    if not goes_to_s3(request, settings):
+    fallback. Once ``cancelled`` is set no upload starts: a cancelled job leaves nothing in the bucket.
+
+    Raises:
+        JobCancelledError: the job was cancelled before its files were uploaded.
+    """
+    if not goes_to_s3(request, route.settings):
         return [_inline(item) for item in encoded]
+    if route.cancelled is not None and route.cancelled.is_set():
+        raise JobCancelledError("the job was cancelled; none of its images was uploaded")
     upload_started = time.perf_counter()
-    images = _upload(request, encoded, storage, job_id, warnings)
+    images = _upload(request, encoded, route, warnings)
     timings["upload"] = (time.perf_counter() - upload_started) * 1000
     return images
+
+
+def check_answer_size(answer: dict[str, Any], request: Delivered, settings: Settings) -> dict[str, Any]:
+    """``answer`` (an A1111 answer, which echoes the payload it came with) when it fits, measured whole as JSON.
+
+    Raises:
+        ResponseTooLargeError: the answer, as JSON, is over MAX_RESPONSE_MB.
+    """
+    size = len(json.dumps(answer, ensure_ascii=False).encode())
+    limit = settings.max_response_mb * 1_000_000
+    if size > limit:
+        raise too_large(request, size, limit, "is")
+    return answer
 
 
 def check_response_size(response: BaseModel, request: Delivered, settings: Settings) -> None:
@@ -125,13 +148,18 @@ def check_response_size(response: BaseModel, request: Delivered, settings: Setti
 
 
 def _encoded(
-    request: GenerateRequest, generation: Generation, settings: Settings, inputs: Inputs | None
+    request: GenerateRequest, generation: Generation, settings: Settings, inputs: Inputs | None, warnings: list[str]
 ) -> list[EncodedImage]:
-    """Each image as a file of the request's format, with A1111's parameters inside unless turned off."""
+    """Each image as a file of the request's format, with A1111's parameters inside unless turned off (or too long
+    for the format, which ``warnings`` then says)."""
     texts = infotexts(request, generation, inputs) if settings.embed_parameters else [None] * len(generation.images)
+    if texts and texts[0] is not None and embeddable(request.output_format, texts[0]) is None:
+        warnings.append(not_embedded(request.output_format, texts[0]))
     return [
         EncodedImage(
-            data=encode_image(image, request.output_format, request.output_quality, text),
+            data=encode_image(
+                image, request.output_format, request.output_quality, embeddable(request.output_format, text)
+            ),
             seed=seed,
             format=request.output_format,
             nsfw=None if generation.nsfw is None else generation.nsfw[index],
@@ -217,13 +245,14 @@ def _inline(item: EncodedImage) -> InlineImage:
 
 
 def _upload(
-    request: Delivered,
-    encoded: list[EncodedImage],
-    storage: S3Storage | None,
-    job_id: str,
-    warnings: list[str],
+    request: Delivered, encoded: list[EncodedImage], route: Route, warnings: list[str]
 ) -> list[InlineImage | UploadedImage]:
-    """Upload every image; under ``auto`` a failed one comes back inline, with a warning."""
+    """Upload every image; under ``auto`` a failed one comes back inline, with a warning.
+
+    Raises:
+        JobCancelledError: the job was cancelled while its images were uploaded (the rest were not).
+    """
+    storage, job_id, cancelled = route.storage, route.job_id, route.cancelled
     if storage is None:  # the schema refuses output_type 's3' without a bucket; this is a wiring bug
         raise StorageError("output_type 's3' needs BUCKET_NAME to be set")
     results = storage.upload_all(
@@ -232,7 +261,10 @@ def _upload(
             (item.data, item.label, FORMATS[item.format].extension, FORMATS[item.format].content_type)
             for item in encoded
         ],
+        cancelled=cancelled,
     )
+    if cancelled is not None and cancelled.is_set():
+        raise JobCancelledError("the job was cancelled while its images were uploaded; the rest were not")
     images: list[InlineImage | UploadedImage] = []
     for index, (item, result) in enumerate(zip(encoded, results, strict=True)):
         if isinstance(result, StorageError):

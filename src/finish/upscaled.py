@@ -10,15 +10,13 @@ import time
 from typing import TYPE_CHECKING
 
 from src import __version__
-from src.finish.outputs import EncodedImage, encode_image
-from src.finish.response import check_response_size, deliver
+from src.finish.outputs import EncodedImage, embeddable, encode_image, not_embedded
+from src.finish.response import Route, check_response_size, deliver
 from src.schema import Timings, UpscaleMetadata, UpscaleResponse
 
 if TYPE_CHECKING:
     from src.prepare import UpscalePlan
     from src.run.upscale import Upscaled
-    from src.settings import Settings
-    from src.storage import S3Storage
 
 # A1111's names for the built-in upscalers.
 _A1111_NAMES = {"lanczos": "Lanczos", "nearest": "Nearest"}
@@ -27,33 +25,32 @@ _A1111_NAMES = {"lanczos": "Lanczos", "nearest": "Nearest"}
 def encode_upscale_response(
     plan: UpscalePlan,
     upscaled: Upscaled,
+    route: Route,
     *,
-    settings: Settings,
-    storage: S3Storage | None,
-    job_id: str,
     started: float,
 ) -> UpscaleResponse:
-    """Encode the enlarged image, deliver it inline or to S3, and wrap it with its metadata.
+    """Encode the enlarged image, deliver it inline or to S3 by ``route``, and wrap it with its metadata.
 
     Raises:
         StorageError: the upload failed and the request asked for ``s3`` explicitly.
         ResponseTooLargeError: the inline answer is over ``MAX_RESPONSE_MB``.
     """
-    request = plan.request
+    request, settings = plan.request, route.settings
     warnings = [*plan.warnings, *upscaled.warnings]
     encode_started = time.perf_counter()
+    parameters = plan.parameters if settings.embed_parameters else None
+    if parameters is not None and embeddable(request.output_format, parameters) is None:
+        warnings.append(not_embedded(request.output_format, parameters))
     data = encode_image(
         upscaled.image,
         request.output_format,
         request.output_quality,
-        plan.parameters if settings.embed_parameters else None,
+        embeddable(request.output_format, parameters),
         postprocessing=postprocessing_line(plan) if settings.embed_parameters else None,
     )
     encoded = [EncodedImage(data=data, seed=None, format=request.output_format)]
     timings = {"encode": (time.perf_counter() - encode_started) * 1000}
-    images = deliver(
-        request, encoded, settings=settings, storage=storage, job_id=job_id, warnings=warnings, timings=timings
-    )
+    images = deliver(request, encoded, route, warnings=warnings, timings=timings)
     upload = timings.get("upload")
     width, height = request.output_size
     metadata = UpscaleMetadata(

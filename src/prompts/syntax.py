@@ -40,18 +40,8 @@ _SYNTAX = re.compile(
     re.VERBOSE,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-# A1111's comments (1.8 and later, "Enable comments", on by default): a line that starts with # goes whole; then
-# from any other # to the end of its line.
-_COMMENT_LINE = re.compile(r"(^|\n)#[^\n]*(\n|$)")
-_COMMENT = re.compile(r"#[^\n]*(\n|$)")
 # A1111's composable diffusion: "a cat AND a dog :0.8" is two prompts guided at once.
 _AND = re.compile(r"\bAND\b")
-
-
-def without_comments(text: str) -> str:
-    """``text`` as A1111 reads a prompt with comments on: from each ``#`` to the end of its line removed, the line
-    break kept."""
-    return _COMMENT.sub("\n", _COMMENT_LINE.sub("\n", text))
 
 
 class PromptError(ValueError):

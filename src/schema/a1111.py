@@ -181,12 +181,21 @@ def _echo(payload: Mapping[str, Any], endpoint: str) -> dict[str, Any]:
     scripts = echo.get("alwayson_scripts")
     if isinstance(scripts, dict):
         echo["alwayson_scripts"] = {
-            name: {"args": [{**unit, "image": None} if isinstance(unit, dict) else unit for unit in script["args"]]}
+            name: {"args": [_without_images(unit) if isinstance(unit, dict) else unit for unit in script["args"]]}
             if isinstance(script, dict) and isinstance(script.get("args"), list)
             else script
             for name, script in scripts.items()
         }
     return echo
+
+
+def _without_images(unit: dict[str, Any]) -> dict[str, Any]:
+    """A ControlNet unit as the echo gives it: its images (under every name the extension takes) left out."""
+    return {**unit, **{name: None for name in _UNIT_IMAGE_FIELDS if name in unit}, "image": None}
+
+
+# The names under which the ControlNet extension's API takes a unit's images.
+_UNIT_IMAGE_FIELDS = ("image", "input_image", "mask", "mask_image")
 
 
 def a1111_endpoint(data: Any) -> str | None:

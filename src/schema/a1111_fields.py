@@ -514,6 +514,10 @@ def translate_upscale(self: Translation) -> None:
     fields.accept("codeformer_weight", "upscale_first", "show_extras_results")
 
 
+# A side no worker reaches (MAX_SIDE is far below it), past which a resize target is not even computed.
+_MAX_SIDE_READ = 1_000_000
+
+
 def hires_scale(self: Translation) -> Any:
     """The factor of this worker's hires pass that gives the size A1111 would: from ``hr_scale``, or from
     ``hr_resize_x`` and ``hr_resize_y`` (one of the two; both when they keep the proportions).
@@ -529,10 +533,13 @@ def hires_scale(self: Translation) -> Any:
     if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
         return scale  # the schema refuses the size, naming its field
     if not target_x and not target_y:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not isfinite(scale):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not isfinite(width * height * scale):
             return scale  # the schema refuses a bad one, naming hr_scale
         return _factor_for(self, "hr_scale", scale, (int(width * scale), int(height * scale))) or scale
-    if not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in (target_x, target_y)):
+    if not all(
+        isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_SIDE_READ
+        for value in (target_x, target_y)
+    ):
         fields.refuse("hr_resize_x", [target_x, target_y], "must be whole pixels, with width and height")
         return scale
     wanted = (target_x, target_x * height // width) if target_x else (target_y * width // height, target_y)

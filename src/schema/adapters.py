@@ -268,6 +268,18 @@ def lora_tag_list(text: str) -> list[tuple[str, str]]:
     return found
 
 
+# A1111's prompt comments (1.8 and later, "Enable comments", on by default): a line that starts with # goes whole; then
+# from any other # to the end of its line.
+_COMMENT_LINE = re.compile(r"(^|\n)#[^\n]*(\n|$)")
+_COMMENT = re.compile(r"#[^\n]*(\n|$)")
+
+
+def without_comments(text: str) -> str:
+    """``text`` as A1111 reads a prompt with comments on: from each ``#`` to the end of its line removed, the line
+    break kept."""
+    return _COMMENT.sub("\n", _COMMENT_LINE.sub("\n", text))
+
+
 def without_lora_tags(text: str) -> str:
     """``text`` with its ``<lora:...>`` tags removed, as A1111 removes them before encoding."""
     return EXTRA_NETWORK_TAG.sub(lambda match: "" if match.group(1).lower() in LORA_TAG_KINDS else match.group(0), text)

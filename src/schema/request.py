@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from src.prompts.syntax import without_comments
 from src.schema.adapters import (
     AdapterOptions,
     ControlNetUnit,
@@ -17,6 +16,7 @@ from src.schema.adapters import (
     check_model,
     lora_tag_list,
     merge_lora_tags,
+    without_comments,
     without_lora_tags,
 )
 from src.schema.core import CONFIGURED_DEFAULT, INVALID_INPUT, SEED_MAX, InputError, RequestLimits, Task, request_limits

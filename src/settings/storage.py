@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 
 # The characters AWS calls safe in an object key; a key is parts of them joined by "/".
 _S3_KEY_PART = re.compile(r"[A-Za-z0-9!_.*'()-]+")
@@ -27,6 +27,20 @@ def s3_key_problem(key: str) -> str | None:
     return None
 
 
+def region_in(endpoint: str | None) -> str | None:
+    """The region an S3 endpoint's host names, as RunPod's uploader (runpod-python's rp_upload) reads it: the label
+    after ``s3`` (``s3.eu-west-1.amazonaws.com``, ``bucket.s3.us-west-004.backblazeb2.com``), or before
+    ``digitaloceanspaces.com``; None for any other host."""
+    host = (urlsplit(endpoint).hostname or "") if endpoint else ""
+    labels = host.split(".")
+    if host.endswith(".digitaloceanspaces.com") and len(labels) >= 3:
+        return labels[-3]
+    for index, label in enumerate(labels[:-2]):
+        if label == "s3" and labels[index + 1] != "amazonaws":
+            return labels[index + 1]
+    return None
+
+
 class StorageSettings(BaseModel):
     """The bucket's variables: ``BUCKET_NAME`` to ``URL_EXPIRY_SECONDS``."""
 
@@ -43,9 +57,16 @@ class StorageSettings(BaseModel):
     bucket_secret_access_key: SecretStr | None = Field(
         None, alias="BUCKET_SECRET_ACCESS_KEY", description="S3 secret key. Never logged or returned."
     )
-    bucket_region: str | None = Field(None, alias="BUCKET_REGION", description="S3 region; unset: `us-east-1`.")
+    bucket_region: str | None = Field(
+        None,
+        alias="BUCKET_REGION",
+        description="S3 region. Unset: read from `BUCKET_ENDPOINT_URL` as RunPod's own uploader reads it "
+        "(`s3.eu-west-1.amazonaws.com`, `nyc3.digitaloceanspaces.com`), else `us-east-1`.",
+    )
     bucket_prefix: str = Field(
-        "", alias="BUCKET_PREFIX", description="Prepended to every object key, such as `renders/`."
+        "",
+        alias="BUCKET_PREFIX",
+        description="Folder every object key starts with, ending in `/`, such as `renders/`; empty: none.",
     )
     bucket_input_prefix: str = Field(
         "inputs/",
@@ -81,9 +102,11 @@ class StorageSettings(BaseModel):
             raise ValueError("must name a host, such as http://127.0.0.1:9000")
         return value
 
-    @field_validator("bucket_input_prefix")
+    @field_validator("bucket_input_prefix", "bucket_prefix")
     @classmethod
-    def _folder_key(cls, value: str) -> str:
+    def _folder_key(cls, value: str, info: ValidationInfo) -> str:
+        if value == "" and info.field_name == "bucket_prefix":
+            return value
         problem = s3_key_problem(value.removesuffix("/")) if value.endswith("/") else "must end with '/'"
         if problem is not None:
             raise ValueError(f"{problem}, such as inputs/ or uploads/2026/")
@@ -93,3 +116,24 @@ class StorageSettings(BaseModel):
     def bucket_configured(self) -> bool:
         """True when uploads are possible: a bucket is named."""
         return self.bucket_name is not None
+
+    @property
+    def bucket_without_a_name(self) -> str | None:
+        """A warning when the bucket's other variables are set but BUCKET_NAME is not (RunPod's own uploader
+        needs no name): no image is uploaded then."""
+        given = [
+            name
+            for name, value in (
+                ("BUCKET_ENDPOINT_URL", self.bucket_endpoint_url),
+                ("BUCKET_ACCESS_KEY_ID", self.bucket_access_key_id),
+            )
+            if value
+        ]
+        if self.bucket_configured or not given:
+            return None
+        return f"{' and '.join(given)} set but BUCKET_NAME is not: no image is uploaded, all come back inline"
+
+    @property
+    def bucket_region_name(self) -> str:
+        """BUCKET_REGION, else the region BUCKET_ENDPOINT_URL names, else us-east-1."""
+        return self.bucket_region or region_in(self.bucket_endpoint_url) or "us-east-1"
