@@ -215,6 +215,12 @@ def test_missing_bucket_fails_s3_and_falls_back_under_auto(s3_server: S3Server, 
     assert "NoSuchBucket" in warning
     assert "returned inline" in warning
 
+    configure(MAX_RESPONSE_MB="0.01")  # and inline, the answer is too large: the refusal says why it is inline
+    too_large = run(output_type="auto", seed=4, num_images=2)
+    assert set(too_large) == {"error"}
+    assert "over MAX_RESPONSE_MB=0.01. The images came back inline because their upload failed" in too_large["error"]
+    assert "NoSuchBucket" in too_large["error"]
+
 
 def _stop_server_at_image(s3_server: S3Server, index: int) -> None:
     """Stop the S3 server once images before ``index`` are stored, as image ``index`` starts uploading.

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from src import __version__
 from src.errors import JobCancelledError, StorageError
 from src.finish.outputs import EncodedImage, embeddable, encode_image, not_embedded
@@ -31,6 +29,7 @@ from src.schema import (
     Metadata,
     Timings,
     UploadedImage,
+    UpscaleResponse,
 )
 
 if TYPE_CHECKING:
@@ -134,8 +133,9 @@ def check_answer_size(answer: dict[str, Any], request: Delivered, settings: Sett
     return answer
 
 
-def check_response_size(response: BaseModel, request: Delivered, settings: Settings) -> None:
-    """RunPod refuses answers over its limit, so say so ourselves, clearly.
+def check_response_size(response: GenerateResponse | UpscaleResponse, request: Delivered, settings: Settings) -> None:
+    """RunPod refuses answers over its limit, so say so ourselves, clearly: with why the images came back inline
+    when they were meant for the bucket.
 
     Raises:
         ResponseTooLargeError: the answer, as JSON, is over MAX_RESPONSE_MB.
@@ -144,7 +144,8 @@ def check_response_size(response: BaseModel, request: Delivered, settings: Setti
     size = len(response.model_dump_json(exclude_none=True))
     limit = settings.max_response_mb * 1_000_000
     if size > limit:
-        raise too_large(request, size, limit, "is")
+        failed = next((warning for warning in response.metadata.warnings if NOT_UPLOADED in warning), None)
+        raise too_large(request, size, limit, "is", upload_failed=failed)
 
 
 def _encoded(
@@ -240,6 +241,10 @@ def _metadata(
     )
 
 
+# How a warning says that an image meant for the bucket came back inline.
+NOT_UPLOADED = "was not uploaded and is returned inline"
+
+
 def _inline(item: EncodedImage) -> InlineImage:
     return InlineImage(image=base64.b64encode(item.data).decode("ascii"), seed=item.seed, nsfw=item.nsfw)
 
@@ -271,7 +276,7 @@ def _upload(
             if request.output_type == "s3":
                 raise result
             log.warning("job %s: image %d returned inline: %s", job_id, index, result)
-            warnings.append(f"image {index} ({item.label}) was not uploaded and is returned inline: {result}")
+            warnings.append(f"image {index} ({item.label}) {NOT_UPLOADED}: {result}")
             images.append(_inline(item))
         else:
             images.append(

@@ -53,10 +53,15 @@ def _megabytes(size: float) -> str:
     return f"{size / 1_000_000:.1f} MB"
 
 
-def too_large(request: Delivered, size: float, limit: float, when: str) -> ResponseTooLargeError:
+def too_large(
+    request: Delivered, size: float, limit: float, when: str, *, upload_failed: str | None = None
+) -> ResponseTooLargeError:
+    """The refusal of an answer over MAX_RESPONSE_MB; ``upload_failed``, why the images meant for the bucket came
+    back inline instead, when they did."""
+    failed = f" The images came back inline because their upload failed: {upload_failed}." if upload_failed else ""
     return ResponseTooLargeError(
         f"the answer {when} {_megabytes(size)} inline ({request.num_images} x {_size(request)} "
-        f"{request.output_format}, base64), over MAX_RESPONSE_MB={limit / 1_000_000:g}. Ways out: "
+        f"{request.output_format}, base64), over MAX_RESPONSE_MB={limit / 1_000_000:g}.{failed} Ways out: "
         "output_format 'jpeg' or 'webp', fewer or smaller images, or S3 (set BUCKET_NAME and use output_type 's3')"
     )
 
