@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import shutil
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 import handler
 from builder import cache_model, single_file
 from builder.tiny_lora import write_test_loras
-from builder.tiny_model import CHECKPOINT_FILE, VAE_FILE, write_tiny_model
+from builder.tiny_model import CHECKPOINT_FILE, VAE_FILE, write_tiny_model, write_tiny_models
 from src.errors import ModelLoadError
 from src.models.checkpoints import CONVERT_PICKLE, check_checkpoint, convert_checkpoint
 from src.models.loader import load_model
@@ -222,6 +223,30 @@ def test_model_cache_dir_keeps_the_conversion_for_the_next_worker(
     assert "SHA-256" not in caplog.text, "found by name, size and time, without reading the file again"
     assert second["metadata"]["model"] == "my-model"
     assert second["metadata"]["model_hash"] == sha256(checkpoint)[:10]
+
+
+def test_two_files_of_one_name_size_and_time_in_two_folders_get_their_own_conversions(
+    tiny_files: Path, tmp_path: Path, run_worker: Callable[..., dict[str, Any]]
+) -> None:
+    # Pruned SD 1.5 files of one format all have one size; a name is often reused across folders (model.safetensors).
+    models = write_tiny_models(tmp_path / "written")
+    first, second = tmp_path / "anime" / "model.safetensors", tmp_path / "real" / "model.safetensors"
+    for source, target in ((models / "tiny-a.safetensors", first), (models / "styles" / "tiny-b.safetensors", second)):
+        target.parent.mkdir()
+        shutil.copy(source, target)
+        os.utime(target, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    assert first.stat().st_size == second.stat().st_size
+    cache = tmp_path / "converted"
+    cache.mkdir()
+
+    def run_on(checkpoint: Path) -> dict[str, Any]:
+        return run_worker({"MODEL_ID": str(checkpoint), "MODEL_CONFIG": str(tiny_files), "MODEL_CACHE_DIR": str(cache)})
+
+    anime, real = run_on(first), run_on(second)
+
+    assert anime["metadata"]["model_hash"] == sha256(first)[:10]
+    assert real["metadata"]["model_hash"] == sha256(second)[:10], "not the other file's conversion"
+    assert anime["images"][0]["image"] != real["images"][0]["image"]
 
 
 def test_model_sha256_must_match_the_file(tiny_files: Path) -> None:

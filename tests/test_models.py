@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from builder import single_file
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import MODELS, build_tiny_vae, write_tiny_controlnets, write_tiny_models
 from src.errors import ModelLoadError
+from src.models.library import scan_models
 from src.run.models import machine_memory_bytes
 from src.settings import Settings
 from tests.conftest import rss_bytes
@@ -434,3 +436,54 @@ def test_a_refused_hires_model_names_the_field_and_the_next_job_works(
 
     assert says in refused["error"], refused
     assert "images" in run(None, hires=HIRES)
+
+
+def test_a_pickle_never_hides_a_safetensors_file_of_its_name(
+    tiny_model_dir: Path, volume: Path, tmp_path: Path
+) -> None:
+    # A1111 folders often hold both (vae-ft-mse-840000.pt and .safetensors); .ckpt sorts first.
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(volume / "models" / "tiny-a.safetensors", folder / "dreamshaper_8.safetensors")
+    (folder / "dreamshaper_8.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 64)
+
+    [entry] = scan_models(folder, tiny_model_dir).values()
+
+    assert entry.name == "dreamshaper_8"
+    assert entry.path.suffix == ".safetensors"
+    assert entry.problem is None
+
+
+def _with_a_wrong_dtype(source: Path, target: Path, key: str) -> None:
+    """``source`` with one tensor's dtype wrong in its header (its data no longer fits): a file damaged after it was
+    scanned, or written badly, whose header still reads."""
+    data = source.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header[key]["dtype"] = "F64"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+
+
+def test_a_damaged_vae_or_model_fails_the_job_naming_its_field(
+    start: Callable[..., None], volume: Path, tmp_path: Path
+) -> None:
+    vaes, models = tmp_path / "vaes", tmp_path / "models"
+    vaes.mkdir()
+    models.mkdir()
+    vae = volume / "vaes" / "tiny-vae.safetensors"
+    _with_a_wrong_dtype(vae, vaes / "broken-vae.safetensors", "decoder.conv_out.bias")
+    _with_a_wrong_dtype(
+        volume / "models" / "tiny-a.safetensors", models / "broken.safetensors", "model.diffusion_model.out.2.bias"
+    )
+    start(VAE_DIR=str(vaes), MODELS_DIR=str(models))
+
+    vae_error, model_error = run(vae="broken-vae")["error"], run("broken")["error"]
+
+    assert "vae='broken-vae': " in vae_error, vae_error
+    assert "generation failed" not in vae_error
+    assert "model='broken': " in model_error, model_error
+    assert "generation failed" not in model_error
+    assert "MODEL_ID=" not in model_error, "the job named a model of MODELS_DIR, not MODEL_ID"
+    assert "images" in run()

@@ -317,10 +317,16 @@ def load_vae_file(path: Path, vae_config: dict[str, Any], dtype: torch.dtype) ->
     """A checked single-file VAE, built from ``vae_config`` and converted as diffusers converts one."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     vae = AutoencoderKL.from_config(vae_config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(load_file(str(path)), vae_config), strict=True)
+    try:
+        vae.load_state_dict(convert_ldm_vae_checkpoint(load_file(str(path)), vae_config), strict=True)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as error:
+        # The header check passed: a file whose data does not match its header, or one cut or changed since.
+        reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+        raise ModelLoadError(f"VAE_ID={str(path)!r}: cannot be read ({reason})") from None
     return cast(vae, dtype).eval()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from src.errors import ModelLoadError
 from src.models.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFile, check_checkpoint, check_vae_file
@@ -135,7 +136,11 @@ def _scan(
             continue
         name = path.relative_to(folder).with_suffix("").as_posix()
         if name in entries:
-            log.warning("%s: %s and %s have one name, %r; the first is served", setting, entries[name], path, name)
+            # A pickle (refused) never hides a safetensors file of its name, which sorts after it.
+            held = entries[name]
+            if held.suffix.lower() in PICKLE_SUFFIXES and path.suffix.lower() in SAFETENSORS_SUFFIXES:
+                entries[name] = path
+            log.warning("%s: %s and %s have one name, %r; %s is served", setting, held, path, name, entries[name])
             continue
         entries[name] = path
     judged = {
@@ -178,6 +183,18 @@ def _folder_problem(path: Path, config_folder: Path) -> str | None:
     return None
 
 
+# What reading a file of MODELS_DIR or VAE_DIR that changed or broke since its scan may raise: the loader's own
+# refusals, and diffusers', transformers' and safetensors' errors for data that does not match its header.
+_UNREADABLE = (ModelLoadError, SafetensorError, OSError, ValueError, KeyError, RuntimeError)
+
+
+def _reason(error: Exception, setting: str, path: Path) -> str:
+    """Why a file could not be read, without the setting a job's field did not use (``MODEL_ID='...': ``)."""
+    if isinstance(error, ModelLoadError):
+        return str(error).removeprefix(f"{setting}={str(path)!r}: ")
+    return f"cannot be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]})"
+
+
 def read_vae(entry: ModelEntry, current: Any, dtype: torch.dtype, *, pin: bool) -> Weights:
     """Read VAE_DIR's ``entry`` as VAE_ID is read, shaped like ``current`` (the pipeline's VAE), in ``dtype``.
 
@@ -190,8 +207,8 @@ def read_vae(entry: ModelEntry, current: Any, dtype: torch.dtype, *, pin: bool) 
         raise ModelLoadError(f"vae={entry.name!r}: its file is no longer in VAE_DIR ({entry.path.name})")
     try:
         vae, _name, file = load_vae(str(entry.path), current, dtype)
-    except ModelLoadError as error:
-        raise ModelLoadError(f"vae={entry.name!r}: {error}") from None
+    except _UNREADABLE as error:
+        raise ModelLoadError(f"vae={entry.name!r}: {_reason(error, 'VAE_ID', entry.path)}") from None
     vae_file = ModelFile(entry.name, file.sha256) if file is not None else None
     return Weights(ModelIdentity(entry.name, vae=entry.name, vae_file=vae_file), {"vae": snapshot(vae, pin=pin)})
 
@@ -212,8 +229,8 @@ def read_weights(entry: ModelEntry, settings: Settings, dtype: torch.dtype, *, p
     )
     try:
         pipeline, identity = load_model(own, dtype)
-    except ModelLoadError as error:
-        raise ModelLoadError(f"model={entry.name!r}: {error}") from None
+    except _UNREADABLE as error:
+        raise ModelLoadError(f"model={entry.name!r}: {_reason(error, 'MODEL_ID', entry.path)}") from None
     parts = {part: snapshot(getattr(pipeline, part), pin=pin) for part in PARTS}
     return Weights(ModelIdentity(entry.name, identity.checkpoint, identity.vae, identity.vae_file, entry.url), parts)
 

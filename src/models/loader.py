@@ -10,6 +10,7 @@ next workers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -196,7 +197,7 @@ def _load_checkpoint(
 ) -> tuple[StableDiffusionPipeline, BakedSource]:
     """MODEL_ID as a single-file checkpoint: checked, hashed once, then converted or found converted.
 
-    With MODEL_CACHE_DIR, a conversion of this very file (same name, size and modification time,
+    With MODEL_CACHE_DIR, a conversion of this very file (same path, size and modification time,
     or same SHA-256) is loaded from there; otherwise the conversion is written there for the next
     workers. Without it, the checkpoint is converted in memory.
     """
@@ -214,6 +215,8 @@ def _load_checkpoint(
             found = _find_conversion(cache, path, settings.safety_checker, sha256=sha256)
     if found is not None:
         folder, source = found
+        # Named by the file asked for: a copy under another name, found by its SHA-256, is that name.
+        source = dataclasses.replace(source, checkpoint={**(source.checkpoint or {}), "name": path.stem})
         _check_sha256(settings, source.checkpoint["sha256"] if source.checkpoint else "", path)
         log.info("loading %s converted earlier, from %s", path.name, folder)
         return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **options), source
@@ -229,6 +232,7 @@ def _load_checkpoint(
             "name": path.stem,
             "sha256": sha256,
             "file": path.name,
+            "path": str(path.resolve()),
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
         },
@@ -253,7 +257,8 @@ def _check_sha256(settings: Settings, sha256: str, path: Path) -> None:
 def _find_conversion(
     cache: Path, path: Path, safety_checker: bool, sha256: str | None = None
 ) -> tuple[Path, BakedSource] | None:
-    """A conversion of ``path`` in ``cache``: by the file's name, size and modification time, or by its SHA-256."""
+    """A conversion of ``path`` in ``cache``: by the file's full path, size and modification time (two files of one
+    name in two folders often have one size, pruned SD 1.5 files all do), or by its SHA-256."""
     stat = path.stat()
     for label in sorted(cache.glob(f"*/{BAKED_SOURCE_FILE}")):
         source = read_baked_source(label.parent)
@@ -262,8 +267,8 @@ def _find_conversion(
         if sha256 is not None:
             if source.checkpoint.get("sha256") == sha256:
                 return label.parent, source
-        elif (source.checkpoint.get("file"), source.checkpoint.get("size"), source.checkpoint.get("mtime_ns")) == (
-            path.name,
+        elif (source.checkpoint.get("path"), source.checkpoint.get("size"), source.checkpoint.get("mtime_ns")) == (
+            str(path.resolve()),
             stat.st_size,
             stat.st_mtime_ns,
         ):

@@ -34,7 +34,7 @@ class BakedSource:
     """Which model, revision and file variant a baked folder holds.
 
     A folder converted from a single-file checkpoint also names that ``checkpoint``
-    (``name``, ``sha256``, and the file's ``file``/``size``/``mtime_ns`` it was read as), the
+    (``name``, ``sha256``, and the file's ``file``/``path``/``size``/``mtime_ns`` it was read as), the
     ``url`` it was downloaded from (query hidden), and a ``vae`` baked in place of its own.
     """
 
