@@ -44,20 +44,20 @@ class EncodedImage:
 _JPEG_EXIF_TEXT_BYTES = 65_000
 
 
-def embeddable(output_format: str, text: str | None) -> str | None:
-    """``text`` when a file of ``output_format`` can carry it (a JPEG's EXIF cannot carry a very long one); else
-    None, and the caller says so in the job's warnings."""
-    if text is not None and output_format == "jpeg" and 2 * len(text) > _JPEG_EXIF_TEXT_BYTES:
-        return None
-    return text
-
-
-def not_embedded(output_format: str, text: str) -> str:
-    """The warning for a text ``embeddable`` left out."""
-    return (
-        f"the parameters ({len(text)} characters) are not in the {output_format} file: its EXIF holds about "
-        f"{_JPEG_EXIF_TEXT_BYTES // 2} characters; png and webp carry them whole"
-    )
+def embeddable(output_format: str, texts: list[str | None], warnings: list[str]) -> list[str | None]:
+    """Each of ``texts`` (the parameters of each image), or None where a file of ``output_format`` cannot carry it
+    (a JPEG's EXIF cannot carry a very long one), which ``warnings`` then says, once."""
+    fitted = [
+        None if text is not None and output_format == "jpeg" and 2 * len(text) > _JPEG_EXIF_TEXT_BYTES else text
+        for text in texts
+    ]
+    longest = max((len(text) for text, kept in zip(texts, fitted, strict=True) if text and kept is None), default=0)
+    if longest:
+        warnings.append(
+            f"the parameters ({longest} characters) are not in the {output_format} file: its EXIF holds about "
+            f"{_JPEG_EXIF_TEXT_BYTES // 2} characters; png and webp carry them whole"
+        )
+    return fitted
 
 
 def encode_image(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from src import __version__
 from src.errors import JobCancelledError, StorageError
-from src.finish.outputs import EncodedImage, embeddable, encode_image, not_embedded
+from src.finish.outputs import EncodedImage, embeddable, encode_image
 from src.finish.parameters import a1111_parameters
 from src.prepare.delivery import FORMATS, Delivered, goes_to_s3, too_large
 from src.schema import (
@@ -153,14 +153,11 @@ def _encoded(
 ) -> list[EncodedImage]:
     """Each image as a file of the request's format, with A1111's parameters inside unless turned off (or too long
     for the format, which ``warnings`` then says)."""
-    texts = infotexts(request, generation, inputs) if settings.embed_parameters else [None] * len(generation.images)
-    if texts and texts[0] is not None and embeddable(request.output_format, texts[0]) is None:
-        warnings.append(not_embedded(request.output_format, texts[0]))
+    made: list[str | None] = [*infotexts(request, generation, inputs)] if settings.embed_parameters else []
+    texts = embeddable(request.output_format, made, warnings) if made else [None] * len(generation.images)
     return [
         EncodedImage(
-            data=encode_image(
-                image, request.output_format, request.output_quality, embeddable(request.output_format, text)
-            ),
+            data=encode_image(image, request.output_format, request.output_quality, text),
             seed=seed,
             format=request.output_format,
             nsfw=None if generation.nsfw is None else generation.nsfw[index],

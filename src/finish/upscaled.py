@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from src import __version__
-from src.finish.outputs import EncodedImage, embeddable, encode_image, not_embedded
+from src.finish.outputs import EncodedImage, embeddable, encode_image
 from src.finish.response import Route, check_response_size, deliver
 from src.schema import Timings, UpscaleMetadata, UpscaleResponse
 
@@ -38,14 +38,12 @@ def encode_upscale_response(
     request, settings = plan.request, route.settings
     warnings = [*plan.warnings, *upscaled.warnings]
     encode_started = time.perf_counter()
-    parameters = plan.parameters if settings.embed_parameters else None
-    if parameters is not None and embeddable(request.output_format, parameters) is None:
-        warnings.append(not_embedded(request.output_format, parameters))
+    [parameters] = embeddable(request.output_format, [plan.parameters if settings.embed_parameters else None], warnings)
     data = encode_image(
         upscaled.image,
         request.output_format,
         request.output_quality,
-        embeddable(request.output_format, parameters),
+        parameters,
         postprocessing=postprocessing_line(plan) if settings.embed_parameters else None,
     )
     encoded = [EncodedImage(data=data, seed=None, format=request.output_format)]
