@@ -215,6 +215,22 @@ def test_img2img_echoes_its_parameters_without_the_images_and_reports_its_streng
     assert fields["Denoising strength"] == "0.5"
 
 
+def test_only_masked_returns_the_picture_at_its_own_size_as_a1111(worker: None) -> None:
+    """A1111's inpaint_full_res crops at the picture's own resolution and answers the picture at its size."""
+    picture = noise_image(160, 96, seed=6)
+    mask = Image.new("L", picture.size, 0)
+    mask.paste(255, (100, 30, 130, 60))
+    payload = {**INPAINT, "init_images": [png_base64(picture)], "mask": png_base64(mask), "inpaint_full_res": True}
+    result = run(wrapped("img2img", payload))
+
+    (painted,) = a1111_pixels(result)
+    assert painted.shape == (96, 160, 3)
+    kept = np.asarray(mask) == 0
+    assert np.array_equal(painted[kept], np.asarray(picture)[kept])
+    info = json.loads(result["info"])
+    assert (info["width"], info["height"]) == (64, 64), "the size the region was painted at"
+
+
 def test_hires_reports_its_pass_and_a_controlnet_unit_its_fields(worker: None) -> None:
     hires = parse_infotext(json.loads(run(HIRES)["info"])["infotexts"][0])
     assert (hires["Hires upscale"], hires["Hires steps"], hires["Hires upscaler"]) == ("1.5", "2", "Latent")

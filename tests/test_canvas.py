@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from src.prepare.canvas import TaskImages, fit, paste_back, prepare
 from src.schema import GenerateRequest, InputError, parse_input, resolve_size
@@ -148,6 +148,50 @@ def test_masked_area_without_keep_unmasked_pastes_the_whole_crop() -> None:
     assert (result[:100] == np.asarray(image)[:100]).all(), "outside the crop: the input"
     x1, y1, _, _ = images.crop
     assert (result[y1 + 1, x1 + 1] != np.asarray(image)[y1 + 1, x1 + 1]).any(), "the crop's corner: painted"
+
+
+def test_masked_area_of_a_larger_image_is_cropped_at_the_images_own_size() -> None:
+    image, mask = noise_image(512, 384), box_mask(512, 384, (300, 100, 340, 140))
+    images, warnings = prepared(
+        image, mask, width=128, height=64, inpaint_area="masked", inpaint_padding=16, mask_blur=0
+    )
+
+    assert images.original is image, "the input itself, not brought to width x height"
+    assert images.crop == (248, 84, 392, 156), "the box and 16 px around it (72x72), widened to 2:1"
+    assert images.mask is not None
+    assert images.image.size == images.mask.size == (128, 64), "painted at the job's size"
+    assert warnings == [], "nothing is stretched"
+    resolved, _ = resolve_size(
+        request(mask="bWFzaw==", width=128, height=64, inpaint_area="masked", inpaint_padding=16, mask_blur=0),
+        image.size,
+        LIMITS,
+    )
+    result = np.asarray(paste_back(resolved, images, noise_image(128, 64, seed=5)))
+    assert result.shape == (384, 512, 3), "the image comes back at its own size"
+    kept = np.asarray(mask) == 0
+    assert (result[kept] == np.asarray(image)[kept]).all()
+    assert (result[120, 320] != np.asarray(image)[120, 320]).any(), "inside the mask: painted"
+
+
+def test_the_mask_is_blurred_at_the_images_own_size_as_a1111() -> None:
+    image, mask = noise_image(256, 256), box_mask(256, 256, (64, 64, 192, 192))
+    images, _ = prepared(image, mask, width=128, height=128, mask_blur=8)
+
+    # A1111 blurs the mask before it meets width x height: 8 px of the image are 4 px of the job.
+    expected = fit(mask.filter(ImageFilter.GaussianBlur(8)), 128, 128, "resize").convert("L")
+    assert images.mask is not None
+    assert np.array_equal(np.asarray(images.mask), np.asarray(expected))
+
+
+def test_resize_mode_without_effect_on_an_only_masked_inpaint_is_said() -> None:
+    image, mask = noise_image(256, 128), box_mask(256, 128, (64, 32, 128, 96))
+    _, warnings = prepared(image, mask, width=128, height=128, inpaint_area="masked", resize_mode="crop")
+    assert warnings == [
+        "resize_mode: 'crop' has no effect with inpaint_area 'masked': the masked region is cropped from the image "
+        "at its own size, in width x height's proportions"
+    ]
+    _, warnings = prepared(image, mask, width=128, height=128, inpaint_area="masked")
+    assert warnings == [], "the default says nothing, and nothing is stretched"
 
 
 def test_outpaint_grows_the_canvas_and_masks_the_new_area() -> None:

@@ -22,6 +22,7 @@ import torch
 from diffusers import (
     ControlNetModel,
     StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
@@ -159,6 +160,40 @@ def test_img2img_matches_bare_diffusers() -> None:
         num_inference_steps=4,
         guidance_scale=7.5,
         controlnet_conditioning_scale=1.2,
+        generator=[torch.Generator().manual_seed(11)],
+    ).images[0]
+    assert np.abs(pixels(result) - np.asarray(reference, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.usefixtures("worker")
+def test_only_masked_on_a_larger_image_crops_the_control_image_there_as_diffusers() -> None:
+    """The control image meets the input image's own size and is cropped with it, as diffusers'
+    ``padding_mask_crop`` and the ControlNet extension's inpaint_crop_input_image do."""
+    image, control = noise_image(192, 128, seed=5), shapes_image(192, 128)
+    mask = Image.new("L", (192, 128), 0)
+    mask.paste(255, (120, 20, 160, 60))
+    result = ok(
+        image=png_base64(image),
+        mask=png_base64(mask),
+        inpaint_area="masked",
+        inpaint_padding=8,
+        mask_blur=0,
+        controlnets=[unit(image=control)],
+    )
+
+    assert pixels(result).shape == (128, 192, 3)
+    reference = bare(StableDiffusionControlNetInpaintPipeline, NET)(
+        "a fox",
+        image=image,
+        mask_image=mask,
+        control_image=control,
+        padding_mask_crop=8,
+        strength=0.75,
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        controlnet_conditioning_scale=1.0,  # the inpaint pipeline's own default is 0.5
         generator=[torch.Generator().manual_seed(11)],
     ).images[0]
     assert np.abs(pixels(result) - np.asarray(reference, dtype=np.int16)).max() <= 1

@@ -215,18 +215,43 @@ def test_inpaint_matches_bare_diffusers() -> None:
     assert np.abs(array(images_of(result)[0]) - array(reference)).max() <= 1
 
 
-def bare_inpaint(pipeline: Any, image: Image.Image = IMAGE) -> Image.Image:
-    """``pipeline``'s inpaint of ``image`` under MASK with the settings ``ok`` gives the worker (seed 11)."""
+def test_only_masked_paints_a_larger_image_at_its_own_size_as_diffusers_padding_mask_crop() -> None:
+    """A1111's "only masked" on an image larger than the job: the region is cropped from the image at its own
+    resolution and the image comes back at its size, as diffusers' ``padding_mask_crop`` does."""
+    image, mask = noise_image(320, 192, seed=4), box_mask(320, 192, (200, 40, 260, 90))
+    result = ok(
+        image=png_base64(image),
+        mask=png_base64(mask),
+        width=128,
+        height=64,
+        inpaint_area="masked",
+        inpaint_padding=8,
+        mask_blur=0,
+    )
+
+    ours = array(images_of(result)[0])
+    assert ours.shape == (192, 320, 3), "the input image's own size"
+    assert result["metadata"]["width"] == 128, "the job ran at width x height"
+    kept = np.asarray(mask) == 0
+    assert np.array_equal(ours[kept], array(image)[kept]), "outside the mask: the input's bytes, at full resolution"
+    reference = bare_inpaint(bare(StableDiffusionInpaintPipeline), image, mask, padding_mask_crop=8)
+    assert np.abs(ours - array(reference)).max() <= 1
+
+
+def bare_inpaint(pipeline: Any, image: Image.Image = IMAGE, mask: Image.Image = MASK, **more: Any) -> Image.Image:
+    """``pipeline``'s inpaint of ``image`` under ``mask`` with the settings ``ok`` gives the worker (seed 11), and
+    ``more`` arguments."""
     return pipeline(
         "a fox",
         image=image,
-        mask_image=MASK,
+        mask_image=mask,
         strength=0.75,
         width=128,
         height=64,
         num_inference_steps=4,
         guidance_scale=7.5,
         generator=torch.Generator().manual_seed(11),
+        **more,
     ).images[0]
 
 

@@ -58,4 +58,4 @@ def finish(
     response = encode_response(plan.request, made, route, started=started, inputs=plan.inputs)
     if plan.a1111 is None:
         return response.model_dump(exclude_none=True)
-    return check_answer_size(a1111_answer(plan.a1111, plan, made, response), plan.request, settings)
+    return check_answer_size(a1111_answer(plan.a1111, plan, made, response), plan.inputs, settings)

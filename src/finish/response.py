@@ -90,14 +90,15 @@ def encode_response(
     timings = {"encode": (time.perf_counter() - encode_started) * 1000}
 
     # 2. Deliver: to S3 when asked or configured, inline otherwise or as the fallback.
-    images = deliver(request, encoded, route, warnings=warnings, timings=timings)
+    delivered: Delivered = inputs if inputs is not None else request
+    images = deliver(delivered, encoded, route, warnings=warnings, timings=timings)
     timings["total"] = (time.perf_counter() - started) * 1000
     response = GenerateResponse(
         images=images, metadata=_metadata(request, generation, inputs, timings=timings, warnings=warnings)
     )
 
     # 3. The size guard: RunPod refuses answers over its limit, so say so ourselves, clearly.
-    check_response_size(response, request, settings)
+    check_response_size(response, delivered, settings)
     return response
 
 

@@ -128,7 +128,7 @@ def _prepare(
         # holds it.
         request, downloaded = fetch_named_files(request, settings, downloads, lease, cancelled)
         inputs = prepare_inputs(request, settings, storage)
-        check_inline_fits(inputs.request, settings)
+        check_inline_fits(inputs, settings)
         return dataclasses.replace(plan_job(inputs, settings), downloaded=downloaded, lease=lease)
     except BaseException:
         lease.release()

@@ -95,38 +95,37 @@ def fit(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.
 def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | None) -> tuple[TaskImages, list[str]]:
     """Bring ``image`` (and ``mask``) to the request's size for its task.
 
-    ``request`` has its size resolved (``schema.resolve_size``).
+    ``request`` has its size resolved (``schema.resolve_size``). As in A1111, the mask is blurred at the image's
+    own size; with ``inpaint_area`` ``masked`` the region is cropped from the image at its own size too, and the
+    painted region goes back into it, so the job returns the image at its own size.
 
     Raises:
         InputError: the mask is not the image's size, or is all black.
     """
     width, height = request.size
-    warnings = _stretch_warning(request, image)
+    warnings = _resize_warnings(request, image)
     if request.task == "img2img":
         return TaskImages(image=fit(image, width, height, request.resize_mode)), warnings
     if request.outpaint is not None:
         original, painted = _outpaint_canvas(request, image)
+        blurred = _blurred(painted, request.mask_blur)
     else:
         assert mask is not None  # the task is inpaint
-        if request.mask_invert:
-            mask = ImageOps.invert(mask.convert("L"))
-        if mask.size != image.size:
-            raise InputError(
-                f"mask: is {mask.size[0]}x{mask.size[1]} and the image is {image.size[0]}x{image.size[1]}: "
-                "they must be the same size (after EXIF rotation)"
-            )
-        original = fit(image, width, height, request.resize_mode)
-        # diffusers' crop and fill modes return RGB; the mask stays greyscale.
-        painted = fit(mask.convert("L"), width, height, request.resize_mode).convert("L")
-        if painted.getextrema()[1] == 0:
-            raise InputError("mask: is all black, so nothing would be repainted; paint white where the image changes")
-    blurred = painted.filter(ImageFilter.GaussianBlur(request.mask_blur)) if request.mask_blur else painted
+        painted = _checked_mask(request, image, mask)
+        blurred = _blurred(painted, request.mask_blur)
+        original = image
+        if request.inpaint_area == "whole":
+            # diffusers' crop and fill modes return RGB; the mask stays greyscale.
+            original = fit(image, width, height, request.resize_mode)
+            painted = _not_black(fit(painted, width, height, request.resize_mode).convert("L"))
+            blurred = fit(blurred, width, height, request.resize_mode).convert("L")
     # The overlay is the blurred mask, but black wherever the mask was black: those pixels stay exact.
     overlay = ImageChops.darker(blurred, painted.point(lambda value: 255 if value else 0))
     # As A1111: every masked content but "original" starts from the filled pixels (the latent ones, from there).
     if request.inpaint_area == "whole":
         start = fill_masked(original, blurred) if request.inpaint_fill != "original" else original
         return TaskImages(image=start, mask=blurred, original=original, overlay=overlay), warnings
+    # The crop is widened to the job's proportions within ``original``, then enlarged to the job's size.
     crop = _processor().get_crop_region(blurred, width, height, pad=request.inpaint_padding)
     region = fit(original.crop(crop), width, height, "fill")
     region_mask = fit(blurred.crop(crop), width, height, "fill").convert("L")
@@ -140,6 +139,36 @@ def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | No
         ),
         warnings,
     )
+
+
+def _checked_mask(request: GenerateRequest, image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The mask as greyscale, inverted with ``mask_invert``.
+
+    Raises:
+        InputError: it is not the image's size, or is all black.
+    """
+    if mask.size != image.size:
+        raise InputError(
+            f"mask: is {mask.size[0]}x{mask.size[1]} and the image is {image.size[0]}x{image.size[1]}: "
+            "they must be the same size (after EXIF rotation)"
+        )
+    mask = mask.convert("L")
+    return _not_black(ImageOps.invert(mask) if request.mask_invert else mask)
+
+
+def _not_black(mask: Image.Image) -> Image.Image:
+    """``mask`` (L) when any of it is white or grey.
+
+    Raises:
+        InputError: it is all black.
+    """
+    if mask.getextrema()[1] == 0:
+        raise InputError("mask: is all black, so nothing would be repainted; paint white where the image changes")
+    return mask
+
+
+def _blurred(mask: Image.Image, radius: int) -> Image.Image:
+    return mask.filter(ImageFilter.GaussianBlur(radius)) if radius else mask
 
 
 # Gaussian radii, coarse to fine, and how many times each layer is laid: A1111's masked content "fill".
@@ -190,8 +219,17 @@ def _outpaint_canvas(request: GenerateRequest, image: Image.Image) -> tuple[Imag
     return canvas, mask
 
 
-def _stretch_warning(request: GenerateRequest, image: Image.Image) -> list[str]:
-    """A warning when ``resize`` stretches the image out of its proportions by more than 1%."""
+def _resize_warnings(request: GenerateRequest, image: Image.Image) -> list[str]:
+    """A warning when ``resize`` stretches the image out of its proportions by more than 1%, or when
+    ``resize_mode`` has nothing to resize (an only-masked inpaint crops at the image's own size)."""
+    if request.task == "inpaint" and request.inpaint_area == "masked":
+        # ControlNet units without their own resize_mode take the request's.
+        if request.resize_mode == "resize" or any(unit.resize_mode is None for unit in request.controlnets):
+            return []
+        return [
+            f"resize_mode: {request.resize_mode!r} has no effect with inpaint_area 'masked': the masked region "
+            "is cropped from the image at its own size, in width x height's proportions"
+        ]
     if request.resize_mode != "resize":
         return []
     width, height = request.size
@@ -204,6 +242,12 @@ def _stretch_warning(request: GenerateRequest, image: Image.Image) -> list[str]:
         f"image: {image.width}x{image.height} was stretched to {width}x{height}, out of its proportions "
         "(resize_mode 'resize'); 'crop' or 'fill' keep them"
     ]
+
+
+def hidden(images: TaskImages | None, picture: Image.Image) -> Image.Image:
+    """A picture the safety checker flagged: black, at the size the job returns; nothing of the input shows."""
+    size = images.original.size if images is not None and images.original is not None else picture.size
+    return picture if picture.size == size else Image.new(picture.mode, size)
 
 
 def paste_back(request: GenerateRequest, images: TaskImages | None, painted: Image.Image) -> Image.Image:

@@ -35,6 +35,27 @@ class Inputs:
     # The ControlNet units' control maps, when the job has units.
     controls: ControlMaps | None = None
 
+    # What the delivery needs (``prepare.delivery.Delivered``): the returned images' size, count and form.
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images the job returns: the request's, but an only-masked inpaint returns the input
+        image at its own size, the painted region pasted back into it."""
+        if self.images is not None and self.images.original is not None:
+            return self.images.original.size
+        return self.request.output_size
+
+    @property
+    def num_images(self) -> int:
+        return self.request.num_images
+
+    @property
+    def output_format(self) -> str:
+        return self.request.output_format
+
+    @property
+    def output_type(self) -> str:
+        return self.request.output_type
+
 
 def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Storage | None) -> Inputs:
     """Read the request's image and mask, settle its size and bring them to it: all before the GPU.
@@ -71,12 +92,17 @@ def control_maps(
     request: GenerateRequest, images: TaskImages | None, settings: Settings, storage: S3Storage | None
 ) -> tuple[ControlMaps, list[str]]:
     """Read each unit's control image, preprocess it at its own size, and bring the map to the job's size by
-    ``resize_mode`` (and to the hires pass's size); with ``inpaint_area`` ``masked``, crop it as the image is.
+    ``resize_mode`` (and to the hires pass's size); with ``inpaint_area`` ``masked``, bring it to the input
+    image's size and crop it as the image is.
 
     Raises:
         InputError: a control image cannot be read; the message names its field.
     """
     width, height = request.size
+    crop = images.crop if images is not None else None
+    # With a crop, each map meets the picture the crop is taken from (the input image at its own size, as the
+    # ControlNet extension's inpaint_crop_input_image), then is cropped as it is.
+    target = images.original.size if images is not None and images.original is not None and crop else (width, height)
     first, hires, resized, sources, warnings = [], [], [], [], []
     for index, unit in enumerate(request.controlnets):
         field_name = f"controlnets.{index}.image"
@@ -85,13 +111,13 @@ def control_maps(
         control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds, unit.processor_res)
         sources.append(control.size)
         resize_mode = unit.resize_mode or request.resize_mode
-        fitted = fit(control, width, height, resize_mode)
-        if images is not None and images.crop is not None:
-            fitted = fit(fitted.crop(images.crop), width, height, "fill")
+        fitted = fit(control, *target, resize_mode)
+        if crop is not None:
+            fitted = fit(fitted.crop(crop), width, height, "fill")
         first.append(fitted)
         if request.hires is not None:
             hires.append(fit(control, *request.output_size, resize_mode))
-        note = proportions_changed(control.size, (width, height), resize_mode)
+        note = proportions_changed(control.size, target, resize_mode)
         resized.append(note)
         if note:
             warnings.append(f"{field_name}: {note}")

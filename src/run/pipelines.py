@@ -28,7 +28,7 @@ from PIL import Image
 from src.adapters.embeddings import Embedding
 from src.errors import BadImageError
 from src.models.schedulers import make_scheduler
-from src.prepare.canvas import paste_back
+from src.prepare.canvas import hidden, paste_back
 from src.prepare.passes import Pass, PipelineKind
 from src.prompts.encoding import Schedule, encode_schedule
 from src.prompts.syntax import PromptError, TextPlan
@@ -127,7 +127,7 @@ def run_passes(
         chunk_flags = chunk_flags or [False] * len(indices)
         # A flagged image stays black: nothing of the input is pasted onto it.
         results += [
-            image if flagged else paste_back(request, job.images, image)
+            hidden(job.images, image) if flagged else paste_back(request, job.images, image)
             for image, flagged in zip(chunk_images, chunk_flags, strict=True)
         ]
         flags += chunk_flags

@@ -73,12 +73,14 @@ class ImageInputs(RequestCore):
         4,
         ge=0,
         le=MASK_BLUR_MAX,
-        description=f"Pixels of Gaussian blur on the mask's edge, 0 to {MASK_BLUR_MAX}. With `mask` or `outpaint`.",
+        description=f"Pixels of Gaussian blur on the mask's edge, in the image's pixels (as A1111 blurs it), 0 to "
+        f"{MASK_BLUR_MAX}. With `mask` or `outpaint`.",
     )
     inpaint_area: Literal["whole", "masked"] = Field(
         "whole",
-        description="`whole` repaints at the image's size; `masked` repaints only the masked region, "
-        'enlarged to width x height, and pastes it back (A1111\'s "only masked"). With `mask` or `outpaint`.',
+        description="`whole` repaints the image brought to width x height; `masked` crops the masked region from "
+        "the image at its own size, repaints it enlarged to width x height, and pastes it back, so the image comes "
+        'back at its own size (A1111\'s "only masked"). With `mask` or `outpaint`.',
     )
     inpaint_padding: StrictInt = Field(
         32,
