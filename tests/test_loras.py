@@ -62,6 +62,7 @@ UNUSABLE = {
     "bad/truncated": "the file is cut short",
     "bad/junk": "not a safetensors file",
     "bad/sdxl": "it is a LoRA for SDXL, not SD 1.5",
+    "bad/ldm-names": "its UNet layers have the original code's block names (input_blocks_...)",
     "bad/loha": "it is LyCORIS LoHa, which diffusers' LoRA loader cannot read",
 }
 
@@ -108,6 +109,15 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory, models: tuple[Any, Any]) 
             "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 4),
         },
         bad / "sdxl.safetensors",
+    )
+    save_file(
+        {
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4),
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(320, 4),
+        },
+        bad / "ldm-names.safetensors",
     )
     stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file(
@@ -530,6 +540,27 @@ def test_kohya_and_peft_files_of_one_lora_give_the_same_image(lora_engine: Engin
 
     # kohya's alpha / rank is applied: without it the kohya file would act twice as strong.
     assert np.abs(peft - kohya).max() <= 1
+
+
+def test_a_kohya_lora_whose_alpha_varies_by_layer_is_scaled_layer_by_layer_as_a1111(
+    tiny_model_dir: Path, lora_dir: Path, lora_engine: Engine, tmp_path: Path
+) -> None:
+    """kohya's resized (dynamic-rank) files give each layer its own alpha; A1111 scales each by its own
+    alpha / rank. "a-kohya" rewritten with alphas of 1, 2 and 8 in turn (up weights changed to keep
+    up x alpha / rank) is the same LoRA, so it must give the pixels of "a"."""
+    with safe_open(lora_dir / "a-kohya.safetensors", framework="pt") as opened:
+        state = {key: opened.get_tensor(key) for key in opened.keys()}  # noqa: SIM118 - safe_open is no dict
+    alphas = [key for key in sorted(state) if key.endswith(".alpha")]
+    for index, key in enumerate(alphas):
+        stem, alpha = key.removesuffix("alpha"), (1.0, 2.0, 8.0)[index % 3]
+        state[stem + "lora_up.weight"] *= float(state[key]) / alpha
+        state[key] = torch.tensor(alpha)
+    assert {key.startswith("lora_te_") for key in alphas[::3]} == {False, True}, "both models vary"
+    save_lora(state, tmp_path / "a-varied.safetensors")
+
+    varied = pixels(generate(load_engine(tiny_model_dir, LORA_DIR=str(tmp_path)), loras=loras(("a-varied", 0.8))))
+    same = pixels(generate(lora_engine, loras=loras(("a", 0.8))))
+    assert np.abs(varied - same).max() <= 1
 
 
 def test_scale_0_gives_the_pixels_of_no_lora_and_scale_1_does_not(lora_engine: Engine, fresh: np.ndarray) -> None:

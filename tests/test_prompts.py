@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -389,6 +390,22 @@ def test_a_bad_embedding_file_stops_startup_naming_it(
 
     assert says in str(raised.value)
     assert "this must never run" not in capsys.readouterr().out
+
+
+def test_a_pickle_and_a_safetensors_file_of_one_name_serve_the_safetensors_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A1111 folders often hold EasyNegative.pt beside EasyNegative.safetensors: the worker starts, with one."""
+    torch.save({"string_to_param": {"*": torch.ones(1, TEXT_WIDTH)}}, tmp_path / "EasyNegative.pt")
+    (tmp_path / "more").mkdir()
+    save_file({"emb_params": torch.full((2, TEXT_WIDTH), 2.0)}, tmp_path / "more" / "EasyNegative.safetensors")
+
+    with caplog.at_level(logging.WARNING):
+        loaded = load_embeddings(str(tmp_path), TEXT_WIDTH)
+
+    assert list(loaded) == ["EasyNegative"]
+    assert torch.equal(loaded["EasyNegative"].vectors, torch.full((2, TEXT_WIDTH), 2.0))
+    assert f"{tmp_path / 'EasyNegative.pt'} is not used" in caplog.text
 
 
 def test_weighting_restores_the_mean_and_never_blows_a_chunk_up() -> None:

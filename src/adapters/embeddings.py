@@ -38,7 +38,7 @@ def load_embeddings(folder: str | None, width: int) -> dict[str, Embedding]:
     """Every embedding in ``folder`` (and its subfolders), by file name without extension.
 
     Raises:
-        AdapterError: a file is not an embedding for a text encoder of ``width``, or two have one name.
+        AdapterError: a file is not an embedding for a text encoder of ``width``.
     """
     if folder is None:
         return {}
@@ -46,12 +46,17 @@ def load_embeddings(folder: str | None, width: int) -> dict[str, Embedding]:
     if not root.is_dir():
         raise AdapterError(f"EMBEDDINGS_DIR={folder}: not a folder")
     embeddings: dict[str, Embedding] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in EMBEDDING_SUFFIXES or not path.is_file():
-            continue
+    files: dict[str, Path] = {}
+    # One file per name: a .safetensors file before a pickle of that name (A1111 folders often hold both), then
+    # the first path.
+    found = [path for path in root.rglob("*") if path.suffix.lower() in EMBEDDING_SUFFIXES and path.is_file()]
+    for path in sorted(found, key=lambda path: (path.suffix.lower() != ".safetensors", str(path))):
         name = path.stem
-        if name in embeddings:
-            raise AdapterError(f"{path}: a second embedding named {name!r}; names must be unique")
+        if name in files:
+            log.warning("%s is not used: %s is the embedding named %r", path, files[name], name)
+            continue
+        files[name] = path
+    for name, path in sorted(files.items(), key=lambda item: str(item[1])):
         vectors = _vectors(path, width)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         embeddings[name] = Embedding(name=name, vectors=vectors, short_hash=digest)

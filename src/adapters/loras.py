@@ -52,7 +52,9 @@ _UNSUPPORTED = {
     ".diff": "a full weight difference (LyCORIS 'full')",
     "ia3": "IA3",
 }
-_SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks_", "output_blocks_")
+_SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+# kohya files that name the UNet's blocks as the original (LDM) code does; SDXL's do, and a few SD 1.5 ones.
+_LDM_MARKERS = ("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")
 # The pipeline's models a LoRA can have layers in.
 MODELS = ("unet", "text_encoder")
 
@@ -156,6 +158,11 @@ def _problem(keys: list[str]) -> str | None:
         return f"not a LoRA: none of its keys is a LoRA weight{example}"
     if any(marker in key for key in keys for marker in _SDXL_MARKERS):
         return "it is a LoRA for SDXL, not SD 1.5"
+    if any(marker in key for key in keys for marker in _LDM_MARKERS):
+        return (
+            "its UNet layers have the original code's block names (input_blocks_...), which diffusers' SD 1.5 "
+            "LoRA loader cannot read (SDXL LoRAs have them too)"
+        )
     return None
 
 
@@ -483,7 +490,36 @@ def _read(file: LoraFile) -> tuple[bytes, dict[str, Any], int, dict[str, torch.T
         tensors = load_safetensors(data)
     except (AdapterError, OSError, ValueError, RuntimeError) as error:
         raise AdapterError(f"{file.path.name} cannot be read: {first_line(error)}") from None
-    return data, header, start, tensors
+    return data, header, start, _alphas_folded(tensors)
+
+
+# Each layout's down and up weights, under the name the layer's ``.alpha`` key shares with them.
+_PAIRS = (
+    ("lora_down.weight", "lora_up.weight"),
+    ("lora_A.weight", "lora_B.weight"),
+    ("lora.down.weight", "lora.up.weight"),
+)
+
+
+def _alphas_folded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each layer's ``alpha / rank`` multiplied into its up weight and its ``.alpha`` key dropped.
+
+    A1111 scales each layer by its own alpha / rank (its ``NetworkModule.calc_scale``). diffusers hands the alphas
+    to PEFT by names that miss the attention and text-encoder layers (``...processor.to_q_lora...``), which then
+    take the file's most common alpha: a LoRA whose alpha varies by layer (kohya's resized, dynamic-rank files)
+    came out too strong or too weak there. Folded, every layer has its own scale and PEFT applies 1.
+    """
+    folded = dict(tensors)
+    for key in [key for key in tensors if key.endswith(".alpha")]:
+        stem = key.removesuffix("alpha")
+        for down_name, up_name in _PAIRS:
+            down, up = tensors.get(stem + down_name), tensors.get(stem + up_name)
+            if down is not None and up is not None and down.ndim >= 2 and tensors[key].numel() == 1:
+                scale = float(tensors[key]) / down.shape[0]
+                folded[stem + up_name] = (up.float() * scale).to(up.dtype)
+                del folded[key]
+                break
+    return folded
 
 
 def _refuse_misfit(pipeline: Any, file: LoraFile, header: dict[str, Any]) -> None:
@@ -598,10 +634,6 @@ def _expected_noise_dropped(adapter: str) -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
-            # The worker counts the layers that took the LoRA itself, and refuses a file that does not fit whole.
-            warnings.filterwarnings(
-                "ignore", message="The following alpha_pattern keys did not match", category=RuntimeWarning
-            )
             # diffusers deletes an adapter that failed to load; the worker refuses the file itself.
             warnings.filterwarnings(
                 "ignore", message="Adapter .* was active which is now deleted", category=UserWarning
