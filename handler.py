@@ -312,10 +312,14 @@ def serve(settings: Settings) -> None:
         _send_progress = runpod.serverless.progress_update
     # On RunPod, a worker whose torch cannot use its GPU refuses jobs instead of failing each one.
     if _engine is not None and _engine.device.type == "cuda":
+        import torch
+
         from src.run import gpu
 
         runpod.serverless.register_fitness_check(gpu.check_kernels)
-        runpod.serverless.register_fitness_check(gpu.check_fp16)
+        # Only where fp16 runs: its advice is DTYPE=float32, which a worker that follows it must pass.
+        if _engine.dtype == torch.float16:
+            runpod.serverless.register_fitness_check(gpu.check_fp16)
     # Up to CONCURRENCY jobs at once, their CPU stages overlapping; the GPU runs one at a time (docs/memory.md).
     runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda _current: settings.concurrency})
 
@@ -336,6 +340,9 @@ def main() -> int:
         return 2
     except WorkerError as error:
         log.error("startup failed: %s", error)
+        return 1
+    except Exception:  # what no check foresaw still ends in a line a log search finds, with its traceback
+        log.exception("startup failed: an unexpected error while loading the model")
         return 1
     if run is None:
         serve(settings)

@@ -17,6 +17,7 @@ leaves only once its thread has ended, so that its memory and the GPU are free w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -64,7 +65,8 @@ async def in_thread(stage: Callable[[], T], cancelled: threading.Event, *, gpu: 
 
     If the awaiting task is cancelled meanwhile, a stage still waiting for its thread is dropped; a running
     one gets ``cancelled`` set, and the cancellation goes on once it has ended (whatever it returned or
-    raised is dropped).
+    raised is dropped), however many more times the task is cancelled while it waits: until then the job
+    still holds the GPU, its memory and its files.
     """
     work = _pool("gpu" if gpu else "cpu").submit(stage)
     result = asyncio.wrap_future(work)
@@ -73,7 +75,9 @@ async def in_thread(stage: Callable[[], T], cancelled: threading.Event, *, gpu: 
     except asyncio.CancelledError:
         cancelled.set()
         if not work.cancel():
-            await asyncio.wait([result])
+            while not result.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([result])
             if not result.cancelled():
                 result.exception()  # retrieved: the job is gone, and its end is no one's to report
         raise

@@ -10,8 +10,11 @@ sent twice, which RunPod takes as one result for the job.
 
 **Stops before a job starts.** runpod stops a job by cancelling its task; a stop that arrives after runpod
 took the job but before it started the job's task finds no task, and runpod drops it ("No in-progress job"),
-so the job runs in full. ``remember_stops_before_start`` keeps such a stop, and the handler asks
-``stopped_before_start`` as the job begins: the job then ends as a stopped one, with no result posted.
+so the job runs in full. And a stop that arrives once runpod has made the job's task but before the task's
+first step cancels a coroutine that never ran: runpod's ``handle_job`` and its ``finally`` never run, the job
+stays in runpod's count for good, and a worker at CONCURRENCY=1 takes no more jobs.
+``remember_stops_before_start`` keeps such a stop instead, and the handler asks ``stopped_before_start`` as
+the job begins: the job then ends as a stopped one, with no result posted.
 """
 
 from __future__ import annotations
@@ -60,15 +63,24 @@ def remember_stops_before_start() -> None:
     stop_running_job = rp_scale.JobScaler.stop_job
 
     async def stop_job(self: rp_scale.JobScaler, job_id: str) -> bool:
-        if await stop_running_job(self, job_id):
-            return True
-        if JobsProgress().get(job_id) is None:
-            return False
+        task = self.jobs_tasks.get(job_id)
+        if task is None or _started(task):
+            if await stop_running_job(self, job_id):
+                return True
+            if JobsProgress().get(job_id) is None:
+                return False
         log.info("job %s stopped before it started; it will end when runpod starts it", job_id)
         _stopped_before_start.add(job_id)
         return True
 
     rp_scale.JobScaler.stop_job = stop_job
+
+
+def _started(task: Any) -> bool:
+    """Whether ``task`` has run its first step (a cancelled task that never ran skips its ``finally``)."""
+    import inspect
+
+    return task.done() or inspect.getcoroutinestate(task.get_coro()) != inspect.CORO_CREATED
 
 
 def stopped_before_start(job_id: str | None) -> bool:

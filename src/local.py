@@ -68,11 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     runpod.add_argument("--rp_serve_api", action="store_true", help="serve runpod's local HTTP API instead")
     runpod.add_argument("--rp_api_host", default="localhost", help="the API's host (default: localhost)")
     runpod.add_argument("--rp_api_port", type=int, default=8000, help="the API's port (default: 8000)")
-    runpod.add_argument("--rp_api_concurrency", type=int, default=1, help="the API's uvicorn workers (default: 1)")
+    runpod.add_argument(
+        "--rp_api_concurrency",
+        type=int,
+        default=1,
+        help="the API's uvicorn workers: 1 only (runpod hands uvicorn an app, which one process serves); "
+        "CONCURRENCY sets the jobs run at once",
+    )
     runpod.add_argument(
         "--rp_log_level", help="runpod's log level: ERROR, WARN, INFO or DEBUG (default: WARN in local runs, else INFO)"
     )
-    runpod.add_argument("--rp_debugger", action="store_true", help="runpod's debugger output")
+    runpod.add_argument(
+        "--rp_debugger",
+        action="store_true",
+        help="refused: runpod 1.12's debugger output loses every failed job's result (the job hangs until "
+        "RunPod's timeout); metadata.timings_ms and phases_ms say where a job's time went",
+    )
     return parser
 
 
@@ -94,6 +105,16 @@ def read_command_line(argv: Sequence[str], environ: Mapping[str, str] | None = N
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.rp_api_concurrency != 1:
+        parser.error(
+            f"--rp_api_concurrency {args.rp_api_concurrency}: must be 1 (uvicorn cannot run several workers of the "
+            "app runpod gives it); set CONCURRENCY for the jobs run at once"
+        )
+    if args.rp_debugger:
+        parser.error(
+            "--rp_debugger: runpod 1.12 loses the result of every failed job with it (a KeyError in its "
+            "handle_job); metadata.timings_ms and phases_ms say where a job's time went"
+        )
     if not is_local_run(args, environ):
         if args.image or args.mask:
             parser.error("--image and --mask are for a local run; over the HTTP API, send the image in the JSON")
@@ -252,5 +273,8 @@ def run_local(handler: Callable[[Any], Any], run: LocalRun) -> int:
         print(f"job {job_id}: FAILED: {result['error']}", file=sys.stderr)
         return 1
     output = result.get("output", {})
+    if "describe" in output:  # what the worker serves: no images, no timings; shown whole
+        print(json.dumps(output, indent=2))
+        return 0
     print(summarize(job_id, output, write_images(output, run.folder)))
     return 0

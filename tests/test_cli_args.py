@@ -59,6 +59,10 @@ def test_help_answers_at_once_listing_local_and_runpod_flags(no_model_env: dict[
         pytest.param(["--test_input", "[1, 2]"], "--test_input must be a JSON object", id="not-an-object"),
         pytest.param(["--rp_api_port", "eighty"], "argument --rp_api_port: invalid int value", id="bad-port"),
         pytest.param([], "no --test_input given and no test_input.json", id="no-job"),
+        pytest.param(
+            ["--rp_serve_api", "--rp_api_concurrency", "2"], "--rp_api_concurrency 2: must be 1", id="api-workers"
+        ),
+        pytest.param(["--rp_debugger"], "--rp_debugger: runpod 1.12 loses the result of every failed job", id="debug"),
     ],
 )
 def test_bad_invocation_exits_2_with_usage_before_loading(

@@ -245,3 +245,37 @@ def test_importing_handler_loads_nothing() -> None:
     )
 
     assert result.stdout.strip() == "[] None"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "checks"),
+    [
+        pytest.param("float16", ["check_kernels", "check_fp16"], id="float16"),
+        # The fp16 check's advice is DTYPE=float32: a worker that follows it must not be stopped by it.
+        pytest.param("float32", ["check_kernels"], id="float32"),
+        pytest.param("bfloat16", ["check_kernels"], id="bfloat16"),
+    ],
+)
+def test_the_fp16_fitness_check_guards_only_a_worker_that_runs_fp16(
+    monkeypatch: pytest.MonkeyPatch, dtype: str, checks: list[str]
+) -> None:
+    """serve() on a CUDA worker registers runpod's fitness checks: the fp16 one only where fp16 runs. The engine
+    is a stand-in with a CUDA device (this machine has none); runpod's own registry records the checks."""
+    import types
+
+    import runpod
+    import torch
+    from runpod.serverless.modules import rp_fitness, rp_http, rp_scale
+
+    # serve() also changes runpod's job loop (src/job_loop.py): restored after the test.
+    monkeypatch.setattr(rp_scale.JobScaler, "stop_job", rp_scale.JobScaler.stop_job)
+    monkeypatch.setattr(rp_http, "_transmit", rp_http._transmit)
+    monkeypatch.setattr(rp_fitness, "_fitness_checks", [])
+    monkeypatch.setattr(runpod.serverless, "start", lambda _config: None)
+    monkeypatch.setattr(
+        handler, "_engine", types.SimpleNamespace(device=torch.device("cuda"), dtype=getattr(torch, dtype))
+    )
+
+    handler.serve(handler.get_settings())
+
+    assert [check.__name__ for check in rp_fitness._fitness_checks] == checks

@@ -87,3 +87,24 @@ def test_baked_folder_matches_when_it_holds_the_checker(baked: bool, wanted: boo
 )
 def test_dtype_is_float32_on_the_cpu_unless_asked(setting: str, device: str, expected: torch.dtype) -> None:
     assert resolve_dtype(setting, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("way", ["folder", "baked"])
+def test_a_folder_with_a_file_cut_short_is_refused_naming_the_setting(
+    tiny_model_dir: Path, tmp_path: Path, way: str
+) -> None:
+    """A network volume still being synced leaves a file cut short: a refusal naming the setting, not a traceback."""
+    folder = tmp_path / "sd15"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    if way == "baked":
+        bake_label(folder, safety_checker=False)
+    variables = {"MODEL_DIR": str(folder)} if way == "baked" else {"MODEL_ID": str(folder)}
+
+    with pytest.raises(ModelLoadError) as raised:
+        load_pipeline(load_settings(variables), torch.float32)
+
+    setting = "MODEL_DIR" if way == "baked" else "MODEL_ID"
+    assert str(raised.value).startswith(f"{setting}={str(folder)!r}: the diffusers folder {folder} cannot be loaded")
+    assert "cut short" in str(raised.value)

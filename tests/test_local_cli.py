@@ -117,6 +117,16 @@ def test_a_variation_batch_prints_each_images_variation_seed(tmp_path: Path, run
     assert "variation seed" not in plain.stdout, "without a strength the variation seed does nothing"
 
 
+def test_a_describe_job_prints_what_the_worker_serves(tmp_path: Path, run_here: Callable[..., Ran]) -> None:
+    result = run_here(["--test_input", json.dumps({"input": {"describe": True}})])
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    described = json.loads(result.stdout)["describe"]
+    assert described["device"] == "cpu"
+    assert "models" in described
+    assert not (tmp_path / "output").exists(), "no images, no folder"
+
+
 def test_no_arguments_runs_test_input_json(tmp_path: Path, run_here: Callable[..., Ran]) -> None:
     """The project's test_input.json, made small: 512² at 25 steps is a minute of the tiny model on a busy CPU.
 

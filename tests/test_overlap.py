@@ -51,14 +51,33 @@ def images(configure: Callable[..., None]) -> Iterator[HeldImages]:
         server.close()
 
 
+class _StoppedAtCreation(dict):  # type: ignore[type-arg]
+    """runpod's ``jobs_tasks``, which stops the jobs named in ``stopped`` the moment runpod files their task,
+    before the task's first step: a stop that lands in that window."""
+
+    def __init__(self, scaler: Any, stopped: tuple[str, ...]) -> None:
+        super().__init__()
+        self.scaler, self.stopped = scaler, stopped
+
+    def __setitem__(self, job_id: str, task: Any) -> None:
+        super().__setitem__(job_id, task)
+        if job_id in self.stopped:
+            stop = self.scaler.stop_job(job_id)
+            with pytest.raises(StopIteration) as done:  # stop_job awaits nothing that suspends
+                stop.send(None)
+            assert done.value.value, f"runpod dropped the stop for {job_id}"
+
+
 def run_in_runpods_loop(
     jobs: list[dict[str, Any]],
     on_result: Callable[[str, dict[str, Any]], None] = lambda _id, _result: None,
     stopped: tuple[str, ...] = (),
+    stopped_at_start: tuple[str, ...] = (),
 ) -> list[tuple[str, dict[str, Any]]]:
     """``jobs`` through runpod's ``JobScaler.run_jobs`` at concurrency 2, as taken from RunPod at once;
     returns each job's id and result, in the order they ended. ``on_result`` is called as each ends; the
-    jobs named in ``stopped`` are stopped (``JobScaler.stop_job``) once taken, before runpod starts them."""
+    jobs named in ``stopped`` are stopped (``JobScaler.stop_job``) once taken, before runpod starts them,
+    those in ``stopped_at_start`` as runpod creates their task. Every job has left runpod's count after."""
     ended: list[tuple[str, dict[str, Any]]] = []
 
     async def handle(_session: Any, _config: dict[str, Any], job: dict[str, Any]) -> None:
@@ -69,6 +88,7 @@ def run_in_runpods_loop(
     async def run() -> None:
         scaler = rp_scale.JobScaler({"handler": handler.handler})
         scaler.jobs_handler = handle
+        scaler.jobs_tasks = _StoppedAtCreation(scaler, stopped_at_start)
         scaler.current_concurrency = 2
         scaler.jobs_queue = asyncio.Queue(maxsize=len(jobs))
         for job in jobs:
@@ -78,6 +98,8 @@ def run_in_runpods_loop(
             assert await scaler.stop_job(job_id), f"runpod dropped the stop for {job_id}"
         scaler._shutdown_event.set()  # run_jobs drains the queue, then returns
         await scaler.run_jobs(None)  # type: ignore[arg-type]
+        left = [job["id"] for job in jobs if scaler.job_progress.get(job["id"]) is not None]
+        assert not left, f"runpod still counts {left} in progress: the worker would take no more jobs"
 
     asyncio.run(run())
     return ended
@@ -173,6 +195,34 @@ def test_a_cancelled_job_stops_at_its_next_step_and_frees_the_gpu(monkeypatch: p
     assert "images" in after, after
 
 
+def test_a_job_stopped_twice_leaves_only_once_its_gpu_stage_has_ended() -> None:
+    """runpod may stop a job twice (a re-sent stop, a cancel then a timeout): the task keeps waiting for its
+    thread, which still holds the GPU, its memory and its files, until the thread ends."""
+    engine = handler.get_engine()
+    in_step, step_may_end = threading.Event(), threading.Event()
+
+    def hold(_call: int, _inputs: Any, output: Any) -> Any:
+        in_step.set()
+        step_may_end.wait(HOLD_LIMIT_S)
+        return output
+
+    async def stop_twice() -> None:
+        task = asyncio.create_task(handler.handler({"id": "twice", "input": {**TEXT, "num_inference_steps": 20}}))
+        await asyncio.to_thread(in_step.wait, HOLD_LIMIT_S)
+        for _ in range(2):
+            task.cancel()
+            for _turn in range(5):
+                await asyncio.sleep(0)
+        assert not task.done(), "the job left while its thread still held the GPU"
+        step_may_end.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with injected(engine._pipeline.unet, hold):
+        asyncio.run(stop_twice())
+    assert not engine._lock.locked()
+
+
 def test_a_job_cancelled_while_it_waits_for_the_gpu_leaves_without_running(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = handler.get_engine()
     lock = WatchedLock(waiters=1)
@@ -195,6 +245,24 @@ def test_a_job_cancelled_while_it_waits_for_the_gpu_leaves_without_running(monke
 
     assert unet_calls[0] == 0
     assert not lock.locked()
+
+
+def test_a_job_stopped_as_runpod_creates_its_task_ends_without_a_result_and_frees_its_slot(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """runpod 1.12 cancels a task that has not run its first step: its ``handle_job`` never runs, so the job
+    would stay in runpod's count for good and a worker at CONCURRENCY=1 would take no more jobs. The worker
+    lets the task start, and the handler ends it as a stopped job."""
+    monkeypatch.setattr(rp_scale.JobScaler, "stop_job", rp_scale.JobScaler.stop_job)  # restored after the test
+    job_loop.remember_stops_before_start()
+
+    with caplog.at_level(logging.INFO, logger="handler"):
+        ended = run_in_runpods_loop(
+            [{"id": "at-start", "input": TEXT}, {"id": "next", "input": TEXT}], stopped_at_start=("at-start",)
+        )
+
+    assert [job_id for job_id, _ in ended] == ["next"]
+    assert re.search(r"job at-start CANCELLED in \d+ ms", caplog.text)
 
 
 def test_a_job_stopped_after_runpod_took_it_but_before_it_started_ends_without_a_result(

@@ -131,8 +131,8 @@ def load_model(settings: Settings, dtype: torch.dtype) -> tuple[StableDiffusionP
         pipeline, source = _load_checkpoint(settings, dtype, options)
     elif location.way in ("baked-url", "baked") and location.label is not None:
         pipeline = _load_baked(settings, location, location.label, options)
-    elif location.way == "folder":
-        pipeline = StableDiffusionPipeline.from_pretrained(location.path, local_files_only=True, **options)
+    elif location.way == "folder" and location.path is not None:
+        pipeline = _from_folder(location.path, f"MODEL_ID={settings.model_id!r}", options)
     else:
         pipeline = _load_hub(settings, options)
     if settings.safety_checker and getattr(pipeline, "safety_checker", None) is None:
@@ -172,9 +172,27 @@ def _load_baked(
         log.info("loading %s (%s) from %s, baked at build time", held and held.name, baked.url, settings.model_dir)
     else:
         log.info("loading %s from %s, baked at build time", named_identity(settings).name, settings.model_dir)
-    return StableDiffusionPipeline.from_pretrained(
-        settings.model_dir, local_files_only=True, use_safetensors=True, variant=baked.variant, **options
+    return _from_folder(
+        Path(settings.model_dir),
+        f"MODEL_DIR={settings.model_dir!r}",
+        {**options, "use_safetensors": True, "variant": baked.variant},
     )
+
+
+def _from_folder(folder: Path, setting: str, options: dict[str, Any]) -> StableDiffusionPipeline:
+    """The diffusers folder ``folder``, offline.
+
+    Raises:
+        ModelLoadError: a file of it cannot be read (cut short, as on a volume still being written); the message
+            names ``setting`` and the error.
+    """
+    try:
+        return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **options)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(
+            f"{setting}: the diffusers folder {folder} cannot be loaded ({type(error).__name__}: {first_line(error)}); "
+            "is a file cut short or still being written?"
+        ) from None
 
 
 def _load_hub(settings: Settings, options: dict[str, Any]) -> StableDiffusionPipeline:
@@ -219,7 +237,7 @@ def _load_checkpoint(
         source = dataclasses.replace(source, checkpoint={**(source.checkpoint or {}), "name": path.stem})
         _check_sha256(settings, source.checkpoint["sha256"] if source.checkpoint else "", path)
         log.info("loading %s converted earlier, from %s", path.name, folder)
-        return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **options), source
+        return _from_folder(folder, f"MODEL_CACHE_DIR={str(cache)!r}", options), source
     started = time.perf_counter()
     pipeline = convert_checkpoint(path, config, safety_checker=settings.safety_checker)
     stat = path.stat()
