@@ -542,3 +542,96 @@ def test_a1111s_token_merging_ratio_is_the_jobs_tome_ratio() -> None:
     assert call.input["tome_ratio"] == 0.4
     with pytest.raises(InputError, match=r"token_merging_ratio_hr=0\.2: this worker merges tokens at one ratio"):
         read_a1111({"input": {"prompt": "a", "steps": 3, "token_merging_ratio": 0.4, "token_merging_ratio_hr": 0.2}})
+
+
+# --- extra-single-image: A1111's sizes and info line, its switches, its errors -------------------------------
+
+
+def a1111_extras_size(size: tuple[int, int], payload: dict[str, Any]) -> tuple[int, int]:
+    """The size A1111's Extras makes, as scripts/postprocessing_upscale.py and modules/upscaler.py compute it:
+    the factor (or the larger ratio to the target), each side int(side x factor // 8 * 8); cropped, the target."""
+    width, height = size
+    if payload.get("resize_mode", 0) == 1:
+        target = payload["upscaling_resize_w"], payload["upscaling_resize_h"]
+        if payload.get("upscaling_crop", True):
+            return target
+        upscale_by = max(target[0] / width, target[1] / height)
+    else:
+        upscale_by = payload["upscaling_resize"]
+    return int((width * upscale_by) // 8 * 8), int((height * upscale_by) // 8 * 8)
+
+
+@pytest.mark.parametrize(
+    ("size", "change", "info"),
+    [
+        pytest.param((100, 75), {"upscaling_resize": 2}, "Postprocess upscale by: 2", id="by-2"),
+        pytest.param((133, 100), {"upscaling_resize": 1.5}, "Postprocess upscale by: 1.5", id="by-1.5"),
+        pytest.param(
+            (150, 100),
+            {"resize_mode": 1, "upscaling_resize_w": 300, "upscaling_resize_h": 404, "upscaling_crop": False},
+            "Postprocess upscale to: 300x404",
+            id="to-uncropped",
+        ),
+        pytest.param(
+            (150, 100),
+            {"resize_mode": 1, "upscaling_resize_w": 300, "upscaling_resize_h": 404},
+            "Postprocess upscale to: 300x404, Postprocess crop to: 300x404",
+            id="to-cropped",
+        ),
+    ],
+)
+def test_extras_makes_a1111s_size_and_info_line(
+    worker: None, size: tuple[int, int], change: dict[str, Any], info: str
+) -> None:
+    payload = {**EXTRAS, "upscaler_1": "Lanczos", "image": png_base64(noise_image(*size, seed=3)), **change}
+
+    result = run(wrapped("extra-single-image", payload))
+
+    assert "error" not in result, result["error"]
+    image = pixels(result["image"])
+    assert (image.shape[1], image.shape[0]) == a1111_extras_size(size, payload)
+    assert result["html_info"] == f"<p>{info}, Postprocess upscaler: Lanczos</p>"
+
+
+def test_extras_answers_its_image_whatever_show_extras_results_says(worker: None) -> None:
+    """A1111's single-image answer has its image either way: show_extras_results acts on a batch's results."""
+    result = run(wrapped("extra-single-image", {**EXTRAS, "show_extras_results": False}))
+
+    assert "error" not in result, result["error"]
+    assert pixels(result["image"]).shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        pytest.param(
+            {"resize_mode": 1, "upscaling_crop": "false"}, "upscaling_crop='false': must be true or false", id="crop"
+        ),
+        pytest.param({"show_extras_results": "no"}, "show_extras_results='no': must be true or false", id="show"),
+        pytest.param(
+            {"resize_mode": 1, "upscaling_resize_w": 64, "upscaling_resize_h": 64},
+            "upscaling_resize_w x upscaling_resize_h: 64x64 to 64x64 does not enlarge the image",
+            id="not-larger",
+        ),
+        pytest.param(
+            {"resize_mode": 1, "image": png_base64(noise_image(256, 8)), "upscaling_crop": True},
+            "upscaling_resize_w x upscaling_resize_h: 256x8 to 512x512 (crop) first enlarges the image to 16384x512",
+            id="crop-covering",
+        ),
+        pytest.param(
+            {"image": png_base64(noise_image(260, 260)), "upscaling_resize": 1.1, "upscaler_1": "tiny-esrgan-4x"},
+            "upscaling_resize: 260x260 to 280x280 through tiny-esrgan-4x (4x) makes a 1040x1040 image on its way",
+            id="model-pass",
+        ),
+    ],
+)
+def test_an_extras_refusal_names_a1111s_fields_and_the_next_job_runs(
+    worker: None, monkeypatch: pytest.MonkeyPatch, change: dict[str, Any], says: str
+) -> None:
+    monkeypatch.setenv("MAX_UPSCALE_SIDE", "512")  # no image on its way over 1024x1024 pixels
+
+    result = run(wrapped("extra-single-image", {**EXTRAS, **change}))
+
+    assert set(result) == {"error"}, result
+    assert says in result["error"], result["error"]
+    assert "error" not in run(wrapped("extra-single-image", EXTRAS))

@@ -252,3 +252,97 @@ def test_parameters_too_long_for_a_jpegs_exif_are_left_out_with_a_warning() -> N
     assert any("are not in the jpeg file" in warning for warning in result["metadata"]["warnings"])
     webp = asyncio.run(handler.handler({"id": "long", "input": {**job, "output_format": "webp"}}))
     assert not any("are not in" in warning for warning in webp["metadata"].get("warnings", []))
+
+
+# --- sizes: the factor's result straight, cover, multiple_of, and what a job may make on its way -------------------
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize(("size", "scale", "result"), [((333, 250), 1.5, (499, 375)), ((75, 75), 1.3, (97, 97))])
+def test_a_factor_resizes_straight_to_int_side_x_scale(
+    size: tuple[int, int], scale: float, result: tuple[int, int], upscaler_dir: Path
+) -> None:
+    """No covering size a pixel larger, then cropped: the whole image, resampled once to the result."""
+    lanczos = upscale(photo(size), upscaler="lanczos", scale=scale)
+    model = upscale(photo(size), upscaler="tiny-compact-2x", scale=scale)
+
+    assert result_image(lanczos).tobytes() == photo(size).resize(result, Image.Resampling.LANCZOS).tobytes()
+    expected = by_hand(upscaler_dir, "tiny-compact-2x", photo(size), passes=1).resize(result, Image.Resampling.LANCZOS)
+    assert result_image(model).tobytes() == expected.tobytes()
+
+
+@pytest.mark.usefixtures("worker")
+def test_cover_keeps_the_proportions_uncropped_and_multiple_of_rounds_the_sides_worked_out(
+    upscaler_dir: Path,
+) -> None:
+    covered = upscale(upscaler="tiny-compact-2x", width=100, height=50, resize_mode="cover")
+    rounded = upscale(upscaler="lanczos", width=100, height=50, resize_mode="cover", multiple_of=8)
+    by_factor = upscale(upscaler="lanczos", scale=2.5, multiple_of=8)
+    one_side = upscale(upscaler="lanczos", width=100, multiple_of=8)
+
+    # 40x30 covering 100x50: 100x75, its width the target's; nothing cropped or stretched.
+    enlarged = by_hand(upscaler_dir, "tiny-compact-2x", photo(), passes=2)
+    assert result_image(covered).tobytes() == enlarged.resize((100, 75), Image.Resampling.LANCZOS).tobytes()
+    assert covered["metadata"]["resize_mode"] == "cover"
+    assert result_image(covered).text["postprocessing"] == (
+        "Postprocess upscale to: 100x50, Postprocess upscaler: tiny-compact-2x"
+    )
+    assert result_image(rounded).tobytes() == photo().resize((96, 72), Image.Resampling.LANCZOS).tobytes()
+    assert result_image(by_factor).size == (96, 72)
+    assert result_image(one_side).size == (100, 72), "a side given is kept; the one worked out is rounded"
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_crop_says_so_in_the_postprocessing_line_as_a1111() -> None:
+    cropped = upscale(upscaler="lanczos", width=100, height=50)
+
+    assert result_image(cropped).text["postprocessing"] == (
+        "Postprocess upscale to: 100x50, Postprocess crop to: 100x50, Postprocess upscaler: Lanczos"
+    )
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize(
+    ("image_size", "fields", "says"),
+    [
+        pytest.param(
+            (200, 8),
+            {"upscaler": "lanczos", "width": 512, "height": 512},
+            "width x height: 200x8 to 512x512 (crop) first enlarges the image to 12800x512, over "
+            "the 1024x1024 pixels an upscale may make on its way ((2 x MAX_UPSCALE_SIDE)²)",
+            id="crop-covering",
+        ),
+        pytest.param(
+            (260, 260),
+            {"upscaler": "tiny-esrgan-4x", "scale": 1.1},
+            "scale: 260x260 to 286x286 through tiny-esrgan-4x (4x) makes a 1040x1040 image on its way, over the "
+            "1024x1024 pixels an upscale may make ((2 x MAX_UPSCALE_SIDE)²): use an upscaler of a smaller scale",
+            id="model-pass",
+        ),
+        pytest.param(
+            (8, 8),
+            {"upscaler": "lanczos", "scale": 1.5, "multiple_of": 16},
+            "scale: 8x8 to 0x0: a side rounded down to a multiple of 16 (multiple_of) has no pixels left",
+            id="no-pixels",
+        ),
+        pytest.param(
+            (40, 30),
+            {"upscaler": "lanczos", "width": 100, "height": 50, "multiple_of": 8},
+            "multiple_of: rounds the sides the worker works out, and with width, height and resize_mode crop it "
+            "works out none",
+            id="multiple-of-with-crop",
+        ),
+    ],
+)
+def test_a_job_whose_image_on_its_way_would_be_too_large_is_refused_before_it_is_made(
+    monkeypatch: pytest.MonkeyPatch, image_size: tuple[int, int], fields: dict[str, Any], says: str
+) -> None:
+    """At MAX_UPSCALE_SIDE=512, no image a job makes (the one a crop cuts from, a model's pass) may hold more than
+    1024x1024 pixels: refused by the fields that set the size, and the next job works."""
+    monkeypatch.setenv("MAX_UPSCALE_SIDE", "512")
+    job = {"task": "upscale", "image": as_base64(photo(image_size)), **fields}
+
+    error = asyncio.run(handler.handler({"input": job}))["error"]
+
+    assert says in error, error
+    assert result_image(upscale(upscaler="tiny-esrgan-4x", scale=2)).size == (80, 60)

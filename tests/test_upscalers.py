@@ -222,3 +222,66 @@ def test_upscaler_preload_loads_them_at_startup_and_names_an_unknown_one(
 
     with pytest.raises(AdapterError, match="UPSCALER_PRELOAD names 'tiny-esrgan': 'tiny-esrgan' is not an upscaler"):
         Engine.load(load_settings({**base, "UPSCALER_PRELOAD": "tiny-esrgan"}))
+
+
+# --- models that cannot be used, and where a tiled image is kept ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def channel_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A greyscale (1-channel) and an RGBA (4-channel) compact model: spandrel reads both as super-resolution."""
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact.__arch.SRVGG import SRVGGNetCompact
+
+    folder = tmp_path_factory.mktemp("channels")
+    for name, channels in (("grey-2x", 1), ("rgba-2x", 4)):
+        torch.manual_seed(0)
+        network = SRVGGNetCompact(num_in_ch=channels, num_out_ch=channels, num_feat=8, num_conv=2, upscale=2)
+        save_file(
+            {key: value.contiguous() for key, value in network.state_dict().items()}, folder / f"{name}.safetensors"
+        )
+    return folder
+
+
+@pytest.mark.parametrize(("name", "channels"), [("grey-2x", 1), ("rgba-2x", 4)])
+def test_a_model_of_other_than_three_channels_is_refused_by_name_when_read(
+    channel_models: Path, name: str, channels: int
+) -> None:
+    with pytest.raises(AdapterError, match=f"^{name}.safetensors takes {channels}-channel images") as refused:
+        read_upscaler(channel_models / f"{name}.safetensors")
+
+    assert "only a 3-channel model is used" in str(refused.value)
+    upscalers = Upscalers(
+        scan_upscalers(str(channel_models)),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        cache_bytes=10**9,
+        tile=64,
+        overlap=8,
+    )
+    with pytest.raises(AdapterError, match=f"^{name}.safetensors takes {channels}-channel images"):
+        upscalers.enlarge(name, torch.rand(1, 3, 20, 20), (40, 40))
+
+
+@pytest.mark.parametrize("size", [(30, 20), (70, 45)], ids=["one-tile", "tiles"])
+def test_a_tiled_image_is_kept_in_float32_on_the_cpu_one_tile_at_a_time(
+    upscaler_dir: Path, size: tuple[int, int]
+) -> None:
+    """Each tile's output, in the model's dtype on its device, is copied into a float32 image on the CPU: the
+    device holds one tile, whatever the image's size (tiles in half precision here, as on a GPU)."""
+    model = read_upscaler(upscaler_dir / "tiny-compact-2x.safetensors")
+    images = torch.rand(1, 3, size[1], size[0])
+    made: list[torch.Size] = []
+
+    def run_half(part: torch.Tensor) -> torch.Tensor:
+        out = model(part).half()
+        made.append(out.shape)
+        return out
+
+    with torch.inference_mode():
+        whole = model(images)
+        parts = tiled(run_half, images, 2, tile=32, overlap=12)
+
+    assert (parts.dtype, parts.device.type) == (torch.float32, "cpu")
+    assert torch.allclose(parts, whole, atol=1e-2)
+    assert max(shape[-1] * shape[-2] for shape in made) <= (32 * 2) ** 2, "no tile larger than UPSCALE_TILE"

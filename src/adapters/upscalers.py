@@ -31,13 +31,16 @@ import torch
 
 from src.adapters.folders import named_files
 from src.errors import AdapterError, first_line
+from src.schema.upscale import UPSCALE_MAX_PASSES
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".pth", ".safetensors")
 REFUSED_SUFFIXES = (".pt", ".ckpt", ".bin")
 # Most times an image goes through a model to reach its size, as A1111's ``Upscaler.upscale``.
-MAX_PASSES = 3
+MAX_PASSES = UPSCALE_MAX_PASSES
+# The channels of the images a model takes and makes: RGB (a greyscale or RGBA model cannot be used).
+CHANNELS = 3
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,11 @@ def read_upscaler(path: Path) -> Any:
     if not isinstance(model, ImageModelDescriptor) or model.purpose != "SR" or model.scale < 2:
         kind = f"{model.architecture.name}, {getattr(model, 'purpose', 'not an image model')}, scale {model.scale}"
         raise AdapterError(f"{path.name} is not an image super-resolution model (spandrel reads it as {kind})")
+    if (model.input_channels, model.output_channels) != (CHANNELS, CHANNELS):
+        raise AdapterError(
+            f"{path.name} takes {model.input_channels}-channel images and makes {model.output_channels}-channel "
+            f"ones ({model.architecture.name}); the worker upscales RGB images: only a 3-channel model is used"
+        )
     return model.eval()
 
 
@@ -120,26 +128,30 @@ def tiled(
 ) -> torch.Tensor:
     """``run`` (an upscaler) on ``images`` (B, C, H, W) in tiles of at most ``tile`` pixels a side overlapping
     by ``overlap``; each tile's output keeps only its part up to the middle of each overlap. ``between`` is
-    called before each tile (a job's deadline and cancel check: it may raise)."""
+    called before each tile (a job's deadline and cancel check: it may raise).
+
+    The result is in float32 on the CPU, each tile copied there as it is made: the device holds one tile's
+    input and output at a time, whatever the image's size."""
     _, _, height, width = images.shape
     if height <= tile and width <= tile:
         if between is not None:
             between()
-        return run(images)
+        return run(images).float().cpu()
     output: torch.Tensor | None = None
     for top, bottom, keep_top, keep_bottom in _spans(height, tile, overlap):
         for left, right, keep_left, keep_right in _spans(width, tile, overlap):
             if between is not None:
                 between()
             part = run(images[:, :, top:bottom, left:right])
-            if output is None:
-                output = part.new_zeros((*part.shape[:2], height * scale, width * scale))
-            output[:, :, keep_top * scale : keep_bottom * scale, keep_left * scale : keep_right * scale] = part[
+            if output is None:  # every pixel is written: the kept parts abut and cover the image
+                output = torch.empty((*part.shape[:2], height * scale, width * scale), dtype=torch.float32)
+            kept = part[
                 :,
                 :,
                 (keep_top - top) * scale : (keep_bottom - top) * scale,
                 (keep_left - left) * scale : (keep_right - left) * scale,
             ]
+            output[:, :, keep_top * scale : keep_bottom * scale, keep_left * scale : keep_right * scale] = kept.cpu()
     assert output is not None
     return output
 
@@ -189,8 +201,8 @@ class Upscalers:
         return list(self._cache)
 
     def upscale(self, name: str, images: torch.Tensor, between: Callable[[], None] | None = None) -> torch.Tensor:
-        """``images`` (B, 3, H, W, values 0 to 1) enlarged by upscaler ``name``'s scale, on the device;
-        ``between`` is called before each tile.
+        """``images`` (B, 3, H, W, values 0 to 1) enlarged by upscaler ``name``'s scale, in float32 on the CPU
+        (``tiled``: each tile runs on the device); ``between`` is called before each tile.
 
         Raises:
             AdapterError: the upscaler cannot be loaded; the message names the file and why.

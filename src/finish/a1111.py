@@ -30,10 +30,11 @@ def picture(image: InlineImage | UploadedImage) -> str:
 
 
 def a1111_upscale_answer(call: A1111Call, plan: UpscalePlan, response: UpscaleResponse) -> dict[str, Any]:
-    """``/sdapi/v1/extra-single-image``'s answer: the image and A1111's html_info line."""
+    """``/sdapi/v1/extra-single-image``'s answer: the image and A1111's html_info line. The image is always
+    there, as in A1111's (its ``show_extras_results`` is read, and acts on a batch's results only)."""
     return {
         "html_info": f"<p>{html.escape(postprocessing_line(plan))}</p>",
-        "image": picture(response.images[0]) if call.send_images else None,
+        "image": picture(response.images[0]),
         "metadata": response.metadata.model_dump(exclude_none=True),
     }
 

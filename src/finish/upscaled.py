@@ -82,12 +82,19 @@ def encode_upscale_response(
 
 
 def postprocessing_line(plan: UpscalePlan) -> str:
-    """A1111's Extras line for the job: ``Postprocess upscale by: 2, Postprocess upscaler: RealESRGAN_x4plus``,
-    or ``Postprocess upscale to: 1024x768`` for a target size."""
+    """A1111's Extras line for the job, its keys in A1111's order (scripts/postprocessing_upscale.py):
+    ``Postprocess upscale by: 2, Postprocess upscaler: RealESRGAN_x4plus``; for a target size
+    ``Postprocess upscale to: 1024x768`` (the size asked for, which ``cover`` exceeds on one side), then, cropped
+    to it, ``Postprocess crop to: 1024x768``."""
     request = plan.request
+    parts = []
     if plan.size_fields:
-        width, height = request.output_size
-        size = f"Postprocess upscale to: {width}x{height}"
+        width, height = plan.target or request.output_size
+        parts.append(f"Postprocess upscale to: {width}x{height}")
+        if plan.resize_mode == "crop":
+            cropped_width, cropped_height = request.output_size
+            parts.append(f"Postprocess crop to: {cropped_width}x{cropped_height}")
     else:
-        size = f"Postprocess upscale by: {request.scale:g}"
-    return f"{size}, Postprocess upscaler: {_A1111_NAMES.get(request.upscaler, request.upscaler)}"
+        parts.append(f"Postprocess upscale by: {request.scale:g}")
+    parts.append(f"Postprocess upscaler: {_A1111_NAMES.get(request.upscaler, request.upscaler)}")
+    return ", ".join(parts)

@@ -16,6 +16,7 @@ from PIL import Image
 from src.prepare.delivery import check_inline_fits
 from src.prepare.images import load_image
 from src.schema import A1111Call, InputError, UpscaleRequest, parse_upscale, resolve_upscale_size
+from src.schema.upscale import staged_size
 
 if TYPE_CHECKING:
     from src.adapters.catalog import Catalog
@@ -33,6 +34,8 @@ class UpscalePlan:
     image: Image.Image
     # The size fields the request gave (``width``, ``height``), before the size was settled; none for a factor.
     size_fields: frozenset[str] = frozenset()
+    # The width x height asked for, when both were given: the result's size, but with ``cover``.
+    target: tuple[int, int] | None = None
     # The input's A1111 parameters (its PNG ``parameters`` text), carried into the result as A1111's Extras does.
     parameters: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -43,6 +46,11 @@ class UpscalePlan:
     @property
     def source_size(self) -> tuple[int, int]:
         return self.image.size
+
+    @property
+    def staged_size(self) -> tuple[int, int]:
+        """The size the upscaler brings the image to before a crop or a pad (``schema.upscale.staged_size``)."""
+        return staged_size(self.request, self.image.size, self.size_fields)
 
     @property
     def resize_mode(self) -> str | None:
@@ -64,7 +72,8 @@ def prepare_upscale(
 
     Raises:
         InputError: the input breaks the contract, names an upscaler the worker does not have, holds an image
-            that cannot be read, or asks for a size that is not larger or is over MAX_UPSCALE_SIDE.
+            that cannot be read, or asks for a size that is not larger, is over MAX_UPSCALE_SIDE, or would stage
+            the image on its way at more than (2 x MAX_UPSCALE_SIDE)² pixels (``resolve_upscale_size``).
         ResponseTooLargeError: the answer could not fit inline.
     """
     request = parse_upscale(job, settings)
@@ -74,6 +83,7 @@ def prepare_upscale(
     started = time.perf_counter()
     loaded = load_image(request.image, "image", settings, storage)
     size_fields = frozenset({"width", "height"} & request.model_fields_set)
+    target = (request.width, request.height) if request.width is not None and request.height is not None else None
     request = resolve_upscale_size(request, loaded.image.size, settings)
     check_inline_fits(request, settings)
     parameters = loaded.image.info.get("parameters")
@@ -81,6 +91,7 @@ def prepare_upscale(
         request=request,
         image=loaded.image,
         size_fields=size_fields,
+        target=target,
         parameters=parameters if isinstance(parameters, str) else None,
         warnings=list(loaded.warnings),
         read_ms=(time.perf_counter() - started) * 1000,

@@ -2,7 +2,8 @@
 
 ``upscale_job`` takes an ``UpscalePlan`` from ``prepare`` and returns the enlarged image, as A1111's Extras tab
 makes it: the image goes through the model as many times as its target size needs (at most three), is brought
-to the size that covers the target with Lanczos, then meets the target by ``resize_mode``. Only the model's
+with Lanczos to its result's size or, with both sides given, to the size that covers the target (``crop``) or
+fits inside it (``fill``), then cropped or padded to it. Only the model's
 passes hold the GPU lock, with a deadline from the moment they have it and a cancel check before each tile;
 ``lanczos`` and ``nearest`` run on the CPU without it.
 """
@@ -23,7 +24,9 @@ from src.errors import GenerationTimeoutError, JobCancelledError, OutOfMemoryErr
 from src.prepare import UpscalePlan
 from src.prepare.canvas import fit
 from src.run.engine import Engine, is_out_of_memory
-from src.schema import UPSCALE_BUILT_IN
+from src.schema import UPSCALE_BUILT_IN, InputError
+from src.schema.core import RequestLimits
+from src.schema.upscale import check_model_passes
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +56,26 @@ def upscale_job(
     job gets the GPU; once ``cancelled`` is set, the job stops waiting for it, or before its next tile.
 
     Raises:
+        InputError: the model's passes would make an image over (2 x MAX_UPSCALE_SIDE)² pixels (known once the
+            model is read, before they run); named by the fields of the request, A1111's for an A1111 request.
         GenerationTimeoutError, JobCancelledError: it ran past GENERATION_TIMEOUT_SECONDS, or was cancelled.
         OutOfMemoryError: a tile did not fit in GPU memory.
         AdapterError: the upscaler cannot be loaded (named).
     """
-    request = plan.request
-    covering = _covering_size(plan.image.size, request.scale or 1.0)
+    request, staged = plan.request, plan.staged_size
     if request.upscaler in UPSCALE_BUILT_IN:
         started = time.perf_counter()
-        image = fit(plan.image.resize(covering, _RESAMPLE[request.upscaler]), *request.output_size, request.resize_mode)
+        image = _at_result_size(plan, plan.image.resize(staged, _RESAMPLE[request.upscaler]))
         return Upscaled(image, None, 0, (time.perf_counter() - started) * 1000, device="cpu", dtype=None)
     upscalers = engine.upscalers
     with engine.gpu(cancelled) as queue_ms:
         started = time.perf_counter()
         between = _deadline(engine.clock, timeout_s, cancelled)
         try:
-            enlarged, passes = upscalers.enlarge(request.upscaler, _tensor(plan.image), covering, between)
+            # The model read first: its scale says how large its passes make the image, checked before they run.
+            scale, dtype = upscalers.facts(request.upscaler)
+            _check_passes(plan, scale, engine.settings)
+            enlarged, passes = upscalers.enlarge(request.upscaler, _tensor(plan.image), staged, between)
             image = _image(enlarged)
         except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(error):
@@ -81,19 +88,29 @@ def upscale_job(
             if engine.device.type == "cuda":
                 torch.cuda.empty_cache()
         inference_ms = (time.perf_counter() - started) * 1000
-        scale, dtype = upscalers.facts(request.upscaler)
-    image = fit(image.resize(covering, Image.Resampling.LANCZOS), *request.output_size, request.resize_mode)
+    image = _at_result_size(plan, image.resize(staged, Image.Resampling.LANCZOS))
     log.info("upscaled %dx%d to %dx%d: %d pass(es) of %s", *plan.image.size, *image.size, passes, request.upscaler)
     return Upscaled(
         image, scale, passes, inference_ms, engine.device.type, str(dtype).removeprefix("torch."), queue_ms=queue_ms
     )
 
 
-def _covering_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """The image's size enlarged by ``scale``: the target itself, or (with both sides given) a size covering it
-    (``crop``, ``resize``) or inside it (``fill``)."""
-    width, height = size
-    return max(1, round(width * scale)), max(1, round(height * scale))
+def _check_passes(plan: UpscalePlan, model_scale: int, limits: RequestLimits) -> None:
+    """Refuse the job, before its passes run, when they would make an image over the bound; an A1111 request's
+    refusal names its own fields."""
+    try:
+        check_model_passes(plan.request, plan.image.size, plan.size_fields, model_scale, limits)
+    except InputError as error:
+        raise InputError(plan.a1111.renamed(str(error)) if plan.a1111 is not None else str(error)) from None
+
+
+def _at_result_size(plan: UpscalePlan, staged: Image.Image) -> Image.Image:
+    """The staged image (``UpscalePlan.staged_size``) at the result's size: cropped or padded for ``crop`` and
+    ``fill`` with both sides given, with no second resampling (the staged size is the one they compute); any
+    other already is the result."""
+    if plan.resize_mode in ("crop", "fill"):
+        return fit(staged, *plan.request.output_size, plan.resize_mode)
+    return staged
 
 
 def _deadline(clock: Callable[[], float], timeout_s: float, cancelled: threading.Event | None) -> Callable[[], None]:
@@ -117,6 +134,7 @@ def _tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _image(tensor: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W), values 0 to 1, as an RGB image, each value rounded to the nearest grey level."""
-    pixels = (tensor[0].permute(1, 2, 0).float().cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
+    """(1, 3, H, W), values 0 to 1, as an RGB image, each value rounded to the nearest grey level; the float
+    copy made once, rounded and clipped in place (the image may be (2 x MAX_UPSCALE_SIDE)² pixels)."""
+    levels = (tensor[0].float().cpu() * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return Image.fromarray(np.ascontiguousarray(levels.permute(1, 2, 0).numpy()), "RGB")

@@ -35,8 +35,9 @@ A1111_ENDPOINTS: Mapping[str, str] = {
 NATIVE_IN_A1111 = ("output_format", "output_quality", "output_type")
 
 
-# The field path an error's problem starts with: ``hires.upscaler='x': ...``, ``controlnets.0.image: ...``.
-_LEADING_FIELD = re.compile(r"([A-Za-z_][\w.]*)(?=[=:])")
+# The field path an error's problem starts with: ``hires.upscaler='x': ...``, ``controlnets.0.image: ...``, or
+# the fields it names together: ``width x height: ...``.
+_LEADING_FIELD = re.compile(r"([A-Za-z_][\w.]*(?: x [A-Za-z_][\w.]*)*)(?=[=:])")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class A1111Call:
     input: dict[str, Any]
     # The payload as A1111 echoes it in its answer (``parameters``), its images left out.
     parameters: dict[str, Any]
-    # A1111's ``send_images`` (``show_extras_results`` for an upscale): false answers with no images.
+    # A1111's ``send_images``: false answers with no images. An extra-single-image answer always has its image,
+    # as A1111's (its ``show_extras_results`` acts on a batch's results only).
     send_images: bool = True
     # This worker's field path -> the A1111 field it came from, for naming fields in errors.
     names: Mapping[str, str] = field(default_factory=dict)
@@ -62,8 +64,11 @@ class A1111Call:
         problems = []
         for problem in body.split("; "):
             path = _LEADING_FIELD.match(problem)
-            named = path is not None and path.group(1) in self.names
-            problems.append(self.names[path.group(1)] + problem[path.end(1) :] if path and named else problem)
+            if path is None:
+                problems.append(problem)
+                continue
+            named = [self.names.get(name, name) for name in path.group(1).split(" x ")]
+            problems.append(" x ".join(named) + problem[path.end(1) :])
         return message[: len(message) - len(body)] + "; ".join(problems)
 
 
@@ -249,7 +254,7 @@ def read_a1111(job: Any) -> A1111Call | None:
     translation.fields.unknown(f"of A1111's {endpoint} (docs/a1111.md lists the fields read)")
     if problems := problems + translation.fields.problems:
         raise InputError(joined_problems(problems))
-    send = payload.get("show_extras_results" if endpoint.endswith("extra-single-image") else "send_images", True)
+    send = True if endpoint.endswith("extra-single-image") else payload.get("send_images", True)
     return A1111Call(
         endpoint=A1111_ENDPOINTS[endpoint],
         input=translation.out,

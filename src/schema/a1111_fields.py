@@ -45,6 +45,8 @@ A1111_UPSCALER_NAMES: Mapping[str, str] = {
     "R-ESRGAN AnimeVideo": "realesr-animevideov3",
     "R-ESRGAN 2x+": "RealESRGAN_x2plus",
 }
+# A1111's Extras rounds each side it works out down to a multiple of this (modules/upscaler.py).
+A1111_EXTRAS_MULTIPLE = 8
 # The ControlNet extension's older names for its resize modes.
 _CONTROLNET_RESIZE_ALIASES = {
     "inner fit (scale to fit)": "crop",
@@ -483,6 +485,10 @@ def read_overrides(self: Translation) -> None:
 
 
 def translate_upscale(self: Translation) -> None:
+    """An extra-single-image payload as an upscale job, at the size A1111 makes (scripts/postprocessing_upscale.py
+    and modules/upscaler.py): by ``upscaling_resize``, each side int(side x factor) rounded down to a multiple of
+    8; to ``upscaling_resize_w`` x ``_h`` with ``upscaling_crop``, that size (covered, then cropped); without it,
+    the image enlarged to cover it, uncropped, each side rounded down to a multiple of 8."""
     fields = self.fields
     self.out["task"] = "upscale"
     self.copy("image", "image")
@@ -495,12 +501,15 @@ def translate_upscale(self: Translation) -> None:
     mode = fields.take("resize_mode", 0)
     factor = fields.take("upscaling_resize", A1111_DEFAULTS["upscaling_resize"])
     target = fields.take("upscaling_resize_w", 512), fields.take("upscaling_resize_h", 512)
-    crop = fields.take("upscaling_crop", True)
+    crop = fields.switch("upscaling_crop", True)
     if mode == 0 and not isinstance(mode, bool):
         self.out["scale"], self.names["scale"] = factor, "upscaling_resize"
+        self.out["multiple_of"] = A1111_EXTRAS_MULTIPLE
     elif mode == 1:
         self.out["width"], self.out["height"] = target
-        self.out["resize_mode"] = "crop" if crop else "resize"
+        self.out["resize_mode"] = "crop" if crop else "cover"
+        if not crop:
+            self.out["multiple_of"] = A1111_EXTRAS_MULTIPLE
         self.names.update(width="upscaling_resize_w", height="upscaling_resize_h", resize_mode="upscaling_crop")
     else:
         fields.refuse("resize_mode", mode, "0 (by upscaling_resize) or 1 (to upscaling_resize_w x _h)")
@@ -511,7 +520,9 @@ def translate_upscale(self: Translation) -> None:
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         fields.only(name, _is_zero, "face restoration (GFPGAN, CodeFormer) is not part of this worker")
     # They act only with face restoration (0 above).
-    fields.accept("codeformer_weight", "upscale_first", "show_extras_results")
+    fields.accept("codeformer_weight", "upscale_first")
+    # A1111 returns a single image whatever it says (it only keeps a batch's results from the answer).
+    fields.switch("show_extras_results", True)
 
 
 # A side no worker reaches (MAX_SIDE is far below it), past which a resize target is not even computed.

@@ -201,7 +201,8 @@ class UpscaleMetadata(BaseModel):
     width: int = Field(description="The result's width.")
     height: int = Field(description="The result's height.")
     resize_mode: str | None = Field(
-        None, description="With both `width` and `height`: how the image met them (`crop`, `resize` or `fill`)."
+        None,
+        description="With both `width` and `height`: how the image met them (`crop`, `resize`, `fill` or `cover`).",
     )
     source_width: int = Field(description="The input image's width, after EXIF rotation.")
     source_height: int = Field(description="The input image's height, after EXIF rotation.")
