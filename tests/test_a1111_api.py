@@ -332,12 +332,14 @@ REFUSED = [
     pytest.param({"script_name": "x/y/z plot"}, "script_name='x/y/z plot'", id="script"),
     pytest.param({"styles": ["cinematic"]}, "styles=['cinematic']", id="styles"),
     pytest.param({"s_churn": 0.5}, "s_churn=0.5", id="churn"),
-    pytest.param({"eta": 0.3}, "eta=0.3", id="eta"),
     pytest.param({"promt": "typo"}, "promt: unknown field", id="unknown-field"),
     pytest.param({"num_inference_steps": 4}, "num_inference_steps and steps: name the same thing", id="both-names"),
     pytest.param({"outpaint": {"left": 64}}, "outpaint: this worker's field", id="native-only-field"),
     pytest.param({"sampler_name": "DPM++ 3M SDE"}, "sampler_name='DPM++ 3M SDE'", id="unknown-sampler"),
     pytest.param({"scheduler": "Exponential"}, "sampler_name='DPM++ 2M Karras': with scheduler", id="schedule"),
+    pytest.param({"scheduler": 7}, "scheduler=7: must be a schedule's name", id="schedule-not-a-name"),
+    pytest.param({"sampler_name": "DDIM", "eta": 1}, "eta=1: DDIM runs at eta 0 here", id="ddim-eta"),
+    pytest.param({"sampler_name": "Euler a", "eta": 0.5}, "eta=0.5: Euler a runs at eta 1 here (or 0", id="eta"),
     pytest.param({"steps": 500}, "steps=500: must be at most", id="steps-over-max"),
     pytest.param({"cfg_scale": "7"}, "cfg_scale='7'", id="cfg-as-string"),
     pytest.param({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer", id="other-script"),
@@ -488,6 +490,15 @@ def test_the_docs_complete_example_runs(worker: None) -> None:
         pytest.param({"sampler_name": "DPM++ 2M", "scheduler": "Karras"}, "DPM++ 2M Karras", None, id="pair"),
         pytest.param({"sampler_index": "Euler a"}, "Euler a", None, id="sampler-index"),
         pytest.param({}, "Euler", None, id="a1111-default"),
+        # A1111 1.9 and later: a sampler's own schedule ("Automatic", or none given) is Karras for DPM++ 2M.
+        pytest.param({"sampler_name": "DPM++ 2M"}, "DPM++ 2M Karras", None, id="dpm-2m-own-schedule"),
+        pytest.param({"sampler_name": "DPM++ 2M", "scheduler": "Automatic"}, "DPM++ 2M Karras", None, id="automatic"),
+        pytest.param({"sampler_name": "DPM++ 2M SDE", "scheduler": "Exponential"}, "DPM++ 2M SDE", None, id="exp"),
+        pytest.param({"sampler_name": "Euler a", "scheduler": "Uniform"}, "Euler a", None, id="uniform"),
+        # k-diffusion's ancestral samplers at eta 0 add no noise: they step as their plain sampler.
+        pytest.param({"sampler_name": "Euler a", "eta": 0}, "Euler", None, id="euler-a-eta-0"),
+        pytest.param({"sampler_name": "Euler a", "eta": 1}, "Euler a", None, id="euler-a-eta-1"),
+        pytest.param({"sampler_name": "Euler", "eta": 0.5}, "Euler", None, id="eta-not-read"),
         pytest.param(
             {
                 "sampler_name": "DPM++ 2M",

@@ -224,6 +224,12 @@ BAD_INPUTS = [
     pytest.param(with_prompt(steps=30), "steps", "steps=30: unknown field; the fields are: ", id="unknown-steps"),
     pytest.param({"Prompt": "a fox"}, "Prompt", "Prompt='a fox': unknown field", id="unknown-Prompt"),
     pytest.param(with_prompt(cfg=7), "cfg", "cfg=7: unknown field", id="unknown-cfg"),
+    pytest.param(
+        with_prompt(subseed_strength=0.5, seed_resize_from_w=64, seed_resize_from_h=8),
+        "seed_resize_from_h",
+        "seed_resize_from_h=8 with subseed_strength=0.5: must be at least 16 (two rows of latents)",
+        id="seed-resize-one-latent-row",  # A1111's slerp would divide by zero: NaN noise
+    ),
 ]
 
 
@@ -681,6 +687,46 @@ EXPECTED_CLASSES = {
     "UniPC": "UniPCMultistepScheduler",
     "LCM": "LCMScheduler",
 }
+
+
+def _kdiffusion_sigmas(steps: int, schedule: str) -> list[float]:
+    """k-diffusion's sigmas for SD 1.5, as A1111 gets them (written here from its CompVisDenoiser and
+    get_sigmas_karras / get_sigmas_exponential): ``uniform`` at timesteps linspace(999, 0), then 0."""
+    import numpy as np
+
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    table = ((1 - np.cumprod(1 - betas)) / np.cumprod(1 - betas)) ** 0.5
+    low, high = table[0], table[-1]
+    if schedule == "uniform":
+        sigmas = np.exp(np.interp(np.linspace(999, 0, steps), np.arange(1000), np.log(table)))
+    elif schedule == "karras":
+        ramp = np.linspace(0, 1, steps)
+        sigmas = (high ** (1 / 7) + ramp * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+    else:
+        sigmas = np.exp(np.linspace(np.log(high), np.log(low), steps))
+    return [*sigmas.tolist(), 0.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule"),
+    [
+        ("Euler", "uniform"),
+        ("Euler a", "uniform"),
+        ("LMS", "uniform"),
+        ("LMS Karras", "karras"),
+        ("DPM++ 2M Karras", "karras"),
+        ("DPM++ 2M SDE", "exponential"),
+        ("DPM++ 2M SDE Karras", "karras"),
+    ],
+)
+def test_each_k_diffusion_sampler_runs_a1111s_sigmas(name: str, schedule: str) -> None:
+    """SD 1.5's config says 'leading' spacing, which k-diffusion never used: Euler started at 11.0, not 14.6."""
+    from builder.tiny_model import SD15_SCHEDULER_CONFIG
+    from src.models.schedulers import make_scheduler
+
+    scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(20)
+    assert scheduler.sigmas.tolist() == pytest.approx(_kdiffusion_sigmas(20, schedule), rel=1e-3, abs=1e-4)
 
 
 def test_scheduler_names_and_mapping_agree() -> None:

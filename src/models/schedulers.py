@@ -28,6 +28,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 _KARRAS = {"use_karras_sigmas": True}
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
+# k-diffusion's own schedule (A1111's "Uniform": sigmas at timesteps linspace(999, 0)). SD 1.5's config says
+# "leading", which k-diffusion's samplers never used: from it they started at t=951, under-noised (11.0, not 14.6).
+_UNIFORM = {"timestep_spacing": "linspace", "steps_offset": 0}
 
 # Canonical name (src.schema.SCHEDULER_NAMES) -> (class, config overrides). The overrides follow the diffusers docs'
 # table of A1111 equivalents.
@@ -35,15 +38,16 @@ SCHEDULERS: Mapping[str, tuple[type[SchedulerMixin], dict[str, Any]]] = MappingP
     {
         "DPM++ 2M": (DPMSolverMultistepScheduler, {}),
         "DPM++ 2M Karras": (DPMSolverMultistepScheduler, _KARRAS),
-        "DPM++ 2M SDE": (DPMSolverMultistepScheduler, _SDE),
+        # A1111's (1.9 and later) own schedule for it, its "Automatic": Exponential.
+        "DPM++ 2M SDE": (DPMSolverMultistepScheduler, {**_SDE, "use_exponential_sigmas": True}),
         "DPM++ 2M SDE Karras": (DPMSolverMultistepScheduler, {**_SDE, **_KARRAS}),
-        "DPM2": (KDPM2DiscreteScheduler, {}),
-        "DPM2 a": (KDPM2AncestralDiscreteScheduler, {}),
-        "Euler": (EulerDiscreteScheduler, {}),
-        "Euler a": (EulerAncestralDiscreteScheduler, {}),
-        "Heun": (HeunDiscreteScheduler, {}),
-        "LMS": (LMSDiscreteScheduler, {}),
-        "LMS Karras": (LMSDiscreteScheduler, _KARRAS),
+        "DPM2": (KDPM2DiscreteScheduler, _UNIFORM),
+        "DPM2 a": (KDPM2AncestralDiscreteScheduler, _UNIFORM),
+        "Euler": (EulerDiscreteScheduler, _UNIFORM),
+        "Euler a": (EulerAncestralDiscreteScheduler, _UNIFORM),
+        "Heun": (HeunDiscreteScheduler, _UNIFORM),
+        "LMS": (LMSDiscreteScheduler, _UNIFORM),
+        "LMS Karras": (LMSDiscreteScheduler, {**_UNIFORM, **_KARRAS}),
         # SD 1.5's config says clip_sample=False, but a config without the key
         # would get DDIM's default (True), which clips latents and ruins images.
         "DDIM": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),

@@ -57,6 +57,7 @@ _CONTROLNET_RESIZE_ALIASES = {
 # The ControlNet extension's canny resolution when a unit gives none (processor_res -1).
 CANNY_RESOLUTION = 512
 _AUTOMATIC = ("", "automatic")
+_SAME_SCHEDULE = ("", "use same scheduler")
 _SAME = ("", "use same sampler", "use same checkpoint", "none")
 _CHECKPOINT_HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")
 
@@ -135,22 +136,41 @@ def _file_name(value: Any) -> Any:
     return re.sub(r"\.(safetensors|ckpt|pth|pt|bin)$", "", name, flags=re.IGNORECASE)
 
 
+# A1111's (1.9 and later) own schedule of each sampler, its "Automatic", where the sampler's plain name here runs
+# another (modules/sd_samplers_kdiffusion.py's sampler options); DPM++ 2M SDE here runs its own, Exponential.
+_OWN_SCHEDULES = {"dpm++ 2m": "DPM++ 2M Karras"}
+# The samplers that read A1111's eta, and their default (its eta_ancestral, eta_ddim); the others ignore it.
+_ETA_DEFAULTS = {"euler a": 1, "dpm2 a": 1, "dpm++ 2m sde": 1, "dpm++ 2m sde karras": 1, "ddim": 0}
+# An ancestral sampler at eta 0 adds no noise: it steps as its plain sampler.
+_WITHOUT_NOISE = {"euler a": "Euler", "dpm2 a": "DPM2"}
+# Samplers named with the schedule they run here by their plain name.
+_OWN_NAMED = {("dpm++ 2m sde", "exponential")}
+# The samplers whose own schedule is A1111's "Uniform", which may be named.
+_UNIFORM_SAMPLERS = ("euler", "euler a", "heun", "lms", "dpm2", "dpm2 a")
+
+
 def _sampler(sampler: Any, schedule: Any) -> Any:
     """This worker's scheduler for A1111's ``sampler_name`` and ``scheduler`` (its sigma schedule).
 
     Raises:
-        ValueError: the pair is not one this worker has.
+        ValueError: the pair is not one this worker has, or the schedule is not a name.
     """
-    if not isinstance(sampler, str) or not isinstance(schedule, str) or schedule.strip().lower() in _AUTOMATIC:
+    if schedule is not None and not isinstance(schedule, str):
+        raise ValueError(f"scheduler={schedule!r}: must be a schedule's name, such as 'Karras' or 'Automatic'")
+    if not isinstance(sampler, str):
         return sampler
-    if sampler.strip().lower().endswith(schedule.strip().lower()):
+    key, wanted = sampler.strip().lower(), (schedule or "").strip().lower()
+    if wanted in _AUTOMATIC:
+        return _OWN_SCHEDULES.get(key, sampler)
+    if key.endswith(wanted) or (key, wanted) in _OWN_NAMED or (wanted == "uniform" and key in _UNIFORM_SAMPLERS):
         return sampler
     try:
         return canonical_scheduler(f"{sampler} {schedule}")
     except ValueError:
         raise ValueError(
             f"{sampler!r} with the {schedule!r} schedule is not a sampler this worker has; it has Karras schedules "
-            "for DPM++ 2M, DPM++ 2M SDE and LMS, and each sampler's own schedule ('Automatic')"
+            "for DPM++ 2M, DPM++ 2M SDE and LMS, Exponential for DPM++ 2M SDE (its own), Uniform for Euler, "
+            "Euler a, Heun, LMS, DPM2 and DPM2 a, and each sampler's own schedule ('Automatic')"
         ) from None
 
 
@@ -190,6 +210,7 @@ class Translation:
         except ValueError as error:
             fields.refuse("sampler_name", sampler, f"with scheduler: {error}")
         self.names["scheduler"] = "sampler_name"
+        self._eta()
         self._batch()
         # As A1111 with disable_extra_networks: the prompt's <lora:...> tags are removed and no network applied.
         if fields.switch("disable_extra_networks", False) and isinstance(self.out.get("prompt"), str):
@@ -197,6 +218,25 @@ class Translation:
         self._neutral_generation_fields()
         read_overrides(self)
         self._scripts()
+
+    def _eta(self) -> None:
+        """A1111's ``eta``, which only its ancestral samplers (default 1) and DDIM (default 0) read: an ancestral
+        sampler at eta 0 adds no noise, and is its plain sampler (k-diffusion's sample_euler_ancestral with eta 0
+        steps as sample_euler does); any other value those samplers would read is refused."""
+        fields, scheduler = self.fields, self.out.get("scheduler")
+        eta = fields.take("eta")
+        try:
+            key = canonical_scheduler(scheduler).lower() if isinstance(scheduler, str) else None
+        except ValueError:
+            return  # the schema refuses the sampler
+        default = _ETA_DEFAULTS.get(key or "")
+        if eta is None or default is None or eta == default:
+            return  # a sampler that does not read eta, as in A1111, or its default
+        if eta == 0 and key in _WITHOUT_NOISE:
+            self.out["scheduler"] = _WITHOUT_NOISE[key]
+            return
+        also = " (or 0, as its plain sampler)" if key in _WITHOUT_NOISE else ""
+        fields.refuse("eta", eta, f"{scheduler} runs at eta {default:g} here{also}")
 
     def job_sampler(self) -> Any:
         """A1111's sampler for the job: ``sampler_name``, else ``sampler_index`` (its older name), else Euler."""
@@ -216,9 +256,6 @@ class Translation:
         fields = self.fields
         fields.only("styles", _is_empty, "this worker keeps no saved styles: put their text in the prompts")
         fields.only("restore_faces", _is_false, "face restoration (GFPGAN, CodeFormer) is not part of this worker")
-        fields.only(
-            "eta", lambda value: value in (0, 1), "this worker's samplers run at A1111's default eta (0 or 1) only"
-        )
         fields.only("s_churn", _is_zero, "stochastic churn is not part of this worker's samplers")
         fields.only("s_min_uncond", _is_zero, "negative guidance minimum sigma is not part of this worker")
         self.copy("token_merging_ratio", "tome_ratio")
@@ -304,7 +341,7 @@ class Translation:
         schedule = fields.take("hr_scheduler", "")
         if not _names_nothing(sampler) or not _names_nothing(schedule):
             base = sampler if not _names_nothing(sampler) else self.job_sampler()
-            if not isinstance(schedule, str) or schedule.strip().lower() in ("", "use same scheduler"):
+            if schedule is None or (isinstance(schedule, str) and schedule.strip().lower() in _SAME_SCHEDULE):
                 schedule = fields.data.get("scheduler") or ""  # the first pass's schedule, as A1111
             try:
                 hires["sampler"] = _sampler(base, schedule)

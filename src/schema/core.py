@@ -35,6 +35,8 @@ EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 LORA_TAG_KINDS = ("lora", "lyco")
 SEED_MAX = 2**32 - 1
 SIDE_STEP = 64
+# Pixels a latent stands for, a side (the VAE's factor).
+SIDE_STEP_LATENT = 8
 GUIDANCE_MAX = 30.0
 DEEPCACHE_INTERVAL_MAX = 10
 TOME_RATIO_MAX = 0.75
@@ -424,6 +426,12 @@ class RequestCore(BaseModel):
             raise ValueError(
                 f"seed_resize_from_w={self.seed_resize_from_w} and seed_resize_from_h={self.seed_resize_from_h}: "
                 "set both (the size the seed's noise is drawn at), or neither"
+            )
+        if self.subseed_strength > 0 and 0 < self.seed_resize_from_h < 2 * SIDE_STEP_LATENT:
+            # One row of latents: A1111's slerp, which takes its norms along the rows, divides by zero.
+            raise ValueError(
+                f"seed_resize_from_h={self.seed_resize_from_h} with subseed_strength={self.subseed_strength:g}: "
+                f"must be at least {2 * SIDE_STEP_LATENT} (two rows of latents) for the variation seed's blend"
             )
         return self
 
