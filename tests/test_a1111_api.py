@@ -646,3 +646,12 @@ def test_an_extras_refusal_names_a1111s_fields_and_the_next_job_runs(
     assert set(result) == {"error"}, result
     assert says in result["error"], result["error"]
     assert "error" not in run(wrapped("extra-single-image", EXTRAS))
+
+
+def test_a_disabled_controlnet_unit_is_not_read_whatever_it_holds() -> None:
+    """The extension skips a unit with enabled false before it checks any field: a client's spare unit of a
+    preprocessor this worker lacks must not refuse the job."""
+    spare = {"enabled": False, "module": "openpose_full", "model": "control_openpose", "hr_option": "Low res only"}
+    call = read_a1111({"input": {**FLAT, "alwayson_scripts": {"controlnet": {"args": [spare]}}}})
+    assert call is not None
+    assert "controlnets" not in call.input

@@ -257,3 +257,26 @@ def test_fill_applies_to_the_masked_crop() -> None:
     plain, _ = prepared(image, mask, inpaint_area="masked", width=64, height=64)
     assert filled.crop == plain.crop
     assert not np.array_equal(np.asarray(filled.image), np.asarray(plain.image))
+
+
+@pytest.mark.parametrize("area", ["whole", "masked"])
+def test_a_mask_too_small_to_survive_its_blur_is_refused_naming_both(area: str) -> None:
+    """PIL's blur of radius 11 leaves a 1-pixel mask black: the crop box would be empty (an internal error)."""
+    image = noise_image(128, 128)
+    with pytest.raises(InputError) as raised:
+        prepared(image, box_mask(128, 128, (60, 60, 61, 61)), inpaint_area=area, mask_blur=30)
+    assert str(raised.value).startswith("mask: its white area is too small to survive mask_blur=30")
+
+
+def test_crop_of_an_image_far_from_the_targets_proportions_resizes_only_the_kept_part() -> None:
+    """diffusers' crop would enlarge an 8x2048 image to 256x65536 first (50 MB here, 800 MB for 8x8192 to
+    512x512): the worker resizes the centre alone, to the same picture."""
+    image = Image.fromarray(np.repeat(np.linspace(0, 255, 2048, dtype=np.uint8)[:, None, None], 8, axis=1).repeat(3, 2))
+    fitted = fit(image, 256, 256, "crop")
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    theirs = VaeImageProcessor().resize(image, height=256, width=256, resize_mode="crop")
+    assert fitted.size == (256, 256)
+    difference = np.abs(np.asarray(fitted, dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
+    assert difference.max() <= 2, "the same centre of the same gradient"

@@ -501,3 +501,41 @@ class _Unit:
     def __init__(self, model: str) -> None:
         self.model = model
         self.control_mode = "balanced"
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_processor_res_that_would_blow_a_thin_image_up_is_refused_naming_it() -> None:
+    """canny's short side brought to processor_res takes the long side with it: 2048 on 8x4096 is 2048x1048576."""
+    result = run(controlnets=[unit(image=shapes_image(8, 4096), preprocess="canny", processor_res=2048)])
+    assert result["error"].startswith("invalid input: controlnets.0.processor_res=2048: brings the 8x4096 image")
+    assert "error" not in run(controlnets=[unit()])
+
+
+def test_only_masked_runs_canny_on_the_crop_as_the_extension_and_keeps_its_edges_one_pixel_wide(
+    tiny_with_controlnets: Path,
+) -> None:
+    """The extension's inpaint_crop_input_image crops the control image, enlarges the crop to the job's size,
+    then runs its preprocessor: the map is canny's own, black and white. Canny on the whole image, then the
+    crop enlarged, gave grey, thick edges."""
+    from src.prepare.inputs import prepare_inputs
+    from src.schema import parse_input
+    from src.settings import load_settings
+
+    settings = load_settings({"CONTROLNET_DIR": str(tiny_with_controlnets / "controlnets")})
+    photo = shapes_image(512, 512)
+    mask = Image.new("L", photo.size, 0)
+    mask.paste(255, (100, 100, 140, 140))
+    job = {
+        **JOB,
+        "image": png_base64(photo),
+        "mask": png_base64(mask),
+        "inpaint_area": "masked",
+        "controlnets": [unit(image=photo, preprocess="canny")],
+    }
+    inputs = prepare_inputs(parse_input({"input": job}, settings), settings, None)
+
+    assert inputs.controls is not None
+    control_map = np.asarray(inputs.controls.first[0])
+    assert control_map.shape == (64, 64, 3)
+    assert set(np.unique(control_map)) <= {0, 255}, "canny's edges, not an enlarged crop of them"
+    assert control_map.max() == 255, "the crop holds the square's edge"

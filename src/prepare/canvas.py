@@ -83,13 +83,35 @@ def proportions_changed(size: tuple[int, int], target: tuple[int, int], resize_m
     )
 
 
+# diffusers' crop enlarges the whole image to cover the target, then crops: for an image far from the target's
+# proportions (8x8192 to 512x512 covers 512x524288, 800 MB) the worker resizes the kept part alone instead.
+_COVER_MOST = 4
+
+
 def fit(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
     """``image`` at ``width`` x ``height`` as A1111's resize mode does it; untouched when it already is."""
     if image.size == (width, height):
         return image
+    if resize_mode == "crop" and _covering_area(image.size, width, height) > _COVER_MOST * width * height:
+        return _crop_resized(image, width, height)
     resized = _processor().resize(image, height=height, width=width, resize_mode=_DIFFUSERS_RESIZE_MODES[resize_mode])
     assert isinstance(resized, Image.Image)
     return resized
+
+
+def _covering_area(size: tuple[int, int], width: int, height: int) -> int:
+    """The area of ``size`` enlarged to cover ``width`` x ``height`` (diffusers' crop, before it crops)."""
+    scale = max(width / size[0], height / size[1])
+    return round(size[0] * scale) * round(size[1] * scale)
+
+
+def _crop_resized(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The centre of ``image`` in ``width`` x ``height``'s proportions, resized to it from the image itself."""
+    scale = max(width / image.width, height / image.height)
+    kept_width, kept_height = width / scale, height / scale
+    left, top = (image.width - kept_width) / 2, (image.height - kept_height) / 2
+    box = (left, top, left + kept_width, top + kept_height)
+    return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
 def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | None) -> tuple[TaskImages, list[str]]:
@@ -112,7 +134,7 @@ def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | No
     else:
         assert mask is not None  # the task is inpaint
         painted = _checked_mask(request, image, mask)
-        blurred = _blurred(painted, request.mask_blur)
+        blurred = _not_black(_blurred(painted, request.mask_blur), blurred_by=request.mask_blur)
         original = image
         if request.inpaint_area == "whole":
             # diffusers' crop and fill modes return RGB; the mask stays greyscale.
@@ -156,13 +178,19 @@ def _checked_mask(request: GenerateRequest, image: Image.Image, mask: Image.Imag
     return _not_black(ImageOps.invert(mask) if request.mask_invert else mask)
 
 
-def _not_black(mask: Image.Image) -> Image.Image:
+def _not_black(mask: Image.Image, blurred_by: int = 0) -> Image.Image:
     """``mask`` (L) when any of it is white or grey.
 
     Raises:
-        InputError: it is all black.
+        InputError: it is all black (after a blur of ``blurred_by`` pixels, which a mask of a few pixels
+            does not survive).
     """
     if mask.getextrema()[1] == 0:
+        if blurred_by:
+            raise InputError(
+                f"mask: its white area is too small to survive mask_blur={blurred_by}, so nothing would be "
+                "repainted; paint a larger area or lower mask_blur"
+            )
         raise InputError("mask: is all black, so nothing would be repainted; paint white where the image changes")
     return mask
 

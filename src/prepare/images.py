@@ -266,7 +266,7 @@ def _decode(data: bytes, field: str, source: str, settings: Settings) -> tuple[I
         if kind:
             raise InputError(f"{where}: {kind} is not accepted: {_EXPECTED}")
         raise InputError(f"{where}: not an image: {_EXPECTED}; it looks like {_looks_like(data)}")
-    max_side, max_area = _size_limits(settings)
+    max_side, max_area = size_limits(settings)
     bound = (
         f"at most {max_side} pixels a side and {max_area} pixels in all "
         f"({SIDE_FACTOR} x MAX_SIDE, {AREA_FACTOR} x the larger of MAX_PIXELS and MAX_SIDE²)"
@@ -340,7 +340,7 @@ def _looks_like(data: bytes) -> str:
     return "text"
 
 
-def _size_limits(settings: Settings) -> tuple[int, int]:
+def size_limits(settings: Settings) -> tuple[int, int]:
     """(largest side, largest area) of an input image."""
     return SIDE_FACTOR * settings.max_side, AREA_FACTOR * max(settings.max_pixels, settings.max_side**2)
 

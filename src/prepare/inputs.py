@@ -11,10 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from PIL import Image
+
 from src.prepare.canvas import ControlMaps, TaskImages, fit, prepare, proportions_changed
-from src.prepare.images import load_image, load_mask
-from src.prepare.preprocessors import preprocess
-from src.schema import GenerateRequest, resolve_size
+from src.prepare.images import load_image, load_mask, size_limits
+from src.prepare.preprocessors import preprocess, resolution_size
+from src.schema import ControlNetUnit, GenerateRequest, InputError, resolve_size
 
 if TYPE_CHECKING:
     from src.settings import Settings
@@ -93,7 +95,7 @@ def control_maps(
 ) -> tuple[ControlMaps, list[str]]:
     """Read each unit's control image, preprocess it at its own size, and bring the map to the job's size by
     ``resize_mode`` (and to the hires pass's size); with ``inpaint_area`` ``masked``, bring it to the input
-    image's size and crop it as the image is.
+    image's size and crop it as the image is, before its preprocessor runs (``_cropped_map``).
 
     Raises:
         InputError: a control image cannot be read; the message names its field.
@@ -108,18 +110,59 @@ def control_maps(
         field_name = f"controlnets.{index}.image"
         loaded = load_image(unit.image, field_name, settings, storage)
         warnings += loaded.warnings
-        control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds, unit.processor_res)
-        sources.append(control.size)
+        _check_resolution(loaded.image.size, unit.processor_res, index, settings)
         resize_mode = unit.resize_mode or request.resize_mode
-        fitted = fit(control, *target, resize_mode)
         if crop is not None:
-            fitted = fit(fitted.crop(crop), width, height, "fill")
+            control, fitted = _cropped_map(
+                loaded.image, unit, resize_mode, target=target, crop=crop, size=(width, height)
+            )
+        else:
+            control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds, unit.processor_res)
+            fitted = fit(control, *target, resize_mode)
+        sources.append(control.size)
         first.append(fitted)
         if request.hires is not None:
             hires.append(fit(control, *request.output_size, resize_mode))
-        note = proportions_changed(control.size, target, resize_mode)
+        note = proportions_changed(loaded.image.size if crop else control.size, target, resize_mode)
         resized.append(note)
         if note:
             warnings.append(f"{field_name}: {note}")
     hires_maps = hires if request.hires is not None else None
     return ControlMaps(first=first, hires=hires_maps, resized=resized, sources=sources), warnings
+
+
+def _cropped_map(
+    image: Image.Image,
+    unit: ControlNetUnit,
+    resize_mode: str,
+    *,
+    target: tuple[int, int],
+    crop: tuple[int, int, int, int],
+    size: tuple[int, int],
+) -> tuple[Image.Image, Image.Image]:
+    """A unit's map for an only-masked inpaint, as the ControlNet extension's inpaint_crop_input_image makes it:
+    the control image brought to the input image's size (``target``), cropped as it is, enlarged to the job's
+    ``size``, and only then preprocessed (canny's edges stay one pixel wide); the preprocessor's map, and the map
+    at ``size``."""
+    region = fit(fit(image, *target, resize_mode).crop(crop), *size, "fill")
+    control = preprocess(region, unit.preprocess, unit.canny_thresholds, unit.processor_res)
+    return control, fit(control, *size, "resize")
+
+
+def _check_resolution(size: tuple[int, int], resolution: int | None, index: int, settings: Settings) -> None:
+    """Refuse a ``processor_res`` that would enlarge the control image past what an input image may be: a
+    short side brought to it takes the long side with it (2048 on an 8x512 image is 2048x131072, 800 MB).
+
+    Raises:
+        InputError: naming the unit's ``processor_res``.
+    """
+    if resolution is None:
+        return
+    width, height = resolution_size(size, resolution)
+    most = size_limits(settings)[1]
+    if width * height > most:
+        raise InputError(
+            f"invalid input: controlnets.{index}.processor_res={resolution}: brings the {size[0]}x{size[1]} image "
+            f"to {width}x{height}, over the {most} pixels an input image may have; lower it, or send an image "
+            "nearer the job's proportions"
+        )

@@ -20,14 +20,20 @@ def canny(image: Image.Image, low: int, high: int) -> Image.Image:
     return Image.fromarray(edges, mode="L").convert("RGB")
 
 
+def resolution_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """``size`` with its short side ``resolution`` pixels, its proportions kept."""
+    scale = resolution / min(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def at_resolution(image: Image.Image, resolution: int) -> Image.Image:
     """``image`` with its short side ``resolution`` pixels, its proportions kept: OpenCV's area resampling to
     shrink, bicubic to enlarge, as the ControlNet extension resizes before a preprocessor (without its padding to
     multiples of 64)."""
     import cv2
 
-    scale = resolution / min(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    size = resolution_size(image.size, resolution)
+    scale = size[0] / image.width
     if size == image.size:
         return image
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC

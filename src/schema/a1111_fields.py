@@ -424,8 +424,12 @@ class _ControlNetUnit:
         self.fields = fields = Fields(data, where)
         self.names: list[tuple[str, str]] = []
         self.unit: dict[str, Any] | None = None
-        # The extension runs a unit only when enabled; a unit with no `enabled` runs, as in its older API.
+        # The extension runs a unit only when enabled; a unit with no `enabled` runs, as in its older API. A unit
+        # that does not run is not read either (the extension skips it before it checks a field).
         self.skipped = fields.take("enabled", True) is False
+        if self.skipped:
+            fields.accept(*(str(name) for name in data))
+            return
         image: Any = fields.take("image") or fields.take("input_image")
         mask: Any = fields.take("mask") or fields.take("mask_image")
         if isinstance(image, dict):
