@@ -1,6 +1,6 @@
 """GPU speed, measured so that a figure holds: plain diffusers against the worker, interleaved, with an A/A control.
 
-    python -m bench.gpu_bench                      # one NVIDIA GPU; planned to fit the GPU kit's bench step (330 s)
+    python -m bench.gpu_bench                      # one NVIDIA GPU; planned within what the GPU kit has left
     python -m bench.gpu_bench --device cpu --model DIR --side 64 --steps 2 --repeat 3 --batches 1 --modes plain,worker
 
 SD 1.5's full architecture with random fp16 weights (bench/sd15_random.py), or the model folder ``--model``;
@@ -236,10 +236,11 @@ def rounds(
     args: argparse.Namespace,
     clock: Callable[[], float],
     budget_s: float,
-    after_batch: Callable[[dict[str, Any]], None] = lambda _measured: None,
+    after_round: Callable[[dict[str, Any]], None] = lambda _measured: None,
 ) -> dict[str, Any]:
     """The timed rounds, interleaved, per batch size: plain, worker, plain again (the A/A control), fast,
-    deepcache, lcm. ``after_batch`` gets what is measured so far, after each batch size."""
+    deepcache, lcm. ``after_round`` gets what is measured so far, after each round: a run the kit's limit cuts
+    short keeps every round it finished."""
     order = [("plain", "plain"), ("worker", "worker"), ("plain (again)", "plain"), ("fast", "fast")]
     order += [("deepcache", "deepcache"), ("lcm", "lcm")]
     order = [(label, mode) for label, mode in order if mode in modes and ("plain" in modes or label != "plain (again)")]
@@ -255,8 +256,8 @@ def rounds(
             for label, mode in order:
                 series[label].add(*modes[mode].job(batch))
             done += 1
-        measured[f"batch {batch}"] = {"rounds": done, "series": series}
-        after_batch(measured)
+            measured[f"batch {batch}"] = {"rounds": done, "series": series}
+            after_round(measured)
     return measured
 
 
@@ -358,11 +359,43 @@ def cold_starts(folder: Path, args: argparse.Namespace, workdir: Path, left_s: C
         except subprocess.TimeoutExpired:
             found[label] = {"error": f"stopped: the run's {args.deadline_s:.0f} s were spent"}
             continue
-        if done.returncode != 0:
-            found[label] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-            continue
-        found[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        found[label] = _child_result(done)
     return found
+
+
+def _child_result(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """A cold-start process's JSON line, or what went wrong: its last line of errors, or its output unread."""
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    lines = done.stdout.strip().splitlines()
+    try:
+        return dict(json.loads(lines[-1]))
+    except (IndexError, ValueError, TypeError):
+        return {"error": f"no result line in its output ({len(lines)} lines)"}
+
+
+# The GPU kit's device call (../shared/gpu/run.sh under the device tool's 560 s), less a margin for the step's
+# own ending and the files' return.
+KIT_S = 545
+
+
+def kit_left_s(proc: Path = Path("/proc")) -> float | None:
+    """Seconds left of the GPU kit's run (``bash .gpu/run.sh``, an ancestor of this process) within ``KIT_S``,
+    from that process's start time; None when this process is not run by the kit (or there is no /proc)."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        uptime = float((proc / "uptime").read_text().split()[0])
+        pid = os.getppid()
+        while pid > 1:
+            command = (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (proc / str(pid) / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # after the command's name, which may hold spaces
+            if ".gpu/run.sh" in command:
+                return KIT_S - (uptime - int(fields[19]) / ticks)
+            pid = int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def kernel_time(modes: dict[str, Any], device: torch.device) -> dict[str, float]:
@@ -417,8 +450,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--deadline-s",
         type=float,
         default=240,
-        help="the whole run's time (the kit's bench step has 330 s, and its whole run about 9 minutes): the timed "
-        "rounds shrink to fit, and cold starts that would not fit are skipped",
+        help="the whole run's time, or less where the GPU kit (an ancestor .gpu/run.sh) has less left of its 545 s: "
+        "the timed rounds shrink to fit, and cold starts that would not fit are skipped",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--no-cold-starts", action="store_true", help="skip the cold starts in processes of their own")
@@ -443,6 +476,12 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m bench.gpu_bench", *(sys.argv[1:] if argv is None else argv)])
     run: dict[str, Any] = {"device": name, "command": command, "dtype": dtype, "started": time.time()}
     run["code"] = code_version()
+    # Within the GPU kit, the run ends before the kit's call does, whatever the earlier steps took.
+    kit_left = kit_left_s()
+    if kit_left is not None and kit_left < args.deadline_s:
+        print(f"the GPU kit has {kit_left:.0f} s left: the run is planned in that", flush=True)
+        args.deadline_s = max(kit_left, 30.0)
+    run["deadline_s"] = args.deadline_s
     deadline = time.monotonic() + args.deadline_s
 
     def left_s() -> float:
@@ -450,6 +489,10 @@ def main(argv: list[str] | None = None) -> None:
 
     run["smi_before"] = nvidia_smi() if device.type == "cuda" else {}
     with tempfile.TemporaryDirectory() as workdir:
+        # torch's compile caches of this run its own: the kit's earlier steps fill the default ones, and the
+        # FAST_MODE load timed here is the uncached cold start.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(workdir) / "inductor")
+        os.environ["TRITON_CACHE_DIR"] = str(Path(workdir) / "triton")
         folder = model_folder(args, device, dtype, Path(workdir))
         modes = load_modes(folder, device, dtype, args, Path(workdir) / "compile-cache")
         # Written as it comes, so that what the kit's time limit cuts short leaves what was measured before it.
@@ -458,14 +501,15 @@ def main(argv: list[str] | None = None) -> None:
         loads = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in run["cold"].items())
         print(f"loaded at {time.time() - run['started']:.0f} s: {loads}", flush=True)
 
-        def after_batch(measured: dict[str, Any]) -> None:
+        def after_round(measured: dict[str, Any]) -> None:
             run["measured"] = measured
             write(args, run)
-            print(f"measured {', '.join(measured)} at {time.time() - run['started']:.0f} s", flush=True)
+            done = ", ".join(f"{batch}: {found['rounds']} rounds" for batch, found in measured.items())
+            print(f"measured {done} at {time.time() - run['started']:.0f} s", flush=True)
 
         # The timed rounds get their budget, or what is left of the run's time but for the profile and the cold starts.
         budget_s = max(0.0, min(args.budget_s, left_s() - 60))
-        run["measured"] = rounds(modes, args, time.monotonic, budget_s, after_batch)
+        run["measured"] = rounds(modes, args, time.monotonic, budget_s, after_round)
         run["kernels"] = kernel_time(modes, device)
         write(args, run)  # written now too: the cold starts may run past the kit's limit
         if not args.no_cold_starts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from bench.gpu_bench import KIT_S, kit_left_s
 from bench.machine import CODE, code_version
 from bench.sd15_random import PUBLISHED_MILLIONS, build_sd15_random, check_parameter_counts
 from tests.conftest import ROOT
@@ -209,7 +211,13 @@ def test_gpu_speed_benchmark_runs_its_harness_on_the_cpu(tiny_model_dir: Path, t
     )  # fmt: skip
     # Its progress, in the order the files were written (a kit's time limit would leave them as they were then).
     progress = [line.split(" at ")[0] for line in result.stdout.splitlines() if " at " in line and " s" in line]
-    assert progress[:3] == ["loaded", "measured batch 1", "measured batch 1, batch 2"], progress
+    assert progress == [
+        "loaded",
+        "measured batch 1: 1 rounds",
+        "measured batch 1: 2 rounds",
+        "measured batch 1: 2 rounds, batch 2: 1 rounds",
+        "measured batch 1: 2 rounds, batch 2: 2 rounds",
+    ], "written after every round"
     record = json.loads((tmp_path / "gpu-speed.json").read_text())
     for batch in ("batch 1", "batch 2"):
         entry = record["report"][batch]
@@ -234,6 +242,21 @@ def test_gpu_speed_benchmark_runs_its_harness_on_the_cpu(tiny_model_dir: Path, t
     assert "| 2 | plain (again) |" in table
     assert record["code"] == code_version(), "the code it measured: this checkout's commit and digest"
     assert f"Code: commit {record['code']['commit']}, code digest {record['code']['digest']}" in table
+
+
+def test_the_gpu_benchmark_plans_within_what_the_gpu_kit_has_left(tmp_path: Path) -> None:
+    """Run by the kit (an ancestor ``bash .gpu/run.sh``), the benchmark reads how long the kit has run and ends
+    before the kit's call does; run by itself, it keeps its own deadline."""
+    kit = tmp_path / ".gpu" / "run.sh"
+    kit.parent.mkdir()
+    probe = "from bench.gpu_bench import kit_left_s; print(kit_left_s())"
+    kit.write_text(f"sleep 2\nbash -c '{sys.executable} -c \"{probe}\"'\n")
+    done = subprocess.run(
+        ["bash", str(kit)], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT, env=os.environ
+    )
+    left = float(done.stdout.strip())
+    assert KIT_S - 30 < left <= KIT_S - 2, left
+    assert kit_left_s() is None, "not under the kit"
 
 
 def test_the_code_digest_names_a_copy_without_git_history_as_its_checkout(tmp_path: Path) -> None:
