@@ -539,3 +539,26 @@ def test_only_masked_runs_canny_on_the_crop_as_the_extension_and_keeps_its_edges
     assert control_map.shape == (64, 64, 3)
     assert set(np.unique(control_map)) <= {0, 255}, "canny's edges, not an enlarged crop of them"
     assert control_map.max() == 255, "the crop holds the square's edge"
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_unit_without_an_image_takes_the_jobs_image_as_the_extensions_img2img_units() -> None:
+    """The ControlNet extension's img2img unit without an image of its own takes the img2img image; a
+    text-to-image unit without one is refused naming it."""
+    fields = {"image": png_base64(IMAGE), "strength": 0.6}
+    own = ok(**fields, controlnets=[unit(image=IMAGE)])
+    taken = ok(**fields, controlnets=[{"model": NET}])
+    assert np.array_equal(pixels(own), pixels(taken))
+
+    refused = run(controlnets=[{"model": NET}])
+    assert "controlnets.0.image: a text-to-image unit needs its control image" in refused["error"]
+
+
+@pytest.mark.usefixtures("worker")
+def test_an_outpaint_unit_without_an_image_takes_the_grown_canvas_so_its_map_lines_up() -> None:
+    canvas_fields = {"image": png_base64(IMAGE), "outpaint": {"left": 64}, "width": 128}
+    taken = ok(**canvas_fields, controlnets=[{"model": NET}])
+    # The canvas: the image on the right, its left edge stretched over the new 64 columns.
+    canvas = Image.fromarray(np.pad(np.asarray(IMAGE), ((0, 0), (64, 0), (0, 0)), mode="edge"))
+    given = ok(**canvas_fields, controlnets=[unit(image=canvas)])
+    assert np.array_equal(pixels(taken), pixels(given))

@@ -68,9 +68,10 @@ def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Stor
     if request.image is None and not request.controlnets:
         return Inputs(request=request)
     started = time.perf_counter()
-    resolved, images, source_size, warnings = request, None, None, []
+    resolved, images, source_size, warnings, picture = request, None, None, [], None
     if request.image is not None:
         image = load_image(request.image, "image", settings, storage)
+        picture = image.image
         mask = load_mask(request.mask, "mask", settings, storage) if request.mask is not None else None
         resolved, sized = resolve_size(request, image.image.size, settings)
         images, more = prepare(resolved, image.image, mask.image if mask else None)
@@ -78,7 +79,7 @@ def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Stor
         warnings = [*image.warnings, *(mask.warnings if mask else []), *sized, *more]
     controls = None
     if request.controlnets:
-        controls, more = control_maps(resolved, images, settings, storage)
+        controls, more = control_maps(resolved, images, settings, storage, picture=picture)
         warnings += more
     return Inputs(
         request=resolved,
@@ -91,11 +92,17 @@ def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Stor
 
 
 def control_maps(
-    request: GenerateRequest, images: TaskImages | None, settings: Settings, storage: S3Storage | None
+    request: GenerateRequest,
+    images: TaskImages | None,
+    settings: Settings,
+    storage: S3Storage | None,
+    *,
+    picture: Image.Image | None = None,
 ) -> tuple[ControlMaps, list[str]]:
     """Read each unit's control image, preprocess it at its own size, and bring the map to the job's size by
     ``resize_mode`` (and to the hires pass's size); with ``inpaint_area`` ``masked``, bring it to the input
-    image's size and crop it as the image is, before its preprocessor runs (``_cropped_map``).
+    image's size and crop it as the image is, before its preprocessor runs (``_cropped_map``). A unit without an
+    image takes the job's ``picture`` (the input image as read), or for an outpaint the grown canvas.
 
     Raises:
         InputError: a control image cannot be read; the message names its field.
@@ -108,27 +115,38 @@ def control_maps(
     first, hires, resized, sources, warnings = [], [], [], [], []
     for index, unit in enumerate(request.controlnets):
         field_name = f"controlnets.{index}.image"
-        loaded = load_image(unit.image, field_name, settings, storage)
-        warnings += loaded.warnings
-        _check_resolution(loaded.image.size, unit.processor_res, index, settings)
+        if unit.image is not None:
+            loaded = load_image(unit.image, field_name, settings, storage)
+            source = loaded.image
+            warnings += loaded.warnings
+        else:
+            source = _job_picture(request, images, picture)
+        _check_resolution(source.size, unit.processor_res, index, settings)
         resize_mode = unit.resize_mode or request.resize_mode
         if crop is not None:
-            control, fitted = _cropped_map(
-                loaded.image, unit, resize_mode, target=target, crop=crop, size=(width, height)
-            )
+            control, fitted = _cropped_map(source, unit, resize_mode, target=target, crop=crop, size=(width, height))
         else:
-            control = preprocess(loaded.image, unit.preprocess, unit.canny_thresholds, unit.processor_res)
+            control = preprocess(source, unit.preprocess, unit.canny_thresholds, unit.processor_res)
             fitted = fit(control, *target, resize_mode)
         sources.append(control.size)
         first.append(fitted)
         if request.hires is not None:
             hires.append(fit(control, *request.output_size, resize_mode))
-        note = proportions_changed(loaded.image.size if crop else control.size, target, resize_mode)
+        note = proportions_changed(source.size if crop else control.size, target, resize_mode)
         resized.append(note)
         if note:
             warnings.append(f"{field_name}: {note}")
     hires_maps = hires if request.hires is not None else None
     return ControlMaps(first=first, hires=hires_maps, resized=resized, sources=sources), warnings
+
+
+def _job_picture(request: GenerateRequest, images: TaskImages | None, picture: Image.Image | None) -> Image.Image:
+    """The control image of a unit that gives none: the job's input image, or its outpaint canvas (where the
+    image sits among the margins, so that the map lines up with it)."""
+    if request.outpaint is not None and images is not None and images.original is not None:
+        return images.original
+    assert picture is not None, "the schema refuses a unit without an image in a text-to-image job"
+    return picture
 
 
 def _cropped_map(

@@ -435,7 +435,9 @@ class _ControlNetUnit:
         if isinstance(image, dict):
             image, mask = image.get("image"), image.get("mask") or mask
         module = str(fields.take("module", "none")).strip().lower()
-        unit: dict[str, Any] = {"model": _file_name(fields.take("model", "None")), "image": image}
+        unit: dict[str, Any] = {"model": _file_name(fields.take("model", "None"))}
+        if image is not None and image != "":  # none: the img2img image, as the extension takes it
+            unit["image"] = image
         self.names += [("model", "model"), ("image", "image")]
         for a1111, native in (
             ("weight", "scale"),

@@ -151,10 +151,12 @@ class ControlNetUnit(BaseModel):
         max_length=255,
         description="A ControlNet's name: its folder or file name in `CONTROLNET_DIR`, without `.safetensors`.",
     )
-    image: StrictStr = Field(
+    image: StrictStr | None = Field(
+        None,
         min_length=1,
         description="The control image, in every form `image` takes (base64, data URI, URL, `s3://`), with the same "
-        "limits; brought to the job's size by `resize_mode`.",
+        "limits; brought to the job's size by `resize_mode`. Unset: the job's own `image` (its outpaint canvas "
+        "for an outpaint), as the ControlNet extension's img2img units take it; a text-to-image unit needs one.",
     )
     preprocess: Literal["none", "canny"] = Field(
         "none",

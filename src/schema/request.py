@@ -154,6 +154,13 @@ class GenerateRequest(AdapterOptions):
     @model_validator(mode="after")
     def _controlnets_allowed(self, info: ValidationInfo) -> GenerateRequest:
         check_controlnets(self.controlnets, request_limits(info))
+        if self.image is None:
+            for index, unit in enumerate(self.controlnets):
+                if unit.image is None:
+                    raise ValueError(
+                        f"controlnets.{index}.image: a text-to-image unit needs its control image (an img2img, "
+                        "inpaint or outpaint unit without one takes the job's image)"
+                    )
         if self.controlnets and self.deepcache_interval > 1:
             raise ValueError(
                 f"deepcache_interval={self.deepcache_interval}: not with controlnets, whose residuals enter the "
