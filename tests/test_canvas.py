@@ -280,3 +280,13 @@ def test_crop_of_an_image_far_from_the_targets_proportions_resizes_only_the_kept
     assert fitted.size == (256, 256)
     difference = np.abs(np.asarray(fitted, dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
     assert difference.max() <= 2, "the same centre of the same gradient"
+
+
+def test_an_only_masked_inpaint_without_a_size_says_where_it_paints_not_that_the_image_shrank() -> None:
+    image = noise_image(1100, 700)
+    _, warnings = resolve_size(request(mask="bWFzaw==", inpaint_area="masked"), image.size, LIMITS)
+    assert warnings == [
+        "image: 1100x700: without width and height the masked region is painted at 1024x640, the image's size "
+        f"fitted to MAX_SIDE={LIMITS.max_side} and MAX_PIXELS={LIMITS.max_pixels} and rounded down to multiples of "
+        "64; the image comes back at its own size"
+    ]

@@ -153,6 +153,13 @@ def test_the_inputs_a1111_parameters_are_kept_beside_the_postprocessing_line() -
     assert "parameters" not in result_image(result).text
     assert result_image(kept).text["parameters"] == parameters
     assert result_image(kept).text["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: Nearest"
+    # A picture with transparency is flattened onto white; its parameters go with it.
+    clear = photo().convert("RGBA")
+    clear.putalpha(128)
+    flattened = asyncio.run(
+        handler.handler({"input": {"task": "upscale", "image": as_base64(clear, parameters), "upscaler": "nearest"}})
+    )
+    assert result_image(flattened).text["parameters"] == parameters
 
 
 @pytest.mark.usefixtures("worker")

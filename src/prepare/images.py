@@ -352,7 +352,11 @@ def _to_rgb(image: Image.Image, field: str) -> tuple[Image.Image, list[str]]:
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     warnings = [f"{field}: its transparency was flattened onto white"] if _transparent(rgba) else []
-    return Image.alpha_composite(white, rgba).convert("RGB"), warnings
+    flattened = Image.alpha_composite(white, rgba).convert("RGB")
+    # A1111's parameters text goes with the pixels (an upscale job carries it into its result, as A1111 does).
+    if isinstance(image.info.get("parameters"), str):
+        flattened.info["parameters"] = image.info["parameters"]
+    return flattened, warnings
 
 
 def _to_l(image: Image.Image, field: str) -> tuple[Image.Image, list[str]]:

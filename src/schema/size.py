@@ -113,10 +113,19 @@ def resolve_size(request: _Request, image_size: tuple[int, int], limits: Request
         part_width, part_height = _fitted_image_size(request, image_size, limits)
         width, height = part_width + added_width, part_height + added_height
         if (part_width, part_height) != image_size:
+            fitted = (
+                f"fitted to MAX_SIDE={limits.max_side} and MAX_PIXELS={limits.max_pixels} and rounded down to "
+                f"multiples of {SIDE_STEP}"
+            )
+            # An only-masked inpaint paints its crop at that size and returns the image at its own.
+            masked = getattr(request, "inpaint_area", "") == "masked"
+            only_masked = masked and getattr(request, "mask", None) is not None
             warnings.append(
-                f"image: {image_width}x{image_height} was brought to {part_width}x{part_height}: without width and "
-                f"height the job takes the image's size, fitted to MAX_SIDE={limits.max_side} and "
-                f"MAX_PIXELS={limits.max_pixels} and rounded down to multiples of {SIDE_STEP}"
+                f"image: {image_width}x{image_height}: without width and height the masked region is painted at "
+                f"{part_width}x{part_height}, the image's size {fitted}; the image comes back at its own size"
+                if only_masked
+                else f"image: {image_width}x{image_height} was brought to {part_width}x{part_height}: without width "
+                f"and height the job takes the image's size, {fitted}"
             )
     problems = _sides_over_max_side(request, width, height, limits)
     if not problems:
