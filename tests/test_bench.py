@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -251,11 +252,14 @@ def test_the_gpu_benchmark_plans_within_what_the_gpu_kit_has_left(tmp_path: Path
     kit.parent.mkdir()
     probe = "from bench.gpu_bench import kit_left_s; print(kit_left_s())"
     kit.write_text(f"sleep 2\nbash -c '{sys.executable} -c \"{probe}\"'\n")
+    started = time.monotonic()
     done = subprocess.run(
-        ["bash", str(kit)], capture_output=True, text=True, timeout=60, check=True, cwd=ROOT, env=os.environ
+        ["bash", str(kit)], capture_output=True, text=True, timeout=600, check=True, cwd=ROOT, env=os.environ
     )
-    left = float(done.stdout.strip())
-    assert KIT_S - 30 < left <= KIT_S - 2, left
+    took = time.monotonic() - started
+    # The kit had run its 2 s of sleep, and at most as long as this test waited for it (whatever the machine's
+    # speed); /proc counts in clock ticks, hence the 0.1 s.
+    assert 2 - 0.1 <= KIT_S - float(done.stdout.strip()) <= took + 0.1
     assert kit_left_s() is None, "not under the kit"
 
 

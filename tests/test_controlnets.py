@@ -127,23 +127,33 @@ def bare(pipeline_class: type, *names: str, scheduler: str = "DPM++ 2M Karras") 
 # --- the same pictures as bare diffusers ----------------------------------------------------------
 
 
+def bare_images(pipeline_class: type, *names: str, seeds: tuple[int, ...] = (11,), **arguments: Any) -> list[Any]:
+    """``bare``'s pictures of JOB's prompt, steps and guidance, one per seed, with ``arguments``."""
+    return bare(pipeline_class, *names)(
+        "a fox",
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+        **arguments,
+    ).images
+
+
 @pytest.mark.usefixtures("worker")
 def test_text_to_image_matches_bare_diffusers() -> None:
     result = ok(num_images=2, controlnets=[unit(scale=0.8, start=0.1, end=0.9)])
 
-    reference = bare(StableDiffusionControlNetPipeline, NET)(
-        "a fox",
+    reference = bare_images(
+        StableDiffusionControlNetPipeline,
+        NET,
+        seeds=(11, 12),
         image=CONTROL,
-        num_inference_steps=4,
-        guidance_scale=7.5,
         width=64,
         height=64,
         num_images_per_prompt=2,
         controlnet_conditioning_scale=0.8,
         control_guidance_start=0.1,
         control_guidance_end=0.9,
-        generator=[torch.Generator().manual_seed(seed) for seed in (11, 12)],
-    ).images
+    )
     for index, theirs in enumerate(reference):
         assert np.abs(pixels(result, index) - np.asarray(theirs, dtype=np.int16)).max() <= 1
 
@@ -152,16 +162,14 @@ def test_text_to_image_matches_bare_diffusers() -> None:
 def test_img2img_matches_bare_diffusers() -> None:
     result = ok(image=png_base64(IMAGE), strength=0.6, controlnets=[unit(scale=1.2)])
 
-    reference = bare(StableDiffusionControlNetImg2ImgPipeline, NET)(
-        "a fox",
+    [reference] = bare_images(
+        StableDiffusionControlNetImg2ImgPipeline,
+        NET,
         image=IMAGE,
         control_image=CONTROL,
         strength=0.6,
-        num_inference_steps=4,
-        guidance_scale=7.5,
         controlnet_conditioning_scale=1.2,
-        generator=[torch.Generator().manual_seed(11)],
-    ).images[0]
+    )
     assert np.abs(pixels(result) - np.asarray(reference, dtype=np.int16)).max() <= 1
 
 
@@ -182,8 +190,9 @@ def test_only_masked_on_a_larger_image_crops_the_control_image_there_as_diffuser
     )
 
     assert pixels(result).shape == (128, 192, 3)
-    reference = bare(StableDiffusionControlNetInpaintPipeline, NET)(
-        "a fox",
+    [reference] = bare_images(
+        StableDiffusionControlNetInpaintPipeline,
+        NET,
         image=image,
         mask_image=mask,
         control_image=control,
@@ -191,11 +200,8 @@ def test_only_masked_on_a_larger_image_crops_the_control_image_there_as_diffuser
         strength=0.75,
         width=64,
         height=64,
-        num_inference_steps=4,
-        guidance_scale=7.5,
         controlnet_conditioning_scale=1.0,  # the inpaint pipeline's own default is 0.5
-        generator=[torch.Generator().manual_seed(11)],
-    ).images[0]
+    )
     assert np.abs(pixels(result) - np.asarray(reference, dtype=np.int16)).max() <= 1
 
 
@@ -203,16 +209,9 @@ def test_only_masked_on_a_larger_image_crops_the_control_image_there_as_diffuser
 def test_controlnet_mode_matches_diffusers_guess_mode() -> None:
     result = ok(controlnets=[unit(control_mode="controlnet")])
 
-    reference = bare(StableDiffusionControlNetPipeline, NET)(
-        "a fox",
-        image=CONTROL,
-        num_inference_steps=4,
-        guidance_scale=7.5,
-        width=64,
-        height=64,
-        guess_mode=True,
-        generator=[torch.Generator().manual_seed(11)],
-    ).images[0]
+    [reference] = bare_images(
+        StableDiffusionControlNetPipeline, NET, image=CONTROL, width=64, height=64, guess_mode=True
+    )
     assert np.abs(pixels(result) - np.asarray(reference, dtype=np.int16)).max() <= 1
 
 

@@ -247,38 +247,29 @@ def test_a_job_cancelled_while_it_waits_for_the_gpu_leaves_without_running(monke
     assert not lock.locked()
 
 
-def test_a_job_stopped_as_runpod_creates_its_task_ends_without_a_result_and_frees_its_slot(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    "when",
+    [
+        # runpod 1.12 drops a stop for a job it has taken but not started (no task to cancel): the job would run.
+        pytest.param("stopped", id="before-its-task"),
+        # runpod 1.12 cancels a task that has not run its first step: its handle_job never runs, so the job would
+        # stay in runpod's count for good and a worker at CONCURRENCY=1 would take no more jobs.
+        pytest.param("stopped_at_start", id="as-its-task-is-made"),
+    ],
+)
+def test_a_job_stopped_before_it_started_ends_without_a_result_and_frees_its_slot(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, when: str
 ) -> None:
-    """runpod 1.12 cancels a task that has not run its first step: its ``handle_job`` never runs, so the job
-    would stay in runpod's count for good and a worker at CONCURRENCY=1 would take no more jobs. The worker
-    lets the task start, and the handler ends it as a stopped job."""
+    """The worker keeps such a stop (``job_loop.remember_stops_before_start``, applied by ``serve``), and the job
+    ends as a stopped one when runpod starts it: no result, runpod's count freed, the next job runs."""
     monkeypatch.setattr(rp_scale.JobScaler, "stop_job", rp_scale.JobScaler.stop_job)  # restored after the test
     job_loop.remember_stops_before_start()
 
     with caplog.at_level(logging.INFO, logger="handler"):
         ended = run_in_runpods_loop(
-            [{"id": "at-start", "input": TEXT}, {"id": "next", "input": TEXT}], stopped_at_start=("at-start",)
+            [{"id": "early", "input": TEXT}, {"id": "next", "input": TEXT}], **{when: ("early",)}
         )
 
     assert [job_id for job_id, _ in ended] == ["next"]
-    assert re.search(r"job at-start CANCELLED in \d+ ms", caplog.text)
-
-
-def test_a_job_stopped_after_runpod_took_it_but_before_it_started_ends_without_a_result(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """runpod 1.12 drops a stop for a job it has taken but not yet started (no task to cancel), and the job
-    would run in full; the worker keeps the stop (``job_loop.remember_stops_before_start``, applied by
-    ``serve``), and the job ends as a stopped one when runpod starts it: no result, the next job runs."""
-    monkeypatch.setattr(rp_scale.JobScaler, "stop_job", rp_scale.JobScaler.stop_job)  # restored after the test
-    job_loop.remember_stops_before_start()
-
-    with caplog.at_level(logging.INFO, logger="handler"):
-        ended = run_in_runpods_loop(
-            [{"id": "stopped", "input": TEXT}, {"id": "next", "input": TEXT}], stopped=("stopped",)
-        )
-
-    assert [job_id for job_id, _ in ended] == ["next"]
-    assert re.search(r"job stopped CANCELLED in \d+ ms", caplog.text)
-    assert not job_loop.stopped_before_start("stopped"), "the stop is forgotten once used"
+    assert re.search(r"job early CANCELLED in \d+ ms", caplog.text)
+    assert not job_loop.stopped_before_start("early"), "the stop is forgotten once used"
