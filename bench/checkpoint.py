@@ -44,7 +44,6 @@ import logging
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,11 +51,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.machine import load_average, report_header, run_child, write_results
+from bench.machine import load_average, report_header, run_child, run_process, write_results
 from bench.run import RESULTS
 from bench.tasks import OFFLINE_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "folder": "diffusers folder",
     "baked": "converted folder (baked)",
@@ -182,14 +180,7 @@ def bake(checkpoint: Path, config: Path, destination: Path) -> float:
     """
     environ = worker_environ(MODEL_ID=str(checkpoint), MODEL_CONFIG=str(config), MODEL_DIR=str(destination))
     started = time.perf_counter()
-    completed = subprocess.run(
-        [sys.executable, "-m", "builder.cache_model"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env=environ,
-    )
+    completed = run_process("builder.cache_model", env=environ)
     seconds = time.perf_counter() - started
     if completed.returncode != 0 or not (destination / "source.json").is_file():
         status = completed.returncode

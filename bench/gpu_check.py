@@ -46,10 +46,10 @@ LIMITS = {"MAX_PIXELS": str(1024 * 1024 * 4)}
 CONTROLNET = "controlnet-random-weights"
 
 
-# --tiny: every side divided by this. The CPU has no memory to run out of, so the sizes prove nothing there, and
 # Under the GPU kit, the cases stop when less than this is left of the kit's call: the speed benchmark, its last
 # step and the one issue 27 needs, plans within what is left (``bench.gpu_bench.kit_left_s``).
 BENCH_RESERVE_S = 200
+# --tiny: every side divided by this. The CPU has no memory to run out of, so the sizes prove nothing there, and
 # 1024² x4 through the tiny model's VAE is most of the smoke run's time.
 TINY_SIDE_DIVISOR = 4
 
@@ -186,14 +186,18 @@ def main() -> None:
         raise SystemExit("no CUDA device: run on a GPU machine, or pass --tiny DIR for a CPU smoke run")
 
     started = time.perf_counter()
-    controlnets = Path(tempfile.mkdtemp(prefix="controlnets-"))
-    engine = build_engine(args.tiny, controlnets)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-controlnets-") as controlnets:
+        run_checks(build_engine(args.tiny, Path(controlnets)), args.tiny is not None, args.steps, started)
+
+
+def run_checks(engine: Engine, tiny: bool, steps: int, started: float) -> None:
+    """Print the header and one table row per case, each case within what the GPU kit has left."""
     device = torch.cuda.get_device_name(0) if engine.device.type == "cuda" else "CPU (tiny model)"
     print(f"# GPU check: {device}, capped at {CAP_GIB:g} GiB, torch {torch.__version__}, {datetime.date.today()}")
     print(f"Command: `{' '.join(['python -m bench.gpu_check', *sys.argv[1:]])}`")
     print(f"Code: {describe_code(code_version())}")
-    print(f"model ready in {time.perf_counter() - started:.0f} s; {args.steps} steps, DPM++ 2M Karras\n")
-    divisor = TINY_SIDE_DIVISOR if args.tiny is not None else 1
+    print(f"model ready in {time.perf_counter() - started:.0f} s; {steps} steps, DPM++ 2M Karras\n")
+    divisor = TINY_SIDE_DIVISOR if tiny else 1
     cases = [
         Case(512 // divisor, 512 // divisor, 1),
         Case(768 // divisor, 768 // divisor, 1),
@@ -211,7 +215,7 @@ def main() -> None:
         if left is not None and left < BENCH_RESERVE_S:
             print(f"| {case.name} | | skipped: the GPU kit has {left:.0f} s left, kept for bench.gpu_bench | | | | |")
             continue
-        print(run_case(engine, case, args.steps), flush=True)
+        print(run_case(engine, case, steps), flush=True)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

@@ -33,21 +33,36 @@ def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
+# Set to 1, a benchmark's children are forked from one process that imported torch and diffusers (bench/forked.py)
+# instead of starting new interpreters: the test suite's smoke runs, whose figures count for nothing, save the
+# imports. Their start-up times are then not cold starts, and the results say so (``report_header``).
+FORK_CHILDREN = "BENCH_FORK_CHILDREN"
+
+
+def children_forked() -> bool:
+    return os.environ.get(FORK_CHILDREN) == "1"
+
+
+def run_process(module: str, *args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` from the project root in a fresh process, with ``env`` (default this one's); a new
+    interpreter, or a forked one under ``BENCH_FORK_CHILDREN=1``."""
+    environ = {**(os.environ if env is None else env), "PYTHONDONTWRITEBYTECODE": "1"}
+    if children_forked():
+        from bench.forked import run_module
+
+        return run_module(module, *args, cwd=ROOT, env=environ)
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, env=environ)
+
+
 def run_child(module: str, *args: str, env: Mapping[str, str] | None = None) -> Any:
-    """Run ``python -m MODULE ARGS`` in a fresh process (with ``env``, default this one's) and return what
-    it printed as ``RESULT <json>``; a benchmark measures in children so that no run inherits another's state.
+    """Run ``python -m MODULE ARGS`` in a fresh process (``run_process``) and return what it printed as
+    ``RESULT <json>``; a benchmark measures in children so that no run inherits another's state.
 
     Raises:
         RuntimeError: the child failed or printed no result; the message ends with its stderr.
     """
-    completed = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**(os.environ if env is None else env), "PYTHONDONTWRITEBYTECODE": "1"},
-    )
+    completed = run_process(module, *args, env=env)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode != 0 or not lines:
         raise RuntimeError(f"{module} child {args} failed:\n{completed.stderr[-3000:]}")
@@ -81,10 +96,16 @@ def describe_code(version: dict[str, str]) -> str:
     return f"{commit}code digest {version['digest']} (`python -m bench.machine` prints a checkout's)"
 
 
+FORKED_NOTE = (
+    f"{FORK_CHILDREN}=1: the children were forked from a process that had imported torch and diffusers, "
+    "so no start-up time here is a cold start"
+)
+
+
 def report_header() -> dict[str, Any]:
     """What every results file starts with: the date, the machine, its CPU, Python, how busy it was, and the
-    code it measured."""
-    return {
+    code it measured; and, where the children were forked, that their start-up times are not cold starts."""
+    header = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
         "cpu": cpu_name(),
@@ -92,12 +113,17 @@ def report_header() -> dict[str, Any]:
         "load_average_before": load_average(),
         "code": code_version(),
     }
+    if children_forked():
+        header["children"] = FORKED_NOTE
+    return header
 
 
 def write_results(out: Path, stem: str, report: dict[str, Any], table: str) -> None:
     """Write ``stem``.json (the report) and ``stem``.md (its table) into ``out``, and print the table."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if "children" in report:
+        table += f"\n{report['children']}.\n"
     (out / f"{stem}.md").write_text(table, encoding="utf-8")
     print(table)
     print(f"written to {out / f'{stem}.md'} and {out / f'{stem}.json'} in {report['seconds']:.0f} s")

@@ -196,11 +196,11 @@ def _spawn(*args: str) -> Any:
     return run_child("bench.run", "--child", *args)
 
 
-def prepare_models(quick: bool) -> dict[str, Path]:
-    """The tiny model (fresh) and the full-size random one (cached between runs)."""
+def prepare_models(quick: bool, scratch: Path) -> dict[str, Path]:
+    """The tiny model (fresh, in ``scratch``) and the full-size random one (cached between runs)."""
     from builder.tiny_model import write_tiny_model
 
-    models = {"tiny": write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")}
+    models = {"tiny": write_tiny_model(scratch / "tiny")}
     if not quick:
         if not (FULL_MODEL_DIR / "model_index.json").is_file():
             from bench.sd15_random import build_sd15_random, check_parameter_counts
@@ -224,31 +224,36 @@ COLD_REPEAT = 5
 
 
 def run(quick: bool, smoke: bool = False) -> dict[str, Any]:
-    models = prepare_models(quick or smoke)
-    report: dict[str, Any] = {
-        **report_header(),
-        "models": {},
-    }
     import diffusers
     import torch
 
-    report["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__}
-    for name, folder in models.items():
-        sides, steps, repeat = SMOKE_PLAN if smoke else PLANS[name]
-        repeat = 1 if quick or smoke else repeat
-        cold_repeat = 1 if quick or smoke else COLD_REPEAT
-        entry: dict[str, Any] = {"cold": {"worker": [], "bare": []}}
-        for _ in range(cold_repeat):
-            for role in ("bare", "worker"):
-                entry["cold"][role].append(_spawn("cold", role, str(folder), repr(time.time())))
-        entry["warm"] = _spawn("warm", "both", str(folder), json.dumps(sides), json.dumps(steps), str(repeat))
-        entry["peak"] = {
-            role: _spawn("peak", role, str(folder), str(sides[0]), str(steps[0])) for role in ("bare", "worker")
-        }
-        report["models"][name] = entry
-        print(f"measured {name}", file=sys.stderr, flush=True)
+    report: dict[str, Any] = {
+        **report_header(),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as scratch:
+        for name, folder in prepare_models(quick or smoke, Path(scratch)).items():
+            report["models"][name] = measure(folder, PLANS[name] if not smoke else SMOKE_PLAN, quick or smoke)
+            print(f"measured {name}", file=sys.stderr, flush=True)
     report["load_average_after"] = load_average()
     return report
+
+
+def measure(folder: Path, plan: tuple[list[int], list[int], int], once: bool) -> dict[str, Any]:
+    """Cold starts, warm jobs and peak RSS of the worker and bare diffusers on one model; ``once``: one of each."""
+    sides, steps, repeat = plan
+    repeat = 1 if once else repeat
+    cold_repeat = 1 if once else COLD_REPEAT
+    entry: dict[str, Any] = {"cold": {"worker": [], "bare": []}}
+    for _ in range(cold_repeat):
+        for role in ("bare", "worker"):
+            entry["cold"][role].append(_spawn("cold", role, str(folder), repr(time.time())))
+    entry["warm"] = _spawn("warm", "both", str(folder), json.dumps(sides), json.dumps(steps), str(repeat))
+    entry["peak"] = {
+        role: _spawn("peak", role, str(folder), str(sides[0]), str(steps[0])) for role in ("bare", "worker")
+    }
+    return entry
 
 
 def ratios(entry: dict[str, Any]) -> dict[str, float]:

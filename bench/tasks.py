@@ -43,6 +43,7 @@ import functools
 import io
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -262,9 +263,12 @@ class Bare:
 
 
 def _forbid_network() -> None:
-    """Make any socket connection or name lookup in this process fail at once, naming it."""
+    """Make any network connection or name lookup in this process fail at once, naming it. A Unix socket is no
+    network: multiprocessing's fork server (``BENCH_FORK_CHILDREN=1``) is reached through one."""
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "socket.connect" and args[0].family == socket.AF_UNIX:
+            return
         if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname"):
             raise RuntimeError(f"bench.tasks is offline, and something tried {event}{args!r}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu_bench import KIT_S, kit_left_s
-from bench.machine import CODE, code_version
+from bench.machine import CODE, FORK_CHILDREN, FORKED_NOTE, code_version
 from bench.sd15_random import PUBLISHED_MILLIONS, build_sd15_random, check_parameter_counts
 from tests.conftest import ROOT
 from tests.forked import run_module
@@ -29,11 +29,13 @@ def test_random_sd15_has_sd15_parameter_counts() -> None:
     assert pipeline.vae_scale_factor == 8
 
 
-def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_bench(module: str, *args: str, fork_children: bool = False) -> subprocess.CompletedProcess[str]:
     """`python -m module args` from the project root, as the README says, in a process forked with torch and
-    diffusers already imported (tests/forked.py); fails with its stderr. The benchmark's own child processes
-    (its cold starts, say) are new interpreters, as always."""
-    result = run_module(module, *args, cwd=ROOT)
+    diffusers already imported (tests/forked.py); fails with its stderr. With ``fork_children``, the benchmark's
+    own child processes (its cold starts, say) are forked too (BENCH_FORK_CHILDREN=1): each still runs its code
+    in a process of its own, without the imports a new interpreter pays."""
+    env = {**os.environ, FORK_CHILDREN: "1"} if fork_children else None
+    result = run_module(module, *args, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -56,7 +58,7 @@ def test_encode_benchmark_prints_every_format() -> None:
 
 def test_cpu_benchmark_smoke_run_writes_the_table_and_the_json(tmp_path: Path) -> None:
     # --smoke runs every part of the benchmark (cold starts, warm jobs, peak RSS) at 64², 2 steps, once.
-    run_bench("bench.run", "--smoke", "--out", str(tmp_path))
+    run_bench("bench.run", "--smoke", "--out", str(tmp_path), fork_children=True)
 
     report = json.loads((tmp_path / "cpu.json").read_text())
     assert set(report["ratios"]["tiny"]) == {"cold_start", "handler_overhead_64", "peak_rss"}
@@ -64,11 +66,14 @@ def test_cpu_benchmark_smoke_run_writes_the_table_and_the_json(tmp_path: Path) -
     table = (tmp_path / "cpu.md").read_text()
     assert "| tiny | 64² | 2 |" in table
     assert f"Command: `{report['command']}`" in table
+    # Forked children are no cold starts, and the results say so.
+    assert report["children"] == FORKED_NOTE
+    assert FORKED_NOTE in table
 
 
 def test_tasks_benchmark_smoke_run_writes_every_task_and_the_rss_ratio(tmp_path: Path) -> None:
     # The tiny model at 128², one timed job per side and task after the warm-ups, and the two RSS processes.
-    run_bench("bench.tasks", "--repeat", "1", "--out", str(tmp_path))
+    run_bench("bench.tasks", "--repeat", "1", "--out", str(tmp_path), fork_children=True)
 
     report = json.loads((tmp_path / "tasks.json").read_text())
     assert set(report["ratios"]) == {"txt2img", "img2img", "inpaint", "outpaint", "hires", "peak_rss"}
@@ -124,7 +129,7 @@ def test_loras_benchmark_smoke_run_writes_every_case_and_the_lora_file(tmp_path:
 
 def test_checkpoint_benchmark_smoke_run_writes_every_variant(tmp_path: Path) -> None:
     # The tiny model as a folder and as one checkpoint file, its bake, the cache's first fill, one start of each.
-    run_bench("bench.checkpoint", "--tiny", "--repeat", "1", "--out", str(tmp_path))
+    run_bench("bench.checkpoint", "--tiny", "--repeat", "1", "--out", str(tmp_path), fork_children=True)
 
     report = json.loads((tmp_path / "checkpoint-tiny.json").read_text())
     assert set(report["runs"]) == {"folder", "baked", "startup", "cached"}
