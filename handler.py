@@ -261,6 +261,19 @@ def _finish(
     )
 
 
+# The worker's own loggers, which LOG_LEVEL sets. The libraries' stay at INFO or above: at DEBUG urllib3 and botocore
+# log every request's URL whole, presigned signatures and download tokens in its query included.
+OWN_LOGGERS = ("handler", "src", "builder")
+
+
+def configure_logging(level: str) -> None:
+    """Log lines to stderr: the worker's own at ``level`` (LOG_LEVEL), every other library's at INFO or above."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(max(logging.INFO, logging.getLevelNamesMapping()[level]))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
 def prepare() -> Settings:
     """Everything the worker does before it can take a job: settings, logging, the model found, the engine,
     the S3 client.
@@ -273,7 +286,7 @@ def prepare() -> Settings:
         WorkerError: the model or the S3 client cannot be set up.
     """
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     # Where the model is, found before torch is imported: a model that cannot be served stops the start here.
     from src.models.locate import locate_model
 

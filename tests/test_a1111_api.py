@@ -31,9 +31,10 @@ from builder.tiny_model import write_tiny_controlnets, write_tiny_model, write_t
 from builder.tiny_upscalers import write_tiny_upscalers
 from src import local
 from src.finish.parameters import HIRES_UPSCALER_NAMES
+from src.prepare import prepare
 from src.run.pipelines import upscale_latents
 from src.schema import Hires, InputError, read_a1111
-from src.settings import Settings
+from src.settings import Settings, load_settings
 from tests.a1111_payloads import (
     CONTROL,
     CONTROLNET,
@@ -361,6 +362,26 @@ def test_a_field_the_worker_cannot_honour_is_refused_by_name_and_the_next_job_ru
     assert set(result) == {"error"}, result
     assert named in result["error"]
     assert "error" not in run(FLAT)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        pytest.param(
+            {}, "steps=50: must be at most 30 (MAX_STEPS) (not sent: A1111's default; send steps)", id="left-out"
+        ),
+        pytest.param({"steps": 50}, "steps=50: must be at most 30 (MAX_STEPS)", id="sent"),
+    ],
+)
+def test_a_limit_broken_by_a1111s_default_says_the_field_was_not_sent(payload: dict[str, Any], expected: str) -> None:
+    def no_catalog() -> Any:
+        raise AssertionError("an invalid input never asks for the catalog")
+
+    job = {"id": "a1111", "input": wrapped("txt2img", {"prompt": "a fox", **payload})}
+    with pytest.raises(InputError) as refused:
+        prepare(job, load_settings({"MAX_STEPS": "30"}), catalog=no_catalog, storage=None)
+
+    assert str(refused.value).endswith(expected)
 
 
 IMG2IMG_REFUSED = [

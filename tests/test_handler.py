@@ -279,3 +279,21 @@ def test_the_fp16_fitness_check_guards_only_a_worker_that_runs_fp16(
     handler.serve(handler.get_settings())
 
     assert [check.__name__ for check in rp_fitness._fitness_checks] == checks
+
+
+@pytest.mark.parametrize(("level", "libraries"), [("DEBUG", "INFO"), ("INFO", "INFO"), ("WARNING", "WARNING")])
+def test_log_level_sets_the_workers_own_lines_and_keeps_the_libraries_at_info_or_above(
+    level: str, libraries: str
+) -> None:
+    # At DEBUG urllib3 logs each request's whole URL: a presigned image URL's signature, a download's token.
+    before = {name: logging.getLogger(name).level for name in ("", *handler.OWN_LOGGERS)}
+    try:
+        handler.configure_logging(level)
+
+        for name in ("handler", "src.prepare.images", "builder.download"):
+            assert logging.getLogger(name).getEffectiveLevel() == logging.getLevelNamesMapping()[level], name
+        for name in ("urllib3.connectionpool", "botocore.endpoint"):
+            assert logging.getLogger(name).getEffectiveLevel() == logging.getLevelNamesMapping()[libraries], name
+    finally:
+        for name, was in before.items():
+            logging.getLogger(name).setLevel(was)

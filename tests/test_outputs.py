@@ -534,6 +534,11 @@ def test_bad_s3_setup_stops_startup_with_a_message(
         ("https://nyc3.digitaloceanspaces.com", "nyc3"),
         ("https://s3.amazonaws.com", "us-east-1"),
         ("http://127.0.0.1:9000", "us-east-1"),
+        # No region in these hosts: the label after s3 is the provider's domain, or AWS's dual-stack label.
+        ("https://s3.wasabisys.com", "us-east-1"),
+        ("https://s3.us-east-2.wasabisys.com", "us-east-2"),
+        ("https://s3.filebase.com", "us-east-1"),
+        ("https://s3.dualstack.eu-west-1.amazonaws.com", "eu-west-1"),
     ],
 )
 def test_the_region_is_read_from_the_endpoint_as_runpods_uploader_reads_it(endpoint: str, region: str) -> None:

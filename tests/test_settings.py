@@ -298,6 +298,12 @@ def test_bucket_input_prefix_defaults_to_inputs() -> None:
         pytest.param("http://", "BUCKET_ENDPOINT_URL='http://': must name a host", id="no-host"),
         pytest.param("https://:9000", "must name a host", id="port-without-host"),
         pytest.param("https:///bucket", "must name a host", id="path-without-host"),
+        pytest.param(
+            "https://0123abcd.r2.cloudflarestorage.com/renders",
+            "must be the endpoint alone, without a path: the bucket goes in BUCKET_NAME",
+            id="bucket-in-the-path",
+        ),
+        pytest.param("http://minio:9000/?x=1", "must be the endpoint alone", id="query"),
     ],
 )
 def test_endpoint_must_be_a_url_with_a_host(url: str, expected: str) -> None:
@@ -410,6 +416,43 @@ def test_memory_profile_description_matches_choose_profile(gib: float, profile: 
     assert "`low` 3.5 to 5.5 GiB, `minimal` below 3.5 GiB" in description
     assert GIB == 2**30
     assert choose_profile("cuda", int(gib * GIB)).value == profile
+
+
+@pytest.mark.parametrize("name", ["s3://renders", "renders/2026", "Renders Bucket", "ab"])
+def test_a_bucket_name_is_a_name_alone(name: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"BUCKET_NAME": name})
+
+    assert f"BUCKET_NAME={name!r}: must be a bucket's name alone" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["renders", "my.renders-2026", "Legacy_Bucket"])
+def test_bucket_names_s3_and_its_look_alikes_take_are_kept(name: str) -> None:
+    assert load_settings({"BUCKET_NAME": name}).bucket_name == name
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"GPU_MEMORY_GB": "inf"},
+        {"GENERATION_TIMEOUT_SECONDS": "inf"},
+        {"MAX_RESPONSE_MB": "nan"},
+    ],
+    ids=["gpu-memory", "timeout", "response"],
+)
+def test_infinity_and_nan_are_refused(environ: dict[str, str]) -> None:
+    [(variable, value)] = environ.items()
+    with pytest.raises(SettingsError, match=f"{variable}='{value}'"):
+        load_settings(environ)
+
+
+@pytest.mark.parametrize("item", ["s3cr3t/t0ken=huggingface.co", "https://s3cr3t@host=abc", "s3cr3t+t0ken:x=abc"])
+def test_a_malformed_download_token_item_is_refused_without_its_text(item: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"DOWNLOAD_TOKENS": item})
+
+    assert "item 1: the part before '=' is not a host, nor host:port" in str(refused.value)
+    assert "s3cr3t" not in str(refused.value)
 
 
 def test_a_bad_secret_is_never_echoed() -> None:

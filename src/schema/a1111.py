@@ -57,6 +57,8 @@ class A1111Call:
     names: Mapping[str, str] = field(default_factory=dict)
     # What the client should know: a ControlNet unit left out by ``enabled: false``.
     notes: tuple[str, ...] = ()
+    # This worker's fields holding A1111's default for a field the payload left out (``steps``: 50).
+    defaulted: frozenset[str] = frozenset()
 
     def renamed(self, message: str) -> str:
         """An input error about this worker's fields, each problem led by the A1111 field the client sent."""
@@ -67,8 +69,11 @@ class A1111Call:
             if path is None:
                 problems.append(problem)
                 continue
-            named = [self.names.get(name, name) for name in path.group(1).split(" x ")]
+            native = path.group(1).split(" x ")
+            named = [self.names.get(name, name) for name in native]
             problems.append(" x ".join(named) + problem[path.end(1) :])
+            if len(native) == 1 and native[0] in self.defaulted:
+                problems[-1] += f" (not sent: A1111's default; send {named[0]})"
         return message[: len(message) - len(body)] + "; ".join(problems)
 
 
@@ -262,4 +267,5 @@ def read_a1111(job: Any) -> A1111Call | None:
         send_images=send is not False,
         names=translation.names,
         notes=tuple(translation.notes),
+        defaulted=frozenset(translation.defaulted),
     )

@@ -182,10 +182,14 @@ class Translation:
         self.fields = Fields(payload)
         self.out: dict[str, Any] = {}
         self.names: dict[str, str] = {}
+        # This worker's fields that hold A1111's default, their A1111 field not sent: an error says so.
+        self.defaulted: set[str] = set()
         self.notes: list[str] = []
 
     def copy(self, a1111: str, native: str, default: Any = None) -> None:
         """``a1111`` into ``native``, as it came (A1111's default when absent; this worker's without one)."""
+        if default is not None and not self.fields.given(a1111):
+            self.defaulted.add(native)
         value = self.fields.take(a1111, default)
         if value is not None:
             self.out[native] = value

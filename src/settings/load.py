@@ -46,10 +46,12 @@ class Settings(
 ):
     """The worker's configuration. Field aliases are the environment variable names."""
 
-    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+    # No inf or nan: GPU_MEMORY_GB=inf passed `gt=0` and broke the start with an OverflowError naming nothing.
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid", allow_inf_nan=False)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", alias="LOG_LEVEL", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR."
+        "INFO", alias="LOG_LEVEL", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR. "
+        "The libraries' lines stay at INFO or above (at DEBUG they would log URLs whole, signatures included).",
     )
 
     @field_validator("log_level", mode="before")

@@ -219,8 +219,9 @@ class ModelSettings(BaseModel):
             try:
                 _host_and_port(scope)
             except ValueError:
+                # The item is not quoted: a token pasted without its host, or before it, would be printed.
                 raise ValueError(
-                    f"item {number}: {scope!r} is not a host, nor host:port (no scheme, no path)"
+                    f"item {number}: the part before '=' is not a host, nor host:port (no scheme, no path)"
                 ) from None
         return value
 

@@ -27,6 +27,10 @@ def s3_key_problem(key: str) -> str | None:
     return None
 
 
+# S3's rule for bucket names, with the upper case and "_" that older AWS buckets and other providers allow.
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
+
+
 def region_in(endpoint: str | None) -> str | None:
     """The region an S3 endpoint's host names, as RunPod's uploader (runpod-python's rp_upload) reads it: the label
     after ``s3`` (``s3.eu-west-1.amazonaws.com``, ``bucket.s3.us-west-004.backblazeb2.com``), or before
@@ -35,10 +39,12 @@ def region_in(endpoint: str | None) -> str | None:
     labels = host.split(".")
     if host.endswith(".digitaloceanspaces.com") and len(labels) >= 3:
         return labels[-3]
-    for index, label in enumerate(labels[:-2]):
-        if label == "s3" and labels[index + 1] != "amazonaws":
-            return labels[index + 1]
-    return None
+    if "s3" not in labels:
+        return None
+    # AWS's dual-stack endpoints put "dualstack" between the two. A label right before the registrable domain's
+    # last two is no region: s3.wasabisys.com and s3.filebase.com name none, s3.amazonaws.com is us-east-1.
+    after = [label for label in labels[labels.index("s3") + 1 :] if label != "dualstack"]
+    return after[0] if len(after) >= 3 else None
 
 
 class StorageSettings(BaseModel):
@@ -51,7 +57,7 @@ class StorageSettings(BaseModel):
         None,
         alias="BUCKET_ENDPOINT_URL",
         description="S3 endpoint, such as `https://s3.us-east-1.amazonaws.com` or an R2/MinIO URL; unset: AWS. "
-        "No credentials in it: they go in the two variables below.",
+        "No credentials in it: they go in the two variables below; no path: the bucket goes in `BUCKET_NAME`.",
     )
     bucket_access_key_id: str | None = Field(None, alias="BUCKET_ACCESS_KEY_ID", description="S3 access key id.")
     bucket_secret_access_key: SecretStr | None = Field(
@@ -100,6 +106,16 @@ class StorageSettings(BaseModel):
             raise ValueError("is not a valid URL: its host or port cannot be read") from None
         if not parts.hostname:
             raise ValueError("must name a host, such as http://127.0.0.1:9000")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            # boto3 would keep the path and put every key under it, while the answer names the key alone.
+            raise ValueError("must be the endpoint alone, without a path: the bucket goes in BUCKET_NAME")
+        return value
+
+    @field_validator("bucket_name")
+    @classmethod
+    def _bucket_name(cls, value: str | None) -> str | None:
+        if value is not None and not _BUCKET_NAME.fullmatch(value):
+            raise ValueError("must be a bucket's name alone: 3 to 63 of a-z 0-9 . -, no scheme, no '/'")
         return value
 
     @field_validator("bucket_input_prefix", "bucket_prefix")
