@@ -34,6 +34,8 @@ from tests.stand_ins.spandrel_loader import import_spandrel
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
 
+    from src.run.engine import Engine
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -285,3 +287,24 @@ def held_rss_bytes() -> int:
     with contextlib.suppress(OSError, AttributeError):  # not glibc: the plain figure
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     return rss_bytes()
+
+
+def split_by_admission(engine: Engine, width: int, height: int, images: int) -> Engine:
+    """An engine on ``engine``'s pipeline whose admission, as on a GPU in the balanced profile with room for
+    ``images`` - 1 ``width`` x ``height`` images at once and not ``images``, splits a job of ``images`` in two."""
+    from src.run.engine import Engine
+    from src.run.memory import Profile, estimate_peak_bytes
+
+    fewer, more = (
+        estimate_peak_bytes(Profile.BALANCED, width, height, count, engine.dtype.itemsize)
+        for count in (images - 1, images)
+    )
+    assert fewer < more, "at this size the VAE's sliced decode outweighs the UNet: ask for more images"
+    return Engine(
+        engine._pipeline,
+        settings=engine.settings,
+        device=engine.device,
+        dtype=engine.dtype,
+        profile=Profile.BALANCED,
+        gpu_bytes=int((fewer + more) / 2 / 0.95),
+    )

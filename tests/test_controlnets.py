@@ -496,6 +496,56 @@ def test_admission_counts_controlnet_weights_and_each_units_activations(tiny_wit
     assert cpu.gpu_bytes([_Unit(NET)]) == 0
 
 
+@pytest.mark.usefixtures("worker")
+def test_controlnets_a_gpu_cache_keeps_never_shrink_or_refuse_a_job_that_fits_without_them() -> None:
+    """Admission counted every ControlNet the cache keeps on the card: after two ControlNet jobs a 6 GiB card
+    refused a plain hires job a fresh worker ran. A job that fits whole only without them runs without them."""
+    from src.adapters.controlnets import ControlNets, scan_controlnets
+    from src.errors import AdmissionError
+    from src.prepare import prepare
+    from src.run.engine import _admit, _plan
+    from src.run.memory import Plan, Profile
+
+    engine = handler.get_engine()
+    settings = engine.settings
+    plan = prepare({"input": {**JOB, "num_images": 2}}, settings, catalog=lambda: engine.catalog, storage=None)
+    # What a GPU worker in the balanced profile counts: the ControlNets its cache keeps on the card.
+    gpu = ControlNets(
+        engine._pipeline,
+        scan_controlnets(settings.controlnet_dir),
+        device=torch.device("cuda"),
+        dtype=torch.float32,
+        cache_bytes=10**9,
+    )
+    kept = engine.controlnets
+    engine.controlnets, engine.profile = gpu, Profile.BALANCED
+
+    def whole() -> bool:
+        try:
+            return _admit(engine, plan) == (Plan(2), False)
+        except AdmissionError:
+            return False
+
+    try:
+        # The least memory in which the fresh worker runs the two images at once.
+        low, high = 1, 64 * 2**30
+        while high - low > 1:
+            engine.gpu_bytes = (low + high) // 2
+            low, high = (low, engine.gpu_bytes) if whole() else (engine.gpu_bytes, high)
+        engine.gpu_bytes = high
+        gpu._get(NET)  # an earlier job's ControlNet, kept
+        with pytest.raises(AdmissionError):  # counted beside it, as before, the job is refused: 1 image costs what 2 do
+            _plan(engine, plan, cached=True)
+        assert _admit(engine, plan) == (Plan(2), True), "it runs whole, the cached ControlNet off the card"
+
+        engine.gpu_bytes = 2**30
+        with pytest.raises(AdmissionError) as refused:
+            _admit(engine, plan)
+        assert "ControlNet" not in str(refused.value), "the job has no unit: no ControlNet weights are its own"
+    finally:
+        engine.controlnets, engine.profile, engine.gpu_bytes = kept, Profile.CPU, None
+
+
 class _Unit:
     def __init__(self, model: str) -> None:
         self.model = model

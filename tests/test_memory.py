@@ -364,3 +364,21 @@ def test_the_low_profile_counts_the_vae_beside_the_unet() -> None:
     low = estimate_peak_bytes(Profile.LOW, 512, 512, 1)
     minimal = estimate_peak_bytes(Profile.MINIMAL, 512, 512, 1)
     assert low - minimal == pytest.approx(WEIGHTS_FP16["unet"] + WEIGHTS_FP16["vae"] - 0.2e9)
+
+
+@pytest.mark.parametrize(
+    ("gpu_bytes", "dtype_bytes", "expected"),
+    [
+        pytest.param(GTX_1060, 2, Profile.BALANCED, id="gtx1060-fp16"),
+        pytest.param(GTX_1060, 4, Profile.MINIMAL, id="gtx1060-fp32"),
+        pytest.param(12 * GIB, 4, Profile.HIGH, id="12gib-fp32"),
+        pytest.param(8 * GIB, 4, Profile.BALANCED, id="8gib-fp32"),
+        pytest.param(int(4.5 * GIB), 2, Profile.LOW, id="4.5gib-fp16"),
+    ],
+)
+def test_auto_takes_a_512_image_in_the_workers_dtype(gpu_bytes: int, dtype_bytes: int, expected: Profile) -> None:
+    # By memory alone a 6 GiB card in float32 got `balanced`, whose admission refused every 512² job.
+    profile = choose_profile("cuda", gpu_bytes, dtype_bytes=dtype_bytes)
+
+    assert profile is expected
+    assert plan_sub_batch(profile, 512, 512, 1, gpu_bytes=gpu_bytes, dtype_bytes=dtype_bytes) == Plan(1)

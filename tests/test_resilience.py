@@ -30,7 +30,7 @@ from src.errors import BadImageError, GenerationTimeoutError, OutOfMemoryError
 from src.run.engine import Engine, Generation
 from src.schema import SCHEDULER_NAMES, GenerateRequest, parse_input
 from src.settings import load_settings
-from tests.conftest import held_rss_bytes
+from tests.conftest import held_rss_bytes, split_by_admission
 
 JOB = {"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 21, "num_images": 2}
 DTYPES = ["float32", "float16"]
@@ -526,6 +526,23 @@ def test_progress_counts_the_requested_steps_for_every_scheduler(tiny_model_dir:
     assert reports[-1] == {"step": 4, "total_steps": 4}
     assert steps == sorted(set(steps)), "steps only go forward, each reported once"
     assert max(steps) <= 4
+
+
+def test_the_retry_reports_what_it_finds_once(tiny_model_dir: Path) -> None:
+    # Admission runs images 0 and 1, then 2, which runs out of memory; the retry makes all three again. Every
+    # decode comes out black: the first try's warnings about images 0 and 1 were kept beside the retry's own.
+    split = split_by_admission(load_engine(tiny_model_dir, "float32"), 64, 64, 3)
+    steps = JOB["num_inference_steps"]
+    black = injected(split._pipeline.vae.decoder, lambda _call, _inputs, output: torch.full_like(output, -1.0))
+    with black, injected(split._pipeline.unet, raises_on(lambda call: call == steps + 1, CUDA_OOM)):
+        result = generate(split, num_images=3)
+
+    assert result.warnings == [
+        "the GPU ran out of memory; the job was retried one image at a time with VAE tiling",
+        "image 0 is entirely black",
+        "image 1 is entirely black",
+        "image 2 is entirely black",
+    ]
 
 
 def test_progress_spans_sub_batches_and_the_retry(engine: Engine) -> None:

@@ -404,8 +404,8 @@ def test_gpu_memory_gb_is_described_as_gib() -> None:
         (5.93, "balanced"),
         (5.5, "balanced"),
         (5.49, "low"),
-        (3.5, "low"),
-        (3.49, "minimal"),
+        (4, "low"),
+        (3.99, "minimal"),
     ],
 )
 def test_memory_profile_description_matches_choose_profile(gib: float, profile: str) -> None:
@@ -413,7 +413,7 @@ def test_memory_profile_description_matches_choose_profile(gib: float, profile: 
 
     description = _description("MEMORY_PROFILE")
     assert "`high` 10 GiB or more, `balanced` 5.5 to 10 GiB" in description
-    assert "`low` 3.5 to 5.5 GiB, `minimal` below 3.5 GiB" in description
+    assert "`low` 4 to 5.5 GiB, `minimal` below 4 GiB" in description
     assert GIB == 2**30
     assert choose_profile("cuda", int(gib * GIB)).value == profile
 

@@ -165,7 +165,10 @@ def test_admission_counts_an_upscalers_weights_and_one_tiles_features() -> None:
     assert upscalers.gpu_bytes("tiny-esrgan-4x", 2) == weights + 3 * 64 * (tile * 4) ** 2 * 2
     run(hires={**HIRES, "upscaler": "tiny-compact-2x"})  # loaded: its own scale from now on
     compact = upscalers.entries["tiny-compact-2x"].path.stat().st_size
-    assert upscalers.gpu_bytes("tiny-compact-2x", 2) == compact + 3 * 64 * (tile * 2) ** 2 * 2
+    # And its own precision: this worker runs it in float32, 4 bytes a value, whatever the guess before it loaded
+    # (spandrel runs HAT, DAT and others in float32 on a half-precision worker).
+    assert upscalers._cache["tiny-compact-2x"].dtype == torch.float32
+    assert upscalers.gpu_bytes("tiny-compact-2x", 2) == compact + 3 * 64 * (tile * 2) ** 2 * 4
 
 
 def test_on_a_gpu_admission_counts_the_upscalers_the_cache_keeps_there(upscaler_dir: Path) -> None:

@@ -205,13 +205,22 @@ class ControlNets:
             self._get(name)
         self._settle()
 
-    def gpu_bytes(self, units: Sequence[ControlNetRef]) -> int:
-        """GPU memory the ControlNets take during a job with ``units``: those kept there, and the job's own."""
+    def gpu_bytes(self, units: Sequence[ControlNetRef], *, cached: bool = True) -> int:
+        """GPU memory the ControlNets take during a job with ``units``: the job's own, and with ``cached`` those
+        the cache keeps there."""
         if self.device.type != "cuda":
             return 0
         job = {unit.model for unit in units}
-        resident = set(self._loaded) if self.resident_on_device else set()
+        resident = set(self._loaded) if self.resident_on_device and cached else set()
         return sum(self._bytes_of(name) for name in job | resident)
+
+    def to_host(self, units: Sequence[ControlNetRef]) -> None:
+        """Move the cached ControlNets that ``units`` do not use to host memory, to make room for a job that would
+        not fit beside them; the cache brings the most recently used back after the job. Under the GPU lock."""
+        job = {unit.model for unit in units}
+        for name, net in self._loaded.items():
+            if name not in job:
+                _move(net, torch.device("cpu"))
 
     @contextlib.contextmanager
     def for_job(self, units: Sequence[ControlNetRef], *, guidance: bool) -> Iterator[Any]:

@@ -245,18 +245,28 @@ class Upscalers:
         model = self._model(name)
         return int(model.scale), model.dtype
 
-    def gpu_bytes(self, name: str | None, dtype_bytes: int) -> int:
+    def gpu_bytes(self, name: str | None, dtype_bytes: int, *, cached: bool = True) -> int:
         """The GPU memory upscaler ``name`` takes at its peak, for admission: its weights (its file's size until
         it is loaded) and one tile's widest features, at the output's resolution: the ESRGAN family's last
-        layers hold 64 channels at scale x the tile, three such tensors alive at once (scale 4 until loaded).
-        On a GPU, the other upscalers the cache keeps there count too, with or without ``name`` (``_kept_bytes``)."""
+        layers hold 64 channels at scale x the tile, three such tensors alive at once (scale 4, and ``dtype_bytes``
+        per value, until loaded: once loaded, its own, float32 for the architectures spandrel runs in no other).
+        On a GPU, the other upscalers the cache keeps there count too, with or without ``name`` (``_kept_bytes``),
+        unless ``cached`` is false."""
         entry = self.entries.get(name or "")
         if entry is None or entry.problem is not None:
-            return self._kept_bytes(None)
+            return self._kept_bytes(None) if cached else 0
         model = self._cache.get(entry.name)
-        scale = int(model.scale) if model is not None else 4
+        scale, value_bytes = (int(model.scale), model.dtype.itemsize) if model is not None else (4, dtype_bytes)
         weights = entry.path.stat().st_size if entry.path.exists() else 0
-        return weights + 3 * 64 * (self.tile * scale) ** 2 * dtype_bytes + self._kept_bytes(entry.name)
+        kept = self._kept_bytes(entry.name) if cached else 0
+        return weights + 3 * 64 * (self.tile * scale) ** 2 * value_bytes + kept
+
+    def drop_others(self, name: str | None) -> None:
+        """Drop the cached upscalers other than ``name`` from the device, to make room for a job that would not fit
+        beside them (a later job reads them again). Under the GPU lock."""
+        for cached in [cached for cached in self._cache if cached != name]:
+            log.info("upscaler %s dropped from the cache, for room on the GPU", cached)
+            del self._cache[cached]
 
     def _kept_bytes(self, name: str | None) -> int:
         """The bytes of the cached upscalers other than ``name``, which wait on the GPU while it runs. All count,

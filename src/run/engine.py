@@ -31,7 +31,7 @@ from src.adapters.controlnets import ControlNets
 from src.adapters.embeddings import Embedding
 from src.adapters.loras import Applied, LoraFile, Loras
 from src.adapters.upscalers import upscalers_from
-from src.errors import JobCancelledError, OutOfMemoryError
+from src.errors import AdmissionError, JobCancelledError, OutOfMemoryError
 from src.models.loader import ModelIdentity, named_identity
 from src.prepare import JobPlan, plan_job
 from src.prepare.canvas import ControlMaps, TaskImages
@@ -203,13 +203,15 @@ class Engine:
         request = plan.request
         _know_downloads(self, plan)  # the files it named by URL, known by their keys from now on
         # 1. Admission: how many images fit at once, or a refusal before any work, sized by the largest pass.
-        admitted = self._admit(plan)
+        admitted, make_room = _admit(self, plan)
         job = JobState.for_plan(plan, batch=admitted.batch, timeout_s=timeout_s, on_progress=on_progress)
         job.clock, job.cancelled, job.phases = self.clock, cancelled, Phases(self.device)
         # 2. Wait for the GPU: one job at a time. The deadline starts once it is ours.
         with self.gpu(cancelled) as queue_ms, torch.inference_mode(), models_offloaded_after(self._pipeline):
             started = time.perf_counter()
             job.start()
+            if make_room:  # admitted only without the cached ControlNets and upscalers it does not use
+                _make_room(self, request)
             # 3. The job's model swapped in, its LoRAs and ControlNets on for the job only.
             with _model_and_adapters(self, request, job) as (model, loras):
                 # 4. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
@@ -261,30 +263,6 @@ class Engine:
         finally:
             self._lock.release()
 
-    def _admit(self, plan: JobPlan) -> Plan:
-        """How many of the job's images run at once, with which memory switches (AdmissionError: not one)."""
-        request, upscaler = plan.request, plan.request.hires.upscaler if plan.request.hires else None
-        width, height = request.output_size
-        return plan_sub_batch(
-            self.profile,
-            width,
-            height,
-            request.num_images,
-            gpu_bytes=self.gpu_bytes,
-            dtype_bytes=self.dtype.itemsize,
-            safety_checker=self._pipeline.safety_checker is not None,
-            adapter_bytes=self.loras.gpu_bytes(request.loras, self.dtype.itemsize)
-            + self.controlnets.gpu_bytes(request.controlnets)
-            + self.upscalers.gpu_bytes(upscaler, self.dtype.itemsize),
-            control_units=len(request.controlnets),
-            prompt_bytes=_prompt_bytes(
-                plan.texts,
-                int(self._pipeline.text_encoder.config.hidden_size),
-                self.settings.max_prompt_chunks,
-                self.dtype.itemsize,
-            ),
-        )
-
     def _generate(self, job: JobState, admitted: Plan) -> tuple[list[Image.Image], list[bool] | None]:
         """The job's pictures as admission planned them; after an out-of-memory error, once more one image
         at a time with VAE tiling.
@@ -292,10 +270,12 @@ class Engine:
         Raises:
             OutOfMemoryError: the frugal retry ran out of memory too.
         """
+        kept = len(job.warnings)
         result = self._attempt(job, admitted, frugal=False)
         if result is None:
             # Outside the except block, so the failed run's tensors went with its traceback.
             self._release_memory()
+            del job.warnings[kept:]  # the retry makes every image again, and says again what it finds
             job.warnings.append("the GPU ran out of memory; the job was retried one image at a time with VAE tiling")
             request = job.request
             width, height = request.output_size
@@ -427,6 +407,68 @@ def _warm_up(engine: Engine, compile_cache: CompileCache | None = None) -> None:
         reference = engine.generate(requests[0], timeout_s=3600)
     mean, largest = fast_path.grey_levels_apart(compiled[0].images, reference.images)
     log.info("FAST_MODE: the warm-up image is %.2f grey levels from the uncompiled one, %d at most", mean, largest)
+
+
+def _admit(engine: Engine, plan: JobPlan) -> tuple[Plan, bool]:
+    """How many of the job's images run at once, with which memory switches; and whether the cached
+    ControlNets and upscalers the job does not use must leave the GPU first: a job that fits whole only without
+    them runs without them, so what a worker ran before never shrinks or refuses a job.
+
+    Raises:
+        AdmissionError: not one image fits, even without the cached ones; the message names the size.
+    """
+    request = plan.request
+    try:
+        beside = _plan(engine, plan, cached=True)
+    except AdmissionError:
+        beside = None
+    if beside == Plan(request.num_images):
+        return beside, False
+    try:
+        alone = _plan(engine, plan, cached=False)
+    except AdmissionError as error:
+        if request.hires is None:
+            raise
+        width, height = request.output_size
+        raise AdmissionError(
+            f"{error}; {width}x{height} is the hires pass's size, from {request.width}x{request.height}"
+        ) from None
+    return (alone, beside != alone) if beside is not None else (alone, True)
+
+
+def _plan(engine: Engine, plan: JobPlan, *, cached: bool) -> Plan:
+    """``plan_sub_batch`` for the job, counting the adapters the caches keep on the GPU when ``cached``."""
+    request, upscaler = plan.request, plan.request.hires.upscaler if plan.request.hires else None
+    width, height = request.output_size
+    adapters = {
+        "LoRA": engine.loras.gpu_bytes(request.loras, engine.dtype.itemsize),
+        "ControlNet": engine.controlnets.gpu_bytes(request.controlnets, cached=cached),
+        "upscaler": engine.upscalers.gpu_bytes(upscaler, engine.dtype.itemsize, cached=cached),
+    }
+    return plan_sub_batch(
+        engine.profile,
+        width,
+        height,
+        request.num_images,
+        gpu_bytes=engine.gpu_bytes,
+        dtype_bytes=engine.dtype.itemsize,
+        safety_checker=engine._pipeline.safety_checker is not None,
+        adapter_bytes=sum(adapters.values()),
+        adapter_parts=adapters,
+        control_units=len(request.controlnets),
+        prompt_bytes=_prompt_bytes(
+            plan.texts,
+            int(engine._pipeline.text_encoder.config.hidden_size),
+            engine.settings.max_prompt_chunks,
+            engine.dtype.itemsize,
+        ),
+    )
+
+
+def _make_room(engine: Engine, request: GenerateRequest) -> None:
+    """The cached ControlNets and upscalers ``request`` does not use off the GPU. Under the GPU lock."""
+    engine.controlnets.to_host(request.controlnets)
+    engine.upscalers.drop_others(request.hires.upscaler if request.hires else None)
 
 
 def _prompt_bytes(texts: TextPlan, width: int, max_chunks: int, dtype_bytes: int) -> int:

@@ -11,6 +11,7 @@ memory halfway through, not to predict the peak to the megabyte.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from src.errors import AdmissionError
@@ -23,25 +24,41 @@ class Profile(enum.StrEnum):
 
     HIGH = "high"  # 10 GiB or more: everything on the GPU, nothing traded for memory
     BALANCED = "balanced"  # 5.5 to 10 GiB: VAE slicing for batches, VAE tiling above 768²
-    LOW = "low"  # 3.5 to 5.5 GiB: as balanced, plus model CPU offload
-    MINIMAL = "minimal"  # under 3.5 GiB: sequential CPU offload
+    LOW = "low"  # 4 to 5.5 GiB: as balanced, plus model CPU offload
+    MINIMAL = "minimal"  # under 4 GiB: sequential CPU offload
     CPU = "cpu"  # no GPU: float32 on the CPU
 
 
-def choose_profile(device_type: str, gpu_bytes: int | None, setting: str = "auto") -> Profile:
-    """The profile for a device: ``setting`` when not ``auto``, else by the GPU's memory."""
+# From the most memory to the least, as ``auto`` steps down them.
+GPU_PROFILES = (Profile.HIGH, Profile.BALANCED, Profile.LOW, Profile.MINIMAL)
+# The job ``auto`` makes sure a profile takes: SD 1.5's own size, one image.
+DEFAULT_SIDE = 512
+
+
+def choose_profile(device_type: str, gpu_bytes: int | None, setting: str = "auto", dtype_bytes: int = 2) -> Profile:
+    """The profile for a device: ``setting`` when not ``auto``; else by the GPU's memory, stepping down to the
+    first profile whose admission takes one 512² image in ``dtype_bytes`` a value (float32 doubles the weights:
+    a 6 GiB card in float32, or one capped under 3.85 GiB, would have refused every default job)."""
     if device_type != "cuda":
         return Profile.CPU
     if setting != "auto":
         return Profile(setting)
     gib = (gpu_bytes or 0) / GIB
     if gib >= 10:
-        return Profile.HIGH
-    if gib >= 5.5:  # a "6 GB" GTX 1060 reports 5.93 GiB
-        return Profile.BALANCED
-    if gib >= 3.5:
-        return Profile.LOW
-    return Profile.MINIMAL
+        by_size = Profile.HIGH
+    elif gib >= 5.5:  # a "6 GB" GTX 1060 reports 5.93 GiB
+        by_size = Profile.BALANCED
+    elif gib >= 4:  # low's admission takes one 512² image from 3.86 GiB
+        by_size = Profile.LOW
+    else:
+        by_size = Profile.MINIMAL
+    for profile in GPU_PROFILES[GPU_PROFILES.index(by_size) :]:
+        try:
+            plan_sub_batch(profile, DEFAULT_SIDE, DEFAULT_SIDE, 1, gpu_bytes=gpu_bytes, dtype_bytes=dtype_bytes)
+        except AdmissionError:
+            continue
+        return profile
+    return Profile.MINIMAL  # the least memory there is; admission says what does not fit
 
 
 @dataclass(frozen=True)
@@ -154,12 +171,14 @@ def plan_sub_batch(
     dtype_bytes: int = 2,
     safety_checker: bool = False,
     adapter_bytes: int = 0,
+    adapter_parts: Mapping[str, int] | None = None,
     control_units: int = 0,
     prompt_bytes: int = 0,
 ) -> Plan:
     """The largest sub-batch whose estimate fits the GPU; with VAE tiling when nothing fits without it.
 
-    On the CPU there is no GPU budget and the whole request runs at once.
+    On the CPU there is no GPU budget and the whole request runs at once. ``adapter_parts`` splits
+    ``adapter_bytes`` by kind (LoRA, ControlNet, upscaler) for the refusal's message.
 
     Raises:
         AdmissionError: not even one image fits, tiled; the message names the size and the memory.
@@ -189,7 +208,10 @@ def plan_sub_batch(
                 return Plan(batch, vae_tiling=tiling)
     need = estimate(1, True)
     checker = ", safety checker included" if safety_checker else ""
-    if adapter_bytes:
+    if adapter_parts:
+        parts = [f"{size / 1e6:.0f} MB of {kind}" for kind, size in adapter_parts.items() if size]
+        checker += f", {', '.join(parts)} weights included" if parts else ""
+    elif adapter_bytes:
         kinds = "LoRA and ControlNet" if control_units else "LoRA"
         checker += f", {adapter_bytes / 1e6:.0f} MB of {kinds} weights included"
     if control_units:

@@ -225,7 +225,9 @@ def denoise(
         initial_noise(pipeline, _variation(request, indices, seeds)),
         latent_fill(pipeline, request.inpaint_fill, arguments.get("mask_image"), seeds),
         feature_reuse(pipeline.unet, request.deepcache_interval),
-        token_merging(pipeline.unet, request.tome_ratio, seed=seeds[0], device=pipeline._execution_device),
+        # The job's first seed, not the sub-batch's: ToMe draws one merge pattern for the whole batch, so each
+        # image keeps its pixels however admission or the out-of-memory retry splits the job.
+        token_merging(pipeline.unet, request.tome_ratio, seed=all_seeds[0], device=pipeline._execution_device),
     ):
         latents = pipeline(
             prompt_embeds=encoded.prompt_embeds,

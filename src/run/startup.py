@@ -63,7 +63,7 @@ def load_parts(settings: Settings) -> Parts:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     gpu_bytes = _gpu_bytes(settings) if device.type == "cuda" else None
-    profile = choose_profile(device.type, gpu_bytes, settings.memory_profile)
+    profile = choose_profile(device.type, gpu_bytes, settings.memory_profile, dtype.itemsize)
     pipeline, identity = load_model(settings, dtype)
     _drop_long_prompt_warnings()
     if profile in OFFLOADING:

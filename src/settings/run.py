@@ -29,7 +29,8 @@ class RunSettings(BaseModel):
         "auto",
         alias="MEMORY_PROFILE",
         description="`auto` picks by GPU memory: `high` 10 GiB or more, `balanced` 5.5 to 10 GiB "
-        "(a GTX 1060 6GB reports 5.93 GiB), `low` 3.5 to 5.5 GiB, `minimal` below 3.5 GiB.",
+        "(a GTX 1060 6GB reports 5.93 GiB), `low` 4 to 5.5 GiB, `minimal` below 4 GiB; then down to the first "
+        "of those that takes one 512² image in the worker's `DTYPE` (`float32` doubles the weights).",
     )
     gpu_memory_gb: float | None = Field(
         None,
