@@ -93,10 +93,25 @@ ENV MODEL_ID=${MODEL_ID} \
 # outside the image, and copied out: a rebuild after a code change copies them from there instead of downloading
 # them again. A checkpoint, ControlNet or upscaler file download lands in the same cache, where a failed build's
 # part of the same URL is resumed; one build at a time uses it.
-# Each token is a secret, never an argument, and goes only to its own host.
+# Each token is a secret, never an argument, and goes only to its own host. BAKE_MODEL is true or false, nothing
+# else; false bakes nothing, so it refuses the arguments only the bake reads rather than drop them.
 RUN --mount=type=secret,id=hf_token,env=HF_TOKEN \
     --mount=type=secret,id=civitai_token,env=CIVITAI_TOKEN \
     --mount=type=secret,id=download_tokens,env=DOWNLOAD_TOKENS \
     --mount=type=secret,id=download_token,env=DOWNLOAD_TOKEN \
     --mount=type=cache,target=/models/.downloads,sharing=locked \
-    if [ "$BAKE_MODEL" = "true" ]; then python -m builder.cache_model --hub-cache /models/.downloads/hub; fi
+    case "$BAKE_MODEL" in \
+      true) python -m builder.cache_model --hub-cache /models/.downloads/hub ;; \
+      false) set --; \
+        [ -z "$MODEL_URL" ] || set -- "$@" MODEL_URL; \
+        [ -z "$VAE_URL" ] || set -- "$@" VAE_URL; \
+        [ -z "$VAE_SHA256" ] || set -- "$@" VAE_SHA256; \
+        [ -z "$CONTROLNETS" ] || set -- "$@" CONTROLNETS; \
+        [ -z "$UPSCALERS" ] || set -- "$@" UPSCALERS; \
+        if [ "$#" -gt 0 ]; then \
+          echo "BAKE_MODEL=false bakes nothing, and $* would only be read by the bake:" \
+            "set BAKE_MODEL=true, or leave them out" >&2; \
+          exit 1; \
+        fi ;; \
+      *) echo "BAKE_MODEL='$BAKE_MODEL': must be true (bake the model) or false (bake nothing)" >&2; exit 1 ;; \
+    esac

@@ -45,6 +45,7 @@ a message saying what to do.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -62,6 +63,7 @@ from builder.download import DownloadError, download_to_folder, file_name_from
 from src.errors import AdapterError, ModelLoadError
 from src.models.checkpoints import (
     PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
     WITHOUT_SAFETY_CHECKER,
     check_checkpoint,
     check_config_folder,
@@ -70,7 +72,7 @@ from src.models.checkpoints import (
     load_vae_file,
 )
 from src.models.checkpoints import sha256_file as file_sha256
-from src.models.locate import BakedSource, read_baked_source
+from src.models.locate import BakedSource, read_baked_source, url_key
 from src.models.safetensors_header import SafetensorsError, read_header
 from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, Settings, SettingsError, load_settings, redact_url
 
@@ -220,118 +222,283 @@ def verify(folder: Path, variant: str | None, safety_checker: bool = False) -> N
 
 def bake(settings: Settings, hub_cache: Path | None = None) -> Path:
     """Download (or convert), verify and label MODEL_DIR. Returns the folder. Hub files go through ``hub_cache``
-    when it is given (``download_repo``)."""
+    when it is given (``download_repo``).
+
+    The new folder is built beside MODEL_DIR and takes its place only once verified and labelled
+    (``_put_in_place``): a bake that fails leaves MODEL_DIR as it was, its label over its own files.
+
+    Raises:
+        CacheError: a download, a check or the verification failed; MODEL_SHA256 was given for a hub repo.
+    """
     from src.models.checkpoints import is_file_path
 
+    _refuse_pickle_url("MODEL_URL", settings.model_url)
+    _refuse_pickle_url("VAE_URL", settings.vae_url)
     if settings.model_url is not None or is_file_path(settings.model_id):
         return bake_checkpoint(settings, hub_cache)
+    if settings.model_sha256 is not None:
+        raise CacheError(
+            f"MODEL_SHA256={settings.model_sha256}: it checks a single-file checkpoint (MODEL_URL's download, or "
+            f"the file at MODEL_ID), and MODEL_ID={settings.model_id!r} is a hub repo, which it cannot check; "
+            "unset MODEL_SHA256, or set MODEL_URL to the checkpoint's URL"
+        )
     destination = Path(settings.model_dir)
     baked = read_baked_source(destination)
     if baked is not None and baked.matches(settings.model_id, settings.revision, settings.safety_checker):
-        log.info("%s already holds %s@%s; verifying", destination, settings.model_id, settings.revision)
-    else:
-        destination.mkdir(parents=True, exist_ok=True)
-        download(settings, destination, hub_cache)
+        if _holds_vae(baked, settings):
+            log.info("%s already holds %s; verifying", destination, _describe(settings))
+            verify(destination, baked.variant, settings.safety_checker)
+            return destination
+        log.info("%s holds another VAE than asked for (VAE_URL's, else the repo's own); baking again", destination)
+    staging = _staging(destination, f"{settings.model_id}@{settings.revision}")
+    shutil.rmtree(staging / "vae", ignore_errors=True)  # a VAE an earlier, failed bake put there
+    download(settings, staging, hub_cache)
     source = BakedSource(settings.model_id, settings.revision, VARIANT, settings.safety_checker)
-    if settings.vae_url is not None:
-        source = bake_vae(settings, destination, source)
-    verify(destination, VARIANT, settings.safety_checker)
-    source.write(destination)
-    return destination
+    return _finish(settings, staging, source, destination)
 
 
 def bake_checkpoint(settings: Settings, hub_cache: Path | None = None) -> Path:
     """Convert the single-file checkpoint (MODEL_URL, else the file at MODEL_ID) into MODEL_DIR, labelled.
 
+    A download is deleted once converted or refused.
+
     Raises:
         CacheError: the download, the check or the conversion failed; the message says why.
     """
     destination = Path(settings.model_dir)
-    url = redact_url(settings.model_url) if settings.model_url else None
+    url = settings.model_url
     baked = read_baked_source(destination)
-    if baked is not None and _holds_checkpoint(baked, settings, url):
-        log.info("%s already holds %s; verifying", destination, url or settings.model_id)
+    if baked is not None and _holds_checkpoint(baked, settings):
+        log.info("%s already holds %s; verifying", destination, _describe(settings))
         verify(destination, baked.variant, settings.safety_checker)
         return destination
-    with tempfile.TemporaryDirectory(prefix="checkpoint-") as scratch:
-        if settings.model_url is not None:
-            path, sha256 = _fetch(
-                settings, settings.model_url, destination.parent / ".downloads", settings.model_sha256
-            )
-        else:
-            path = Path(settings.model_id).expanduser()
-            sha256 = file_sha256(path) if path.is_file() else ""
-            if settings.model_sha256 is not None and sha256 != settings.model_sha256:
-                expected = settings.model_sha256
-                raise CacheError(f"MODEL_ID={str(path)!r}: its SHA-256 is {sha256}, MODEL_SHA256 says {expected}")
-        config = _config_folder(settings, Path(scratch) / "config", hub_cache)
-        try:
-            check_checkpoint(path, config)
-            log.info("converting %s (SHA-256 %s) with the configs in %s", path.name, sha256[:10], config)
-            pipeline = convert_checkpoint(path, config, safety_checker=settings.safety_checker)
-        except ModelLoadError as error:
-            raise CacheError(str(error)) from None
+    staging = _staging(destination, "")
+    try:
+        with tempfile.TemporaryDirectory(prefix="checkpoint-") as scratch:
+            config = _config_folder(settings, Path(scratch) / "config", hub_cache)
+            path, sha256 = _checkpoint_file(settings)
+            try:
+                path = _safetensors_download(path, "MODEL_URL", redact_url(url)) if url is not None else path
+                _convert(settings, path, sha256, config, staging)
+            finally:
+                if url is not None:
+                    path.unlink(missing_ok=True)
         source = BakedSource(
-            model_id=settings.model_id if url is None else url,
+            model_id=settings.model_id if url is None else redact_url(url),
             revision=None,
             variant=None,
             safety_checker=settings.safety_checker,
             checkpoint={"name": path.stem, "sha256": sha256, "file": path.name},
-            url=url,
+            url=redact_url(url) if url is not None else None,
+            url_key=url_key(url) if url is not None else None,
         )
-        if destination.exists():
-            shutil.rmtree(destination)
-        pipeline.save_pretrained(destination, safe_serialization=True)
-        if settings.model_url is not None:
-            path.unlink()
-    if settings.vae_url is not None:
-        source = bake_vae(settings, destination, source)
-    verify(destination, None, settings.safety_checker)
-    source.write(destination)
-    return destination
+        return _finish(settings, staging, source, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # what a refused bake built; gone once put in place
 
 
-def _holds_checkpoint(baked: BakedSource, settings: Settings, url: str | None) -> bool:
+def _checkpoint_file(settings: Settings) -> tuple[Path, str]:
+    """MODEL_URL, downloaded into the build's folder of downloads beside MODEL_DIR, else the file at MODEL_ID;
+    with its SHA-256, checked against MODEL_SHA256 when given.
+
+    Raises:
+        CacheError: the download failed, or the file's SHA-256 is not MODEL_SHA256.
+    """
+    if settings.model_url is not None:
+        folder = Path(settings.model_dir).parent / ".downloads"
+        return _fetch(settings, settings.model_url, folder, settings.model_sha256, "MODEL_URL")
+    path = Path(settings.model_id).expanduser()
+    sha256 = file_sha256(path) if path.is_file() else ""
+    if settings.model_sha256 is not None and sha256 != settings.model_sha256:
+        expected = settings.model_sha256
+        raise CacheError(f"MODEL_ID={str(path)!r}: its SHA-256 is {sha256}, MODEL_SHA256 says {expected}")
+    return path, sha256
+
+
+def _convert(settings: Settings, path: Path, sha256: str, config: Path, folder: Path) -> None:
+    """Check the checkpoint at ``path`` and save it, converted, into ``folder``.
+
+    Raises:
+        CacheError: it is not an SD 1.5 checkpoint shaped as ``config``'s; the message names MODEL_URL (its URL
+            shown without its query) or MODEL_ID.
+    """
+    setting = "MODEL_URL" if settings.model_url is not None else "MODEL_ID"
+    shown = redact_url(settings.model_url) if settings.model_url is not None else str(path)
+    try:
+        check_checkpoint(path, config, setting)
+        log.info("converting %s (SHA-256 %s) with the configs in %s", path.name, sha256[:10], config)
+        pipeline = convert_checkpoint(path, config, safety_checker=settings.safety_checker)
+    except ModelLoadError as error:
+        raise _named(error, setting, path, shown) from None
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def _holds_checkpoint(baked: BakedSource, settings: Settings) -> bool:
+    """Whether MODEL_DIR's label is of the checkpoint the settings name: the same whole URL (its query
+    included) or file, the same SHA-256 when MODEL_SHA256 is given, the same VAE."""
     if baked.checkpoint is None or (settings.safety_checker and not baked.safety_checker):
         return False
     if settings.model_sha256 is not None and baked.checkpoint.get("sha256") != settings.model_sha256:
         return False
-    vae_url = redact_url(settings.vae_url) if settings.vae_url else None
-    if (baked.vae or {}).get("url") != vae_url:
+    if not _holds_vae(baked, settings):
         return False
-    return baked.url == url if url is not None else baked.holds(settings.model_id, None)
+    return baked.holds_url(settings.model_url) if settings.model_url else baked.holds(settings.model_id, None)
 
 
-def bake_vae(settings: Settings, destination: Path, source: BakedSource) -> BakedSource:
-    """Download VAE_URL, check it against the baked model's VAE and save it in its place; the new label."""
+def _holds_vae(baked: BakedSource, settings: Settings) -> bool:
+    """Whether MODEL_DIR's VAE is the one the settings ask for: VAE_URL's (and VAE_SHA256's), else the model's own."""
+    if settings.vae_url is None:
+        return baked.vae is None
+    expected = settings.vae_sha256
+    return baked.holds_vae_url(settings.vae_url) and expected in (None, (baked.vae or {}).get("sha256"))
+
+
+def bake_vae(settings: Settings, folder: Path, source: BakedSource) -> BakedSource:
+    """Download VAE_URL, check it against the VAE of the model in ``folder`` and save it in its place; the new
+    label. The download is deleted, used or refused.
+
+    Raises:
+        CacheError: the download failed, or the file is not a VAE of the model's shapes.
+    """
     from diffusers import AutoencoderKL
 
     assert settings.vae_url is not None
-    path, sha256 = _fetch(settings, settings.vae_url, destination.parent / ".downloads", settings.vae_sha256)
-    variant = source.variant
-    config = dict(AutoencoderKL.load_config(destination, subfolder="vae"))
+    shown = redact_url(settings.vae_url)
+    config = dict(AutoencoderKL.load_config(folder, subfolder="vae"))
+    path, sha256 = _fetch(settings, settings.vae_url, folder.parent / ".downloads", settings.vae_sha256, "VAE_URL")
     try:
-        check_vae_file(path, config, setting="VAE_URL")
-    except ModelLoadError as error:
-        raise CacheError(str(error)) from None
-    import torch
+        path = _safetensors_download(path, "VAE_URL", shown)
+        try:
+            check_vae_file(path, config, setting="VAE_URL")
+        except ModelLoadError as error:
+            raise _named(error, "VAE_URL", path, shown) from None
+        import torch
 
-    vae = load_vae_file(path, config, torch.float16)
-    shutil.rmtree(destination / "vae")
-    vae.save_pretrained(destination / "vae", safe_serialization=True, variant=variant)
-    path.unlink()
+        vae = load_vae_file(path, config, torch.float16)
+    finally:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(folder / "vae")
+    vae.save_pretrained(folder / "vae", safe_serialization=True, variant=source.variant)
     log.info("baked the VAE %s (SHA-256 %s) in place of the model's", path.stem, sha256[:10])
-    vae_label = {"name": path.stem, "sha256": sha256, "url": redact_url(settings.vae_url)}
+    vae_label = {"name": path.stem, "sha256": sha256, "url": shown, "url_key": url_key(settings.vae_url)}
     return BakedSource(**{**source.__dict__, "vae": vae_label})
 
 
-def _fetch(settings: Settings, url: str, folder: Path, sha256: str | None) -> tuple[Path, str]:
+def _finish(settings: Settings, staging: Path, source: BakedSource, destination: Path) -> Path:
+    """Bake VAE_URL into the ``staging`` folder, verify it, label it, and put it in ``destination``'s place."""
+    if settings.vae_url is not None:
+        source = bake_vae(settings, staging, source)
+    verify(staging, source.variant, settings.safety_checker)
+    source.write(staging)
+    _put_in_place(staging, destination)
+    return destination
+
+
+def _staging(destination: Path, resumable: str) -> Path:
+    """The hidden folder beside ``destination`` that a new bake is built in.
+
+    A hub download (``resumable``: its model and revision) takes over what an earlier, failed bake of the same
+    left there, whose files the hub client checks; anything else starts from an empty folder.
+    """
+    key = hashlib.sha256(resumable.encode()).hexdigest()[:12] if resumable else "new"
+    staging = destination.with_name(f".{destination.name}.bake-{key}")
+    for stale in destination.parent.glob(f".{destination.name}.bake-*"):
+        if stale != staging or not resumable:
+            shutil.rmtree(stale)
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _put_in_place(staging: Path, destination: Path) -> None:
+    """Rename the whole, labelled ``staging`` to ``destination``, the folder there moved aside first and then
+    deleted: at no moment does a label stand over another model's files."""
+    shutil.rmtree(staging / ".cache", ignore_errors=True)  # the hub client's download records
+    old = destination.with_name(f".{destination.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if destination.exists():
+        destination.rename(old)
+    staging.rename(destination)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_pickle_url(setting: str, url: str | None) -> None:
+    """Refuse a URL that names a pickle (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) before any request.
+
+    Raises:
+        CacheError: it does; the message says how to get a safetensors file.
+    """
+    name = url_file_name(url) if url is not None else ""
+    if url is not None and Path(name).suffix.lower() in PICKLE_SUFFIXES:
+        raise CacheError(
+            f"{setting}={redact_url(url)!r} names {name!r}, a pickle, which can run code when loaded: it is never "
+            "downloaded or opened. Give the URL of the model's .safetensors release, or convert the file once on a "
+            "machine that trusts it (README: Your own checkpoint)"
+        )
+
+
+def _safetensors_download(path: Path, setting: str, shown: str) -> Path:
+    """The downloaded ``path``, named ``<name>.safetensors`` when its name has no weights extension and it is a
+    safetensors file (a URL such as ``/api/download/models/128713`` names none): a file is judged by its
+    content, never by its name.
+
+    Raises:
+        CacheError: the server sent an HTML page, or a file with another extension that is not safetensors.
+    """
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        return path  # refused unopened by the checks
+    try:
+        read_header(path)
+    except SafetensorsError as error:
+        if _is_html(path):
+            raise CacheError(
+                f"{setting}={shown!r}: the server sent an HTML page ({path.name!r}), not the file: a login or error "
+                "page? Check that the URL downloads the file, and that the build has its host's token"
+            ) from None
+        if suffix in SAFETENSORS_SUFFIXES:
+            return path  # the checks say what is wrong with it
+        problem = str(error).removeprefix(f"{path}: ")
+        raise CacheError(
+            f"{setting}={shown!r}: the file it sent, {path.name!r}, is not safetensors: {problem}"
+        ) from None
+    if suffix in SAFETENSORS_SUFFIXES:
+        return path
+    named = path.with_name(f"{path.name}{SAFETENSORS}")
+    path.replace(named)
+    log.info("%s: %r has no .safetensors extension, yet is a safetensors file; named %r", shown, path.name, named.name)
+    return named
+
+
+def _is_html(path: Path) -> bool:
+    """Whether the file starts as an HTML page does (after white space and a byte order mark): ``<``."""
+    with path.open("rb") as file:
+        return file.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
+
+
+def _named(error: ModelLoadError, setting: str, path: Path, shown: str) -> CacheError:
+    """``error``, a check's refusal of the download ``path``, naming the URL ``shown`` instead of the path."""
+    where = f"{setting}={str(path)!r}"
+    return CacheError(str(error).replace(where, f"{setting}={shown!r} (the file {path.name!r})"))
+
+
+def _fetch(
+    settings: Settings, url: str, folder: Path, sha256: str | None, setting: str | None = None
+) -> tuple[Path, str]:
     """Download ``url`` into ``folder`` (resuming an earlier try's part of it), sending the token the settings
-    give for its host, if any, and no other."""
+    give for its host, if any, and no other. ``setting``, the variable that gave the URL, names it in messages.
+
+    Raises:
+        CacheError: the download failed; the message shows the URL without its query.
+    """
     try:
         return download_to_folder(url, folder, sha256=sha256, tokens=settings.host_tokens)
     except DownloadError as error:
-        raise CacheError(str(error)) from None
+        if setting is None:
+            raise CacheError(str(error)) from None
+        shown, message = redact_url(url), str(error)
+        if message.startswith(shown):
+            raise CacheError(f"{setting}={shown!r}{message.removeprefix(shown)}") from None
+        raise CacheError(f"{setting}={shown!r}: {message}") from None
 
 
 def _config_folder(settings: Settings, scratch: Path, hub_cache: Path | None) -> Path:

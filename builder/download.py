@@ -403,9 +403,10 @@ class _Download:
                     "ignores Range requests); starting over from byte 0",
                     self.shown,
                 )
+            self._refuse_html(response, final_url)
             length = response.headers.get("Content-Length", "").strip()
             total = int(length) if length.isdigit() else None
-            part.begin(response, total, file_name_from(self.url, response.headers.get("Content-Disposition")))
+            part.begin(response, total, served_name(self.url, final_url, response.headers.get("Content-Disposition")))
         part.append(_body(response), _Progress(self._name(), part.size, total))
         if total is not None and part.size != total:
             if part.size > total:
@@ -413,6 +414,18 @@ class _Download:
             raise _TransientError(f"the body ended at byte {part.size} of {total}")
         if final_url != self.url:
             log.info("%s: served by %s", self.shown, redact_url(final_url))
+
+    def _refuse_html(self, response: urllib3.BaseHTTPResponse, final_url: str) -> None:
+        """Refuse an answer that is an HTML page (a login or error page served with 200), before its body."""
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type in ("text/html", "application/xhtml+xml"):
+            self.part.discard()
+            token = self.token
+            hint = f"{token.variable}'s token for {token.scope} was sent" if token else token_hint(self.url)
+            raise DownloadError(
+                f"{self._where(final_url)}: the server sent an HTML page (Content-Type {content_type}), not the "
+                f"file: a login or error page? Check that the URL downloads the file. {hint}"
+            )
 
     def _name(self) -> str:
         """The file's name: the destination's, else what the server's first whole answer named."""
@@ -452,6 +465,17 @@ class _Download:
         for secret in self.secrets:
             text = text.replace(secret, "<hidden>")
         return text
+
+
+def served_name(url: str, final_url: str, content_disposition: str | None) -> str:
+    """The downloaded file's name: Content-Disposition's, else the first of the URL's and the final URL's (after
+    redirects) last path segments that has an extension, else the URL's (``file_name_from``).
+
+    Civitai's ``/api/download/models/128713`` names no file and redirects to a URL that does; Hugging Face's
+    ``/resolve/main/x.safetensors`` names it and redirects to one named by a hash.
+    """
+    names = [file_name_from(candidate, content_disposition) for candidate in (url, final_url)]
+    return next((name for name in names if Path(name).suffix), names[0])
 
 
 def token_hint(url: str) -> str:

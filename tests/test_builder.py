@@ -205,6 +205,32 @@ def test_a_hub_bake_through_a_hub_cache_finds_an_earlier_download_and_copies_onl
     assert not [path for path in model_dir.rglob("*") if path.is_symlink()]
 
 
+def test_a_hub_bake_that_fails_part_way_leaves_the_baked_model_as_it_was(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MODEL_DIR holds model A, labelled. A bake of B whose files come without its VAE's weights fails at its
+    verification: A's label still stands over A's files, none of B's among them."""
+    model_dir = tmp_path / "models" / "sd15"
+    shutil.copytree(tiny_model_dir, model_dir)
+    unet = model_dir / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    unet.write_bytes(b"A's UNet")
+    (model_dir / BAKED_SOURCE_FILE).write_text(
+        json.dumps({"model_id": "someone/model-a", "revision": None, "variant": "fp16", "safety_checker": False})
+    )
+    before = {path: path.read_bytes() for path in model_dir.rglob("*") if path.is_file()}
+    snapshot = hub_cache_of(tiny_model_dir, tmp_path / "cache", "someone/model-b")
+    for weights in (snapshot / "vae").glob("*.safetensors"):
+        weights.unlink()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    with pytest.raises(cache_model.CacheError, match="does not load"):
+        cache_model.bake(
+            load_settings({"MODEL_ID": "someone/model-b", "MODEL_DIR": str(model_dir)}), tmp_path / "cache"
+        )
+
+    assert {path: path.read_bytes() for path in model_dir.rglob("*") if path.is_file()} == before
+
+
 def test_cache_model_cli_reports_an_unloadable_folder(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "builder.cache_model", "--verify-only"],
@@ -255,7 +281,49 @@ def test_dockerfile_facts() -> None:
     assert "--mount=type=cache,target=/models/.downloads," in DOCKERFILE
     assert "MODEL_DIR=/models/sd15" in DOCKERFILE
     assert re.search(r"^FROM app AS slim$", DOCKERFILE, re.MULTILINE)
-    assert DOCKERFILE.rstrip().splitlines()[-1].startswith(("RUN", "    if")), "full is the last, default stage"
+    assert DOCKERFILE.rstrip().splitlines()[-1] == "    esac", "full is the last, default stage, its bake last"
+
+
+def bake_step(tmp_path: Path, build_args: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The full stage's baking RUN, its shell part as the Dockerfile gives it, run with these build arguments and
+    a ``python`` that only says it was called."""
+    run = DOCKERFILE[DOCKERFILE.index("RUN --mount=type=secret,id=hf_token") :].replace("\\\n", "")
+    shell = re.sub(r"^RUN (?:--mount=\S+\s+)*", "", run)
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "python").write_text('#!/bin/sh\necho "baking: $*"\n')
+    (stub / "python").chmod(0o755)
+    env = {"PATH": f"{stub}:/usr/bin:/bin", **build_args}
+    return subprocess.run(["sh", "-c", shell], env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize(
+    ("build_args", "code", "said"),
+    [
+        ({"BAKE_MODEL": "true"}, 0, "baking: -m builder.cache_model --hub-cache /models/.downloads/hub"),
+        ({"BAKE_MODEL": "false"}, 0, ""),
+        ({"BAKE_MODEL": "false", "MODEL_ID": "/runpod-volume/m.safetensors"}, 0, ""),
+        (
+            {"BAKE_MODEL": "false", "MODEL_URL": "https://civitai.com/api/download/models/1?token=t", "UPSCALERS": "x"},
+            1,
+            "BAKE_MODEL=false bakes nothing, and MODEL_URL UPSCALERS would only be read by the bake: set "
+            "BAKE_MODEL=true, or leave them out",
+        ),
+        ({"BAKE_MODEL": "false", "CONTROLNETS": "lllyasviel/control_v11p_sd15_canny"}, 1, "and CONTROLNETS would"),
+        ({"BAKE_MODEL": "TRUE"}, 1, "BAKE_MODEL='TRUE': must be true (bake the model) or false (bake nothing)"),
+        ({"BAKE_MODEL": "1"}, 1, "BAKE_MODEL='1': must be true"),
+        ({"BAKE_MODEL": ""}, 1, "BAKE_MODEL='': must be true"),
+    ],
+)
+def test_bake_model_is_true_or_false_and_false_drops_nothing_asked_for(
+    tmp_path: Path, build_args: dict[str, str], code: int, said: str
+) -> None:
+    result = bake_step(tmp_path, build_args)
+
+    assert result.returncode == code, result.stderr
+    assert said in result.stdout + result.stderr
+    assert ("baking" in result.stdout) is (code == 0 and build_args["BAKE_MODEL"] == "true")
+    assert "token=t" not in result.stdout + result.stderr
 
 
 def test_dockerfile_holds_no_secrets() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -34,10 +36,17 @@ from builder import cache_model, single_file
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import CHECKPOINT_FILE, VAE_FILE, write_tiny_model, write_tiny_models
 from src.errors import ModelLoadError
-from src.models.checkpoints import CONVERT_PICKLE, check_checkpoint, convert_checkpoint
+from src.models.checkpoints import (
+    CONVERT_PICKLE,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    check_checkpoint,
+    convert_checkpoint,
+)
 from src.models.loader import load_model
-from src.models.locate import BAKED_SOURCE_FILE, read_baked_source
-from src.settings import Settings, load_settings
+from src.models.locate import BAKED_SOURCE_FILE, locate_model, read_baked_source, url_key
+from src.settings import Settings, SettingsError, load_settings, redact_url
+from src.settings.load import CHECKPOINT_SUFFIXES
 from tests.conftest import ROOT, as_baked_without_the_checker
 from tests.forked import run_module
 
@@ -583,14 +592,24 @@ class Served:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+@contextlib.contextmanager
+def serving(files: dict[str, Path], *, cut_once: bool = True) -> Iterator[Served]:
+    """``files`` served on 127.0.0.1 while the block runs; each cut short at its first GET unless not ``cut_once``."""
+    server = Served(files)
+    if not cut_once:
+        server.cut.update(files)
+    try:
+        yield server
+    finally:
+        server.server.shutdown()
+        server.server.server_close()
+
+
 @pytest.fixture
 def served(tiny_files: Path) -> Iterator[Served]:
-    server = Served(
-        {"/files/tiny-sd15.safetensors": tiny_files / CHECKPOINT_FILE, "/vae/ft.safetensors": tiny_files / VAE_FILE}
-    )
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
+    files = {"/files/tiny-sd15.safetensors": tiny_files / CHECKPOINT_FILE, "/vae/ft.safetensors": tiny_files / VAE_FILE}
+    with serving(files) as server:
+        yield server
 
 
 def bake_env(tiny_files: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -707,6 +726,224 @@ def test_the_worker_refuses_a_model_url_that_was_not_baked(tiny_files: Path, tmp
     assert "is downloaded and converted at build time" in message
     assert "python -m builder.cache_model" in message
     assert "token=x" not in message
+
+
+# --- baking: what a bake keeps, replaces and refuses --------------------------------------------
+
+
+@pytest.fixture
+def whole(tiny_files: Path, tmp_path: Path) -> Iterator[Served]:
+    """Files served whole at once (never cut short): two checkpoints picked by the query, as Civitai's ``fp=``
+    picks them, at a URL that names no file; a VAE, an HTML page, a LoRA and a whole checkpoint given as a VAE."""
+    halved = {
+        key: value / 2 if value.is_floating_point() else value
+        for key, value in load_file(tiny_files / CHECKPOINT_FILE).items()
+    }
+    save_file(halved, str(tmp_path / "halved.safetensors"))
+    write_test_loras(tiny_files, tmp_path / "loras", count=1)
+    (tmp_path / "login.html").write_text("\n<!DOCTYPE html><html><body>Please log in</body></html>")
+    files = {
+        "/api/download/models/128713?fp=fp32": tiny_files / CHECKPOINT_FILE,
+        "/api/download/models/128713?fp=fp16": tmp_path / "halved.safetensors",
+        "/api/download/models/1": tmp_path / "login.html",
+        "/files/lora.safetensors": next((tmp_path / "loras").glob("*.safetensors")),
+        "/vae/ft.safetensors": tiny_files / VAE_FILE,
+        "/vae/whole.safetensors": tiny_files / CHECKPOINT_FILE,
+    }
+    with serving(files, cut_once=False) as server:
+        yield server
+
+
+def downloads_left(tmp_path: Path) -> list[str]:
+    """What the bakes left in the build's folder of downloads, beside MODEL_DIR."""
+    folder = tmp_path / "models" / ".downloads"
+    return sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_a_model_url_that_differs_in_its_query_only_is_another_checkpoint(
+    whole: Served, tiny_files: Path, tmp_path: Path
+) -> None:
+    fp32, fp16 = (f"{whole.url}/api/download/models/128713?fp={fp}" for fp in ("fp32", "fp16"))
+    env = bake_env(tiny_files, tmp_path)
+
+    cache_model.bake(load_settings({**env, "MODEL_URL": fp32}))
+    cache_model.bake(load_settings({**env, "MODEL_URL": fp16}))
+
+    label = read_baked_source(Path(env["MODEL_DIR"]))
+    assert label is not None
+    assert label.checkpoint is not None
+    assert label.checkpoint["sha256"] == sha256(tmp_path / "halved.safetensors")
+    assert label.url == f"{whole.url}/api/download/models/128713?<hidden>"
+    assert locate_model(load_settings({**env, "MODEL_URL": fp16})).label == label
+    with pytest.raises(ModelLoadError, match="downloaded from a URL with another query"):
+        locate_model(load_settings({**env, "MODEL_URL": fp32}))
+
+
+@pytest.mark.parametrize(
+    ("url", "served"),
+    [
+        ("https://example.com/m.safetensors", True),
+        ("https://example.com/m.safetensors?fp=fp16", False),  # the hidden form cannot tell queries apart
+    ],
+)
+def test_a_label_an_older_build_wrote_without_a_url_key_serves_a_url_without_a_query_only(
+    url: str, served: bool, tmp_path: Path
+) -> None:
+    label = {"model_id": redact_url(url), "revision": None, "variant": None, "safety_checker": False}
+    (tmp_path / BAKED_SOURCE_FILE).write_text(json.dumps({**label, "url": redact_url(url), "checkpoint": None}))
+    settings = load_settings({"MODEL_URL": url, "MODEL_DIR": str(tmp_path)})
+
+    if served:
+        assert locate_model(settings).way == "baked-url"
+    else:
+        with pytest.raises(ModelLoadError, match="baked by an older build, which kept no key of it"):
+            locate_model(settings)
+    # The image's case: no MODEL_URL in its environment; the label names what was baked.
+    assert locate_model(load_settings({"MODEL_DIR": str(tmp_path)})).way == "baked-url"
+
+
+def test_the_url_key_keeps_the_query_and_leaves_out_credentials() -> None:
+    assert url_key("https://a:b@example.com/m?fp=fp16") == url_key("https://example.com/m?fp=fp16")
+    assert url_key("https://example.com/m?fp=fp16") != url_key("https://example.com/m?fp=fp32")
+    assert url_key("https://example.com/m?fp=fp16") == hashlib.sha256(b"https://example.com/m?fp=fp16").hexdigest()
+
+
+def test_a_model_url_that_names_no_file_is_judged_by_its_content(
+    whole: Served, tiny_files: Path, tmp_path: Path
+) -> None:
+    env = bake_env(tiny_files, tmp_path, MODEL_URL=f"{whole.url}/api/download/models/128713?fp=fp32")
+
+    cache_model.bake(load_settings(env))
+
+    label = read_baked_source(Path(env["MODEL_DIR"]))
+    assert label is not None
+    assert label.checkpoint == {
+        "name": "128713",
+        "sha256": sha256(tiny_files / CHECKPOINT_FILE),
+        "file": "128713.safetensors",
+    }
+    assert downloads_left(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        pytest.param(
+            "/api/download/models/1",
+            "MODEL_URL='{url}/api/download/models/1': the server sent an HTML page ('1'), not the file: a login or "
+            "error page?",
+            id="an-html-page",
+        ),
+        pytest.param(
+            "/files/lora.safetensors",
+            "MODEL_URL='{url}/files/lora.safetensors' (the file 'lora.safetensors'): a LoRA",
+            id="a-lora",
+        ),
+    ],
+)
+def test_a_refused_model_url_is_named_and_its_download_deleted(
+    whole: Served, tiny_files: Path, tmp_path: Path, path: str, expected: str
+) -> None:
+    env = bake_env(tiny_files, tmp_path, MODEL_URL=f"{whole.url}{path}")
+
+    with pytest.raises(cache_model.CacheError) as raised:
+        cache_model.bake(load_settings(env))
+
+    assert str(raised.value).startswith(expected.format(url=whole.url))
+    assert ".downloads" not in str(raised.value)
+    assert downloads_left(tmp_path) == []
+    assert not (tmp_path / "models" / "sd15").exists()
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [".downloads"]
+
+
+@pytest.mark.parametrize("setting", ["MODEL_URL", "VAE_URL"])
+def test_a_url_that_names_a_pickle_is_refused_before_any_request(
+    whole: Served, tiny_files: Path, tmp_path: Path, setting: str
+) -> None:
+    pickle_url = f"{whole.url}/files/model.ckpt?token=secret"
+    urls = {"MODEL_URL": f"{whole.url}/api/download/models/128713?fp=fp32", setting: pickle_url}
+
+    with pytest.raises(cache_model.CacheError) as raised:
+        cache_model.bake(load_settings(bake_env(tiny_files, tmp_path, **urls)))
+
+    assert str(raised.value).startswith(
+        f"{setting}='{whole.url}/files/model.ckpt?<hidden>' names 'model.ckpt', a pickle, which can run code when "
+        "loaded: it is never downloaded or opened."
+    )
+    assert whole.requests == []
+
+
+def test_a_refused_vae_url_leaves_the_baked_model_as_it_was(whole: Served, tiny_files: Path, tmp_path: Path) -> None:
+    env = bake_env(tiny_files, tmp_path, MODEL_URL=f"{whole.url}/api/download/models/128713?fp=fp32")
+    cache_model.bake(load_settings(env))
+    before = {path: path.read_bytes() for path in Path(env["MODEL_DIR"]).rglob("*") if path.is_file()}
+    vae_url = f"{whole.url}/vae/whole.safetensors"
+
+    with pytest.raises(cache_model.CacheError) as raised:
+        cache_model.bake(load_settings({**env, "VAE_URL": vae_url}))
+
+    assert str(raised.value).startswith(
+        f"VAE_URL='{vae_url}' (the file 'whole.safetensors'): a whole checkpoint, not a VAE"
+    )
+    assert {path: path.read_bytes() for path in Path(env["MODEL_DIR"]).rglob("*") if path.is_file()} == before
+    assert locate_model(load_settings(env)).way == "baked-url"
+    assert downloads_left(tmp_path) == []
+
+
+def test_a_hub_bake_without_vae_url_any_more_bakes_the_repo_s_vae_again(
+    whole: Served, tiny_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_builder import hub_cache_of
+
+    hub_cache_of(tiny_files, tmp_path / "cache", "someone/tiny-sd15")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    env = {"MODEL_ID": "someone/tiny-sd15", "MODEL_DIR": str(tmp_path / "models" / "sd15")}
+    vae = Path(env["MODEL_DIR"]) / "vae" / "diffusion_pytorch_model.fp16.safetensors"
+
+    cache_model.bake(load_settings({**env, "VAE_URL": f"{whole.url}/vae/ft.safetensors"}), tmp_path / "cache")
+    with_vae_url = vae.read_bytes()
+    cache_model.bake(load_settings(env), tmp_path / "cache")
+
+    label = read_baked_source(Path(env["MODEL_DIR"]))
+    assert label is not None
+    assert label.vae is None
+    assert vae.read_bytes() != with_vae_url
+    assert vae.read_bytes() == (tiny_files / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("env", "refused"),
+    [
+        ({"MODEL_ID": "someone/model"}, True),
+        ({"MODEL_ID": "/models/some-folder"}, True),
+        ({"MODEL_ID": "/models/model.safetensors"}, False),
+        ({"MODEL_ID": "someone/model", "MODEL_URL": "https://example.com/m.safetensors"}, False),
+        ({}, False),  # the image's: MODEL_DIR's label may name the checkpoint baked from MODEL_URL
+    ],
+)
+def test_model_sha256_needs_a_checkpoint_to_check(env: dict[str, str], refused: bool) -> None:
+    settings = {**env, "MODEL_SHA256": "a" * 64}
+
+    if refused:
+        with pytest.raises(SettingsError, match=f"MODEL_SHA256={'a' * 64}: it checks the single-file checkpoint"):
+            load_settings(settings)
+    else:
+        load_settings(settings)
+
+
+def test_model_sha256_with_the_default_hub_model_stops_the_build(tmp_path: Path) -> None:
+    settings = load_settings({"MODEL_SHA256": "a" * 64, "MODEL_DIR": str(tmp_path / "sd15")})
+
+    with pytest.raises(
+        cache_model.CacheError, match=r"and MODEL_ID='stable-diffusion-v1-5/stable-diffusion-v1-5' is a hub repo"
+    ):
+        cache_model.bake(settings)
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_settings_read_a_model_id_file_as_the_loader_does() -> None:
+    assert set(CHECKPOINT_SUFFIXES) == set(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
 
 
 def test_tiny_model_cli_writes_the_single_files_beside_the_folder(tmp_path: Path) -> None:

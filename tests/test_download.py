@@ -26,7 +26,14 @@ from urllib.parse import urlsplit
 import pytest
 
 from builder import cache_model
-from builder.download import DownloadError, download_file, download_to_folder, file_name_from, sha256_of
+from builder.download import (
+    DownloadError,
+    download_file,
+    download_to_folder,
+    file_name_from,
+    served_name,
+    sha256_of,
+)
 from src.settings import HostToken, Settings, SettingsError, load_settings
 
 DATA = random.Random(0).randbytes(3 * 1024 * 1024 + 123)
@@ -161,6 +168,10 @@ def make_handler(state: Server) -> type[BaseHTTPRequestHandler]:
                 self.send_data(
                     cut=first,
                     headers={"Content-Disposition": f'attachment; filename="{CIVITAI_NAME}"'} if first else None,
+                )
+            elif path == "/login":  # a page served with 200 where the file was expected
+                self.send_data(
+                    data=b"<html><body>Log in</body></html>", headers={"Content-Type": "text/html; charset=utf-8"}
                 )
             elif path == "/loop":
                 self.redirect("/loop")
@@ -582,7 +593,7 @@ def test_a_token_for_a_host_and_any_port_goes_to_that_host_only(server: Server, 
         ),
         pytest.param(
             {"DOWNLOAD_TOKENS": f"https://example.com={TOKEN}"},
-            "DOWNLOAD_TOKENS=<hidden>: item 1: 'https://example.com' is not a host, nor host:port",
+            "DOWNLOAD_TOKENS=<hidden>: item 1: the part before '=' is not a host, nor host:port",
             id="a-url-for-a-host",
         ),
     ],
@@ -792,6 +803,67 @@ def test_download_to_folder_resumes_a_part_under_the_name_its_first_answer_gave(
     assert server.ranges("/api/download/models/456") == [None, f"bytes={len(DATA) // 2}-"]
     assert path.read_bytes() == DATA
     assert leftovers(tmp_path) == []
+
+
+def test_download_to_folder_names_the_file_after_the_url_it_was_redirected_to(
+    server: Server, cdn: Server, tmp_path: Path
+) -> None:
+    """Civitai's download URL names no file; the presigned URL it redirects to does."""
+    path, digest = download_to_folder(f"{server.url}/private-to-cdn", tmp_path, tokens=scoped(server), **FAST)
+
+    assert (path, digest) == (tmp_path / "model.safetensors", DIGEST)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "final_url", "content_disposition", "expected"),
+    [
+        pytest.param(
+            "https://civitai.com/api/download/models/128713?type=Model",
+            "https://bucket.example.com/files/dreamshaper_8.safetensors?X-Amz-Signature=s",
+            None,
+            CIVITAI_NAME,
+            id="civitai-names-no-file",
+        ),
+        pytest.param(
+            "https://huggingface.co/o/r/resolve/main/vae.safetensors",
+            "https://cas-bridge.xethub.hf.co/xet-bridge-us/0123abcd",
+            None,
+            "vae.safetensors",
+            id="hugging-face-redirects-to-a-hash",
+        ),
+        pytest.param(
+            "https://civitai.com/api/download/models/128713",
+            "https://bucket.example.com/0123abcd",
+            None,
+            "128713",
+            id="nothing-names-it",
+        ),
+        pytest.param(
+            "https://civitai.com/api/download/models/128713",
+            "https://bucket.example.com/x.bin",
+            'attachment; filename="named.safetensors"',
+            "named.safetensors",
+            id="content-disposition-first",
+        ),
+    ],
+)
+def test_served_name(url: str, final_url: str, content_disposition: str | None, expected: str) -> None:
+    assert served_name(url, final_url, content_disposition) == expected
+
+
+def test_an_html_page_is_refused_before_its_body_and_nothing_is_kept(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError) as raised:
+        download_to_folder(f"{server.url}/login?token=secret", tmp_path, **FAST)
+
+    host = server.url.removeprefix("http://").split(":")[0]
+    assert str(raised.value) == (
+        f"{server.url}/login?<hidden>: the server sent an HTML page (Content-Type text/html), not the file: a login "
+        f"or error page? Check that the URL downloads the file. Pass one for {host} in DOWNLOAD_TOKENS={host}=TOKEN: "
+        "`docker build --secret id=download_tokens,env=DOWNLOAD_TOKENS ...`"
+    )
+    assert server.counts["/login"] == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,12 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import model_info, try_to_load_from_cache
@@ -35,7 +37,9 @@ class BakedSource:
 
     A folder converted from a single-file checkpoint also names that ``checkpoint``
     (``name``, ``sha256``, and the file's ``file``/``path``/``size``/``mtime_ns`` it was read as), the
-    ``url`` it was downloaded from (query hidden), and a ``vae`` baked in place of its own.
+    ``url`` it was downloaded from (query hidden, for messages) with its ``url_key`` (``url_key``: what tells
+    the URL apart, query included), and a ``vae`` baked in place of its own (``name``, ``sha256``, ``url``,
+    ``url_key``). A label an older build wrote has no key (``baked_from`` says how it is read).
     """
 
     model_id: str
@@ -45,6 +49,7 @@ class BakedSource:
     checkpoint: dict[str, Any] | None = None
     url: str | None = None
     vae: dict[str, Any] | None = None
+    url_key: str | None = None
 
     def holds(self, model_id: str, revision: str | None) -> bool:
         """Whether the folder holds this model at this revision, whatever else it holds."""
@@ -53,6 +58,15 @@ class BakedSource:
     def matches(self, model_id: str, revision: str | None, safety_checker: bool) -> bool:
         """Whether the folder holds everything a worker with these settings loads."""
         return self.holds(model_id, revision) and (self.safety_checker or not safety_checker)
+
+    def holds_url(self, url: str) -> bool:
+        """Whether the folder holds the checkpoint downloaded from ``url`` (``baked_from``)."""
+        return baked_from(self.url, self.url_key, url)
+
+    def holds_vae_url(self, url: str) -> bool:
+        """Whether the folder's VAE was baked from ``url`` (``baked_from``)."""
+        vae = self.vae or {}
+        return baked_from(vae.get("url"), vae.get("url_key"), url)
 
     @property
     def checkpoint_file(self) -> ModelFile | None:
@@ -64,6 +78,29 @@ class BakedSource:
 
     def write(self, folder: Path) -> None:
         (folder / BAKED_SOURCE_FILE).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+
+
+def url_key(url: str) -> str:
+    """The key a label keeps of a URL: the SHA-256 of the URL without its credentials, its query kept.
+
+    The query can pick the file (Civitai's ``fp=fp16``/``size=pruned``, S3's ``versionId``), so two URLs that
+    differ only there are two files; a ``user:password@`` picks none and never enters the key, which the image
+    holds. A token or a signature in the query is part of the URL: a new one makes a new key.
+    """
+    parts = urlsplit(url)
+    plain = parts._replace(netloc=parts.netloc.rpartition("@")[2], fragment="").geturl()
+    return hashlib.sha256(plain.encode()).hexdigest()
+
+
+def baked_from(shown: str | None, key: str | None, url: str) -> bool:
+    """Whether a label's URL (``shown``, query hidden, and its ``key``) is ``url``.
+
+    A label without a key, written by an older build, is taken to match only a URL without a query: its hidden
+    form cannot tell two queries apart, so a URL with one is baked again (at build) or refused (at startup).
+    """
+    if key is not None:
+        return key == url_key(url)
+    return shown is not None and shown == redact_url(url) and not urlsplit(url).query
 
 
 def read_baked_source(folder: Path) -> BakedSource | None:
@@ -117,10 +154,13 @@ def locate_model(settings: Settings) -> Location:
 
 
 def _check_baked_url(settings: Settings, baked: BakedSource | None) -> BakedSource:
-    """MODEL_DIR's label, when MODEL_DIR holds the checkpoint the build downloaded: MODEL_URL's, when it is set."""
+    """MODEL_DIR's label, when MODEL_DIR holds the checkpoint the build downloaded: MODEL_URL's, when it is set
+    (the whole URL, its query included: ``baked_from``)."""
     url = redact_url(settings.model_url) if settings.model_url is not None else baked and baked.url
-    if baked is None or baked.url != url:
+    if baked is None or baked.url is None or (settings.model_url and not baked.holds_url(settings.model_url)):
         holds = f"holds {baked.url or baked.model_id}" if baked is not None else "holds no baked model"
+        if baked is not None and baked.url == url:
+            holds += ", downloaded from a URL with another query (or baked by an older build, which kept no key of it)"
         raise ModelLoadError(
             f"MODEL_URL={url!r} is downloaded and converted at build time, and MODEL_DIR={settings.model_dir!r} "
             f"{holds}. Bake it: `docker build --build-arg MODEL_URL=...`, or `MODEL_URL=... python -m "
@@ -171,10 +211,10 @@ def _require_checker(settings: Settings, baked: BakedSource) -> None:
 
 def _check_vae(settings: Settings, label: BakedSource | None) -> None:
     """VAE_URL baked into the folder found (``label`` is its source.json), and VAE_ID a file or folder that exists."""
-    baked_vae = label.vae.get("url") if label is not None and label.vae is not None else None
-    if settings.vae_url is not None and settings.vae_id is None and baked_vae != redact_url(settings.vae_url):
+    vae_url = settings.vae_url
+    if vae_url is not None and settings.vae_id is None and not (label is not None and label.holds_vae_url(vae_url)):
         raise ModelLoadError(
-            f"VAE_URL={redact_url(settings.vae_url)!r} is baked into MODEL_DIR at build time, and the model "
+            f"VAE_URL={redact_url(vae_url)!r} is baked into MODEL_DIR at build time, and the model "
             "loaded does not hold it. Bake it: `docker build --build-arg VAE_URL=...`, or "
             "`VAE_URL=... python -m builder.cache_model` with this MODEL_DIR; or use VAE_ID"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +22,10 @@ from src.settings.urls import redact_url
 _SECRETS = frozenset({"BUCKET_SECRET_ACCESS_KEY", "HF_TOKEN", "CIVITAI_TOKEN", "DOWNLOAD_TOKENS", "DOWNLOAD_TOKEN"})
 # Variables holding URLs (CONTROLNETS, UPSCALERS: lists of them) shown in messages through redact_url only.
 _URLS = frozenset({"BUCKET_ENDPOINT_URL", "MODEL_URL", "VAE_URL", "CONTROLNETS", "UPSCALERS"})
+
+# The extensions that make MODEL_ID a single file, as src.models.checkpoints.is_file_path reads it (the settings
+# import nothing of ours; tests/test_checkpoints.py holds the two together).
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 # Variables that name or fill what a folder variable gives: (the field, the folder's field, the rule when it is unset).
 _NEEDS_FOLDER = (
@@ -50,7 +55,9 @@ class Settings(
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid", allow_inf_nan=False)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", alias="LOG_LEVEL", description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR. "
+        "INFO",
+        alias="LOG_LEVEL",
+        description="Level of the worker's own log lines: DEBUG, INFO, WARNING or ERROR. "
         "The libraries' lines stay at INFO or above (at DEBUG they would log URLs whole, signatures included).",
     )
 
@@ -82,6 +89,12 @@ class Settings(
             )
         if self.vae_sha256 is not None and self.vae_url is None:
             raise ValueError("VAE_SHA256 is checked against VAE_URL's download; set VAE_URL too")
+        if self.model_sha256 is not None and not self._checkpoint_named():
+            raise ValueError(
+                f"MODEL_SHA256={self.model_sha256}: it checks the single-file checkpoint MODEL_URL downloads or "
+                f"MODEL_ID names, and MODEL_ID={self.model_id!r} names a hub repo or a folder (MODEL_URL is not set); "
+                "set MODEL_URL, point MODEL_ID at the file, or unset MODEL_SHA256"
+            )
         if self.download_token is not None and self.model_url is None:
             raise ValueError(
                 "DOWNLOAD_TOKEN is sent to MODEL_URL's host only, and MODEL_URL is not set; give each host its "
@@ -96,6 +109,14 @@ class Settings(
                         f"{first.variable} and {second.variable} give different tokens for {first.host}; give one"
                     )
         return self
+
+    def _checkpoint_named(self) -> bool:
+        """Whether the settings name a single-file checkpoint: MODEL_URL, a MODEL_ID that is a file, or no MODEL_ID
+        at all (the image's case: it keeps no MODEL_URL, and MODEL_DIR's label may name the checkpoint baked)."""
+        if self.model_url is not None or "model_id" not in self.model_fields_set:
+            return True
+        path = Path(self.model_id).expanduser()
+        return path.suffix.lower() in CHECKPOINT_SUFFIXES or path.is_file()
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
