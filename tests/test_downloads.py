@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 import handler
 from builder.tiny_lora import write_test_loras
 from builder.tiny_model import write_tiny_models
+from src.errors import JobCancelledError
 from src.prepare.downloads import Downloads, Lease
 from src.prepare.http import system_resolve
 from src.schema import InputError
@@ -44,6 +45,13 @@ from src.settings import Settings, SettingsError, load_settings
 TOKEN = "tok-never-shown-3c1d"
 JOB = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 7, "width": 64, "height": 64}
 CHUNK = 64 * 1024
+# safetensors headers the safetensors loader refuses, each with 4 bytes of data: refused when downloaded.
+MALFORMED_HEADERS = {
+    "shape-null": b'{"unet.x.lora_down.weight": {"dtype": "F32", "shape": null, "data_offsets": [0, 4]}}',
+    "shape-text": b'{"unet.x.lora_down.weight": {"dtype": "F32", "shape": ["x"], "data_offsets": [0, 4]}}',
+    "no-shape": b'{"unet.x.lora_down.weight": {"dtype": "F32", "data_offsets": [0, 4]}}',
+    "nested": b'{"unet.x.lora_down.weight": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
 
 
 # --- a real HTTP server ------------------------------------------------------------------------------
@@ -63,6 +71,8 @@ class Server:
     partner: str = ""  # where /to-other redirects
     dripped: int = 0  # header lines /drip-headers/ sent before the client went
     gone: threading.Event = field(default_factory=threading.Event)  # a client left /crawl/ or /drip-headers/
+    stalled: threading.Event = field(default_factory=threading.Event)  # /stall-*/ went silent
+    release: threading.Event = field(default_factory=threading.Event)  # /stall-*/ may end
 
     @property
     def url(self) -> str:
@@ -110,6 +120,8 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
                 "/crawl/": lambda: self.send_file(data, delay=0.2, chunk=256),
                 "/chunked/": lambda: self.send_chunked(data),
                 "/drip-headers/": self.drip_headers,
+                "/stall-head/": lambda: self.stall(data, head=True),
+                "/stall-body/": lambda: self.stall(data, head=False),
                 "/odd-length/": lambda: self.send_odd_length(data),
                 "/private/": lambda: self.send_file(data) if authorized else self.send_empty(401),
             }
@@ -188,6 +200,17 @@ def _handler(state: Server) -> type[BaseHTTPRequestHandler]:
             except OSError:
                 state.gone.set()
 
+        def stall(self, data: bytes, *, head: bool) -> None:
+            """Silent before the status line (``head``), or after the headers, until released: a client waits for
+            bytes that do not come, whenever it is cancelled."""
+            if not head:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.flush()
+            state.stalled.set()
+            state.release.wait(60)
+
         def send_chunked(self, data: bytes) -> None:
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -211,6 +234,7 @@ def serving(host: str) -> Iterator[Server]:
     try:
         yield state
     finally:
+        state.release.set()
         server.shutdown()
         server.server_close()
 
@@ -248,6 +272,10 @@ def server(files: dict[str, Path]) -> Iterator[Server]:
                 "style": files["model"].read_bytes(),
                 "xl.safetensors": files["sdxl"].read_bytes(),
                 "old.ckpt": files["pickle"].read_bytes(),
+                **{
+                    f"{name}.safetensors": len(header).to_bytes(8, "little") + header + bytes(4)
+                    for name, header in MALFORMED_HEADERS.items()
+                },
             }
         main.partner = other.url
         yield main
@@ -493,6 +521,41 @@ def test_a_cancelled_job_stops_its_download(server: Server, tmp_path: Path, tiny
     assert kept(tmp_path / "cache") == []
 
 
+@pytest.mark.parametrize("route", ["stall-head", "stall-body"])
+def test_a_cancelled_job_stops_a_download_whose_server_went_silent(
+    server: Server, tmp_path: Path, tiny_model_dir: Path, route: str
+) -> None:
+    variables = {"DOWNLOAD_HOSTS": "127.0.0.1", "DOWNLOAD_ALLOW_PRIVATE": "true", "MAX_DOWNLOADS": "1"}
+    settings = load_settings({**variables, "DOWNLOAD_CACHE_DIR": str(tmp_path), "MODEL_CONFIG": str(tiny_model_dir)})
+    downloads = Downloads(settings, system_resolve)
+    cancelled = threading.Event()
+    threading.Thread(target=lambda: server.stalled.wait(60) and cancelled.set(), daemon=True).start()
+    lease = Lease()
+
+    def fetch(path: str, deadline: float) -> Any:
+        return downloads.fetch(
+            f"{server.url}/{path}",
+            kind="lora",
+            sha256=None,
+            field="loras.0.url",
+            deadline=deadline,
+            lease=lease,
+            cancelled=cancelled if path.startswith("stall") else None,
+        )
+
+    # Cancelled while nothing arrives: unless its connection is shut then, it waits for its deadline.
+    deadline = time.monotonic() + 30
+    with pytest.raises(JobCancelledError, match=r"^the job was cancelled; it stopped downloading$"):
+        fetch(f"{route}/detail.safetensors", deadline)
+    stopped_before_the_deadline = time.monotonic() < deadline
+    after = fetch("loras/detail.safetensors", time.monotonic() + 60)
+    lease.release()
+
+    assert server.stalled.is_set()
+    assert stopped_before_the_deadline
+    assert kept(tmp_path) == [after.path.name], "the one slot was given back; nothing of the stalled file was kept"
+
+
 def test_bad_headers_from_a_server_fail_the_job_naming_the_field(start: Callable[..., Path], server: Server) -> None:
     start()
     error = run(loras=[{"url": f"{server.url}/bad-location/detail.safetensors"}])["error"]
@@ -566,7 +629,11 @@ def test_private_addresses_are_refused_unless_allowed(start: Callable[..., Path]
 
 @pytest.mark.parametrize(
     ("status", "says"),
-    [(401, "refused; the token for its host"), (403, "refused; the token for its host"), (404, "no such file")],
+    [
+        (401, "refused; the token for its host"),
+        (403, "the token for its host (HF_TOKEN, CIVITAI_TOKEN, DOWNLOAD_TOKENS) is wrong"),
+        (404, "no such file"),
+    ],
 )
 def test_an_error_status_is_named_and_the_token_never_shown(
     start: Callable[..., Path], server: Server, status: int, says: str
@@ -579,6 +646,28 @@ def test_an_error_status_is_named_and_the_token_never_shown(
     assert TOKEN not in error
     assert server.authorizations[-1] == f"Bearer {TOKEN}"
     assert "images" in run()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "path", "says"),
+    [
+        ("", "status/401", "HTTP 401 Unauthorized: refused; no token is sent to its host: does it need one"),
+        (
+            f"127.0.0.1={TOKEN}",
+            "redirect/127.0.0.2:{port}/status/403",
+            "HTTP 403 Forbidden: refused by the file host, which is sent no token: an expired or single-use link?",
+        ),
+    ],
+    ids=["no-token", "after-a-redirect"],
+)
+def test_a_refusal_blames_a_token_only_where_one_was_sent(
+    start: Callable[..., Path], server: Server, tokens: str, path: str, says: str
+) -> None:
+    start(DOWNLOAD_HOSTS="127.0.0.1,127.0.0.2", DOWNLOAD_ALLOW_PRIVATE="true", DOWNLOAD_TOKENS=tokens or None)
+    error = run(model=f"{server.url}/{path.format(port=urlsplit(server.partner).port)}")["error"]
+
+    assert says in error, error
+    assert "token for its host" not in error
 
 
 def test_a_token_goes_to_its_host_only_never_past_a_redirect(start: Callable[..., Path], server: Server) -> None:
@@ -600,6 +689,12 @@ def test_a_token_goes_to_its_host_only_never_past_a_redirect(start: Callable[...
         ("loras", "xl.safetensors", "the file xl cannot be used: it is a LoRA for SDXL, not SD 1.5"),
         ("loras", "old.ckpt", "it is a zip archive: a pickled PyTorch file (.ckpt, .pt, .pth), which is never opened"),
         ("model", "detail.safetensors", "the file detail cannot be used: a LoRA"),
+        *(
+            ("loras", f"{name}.safetensors", f"the file {name} cannot be used: not a safetensors file (its header")
+            for name in MALFORMED_HEADERS
+        ),
+        # No check foresaw it (json's RecursionError): the job is refused all the same, naming the field.
+        ("model", "nested.safetensors", "the file nested cannot be used: its header cannot be read (RecursionError"),
     ],
 )
 def test_a_file_that_is_not_what_the_field_takes_is_refused_and_not_kept(
@@ -609,6 +704,7 @@ def test_a_file_that_is_not_what_the_field_takes_is_refused_and_not_kept(
     url = f"{server.url}/files/{name}"
     error = run(**({"loras": [{"url": url}]} if field == "loras" else {"model": url}))["error"]
 
+    assert error.startswith(f"{'loras.0.url' if field == 'loras' else 'model'}: {url}: "), error
     assert says in error, error
     assert kept(cache) == []
     assert "images" in run()

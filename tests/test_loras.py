@@ -64,6 +64,16 @@ UNUSABLE = {
     "bad/sdxl": "it is a LoRA for SDXL, not SD 1.5",
     "bad/ldm-names": "its UNet layers have the original code's block names (input_blocks_...)",
     "bad/loha": "it is LyCORIS LoHa, which diffusers' LoRA loader cannot read",
+    # Headers safetensors itself refuses: each is refused at the scan, not at the GPU stage.
+    "bad/shape-null": "not a safetensors file (its header cannot be read): its entry 'unet.x.lora_down.weight'",
+    "bad/no-shape": "not a safetensors file (its header cannot be read): its entry 'unet.x.lora_down.weight'",
+    "bad/nested": "not a safetensors file (its header cannot be read)",
+}
+# Headers of those files, each with 4 bytes of data after it.
+MALFORMED_HEADERS = {
+    "shape-null": b'{"unet.x.lora_down.weight": {"dtype": "F32", "shape": null, "data_offsets": [0, 4]}}',
+    "no-shape": b'{"unet.x.lora_down.weight": {"dtype": "F32", "data_offsets": [0, 4]}}',
+    "nested": b'{"unet.x.lora_down.weight": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 }
 
 
@@ -125,6 +135,8 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory, models: tuple[Any, Any]) 
         | {f"{stem}.alpha": torch.tensor(4.0)},
         bad / "loha.safetensors",
     )
+    for name, header in MALFORMED_HEADERS.items():
+        (bad / f"{name}.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
     # Not .safetensors: never listed.
     (folder / "notes.txt").write_text("not a LoRA")
     (folder / "old.ckpt").write_bytes(b"pickle")

@@ -948,3 +948,89 @@ def test_resolve_size_refuses_an_outpaint_past_the_limits() -> None:
     assert "outpaint top=448 + bottom=448" in str(raised.value)
     assert "MAX_SIDE" in str(raised.value)
     assert "the image is 1024x1024" in str(raised.value)
+
+
+# --- URLs in errors: the log and the response never show a query or credentials ---------------------------
+
+SECRET = "tok-in-a-url-5e2a"
+DOWNLOADS = load_settings({"DOWNLOAD_HOSTS": "civitai.com", "LORA_DIR": "/tmp"})
+
+
+@pytest.mark.parametrize(
+    ("data", "limits", "expected"),
+    [
+        pytest.param(
+            {"model": f"https://civitai.com/api/download/models/1?token={SECRET}"},
+            LIMITS,
+            "model: 'https://civitai.com/api/download/models/1?<hidden>': this worker downloads no files",
+            id="model-downloads-off",
+        ),
+        pytest.param(
+            {"loras": [{"url": f"https://civitai.com/m/1?token={SECRET}"}] * 2},
+            DOWNLOADS,
+            "loras.1.url='https://civitai.com/m/1?<hidden>': named twice",
+            id="lora-url-twice",
+        ),
+        pytest.param(
+            {"model": f"ftp://user:{SECRET}@civitai.com/x"},
+            DOWNLOADS,
+            "model='ftp://<hidden>': a name from MODELS_DIR, not a URL",
+            id="model-userinfo",
+        ),
+        pytest.param(
+            {"loras": [{}, {"url": f"ftp://civitai.com/a.safetensors?token={SECRET}"}]},
+            DOWNLOADS,
+            "loras.1.url='ftp://civitai.com/a.safetensors?<hidden>': must be an http:// or https:// URL",
+            id="nested-lora-url",
+        ),
+        pytest.param(
+            {"loras": [{"url": f"user:{SECRET}@civitai.com/a.safetensors"}]},
+            DOWNLOADS,
+            "loras.0.url='<hidden>': must be an http:// or https:// URL",
+            id="lora-userinfo-no-scheme",
+        ),
+        pytest.param(
+            {"model": {"url": f"https://civitai.com/m/1?token={SECRET}", "sha256": "xyz", "x": 1}},
+            DOWNLOADS,
+            "model.ModelDownload.sha256='xyz'",
+            id="model-object",
+        ),
+        pytest.param(
+            {"model": [f"https://civitai.com/m/1#{SECRET}"]},
+            DOWNLOADS,
+            "model.str=['https://civitai.com/m/1?<hidden>']",
+            id="model-list",
+        ),
+        pytest.param(
+            {"image": f"https://cdn.example/a.png?X-Amz-Signature={SECRET}", "strength": 9},
+            DOWNLOADS,
+            "strength=9",
+            id="image-url-beside",
+        ),
+    ],
+)
+def test_a_url_in_an_error_shows_no_query_and_no_credentials(
+    data: dict[str, Any], limits: Settings, expected: str
+) -> None:
+    message = error_of({**PROMPT, **data}, limits)
+
+    assert expected in message, message
+    assert SECRET not in message, message
+
+
+def test_a_bad_value_with_a_url_in_it_shows_the_url_redacted() -> None:
+    message = error_of({"prompt": f"see https://x.example/a?sig={SECRET} " + "x" * 2000})
+
+    assert "prompt='see https://x.example/a?<hidden> xxx" in message, message
+    assert SECRET not in message
+
+
+def test_the_loras_field_says_what_each_form_needs() -> None:
+    description = str(GenerateRequest.model_fields["loras"].description)
+    by_url = parse(
+        with_prompt(loras=[{"url": "https://civitai.com/a.safetensors"}]),
+        load_settings({"DOWNLOAD_HOSTS": "civitai.com"}),
+    )
+
+    assert "A `name` needs `LORA_DIR`, a `url` needs `DOWNLOAD_HOSTS`" in description
+    assert by_url.loras[0].url == "https://civitai.com/a.safetensors", "a LoRA by URL needs no LORA_DIR"

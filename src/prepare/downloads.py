@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from src.errors import JobCancelledError
+from src.errors import JobCancelledError, first_line
 from src.prepare.http import (
     FetchError,
     Resolve,
@@ -58,7 +58,7 @@ from src.prepare.http import (
     shown,
 )
 from src.schema import GenerateRequest, InputError, ModelDownload
-from src.settings import Settings, SettingsError, redact_url
+from src.settings import HostToken, Settings, SettingsError, redact_url
 
 if TYPE_CHECKING:
     from src.adapters.loras import LoraFile
@@ -194,7 +194,7 @@ class Downloads:
             return found
         except FetchError as error:
             hop = f" (redirected to {shown(error.url)})" if error.url and error.url != url else ""
-            raise InputError(f"{field}: {shown(url)}{hop}: {_hint(error)}") from None
+            raise InputError(f"{field}: {shown(url)}{hop}: {_hint(error, url, self.rules.tokens)}") from None
 
     # --- the cache ----------------------------------------------------------------------------------------
 
@@ -230,12 +230,16 @@ class Downloads:
 
         shown_url = redact_url(url).removesuffix("?<hidden>")
         entry: LoraFile | ModelEntry
-        if kind == LORA:
-            entry = describe_lora(name, path, url=shown_url)
-            problem = entry.problem
-        else:
-            problem = model_file_problem(path, self._config_folder)
-            entry = ModelEntry(name, path, problem, url=shown_url)
+        try:
+            if kind == LORA:
+                entry = describe_lora(name, path, url=shown_url)
+                problem = entry.problem
+            else:
+                problem = model_file_problem(path, self._config_folder)
+                entry = ModelEntry(name, path, problem, url=shown_url)
+        except Exception as error:  # a file no check foresaw: the request's fault, logged with its traceback
+            log.exception("judging %s from %s failed", name, shown_url)
+            problem = f"its header cannot be read ({type(error).__name__}: {first_line(error)})"
         if problem is not None:
             raise FetchError(f"the file {name} cannot be used: {problem}")
         return Downloaded(kind, name, path, digest, shown_url, entry)
@@ -349,7 +353,7 @@ class Downloads:
             if validator is not None:
                 headers = {"Range": f"bytes={received.size}-", "If-Range": validator}
             try:
-                with opened(url, self.rules, stop.deadline, self._resolve, headers) as answer:
+                with opened(url, self.rules, stop.deadline, self._resolve, headers, cancelled=stop.cancelled) as answer:
                     response = answer.response
                     if received.size and not _continues(response, received.size):
                         received.restart()
@@ -359,8 +363,10 @@ class Downloads:
                     for chunk in chunks(response, stop.deadline, self.rules, _CHUNK_BYTES):
                         stop.check("downloading")
                         received.write(chunk)
+                    stop.check_cancelled("downloading")  # an end a cancellation's shutdown made is no end of the file
                     return name
             except FetchError as error:
+                stop.check_cancelled("downloading")  # the connection was shut as the job was cancelled: say so
                 if not error.cut or attempt == _ATTEMPTS:
                     raise
                 log.warning("download of %s cut at %d bytes (%s); resuming", shown(url), received.size, error)
@@ -382,10 +388,18 @@ class _Stop:
             JobCancelledError: the job was cancelled.
             FetchError: the deadline passed.
         """
-        if self.cancelled is not None and self.cancelled.is_set():
-            raise JobCancelledError(f"the job was cancelled; it stopped {doing}")
+        self.check_cancelled(doing)
         if time.monotonic() >= self.deadline:
             raise FetchError(f"timed out {doing} ({self.timeout_setting})")
+
+    def check_cancelled(self, doing: str) -> None:
+        """Go on, or stop as the job was cancelled: ``doing`` says where, in the message.
+
+        Raises:
+            JobCancelledError: the job was cancelled.
+        """
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise JobCancelledError(f"the job was cancelled; it stopped {doing}")
 
 
 class _Received:
@@ -482,12 +496,22 @@ def _moved(entry: LoraFile | ModelEntry, path: Path) -> LoraFile | ModelEntry:
     return dataclasses.replace(entry, path=path)
 
 
-def _hint(error: FetchError) -> str:
-    """The error, with what to do for the statuses a token or a URL explains."""
+def _hint(error: FetchError, url: str, tokens: tuple[HostToken, ...]) -> str:
+    """The error at ``url`` (or the hop a redirect led to), with what to do for the statuses a token or a URL
+    explains: a token is blamed only where one went, or where one could go."""
     if error.status in (401, 403):
-        return (
-            f"{error}: refused; the token for its host (HF_TOKEN, CIVITAI_TOKEN, DOWNLOAD_TOKENS) is missing or wrong"
-        )
+        refused_at = error.url or url
+        if any(token.applies_to(refused_at) for token in tokens):
+            return (
+                f"{error}: refused; the token for its host (HF_TOKEN, CIVITAI_TOKEN, DOWNLOAD_TOKENS) is wrong, "
+                "or may not read this file"
+            )
+        if refused_at == url:
+            return (
+                f"{error}: refused; no token is sent to its host: does it need one (HF_TOKEN, CIVITAI_TOKEN, "
+                "DOWNLOAD_TOKENS)?"
+            )
+        return f"{error}: refused by the file host, which is sent no token: an expired or single-use link?"
     if error.status == 404:
         return f"{error}: no such file on the host"
     return str(error)

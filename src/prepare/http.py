@@ -7,10 +7,10 @@ allow private addresses); the connection then goes to a checked address, the hos
 Host header, the TLS server name and the certificate check. A DNS answer that changes between the check and
 the connection (DNS rebinding) therefore cannot reach a private address. Redirects are followed here, at most
 ``Rules.max_redirects``, each hop checked the same way (and, when the rules name hosts, its host among them), and
-one deadline covers them all: a connection is shut when it passes, whatever it waits for (a status line, headers
-or a TLS handshake dripped a byte at a time included). A bearer token goes to the hops on its own host only
-(``HostToken``): never to the presigned URL on another host that Civitai and Hugging Face redirect to, and
-HF_TOKEN's and CIVITAI_TOKEN's never over plain HTTP.
+one deadline covers them all: a connection is shut when it passes, or once the caller's job is cancelled,
+whatever it waits for (a status line, headers or a TLS handshake dripped a byte at a time, or nothing, included).
+A bearer token goes to the hops on its own host only (``HostToken``): never to the presigned URL on another host
+that Civitai and Hugging Face redirect to, and HF_TOKEN's and CIVITAI_TOKEN's never over plain HTTP.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from src.errors import clipped, first_line
 from src.settings import HostToken, redact_url
 
 MAX_REDIRECTS = 5
+# How soon a cancelled job's connection is shut.
+_CANCEL_POLL_S = 0.1
 USER_AGENT = f"sd15-worker/{__version__}"
 DEFAULT_FILE_NAME = "model.safetensors"
 
@@ -142,13 +144,21 @@ def shown(url: str) -> str:
 
 @contextlib.contextmanager
 def opened(
-    url: str, rules: Rules, deadline: float, resolve: Resolve, headers: Mapping[str, str] | None = None
+    url: str,
+    rules: Rules,
+    deadline: float,
+    resolve: Resolve,
+    headers: Mapping[str, str] | None = None,
+    *,
+    cancelled: threading.Event | None = None,
 ) -> Iterator[Opened]:
     """GET ``url``, following redirects, every hop checked; the 2xx answer for the ``with`` block, closed after.
+    Each connection is shut at the deadline, or soon after ``cancelled`` is set: what waits on it (the answer,
+    the body) then fails as a cut connection does, and the caller, seeing ``cancelled``, says so.
 
     Raises:
-        FetchError: a hop is refused, the server cannot be reached or answers with an error status, or the
-            deadline passes; its ``url`` is the hop.
+        FetchError: a hop is refused, the server cannot be reached or answers with an error status, the
+            deadline passes, or the connection was shut as ``cancelled`` was set; its ``url`` is the hop.
     """
     context: ssl.SSLContext | None = None
     current = url
@@ -159,7 +169,13 @@ def opened(
             if target.scheme == "https" and context is None:
                 context = ssl.create_default_context()
             pool, response = _request(
-                target, addresses, deadline, context, rules, headers=_headers(current, rules, headers)
+                target,
+                addresses,
+                deadline,
+                context,
+                rules,
+                headers=_headers(current, rules, headers),
+                cancelled=cancelled,
             )
         except FetchError as error:
             error.url = current
@@ -366,28 +382,16 @@ def _request(
     rules: Rules,
     *,
     headers: dict[str, str],
+    cancelled: threading.Event | None,
 ) -> tuple[urllib3.HTTPConnectionPool, urllib3.BaseHTTPResponse]:
-    """Send the GET to the first checked address that accepts a connection."""
+    """Send the GET to the first checked address that accepts a connection; each connection is shut at
+    ``deadline``, or once ``cancelled`` is set."""
     headers = {"Host": target.host_header, **headers}
     failures: list[tuple[IPAddress, str]] = []
     for address in addresses:
         remaining = _remaining(deadline, rules)
         timeout = urllib3.Timeout(connect=remaining, read=remaining)
-        pool: urllib3.HTTPConnectionPool
-        if target.scheme == "https":
-            pool = _TLSPool(
-                str(address),
-                target.port,
-                timeout=timeout,
-                retries=False,
-                maxsize=1,
-                ssl_context=context,
-                server_hostname=target.host,
-                assert_hostname=target.host,
-                deadline=deadline,
-            )
-        else:
-            pool = _Pool(str(address), target.port, timeout=timeout, retries=False, maxsize=1, deadline=deadline)
+        pool = _pool(target, address, context, timeout, deadline=deadline, cancelled=cancelled)
         try:
             response = pool.urlopen(
                 "GET",
@@ -414,26 +418,55 @@ def _request(
     raise FetchError(f"cannot connect to {target.host} port {target.port}: {reasons}")
 
 
-class _CutAtDeadline(urllib3.connection.HTTPConnection):
-    """A connection whose socket is shut at the deadline, whatever it is waiting for. The socket's timeout
-    bounds each read only: a server that drips its status line, its headers or its TLS handshake a few bytes
-    at a time would pass it for ever."""
+def _pool(
+    target: _Target,
+    address: IPAddress,
+    context: ssl.SSLContext | None,
+    timeout: urllib3.Timeout,
+    *,
+    deadline: float,
+    cancelled: threading.Event | None,
+) -> urllib3.HTTPConnectionPool:
+    """A pool of one connection to ``address`` for ``target``, shut at ``deadline`` or once ``cancelled`` is set."""
+    if target.scheme == "https":
+        return _TLSPool(
+            str(address),
+            target.port,
+            timeout=timeout,
+            retries=False,
+            maxsize=1,
+            ssl_context=context,
+            server_hostname=target.host,
+            assert_hostname=target.host,
+            deadline=deadline,
+            cancelled=cancelled,
+        )
+    return _Pool(
+        str(address), target.port, timeout=timeout, retries=False, maxsize=1, deadline=deadline, cancelled=cancelled
+    )
 
-    def __init__(self, *args: Any, deadline: float, **kwargs: Any) -> None:
+
+class _CutAtDeadline(urllib3.connection.HTTPConnection):
+    """A connection whose socket is shut at the deadline, or once the job is cancelled, whatever it is waiting
+    for. The socket's timeout bounds each read only: a server that drips its status line, its headers or its
+    TLS handshake a few bytes at a time would pass it for ever, and one gone silent would hold a cancelled
+    job's download until the deadline."""
+
+    def __init__(self, *args: Any, deadline: float, cancelled: threading.Event | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline = deadline
-        self._timer: threading.Timer | None = None
+        self._cancelled = cancelled
+        self._closed = threading.Event()
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
-        self._timer = threading.Timer(max(self._deadline - time.monotonic(), 0), _shut, (sock,))
-        self._timer.daemon = True
-        self._timer.start()
+        self._closed = threading.Event()
+        watch = (sock, self._deadline, self._cancelled, self._closed)
+        threading.Thread(target=_cut, args=watch, name="url-cut", daemon=True).start()
         return sock
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._closed.set()
         super().close()
 
 
@@ -447,6 +480,18 @@ class _Pool(urllib3.HTTPConnectionPool):
 
 class _TLSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _CutAtDeadlineTLS
+
+
+def _cut(sock: socket.socket, deadline: float, cancelled: threading.Event | None, closed: threading.Event) -> None:
+    """Shut ``sock`` at ``deadline``, or once ``cancelled`` is set, unless ``closed`` is set first. An event has
+    no callback, and a thread cannot wait on two: ``cancelled`` is looked at every ``_CANCEL_POLL_S``."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or (cancelled is not None and cancelled.is_set()):
+            _shut(sock)
+            return
+        if closed.wait(remaining if cancelled is None else min(remaining, _CANCEL_POLL_S)):
+            return
 
 
 def _shut(sock: socket.socket) -> None:

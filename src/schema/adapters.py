@@ -21,6 +21,36 @@ SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 URL_MAX = 2048
 
 
+# Punctuation around a URL in a value's repr (quotes, brackets, commas): kept as it is, as it hides nothing.
+_OPENING, _CLOSING = "'\"([{", "'\")]},"
+
+
+def without_secrets(text: str) -> str:
+    """``text`` with each URL in it (a word holding ``://``, or ``user@host``) shown without what may be a
+    secret: its query and fragment as ``?<hidden>``, and all past the scheme when it holds an ``@``
+    (``user:password@``). For every error that shows a value as it came in. The worker's ``redact_url`` is in the
+    settings, which the schema may not import; this rule hides more (the host too, past an ``@``), never less."""
+
+    def hidden(match: re.Match[str]) -> str:
+        word = match.group(0)
+        url = word.strip(_OPENING + _CLOSING)
+        if not url:
+            return word
+        start = word.index(url)
+        opening, closing = word[:start], word[start + len(url) :]
+        scheme, separator, rest = url.partition("://")
+        if not separator:
+            scheme, rest = "", url
+        if "@" in rest and (separator or not rest.startswith("@")):
+            return f"{opening}{scheme}{separator}<hidden>{closing}"
+        if not separator:
+            return word
+        base = re.split(r"[?#]", rest, maxsplit=1)[0]
+        return f"{opening}{scheme}{separator}{base}{'?<hidden>' if base != rest else ''}{closing}"
+
+    return re.sub(r"\S+", hidden, text)
+
+
 def _download_url(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL")
@@ -367,7 +397,9 @@ def check_model(model: str | ModelDownload | None, vae: str | None, limits: Requ
         ValueError: naming ``model`` or ``vae`` and the rule.
     """
     if isinstance(model, ModelDownload) and not limits.downloads_on:
-        raise ValueError(f"model: {model.url!r}: this worker downloads no files: DOWNLOAD_HOSTS is not set")
+        raise ValueError(
+            f"model: {without_secrets(model.url)!r}: this worker downloads no files: DOWNLOAD_HOSTS is not set"
+        )
     if isinstance(model, str) and limits.models_dir is None:
         raise ValueError(f"model={model!r}: this worker serves its default model only: MODELS_DIR is not set")
     if vae is not None and limits.vae_dir is None:
@@ -396,7 +428,8 @@ def check_loras(loras: Sequence[LoraRequest], limits: RequestLimits) -> None:
     for index, lora in enumerate(loras):
         field = "name" if lora.name is not None else "url"
         if lora.label in seen:
-            raise ValueError(f"loras.{index}.{field}={lora.label!r}: named twice; name each LoRA once")
+            label = lora.label if lora.url is None else without_secrets(lora.label)
+            raise ValueError(f"loras.{index}.{field}={label!r}: named twice; name each LoRA once")
         seen.add(lora.label)
 
 
@@ -429,9 +462,9 @@ class AdapterOptions(PassOptions):
 
     loras: list[LoraRequest] = Field(
         default_factory=list,
-        description="LoRAs for this job, `[{name, scale}]`, at most `MAX_LORAS` with the prompt's "
-        f"`<lora:name:scale>` tags, each name once; scale {-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}, default 1. "
-        "Needs `LORA_DIR`; see LoRA.",
+        description="LoRAs for this job, `[{name, scale}]` or `[{url, sha256, scale}]`, at most `MAX_LORAS` with "
+        f"the prompt's `<lora:name:scale>` tags, each once; scale {-LORA_SCALE_LIMIT:g} to {LORA_SCALE_LIMIT:g}, "
+        "default 1. A `name` needs `LORA_DIR`, a `url` needs `DOWNLOAD_HOSTS`; see LoRA and Files by URL.",
         json_schema_extra={"shown_default": "none"},
     )
 

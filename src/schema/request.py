@@ -18,6 +18,7 @@ from src.schema.adapters import (
     merge_lora_tags,
     without_comments,
     without_lora_tags,
+    without_secrets,
 )
 from src.schema.core import CONFIGURED_DEFAULT, INVALID_INPUT, SEED_MAX, InputError, RequestLimits, Task, request_limits
 from src.schema.images import IMAGE_FIELDS, MASK_FIELDS
@@ -234,8 +235,9 @@ class GenerateRequest(AdapterOptions):
 
 
 def shown(value: Any, limit: int = 60) -> str:
-    """``value`` as it came in, abbreviated when long so an error stays readable."""
-    text = repr(value)
+    """``value`` as it came in, abbreviated when long so an error stays readable, and any URL in it without its
+    query or credentials (``without_secrets``): an error goes to the log and the response."""
+    text = repr(without_secrets(value)) if isinstance(value, str) else without_secrets(repr(value))
     if len(text) <= limit:
         return text
     size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
