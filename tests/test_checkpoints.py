@@ -395,6 +395,18 @@ REFUSALS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
         r"not a safetensors file \(its header would be \d+ bytes\)",
     ),
     "missing": (lambda folder, tiny: folder / "nowhere.safetensors", r"no such file"),
+    "null shape": (
+        lambda folder, tiny: _header_only(
+            folder / "null.safetensors", b'{"w": {"dtype": "F16", "shape": null, "data_offsets": [0, 0]}}'
+        ),
+        r"not a safetensors file \(its header cannot be read\): its entry 'w' gives no dtype, shape or two offsets",
+    ),
+    "nested header": (
+        lambda folder, tiny: _header_only(
+            folder / "deep.safetensors", b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        ),
+        r"not a safetensors file \(its header is not JSON\)",
+    ),
     "old text encoder names": (
         lambda folder, tiny: write_old_text_layout(folder / "old.safetensors", tiny),
         r"its text encoder lacks \d+ of \d+ tensors, such as embeddings",
@@ -410,6 +422,11 @@ REFUSALS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def _header_only(path: Path, header: bytes) -> Path:
+    """A file of a safetensors header alone: its length, then ``header``."""
+    return _write(path, len(header).to_bytes(8, "little") + header)
 
 
 def _pickle(path: Path) -> Path:

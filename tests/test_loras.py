@@ -67,7 +67,7 @@ UNUSABLE = {
     # Headers safetensors itself refuses: each is refused at the scan, not at the GPU stage.
     "bad/shape-null": "not a safetensors file (its header cannot be read): its entry 'unet.x.lora_down.weight'",
     "bad/no-shape": "not a safetensors file (its header cannot be read): its entry 'unet.x.lora_down.weight'",
-    "bad/nested": "not a safetensors file (its header cannot be read)",
+    "bad/nested": "not a safetensors file (its header is not JSON)",
 }
 # Headers of those files, each with 4 bytes of data after it.
 MALFORMED_HEADERS = {

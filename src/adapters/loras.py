@@ -112,14 +112,10 @@ def describe_lora(name: str, path: Path, url: str | None = None) -> LoraFile:
     be used, when it cannot."""
     try:
         header, _start = read_header(path)
-    # RecursionError: a header nested deeper than json reads.
-    except (SafetensorsError, KeyError, TypeError, IndexError, OSError, RecursionError) as error:
+    except (SafetensorsError, KeyError, TypeError, IndexError, OSError) as error:
         problem = str(error).removeprefix(f"{path}: ") if isinstance(error, SafetensorsError) else _UNREADABLE
         return LoraFile(name, path, parameters=0, rank=0, problem=problem, url=url)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
-    if malformed := next((key for key, entry in tensors.items() if not _well_formed(entry)), None):
-        problem = f"{_UNREADABLE}: its entry {malformed[:80]!r} gives no dtype, shape or two offsets"
-        return LoraFile(name, path, parameters=0, rank=0, problem=problem, url=url)
     parameters = sum(_numel(entry.get("shape", [])) for entry in tensors.values())
     ranks, layer_parameters = [], 0
     for key, entry in tensors.items():
@@ -138,22 +134,6 @@ def describe_lora(name: str, path: Path, url: str | None = None) -> LoraFile:
         layer_parameters=layer_parameters,
         url=url,
     )
-
-
-def _well_formed(entry: Any) -> bool:
-    """Whether a tensor's header entry is as safetensors reads one: a dtype's name, a shape of sizes, and the
-    two offsets of its bytes. A file with another is refused by the loader, at the GPU stage: refused here."""
-
-    def counts(values: Any, length: int | None = None) -> bool:
-        return (
-            isinstance(values, list)
-            and length in (None, len(values))
-            and all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in values)
-        )
-
-    if not isinstance(entry, dict):
-        return False
-    return isinstance(entry.get("dtype"), str) and counts(entry.get("shape")) and counts(entry.get("data_offsets"), 2)
 
 
 def _up_key(down_key: str) -> str:

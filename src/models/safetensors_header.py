@@ -43,17 +43,36 @@ def parse_header(data: bytes, size: int, path: Path) -> tuple[dict[str, Any], in
     length = _header_length(data[:8], size, path)
     try:
         header = json.loads(data[8 : 8 + length])
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
         raise SafetensorsError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (its header is not an object)")
-    try:
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (KeyError, TypeError, IndexError):
-        raise SafetensorsError(f"{path}: not a safetensors file (a header entry has no data_offsets)") from None
+    tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    if malformed := next((key for key, entry in tensors.items() if not _well_formed(entry)), None):
+        raise SafetensorsError(
+            f"{path}: not a safetensors file (its header cannot be read): its entry {malformed[:80]!r} gives no "
+            "dtype, shape or two offsets"
+        )
+    end = max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
     if 8 + length + end > size:
         raise SafetensorsError(f"{path}: the file is cut short: {size} bytes, its header says {8 + length + end}")
     return header, 8 + length
+
+
+def _well_formed(entry: Any) -> bool:
+    """Whether a tensor's header entry is as safetensors reads one: a dtype's name, a shape of sizes, and the two
+    offsets of its bytes. A file with another loads nowhere: a LoRA's failed at the GPU stage, every later job."""
+
+    def counts(values: Any, length: int | None = None) -> bool:
+        return (
+            isinstance(values, list)
+            and length in (None, len(values))
+            and all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in values)
+        )
+
+    if not isinstance(entry, dict):
+        return False
+    return isinstance(entry.get("dtype"), str) and counts(entry.get("shape")) and counts(entry.get("data_offsets"), 2)
 
 
 def tensor_shapes(header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
