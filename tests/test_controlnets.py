@@ -537,6 +537,8 @@ def test_controlnets_a_gpu_cache_keeps_never_shrink_or_refuse_a_job_that_fits_wi
         with pytest.raises(AdmissionError):  # counted beside it, as before, the job is refused: 1 image costs what 2 do
             _plan(engine, plan, cached=True)
         assert _admit(engine, plan) == (Plan(2), True), "it runs whole, the cached ControlNet off the card"
+        gpu.to_host([])  # what the job does first, under the GPU lock
+        assert _admit(engine, plan) == (Plan(2), False), "it waits in host memory: no longer counted"
 
         engine.gpu_bytes = 2**30
         with pytest.raises(AdmissionError) as refused:

@@ -493,6 +493,62 @@ def test_controlnet_units_in_float16_change_only_their_jobs(tmp_path: Path, prof
     assert devices == {waits}
 
 
+def test_a_job_that_fits_only_without_the_cached_controlnets_runs_whole_without_them(tmp_path: Path) -> None:
+    """A ControlNet the cache keeps on the card goes to host memory for a job that fits whole only without it, and
+    waits there until a job uses it, which brings it back."""
+    from builder.tiny_model import write_tiny_controlnets, write_tiny_model
+    from src.errors import AdmissionError
+    from src.prepare import prepare
+    from src.run.engine import _admit, _plan
+    from src.run.memory import Plan
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    write_tiny_controlnets(folder)
+    engine = load_engine(
+        folder,
+        MEMORY_PROFILE="balanced",
+        CONTROLNET_DIR=str(folder / "controlnets"),
+        CONTROLNET_PRELOAD="tiny-controlnet",
+    )
+    net = engine.controlnets._loaded["tiny-controlnet"]
+    job = {"input": {"prompt": "a fox", "num_inference_steps": 2, "seed": 3, "num_images": 2}}
+    plan = prepare(job, engine.settings, catalog=lambda: engine.catalog, storage=None)
+    low, high = 1, 64 * 2**30  # the least memory in which the job runs whole without the cached ControlNet
+    while high - low > 1:
+        engine.gpu_bytes = (low + high) // 2
+        try:
+            fits = _plan(engine, plan, cached=False) == Plan(2)
+        except AdmissionError:
+            fits = False
+        low, high = (low, engine.gpu_bytes) if fits else (engine.gpu_bytes, high)
+    engine.gpu_bytes = high
+    assert _admit(engine, plan) == (Plan(2), True)
+
+    result = engine.generate(request_for(engine, num_images=2, num_inference_steps=2), timeout_s=120)
+
+    assert len(result.images) == 2
+    assert next(net.parameters()).device.type == "cpu", "it waits in host memory"
+    assert _admit(engine, plan) == (Plan(2), False)
+    control = {"model": "tiny-controlnet", "image": _white_png()}
+    from src.prepare.inputs import prepare_inputs
+
+    inputs = prepare_inputs(request_for(engine, controlnets=[control]), engine.settings, None)
+    engine.gpu_bytes = 64 * 2**30
+    engine.generate(inputs.request, controls=inputs.controls, timeout_s=120)
+    assert next(net.parameters()).device.type == "cuda", "a job used it: back on the card"
+
+
+def _white_png() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 # --- CPU offload: LoRAs that fail to load, and what stays on the GPU between jobs ------------------------------
 
 

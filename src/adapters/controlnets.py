@@ -142,6 +142,8 @@ class ControlNets:
         self.resident_on_device = device.type == "cuda" and not offload
         # Loaded models, least recently used first.
         self._loaded: OrderedDict[str, Any] = OrderedDict()
+        # Loaded models a job sent to host memory to make room (``to_host``), until a job uses them again.
+        self._made_room: set[str] = set()
         self.entries = {name: self._checked(entry) for name, entry in entries.items()} if entries else {}
 
     # --- the folder ---------------------------------------------------------------------------
@@ -211,16 +213,17 @@ class ControlNets:
         if self.device.type != "cuda":
             return 0
         job = {unit.model for unit in units}
-        resident = set(self._loaded) if self.resident_on_device and cached else set()
+        resident = set(self._loaded) - self._made_room if self.resident_on_device and cached else set()
         return sum(self._bytes_of(name) for name in job | resident)
 
     def to_host(self, units: Sequence[ControlNetRef]) -> None:
         """Move the cached ControlNets that ``units`` do not use to host memory, to make room for a job that would
-        not fit beside them; the cache brings the most recently used back after the job. Under the GPU lock."""
+        not fit beside them; they wait there until a job uses one again. Under the GPU lock."""
         job = {unit.model for unit in units}
         for name, net in self._loaded.items():
             if name not in job:
                 _move(net, torch.device("cpu"))
+                self._made_room.add(name)
 
     @contextlib.contextmanager
     def for_job(self, units: Sequence[ControlNetRef], *, guidance: bool) -> Iterator[Any]:
@@ -235,6 +238,7 @@ class ControlNets:
         from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
         names = {unit.model for unit in units}
+        self._made_room -= names  # back on the device for this job, and kept there by the cache's rule
         try:
             nets = {name: self._get(name) for name in names}
             for net in nets.values():
@@ -285,7 +289,8 @@ class ControlNets:
         on_device, in_host = 0, 0
         for name in reversed(self._loaded):
             size = self._bytes_of(name)
-            if self.resident_on_device and on_device + size <= self.cache_bytes:
+            # One sent to host memory to make room waits there until a job uses it.
+            if self.resident_on_device and name not in self._made_room and on_device + size <= self.cache_bytes:
                 on_device += size
                 _move(self._loaded[name], self.device)  # a job's are there already; CONTROLNET_PRELOAD's are not
                 continue
@@ -295,6 +300,7 @@ class ControlNets:
                 continue
             log.info("ControlNet %s dropped from the cache", name)
             del self._loaded[name]
+            self._made_room.discard(name)
 
     def _bytes_of(self, name: str) -> int:
         net = self._loaded.get(name)
