@@ -8,6 +8,7 @@ them through ``open_cache`` and finds its graph in them instead of compiling it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -16,6 +17,8 @@ import pytest
 import torch
 
 from src.run.compile_cache import CompileCache, cache_key, open_cache
+from src.run.engine import Engine
+from src.settings import load_settings
 from tests.forked import run_module
 
 SCRIPT = """
@@ -96,3 +99,13 @@ def test_no_folder_no_cache_and_a_bad_file_costs_a_compile(tmp_path: Path, caplo
     assert again is not None
     assert not again.found, "it will be written again after the warm-up"
     assert "cannot be loaded" in caplog.text
+
+
+def test_a_compile_cache_without_fast_mode_is_named_unused(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing a user sets is dropped without a word: COMPILE_CACHE_DIR serves FAST_MODE alone.
+    with caplog.at_level(logging.WARNING, logger="src.run.startup"):
+        Engine.load(load_settings({"MODEL_ID": str(tiny_model_dir), "COMPILE_CACHE_DIR": str(tmp_path)}))
+
+    assert f"COMPILE_CACHE_DIR={tmp_path} unused: it keeps FAST_MODE's compiled kernels" in caplog.text

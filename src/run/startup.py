@@ -84,6 +84,11 @@ def load_parts(settings: Settings) -> Parts:
     )
     controlnets.preload(settings.controlnet_preload_names)
     compile_cache = None
+    if settings.compile_cache_dir is not None and not fast:
+        log.warning(
+            "COMPILE_CACHE_DIR=%s unused: it keeps FAST_MODE's compiled kernels, and FAST_MODE is off here",
+            settings.compile_cache_dir,
+        )
     if fast:
         # Loaded before anything compiles: the warm-up then finds the kernels instead of making them.
         # CUDA graphs keep their memory pools beside what admission counts: only where memory is plenty.
