@@ -293,7 +293,8 @@ def test_log_level_sets_the_workers_own_lines_and_keeps_the_libraries_at_info_or
         for name in ("handler", "src.prepare.images", "builder.download"):
             assert logging.getLogger(name).getEffectiveLevel() == logging.getLevelNamesMapping()[level], name
         for name in ("urllib3.connectionpool", "botocore.endpoint"):
-            assert logging.getLogger(name).getEffectiveLevel() == logging.getLevelNamesMapping()[libraries], name
+            # At least: a library may quiet its own loggers further (or another test may have).
+            assert logging.getLogger(name).getEffectiveLevel() >= logging.getLevelNamesMapping()[libraries], name
     finally:
         for name, was in before.items():
             logging.getLogger(name).setLevel(was)
