@@ -130,6 +130,29 @@ def test_hires_through_an_esrgan_model_as_a1111() -> None:
 
 
 @pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize(("upscaler", "names_the_tile"), [("tiny-esrgan-4x", True), ("Lanczos", False)])
+def test_out_of_memory_on_every_try_points_a_model_upscalers_job_at_its_tiles(
+    upscaler: str, names_the_tile: bool
+) -> None:
+    # The frugal retry makes the batch and the VAE smaller, not an upscaler's tiles: the message says what does.
+    def out_of_memory(_module: Any, _inputs: Any, _output: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    run()  # the engine loaded
+    hook = handler.get_engine()._pipeline.unet.register_forward_hook(out_of_memory)
+    try:
+        result = run(hires={**HIRES, "upscaler": upscaler})
+    finally:
+        hook.remove()
+
+    assert result["error"].startswith("128x128 x1 ran out of GPU memory"), result
+    tile = handler.get_engine().upscalers.tile
+    named = f"or a hires upscaler other than {upscaler!r}, which runs in tiles of {tile} pixels (a lower UPSCALE_TILE"
+    assert (named in result["error"]) is names_the_tile
+    assert "images" in run(hires={**HIRES, "upscaler": upscaler}), "the next job runs"
+
+
+@pytest.mark.usefixtures("worker")
 @pytest.mark.parametrize(
     ("upscaler", "says"),
     [

@@ -284,7 +284,7 @@ class Engine:
             result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
             if result is None:
                 self._release_memory()
-                raise OutOfMemoryError(_oom_message(request, self.profile, self.gpu_bytes))
+                raise OutOfMemoryError(_oom_message(request, self.profile, self.gpu_bytes, self.upscalers.tile))
         return result
 
     def _attempt(
@@ -477,13 +477,21 @@ def _prompt_bytes(texts: TextPlan, width: int, max_chunks: int, dtype_bytes: int
     return len(texts.texts()) * max_chunks * (CHUNK_TOKENS + 2) * width * dtype_bytes
 
 
-def _oom_message(request: GenerateRequest, profile: Profile, gpu_bytes: int | None) -> str:
+def _oom_message(request: GenerateRequest, profile: Profile, gpu_bytes: int | None, upscale_tile: int) -> str:
     memory = f"{gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "this device's memory"
     width, height = request.output_size
-    return (
+    message = (
         f"{width}x{height} x{request.num_images} ran out of GPU memory ({memory}, "
         f"{profile.value} profile) even one image at a time with VAE tiling; "
         "ask for a smaller size"
+    )
+    upscaler = request.hires.upscaler if request.hires else None
+    if upscaler is None or upscaler == "lanczos" or upscaler in pipelines.LATENT_MODES:
+        return message
+    # The retry makes the batch and the VAE frugal, not the upscaler's tiles: the operator's setting is.
+    return (
+        f"{message}, or a hires upscaler other than {upscaler!r}, which runs in tiles of {upscale_tile} pixels "
+        "(a lower UPSCALE_TILE takes less memory)"
     )
 
 
