@@ -18,6 +18,7 @@ from src.schema import (
     SCHEDULER_NAMES,
     GenerateRequest,
     InputError,
+    ModelDownload,
     canonical_scheduler,
     check_limits,
     parse_input,
@@ -1034,3 +1035,15 @@ def test_the_loras_field_says_what_each_form_needs() -> None:
 
     assert "A `name` needs `LORA_DIR`, a `url` needs `DOWNLOAD_HOSTS`" in description
     assert by_url.loras[0].url == "https://civitai.com/a.safetensors", "a LoRA by URL needs no LORA_DIR"
+
+
+def test_a_url_scheme_in_upper_case_is_a_url() -> None:
+    # Schemes ignore case: HTTPS://host is https://host, and was refused as "must be an http:// or https:// URL".
+    request = parse(
+        with_prompt(loras=[{"url": "HTTPS://civitai.com/a.safetensors"}], model="Https://civitai.com/m.safetensors"),
+        load_settings({"DOWNLOAD_HOSTS": "civitai.com"}),
+    )
+
+    assert request.loras[0].url == "https://civitai.com/a.safetensors"
+    assert isinstance(request.model, ModelDownload)
+    assert request.model.url == "https://civitai.com/m.safetensors"

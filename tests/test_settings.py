@@ -501,3 +501,16 @@ def test_memory_and_runtime_variables_parse() -> None:
     # Unset, as many jobs may hold images in memory as runpod hands the worker.
     assert settings.jobs_in_memory == 2
     assert load_settings({"CONCURRENCY": "4", "MAX_JOBS_IN_MEMORY": "1"}).jobs_in_memory == 1
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "kept"),
+    [
+        ("MODEL_URL", "HTTPS://civitai.com/api/download/models/1", "https://civitai.com/api/download/models/1"),
+        ("BUCKET_ENDPOINT_URL", "HTTP://127.0.0.1:9000", "http://127.0.0.1:9000"),
+    ],
+)
+def test_a_url_scheme_in_upper_case_is_a_url(variable: str, value: str, kept: str) -> None:
+    settings = load_settings({variable: value})
+
+    assert getattr(settings, variable.lower()) == kept

@@ -51,10 +51,18 @@ def without_secrets(text: str) -> str:
     return re.sub(r"\S+", hidden, text)
 
 
+def http_url(value: str) -> str | None:
+    """``value`` with its scheme in lower case when it is an http:// or https:// URL, in any case (schemes ignore
+    case: HTTPS://host is https://host); None when it is not one."""
+    scheme, separator, rest = value.partition("://")
+    return f"{scheme.lower()}://{rest}" if separator and scheme.lower() in ("http", "https") else None
+
+
 def _download_url(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
+    url = http_url(value)
+    if url is None:
         raise ValueError("must be an http:// or https:// URL")
-    return value
+    return url
 
 
 class LoraRequest(BaseModel):
@@ -487,8 +495,8 @@ class AdapterOptions(PassOptions):
     @field_validator("model", mode="before")
     @classmethod
     def _a_url_is_a_download(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.startswith(("http://", "https://")):
-            return {"url": value}
+        if isinstance(value, str) and (url := http_url(value)) is not None:
+            return {"url": url}
         return value
 
     @field_validator("model", "vae")

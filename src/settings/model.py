@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from src.settings.urls import http_url
+
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The commit of DEFAULT_MODEL_ID that builds bake and runs load, so that both agree
 # and a change upstream never changes the images silently.
@@ -203,8 +205,10 @@ class ModelSettings(BaseModel):
     def _download_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not value.startswith(("http://", "https://")):
+        url = http_url(value)
+        if url is None:
             raise ValueError("must be an http:// or https:// URL")
+        value = url
         if "@" in urlsplit(value).netloc:
             raise ValueError("must not carry credentials; pass a token as a build secret (see Your own checkpoint)")
         return value

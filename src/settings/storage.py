@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 
+from src.settings.urls import http_url
+
 # The characters AWS calls safe in an object key; a key is parts of them joined by "/".
 _S3_KEY_PART = re.compile(r"[A-Za-z0-9!_.*'()-]+")
 S3_KEY_RULE = (
@@ -94,8 +96,10 @@ class StorageSettings(BaseModel):
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not value.startswith(("http://", "https://")):
+        url = http_url(value)
+        if url is None:
             raise ValueError("must be an http:// or https:// URL")
+        value = url
         # Any "@", checked before parsing: a password holding "/", "?" or "#" would fool urlsplit.
         if "@" in value:
             raise ValueError("must not carry credentials; use BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY")

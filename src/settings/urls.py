@@ -9,6 +9,13 @@ _USERINFO = re.compile(r"^([^:/?#]*://)?.*@")
 _SCHEME = re.compile(r"^[^:/?#]*://")
 
 
+def http_url(value: str) -> str | None:
+    """``value`` with its scheme in lower case when it is an http:// or https:// URL, in any case (schemes ignore
+    case: HTTPS://host is https://host); None when it is not one."""
+    scheme, separator, rest = value.partition("://")
+    return f"{scheme.lower()}://{rest}" if separator and scheme.lower() in ("http", "https") else None
+
+
 def redact_url(url: str) -> str:
     """``url`` as every message, log and label shows it, even when it does not parse: ``user:password@`` as
     ``<hidden>@``, the query as ``?<hidden>`` (presigned URLs and ``?token=`` carry secrets), no fragment.
