@@ -959,6 +959,20 @@ def test_model_sha256_with_the_default_hub_model_stops_the_build(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_model_sha256_with_a_hub_bake_stops_the_start(tmp_path: Path) -> None:
+    # The image keeps MODEL_SHA256 and no MODEL_URL in its environment; a hub repo's bake has no file to check.
+    from src.models.locate import BakedSource
+    from src.settings import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
+
+    folder = tmp_path / "sd15"
+    folder.mkdir()
+    BakedSource(DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, "fp16", safety_checker=False).write(folder)
+    settings = load_settings({"MODEL_SHA256": "a" * 64, "MODEL_DIR": str(folder)})
+
+    with pytest.raises(ModelLoadError, match=f"holds the hub repo '{DEFAULT_MODEL_ID}', which has none"):
+        locate_model(settings)
+
+
 def test_the_settings_read_a_model_id_file_as_the_loader_does() -> None:
     assert set(CHECKPOINT_SUFFIXES) == set(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
 

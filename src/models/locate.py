@@ -182,6 +182,11 @@ def _locate_diffusers(settings: Settings, baked: BakedSource | None) -> Location
     folder = Path(model_id).expanduser()
     if baked is not None and baked.holds(model_id, revision):
         _require_checker(settings, baked)
+        if settings.model_sha256 is not None:
+            raise ModelLoadError(
+                f"MODEL_SHA256={settings.model_sha256}: it checks a single-file checkpoint, and MODEL_DIR="
+                f"{settings.model_dir!r} holds the hub repo {model_id!r}, which has none; unset MODEL_SHA256"
+            )
         return Location("baked", Path(settings.model_dir), baked)
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
