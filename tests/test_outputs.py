@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import piexif
+import piexif.helper
 import pytest
 import requests
 from PIL import ExifTags, Image
@@ -36,9 +38,12 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def user_comment(image: Image.Image) -> str:
-    raw = image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+    """The parameters of a JPEG or WebP as A1111's ``read_info_from_image`` reads them: with piexif, which takes a
+    UserComment typed BYTE (Pillow's own Exif writes that) for numbers, and A1111 then for no parameters."""
+    raw = piexif.load(image.info["exif"])["Exif"][piexif.ExifIFD.UserComment]
+    assert isinstance(raw, bytes), f"typed {type(raw).__name__}: A1111 cannot read it"
     assert raw.startswith(b"UNICODE\x00")
-    return raw[8:].decode("utf-16-be")
+    return str(piexif.helper.UserComment.load(raw))
 
 
 # --- formats and embedded parameters -------------------------------------------------------

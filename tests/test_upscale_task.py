@@ -20,6 +20,7 @@ from PIL import Image, PngImagePlugin
 
 import handler
 from src.adapters.upscalers import read_upscaler
+from src.finish.outputs import encode_image
 from src.prepare.canvas import fit
 from tests.test_upscalers import upscaler_dir, worker
 
@@ -160,6 +161,18 @@ def test_the_inputs_a1111_parameters_are_kept_beside_the_postprocessing_line() -
         handler.handler({"input": {"task": "upscale", "image": as_base64(clear, parameters), "upscaler": "nearest"}})
     )
     assert result_image(flattened).text["parameters"] == parameters
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("file_format", ["jpeg", "webp"])
+def test_a_jpegs_or_webps_parameters_are_kept_as_a_pngs(file_format: str) -> None:
+    # As A1111's extras read them (read_info_from_image): from the EXIF UserComment the worker's own files carry.
+    parameters = "a lighthouse ü\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 40x30"
+    picture = base64.b64encode(encode_image(photo(), file_format, 90, parameters)).decode("ascii")
+    kept = asyncio.run(handler.handler({"input": {"task": "upscale", "image": picture, "upscaler": "nearest"}}))
+
+    assert result_image(kept).text["parameters"] == parameters
+    assert result_image(kept).text["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: Nearest"
 
 
 @pytest.mark.usefixtures("worker")

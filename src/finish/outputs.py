@@ -7,6 +7,7 @@ Every image file carries its generation parameters in AUTOMATIC1111's format (a 
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ __all__ = ["FORMATS", "PNG_COMPRESS_LEVEL", "WEBP_METHOD", "EncodedImage", "enco
 PNG_COMPRESS_LEVEL = 1
 WEBP_METHOD = 2
 _USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF 2.3 character code for UTF-16 text, as A1111 writes it
+# EXIF's tag types: a LONG (an offset), and UNDEFINED bytes, the type EXIF gives UserComment.
+_LONG, _UNDEFINED = 4, 7
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,18 @@ def embeddable(output_format: str, texts: list[str | None], warnings: list[str])
     return fitted
 
 
+def exif_user_comment(text: str) -> bytes:
+    """An EXIF block holding ``text`` as the Exif IFD's UserComment, as A1111 writes it (with piexif): typed
+    UNDEFINED, the UNICODE character code, then UTF-16 big-endian. Pillow's own Exif types the tag BYTE, which
+    A1111's reader (piexif) takes for a tuple of numbers and fails on: its PNG Info tab and /sdapi/v1/png-info read
+    nothing from such a JPEG or WebP. A big-endian TIFF: IFD0 at 8, its one entry the Exif IFD's offset, 26; the
+    Exif IFD's one entry the comment, at 44."""
+    comment = _USER_COMMENT_UNICODE + text.encode("utf-16-be")
+    ifd0 = struct.pack(">HHHII", 1, ExifTags.IFD.Exif, _LONG, 1, 26) + bytes(4)
+    exif_ifd = struct.pack(">HHHII", 1, ExifTags.Base.UserComment, _UNDEFINED, len(comment), 44) + bytes(4)
+    return b"Exif\x00\x00MM\x00*\x00\x00\x00\x08" + ifd0 + exif_ifd + comment
+
+
 def encode_image(
     image: Image.Image, output_format: str, quality: int, parameters: str | None, postprocessing: str | None = None
 ) -> bytes:
@@ -85,10 +100,6 @@ def encode_image(
             options["method"] = WEBP_METHOD
         comment = parameters if parameters is not None else postprocessing
         if comment is not None:
-            exif = Image.Exif()
-            exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _USER_COMMENT_UNICODE + comment.encode(
-                "utf-16-be"
-            )
-            options["exif"] = exif
+            options["exif"] = exif_user_comment(comment)
     image.save(buffer, format=spec.pil_name, **options)
     return buffer.getvalue()

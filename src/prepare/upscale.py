@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+from PIL import ExifTags, Image
 
 from src.prepare.delivery import check_inline_fits
 from src.prepare.images import load_image
@@ -86,13 +86,35 @@ def prepare_upscale(
     target = (request.width, request.height) if request.width is not None and request.height is not None else None
     request = resolve_upscale_size(request, loaded.image.size, settings)
     check_inline_fits(request, settings)
-    parameters = loaded.image.info.get("parameters")
+    parameters = parameters_of(loaded.image)
     return UpscalePlan(
         request=request,
         image=loaded.image,
         size_fields=size_fields,
         target=target,
-        parameters=parameters if isinstance(parameters, str) else None,
+        parameters=parameters,
         warnings=list(loaded.warnings),
         read_ms=(time.perf_counter() - started) * 1000,
     )
+
+
+def parameters_of(image: Image.Image) -> str | None:
+    """The generation parameters a picture carries, as A1111's ``read_info_from_image`` reads them: a PNG's
+    ``parameters`` text, else a JPEG's or WebP's EXIF UserComment (its character code, then the text)."""
+    text = image.info.get("parameters")
+    if isinstance(text, str):
+        return text
+    try:
+        comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    except Exception:  # noqa: BLE001 - a picture's broken EXIF carries no parameters; the job goes on
+        return None
+    if not isinstance(comment, bytes):
+        return None
+    code, body = comment[:8], comment[8:]
+    if code == b"UNICODE\x00":
+        text = body.decode("utf-16-be", errors="ignore")
+    elif code == b"ASCII\x00\x00\x00":
+        text = body.decode("ascii", errors="ignore")
+    else:
+        text = comment.decode("utf-8", errors="ignore")
+    return text or None
