@@ -313,10 +313,21 @@ def test_a1111s_other_latent_upscalers_run_under_either_name_and_are_named_as_a1
     assert parse_infotext(json.loads(result["info"])["infotexts"][0])["Hires upscaler"] == upscaler
 
 
-def test_send_images_false_answers_without_images(worker: None) -> None:
+def test_send_images_false_answers_without_images(worker: None, monkeypatch: pytest.MonkeyPatch) -> None:
     result = run({**FLAT, "send_images": False})
     assert result["images"] == []
     assert json.loads(result["info"])["seed"] == 1234
+
+    # Images that are never sent are no reason to refuse the job, before or after it runs.
+    monkeypatch.setenv("MAX_RESPONSE_MB", "0.02")
+    monkeypatch.setattr(handler, "_settings", None)
+    small = run({**FLAT, "send_images": False, "batch_size": 2})
+    assert "error" not in small, small["error"]
+    assert small["images"] == []
+    refused = run({**FLAT, "batch_size": 2})["error"]
+    assert re.search(r"the answer is 0\.\d\d MB \([\d,]+ bytes\) inline .* over MAX_RESPONSE_MB=0\.02", refused), (
+        refused
+    )
 
 
 def test_an_unknown_endpoint_is_refused_naming_the_known_ones_and_the_next_job_runs(worker: None) -> None:

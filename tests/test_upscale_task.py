@@ -164,6 +164,16 @@ def test_the_inputs_a1111_parameters_are_kept_beside_the_postprocessing_line() -
 
 
 @pytest.mark.usefixtures("worker")
+def test_output_quality_for_a_png_is_said_to_change_nothing() -> None:
+    # As a generation job says it: nothing a user asks for is dropped without a word.
+    result = upscale(upscaler="nearest", output_quality=50)
+
+    assert "output_quality=50 has no effect on png: it is lossless" in result["metadata"]["warnings"]
+    jpeg = upscale(upscaler="nearest", output_format="jpeg", output_quality=50)["metadata"]
+    assert not any("output_quality" in warning for warning in jpeg.get("warnings", []))
+
+
+@pytest.mark.usefixtures("worker")
 @pytest.mark.parametrize("file_format", ["jpeg", "webp"])
 def test_a_jpegs_or_webps_parameters_are_kept_as_a_pngs(file_format: str) -> None:
     # As A1111's extras read them (read_info_from_image): from the EXIF UserComment the worker's own files carry.

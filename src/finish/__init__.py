@@ -55,7 +55,10 @@ def finish(
             return answer.model_dump(exclude_none=True)
         return check_answer_size(a1111_upscale_answer(plan.a1111, plan, answer), plan.request, settings)
     made = cast("Generation", generation)
-    response = encode_response(plan.request, made, route, started=started, inputs=plan.inputs)
+    # An A1111 answer is measured whole, as it goes: with send_images false it holds no image.
+    response = encode_response(
+        plan.request, made, route, started=started, inputs=plan.inputs, measured=plan.a1111 is None
+    )
     if plan.a1111 is None:
         return response.model_dump(exclude_none=True)
     return check_answer_size(a1111_answer(plan.a1111, plan, made, response), plan.inputs, settings)

@@ -29,6 +29,7 @@ from src.schema import (
     Metadata,
     Timings,
     UploadedImage,
+    UpscaleRequest,
     UpscaleResponse,
 )
 
@@ -67,21 +68,21 @@ def encode_response(
     *,
     started: float,
     inputs: Inputs | None = None,
+    measured: bool = True,
 ) -> GenerateResponse:
     """Encode every image, deliver it inline or to S3 by ``route``, and wrap the lot with its metadata.
 
     ``started`` is the ``time.perf_counter()`` reading taken when the job arrived; ``inputs``
-    are the job's input images as read, when it had any.
+    are the job's input images as read, when it had any. ``measured`` false: the caller measures the answer it
+    makes of this one (an A1111 answer, which may leave the images out).
 
     Raises:
         StorageError: an upload failed and the request asked for ``s3`` explicitly.
         ResponseTooLargeError: the inline answer is over ``MAX_RESPONSE_MB``.
     """
     warnings = [*(inputs.warnings if inputs is not None else []), *generation.warnings]
-    if "output_quality" in request.model_fields_set and not FORMATS[request.output_format].lossy:
-        warnings.append(
-            f"output_quality={request.output_quality} has no effect on {request.output_format}: it is lossless"
-        )
+    if (unused := quality_unused(request)) is not None:
+        warnings.append(unused)
 
     # 1. Encode, with the parameters inside each file.
     encode_started = time.perf_counter()
@@ -98,8 +99,16 @@ def encode_response(
     )
 
     # 3. The size guard: RunPod refuses answers over its limit, so say so ourselves, clearly.
-    check_response_size(response, delivered, settings)
+    if measured:
+        check_response_size(response, delivered, settings)
     return response
+
+
+def quality_unused(request: GenerateRequest | UpscaleRequest) -> str | None:
+    """The warning for an ``output_quality`` given for a lossless format, which it cannot change; None otherwise."""
+    if "output_quality" in request.model_fields_set and not FORMATS[request.output_format].lossy:
+        return f"output_quality={request.output_quality} has no effect on {request.output_format}: it is lossless"
+    return None
 
 
 def deliver(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from src import __version__
 from src.finish.outputs import EncodedImage, embeddable, encode_image
-from src.finish.response import Route, check_response_size, deliver
+from src.finish.response import Route, check_response_size, deliver, quality_unused
 from src.schema import Timings, UpscaleMetadata, UpscaleResponse
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ def encode_upscale_response(
     """
     request, settings = plan.request, route.settings
     warnings = [*plan.warnings, *upscaled.warnings]
+    if (unused := quality_unused(request)) is not None:
+        warnings.append(unused)
     encode_started = time.perf_counter()
     [parameters] = embeddable(request.output_format, [plan.parameters if settings.embed_parameters else None], warnings)
     data = encode_image(

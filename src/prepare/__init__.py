@@ -101,7 +101,15 @@ def prepare(
     # An A1111 request: this worker's input made of it, its errors naming A1111's fields, its answer A1111's.
     native = {**job, "input": call.input}
     try:
-        plan = _prepare(native, settings, catalog=catalog, storage=storage, downloads=downloads, cancelled=cancelled)
+        plan = _prepare(
+            native,
+            settings,
+            catalog=catalog,
+            storage=storage,
+            downloads=downloads,
+            cancelled=cancelled,
+            answered_inline=call.send_images,
+        )
     except InputError as error:
         raise InputError(call.renamed(str(error))) from None
     return dataclasses.replace(plan, a1111=call)
@@ -115,7 +123,10 @@ def _prepare(
     storage: S3Storage | None,
     downloads: Callable[[], Downloads] | None,
     cancelled: threading.Event | None,
+    answered_inline: bool = True,
 ) -> JobPlan | UpscalePlan:
+    """``prepare`` for a job in this worker's own input. ``answered_inline`` false: the answer leaves the images out
+    (A1111's ``send_images: false``), so their size is no reason to refuse the job."""
     if names_upscale(job):
         return prepare_upscale(job, settings, catalog=catalog, storage=storage)
     request = parse_input(job, settings)
@@ -128,7 +139,8 @@ def _prepare(
         # holds it.
         request, downloaded = fetch_named_files(request, settings, downloads, lease, cancelled)
         inputs = prepare_inputs(request, settings, storage)
-        check_inline_fits(inputs, settings)
+        if answered_inline:
+            check_inline_fits(inputs, settings)
         return dataclasses.replace(plan_job(inputs, settings), downloaded=downloaded, lease=lease)
     except BaseException:
         lease.release()

@@ -50,7 +50,8 @@ BASE64_GROWTH = 4 / 3
 
 
 def _megabytes(size: float) -> str:
-    return f"{size / 1_000_000:.1f} MB"
+    """``size`` in MB with its bytes: rounded alone, 20,040,000 bytes read as 20.0 MB, over a limit of 20."""
+    return f"{size / 1_000_000:.2f} MB ({size:,.0f} bytes)"
 
 
 def too_large(
