@@ -147,7 +147,13 @@ HIRES = {
     "denoising_strength": 0.6,
     "hr_sampler_name": "Euler",
     "hr_prompt": "a lighthouse at night",
-    "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "tiny-a.safetensors [0123456789]"},
+    # As A1111's paste sends an image's parameters: its RNG (randn_source) with them.
+    "override_settings": {
+        "CLIP_stop_at_last_layers": 2,
+        "sd_model_checkpoint": "tiny-a.safetensors [0123456789]",
+        "randn_source": "CPU",
+        "eta_noise_seed_delta": 0,
+    },
 }
 HIRES_NATIVE = {
     "prompt": PROMPT,

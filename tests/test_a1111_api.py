@@ -356,6 +356,11 @@ REFUSED = [
     pytest.param({"cfg_scale": "7"}, "cfg_scale='7'", id="cfg-as-string"),
     pytest.param({"alwayson_scripts": {"ADetailer": {"args": []}}}, "alwayson_scripts.ADetailer", id="other-script"),
     pytest.param({"override_settings": {"sd_hypernetwork": "x"}}, "override_settings.sd_hypernetwork", id="override"),
+    pytest.param(
+        {"override_settings": {"randn_source": "GPU"}},
+        "override_settings.randn_source='GPU': this worker draws its noise as A1111's CPU source does: only 'CPU'",
+        id="noise-source",
+    ),
     pytest.param({"enable_hr": True, "hr_upscaler": "SwinIR 4x"}, "hr_upscaler='SwinIR 4x'", id="hr-up"),
     pytest.param({"enable_hr": True, "hr_resize_x": 100, "hr_resize_y": 200}, "hr_resize_x", id="hr-resize"),
     pytest.param({"enable_hr": "true"}, "enable_hr='true': must be true or false", id="hr-switch-text"),

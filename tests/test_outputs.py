@@ -57,7 +57,7 @@ def test_png_carries_a1111_parameters() -> None:
     model = result["metadata"]["model"]
     assert image.text["parameters"] == (
         "a fox\nNegative prompt: blurry\n"
-        f"Steps: 2, Sampler: Euler a, CFG scale: 6.5, Seed: 77, Size: 64x64, Model: {model}"
+        f"Steps: 2, Sampler: Euler a, CFG scale: 6.5, Seed: 77, Size: 64x64, Model: {model}, RNG: CPU"
     )
 
 
@@ -461,7 +461,8 @@ def test_parameters_leave_out_an_empty_negative_prompt() -> None:
     parameters = decode_png(result["images"][0]["image"]).text["parameters"]
     assert parameters == (
         "a fox\n"
-        f"Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 77, Size: 64x64, Model: {result['metadata']['model']}"
+        f"Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 77, Size: 64x64, Model: {result['metadata']['model']}, "
+        "RNG: CPU"
     )
 
 

@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,10 @@ DIGESTS: dict[str, tuple[str, ...]] = {
     ),
     # Recorded again on an AMD EPYC when Euler a took k-diffusion's sigmas (timestep_spacing "linspace", as
     # A1111's); its digest before was one on all three kinds of CPU. Both again when the EXIF UserComment was
-    # typed UNDEFINED, as A1111 writes it (the pixels are those of the earlier digests).
-    "txt2img-jpeg": ("8a1d152d7152ca7079e94d18fbeb22a09cdc4eb1517fb113f4d2628eaf2960bd",),
-    "txt2img-webp": ("a24a7862d033c9149751183205a2e2877adf66ed50ef4366999ff1a9c27a7ff1",),
+    # typed UNDEFINED, as A1111 writes it (the pixels are those of the earlier digests), and again when the
+    # parameters said the noise's source (RNG: CPU).
+    "txt2img-jpeg": ("194111e0fb54d52e0f7e4701bfd8f9bdfc83a53b7ce509f5ced66a6af50271d7",),
+    "txt2img-webp": ("12b3f46ec636b10dc3f31f4f880f5389c52accb441c656afde35c61b53b63132",),
     "img2img": (
         "8b421d31933458733d068b1c4766634c51428a13cbecb3bf5f0f9268bca12f0f",
         "e534cbada062c4845cc71927da9dad46dbc63956cd4fdd681f435d6c7f5917dd",
@@ -155,13 +157,38 @@ NEUTRAL_SINCE = {
 }
 
 
+# Parameters written into every image after the digests were recorded: taken out of a PNG's text before its bytes are
+# hashed, so that its digests on each kind of CPU hold (a JPEG's or WebP's, one for every CPU, were recorded again).
+PARAMETERS_SINCE = (b", RNG: CPU",)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def without_parameters_since(png: bytes) -> bytes:
+    """The PNG's bytes as written before ``PARAMETERS_SINCE``: each taken out of its ``parameters`` text chunk once,
+    the chunk's length and CRC written again; every other byte as it is."""
+    out, position = bytearray(png[:8]), 8
+    while position < len(png):
+        length = int.from_bytes(png[position : position + 4], "big")
+        kind, data = png[position + 4 : position + 8], png[position + 8 : position + 8 + length]
+        if kind == b"tEXt" and data.startswith(b"parameters\0"):
+            for added in PARAMETERS_SINCE:
+                assert data.count(added) == 1, data
+                data = data.replace(added, b"")
+            out += len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+        else:
+            out += png[position : position + 12 + length]
+        position += 12 + length
+    return bytes(out)
+
+
 def digest(response: dict[str, Any]) -> str:
-    """SHA-256 of the response's image files and its metadata, less the timings and the fields of
-    ``NEUTRAL_SINCE`` at their neutral values."""
+    """SHA-256 of the response's image files (a PNG's less ``PARAMETERS_SINCE``) and its metadata, less the
+    timings and the fields of ``NEUTRAL_SINCE`` at their neutral values."""
     assert "error" not in response, response
     hashed = hashlib.sha256()
     for image in response["images"]:
-        hashed.update(base64.b64decode(image["image"]))
+        data = base64.b64decode(image["image"])
+        hashed.update(without_parameters_since(data) if data.startswith(PNG_SIGNATURE) else data)
     metadata = response["metadata"]
     assert all(metadata.get(key, value) == value for key, value in NEUTRAL_SINCE.items()), "they are left neutral"
     left_out = {"timings_ms", "phases_ms", "subseed", "subseeds", *NEUTRAL_SINCE}

@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from src.schema import CONTROL_MODE_LABELS, GenerateRequest, lora_tags
+from src.schema import A1111_NOISE_SOURCE, CONTROL_MODE_LABELS, GenerateRequest, lora_tags
 
 if TYPE_CHECKING:
     from src.adapters.loras import Applied
@@ -71,14 +71,7 @@ def a1111_parameters(
         fields["Variation seed strength"] = f"{request.subseed_strength:g}"
     if request.seed_resize_from is not None:
         fields["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
-    if request.clip_skip != 1:
-        fields["Clip skip"] = request.clip_skip
-    if request.tiling:
-        fields["Tiling"] = "True"
-    if request.deepcache_interval > 1:
-        fields["DeepCache interval"] = request.deepcache_interval
-    if request.tome_ratio > 0:
-        fields["Token merging ratio"] = f"{request.tome_ratio:g}"
+    fields.update(_option_fields(request))
     fields.update(_task_fields(request, source_size))
     if embeddings:
         fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'
@@ -126,6 +119,23 @@ def controlnet_parameters(request: GenerateRequest, control_sizes: Sequence[tupl
 def _tag_names(prompt: str) -> list[tuple[str, str]]:
     """(kind, name) of each extra-network tag in the prompt."""
     return [(kind, arguments.split(":")[0].strip()) for kind, arguments in lora_tags(prompt)]
+
+
+def _option_fields(request: GenerateRequest) -> dict[str, Any]:
+    """The options that change how any task's images are made, the noise's source among them."""
+    fields: dict[str, Any] = {}
+    if request.clip_skip != 1:
+        fields["Clip skip"] = request.clip_skip
+    if request.tome_ratio > 0:
+        fields["Token merging ratio"] = f"{request.tome_ratio:g}"
+    # The noise is drawn as A1111's CPU source draws it; A1111 writes its source when it is not its default GPU,
+    # and its paste sets randn_source from it, so A1111 replays the image with the same noise.
+    fields["RNG"] = A1111_NOISE_SOURCE
+    if request.tiling:
+        fields["Tiling"] = "True"
+    if request.deepcache_interval > 1:
+        fields["DeepCache interval"] = request.deepcache_interval
+    return fields
 
 
 def _task_fields(request: GenerateRequest, source_size: tuple[int, int] | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ Callers import from ``src.schema`` itself, which re-exports every public name.
 """
 
 from src.schema.a1111 import A1111_ENDPOINTS, A1111Call, a1111_endpoint, names_a1111, read_a1111
+from src.schema.a1111_fields import A1111_NOISE_SOURCE
 from src.schema.adapters import (
     CONTROL_MODE_ALIASES,
     CONTROL_MODE_LABELS,
@@ -113,6 +114,7 @@ from src.schema.upscale import (
 
 __all__ = [
     "A1111_ENDPOINTS",
+    "A1111_NOISE_SOURCE",
     "CLIP_SKIP_MAX",
     "CONFIGURED_DEFAULT",
     "CONFIGURED_MAXIMUM",

@@ -35,7 +35,11 @@ A1111_OVERRIDES = (
     "CLIP_stop_at_last_layers",
     "samples_format",
     "eta_noise_seed_delta",
+    "randn_source",
 )
+# Where this worker draws every noise, by the name of A1111's randn_source setting: each image's own CPU generator,
+# seeded with its seed. Its images' parameters say so (``RNG: CPU``), as A1111 writes a source other than its GPU.
+A1111_NOISE_SOURCE = "CPU"
 # A1111's upscaler names for the files its users bake into UPSCALER_DIR under their own names.
 A1111_UPSCALER_NAMES: Mapping[str, str] = {
     "R-ESRGAN 4x+": "RealESRGAN_x4plus",
@@ -506,6 +510,16 @@ class _ControlNetUnit:
         fields.unknown("of a ControlNet unit")
 
 
+# The override_settings taken at one value only: (whether a value is it, the rule that refuses another).
+_NEUTRAL_OVERRIDES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+    "eta_noise_seed_delta": (_is_zero, "this worker's noise has no seed delta: only 0"),
+    "randn_source": (
+        lambda value: value == A1111_NOISE_SOURCE,
+        f"this worker draws its noise as A1111's {A1111_NOISE_SOURCE} source does: only {A1111_NOISE_SOURCE!r}",
+    ),
+}
+
+
 def read_overrides(self: Translation) -> None:
     fields = self.fields
     overrides = fields.take("override_settings", {})
@@ -524,9 +538,10 @@ def read_overrides(self: Translation) -> None:
             self.out["clip_skip"], self.names["clip_skip"] = value, where
         elif name == "samples_format":
             self.out["output_format"], self.names["output_format"] = value, where
-        elif name == "eta_noise_seed_delta":
-            if not _is_zero(value):
-                fields.refuse(where, value, "this worker's noise has no seed delta: only 0")
+        elif name in _NEUTRAL_OVERRIDES:
+            neutral, rule = _NEUTRAL_OVERRIDES[name]
+            if not neutral(value):
+                fields.refuse(where, value, rule)
         else:
             fields.refuse(where, value, f"not a setting this worker takes; it takes {', '.join(A1111_OVERRIDES)}")
 
