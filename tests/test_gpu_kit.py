@@ -11,9 +11,9 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-# On the CPU machine only: the S3 tests' tools, the HTTP client, pytest-timeout. (PyYAML is not
-# among them: huggingface_hub and accelerate need it, so it is wherever diffusers is.)
-MISSING_ON_THE_GPU_MACHINE = ("boto3", "botocore", "moto", "pytest_timeout")
+# On the CPU machine only: the S3 tests' tools, the HTTP client, pytest-timeout, torchsde (DPM++ 2M SDE's noise).
+# (PyYAML is not among them: huggingface_hub and accelerate need it, so it is wherever diffusers is.)
+MISSING_ON_THE_GPU_MACHINE = ("boto3", "botocore", "moto", "pytest_timeout", "torchsde")
 
 # Imported by Python at startup when its folder is on PYTHONPATH: the path finder, which every
 # import of an installed package goes through (pytest's assertion rewriter included), then acts as

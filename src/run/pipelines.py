@@ -32,6 +32,7 @@ from src.prepare.canvas import hidden, paste_back
 from src.prepare.passes import Pass, PipelineKind
 from src.prompts.encoding import Schedule, encode_schedule
 from src.prompts.syntax import PromptError, TextPlan
+from src.run.brownian import brownian_step_noise
 from src.run.fast_path import uncompiled
 from src.run.feature_reuse import feature_reuse
 from src.run.job import JobState, PromptSwitch
@@ -221,6 +222,7 @@ def denoise(
     job.run_started(step.denoising_steps)
     all_seeds = request.seeds
     seeds = [all_seeds[index] for index in indices]
+    brownian_step_noise(pipeline.scheduler, seeds)
     with (
         initial_noise(pipeline, _variation(request, indices, seeds)),
         latent_fill(pipeline, request.inpaint_fill, arguments.get("mask_image"), seeds),
