@@ -19,7 +19,8 @@ upscaler) it times, alternating in one process, after one warm-up of each side:
   from the same components) given PIL images already decoded, returning PIL;
 
 with the same size, steps, strength, seed, CPU generator and scheduler (the
-worker's default, DPM++ 2M Karras). Their ratio of medians is the figure that
+worker's default, DPM++ 2M Karras), each pass with a fresh generator and its
+input image encoded at the VAE's mean, as the worker runs it. Their ratio of medians is the figure that
 counts. The last image of each side is compared with the other's: the largest
 difference of a pixel's channel, 0 when the two computed the same image.
 
@@ -226,33 +227,36 @@ class Bare:
         """One image of ``task``, from PIL images already decoded."""
         import torch
 
+        from src.run.noise import encoded_at_mean
+
+        def call(pipeline: Any, **arguments: Any) -> Any:
+            # As the worker runs a pass (and A1111): a fresh CPU generator, the input image at the VAE's mean.
+            generator = [torch.Generator("cpu").manual_seed(SEED)]
+            with encoded_at_mean(pipeline):
+                return self._ready(pipeline)(**common, generator=generator, **arguments)
+
         common: dict[str, Any] = {
             "prompt": PROMPT,
             "negative_prompt": "",
             "num_inference_steps": steps,
             "guidance_scale": GUIDANCE,
-            # One CPU generator, carried through both hires passes, as the worker does.
-            "generator": [torch.Generator("cpu").manual_seed(SEED)],
         }
         size = {"width": plan.side, "height": plan.side}
         if task == "txt2img":
-            result = self._ready(self.text)(**common, **size)
+            result = call(self.text, **size)
         elif task == "img2img":
-            result = self._ready(self.img2img)(**common, image=images.image, strength=STRENGTH)
+            result = call(self.img2img, image=images.image, strength=STRENGTH)
         elif task == "inpaint":
-            result = self._ready(self.inpaint)(
-                **common, image=images.image, mask_image=images.mask, strength=STRENGTH, **size
-            )
+            result = call(self.inpaint, image=images.image, mask_image=images.mask, strength=STRENGTH, **size)
         elif task == "outpaint":
-            result = self._ready(self.inpaint)(
-                **common, image=images.outpaint_canvas, mask_image=images.outpaint_mask, strength=STRENGTH, **size
-            )
+            canvas, mask = images.outpaint_canvas, images.outpaint_mask
+            result = call(self.inpaint, image=canvas, mask_image=mask, strength=STRENGTH, **size)
         elif task == "hires":
-            latents = self._ready(self.text)(**common, **size, output_type="latent").images
+            latents = call(self.text, **size, output_type="latent").images
             larger = torch.nn.functional.interpolate(latents, scale_factor=plan.hires_scale, mode="bilinear")
             # A1111's count, as the worker runs it: all `steps`, the last of a schedule stretched to steps / strength.
-            stretched = {**common, "num_inference_steps": int(steps / HIRES_STRENGTH)}
-            result = self._ready(self.img2img)(**stretched, image=larger, strength=HIRES_STRENGTH)
+            common["num_inference_steps"] = int(steps / HIRES_STRENGTH)
+            result = call(self.img2img, image=larger, strength=HIRES_STRENGTH)
         else:
             raise ValueError(task)
         image: Image.Image = result.images[0]

@@ -308,3 +308,22 @@ def split_by_admission(engine: Engine, width: int, height: int, images: int) -> 
         profile=Profile.BALANCED,
         gpu_bytes=int((fewer + more) / 2 / 0.95),
     )
+
+
+def encoding_at_the_vae_mean(pipeline_class: type) -> type:
+    """``pipeline_class`` (bare diffusers) encoding its input image to the mean of the VAE's latent distribution,
+    drawing nothing from the images' generators, as the worker does and A1111 (whose VAE sample does not draw from
+    the image's generator): each pass's noise is then its generators' first draw."""
+
+    def mean(encoder_output: Any, generator: Any = None, sample_mode: str = "sample") -> Any:
+        return encoder_output.latent_dist.mode()
+
+    class AtTheMean(pipeline_class):  # type: ignore[misc, valid-type]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            modules = [sys.modules[kind.__module__] for kind in type(self).__mro__]
+            with pytest.MonkeyPatch.context() as patch:
+                for module in (module for module in modules if hasattr(module, "retrieve_latents")):
+                    patch.setattr(module, "retrieve_latents", mean)  # none in text-to-image's
+                return super().__call__(*args, **kwargs)
+
+    return AtTheMean

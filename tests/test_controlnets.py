@@ -33,7 +33,7 @@ from builder.tiny_lora import write_test_loras
 from builder.tiny_model import CHECKPOINT_FILE, write_tiny_controlnets, write_tiny_model
 from src.models.schedulers import make_scheduler
 from src.settings import Settings
-from tests.conftest import noise_image, rss_bytes
+from tests.conftest import encoding_at_the_vae_mean, noise_image, rss_bytes
 
 JOB = {"prompt": "a fox", "num_inference_steps": 4, "seed": 11, "width": 64, "height": 64}
 NET, NET_FILE, NET_B = "tiny-controlnet", "tiny-controlnet-file", "tiny-controlnet-b"
@@ -113,13 +113,16 @@ def parameters(result: dict[str, Any]) -> str:
 
 
 def bare(pipeline_class: type, *names: str, scheduler: str = "DPM++ 2M Karras") -> Any:
-    """Bare diffusers' ControlNet pipeline on the worker's shared components and freshly loaded ControlNets."""
+    """Bare diffusers' ControlNet pipeline on the worker's shared components and freshly loaded ControlNets, its input
+    image encoded at the VAE's mean."""
     base = handler.get_engine()._pipeline
     folder = Path(handler.get_settings().controlnet_dir or "")
     nets = [ControlNetModel.from_pretrained(folder / name) for name in names]
     components = {**base.components, "scheduler": make_scheduler(scheduler, base.scheduler.config)}
     controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-    pipeline = pipeline_class(**components, controlnet=controlnet, requires_safety_checker=False)
+    pipeline = encoding_at_the_vae_mean(pipeline_class)(
+        **components, controlnet=controlnet, requires_safety_checker=False
+    )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -87,34 +88,15 @@ DIGESTS: dict[str, tuple[str, ...]] = {
     # parameters said the noise's source (RNG: CPU).
     "txt2img-jpeg": ("194111e0fb54d52e0f7e4701bfd8f9bdfc83a53b7ce509f5ced66a6af50271d7",),
     "txt2img-webp": ("12b3f46ec636b10dc3f31f4f880f5389c52accb441c656afde35c61b53b63132",),
-    "img2img": (
-        "8b421d31933458733d068b1c4766634c51428a13cbecb3bf5f0f9268bca12f0f",
-        "e534cbada062c4845cc71927da9dad46dbc63956cd4fdd681f435d6c7f5917dd",
-        "23f13db5867f25c575db03af373d34ca0710bf5064c319cb8c2318d6843d78e7",
-    ),
-    "inpaint": (
-        "6f35c237c052af7d60510df4cf6c604484eb3f3f1251d9fc46e83c91dcc8f040",
-        "8afa86f9ebc02d289473f6e4ea30d6943ec0866529e22d1796144ae1fba4b3f6",
-    ),
-    "inpaint-masked": (
-        "bec46f47604893706f7ca65f4ea3df4b5ba6280cacfd20978c08ebad005b517d",
-        "af0da25d53a602c8f7ec700ede6454f67e603c7e5f0bab1af77c7d4d7107f5aa",
-    ),
-    "outpaint": (
-        "ccced48a0bb8413381881898bdd7b2bd7140ff96be01989f16fec5f9a4d5fc1d",
-        "d0f7996073f346ff42592fb2e7162758282f2c78925fa487367da23697810d03",
-        "55d6d743ca79f466d5a4c65b424ebc853ead97b2b76bd7ba5a8a24e3d70bd4a4",
-    ),
-    "hires-latent": (
-        "e2544ea26ae00a1dd55a8ebf70674b9864d80c235f9aa6b721666b81ca16406d",
-        "ebec0460ad6b9abb1077fa57a0e97e8f54f0602462c5818c36517395326cfbfb",
-        "608d0ad6502c22e5a486ee53e66dd0559e001a3b5a49bb0c4f7da930849e2bfc",
-    ),
-    "hires-lanczos": (
-        "0cd6fb74b975361f9f76313312f2eb60580d278503e2cc0c6c65434e4be09cdd",
-        "f198d71dc53b4e255d99533eb616fdf7318af114f1978055083505f275bfdf5e",
-        "7c9832d094a6d05d45b114bee991b3abf95fe89aedb26226804c03c60803d2d6",
-    ),
+    # Recorded again on an AMD EPYC when every pass drew its noise as A1111's ImageRNG (a fresh generator per
+    # image, the input image encoded at the VAE's mean): the jobs with an input image or a hires pass. Until
+    # recorded on another kind of CPU, they are compared on this kind only (RECORDED_ON).
+    "img2img": ("3f299b05f3029fcd37593f45e2baa1f5b772dc841e396baa9b64c71198dc335f",),
+    "inpaint": ("a4be08fc86943451f6cd24d92a1be2ee2814d86e6ffcae44c409b50561aea721",),
+    "inpaint-masked": ("f818f01ba763ffbd28b3f70cc0b6c48a20445931ccb3ca1f4fa317b64ce1b6f7",),
+    "outpaint": ("40e7588a8cdc515de9a939743902b153c80433b7c1553244d19533b978eeca46",),
+    "hires-latent": ("98b99d4196a22b5273014bff8dda22c8550fc2d32997b576305948cbfb8eb12f",),
+    "hires-lanczos": ("00cf60ba6c1249722b1399aa0364c96481930973d3c4347d1a790824b3614794",),
     "lora": (
         "57a2948a4b6470f71e55fce7b04bc2a1c59b882071a33ffe484a206802872848",
         "ad7684fbef7f326dc7e812037bfc10a909ee52b3304332fb1f36a6c731484e3c",
@@ -124,8 +106,25 @@ DIGESTS: dict[str, tuple[str, ...]] = {
         "aeede06eed50b787c40869b71909def3419989e4529b911aee340c1af651a8a1",
         "d59380c403f51fef933f1d5072410246eeae87cab0077e7c7ae9902be4e6ddd7",
     ),
-    "inpaint-lora-controlnet": ("874a82153a903a795eba9780142d9c7c6ddefef0c9761157d4b958586b2ad7d3",),
+    "inpaint-lora-controlnet": ("a541680c0ecd5be7d46ac6b9ebe5d872a65e7b0bd1ead3c3fe936a74de1466bf",),
 }
+
+
+# The jobs recorded again on fewer kinds of CPU than the others, and those kinds (``cpu_kind``): on another kind,
+# whose float kernels may round differently, they are left out of the comparison with a warning.
+AMD_EPYC_ZEN3 = "AuthenticAMD family 25 model 17"
+RERECORDED = ("img2img", "inpaint", "inpaint-masked", "outpaint", "hires-latent", "hires-lanczos")
+RECORDED_ON: dict[str, tuple[str, ...]] = dict.fromkeys((*RERECORDED, "inpaint-lora-controlnet"), (AMD_EPYC_ZEN3,))
+
+
+def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor, family and model, as /proc/cpuinfo names them: what picks torch's CPU kernels."""
+    try:
+        fields = dict(line.split(":", 1) for line in cpuinfo.read_text().splitlines()[:10] if ":" in line)
+    except OSError:
+        return "unknown"
+    named = {key.strip(): value.strip() for key, value in fields.items()}
+    return f"{named.get('vendor_id')} family {named.get('cpu family')} model {named.get('model')}"
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +232,11 @@ def test_each_task_gives_the_bytes_it_gave_before(same_bytes_folder: Path) -> No
         for name, value in found.items():
             print(f'    "{name}": "{value}",')
         print("}")
-    changed = [name for name in JOBS if found[name] not in DIGESTS[name]]
+    kind = cpu_kind()
+    unrecorded = [name for name in JOBS if name in RECORDED_ON and kind not in RECORDED_ON[name]]
+    if unrecorded:
+        warnings.warn(f"not compared on this kind of CPU ({kind}), where none was recorded: {unrecorded}", stacklevel=1)
+    changed = [name for name in JOBS if found[name] not in DIGESTS[name] and name not in unrecorded]
     assert not changed, f"these jobs no longer give the bytes they gave: {changed}"
 
 

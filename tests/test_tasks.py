@@ -21,7 +21,7 @@ from PIL import Image
 import handler
 from src.models.schedulers import make_scheduler
 from src.prepare.canvas import fill_masked
-from tests.conftest import box_mask, decode_png, noise_image
+from tests.conftest import box_mask, decode_png, encoding_at_the_vae_mean, noise_image
 from tests.test_resilience import CUDA_OOM, injected, raises_on
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -184,9 +184,10 @@ def test_outpaint_keeps_the_image_and_paints_around_it() -> None:
 
 
 def bare(pipeline_class: type, scheduler: str = "DPM++ 2M Karras") -> Any:
+    """Bare diffusers' ``pipeline_class`` on the worker's weights, its input image encoded at the VAE's mean."""
     base = engine()._pipeline
     components = {**base.components, "scheduler": make_scheduler(scheduler, base.scheduler.config)}
-    pipeline = pipeline_class(**components, requires_safety_checker=False)
+    pipeline = encoding_at_the_vae_mean(pipeline_class)(**components, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -286,7 +287,8 @@ def test_inpaint_from_latent_noise_or_nothing_is_a1111s_and_keeps_the_unmasked_p
     assert np.abs(array(images_of(result)[0]) - array(reference)).max() <= 1
     original = ok(**fields, keep_unmasked=False)
     inside = np.asarray(MASK) > 0
-    assert np.abs(array(images_of(result)[0]) - array(images_of(original)[0]))[inside].mean() > 2
+    # More than float rounding apart inside the mask (which moves a pixel by a level at most).
+    assert np.abs(array(images_of(result)[0]) - array(images_of(original)[0]))[inside].mean() > 1
 
     kept = ok(**fields, inpaint_fill=fill.replace("_", " "), num_images=2)
     assert kept["metadata"]["inpaint_fill"] == fill

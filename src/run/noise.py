@@ -146,6 +146,27 @@ def latent_fill(pipeline: Any, fill: str, mask: Any, seeds: Sequence[int]) -> It
 
 
 @contextlib.contextmanager
+def encoded_at_mean(pipeline: Any) -> Iterator[None]:
+    """For the ``with`` block, ``pipeline`` encodes an input image (img2img's, inpaint's, the hires pass's) to the
+    mean of the VAE's latent distribution, drawing nothing from the images' generators: its noise is then each
+    generator's first draw, as A1111's (whose VAE sample draws from torch's global generator, not the image's)."""
+    module = sys.modules[type(pipeline).__module__]
+    original = getattr(module, "retrieve_latents", None)
+    if original is None:  # a pipeline that encodes no image
+        yield
+        return
+
+    def at_mean(encoder_output: Any, generator: Any = None, sample_mode: str = "sample") -> torch.Tensor:
+        return original(encoder_output, generator, sample_mode="argmax")
+
+    module.retrieve_latents = at_mean  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        module.retrieve_latents = original  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
 def initial_noise(pipeline: Any, make: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[None]:
     """For the ``with`` block, the first noise ``pipeline`` draws is ``make(noise it drew)``; None: unchanged.
 

@@ -37,7 +37,7 @@ from src.run.fast_path import uncompiled
 from src.run.feature_reuse import feature_reuse
 from src.run.job import JobState, PromptSwitch
 from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
-from src.run.noise import initial_noise, job_noise, latent_fill
+from src.run.noise import encoded_at_mean, initial_noise, job_noise, latent_fill
 from src.run.token_merging import token_merging
 from src.schema import InputError
 
@@ -111,15 +111,11 @@ def run_passes(
     flags: list[bool] = []
     for chunk in sub_batches(request.num_images, plan.batch):
         indices = list(chunk)
-        # One generator per image, carried through every pass: image i depends on its seed alone.
-        generators = [torch.Generator(device="cpu").manual_seed(request.seeds[index]) for index in indices]
         setup = setup_for(profile, width, height, len(indices), frugal=frugal, tiling=plan.vae_tiling)
         with _switches(base.vae, setup):
             latents: torch.Tensor | None = None
             for index in range(len(job.passes)):
-                latents = denoise(
-                    base, job, index, latents, generators=generators, indices=indices, show_progress=show_progress
-                )
+                latents = denoise(base, job, index, latents, indices=indices, show_progress=show_progress)
             assert latents is not None
             decoded = decode(base, latents, indices, job.warnings)
             job.phase_ended("decoding")
@@ -199,11 +195,16 @@ def denoise(
     pass_index: int,
     previous: torch.Tensor | None,
     *,
-    generators: list[torch.Generator],
     indices: list[int],
     show_progress: bool = False,
 ) -> torch.Tensor:
-    """One pipeline call (the pass ``pass_index``) for the images ``indices``; returns its latents."""
+    """One pipeline call (the pass ``pass_index``) for the images ``indices``; returns its latents.
+
+    Each pass draws from a fresh generator per image, seeded with the image's seed, as A1111 makes a new
+    ``ImageRNG`` for its hires pass: the pass's noise is the seed's first draw (its input image encoded at the
+    VAE's mean draws nothing), and an ancestral sampler's step noise comes next, so image i depends on its seed
+    alone.
+    """
     request, step = job.request, job.passes[pass_index]
     arguments = step.arguments_for(len(indices))
     if step.upscale_to is not None:
@@ -223,7 +224,9 @@ def denoise(
     all_seeds = request.seeds
     seeds = [all_seeds[index] for index in indices]
     brownian_step_noise(pipeline.scheduler, seeds)
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     with (
+        encoded_at_mean(pipeline),
         initial_noise(pipeline, _variation(request, indices, seeds)),
         latent_fill(pipeline, request.inpaint_fill, arguments.get("mask_image"), seeds),
         feature_reuse(pipeline.unet, request.deepcache_interval),
