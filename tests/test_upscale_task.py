@@ -22,9 +22,10 @@ import handler
 from src.adapters.upscalers import read_upscaler
 from src.finish.outputs import encode_image
 from src.prepare.canvas import fit
-from tests.test_upscalers import upscaler_dir, worker
+from tests.test_resilience import injected
+from tests.test_upscalers import larger_than, small_tiles, upscaler_dir, worker
 
-__all__ = ["upscaler_dir", "worker"]  # the fixtures, shared with tests/test_upscalers.py
+__all__ = ["small_tiles", "upscaler_dir", "worker"]  # the fixtures, shared with tests/test_upscalers.py
 
 PHOTO_SIZE = (40, 30)
 
@@ -258,6 +259,28 @@ def test_the_deadline_stops_an_upscale_between_tiles_and_the_next_job_works(monk
 
     monkeypatch.setattr(engine, "clock", lambda: 0.0)
     assert result_image(upscale(photo((160, 100)), upscaler="tiny-compact-2x")).size == (320, 200)
+
+
+@pytest.mark.usefixtures("small_tiles")
+def test_an_upscale_out_of_memory_in_its_tiles_runs_again_in_tiles_half_as_large() -> None:
+    picture = photo((120, 90))
+    whole = result_image(upscale(picture, upscaler="tiny-compact-2x"))
+    model = handler.get_engine().upscalers._model("tiny-compact-2x").model
+
+    with injected(model, larger_than(64)):
+        retried = upscale(picture, upscaler="tiny-compact-2x")
+    assert retried["metadata"]["warnings"] == [
+        "the GPU ran out of memory; the image was upscaled again in tiles of 64 pixels"
+    ]
+    difference = np.abs(np.asarray(result_image(retried), np.int16) - np.asarray(whole, np.int16))
+    assert difference.max() <= 1, "tiles give the whole image's upscale"
+
+    with injected(model, larger_than(0)):
+        failed = upscale(picture, upscaler="tiny-compact-2x")
+    assert failed["error"] == (
+        "upscaling 120x90 with tiny-compact-2x ran out of GPU memory even in tiles of 64 pixels: set UPSCALE_TILE lower"
+    )
+    assert result_image(upscale(picture, upscaler="tiny-compact-2x")).size == (240, 180), "the next job runs"
 
 
 @pytest.mark.usefixtures("worker")

@@ -24,6 +24,7 @@ from builder.tiny_upscalers import write_tiny_upscalers
 from src.adapters.upscalers import Upscalers, read_upscaler, scan_upscalers, tiled
 from src.errors import AdapterError
 from src.settings import Settings
+from tests.test_resilience import injected
 
 JOB = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4, "width": 64, "height": 64}
 HIRES = {"scale": 2.0, "steps": 2}
@@ -134,7 +135,6 @@ def test_hires_through_an_esrgan_model_as_a1111() -> None:
 def test_out_of_memory_on_every_try_points_a_model_upscalers_job_at_its_tiles(
     upscaler: str, names_the_tile: bool
 ) -> None:
-    # The frugal retry makes the batch and the VAE smaller, not an upscaler's tiles: the message says what does.
     def out_of_memory(_module: Any, _inputs: Any, _output: Any) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
@@ -146,10 +146,49 @@ def test_out_of_memory_on_every_try_points_a_model_upscalers_job_at_its_tiles(
         hook.remove()
 
     assert result["error"].startswith("128x128 x1 ran out of GPU memory"), result
-    tile = handler.get_engine().upscalers.tile
-    named = f"or a hires upscaler other than {upscaler!r}, which runs in tiles of {tile} pixels (a lower UPSCALE_TILE"
-    assert (named in result["error"]) is names_the_tile
+    # The retry ran a model upscaler in tiles half as large as UPSCALE_TILE's 512: the message says so.
+    tiles = "one image at a time with VAE tiling and the hires upscaler in tiles of 256 pixels; ask for a smaller size"
+    named = f"or a hires upscaler other than {upscaler!r} (a lower UPSCALE_TILE takes less memory)"
+    assert (tiles in result["error"] and named in result["error"]) is names_the_tile, result["error"]
     assert "images" in run(hires={**HIRES, "upscaler": upscaler}), "the next job runs"
+
+
+def larger_than(side: int) -> Any:
+    """A forward hook's fault: the GPU out of memory for an input wider or taller than ``side`` pixels."""
+
+    def fault(_call: int, inputs: Any, output: Any) -> Any:
+        if max(inputs[0].shape[-2:]) > side:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return output
+
+    return fault
+
+
+@pytest.fixture
+def small_tiles(worker: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker with UPSCALE_TILE=128 (the frugal retry's tiles: 64) and UPSCALE_TILE_OVERLAP=8."""
+    monkeypatch.setenv("UPSCALE_TILE", "128")
+    monkeypatch.setenv("UPSCALE_TILE_OVERLAP", "8")
+
+
+@pytest.mark.usefixtures("small_tiles")
+def test_a_hires_upscaler_out_of_memory_in_its_tiles_is_retried_in_tiles_half_as_large() -> None:
+    job = {"width": 128, "height": 128, "hires": {**HIRES, "scale": 1.5, "upscaler": "tiny-compact-2x"}}
+    upscalers = handler.get_engine().upscalers
+    seen: list[int] = []
+
+    def fault(call: int, inputs: Any, output: Any) -> Any:
+        seen.append(max(inputs[0].shape[-2:]))
+        return larger_than(64)(call, inputs, output)
+
+    with injected(upscalers._model("tiny-compact-2x").model, fault):
+        result = run(**job)
+
+    assert "images" in result, result
+    retried = "the job was retried one image at a time with VAE tiling and the hires upscaler in tiles of 64 pixels"
+    assert any(retried in warning for warning in result["metadata"]["warnings"]), result["metadata"]["warnings"]
+    assert seen[0] == 128, "the first try: the whole image, one tile of UPSCALE_TILE=128"
+    assert max(seen[1:]) == 64, "the retry: tiles of 64"
 
 
 @pytest.mark.usefixtures("worker")

@@ -41,6 +41,8 @@ REFUSED_SUFFIXES = (".pt", ".ckpt", ".bin")
 MAX_PASSES = UPSCALE_MAX_PASSES
 # The channels of the images a model takes and makes: RGB (a greyscale or RGBA model cannot be used).
 CHANNELS = 3
+# The smallest tile a retry after an out-of-memory error goes down to: UPSCALE_TILE's least.
+MIN_TILE = 64
 
 
 @dataclass(frozen=True)
@@ -200,9 +202,22 @@ class Upscalers:
     def cached(self) -> list[str]:
         return list(self._cache)
 
-    def upscale(self, name: str, images: torch.Tensor, between: Callable[[], None] | None = None) -> torch.Tensor:
+    def frugal_tile(self) -> int:
+        """The tile side of a retry after the GPU ran out of memory: half of UPSCALE_TILE, at least 64 pixels
+        (UPSCALE_TILE's least) and more than the overlap; UPSCALE_TILE when it cannot be smaller."""
+        return min(self.tile, max(self.tile // 2, MIN_TILE, self.overlap + 1))
+
+    def upscale(
+        self,
+        name: str,
+        images: torch.Tensor,
+        between: Callable[[], None] | None = None,
+        *,
+        tile: int | None = None,
+    ) -> torch.Tensor:
         """``images`` (B, 3, H, W, values 0 to 1) enlarged by upscaler ``name``'s scale, in float32 on the CPU
-        (``tiled``: each tile runs on the device); ``between`` is called before each tile.
+        (``tiled``: each tile runs on the device, ``tile`` pixels a side, or UPSCALE_TILE); ``between`` is called
+        before each tile.
 
         Raises:
             AdapterError: the upscaler cannot be loaded; the message names the file and why.
@@ -217,7 +232,7 @@ class Upscalers:
                         lambda part: model(part.to(self.device, dtype)).float().clamp(0, 1),
                         image.unsqueeze(0).float(),
                         model.scale,
-                        self.tile,
+                        tile or self.tile,
                         self.overlap,
                         between=between,
                     )
@@ -226,17 +241,24 @@ class Upscalers:
             )
 
     def enlarge(
-        self, name: str, image: torch.Tensor, size: tuple[int, int], between: Callable[[], None] | None = None
+        self,
+        name: str,
+        image: torch.Tensor,
+        size: tuple[int, int],
+        between: Callable[[], None] | None = None,
+        *,
+        tile: int | None = None,
     ) -> tuple[torch.Tensor, int]:
         """``image`` (1, 3, H, W, values 0 to 1) through upscaler ``name`` until it covers ``size`` (width,
         height), as A1111 does: as many passes as that takes, at most ``MAX_PASSES``; and the passes made.
+        ``tile``: as ``upscale``'s.
 
         Raises:
             AdapterError: the upscaler cannot be loaded; the message names the file and why.
         """
         passes = 0
         while passes < MAX_PASSES and (image.shape[-1] < size[0] or image.shape[-2] < size[1]):
-            image = self.upscale(name, image, between)
+            image = self.upscale(name, image, between, tile=tile)
             passes += 1
         return image, passes
 

@@ -276,15 +276,16 @@ class Engine:
             # Outside the except block, so the failed run's tensors went with its traceback.
             self._release_memory()
             del job.warnings[kept:]  # the retry makes every image again, and says again what it finds
-            job.warnings.append("the GPU ran out of memory; the job was retried one image at a time with VAE tiling")
             request = job.request
+            tile = self.upscalers.frugal_tile() if _model_upscaler(request) else None
+            job.warnings.append(f"the GPU ran out of memory; the job was retried {_frugally(tile)}")
             width, height = request.output_size
             log.warning("out of GPU memory at %dx%d x%d; retrying frugally", width, height, request.num_images)
             job.count_again(job.steps_per_image * request.num_images)
-            result = self._attempt(job, Plan(batch=1, vae_tiling=True), frugal=True)
+            result = self._attempt(job, Plan(batch=1, vae_tiling=True, upscale_tile=tile), frugal=True)
             if result is None:
                 self._release_memory()
-                raise OutOfMemoryError(_oom_message(request, self.profile, self.gpu_bytes, self.upscalers.tile))
+                raise OutOfMemoryError(_oom_message(request, self.profile, self.gpu_bytes, tile))
         return result
 
     def _attempt(
@@ -477,22 +478,33 @@ def _prompt_bytes(texts: TextPlan, width: int, max_chunks: int, dtype_bytes: int
     return len(texts.texts()) * max_chunks * (CHUNK_TOKENS + 2) * width * dtype_bytes
 
 
-def _oom_message(request: GenerateRequest, profile: Profile, gpu_bytes: int | None, upscale_tile: int) -> str:
+def _model_upscaler(request: GenerateRequest) -> str | None:
+    """The upscaler model of the job's hires pass; None for Lanczos, a latent upscaler, or no hires pass."""
+    upscaler = request.hires.upscaler if request.hires else None
+    if upscaler is None or upscaler == "lanczos" or upscaler in pipelines.LATENT_MODES:
+        return None
+    return upscaler
+
+
+def _frugally(tile: int | None) -> str:
+    """How the frugal retry runs a job, its hires upscaler's tiles (if a model) of ``tile`` pixels."""
+    tiles = f" and the hires upscaler in tiles of {tile} pixels" if tile else ""
+    return f"one image at a time with VAE tiling{tiles}"
+
+
+def _oom_message(request: GenerateRequest, profile: Profile, gpu_bytes: int | None, tile: int | None) -> str:
+    """The error of a job that ran out of memory in its frugal retry too, whose hires upscaler (if a model) ran in
+    tiles of ``tile`` pixels then."""
     memory = f"{gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "this device's memory"
     width, height = request.output_size
     message = (
         f"{width}x{height} x{request.num_images} ran out of GPU memory ({memory}, "
-        f"{profile.value} profile) even one image at a time with VAE tiling; "
-        "ask for a smaller size"
+        f"{profile.value} profile) even {_frugally(tile)}; ask for a smaller size"
     )
-    upscaler = request.hires.upscaler if request.hires else None
-    if upscaler is None or upscaler == "lanczos" or upscaler in pipelines.LATENT_MODES:
+    upscaler = _model_upscaler(request)
+    if upscaler is None:
         return message
-    # The retry makes the batch and the VAE frugal, not the upscaler's tiles: the operator's setting is.
-    return (
-        f"{message}, or a hires upscaler other than {upscaler!r}, which runs in tiles of {upscale_tile} pixels "
-        "(a lower UPSCALE_TILE takes less memory)"
-    )
+    return f"{message}, or a hires upscaler other than {upscaler!r} (a lower UPSCALE_TILE takes less memory)"
 
 
 # How cuBLAS, cuDNN and the CUDA runtime word an allocation failure that torch raises as a plain RuntimeError.

@@ -155,10 +155,12 @@ def estimate_peak_bytes(
 
 @dataclass(frozen=True)
 class Plan:
-    """How a request runs: images per sub-batch, and whether VAE tiling is forced to make it fit."""
+    """How a request runs: images per sub-batch, whether VAE tiling is forced to make it fit, and the hires
+    upscaler's tile side when not UPSCALE_TILE (the frugal retry's smaller one)."""
 
     batch: int
     vae_tiling: bool = False
+    upscale_tile: int | None = None
 
 
 def plan_sub_batch(

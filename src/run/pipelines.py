@@ -115,7 +115,9 @@ def run_passes(
         with _switches(base.vae, setup):
             latents: torch.Tensor | None = None
             for index in range(len(job.passes)):
-                latents = denoise(base, job, index, latents, indices=indices, show_progress=show_progress)
+                latents = denoise(
+                    base, job, index, latents, indices=indices, tile=plan.upscale_tile, show_progress=show_progress
+                )
             assert latents is not None
             decoded = decode(base, latents, indices, job.warnings)
             job.phase_ended("decoding")
@@ -196,20 +198,19 @@ def denoise(
     previous: torch.Tensor | None,
     *,
     indices: list[int],
+    tile: int | None = None,
     show_progress: bool = False,
 ) -> torch.Tensor:
     """One pipeline call (the pass ``pass_index``) for the images ``indices``; returns its latents.
 
-    Each pass draws from a fresh generator per image, seeded with the image's seed, as A1111 makes a new
-    ``ImageRNG`` for its hires pass: the pass's noise is the seed's first draw (its input image encoded at the
-    VAE's mean draws nothing), and an ancestral sampler's step noise comes next, so image i depends on its seed
-    alone.
+    A fresh generator per image and pass, seeded with its seed, as A1111's new ``ImageRNG`` for a hires pass: the
+    noise is the seed's first draw (an input image encoded at the VAE's mean draws nothing), step noise next.
     """
     request, step = job.request, job.passes[pass_index]
     arguments = step.arguments_for(len(indices))
     if step.upscale_to is not None:
         assert previous is not None, "an upscaling pass follows another"
-        arguments["image"] = upscaled(base, previous, step, indices, job.warnings, upscalers=job.upscalers)
+        arguments["image"] = upscaled(base, previous, step, indices, job.warnings, upscalers=job.upscalers, tile=tile)
         job.phase_ended("hires_upscale")
     if job.before_pass is not None:
         job.before_pass(pass_index)  # the pass's own model, once the previous pass's image is decoded
@@ -266,10 +267,18 @@ def _variation(request: Any, indices: list[int], seeds: list[int]) -> Callable[[
 
 
 def upscaled(
-    base: Any, latents: torch.Tensor, step: Pass, indices: list[int], warnings: list[str], *, upscalers: Any = None
+    base: Any,
+    latents: torch.Tensor,
+    step: Pass,
+    indices: list[int],
+    warnings: list[str],
+    *,
+    upscalers: Any = None,
+    tile: int | None = None,
 ) -> torch.Tensor | list[Image.Image]:
     """The previous pass's result at the hires size: latents enlarged, or images decoded and enlarged (with
-    Lanczos, or through an upscaler of ``upscalers`` and then Lanczos)."""
+    Lanczos, or through an upscaler of ``upscalers`` in tiles of ``tile`` pixels, or UPSCALE_TILE, and then
+    Lanczos)."""
     assert step.upscale_to is not None
     if step.upscaler in LATENT_MODES:
         return upscale_latents(latents, step.upscale_to, base.vae_scale_factor, step.upscaler)
@@ -277,7 +286,8 @@ def upscaled(
     if step.upscaler != "lanczos":
         # As A1111: through the model (as many times as reach the hires size), then resized to it.
         assert upscalers is not None, "the engine gives a job its upscalers"
-        enlarged, _passes = upscalers.enlarge(step.upscaler, (decoded.float() / 2 + 0.5).clamp(0, 1), step.upscale_to)
+        pictures = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        enlarged, _passes = upscalers.enlarge(step.upscaler, pictures, step.upscale_to, tile=tile)
         decoded = (enlarged * 2 - 1).to(decoded.dtype)
     images = base.image_processor.postprocess(decoded, output_type="pil")
     return [image.resize(step.upscale_to, Image.Resampling.LANCZOS) for image in images]

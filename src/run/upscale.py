@@ -10,6 +10,7 @@ passes hold the GPU lock, with a deadline from the moment they have it and a can
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -59,7 +60,8 @@ def upscale_job(
         InputError: the model's passes would make an image over (2 x MAX_UPSCALE_SIDE)² pixels (known once the
             model is read, before they run); named by the fields of the request, A1111's for an A1111 request.
         GenerationTimeoutError, JobCancelledError: it ran past GENERATION_TIMEOUT_SECONDS, or was cancelled.
-        OutOfMemoryError: a tile did not fit in GPU memory.
+        OutOfMemoryError: a tile did not fit in GPU memory, even in the retry's smaller tiles; or the model's
+            weights did not.
         AdapterError: the upscaler cannot be loaded (named).
     """
     request, staged = plan.request, plan.staged_size
@@ -68,31 +70,79 @@ def upscale_job(
         image = _at_result_size(plan, plan.image.resize(staged, _RESAMPLE[request.upscaler]))
         return Upscaled(image, None, 0, (time.perf_counter() - started) * 1000, device="cpu", dtype=None)
     upscalers = engine.upscalers
+    warnings: list[str] = []
     with engine.gpu(cancelled) as queue_ms:
         started = time.perf_counter()
         between = _deadline(engine.clock, timeout_s, cancelled)
-        try:
-            # The model read first: its scale says how large its passes make the image, checked before they run.
-            scale, dtype = upscalers.facts(request.upscaler)
-            _check_passes(plan, scale, engine.settings)
-            enlarged, passes = upscalers.enlarge(request.upscaler, _tensor(plan.image), staged, between)
-            image = _image(enlarged)
-        except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not is_out_of_memory(error):
-                raise
-            raise OutOfMemoryError(
-                f"upscaling {plan.image.size[0]}x{plan.image.size[1]} with {request.upscaler} ran out of GPU memory "
-                f"in tiles of {upscalers.tile} pixels: set UPSCALE_TILE lower"
-            ) from None
-        finally:
-            if engine.device.type == "cuda":
-                torch.cuda.empty_cache()
+        # The model read first: its scale says how large its passes make the image, checked before they run.
+        scale, dtype = _facts(engine, request.upscaler)
+        _check_passes(plan, scale, engine.settings)
+        enlarged = _enlarged(engine, request.upscaler, plan.image, staged, between, tile=None)
+        if enlarged is None:
+            # Once more in smaller tiles, as a generation job's frugal retry runs its hires upscaler.
+            tile = upscalers.frugal_tile()
+            if tile < upscalers.tile:
+                warnings.append(f"the GPU ran out of memory; the image was upscaled again in tiles of {tile} pixels")
+                log.warning("out of GPU memory upscaling %dx%d; again in tiles of %d", *plan.image.size, tile)
+                enlarged = _enlarged(engine, request.upscaler, plan.image, staged, between, tile=tile)
+            if enlarged is None:
+                raise OutOfMemoryError(
+                    f"upscaling {plan.image.size[0]}x{plan.image.size[1]} with {request.upscaler} ran out of GPU "
+                    f"memory even in tiles of {tile} pixels: set UPSCALE_TILE lower"
+                )
+        image, passes = _image(enlarged[0]), enlarged[1]
         inference_ms = (time.perf_counter() - started) * 1000
     image = _at_result_size(plan, image.resize(staged, Image.Resampling.LANCZOS))
     log.info("upscaled %dx%d to %dx%d: %d pass(es) of %s", *plan.image.size, *image.size, passes, request.upscaler)
+    dtype_name = str(dtype).removeprefix("torch.")
     return Upscaled(
-        image, scale, passes, inference_ms, engine.device.type, str(dtype).removeprefix("torch."), queue_ms=queue_ms
+        image, scale, passes, inference_ms, engine.device.type, dtype_name, queue_ms=queue_ms, warnings=warnings
     )
+
+
+def _enlarged(
+    engine: Engine,
+    upscaler: str,
+    image: Image.Image,
+    staged: tuple[int, int],
+    between: Callable[[], None],
+    *,
+    tile: int | None,
+) -> tuple[torch.Tensor, int] | None:
+    """``Upscalers.enlarge`` of ``image`` to ``staged`` in tiles of ``tile`` pixels (or UPSCALE_TILE); None when
+    the GPU ran out of memory, its cache handed back to the driver."""
+    try:
+        return engine.upscalers.enlarge(upscaler, _tensor(image), staged, between, tile=tile)
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(error):
+            raise
+    finally:
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+    _hand_back(engine)  # outside the except block: the error's traceback, and the tiles it held, are gone
+    return None
+
+
+def _facts(engine: Engine, upscaler: str) -> tuple[int, torch.dtype]:
+    """``Upscalers.facts``: the upscaler loaded, its scale and dtype.
+
+    Raises:
+        OutOfMemoryError: its weights did not fit in GPU memory.
+    """
+    try:
+        return engine.upscalers.facts(upscaler)
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+    _hand_back(engine)
+    raise OutOfMemoryError(f"loading the upscaler {upscaler} ran out of GPU memory")
+
+
+def _hand_back(engine: Engine) -> None:
+    """After an out-of-memory error: what the failed run left collected, the GPU's cache handed to the driver."""
+    gc.collect()  # the frames of an out-of-memory error's traceback may hold tensors in a cycle
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _check_passes(plan: UpscalePlan, model_scale: int, limits: RequestLimits) -> None:
