@@ -31,8 +31,9 @@ from src.finish import finish
 from src.job_loop import remember_stops_before_start, retry_dropped_result_posts, stopped_before_start
 from src.prepare import JobPlan, UpscalePlan
 from src.prepare import prepare as prepare_job
+from src.run.a1111_listings import answer_listing
 from src.run.describe import describe
-from src.schema import InputError, check_limits, parse_describe
+from src.schema import InputError, check_limits, parse_a1111_listing, parse_describe
 from src.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def _gpu_failed(job: Any, error: Exception) -> dict[str, Any]:
     }
 
 
-async def handler(job: Any) -> dict[str, Any]:
+async def handler(job: Any) -> dict[str, Any] | list[Any]:
     """Run one RunPod job. Returns the response, or ``{"error": message}``; never raises but when cancelled.
 
     Its end is logged in one line, with no payload: the id, COMPLETED, FAILED or CANCELLED, the time, the
@@ -174,7 +175,7 @@ async def handler(job: Any) -> dict[str, Any]:
         log.info("job %s CANCELLED in %.0f ms", job_id, (time.perf_counter() - started) * 1000)
         raise
     elapsed_ms = (time.perf_counter() - started) * 1000
-    if "error" in response:
+    if isinstance(response, dict) and "error" in response:
         reason = (str(response["error"]).splitlines() or [""])[0][:300]
         log.info("job %s FAILED in %.0f ms: %s", job_id, elapsed_ms, reason)
     else:
@@ -182,7 +183,7 @@ async def handler(job: Any) -> dict[str, Any]:
     return response
 
 
-async def _answer(job: Any, started: float) -> dict[str, Any]:
+async def _answer(job: Any, started: float) -> dict[str, Any] | list[Any]:
     if _gpu_failure is not None:
         # RunPod may hand the worker more jobs before it stops it; trying them on the GPU would only fail.
         return {
@@ -193,9 +194,8 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
     cancelled = threading.Event()
     try:
         settings = get_settings()
-        if parse_describe(job) is not None:
-            # What the worker has, from the engine's state: no slot, no GPU.
-            return await in_thread(lambda: describe(get_engine()), cancelled)
+        if (listed := _what_the_worker_has(job)) is not None:
+            return await in_thread(lambda: listed(get_engine()), cancelled)
         async with _jobs_in_memory.held(settings.jobs_in_memory):
             plan = await in_thread(lambda: _prepare(job, settings, cancelled), cancelled)
             try:
@@ -212,6 +212,16 @@ async def _answer(job: Any, started: float) -> dict[str, Any]:
         if isinstance(error, (InputError, SettingsError, WorkerError)):
             return {"error": str(error)}
         return _unexpected(job, error)
+
+
+def _what_the_worker_has(job: Any) -> Callable[[Engine], dict[str, Any] | list[Any]] | None:
+    """For a describe job, or a GET of one of A1111's listings: its answer, from the engine's state (no slot, no
+    GPU); None for any other job."""
+    if parse_describe(job) is not None:
+        return describe
+    if (listing := parse_a1111_listing(job)) is not None:
+        return lambda engine: answer_listing(engine, listing)
+    return None
 
 
 def _prepare(job: Any, settings: Settings, cancelled: threading.Event) -> JobPlan | UpscalePlan:

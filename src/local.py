@@ -273,7 +273,7 @@ def run_local(handler: Callable[[Any], Any], run: LocalRun) -> int:
         print(f"job {job_id}: FAILED: {result['error']}", file=sys.stderr)
         return 1
     output = result.get("output", {})
-    if "describe" in output:  # what the worker serves: no images, no timings; shown whole
+    if not isinstance(output, dict) or not output.keys() & {"images", "image"}:  # describe, an A1111 listing: whole
         print(json.dumps(output, indent=2))
         return 0
     print(summarize(job_id, output, write_images(output, run.folder)))

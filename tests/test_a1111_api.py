@@ -30,10 +30,9 @@ import handler
 from builder.tiny_model import write_tiny_controlnets, write_tiny_model, write_tiny_models
 from builder.tiny_upscalers import write_tiny_upscalers
 from src import local
-from src.finish.parameters import HIRES_UPSCALER_NAMES
 from src.prepare import prepare
 from src.run.pipelines import upscale_latents
-from src.schema import Hires, InputError, read_a1111
+from src.schema import HIRES_UPSCALER_NAMES, Hires, InputError, read_a1111
 from src.settings import Settings, load_settings
 from tests.a1111_payloads import (
     CONTROL,
@@ -330,10 +329,11 @@ def test_send_images_false_answers_without_images(worker: None, monkeypatch: pyt
     )
 
 
-def test_an_unknown_endpoint_is_refused_naming_the_known_ones_and_the_next_job_runs(worker: None) -> None:
-    result = run({"api": {"method": "GET", "endpoint": "/sdapi/v1/sd-models"}, "payload": {}})
-    assert "api.endpoint='/sdapi/v1/sd-models'" in result["error"]
-    for known in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image"):
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_an_unknown_endpoint_is_refused_naming_the_known_ones_and_the_next_job_runs(worker: None, method: str) -> None:
+    result = run({"api": {"method": method, "endpoint": "/sdapi/v1/progress"}, "payload": {}})
+    assert "api.endpoint='/sdapi/v1/progress': not an endpoint this worker answers" in result["error"]
+    for known in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image", "/sdapi/v1/sd-models"):
         assert known in result["error"]
     assert "describe" in result["error"]
     assert "error" not in run(FLAT)

@@ -274,3 +274,16 @@ def test_an_a1111_field_the_worker_cannot_honour_over_http_then_a_job(api_url: s
     assert unknown["status"] == "FAILED"
     assert "/sdapi/v1/txt2img, /sdapi/v1/img2img, /sdapi/v1/extra-single-image" in unknown["error"]
     assert post(api_url, {"input": FLAT})["status"] == "COMPLETED"
+
+
+def test_a1111_listings_over_http_answer_as_a1111s_get_endpoints(api_url: str) -> None:
+    # As RunPod's A1111 workers pass a GET on: the output is A1111's answer itself, a list or an object.
+    def listing(endpoint: str) -> Any:
+        body = post(api_url, {"input": {"api": {"method": "GET", "endpoint": endpoint}, "payload": {}}})
+        assert body["status"] == "COMPLETED", body
+        return body["output"]
+
+    models = listing("/sdapi/v1/sd-models")
+    assert isinstance(models, list)
+    assert models[0]["model_name"] == listing("/sdapi/v1/options")["sd_model_checkpoint"]
+    assert "Euler a" in [sampler["name"] for sampler in listing("/sdapi/v1/samplers")]

@@ -10,21 +10,11 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from src.schema import A1111_NOISE_SOURCE, CONTROL_MODE_LABELS, GenerateRequest, lora_tags
+from src.schema import A1111_NOISE_SOURCE, CONTROL_MODE_LABELS, HIRES_UPSCALER_NAMES, GenerateRequest, lora_tags
 
 if TYPE_CHECKING:
     from src.adapters.loras import Applied
 
-# A1111's names for the hires upscalers.
-HIRES_UPSCALER_NAMES = {
-    "latent": "Latent",
-    "latent-antialiased": "Latent (antialiased)",
-    "latent-bicubic": "Latent (bicubic)",
-    "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
-    "latent-nearest": "Latent (nearest)",
-    "latent-nearest-exact": "Latent (nearest-exact)",
-    "lanczos": "Lanczos",
-}
 # The ControlNet extension's names for the resize modes (its ResizeMode enum).
 _CONTROLNET_RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 

@@ -46,9 +46,9 @@ def describe(engine: Engine) -> dict[str, Any]:
             "memory_profile": engine.profile.value,
             "models": _models(engine),
             "vaes": ([{"name": identity.vae, "hash": identity.vae_hash, "default": True}] if identity.vae else [])
-            + [{"name": name, "hash": None, "default": False} for name in _usable(vaes)],
-            "loras": _usable(engine.loras.files),
-            "controlnets": _usable(engine.controlnets.entries),
+            + [{"name": name, "hash": None, "default": False} for name in usable_names(vaes)],
+            "loras": usable_names(engine.loras.files),
+            "controlnets": usable_names(engine.controlnets.entries),
             "embeddings": sorted(engine.embeddings),
             "schedulers": [{"name": name, "aliases": sorted(aliases[name])} for name in SCHEDULER_NAMES],
             "hires_upscalers": [*HIRES_BUILT_IN, *engine.upscalers.names],
@@ -70,14 +70,14 @@ def _models(engine: Engine) -> list[dict[str, Any]]:
     host memory."""
     models, identity = engine.models, engine.identity
     listed = [{"name": identity.name, "hash": identity.model_hash, "default": True, "cached": True}]
-    for name in _usable(models.entries):
+    for name in usable_names(models.entries):
         known = models.known(name)
         hashed = known.model_hash if known else None
         listed.append({"name": name, "hash": hashed, "default": False, "cached": name in models.cached})
     return listed
 
 
-def _usable(entries: Mapping[str, Any]) -> list[str]:
+def usable_names(entries: Mapping[str, Any]) -> list[str]:
     """The names of the entries (of a folder's scan) that have no problem, sorted."""
     return sorted(name for name, entry in entries.items() if entry.problem is None)
 

@@ -22,7 +22,15 @@ Its modules, each importing only those above it:
 Callers import from ``src.schema`` itself, which re-exports every public name.
 """
 
-from src.schema.a1111 import A1111_ENDPOINTS, A1111Call, a1111_endpoint, names_a1111, read_a1111
+from src.schema.a1111 import (
+    A1111_ENDPOINTS,
+    A1111_LISTINGS,
+    A1111Call,
+    a1111_endpoint,
+    names_a1111,
+    parse_a1111_listing,
+    read_a1111,
+)
 from src.schema.a1111_fields import A1111_NOISE_SOURCE
 from src.schema.adapters import (
     CONTROL_MODE_ALIASES,
@@ -74,6 +82,7 @@ from src.schema.passes import (
     HIRES_SIDE_STEP,
     HIRES_STRENGTH_CAP,
     HIRES_STRENGTH_DEFAULT,
+    HIRES_UPSCALER_NAMES,
     LATENT_VARIANTS,
     Hires,
     Outpaint,
@@ -114,6 +123,7 @@ from src.schema.upscale import (
 
 __all__ = [
     "A1111_ENDPOINTS",
+    "A1111_LISTINGS",
     "A1111_NOISE_SOURCE",
     "CLIP_SKIP_MAX",
     "CONFIGURED_DEFAULT",
@@ -130,6 +140,7 @@ __all__ = [
     "HIRES_SIDE_STEP",
     "HIRES_STRENGTH_CAP",
     "HIRES_STRENGTH_DEFAULT",
+    "HIRES_UPSCALER_NAMES",
     "IMAGE_FIELDS",
     "INPAINT_PADDING_MAX",
     "LATENT_VARIANTS",
@@ -186,6 +197,7 @@ __all__ = [
     "lora_tags",
     "names_a1111",
     "names_upscale",
+    "parse_a1111_listing",
     "parse_describe",
     "parse_input",
     "parse_upscale",

@@ -31,6 +31,21 @@ A1111_ENDPOINTS: Mapping[str, str] = {
     "/sdapi/v1/img2img": "img2img",
     "/sdapi/v1/extra-single-image": "extra-single-image",
 }
+# The GET endpoints a job may name: A1111's listings of what it serves (and its ControlNet extension's), answered
+# from what the worker has, in A1111's shapes (src/run/a1111_listings.py).
+A1111_LISTINGS: tuple[str, ...] = (
+    "/sdapi/v1/sd-models",
+    "/sdapi/v1/sd-vae",
+    "/sdapi/v1/samplers",
+    "/sdapi/v1/schedulers",
+    "/sdapi/v1/upscalers",
+    "/sdapi/v1/latent-upscale-modes",
+    "/sdapi/v1/loras",
+    "/sdapi/v1/embeddings",
+    "/sdapi/v1/options",
+    "/controlnet/model_list",
+    "/controlnet/module_list",
+)
 # This worker's fields that mean the same in an A1111 payload: the output options, which A1111 lacks.
 NATIVE_IN_A1111 = ("output_format", "output_quality", "output_type")
 
@@ -127,21 +142,72 @@ def _endpoint(api: Any) -> str:
         InputError: ``api`` is not ``{"method": "POST", "endpoint": ...}`` naming a known endpoint.
     """
     known = ", ".join(A1111_ENDPOINTS)
-    if not isinstance(api, dict) or set(api) - {"method", "endpoint"}:
-        raise InputError(f'{INVALID_INPUT}api={shown(api)}: must be {{"method": "POST", "endpoint": ...}}')
-    endpoint = api.get("endpoint")
-    path = "/" + endpoint.strip().strip("/") if isinstance(endpoint, str) else None
-    method = api.get("method", "POST")
+    method, path = _method_and_path(api)
     for name in A1111_ENDPOINTS:
         if path not in (name, name.removeprefix("/sdapi/v1")):
             continue
-        if not isinstance(method, str) or method.strip().upper() != "POST":
-            raise InputError(f"{INVALID_INPUT}api.method={shown(method)}: must be POST, the method of {known}")
+        if method != "POST":
+            raise InputError(
+                f"{INVALID_INPUT}api.method={shown(api.get('method'))}: must be POST, the method of {known}"
+            )
         return name
-    raise InputError(
-        f"{INVALID_INPUT}api.endpoint={shown(endpoint)}: not an endpoint this worker answers; it answers {known} "
+    if _listing(path) is not None:
+        raise InputError(f"{INVALID_INPUT}api.method={shown(api.get('method'))}: must be GET, the method of {path}")
+    raise _unknown(api.get("endpoint"))
+
+
+def _unknown(endpoint: Any) -> InputError:
+    """The refusal of an endpoint this worker does not answer, naming those it does."""
+    return InputError(
+        f"{INVALID_INPUT}api.endpoint={shown(endpoint)}: not an endpoint this worker answers; it answers POST "
+        f"{', '.join(A1111_ENDPOINTS)} and GET {', '.join(A1111_LISTINGS)} "
         '(and {"describe": true} lists its models, samplers and upscalers)'
     )
+
+
+def _method_and_path(api: Any) -> tuple[str | None, str | None]:
+    """An ``api`` object's method (upper case; POST when left out) and endpoint (with one leading slash).
+
+    Raises:
+        InputError: ``api`` is not an object of ``method`` and ``endpoint``.
+    """
+    if not isinstance(api, dict) or set(api) - {"method", "endpoint"}:
+        raise InputError(f'{INVALID_INPUT}api={shown(api)}: must be {{"method": "POST", "endpoint": ...}}')
+    endpoint, method = api.get("endpoint"), api.get("method", "POST")
+    path = "/" + endpoint.strip().strip("/") if isinstance(endpoint, str) else None
+    return (method.strip().upper() if isinstance(method, str) else None), path
+
+
+def _listing(path: str | None) -> str | None:
+    """The listing (a key of ``A1111_LISTINGS``) an endpoint path names, ``/sdapi/v1`` left out or not."""
+    for name in A1111_LISTINGS:
+        if path in (name, name.removeprefix("/sdapi/v1")):
+            return name
+    return None
+
+
+def parse_a1111_listing(job: Any) -> str | None:
+    """The A1111 listing (a GET endpoint of ``A1111_LISTINGS``) a job asks for; None for any other job.
+
+    Raises:
+        InputError: a GET request for another endpoint, or one with a payload.
+    """
+    data = job.get("input") if isinstance(job, dict) else None
+    if not isinstance(data, dict) or "api" not in data or not isinstance(data["api"], dict):
+        return None
+    method, path = _method_and_path(data["api"])
+    listing = _listing(path)
+    if method != "GET" or (
+        listing is None and any(path in (name, name.removeprefix("/sdapi/v1")) for name in A1111_ENDPOINTS)
+    ):
+        return None  # a POST, or a GET of a POST endpoint: read_a1111 answers, or says what is wrong
+    if listing is None:
+        raise _unknown(data["api"].get("endpoint"))
+    if others := sorted(str(name) for name in set(data) - {"api", "payload"}):
+        raise InputError(f"{INVALID_INPUT}{', '.join(others)}: an A1111 request has only api and payload")
+    if data.get("payload") not in (None, {}):
+        raise InputError(f"{INVALID_INPUT}payload={shown(data['payload'])}: a GET request takes none")
+    return listing
 
 
 def _flat_endpoint(data: Mapping[str, Any]) -> str:

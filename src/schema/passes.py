@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import (
@@ -46,6 +47,16 @@ LATENT_VARIANTS = (
     "latent-nearest",
     "latent-nearest-exact",
 )
+# A1111's names for the built-in hires upscalers, as its parameters and its latent-upscale-modes list them.
+HIRES_UPSCALER_NAMES: Mapping[str, str] = {
+    "latent": "Latent",
+    "latent-antialiased": "Latent (antialiased)",
+    "latent-bicubic": "Latent (bicubic)",
+    "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
+    "latent-nearest": "Latent (nearest)",
+    "latent-nearest-exact": "Latent (nearest-exact)",
+    "lanczos": "Lanczos",
+}
 
 
 class Outpaint(BaseModel):
