@@ -18,7 +18,7 @@ from builder import bake_upscalers, cache_model
 from builder.tiny_upscalers import write_tiny_upscalers
 from src.adapters.upscalers import read_upscaler, scan_upscalers, upscalers_from
 from src.settings import Settings, SettingsError, load_settings, redact_url
-from tests.test_checkpoints import Served
+from tests.test_checkpoints import Served, serving
 
 ESRGAN, COMPACT = "tiny-esrgan-4x.pth", "tiny-compact-2x.safetensors"
 SECRET = "s3cret-never-shown"
@@ -41,11 +41,8 @@ def server(tiny: Path) -> Iterator[Served]:
         f"/up/hostile.pth?token={SECRET}": tiny / "bad" / "hostile.pth",
         "/api/download/9": tiny / ESRGAN,
     }
-    server = Served(files)
-    server.cut.update(files)
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
+    with serving(files, cut_once=False) as served:
+        yield served
 
 
 @pytest.fixture
