@@ -29,6 +29,7 @@ import handler
 from builder.tiny_lora import build_lora_state_dict, save_lora, write_test_loras
 from src.adapters.loras import Loras, scan_loras
 from src.errors import AdapterError, AdmissionError, GenerationTimeoutError, OutOfMemoryError
+from src.run.a1111_listings import answer_listing
 from src.run.engine import Engine, Generation
 from src.schema import parse_input
 from src.settings import load_settings
@@ -366,6 +367,35 @@ def test_an_unknown_name_is_refused_listing_at_most_20_names(
         "error": f"invalid input: loras.0.name='nope': not a LoRA in LORA_DIR; the LoRAs are: {listed} and 5 more"
     }
     assert ok(loras=[{"name": "copy-24"}])["metadata"]["loras"][0]["name"] == "copy-24"
+
+
+def test_a_lora_in_a_subfolder_is_named_by_its_file_name_alone_as_in_a1111(
+    configure: Callable[..., None], monkeypatch: pytest.MonkeyPatch, lora_dir: Path, tmp_path: Path
+) -> None:
+    # A1111 names a LoRA by its file's name wherever it lies: its prompts say <lora:a:0.8> for styles/a.
+    for name in ("styles/a", "one/b", "two/b"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copyfile(lora_dir / "a.safetensors", tmp_path / f"{name}.safetensors")
+    configure(LORA_DIR=str(tmp_path))
+    monkeypatch.setattr(handler, "_engine", None)  # a worker started with this folder
+
+    by_its_file_name = ok(prompt="a fox <lora:a:0.8>")
+    assert by_its_file_name["metadata"]["loras"][0]["name"] == "a"
+    parameters = decode_png(by_its_file_name["images"][0]["image"]).text["parameters"]
+    assert parameters.startswith("a fox <lora:a:0.8>\n"), "the prompt's tag, and no second one for styles/a"
+    assert f'Lora hashes: "a: {by_its_file_name["metadata"]["loras"][0]["hash"]}"' in parameters
+    by_its_path = ok(prompt="a fox <lora:styles/a:0.8>")
+    assert [decode_png(item).tobytes() for item in files_of(by_its_path)] == [
+        decode_png(item).tobytes() for item in files_of(by_its_file_name)
+    ], "the same file's pixels"
+    assert handler.get_engine().loras.cached == ["styles/a"], "loaded once, under its own name"
+    # Two LoRAs of that file name: neither is A1111's "b" here, and the job is refused naming both.
+    error = run(prompt="a fox <lora:b:1>")["error"]
+    assert error.startswith("invalid input: loras.0.name='b': not a LoRA in LORA_DIR; the LoRAs are: "), error
+    assert "one/b" in error
+    assert "two/b" in error
+    listed = answer_listing(handler.get_engine(), "/sdapi/v1/loras")
+    assert [item["name"] for item in listed] == ["one/b", "a", "two/b"], "by the files' order"
 
 
 def test_an_unknown_name_lists_the_usable_loras_only(lora_worker: Callable[..., None]) -> None:

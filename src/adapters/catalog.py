@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from src.adapters.folders import basename_aliases
 from src.schema import HIRES_BUILT_IN, LATENT_VARIANTS, UPSCALE_BUILT_IN
 
 if TYPE_CHECKING:
@@ -117,12 +118,12 @@ class Catalog:
     def lora_problems(self, refs: Sequence[LoraRef]) -> list[str]:
         """Each unknown LoRA name, with the names there are (a file known to be unusable is refused when
         the job loads it, naming the file and why); a LoRA by URL is checked once downloaded."""
-        names = self.lora_names
+        names, aliases = self.lora_names, basename_aliases(self.loras)
         listed = f"the LoRAs are: {_shown(names, ' and {} more')}" if names else "LORA_DIR holds no usable LoRA"
         return [
             f"loras.{index}.name={ref.name!r}: not a LoRA in LORA_DIR; {listed}"
             for index, ref in enumerate(refs)
-            if ref.name is not None and ref.name not in self.loras
+            if ref.name is not None and ref.name not in self.loras and ref.name not in aliases
         ]
 
     def controlnet_problems(self, units: Sequence[ControlNetRef]) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from src.errors import AdapterError
@@ -22,3 +24,12 @@ def named_files(folder: str, setting: str, suffixes: tuple[str, ...]) -> dict[st
         for path in sorted(root.rglob("*"))
         if path.suffix.lower() in suffixes and path.is_file()
     }
+
+
+def basename_aliases(names: Iterable[str]) -> dict[str, str]:
+    """A1111's names for the files of a folder's subfolders: A1111 names a LoRA by its file's name alone,
+    wherever it lies, so a prompt written there says ``<lora:name:1>`` for this worker's ``sub/name``. Each such
+    file name that no other name here ends with (at the top or in another subfolder), to its name."""
+    names = list(names)
+    counts = Counter(name.rsplit("/", 1)[-1] for name in names)
+    return {base: name for name in names if counts[base := name.rsplit("/", 1)[-1]] == 1 and base != name}

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load as load_safetensors
 
-from src.adapters.folders import named_files
+from src.adapters.folders import basename_aliases, named_files
 from src.errors import AdapterError, first_line
 from src.models.safetensors_header import SafetensorsError, parse_header, read_header
 
@@ -104,17 +104,16 @@ def scan_loras(folder: str | None) -> dict[str, LoraFile]:
     return files
 
 
-_UNREADABLE = "not a safetensors file (its header cannot be read)"
-
-
 def describe_lora(name: str, path: Path, url: str | None = None) -> LoraFile:
     """The LoRA file at ``path`` as its header describes it, named ``name``; its ``problem`` says why it cannot
     be used, when it cannot."""
     try:
-        header, _start = read_header(path)
-    except (SafetensorsError, KeyError, TypeError, IndexError, OSError) as error:
-        problem = str(error).removeprefix(f"{path}: ") if isinstance(error, SafetensorsError) else _UNREADABLE
+        header, _start = read_header(path)  # every tensor's entry checked: a dtype, a shape, two offsets
+    except SafetensorsError as error:
+        problem = str(error).removeprefix(f"{path}: ")
         return LoraFile(name, path, parameters=0, rank=0, problem=problem, url=url)
+    except OSError as error:
+        return LoraFile(name, path, parameters=0, rank=0, problem=f"it cannot be read: {error.strerror}", url=url)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
     parameters = sum(_numel(entry.get("shape", [])) for entry in tensors.values())
     ranks, layer_parameters = [], 0
@@ -234,6 +233,8 @@ class Loras:
         PEFT's layers add the LoRAs at every step."""
         self.pipeline = pipeline
         self.files = files
+        # A LoRA in a subfolder, by A1111's name for it (``basename_aliases``): the same file, loaded once.
+        self.aliases = basename_aliases(files)
         # LoRAs requests named by URL, by key: added by the jobs that downloaded them (``add_downloaded``).
         self.downloaded: dict[str, LoraFile] = {}
         self.cache_bytes = cache_bytes
@@ -294,14 +295,14 @@ class Loras:
         self.downloaded = {**self.downloaded, key: file}
 
     def _file(self, name: str) -> LoraFile | None:
-        return self.files.get(name) or self.downloaded.get(name)
+        return self.files.get(self.aliases.get(name, name)) or self.downloaded.get(name)
 
     def gpu_bytes(self, refs: Sequence[LoraRef], dtype_bytes: int) -> int:
         """The GPU memory a job's LoRAs take, for admission: their weights, the copies of the layers they change
         that merging keeps, and the other cached adapters when they ride along (``cache_rides_along``)."""
         files = [file for ref in refs if ref.name is not None and (file := self._file(ref.name)) is not None]
         backups = sum(item.layer_parameters for item in files) if self.merge else 0
-        job = {ref.name for ref in refs}
+        job = {self.aliases.get(ref.name, ref.name) for ref in refs if ref.name is not None}
         cached = self._state.cached.items()
         riding = sum(item.size for name, item in cached if name not in job) if self.cache_rides_along else 0
         return (sum(item.parameters for item in files) + backups) * dtype_bytes + riding
@@ -328,8 +329,11 @@ class Loras:
                     where = f"url={file.url!r}" if file is not None and file.url else f"name={ref.name!r}"
                     raise AdapterError(f"loras.{index}.{where}: {error}") from None
             self._switch_on(adapters, [ref.scale for ref in refs])
+            # Named as the job named them: the parameters' tags and hashes then read as the prompt's.
             yield [
-                Applied(item.file.name, ref.scale, item.short_hash, item.file.url)
+                Applied(
+                    ref.name if ref.name in self.aliases else item.file.name, ref.scale, item.short_hash, item.file.url
+                )
                 for ref, item in zip(refs, adapters, strict=True)
             ]
         finally:
@@ -337,7 +341,8 @@ class Loras:
             self._evict()
 
     def _load(self, name: str) -> _Adapter:
-        """The LoRA ``name``, from the cache or from its file."""
+        """The LoRA ``name`` (or A1111's name for it), from the cache or from its file."""
+        name = self.aliases.get(name, name)
         cached = self._state.cached.get(name)
         if cached is not None:
             self._state.cached.move_to_end(name)

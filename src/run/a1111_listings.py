@@ -119,11 +119,11 @@ def _latent_modes(_engine: Engine) -> list[dict[str, str]]:
 
 
 def _loras(engine: Engine) -> list[dict[str, Any]]:
-    """A1111's ``loras`` (its Lora extension's): LORA_DIR's usable LoRAs, by the name a ``<lora:...>`` tag takes."""
-    files = engine.loras.files
-    return [
-        {"name": name, "alias": name, "path": files[name].path.name, "metadata": {}} for name in usable_names(files)
-    ]
+    """A1111's ``loras`` (its Lora extension's): LORA_DIR's usable LoRAs, by A1111's name, which a ``<lora:...>``
+    tag takes: a LoRA in a subfolder by its file's name alone, unless another LoRA has that name too."""
+    files, a1111_names = engine.loras.files, {name: alias for alias, name in engine.loras.aliases.items()}
+    listed = [(a1111_names.get(name, name), files[name].path.name) for name in usable_names(files)]
+    return [{"name": name, "alias": name, "path": file_name, "metadata": {}} for name, file_name in listed]
 
 
 def _embeddings(engine: Engine) -> dict[str, Any]:

@@ -74,8 +74,8 @@ class LoraRequest(BaseModel):
         None,
         min_length=1,
         max_length=255,
-        description="A LoRA's name: its file name in `LORA_DIR` without `.safetensors` (`sub/name` in a subfolder). "
-        "Give `name` or `url`.",
+        description="A LoRA's name: its file name in `LORA_DIR` without `.safetensors` (`sub/name` in a subfolder, "
+        "or `name` alone, as A1111 names it, when no other LoRA has that file name). Give `name` or `url`.",
     )
     url: StrictStr | None = Field(
         None,
