@@ -459,6 +459,14 @@ def test_every_a1111_field_read_is_listed_in_the_docs() -> None:
     assert not missing, f"docs/a1111.md does not name: {missing}"
 
 
+@pytest.mark.parametrize(("sent", "rounded"), [({}, True), ({"mask_round": False}, False), ({"mask_round": 1}, True)])
+def test_an_a1111_mask_is_rounded_unless_the_payload_says_not(sent: dict[str, Any], rounded: bool) -> None:
+    call = read_a1111({"input": {**INPAINT, **sent}})
+
+    assert call is not None
+    assert call.input["mask_round"] is rounded
+
+
 def test_a_native_input_is_not_read_as_a1111s() -> None:
     assert read_a1111({"input": {"prompt": "a fox", "num_inference_steps": 3, "seed": 1}}) is None
     assert read_a1111({"input": {"prompt": "a fox", "width": 64, "tiling": True, "mask_blur": 4}}) is None

@@ -795,16 +795,22 @@ def test_an_rgb_mask_becomes_l() -> None:
     assert loaded.warnings == []
 
 
-def test_an_rgba_mask_is_composited_onto_black() -> None:
-    image = Image.new("RGBA", (24, 16), (255, 255, 255, 0))  # transparent: kept
+def test_a_mask_with_transparency_is_its_alpha_as_a1111_reads_one() -> None:
+    image = Image.new("RGBA", (32, 16), (255, 255, 255, 0))  # transparent: kept
     image.paste((255, 255, 255, 255), (8, 0, 16, 16))  # opaque white: repainted
     image.paste((255, 255, 255, 128), (16, 0, 24, 16))  # half: partly repainted
+    image.paste((200, 0, 0, 255), (24, 0, 32, 16))  # an opaque red stroke: repainted, whatever its colour
 
     loaded = mask_of(encode(image, "PNG"))
 
-    assert (loaded.image.mode, loaded.image.size) == ("L", (24, 16))
-    assert [pixel(loaded.image, (x, 0)) for x in (0, 8, 16)] == [0, 255, 128]
-    assert loaded.warnings == ["mask: its transparency was composited onto black (transparent is kept)"]
+    assert (loaded.image.mode, loaded.image.size) == ("L", (32, 16))
+    assert [pixel(loaded.image, (x, 0)) for x in (0, 8, 16, 24)] == [0, 255, 128, 255]
+    assert loaded.warnings == [
+        "mask: it has transparency, so its alpha is the mask (opaque repaints, transparent keeps), as in A1111"
+    ]
+    opaque = Image.new("RGBA", (16, 16), (255, 255, 255, 255))
+    opaque.paste((0, 0, 0, 255), (0, 0, 8, 16))
+    assert [pixel(mask_of(encode(opaque, "PNG")).image, (x, 0)) for x in (0, 8)] == [0, 255], "no transparency: grey"
 
 
 def test_a_grey_mask_keeps_its_values() -> None:

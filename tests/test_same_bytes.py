@@ -153,6 +153,7 @@ NEUTRAL_SINCE = {
     # Inpaint's and outpaint's only; absent from the other tasks' metadata.
     "inpaint_fill": "original",
     "mask_invert": False,
+    "mask_round": False,
 }
 
 

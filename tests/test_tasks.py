@@ -239,6 +239,26 @@ def test_only_masked_paints_a_larger_image_at_its_own_size_as_diffusers_padding_
     assert np.abs(ours - array(reference)).max() <= 1
 
 
+def test_mask_round_makes_the_mask_black_and_white_before_its_blur_as_a1111() -> None:
+    mask = Image.new("L", IMAGE.size, 0)
+    mask.paste(100, (0, 0, 64, 64))  # grey at or under 128: black, kept
+    mask.paste(200, (64, 0, 128, 64))  # above 128: white, repainted whole
+    fields = {"image": png_base64(IMAGE), "strength": 0.9, "mask_blur": 2}
+
+    rounded = ok(**fields, mask=png_base64(mask), mask_round=True)
+    by_hand = ok(**fields, mask=png_base64(mask.point(lambda value: 255 if value > 128 else 0)))
+    soft = ok(**fields, mask=png_base64(mask))
+
+    assert rounded["metadata"]["mask_round"] is True
+    assert soft["metadata"]["mask_round"] is False
+    assert np.array_equal(array(images_of(rounded)[0]), array(images_of(by_hand)[0]))
+    left = (slice(0, 64), slice(0, 60))  # the grey half, clear of the blurred edge
+    assert np.array_equal(array(images_of(rounded)[0])[left], array(IMAGE)[left]), "kept, byte for byte"
+    assert np.abs(array(images_of(soft)[0])[left] - array(IMAGE)[left]).max() > 2, "partly repainted"
+    outpainted = run(image=png_base64(IMAGE), outpaint={"left": 64}, mask_round=True)
+    assert "mask_round: needs a mask; outpaint paints its new area" in outpainted["error"]
+
+
 def bare_inpaint(pipeline: Any, image: Image.Image = IMAGE, mask: Image.Image = MASK, **more: Any) -> Image.Image:
     """``pipeline``'s inpaint of ``image`` under ``mask`` with the settings ``ok`` gives the worker (seed 11), and
     ``more`` arguments."""

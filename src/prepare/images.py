@@ -143,8 +143,8 @@ def load_mask(
 ) -> LoadedImage:
     """Read, check and decode an inpainting mask, as L: white (255) is repainted, black kept, grey in between.
 
-    A mask with transparency is composited onto black first, so a transparent pixel is kept.
-    Arguments and errors as for ``load_image``.
+    A mask with transparency is its alpha channel, as A1111's ``create_binary_mask`` reads an RGBA mask: opaque is
+    repainted whatever its colour, transparent kept. Arguments and errors as for ``load_image``.
     """
     data, source = _read(reference, field, settings, storage, resolve)
     image, warnings = _decode(data, field, source, settings)
@@ -361,14 +361,13 @@ def _to_rgb(image: Image.Image, field: str) -> tuple[Image.Image, list[str]]:
 
 def _to_l(image: Image.Image, field: str) -> tuple[Image.Image, list[str]]:
     image = _eight_bit(image)
-    if not _has_alpha(image):
+    rgba = image.convert("RGBA") if _has_alpha(image) else None
+    if rgba is None or not _transparent(rgba):
         return (image if image.mode == "L" else image.convert("L")), []
-    rgba = image.convert("RGBA")
-    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    warnings = (
-        [f"{field}: its transparency was composited onto black (transparent is kept)"] if _transparent(rgba) else []
+    warning = (
+        f"{field}: it has transparency, so its alpha is the mask (opaque repaints, transparent keeps), as in A1111"
     )
-    return Image.alpha_composite(black, rgba).convert("L"), warnings
+    return rgba.getchannel("A"), [warning]
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:

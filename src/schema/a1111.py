@@ -121,7 +121,7 @@ A1111_ONLY_FIELDS = frozenset(
         "firstphase_width", "firstphase_height", "restore_faces", "styles", "override_settings",
         "override_settings_restore_afterwards", "alwayson_scripts", "script_name", "script_args", "send_images",
         "save_images", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
-        "mask_blur_x", "mask_blur_y", "mask_round", "initial_noise_multiplier", "latent_mask", "image_cfg_scale",
+        "mask_blur_x", "mask_blur_y", "initial_noise_multiplier", "latent_mask", "image_cfg_scale",
         "include_init_images", "eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond",
         "do_not_save_samples", "do_not_save_grid", "refiner_checkpoint", "refiner_switch_at",
         "disable_extra_networks", "firstpass_image", "comments", "force_task_id", "infotext", "seed_enable_extras",

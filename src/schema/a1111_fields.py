@@ -160,7 +160,7 @@ def _sampler(sampler: Any, schedule: Any) -> Any:
         ValueError: the pair is not one this worker has, or the schedule is not a name.
     """
     if schedule is not None and not isinstance(schedule, str):
-        raise ValueError(f"scheduler={schedule!r}: must be a schedule's name, such as 'Karras' or 'Automatic'")
+        raise ValueError(f"scheduler={shown(schedule)}: must be a schedule's name, such as 'Karras' or 'Automatic'")
     if not isinstance(sampler, str):
         return sampler
     key, wanted = sampler.strip().lower(), (schedule or "").strip().lower()
@@ -172,8 +172,8 @@ def _sampler(sampler: Any, schedule: Any) -> Any:
         return canonical_scheduler(f"{sampler} {schedule}")
     except ValueError:
         raise ValueError(
-            f"{sampler!r} with the {schedule!r} schedule is not a sampler this worker has; it has Karras schedules "
-            "for DPM++ 2M, DPM++ 2M SDE and LMS, Exponential for DPM++ 2M SDE (its own), Uniform for Euler, "
+            f"{shown(sampler)} with the {shown(schedule)} schedule is not a sampler this worker has; it has Karras "
+            "schedules for DPM++ 2M, DPM++ 2M SDE and LMS, Exponential for DPM++ 2M SDE (its own), Uniform for Euler, "
             "Euler a, Heun, LMS, DPM2 and DPM2 a, and each sampler's own schedule ('Automatic')"
         ) from None
 
@@ -389,7 +389,6 @@ class Translation:
             self.out["resize_mode"] = resize_mode
         fields.only("initial_noise_multiplier", lambda value: value == 1, "this worker's noise is not scaled: only 1")
         fields.only("latent_mask", _is_empty, "a separate latent mask is not taken: send mask")
-        fields.only("mask_round", lambda value: value is True, "this worker rounds the mask of the latents: only true")
         # image_cfg_scale acts only on instruct-pix2pix models, which this worker does not serve.
         fields.accept("image_cfg_scale", "include_init_images")
         self._mask()
@@ -404,9 +403,11 @@ class Translation:
         full_res = fields.switch("inpaint_full_res", True)
         padding = fields.take("inpaint_full_res_padding", 0)
         invert = fields.take("inpainting_mask_invert", 0)
+        rounded = fields.switch("mask_round", True)
         if mask is None:
             return
         self.out["mask"] = mask
+        self.out["mask_round"] = rounded
         if blur is None and blur_x != blur_y:
             fields.refuse("mask_blur_x", [blur_x, blur_y], "the mask is blurred alike both ways: mask_blur_x = y")
         self.out["mask_blur"] = blur_x if blur is None else blur

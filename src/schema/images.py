@@ -26,7 +26,15 @@ INPAINT_PADDING_MAX = 256
 _RESIZE_MODES_BY_KEY = names_by_key(RESIZE_MODES, RESIZE_MODE_ALIASES)
 # Fields that mean something only for some tasks; asking for one elsewhere is an error, never ignored.
 IMAGE_FIELDS = ("mask", "strength", "resize_mode", "outpaint")
-MASK_FIELDS = ("mask_blur", "inpaint_area", "inpaint_padding", "inpaint_fill", "mask_invert", "keep_unmasked")
+MASK_FIELDS = (
+    "mask_blur",
+    "inpaint_area",
+    "inpaint_padding",
+    "inpaint_fill",
+    "mask_invert",
+    "mask_round",
+    "keep_unmasked",
+)
 
 
 def canonical_resize_mode(value: Any) -> Any:
@@ -52,7 +60,8 @@ class ImageInputs(RequestCore):
     mask: StrictStr | None = Field(
         None,
         description="Where to paint, in the forms `image` takes, the image's size: white repaints, "
-        "black keeps, grey is partial. Needs `image`.",
+        "black keeps, grey is partial; a mask with transparency is its alpha (opaque repaints), as A1111 reads "
+        "one. Needs `image`.",
     )
     strength: float = Field(
         STRENGTH_DEFAULT,
@@ -98,6 +107,12 @@ class ImageInputs(RequestCore):
     mask_invert: StrictBool = Field(
         False,
         description="`true` repaints the mask's black and keeps its white (A1111's `inpainting_mask_invert`). "
+        "With `mask`.",
+    )
+    mask_round: StrictBool = Field(
+        False,
+        description="`true` rounds the mask to black and white (above 128 is white) before its blur, as A1111 "
+        "does (its `mask_round`, on there by default, and so for an A1111 payload); `false` keeps grey as partial. "
         "With `mask`.",
     )
     keep_unmasked: StrictBool = Field(

@@ -118,8 +118,12 @@ class GenerateRequest(AdapterOptions):
                 problems.append("hires: is for text-to-image; with an image, `strength` sets how much is repainted")
             if self.mask is not None and self.outpaint is not None:
                 problems.append("mask: not with outpaint, whose new area is the mask")
-            if self.outpaint is not None and "mask_invert" in given:
-                problems.append("mask_invert: needs a mask; outpaint paints its new area")
+            if self.outpaint is not None:
+                problems += [
+                    f"{name}: needs a mask; outpaint paints its new area"
+                    for name in ("mask_invert", "mask_round")
+                    if name in given
+                ]
             if self.mask is None and self.outpaint is None:
                 problems += [f"{name}: needs a mask or outpaint" for name in MASK_FIELDS if name in given]
             if int(self.num_inference_steps * self.strength) < 1:

@@ -159,6 +159,9 @@ class Metadata(BaseModel):
         None, description="Inpaint and outpaint: `original`, `fill`, `latent_noise` or `latent_nothing`."
     )
     mask_invert: bool | None = Field(None, description="Inpaint and outpaint: whether the mask was inverted.")
+    mask_round: bool | None = Field(
+        None, description="Inpaint and outpaint: whether the mask was rounded to black and white before its blur."
+    )
     keep_unmasked: bool | None = Field(None, description="Inpaint and outpaint: whether unmasked pixels were kept.")
     outpaint: Outpaint | None = Field(None, description="Outpaint: the pixels added on each side.")
     hires: Hires | None = Field(None, description="Hires fix: scale, steps, strength and upscaler, as run.")
