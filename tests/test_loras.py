@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import handler
 from builder.tiny_lora import build_lora_state_dict, save_lora, write_test_loras
@@ -376,6 +376,9 @@ def test_a_lora_in_a_subfolder_is_named_by_its_file_name_alone_as_in_a1111(
     for name in ("styles/a", "one/b", "two/b"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copyfile(lora_dir / "a.safetensors", tmp_path / f"{name}.safetensors")
+    # And by the name kohya's metadata gives it, which A1111 takes as its alias.
+    tensors = load_file(lora_dir / "b.safetensors")
+    save_file(tensors, tmp_path / "styles" / "wc.safetensors", metadata={"ss_output_name": "watercolor_v2"})
     configure(LORA_DIR=str(tmp_path))
     monkeypatch.setattr(handler, "_engine", None)  # a worker started with this folder
 
@@ -394,8 +397,16 @@ def test_a_lora_in_a_subfolder_is_named_by_its_file_name_alone_as_in_a1111(
     assert error.startswith("invalid input: loras.0.name='b': not a LoRA in LORA_DIR; the LoRAs are: "), error
     assert "one/b" in error
     assert "two/b" in error
+    by_alias = ok(prompt="a fox <lora:watercolor_v2:0.5>")
+    assert by_alias["metadata"]["loras"][0]["name"] == "watercolor_v2"
+    assert files_of(ok(prompt="a fox <lora:wc:0.5>"))[0] != files_of(by_its_file_name)[0], "another LoRA's pixels"
     listed = answer_listing(handler.get_engine(), "/sdapi/v1/loras")
-    assert [item["name"] for item in listed] == ["one/b", "a", "two/b"], "by the files' order"
+    assert [(item["name"], item["alias"]) for item in listed] == [
+        ("one/b", "one/b"),
+        ("a", "a"),
+        ("wc", "watercolor_v2"),
+        ("two/b", "two/b"),
+    ], "by the files' order"
 
 
 def test_an_unknown_name_lists_the_usable_loras_only(lora_worker: Callable[..., None]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from src.adapters.folders import basename_aliases
+from src.adapters.folders import a1111_aliases
 from src.schema import HIRES_BUILT_IN, LATENT_VARIANTS, UPSCALE_BUILT_IN
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ class Catalog:
     def lora_problems(self, refs: Sequence[LoraRef]) -> list[str]:
         """Each unknown LoRA name, with the names there are (a file known to be unusable is refused when
         the job loads it, naming the file and why); a LoRA by URL is checked once downloaded."""
-        names, aliases = self.lora_names, basename_aliases(self.loras)
+        names = self.lora_names
+        aliases = a1111_aliases({name: file.output_name for name, file in self.loras.items()})
         listed = f"the LoRAs are: {_shown(names, ' and {} more')}" if names else "LORA_DIR holds no usable LoRA"
         return [
             f"loras.{index}.name={ref.name!r}: not a LoRA in LORA_DIR; {listed}"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 from src.errors import AdapterError
@@ -26,10 +26,14 @@ def named_files(folder: str, setting: str, suffixes: tuple[str, ...]) -> dict[st
     }
 
 
-def basename_aliases(names: Iterable[str]) -> dict[str, str]:
-    """A1111's names for the files of a folder's subfolders: A1111 names a LoRA by its file's name alone,
-    wherever it lies, so a prompt written there says ``<lora:name:1>`` for this worker's ``sub/name``. Each such
-    file name that no other name here ends with (at the top or in another subfolder), to its name."""
-    names = list(names)
-    counts = Counter(name.rsplit("/", 1)[-1] for name in names)
-    return {base: name for name in names if counts[base := name.rsplit("/", 1)[-1]] == 1 and base != name}
+def a1111_aliases(names: Mapping[str, str | None]) -> dict[str, str]:
+    """The names A1111 gives a folder's files beside their names here (``names``: each name, to the alias its
+    file's metadata gives it, or None). A1111 names a LoRA by its file's name alone, wherever it lies, and by its
+    metadata's alias too, so a prompt written there says ``<lora:name:1>`` for this worker's ``sub/name``. Each such
+    name that points to one file only and is no file's own name here, to that file's name."""
+    owners: dict[str, set[str]] = defaultdict(set)
+    for name, alias in names.items():
+        for other in {name.rsplit("/", 1)[-1], alias}:
+            if other:
+                owners[other].add(name)
+    return {alias: next(iter(named)) for alias, named in owners.items() if len(named) == 1 and alias not in names}

@@ -25,7 +25,7 @@ import logging
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load as load_safetensors
 
-from src.adapters.folders import basename_aliases, named_files
+from src.adapters.folders import a1111_aliases, named_files
 from src.errors import AdapterError, first_line
 from src.models.safetensors_header import SafetensorsError, parse_header, read_header
 
@@ -84,6 +84,8 @@ class LoraFile:
     problem: str | None = None
     # The URL it was downloaded from (no query), for a LoRA a request named by URL.
     url: str | None = None
+    # The name its kohya metadata gives it (``ss_output_name``), which A1111 takes as its alias.
+    output_name: str | None = None
 
 
 def scan_loras(folder: str | None) -> dict[str, LoraFile]:
@@ -104,6 +106,11 @@ def scan_loras(folder: str | None) -> dict[str, LoraFile]:
     return files
 
 
+def lora_aliases(files: Mapping[str, LoraFile]) -> dict[str, str]:
+    """A1111's names for LORA_DIR's LoRAs (``a1111_aliases``), from their names and their ``ss_output_name``."""
+    return a1111_aliases({name: file.output_name for name, file in files.items()})
+
+
 def describe_lora(name: str, path: Path, url: str | None = None) -> LoraFile:
     """The LoRA file at ``path`` as its header describes it, named ``name``; its ``problem`` says why it cannot
     be used, when it cannot."""
@@ -115,6 +122,8 @@ def describe_lora(name: str, path: Path, url: str | None = None) -> LoraFile:
     except OSError as error:
         return LoraFile(name, path, parameters=0, rank=0, problem=f"it cannot be read: {error.strerror}", url=url)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    metadata = header.get("__metadata__")
+    output_name = metadata.get("ss_output_name") if isinstance(metadata, dict) else None
     parameters = sum(_numel(entry.get("shape", [])) for entry in tensors.values())
     ranks, layer_parameters = [], 0
     for key, entry in tensors.items():
@@ -132,6 +141,7 @@ def describe_lora(name: str, path: Path, url: str | None = None) -> LoraFile:
         problem=_problem(list(tensors)),
         layer_parameters=layer_parameters,
         url=url,
+        output_name=output_name if isinstance(output_name, str) and output_name.strip() else None,
     )
 
 
@@ -233,8 +243,8 @@ class Loras:
         PEFT's layers add the LoRAs at every step."""
         self.pipeline = pipeline
         self.files = files
-        # A LoRA in a subfolder, by A1111's name for it (``basename_aliases``): the same file, loaded once.
-        self.aliases = basename_aliases(files)
+        # A LoRA by A1111's names for it (``a1111_aliases``): the same file, loaded once.
+        self.aliases = lora_aliases(files)
         # LoRAs requests named by URL, by key: added by the jobs that downloaded them (``add_downloaded``).
         self.downloaded: dict[str, LoraFile] = {}
         self.cache_bytes = cache_bytes

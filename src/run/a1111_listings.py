@@ -119,11 +119,18 @@ def _latent_modes(_engine: Engine) -> list[dict[str, str]]:
 
 
 def _loras(engine: Engine) -> list[dict[str, Any]]:
-    """A1111's ``loras`` (its Lora extension's): LORA_DIR's usable LoRAs, by A1111's name, which a ``<lora:...>``
-    tag takes: a LoRA in a subfolder by its file's name alone, unless another LoRA has that name too."""
-    files, a1111_names = engine.loras.files, {name: alias for alias, name in engine.loras.aliases.items()}
-    listed = [(a1111_names.get(name, name), files[name].path.name) for name in usable_names(files)]
-    return [{"name": name, "alias": name, "path": file_name, "metadata": {}} for name, file_name in listed]
+    """A1111's ``loras`` (its Lora extension's): LORA_DIR's usable LoRAs, each by the names a ``<lora:...>`` tag
+    takes as A1111's do: ``name``, a LoRA in a subfolder by its file's name alone (unless another LoRA has that
+    name too), and ``alias``, its metadata's ``ss_output_name`` (unless another LoRA has that name)."""
+    loras = engine.loras
+    listed = []
+    for name in usable_names(loras.files):
+        file = loras.files[name]
+        base = name.rsplit("/", 1)[-1]
+        shown = base if loras.aliases.get(base) == name else name
+        alias = file.output_name if file.output_name and loras.aliases.get(file.output_name) == name else shown
+        listed.append({"name": shown, "alias": alias, "path": file.path.name, "metadata": {}})
+    return listed
 
 
 def _embeddings(engine: Engine) -> dict[str, Any]:

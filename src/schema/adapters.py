@@ -75,7 +75,8 @@ class LoraRequest(BaseModel):
         min_length=1,
         max_length=255,
         description="A LoRA's name: its file name in `LORA_DIR` without `.safetensors` (`sub/name` in a subfolder, "
-        "or `name` alone, as A1111 names it, when no other LoRA has that file name). Give `name` or `url`.",
+        "or `name` alone, as A1111 names it, when no other LoRA has that file name), or A1111's alias for it, its "
+        "metadata's `ss_output_name`. Give `name` or `url`.",
     )
     url: StrictStr | None = Field(
         None,
