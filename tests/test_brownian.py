@@ -29,10 +29,13 @@ def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.tanh(x / (1 + sigma)) * 0.8 + 0.05 * torch.sin(3 * x)
 
 
-def k_diffusion_dpmpp_2m_sde(x: torch.Tensor, sigmas: torch.Tensor, seeds: list[int], model: Denoiser) -> torch.Tensor:
-    """k-diffusion's sample_dpmpp_2m_sde(eta=1, s_noise=1, solver_type='midpoint') with A1111's noise sampler:
-    BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seeds), a BatchedBrownianTree of one tree per seed."""
-    sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
+def k_diffusion_dpmpp_2m_sde(
+    x: torch.Tensor, sigmas: torch.Tensor, seeds: list[int], model: Denoiser, schedule: torch.Tensor
+) -> torch.Tensor:
+    """k-diffusion's sample_dpmpp_2m_sde(eta=1, s_noise=1, solver_type='midpoint') over ``sigmas`` with A1111's
+    noise sampler: BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seeds), a BatchedBrownianTree of one tree
+    per seed, over the whole ``schedule`` (A1111's sample_img2img samples its end, and gives the sampler all of it)."""
+    sigma_min, sigma_max = schedule[schedule > 0].min(), schedule.max()
     trees = [torchsde.BrownianTree(sigma_min, torch.zeros_like(x)[0], sigma_max, entropy=seed) for seed in seeds]
 
     def noise_sampler(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ def test_dpmpp_2m_sde_adds_a1111s_brownian_noise_and_steps_as_k_diffusion(name: 
     start = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * sigmas[0]
 
     ours = diffusers_steps(scheduler, start.clone(), begin, denoiser)
-    theirs = k_diffusion_dpmpp_2m_sde(start.clone(), sigmas, seeds, denoiser)
+    theirs = k_diffusion_dpmpp_2m_sde(start.clone(), sigmas, seeds, denoiser, scheduler.sigmas.float())
 
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     # The noise is the seeds': other seeds, another image. Without it the steps would draw from the generators.
@@ -133,11 +136,12 @@ def test_a_job_and_its_hires_pass_draw_their_step_noise_from_a_tree_per_image_se
     result = asyncio.run(handler.handler({"id": "sde", "input": job}))
     assert "error" not in result, result["error"]
 
-    scheduler = make_scheduler("DPM++ 2M SDE Karras", SD15_SCHEDULER_CONFIG)
-    scheduler.set_timesteps(3)
-    sigma_min = float(scheduler.sigmas[-2])
-    first_pass = [(sigma_min, float(scheduler.sigmas[0]), seed, (4, 8, 8)) for seed in (40, 41)]
-    assert trees_made[:2] == pytest.approx(first_pass)
-    # The hires pass: its own trees, from the lower sigma its shortened schedule starts at, at its size.
-    assert [(made[2], made[3]) for made in trees_made[2:]] == [(40, (4, 12, 12)), (41, (4, 12, 12))]
-    assert all(made[1] < first_pass[0][1] for made in trees_made[2:])
+    def trees(steps: int, side: int) -> list[tuple[float, float, int, tuple[int, ...]]]:
+        """A pass's trees over its whole schedule of ``steps``, as A1111's: one per image seed, at its size."""
+        scheduler = make_scheduler("DPM++ 2M SDE Karras", SD15_SCHEDULER_CONFIG)
+        scheduler.set_timesteps(steps)
+        sigma_min, sigma_max = float(scheduler.sigmas[-2]), float(scheduler.sigmas[0])
+        return [(sigma_min, sigma_max, seed, (4, side, side)) for seed in (40, 41)]
+
+    # The hires pass runs the last 2 steps of a schedule of 2 / 0.5 = 4; its trees span all 4.
+    assert trees_made == pytest.approx(trees(3, 8) + trees(4, 12))

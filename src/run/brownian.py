@@ -9,8 +9,9 @@ So an image's noise depends on its seed and its schedule alone, not on the batch
 diffusers' ``DPMSolverMultistepScheduler`` (``sde-dpmsolver++``) takes a step's noise as ``variance_noise``, in the
 same units (its VP form of the update is k-diffusion's times alpha); ``brownian_step_noise`` has a scheduler's
 ``step`` pass the tree's noise there, and zeros where sigma_next is 0 (where k-diffusion adds none and diffusers
-multiplies its noise by 0), so the images' generators give it nothing. The trees are made at the first step, from
-the sigma it starts at: an img2img or hires pass starts lower, as A1111's trees do for their shortened schedule.
+multiplies its noise by 0), so the images' generators give it nothing. The trees span the scheduler's whole
+schedule, for an img2img or hires pass that runs only its end too: A1111's ``sample_img2img`` gives
+``create_noise_sampler`` the full sigmas, not the shortened ones it samples.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ def brownian_step_noise(scheduler: Any, seeds: Sequence[int]) -> None:
         sigmas = scheduler.sigmas
         sigma, sigma_next = float(sigmas[scheduler.step_index]), float(sigmas[scheduler.step_index + 1])
         if trees is None:
-            sigma_min = float(sigmas[sigmas > 0].min())
-            trees = BrownianTrees(seeds, sample.shape[1:], sample.device, sigma_min=sigma_min, sigma_max=sigma)
+            # Over the whole schedule, as A1111's create_noise_sampler is given it, an img2img pass's too.
+            sigma_min, sigma_max = float(sigmas[sigmas > 0].min()), float(sigmas.max())
+            trees = BrownianTrees(seeds, sample.shape[1:], sample.device, sigma_min=sigma_min, sigma_max=sigma_max)
         noise = trees.noise(sigma, sigma_next) if sigma_next > 0 else torch.zeros(sample.shape)
-        kwargs["variance_noise"] = noise.to(device=sample.device, dtype=sample.dtype)
+        # In float32, as k-diffusion adds it (diffusers' step computes in float32 whatever the latents' dtype).
+        kwargs["variance_noise"] = noise.to(device=sample.device)
         return step(model_output, timestep, sample, *args, **kwargs)
 
     scheduler.step = step_with_tree_noise
