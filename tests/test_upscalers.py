@@ -21,9 +21,9 @@ from PIL import Image
 
 import handler
 from builder.tiny_upscalers import write_tiny_upscalers
-from src.adapters.upscalers import Upscalers, read_upscaler, scan_upscalers, tiled
+from src.adapters.upscalers import Upscalers, read_upscaler, scan_upscalers, tiled, upscalers_from
 from src.errors import AdapterError
-from src.settings import Settings
+from src.settings import Settings, load_settings
 from tests.test_resilience import injected
 
 JOB = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 4, "width": 64, "height": 64}
@@ -162,6 +162,25 @@ def larger_than(side: int) -> Any:
         return output
 
     return fault
+
+
+def test_the_retrys_smaller_tiles_overlap_by_a_quarter_at_most_so_they_advance(upscaler_dir: Path) -> None:
+    settings = {"UPSCALER_DIR": str(upscaler_dir), "UPSCALE_TILE": "512", "UPSCALE_TILE_OVERLAP": "300"}
+    upscalers = upscalers_from(load_settings(settings), torch.device("cpu"), torch.float32)
+    tile = upscalers.frugal_tile()
+    assert tile == 256
+    sides: list[tuple[int, ...]] = []
+
+    def record(_call: int, inputs: Any, output: Any) -> Any:
+        sides.append(tuple(inputs[0].shape[-2:]))
+        return output
+
+    with injected(upscalers._model("tiny-compact-2x").model, record):
+        upscalers.upscale("tiny-compact-2x", torch.rand(1, 3, 600, 600), tile=tile)
+
+    # Tiles of 256 overlapping by 64 (not 300, which would step back): 3 a side.
+    assert len(sides) == 9, sides
+    assert max(max(side) for side in sides) == 256
 
 
 @pytest.fixture

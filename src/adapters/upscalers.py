@@ -204,8 +204,9 @@ class Upscalers:
 
     def frugal_tile(self) -> int:
         """The tile side of a retry after the GPU ran out of memory: half of UPSCALE_TILE, at least 64 pixels
-        (UPSCALE_TILE's least) and more than the overlap; UPSCALE_TILE when it cannot be smaller."""
-        return min(self.tile, max(self.tile // 2, MIN_TILE, self.overlap + 1))
+        (UPSCALE_TILE's least); UPSCALE_TILE when it cannot be smaller. Such tiles overlap by a quarter of their
+        side at most (``upscale``), so they advance by three quarters whatever UPSCALE_TILE_OVERLAP says."""
+        return min(self.tile, max(self.tile // 2, MIN_TILE))
 
     def upscale(
         self,
@@ -233,7 +234,7 @@ class Upscalers:
                         image.unsqueeze(0).float(),
                         model.scale,
                         tile or self.tile,
-                        self.overlap,
+                        self.overlap if tile is None else min(self.overlap, tile // 4),
                         between=between,
                     )
                     for image in images
