@@ -780,8 +780,8 @@ def test_an_animation_gives_its_first_frame(file_format: str) -> None:
 # --- masks ---------------------------------------------------------------------------------------
 
 
-def mask_of(data: bytes) -> Any:
-    return load_mask(b64(data), "mask", DEFAULTS, None)
+def mask_of(data: bytes, *, rounded: bool = False) -> Any:
+    return load_mask(b64(data), "mask", DEFAULTS, None, rounded=rounded)
 
 
 def test_an_rgb_mask_becomes_l() -> None:
@@ -811,6 +811,13 @@ def test_a_mask_with_transparency_is_its_alpha_as_a1111_reads_one() -> None:
     opaque = Image.new("RGBA", (16, 16), (255, 255, 255, 255))
     opaque.paste((0, 0, 0, 255), (0, 0, 8, 16))
     assert [pixel(mask_of(encode(opaque, "PNG")).image, (x, 0)) for x in (0, 8)] == [0, 255], "no transparency: grey"
+    rounded = mask_of(encode(image, "PNG"), rounded=True)
+    assert [pixel(rounded.image, (x, 0)) for x in (0, 8, 16, 24)] == [0, 255, 0, 255], "128 is not above 128"
+    assert rounded.warnings == [
+        "mask: it has transparency, so its alpha is the mask (opaque repaints, transparent keeps), rounded, as in A1111"
+    ]
+    grey_with_alpha = Image.new("LA", (16, 16), (77, 0))
+    assert pixel(mask_of(encode(grey_with_alpha, "PNG")).image, (3, 3)) == 77, "a grey mask's alpha: not A1111's"
 
 
 def test_a_grey_mask_keeps_its_values() -> None:

@@ -239,22 +239,27 @@ def test_only_masked_paints_a_larger_image_at_its_own_size_as_diffusers_padding_
     assert np.abs(ours - array(reference)).max() <= 1
 
 
-def test_mask_round_makes_the_mask_black_and_white_before_its_blur_as_a1111() -> None:
-    mask = Image.new("L", IMAGE.size, 0)
-    mask.paste(100, (0, 0, 64, 64))  # grey at or under 128: black, kept
-    mask.paste(200, (64, 0, 128, 64))  # above 128: white, repainted whole
+def test_mask_round_makes_a_masks_alpha_black_and_white_before_its_blur_as_a1111() -> None:
+    # A1111's create_binary_mask: an RGBA mask's alpha, rounded (above 128 is white); an opaque mask's grey as it is.
+    grey = Image.new("L", IMAGE.size, 0)
+    grey.paste(100, (0, 0, 64, 64))  # at or under 128: black, kept
+    grey.paste(200, (64, 0, 128, 64))  # above 128: white, repainted whole
+    alpha = Image.new("RGBA", IMAGE.size, (255, 0, 0, 0))
+    alpha.putalpha(grey)  # a red stroke, its alpha the grey above
     fields = {"image": png_base64(IMAGE), "strength": 0.9, "mask_blur": 2}
 
-    rounded = ok(**fields, mask=png_base64(mask), mask_round=True)
-    by_hand = ok(**fields, mask=png_base64(mask.point(lambda value: 255 if value > 128 else 0)))
-    soft = ok(**fields, mask=png_base64(mask))
+    rounded = ok(**fields, mask=png_base64(alpha), mask_round=True)
+    by_hand = ok(**fields, mask=png_base64(grey.point(lambda value: 255 if value > 128 else 0)))
+    soft = ok(**fields, mask=png_base64(alpha))
 
     assert rounded["metadata"]["mask_round"] is True
     assert soft["metadata"]["mask_round"] is False
     assert np.array_equal(array(images_of(rounded)[0]), array(images_of(by_hand)[0]))
-    left = (slice(0, 64), slice(0, 60))  # the grey half, clear of the blurred edge
+    left = (slice(0, 64), slice(0, 60))  # the half at 100, clear of the blurred edge
     assert np.array_equal(array(images_of(rounded)[0])[left], array(IMAGE)[left]), "kept, byte for byte"
     assert np.abs(array(images_of(soft)[0])[left] - array(IMAGE)[left]).max() > 2, "partly repainted"
+    opaque = ok(**fields, mask=png_base64(grey), mask_round=True)
+    assert np.array_equal(array(images_of(opaque)[0]), array(images_of(ok(**fields, mask=png_base64(grey)))[0]))
     outpainted = run(image=png_base64(IMAGE), outpaint={"left": 64}, mask_round=True)
     assert "mask_round: needs a mask; outpaint paints its new area" in outpainted["error"]
 

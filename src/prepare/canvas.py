@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 # diffusers' names for A1111's resize modes 0, 1 and 2.
 _DIFFUSERS_RESIZE_MODES = {"resize": "default", "crop": "crop", "fill": "fill"}
-# With mask_round, a mask's grey above this is white and the rest black, as A1111's create_binary_mask rounds it.
-MASK_ROUNDS_ABOVE = 128
 
 
 @functools.cache
@@ -166,8 +164,7 @@ def prepare(request: GenerateRequest, image: Image.Image, mask: Image.Image | No
 
 
 def _checked_mask(request: GenerateRequest, image: Image.Image, mask: Image.Image) -> Image.Image:
-    """The mask as greyscale: rounded to black and white with ``mask_round`` (above 128 is white, A1111's
-    ``create_binary_mask``), then inverted with ``mask_invert``.
+    """The mask as greyscale, inverted with ``mask_invert``.
 
     Raises:
         InputError: it is not the image's size, or is all black.
@@ -178,8 +175,6 @@ def _checked_mask(request: GenerateRequest, image: Image.Image, mask: Image.Imag
             "they must be the same size (after EXIF rotation)"
         )
     mask = mask.convert("L")
-    if request.mask_round:
-        mask = mask.point(lambda value: 255 if value > MASK_ROUNDS_ABOVE else 0)
     return _not_black(ImageOps.invert(mask) if request.mask_invert else mask)
 
 

@@ -95,6 +95,9 @@ _DECODE_ERRORS = (
 )
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_GREY_ALPHA_MODES = ("LA", "La")
+# With mask_round, a mask's alpha above this is white and the rest black, as A1111's create_binary_mask rounds it.
+ALPHA_ROUNDS_ABOVE = 128
 
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CHUNK_BYTES = 64 * 1024
@@ -139,16 +142,23 @@ def load_image(
 
 
 def load_mask(
-    reference: str, field: str, settings: Settings, storage: S3Storage | None, *, resolve: Resolve = system_resolve
+    reference: str,
+    field: str,
+    settings: Settings,
+    storage: S3Storage | None,
+    *,
+    rounded: bool = False,
+    resolve: Resolve = system_resolve,
 ) -> LoadedImage:
     """Read, check and decode an inpainting mask, as L: white (255) is repainted, black kept, grey in between.
 
-    A mask with transparency is its alpha channel, as A1111's ``create_binary_mask`` reads an RGBA mask: opaque is
-    repainted whatever its colour, transparent kept. Arguments and errors as for ``load_image``.
+    As A1111's ``create_binary_mask`` reads one: a colour mask with transparency is its alpha channel (opaque is
+    repainted whatever its colour, transparent kept), ``rounded`` to black and white (above 128 is white); any
+    other mask is its grey. Arguments and errors as for ``load_image``.
     """
     data, source = _read(reference, field, settings, storage, resolve)
     image, warnings = _decode(data, field, source, settings)
-    image, more = _to_l(image, field)
+    image, more = _to_l(image, field, rounded=rounded)
     return LoadedImage(image=image, warnings=warnings + more, source=source)
 
 
@@ -359,15 +369,18 @@ def _to_rgb(image: Image.Image, field: str) -> tuple[Image.Image, list[str]]:
     return flattened, warnings
 
 
-def _to_l(image: Image.Image, field: str) -> tuple[Image.Image, list[str]]:
+def _to_l(image: Image.Image, field: str, *, rounded: bool) -> tuple[Image.Image, list[str]]:
     image = _eight_bit(image)
-    rgba = image.convert("RGBA") if _has_alpha(image) else None
+    # A1111 takes the alpha of an RGBA mask (a palette or RGB one with a transparent colour is RGBA there too), not
+    # of a grey one with alpha, which is its grey.
+    rgba = image.convert("RGBA") if _has_alpha(image) and image.mode not in _GREY_ALPHA_MODES else None
     if rgba is None or not _transparent(rgba):
         return (image if image.mode == "L" else image.convert("L")), []
-    warning = (
-        f"{field}: it has transparency, so its alpha is the mask (opaque repaints, transparent keeps), as in A1111"
-    )
-    return rgba.getchannel("A"), [warning]
+    alpha = rgba.getchannel("A")
+    warning = f"{field}: it has transparency, so its alpha is the mask (opaque repaints, transparent keeps)"
+    if rounded:
+        return alpha.point(lambda value: 255 if value > ALPHA_ROUNDS_ABOVE else 0), [f"{warning}, rounded, as in A1111"]
+    return alpha, [f"{warning}, as in A1111"]
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:

@@ -72,7 +72,9 @@ def prepare_inputs(request: GenerateRequest, settings: Settings, storage: S3Stor
     if request.image is not None:
         image = load_image(request.image, "image", settings, storage)
         picture = image.image
-        mask = load_mask(request.mask, "mask", settings, storage) if request.mask is not None else None
+        mask = None
+        if request.mask is not None:
+            mask = load_mask(request.mask, "mask", settings, storage, rounded=request.mask_round)
         resolved, sized = resolve_size(request, image.image.size, settings)
         images, more = prepare(resolved, image.image, mask.image if mask else None)
         source_size = image.image.size

@@ -60,8 +60,8 @@ class ImageInputs(RequestCore):
     mask: StrictStr | None = Field(
         None,
         description="Where to paint, in the forms `image` takes, the image's size: white repaints, "
-        "black keeps, grey is partial; a mask with transparency is its alpha (opaque repaints), as A1111 reads "
-        "one. Needs `image`.",
+        "black keeps, grey is partial; a colour mask with transparency is its alpha (opaque repaints), as A1111 "
+        "reads one. Needs `image`.",
     )
     strength: float = Field(
         STRENGTH_DEFAULT,
@@ -111,9 +111,9 @@ class ImageInputs(RequestCore):
     )
     mask_round: StrictBool = Field(
         False,
-        description="`true` rounds the mask to black and white (above 128 is white) before its blur, as A1111 "
-        "does (its `mask_round`, on there by default, and so for an A1111 payload); `false` keeps grey as partial. "
-        "With `mask`.",
+        description="`true` rounds a mask with transparency (its alpha) to black and white, above 128 being white, "
+        "as A1111 does (its `mask_round`, on there by default, and so for an A1111 payload); an opaque mask's grey "
+        "is partial either way, as in A1111. With `mask`.",
     )
     keep_unmasked: StrictBool = Field(
         True,

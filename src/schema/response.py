@@ -160,7 +160,7 @@ class Metadata(BaseModel):
     )
     mask_invert: bool | None = Field(None, description="Inpaint and outpaint: whether the mask was inverted.")
     mask_round: bool | None = Field(
-        None, description="Inpaint and outpaint: whether the mask was rounded to black and white before its blur."
+        None, description="Inpaint and outpaint: whether a mask with transparency was rounded to black and white."
     )
     keep_unmasked: bool | None = Field(None, description="Inpaint and outpaint: whether unmasked pixels were kept.")
     outpaint: Outpaint | None = Field(None, description="Outpaint: the pixels added on each side.")
