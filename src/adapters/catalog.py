@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from src.adapters.folders import a1111_aliases
 from src.schema import HIRES_BUILT_IN, LATENT_VARIANTS, UPSCALE_BUILT_IN
 
 if TYPE_CHECKING:
@@ -45,6 +44,8 @@ class Catalog:
     scans found them."""
 
     loras: Mapping[str, LoraFile] = field(default_factory=dict)
+    # A1111's names for LoRAs (``loras.lora_aliases``), to their names.
+    lora_aliases: Mapping[str, str] = field(default_factory=dict)
     controlnets: Mapping[str, ControlNetEntry] = field(default_factory=dict)
     models: Mapping[str, ModelEntry] = field(default_factory=dict)
     vaes: Mapping[str, ModelEntry] = field(default_factory=dict)
@@ -118,8 +119,7 @@ class Catalog:
     def lora_problems(self, refs: Sequence[LoraRef]) -> list[str]:
         """Each unknown LoRA name, with the names there are (a file known to be unusable is refused when
         the job loads it, naming the file and why); a LoRA by URL is checked once downloaded."""
-        names = self.lora_names
-        aliases = a1111_aliases({name: file.output_name for name, file in self.loras.items()})
+        names, aliases = self.lora_names, self.lora_aliases
         listed = f"the LoRAs are: {_shown(names, ' and {} more')}" if names else "LORA_DIR holds no usable LoRA"
         return [
             f"loras.{index}.name={ref.name!r}: not a LoRA in LORA_DIR; {listed}"

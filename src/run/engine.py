@@ -154,6 +154,7 @@ class Engine:
         """The LoRAs and ControlNets this worker has, by name, for ``prepare`` to look requests up in."""
         return Catalog(
             loras=self.loras.files,
+            lora_aliases=self.loras.aliases,
             controlnets=self.controlnets.entries,
             models=self.models.entries,
             vaes=self.models.vaes,
