@@ -18,11 +18,15 @@ upscaler) it times, alternating in one process, after one warm-up of each side:
   ``StableDiffusionImg2ImgPipeline`` or ``StableDiffusionInpaintPipeline`` built
   from the same components) given PIL images already decoded, returning PIL;
 
-with the same size, steps, strength, seed, CPU generator and scheduler (the
-worker's default, DPM++ 2M Karras), each pass with a fresh generator and its
-input image encoded at the VAE's mean, as the worker runs it. Their ratio of medians is the figure that
+with the same size, steps, seed, CPU generator and scheduler (the worker's
+default, DPM++ 2M Karras), each pass with a fresh generator and its input image
+encoded at the VAE's mean, as the worker runs it, and the image tasks running
+the worker's count of steps (A1111's). Their ratio of medians is the figure that
 counts. The last image of each side is compared with the other's: the largest
-difference of a pixel's channel, 0 when the two computed the same image.
+difference of a pixel's channel, 0 when the two computed the same image. Inpaint
+and outpaint are not the same image: diffusers' inpaint pipeline blends the kept
+part in its own way, the worker as A1111 does (``src.run.inpaint``), and pastes
+it back.
 
 Then two fresh processes load the same model the same way (``MODEL_ID``,
 ``handler.get_engine()``) and run five jobs each through the handler: one only
@@ -58,6 +62,8 @@ from PIL import Image
 
 from bench.machine import load_average, median_range, report_header, run_child, write_results
 from bench.run import FULL_MODEL_DIR, RESULTS
+from src.prepare.passes import strength_for
+from src.schema import STRENGTH_CAP
 
 PROMPT = "a red fox in a snowy forest at dawn, detailed fur, soft light"
 SEED = 1
@@ -194,7 +200,12 @@ def steps_run(task: str, plan: Plan) -> str:
         return str(plan.steps)
     if task == "hires":
         return f"{plan.steps} + {plan.steps}"
-    return str(int(plan.steps * STRENGTH))
+    return str(a1111_steps(plan.steps))
+
+
+def a1111_steps(steps: int) -> int:
+    """The steps an image task runs at ``STRENGTH``, A1111's count: int(steps x min(strength, 0.999)) + 1."""
+    return int(steps * min(STRENGTH, STRENGTH_CAP)) + 1
 
 
 # --- bare diffusers ----------------------------------------------------------------------------------------
@@ -242,15 +253,17 @@ class Bare:
             "guidance_scale": GUIDANCE,
         }
         size = {"width": plan.side, "height": plan.side}
+        # The strength at which diffusers runs the steps the worker runs (A1111's count).
+        strength = strength_for(steps, a1111_steps(steps))
         if task == "txt2img":
             result = call(self.text, **size)
         elif task == "img2img":
-            result = call(self.img2img, image=images.image, strength=STRENGTH)
+            result = call(self.img2img, image=images.image, strength=strength)
         elif task == "inpaint":
-            result = call(self.inpaint, image=images.image, mask_image=images.mask, strength=STRENGTH, **size)
+            result = call(self.inpaint, image=images.image, mask_image=images.mask, strength=strength, **size)
         elif task == "outpaint":
             canvas, mask = images.outpaint_canvas, images.outpaint_mask
-            result = call(self.inpaint, image=canvas, mask_image=mask, strength=STRENGTH, **size)
+            result = call(self.inpaint, image=canvas, mask_image=mask, strength=strength, **size)
         elif task == "hires":
             latents = call(self.text, **size, output_type="latent").images
             larger = torch.nn.functional.interpolate(latents, scale_factor=plan.hires_scale, mode="bilinear")

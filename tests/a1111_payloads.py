@@ -246,6 +246,7 @@ INPAINT_NATIVE = {
     "prompt": PROMPT,
     "strength": 0.75,
     "mask_blur": 2,
+    "mask_round": True,  # A1111's default: the blurred mask is rounded at the latents' size
     "num_inference_steps": 4,
     "guidance_scale": 7.0,
     "seed": 31,
@@ -275,6 +276,7 @@ INPAINT_DEFAULTS_NATIVE = {
     "inpaint_area": "masked",
     "inpaint_padding": 0,
     "mask_invert": True,
+    "mask_round": True,
     "num_inference_steps": 4,
     "guidance_scale": 7.0,
     "seed": 32,

@@ -81,7 +81,7 @@ def test_tasks_benchmark_smoke_run_writes_every_task_and_the_rss_ratio(tmp_path:
     assert report["rss"]["all"]["jobs"] == ["txt2img", "img2img", "inpaint", "outpaint", "hires"]
     assert report["command"] == f"python -m bench.tasks --repeat 1 --out {tmp_path}"
     table = (tmp_path / "tasks.md").read_text()
-    rows = ("| tiny txt2img | 128² | 10 |", "| tiny inpaint | 128² | 7 |", "| tiny hires | 128² → 256² | 10 + 10 |")
+    rows = ("| tiny txt2img | 128² | 10 |", "| tiny inpaint | 128² | 8 |", "| tiny hires | 128² → 256² | 10 + 10 |")
     for row in rows:
         assert row in table
     assert f"Command: `{report['command']}`" in table

@@ -232,10 +232,11 @@ def test_image_tasks_run_in_float16_on_the_gpu(cuda_engine: Engine) -> None:
     run_image_tasks(cuda_engine)
 
 
-@pytest.mark.parametrize("profile", ["balanced", "low"])
+@pytest.mark.parametrize("profile", ["balanced", "low", "minimal"])
 def test_image_tasks_run_in_the_small_card_profiles(tiny_model_dir: Path, profile: str) -> None:
-    """The same tasks with VAE slicing and tiling (balanced) and with model CPU offload (low), where the VAE's
-    encode must reach the GPU through diffusers' hooks."""
+    """The same tasks with VAE slicing and tiling (balanced), with model CPU offload (low) and layer-by-layer
+    offload (minimal), where the VAE's encode must reach the GPU through the offload's hooks (the VAE's own
+    weights wait in host memory, or on "meta")."""
     run_image_tasks(load_engine(tiny_model_dir, MEMORY_PROFILE=profile))
 
 

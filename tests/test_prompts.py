@@ -783,7 +783,8 @@ def test_the_hires_pass_runs_its_steps_and_edits_as_a1111(prompt: str, hires_las
 @pytestmark_worker
 def test_img2img_edits_over_the_steps_asked_for_as_a1111() -> None:
     # A1111's img2img schedules the prompt over all 8 steps asked for and counts from the first step it runs:
-    # "[cat:dog:0.25]" is cat for the run's steps 0 to 2 and dog for step 3.
+    # "[cat:dog:0.25]" is cat for the run's steps 0 to 2 and dog for steps 3 and 4 (it runs int(8 x 0.5) + 1 = 5,
+    # which diffusers runs at strength 0.625).
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     result = ok(prompt="a [cat:dog:0.25]", image=png_base64(image), num_inference_steps=8, strength=0.5)
 
@@ -792,7 +793,7 @@ def test_img2img_edits_over_the_steps_asked_for_as_a1111() -> None:
         cat_then_dog(2),
         1,
         image=image,
-        strength=0.5,
+        strength=0.625,
         num_inference_steps=8,
         generator=seeded(5, 1),
     )

@@ -90,11 +90,12 @@ DIGESTS: dict[str, tuple[str, ...]] = {
     "txt2img-webp": ("12b3f46ec636b10dc3f31f4f880f5389c52accb441c656afde35c61b53b63132",),
     # Recorded again on an AMD EPYC when every pass drew its noise as A1111's ImageRNG (a fresh generator per
     # image, the input image encoded at the VAE's mean): the jobs with an input image or a hires pass. Until
-    # recorded on another kind of CPU, they are compared on this kind only (RECORDED_ON).
-    "img2img": ("3f299b05f3029fcd37593f45e2baa1f5b772dc841e396baa9b64c71198dc335f",),
-    "inpaint": ("a4be08fc86943451f6cd24d92a1be2ee2814d86e6ffcae44c409b50561aea721",),
-    "inpaint-masked": ("f818f01ba763ffbd28b3f70cc0b6c48a20445931ccb3ca1f4fa317b64ce1b6f7",),
-    "outpaint": ("40e7588a8cdc515de9a939743902b153c80433b7c1553244d19533b978eeca46",),
+    # recorded on another kind of CPU, they are compared on this kind only (RECORDED_ON). The jobs with an input
+    # image again when img2img ran A1111's count of steps and inpaint A1111's latent mask and blend.
+    "img2img": ("86c2075b2e0c842f6b642ba1bdf0e7d47c2fa23fe1b37b62e992f979d4a828b2",),
+    "inpaint": ("dd28e6e1b24cd658dda76fcbe44a7a4c58bf1a24f153574e5415e2b591db1c11",),
+    "inpaint-masked": ("fddc377cac5ae006c8af02e7dda44b97c3accf1dc65620ed6df92905798fbee2",),
+    "outpaint": ("e1ee18a2b297667ea6b41b618844be9e8463029435b9c717a93a7d6b361b1eb1",),
     "hires-latent": ("98b99d4196a22b5273014bff8dda22c8550fc2d32997b576305948cbfb8eb12f",),
     "hires-lanczos": ("00cf60ba6c1249722b1399aa0364c96481930973d3c4347d1a790824b3614794",),
     "lora": (
@@ -106,7 +107,7 @@ DIGESTS: dict[str, tuple[str, ...]] = {
         "aeede06eed50b787c40869b71909def3419989e4529b911aee340c1af651a8a1",
         "d59380c403f51fef933f1d5072410246eeae87cab0077e7c7ae9902be4e6ddd7",
     ),
-    "inpaint-lora-controlnet": ("a541680c0ecd5be7d46ac6b9ebe5d872a65e7b0bd1ead3c3fe936a74de1466bf",),
+    "inpaint-lora-controlnet": ("711ad017dab37fafb30c5c72bf02b839ea4f0901e74f3d61f470a3374f729689",),
 }
 
 

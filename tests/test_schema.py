@@ -778,11 +778,6 @@ BAD_IMAGE_INPUTS = [
     pytest.param({**IMAGE, "strength": 0}, "strength=0: must be greater than 0", id="strength-0"),
     pytest.param({**IMAGE, "strength": 1.5}, "strength=1.5: must be less than or equal to 1", id="strength-1.5"),
     pytest.param({**IMAGE, "strength": "0.5"}, "strength='0.5': must be a valid number", id="strength-str"),
-    pytest.param(
-        {**IMAGE, "num_inference_steps": 3, "strength": 0.3},
-        "num_inference_steps x strength = 3 x 0.3 runs int(0.9) = 0 denoising steps: it must run at least 1",
-        id="steps-times-strength-0",
-    ),
     pytest.param(with_prompt(strength=0.5), "strength: needs an image", id="strength-without-image"),
     pytest.param(with_prompt(mask="aGVsbG8="), "mask: needs an image", id="mask-without-image"),
     pytest.param(with_prompt(resize_mode="crop"), "resize_mode: needs an image", id="resize-mode-without-image"),
@@ -874,6 +869,16 @@ def test_the_task_follows_from_the_fields() -> None:
     assert parse(IMAGE).task == "img2img"
     assert parse({**IMAGE, "mask": "bWFzaw=="}).task == "inpaint"
     assert parse({**IMAGE, "outpaint": {"top": 64}}).task == "outpaint"
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "runs"),
+    [(20, 0.75, 16), (20, 1.0, 20), (20, 0.999, 20), (3, 0.3, 1), (4, 0.6, 3), (25, 0.5, 13), (1, 0.01, 1)],
+)
+def test_img2img_runs_a1111s_count_of_steps(steps: int, strength: float, runs: int) -> None:
+    """A1111's setup_img2img_steps: t_enc = int(steps x min(strength, 0.999)), and sample_img2img runs the last
+    t_enc + 1 steps of the schedule (its sigmas[steps - t_enc - 1:])."""
+    assert parse({**IMAGE, "num_inference_steps": steps, "strength": strength}).denoising_steps == runs
 
 
 def test_image_defaults_are_a1111s() -> None:

@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-from PIL import Image
+from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image, ImageFilter
 
 import handler
 from src.models.schedulers import make_scheduler
 from src.prepare.canvas import fill_masked
+from tests.a1111_inpaint import a1111_inpaint
 from tests.conftest import box_mask, decode_png, encoding_at_the_vae_mean, noise_image
 from tests.test_resilience import CUDA_OOM, injected, raises_on
 
@@ -194,12 +196,14 @@ def bare(pipeline_class: type, scheduler: str = "DPM++ 2M Karras") -> Any:
 
 @pytest.mark.parametrize("scheduler", ["DPM++ 2M Karras", "Euler a", "DDIM"])
 def test_img2img_matches_bare_diffusers(scheduler: str) -> None:
+    """At A1111's count of steps: strength 0.6 of 4 runs int(4 x 0.6) + 1 = 3, from the schedule's second step on,
+    as A1111's sample_img2img (its sigmas[steps - t_enc - 1:]); diffusers runs those at strength 0.75."""
     result = ok(image=png_base64(IMAGE), strength=0.6, scheduler=scheduler, num_images=2)
 
     reference = bare(StableDiffusionImg2ImgPipeline, scheduler)(
         "a fox",
         image=IMAGE,
-        strength=0.6,
+        strength=0.75,
         num_inference_steps=4,
         guidance_scale=7.5,
         num_images_per_prompt=2,
@@ -209,16 +213,24 @@ def test_img2img_matches_bare_diffusers(scheduler: str) -> None:
         assert np.abs(array(ours) - array(theirs)).max() <= 1
 
 
-def test_inpaint_matches_bare_diffusers() -> None:
-    result = ok(image=png_base64(IMAGE), mask=png_base64(MASK), mask_blur=0, keep_unmasked=False)
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M Karras", "DDIM"])
+@pytest.mark.parametrize("rounded", [False, True])
+def test_inpaint_is_a1111s(sampler: str, rounded: bool) -> None:
+    """A1111's latent mask (rounded with mask_round), its blend of a k-diffusion sampler's denoised latents or a
+    timestep sampler's input at every step, and after the last; an A1111 payload's blurred mask has grey edges."""
+    fields = {"image": png_base64(IMAGE), "mask": png_base64(MASK), "mask_blur": 6, "keep_unmasked": False}
+    result = ok(**fields, scheduler=sampler, mask_round=rounded, num_images=2)
 
-    reference = bare_inpaint(bare(StableDiffusionInpaintPipeline))
-    assert np.abs(array(images_of(result)[0]) - array(reference)).max() <= 1
+    blurred = MASK.filter(ImageFilter.GaussianBlur(6))
+    reference = a1111_inpaint(engine()._pipeline, IMAGE, blurred, seeds=(11, 12), sampler=sampler, rounded=rounded)
+    for ours, theirs in zip(images_of(result), reference, strict=True):
+        assert np.abs(array(ours) - array(theirs)).max() <= 1
 
 
 def test_only_masked_paints_a_larger_image_at_its_own_size_as_diffusers_padding_mask_crop() -> None:
     """A1111's "only masked" on an image larger than the job: the region is cropped from the image at its own
-    resolution and the image comes back at its size, as diffusers' ``padding_mask_crop`` does."""
+    resolution and the image comes back at its size, as diffusers' ``padding_mask_crop`` crops, fills and pastes
+    (``get_crop_region``, resize mode "fill", ``apply_overlay``), the crop painted as A1111 paints."""
     image, mask = noise_image(320, 192, seed=4), box_mask(320, 192, (200, 40, 260, 90))
     result = ok(
         image=png_base64(image),
@@ -228,6 +240,7 @@ def test_only_masked_paints_a_larger_image_at_its_own_size_as_diffusers_padding_
         inpaint_area="masked",
         inpaint_padding=8,
         mask_blur=0,
+        scheduler="Euler",
     )
 
     ours = array(images_of(result)[0])
@@ -235,7 +248,11 @@ def test_only_masked_paints_a_larger_image_at_its_own_size_as_diffusers_padding_
     assert result["metadata"]["width"] == 128, "the job ran at width x height"
     kept = np.asarray(mask) == 0
     assert np.array_equal(ours[kept], array(image)[kept]), "outside the mask: the input's bytes, at full resolution"
-    reference = bare_inpaint(bare(StableDiffusionInpaintPipeline), image, mask, padding_mask_crop=8)
+    base = engine()._pipeline
+    crop = VaeImageProcessor.get_crop_region(mask, 128, 64, pad=8)
+    region, region_mask = (base.image_processor.resize(i.crop(crop), 64, 128, "fill") for i in (image, mask))
+    [painted] = a1111_inpaint(base, region, region_mask, seeds=(11,))
+    reference = base.image_processor.apply_overlay(mask, image, painted, crop)
     assert np.abs(ours - array(reference)).max() <= 1
 
 
@@ -249,7 +266,8 @@ def test_mask_round_makes_a_masks_alpha_black_and_white_before_its_blur_as_a1111
     fields = {"image": png_base64(IMAGE), "strength": 0.9, "mask_blur": 2}
 
     rounded = ok(**fields, mask=png_base64(alpha), mask_round=True)
-    by_hand = ok(**fields, mask=png_base64(grey.point(lambda value: 255 if value > 128 else 0)))
+    # An opaque mask's grey is not rounded; its blurred mask at the latents' size is, as for any mask.
+    by_hand = ok(**fields, mask=png_base64(grey.point(lambda value: 255 if value > 128 else 0)), mask_round=True)
     soft = ok(**fields, mask=png_base64(alpha))
 
     assert rounded["metadata"]["mask_round"] is True
@@ -258,57 +276,25 @@ def test_mask_round_makes_a_masks_alpha_black_and_white_before_its_blur_as_a1111
     left = (slice(0, 64), slice(0, 60))  # the half at 100, clear of the blurred edge
     assert np.array_equal(array(images_of(rounded)[0])[left], array(IMAGE)[left]), "kept, byte for byte"
     assert np.abs(array(images_of(soft)[0])[left] - array(IMAGE)[left]).max() > 2, "partly repainted"
-    opaque = ok(**fields, mask=png_base64(grey), mask_round=True)
-    assert np.array_equal(array(images_of(opaque)[0]), array(images_of(ok(**fields, mask=png_base64(grey)))[0]))
     outpainted = run(image=png_base64(IMAGE), outpaint={"left": 64}, mask_round=True)
     assert "mask_round: needs a mask; outpaint paints its new area" in outpainted["error"]
 
 
-def bare_inpaint(pipeline: Any, image: Image.Image = IMAGE, mask: Image.Image = MASK, **more: Any) -> Image.Image:
-    """``pipeline``'s inpaint of ``image`` under ``mask`` with the settings ``ok`` gives the worker (seed 11), and
-    ``more`` arguments."""
-    return pipeline(
-        "a fox",
-        image=image,
-        mask_image=mask,
-        strength=0.75,
-        width=128,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(11),
-        **more,
-    ).images[0]
-
-
-class A1111LatentFill(StableDiffusionInpaintPipeline):
-    """Bare diffusers' inpaint with A1111's masked content "latent noise" or "latent nothing", written here from
-    A1111's img2img ``init``: ``init_latent * mask + create_random_tensors(seeds) * nmask``, or ``* mask``."""
-
-    fill = "latent_noise"
-    seeds: tuple[int, ...] = (11,)
-
-    def _encode_vae_image(self, image: torch.Tensor, generator: Any) -> torch.Tensor:
-        latents = super()._encode_vae_image(image, generator)
-        # MASK's box has its edges on multiples of 8, so any resize to the latents' size gives the same mask.
-        small = MASK.resize((latents.shape[-1], latents.shape[-2]), Image.Resampling.NEAREST)
-        nmask = torch.from_numpy(np.asarray(small) >= 128).to(latents.dtype)
-        if self.fill == "latent_nothing":
-            return latents * (1 - nmask)
-        drawn = [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in self.seeds]
-        noise = torch.stack(drawn)
-        return latents * (1 - nmask) + noise * nmask
-
-
 @pytest.mark.parametrize("fill", ["latent_noise", "latent_nothing"])
 def test_inpaint_from_latent_noise_or_nothing_is_a1111s_and_keeps_the_unmasked_pixels(fill: str) -> None:
-    fields = {"image": png_base64(IMAGE), "mask": png_base64(MASK), "mask_blur": 0}
+    # At 0.5, the last 3 of the 4 steps: from the full noise (0.75 runs all 4), the image's latents hardly show.
+    fields = {
+        "image": png_base64(IMAGE),
+        "mask": png_base64(MASK),
+        "mask_blur": 0,
+        "scheduler": "Euler",
+        "strength": 0.5,
+    }
     result = ok(**fields, inpaint_fill=fill, keep_unmasked=False)
 
-    pipeline = bare(A1111LatentFill)
-    pipeline.fill = fill
     # A1111 paints its masked content "fill" first for every fill but "original" (its img2img init).
-    reference = bare_inpaint(pipeline, fill_masked(IMAGE, MASK))
+    base = engine()._pipeline
+    [reference] = a1111_inpaint(base, fill_masked(IMAGE, MASK), MASK, seeds=(11,), strength=0.5, fill=fill)
     assert np.abs(array(images_of(result)[0]) - array(reference)).max() <= 1
     original = ok(**fields, keep_unmasked=False)
     inside = np.asarray(MASK) > 0
@@ -344,7 +330,8 @@ def test_every_task_runs_on_the_same_weights() -> None:
         ok(image=png_base64(IMAGE), outpaint={"left": 64}, num_inference_steps=2, strength=0.5)
     finally:
         handle.remove()
-    assert len(seen) == 1 + 2 + 2 + 1 + 1 + 1  # the hires pass runs its 2 steps exactly, as A1111
+    # The hires pass runs its 2 steps exactly; strength 0.5 of 2 steps runs int(2 x 0.5) + 1 = 2, as A1111.
+    assert len(seen) == 1 + 2 + 2 + 2 + 2 + 2
     assert all(pointers == loaded for pointers in seen)
 
 
@@ -364,10 +351,10 @@ def progress_of(fields: dict[str, Any]) -> list[dict[str, int]]:
 
 
 def test_progress_counts_the_steps_that_run() -> None:
-    # img2img at strength 0.5 runs int(8 x 0.5) = 4 steps; hires runs 8, then exactly its 6 steps (A1111's count).
+    # img2img at strength 0.5 runs int(8 x 0.5) + 1 = 5 steps; hires runs 8, then exactly its 6 (A1111's counts).
     assert progress_of({"image": png_base64(IMAGE), "num_inference_steps": 8, "strength": 0.5})[-1] == {
-        "step": 4,
-        "total_steps": 4,
+        "step": 5,
+        "total_steps": 5,
     }
     hires = progress_of({"width": 64, "height": 64, "num_inference_steps": 8, "hires": {"scale": 1.5, "steps": 6}})
     assert hires[-1] == {"step": 14, "total_steps": 14}
@@ -408,9 +395,6 @@ BAD = [
     pytest.param({"image": png_base64(IMAGE), "mask": png_base64(box_mask(64, 64, (0, 0, 8, 8)))}, "mask", id="size"),
     pytest.param({"image": png_base64(IMAGE), "strength": 0}, "strength", id="strength-0"),
     pytest.param({"image": png_base64(IMAGE), "strength": 1.5}, "strength", id="strength-1.5"),
-    pytest.param(
-        {"image": png_base64(IMAGE), "num_inference_steps": 1, "strength": 0.5}, "num_inference_steps", id="no-step"
-    ),
     pytest.param(
         {"image": png_base64(IMAGE), "outpaint": {"left": 2048, "right": 2048}},
         "outpaint: left=2048 + right=2048 adds 4096 pixels to the width",

@@ -58,6 +58,20 @@ SCHEDULERS: Mapping[str, tuple[type[SchedulerMixin], dict[str, Any]]] = MappingP
     }
 )
 
+# The schedulers whose sample is k-diffusion's x = x0 + sigma * eps (their model input is it scaled down); the
+# others' sample is diffusers' variance-preserving one.
+K_DIFFUSION_SCHEDULERS = (
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
+# The samplers A1111 runs as timestep samplers (its sd_samplers_timesteps: DDIM, PLMS, UniPC); the others run
+# through k-diffusion. The two blend an inpaint's kept part differently (``src.run.inpaint``).
+TIMESTEP_SAMPLERS = frozenset({"DDIM", "PNDM", "UniPC"})
+
 
 def make_scheduler(name: str, base_config: Mapping[str, Any]) -> SchedulerMixin:
     """Build a new scheduler ``name`` (a canonical name from the schema) from a model's config."""

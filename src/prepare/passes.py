@@ -42,16 +42,18 @@ class Pass:
     """One call of a diffusers pipeline: its kind, run with the job's ControlNet units when ``controlled``."""
 
     pipeline: PipelineKind
-    # num_inference_steps as given to the pipeline, and the steps it runs (fewer with strength below 1).
+    # num_inference_steps as given to the pipeline, and the steps it runs (fewer at a low strength).
     steps: int
     denoising_steps: int
     # The steps its prompt editing counts over, as A1111 counts them.
     prompt_span: Span
-    # The task's own arguments (size, image, mask, strength).
+    # The task's own arguments (size, image, strength).
     arguments: dict[str, Any] = field(default_factory=dict)
     # Hires: the image comes from the previous pass, enlarged to this size by this upscaler.
     upscale_to: tuple[int, int] | None = None
     upscaler: str = "latent"
+    # Inpaint: the blurred mask at the pass's size (white repaints), which ``run`` blends the pass under.
+    mask: Image.Image | None = None
     # Whether the pass runs the job's ControlNet units (its class is then a ControlNet pipeline).
     controlled: bool = False
     # Hires: its own model (a MODELS_DIR name), scheduler, prompt and negative prompt (None: the job's).
@@ -59,18 +61,6 @@ class Pass:
     scheduler: str | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
-
-    def arguments_for(self, count: int) -> dict[str, Any]:
-        """The task's arguments for a call that makes ``count`` images.
-
-        The inpaint pipeline encodes one image with the first image's generator and repeats
-        the result; given one copy per image, it encodes each with that image's own
-        generator, so image i depends on its seed alone, in a batch or by itself.
-        """
-        arguments = dict(self.arguments)
-        if self.pipeline == "inpaint":
-            arguments["image"] = [arguments["image"]] * count
-        return arguments
 
 
 def plan_passes(request: GenerateRequest, images: TaskImages | None, controls: ControlMaps | None = None) -> list[Pass]:
@@ -129,9 +119,8 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
         )
         return [first, second]
     assert images is not None, f"a {task} job needs its images"
-    arguments: dict[str, Any] = {"image": images.image, "strength": request.strength}
-    if images.mask is not None:
-        arguments.update(mask_image=images.mask, width=width, height=height)
+    # A1111's count of steps (``denoising_steps``), which diffusers runs at this strength.
+    strength = strength_for(request.num_inference_steps, request.denoising_steps)
     return [
         Pass(
             PIPELINES[task],
@@ -139,7 +128,8 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
             denoising_steps=request.denoising_steps,
             # As A1111's img2img: editing counts over all the steps asked for, from the first step that runs.
             prompt_span=Span(request.num_inference_steps),
-            arguments=arguments,
+            arguments={"image": images.image, "strength": strength},
+            mask=images.mask,
         )
     ]
 

@@ -5,9 +5,8 @@ Image i's noise is its seed's, as in a job without them (drawn from the image's 
 generator draws after it is the same); with a variation seed, it moves towards the variation seed's noise by
 spherical interpolation (as A1111, image i then has the job's seed and the variation seed subseed + i); with a
 seed resize, the seed's noise is drawn at the size named and placed in the middle of noise drawn at the job's
-size. Inpaint's masked content "latent noise" and "latent nothing" (``latent_fill``) are made here too. Without
-any of them, nothing here runs: the pipeline draws the noise itself, and a job gives the bytes it gave before
-these fields existed.
+size. Without any of them, nothing here runs: the pipeline draws the noise itself, and a job gives the bytes it
+gave before these fields existed.
 
 The pipelines draw the initial noise with diffusers' ``randn_tensor``; ``initial_noise`` makes the first such
 draw of a pipeline call (the starting latents of txt2img, the noise added to the image's latents in img2img and
@@ -95,54 +94,6 @@ def job_noise(
         )
 
     return make
-
-
-# A1111's masked content "latent noise" and "latent nothing" (its ``inpainting_fill`` 2 and 3).
-LATENT_FILLS = ("latent_noise", "latent_nothing")
-
-
-@contextlib.contextmanager
-def latent_fill(pipeline: Any, fill: str, mask: Any, seeds: Sequence[int]) -> Iterator[None]:
-    """For the ``with`` block, the image latents ``pipeline`` encodes are, inside ``mask``, image i's noise
-    (``latent_noise``) or zero (``latent_nothing``), and the image's outside it; another ``fill``, or no
-    ``mask``: unchanged.
-
-    As A1111's img2img ``init`` with ``inpainting_fill`` 2 and 3, on the image its "fill" painted (``canvas``):
-    the noise is that of image i's seed, drawn on the CPU (its ``create_random_tensors``; A1111 gives every
-    ``n_iter`` batch the first one's). The mask is the pipeline's own at the latents' size (black and white,
-    nearest), the one it blends the kept part with at every step, so only what is repainted changes.
-
-    Only the first encoding is the image's: diffusers' ``prepare_mask_latents`` encodes the masked image after it,
-    for a 9-channel inpainting UNet's conditioning, which A1111 makes from the pixels. A 9-channel UNet at
-    strength 1 encodes no image at all, so only 4-channel UNets (the ones this worker loads) are filled.
-    """
-    if fill not in LATENT_FILLS or mask is None or pipeline.unet.config.in_channels != 4:
-        yield
-        return
-    encode = pipeline._encode_vae_image
-    calls = 0
-
-    def filled(image: torch.Tensor, generator: Any) -> torch.Tensor:
-        nonlocal calls
-        latents = encode(image=image, generator=generator)
-        calls += 1
-        if calls > 1:
-            return latents
-        assert latents.shape[0] == len(seeds), "the inpaint pass encodes one copy of the image per image"
-        height, width = (side * pipeline.vae_scale_factor for side in latents.shape[-2:])
-        painted = pipeline.mask_processor.preprocess(mask, height=height, width=width)
-        painted = torch.nn.functional.interpolate(painted, size=latents.shape[-2:]).to(latents)
-        kept = latents * (1 - painted)
-        if fill == "latent_nothing":
-            return kept
-        noise = torch.stack([randn(seed, latents.shape[1:]) for seed in seeds])
-        return kept + noise.to(latents) * painted
-
-    pipeline._encode_vae_image = filled
-    try:
-        yield
-    finally:
-        del pipeline._encode_vae_image
 
 
 @contextlib.contextmanager

@@ -17,17 +17,15 @@ import torch
 from diffusers import (
     DiffusionPipeline,
     StableDiffusionControlNetImg2ImgPipeline,
-    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
 from PIL import Image
 
 from src.adapters.embeddings import Embedding
 from src.errors import BadImageError
-from src.models.schedulers import make_scheduler
+from src.models.schedulers import TIMESTEP_SAMPLERS, make_scheduler
 from src.prepare.canvas import hidden, paste_back
 from src.prepare.passes import Pass, PipelineKind
 from src.prompts.encoding import Schedule, encode_schedule
@@ -35,24 +33,26 @@ from src.prompts.syntax import PromptError, TextPlan
 from src.run.brownian import brownian_step_noise
 from src.run.fast_path import uncompiled
 from src.run.feature_reuse import feature_reuse
+from src.run.inpaint import Masked, blend_each_step, masked_start
 from src.run.job import JobState, PromptSwitch
 from src.run.memory import Plan, Profile, Setup, setup_for, sub_batches
-from src.run.noise import encoded_at_mean, initial_noise, job_noise, latent_fill
+from src.run.noise import encoded_at_mean, initial_noise, job_noise
 from src.run.token_merging import token_merging
 from src.schema import InputError
 
 log = logging.getLogger(__name__)
 
-# The diffusers pipeline of each kind of pass, plain and with ControlNet units.
+# The diffusers pipeline of each kind of pass, plain and with ControlNet units. An inpaint pass is img2img from
+# latents made here, blended under its mask as A1111 blends (``src.run.inpaint``), not diffusers' inpaint pipeline.
 PIPELINES: dict[PipelineKind, type[DiffusionPipeline]] = {
     "txt2img": StableDiffusionPipeline,
     "img2img": StableDiffusionImg2ImgPipeline,
-    "inpaint": StableDiffusionInpaintPipeline,
+    "inpaint": StableDiffusionImg2ImgPipeline,
 }
 CONTROLNET_PIPELINES: dict[PipelineKind, type[DiffusionPipeline]] = {
     "txt2img": StableDiffusionControlNetPipeline,
     "img2img": StableDiffusionControlNetImg2ImgPipeline,
-    "inpaint": StableDiffusionControlNetInpaintPipeline,
+    "inpaint": StableDiffusionControlNetImg2ImgPipeline,
 }
 # The hires pass's latent upscalers: torch's interpolation and antialias for each, as A1111's
 # latent_upscale_modes (in its modules/shared.py) give them.
@@ -207,7 +207,7 @@ def denoise(
     noise is the seed's first draw (an input image encoded at the VAE's mean draws nothing), step noise next.
     """
     request, step = job.request, job.passes[pass_index]
-    arguments = step.arguments_for(len(indices))
+    arguments = dict(step.arguments)
     if step.upscale_to is not None:
         assert previous is not None, "an upscaling pass follows another"
         arguments["image"] = upscaled(base, previous, step, indices, job.warnings, upscalers=job.upscalers, tile=tile)
@@ -225,11 +225,11 @@ def denoise(
     all_seeds = request.seeds
     seeds = [all_seeds[index] for index in indices]
     brownian_step_noise(pipeline.scheduler, seeds)
+    masked = _masked(pipeline, step, scheduler, arguments, seeds=seeds, request=request)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     with (
         encoded_at_mean(pipeline),
         initial_noise(pipeline, _variation(request, indices, seeds)),
-        latent_fill(pipeline, request.inpaint_fill, arguments.get("mask_image"), seeds),
         feature_reuse(pipeline.unet, request.deepcache_interval),
         # The job's first seed, not the sub-batch's: ToMe draws one merge pattern for the whole batch, so each
         # image keeps its pixels however admission or the out-of-memory retry splits the job.
@@ -247,9 +247,25 @@ def denoise(
             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"] if switches else ["latents"],
             **arguments,
         ).images
+    latents = masked.final(latents) if masked is not None else latents  # A1111's blend after the last step
     job.run_finished()
     job.phase_ended("denoising")
     return latents
+
+
+def _masked(
+    pipeline: Any, step: Pass, scheduler: str, arguments: dict[str, Any], *, seeds: list[int], request: Any
+) -> Masked | None:
+    """For a pass with a mask, A1111's inpaint: the pipeline starts from the image's latents (in ``arguments``) and
+    its scheduler blends the kept part back at each step; the start, whose ``final`` blends the result. Else None."""
+    if step.mask is None:
+        return None
+    masked = masked_start(
+        pipeline, arguments["image"], step.mask, seeds=seeds, fill=request.inpaint_fill, rounded=request.mask_round
+    )
+    arguments["image"] = masked.image
+    blend_each_step(pipeline.scheduler, masked, before=scheduler in TIMESTEP_SAMPLERS)
+    return masked
 
 
 def _variation(request: Any, indices: list[int], seeds: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -21,6 +21,9 @@ RESIZE_MODE_ALIASES: Mapping[str, str] = {
     "resize and fill": "fill",
 }
 STRENGTH_DEFAULT = 0.75
+# A1111's setup_img2img_steps caps the strength at this: at 1, img2img runs every step, a hires schedule stretches a
+# little.
+STRENGTH_CAP = 0.999
 MASK_BLUR_MAX = 64
 INPAINT_PADDING_MAX = 256
 _RESIZE_MODES_BY_KEY = names_by_key(RESIZE_MODES, RESIZE_MODE_ALIASES)
@@ -70,7 +73,8 @@ class ImageInputs(RequestCore):
         le=1.0,
         allow_inf_nan=False,
         description="How much of the image is repainted (A1111's denoising strength), above 0 and at most 1. "
-        "It runs int(num_inference_steps x strength) steps, which must come to at least 1. Needs `image`.",
+        "It runs the last int(num_inference_steps x min(strength, 0.999)) + 1 steps of the schedule, as A1111's "
+        "k-diffusion samplers: 16 of 20 at 0.75, all of them at 1. Needs `image`.",
     )
     resize_mode: Literal["resize", "crop", "fill"] = Field(
         "resize",
@@ -111,9 +115,10 @@ class ImageInputs(RequestCore):
     )
     mask_round: StrictBool = Field(
         False,
-        description="`true` rounds a mask with transparency (its alpha) to black and white, above 128 being white, "
-        "as A1111 does (its `mask_round`, on there by default, and so for an A1111 payload); an opaque mask's grey "
-        "is partial either way, as in A1111. With `mask`.",
+        description="`true` rounds the mask to black and white as A1111 does (its `mask_round`, on there by "
+        "default, and so for an A1111 payload): a mask with transparency (its alpha) before the blur, above 128 "
+        "being white, and then the blurred mask at the latents' size, so each latent pixel is kept or repainted. "
+        "`false` leaves both grey: a grey latent pixel is repainted in part at every step. With `mask`.",
     )
     keep_unmasked: StrictBool = Field(
         True,

@@ -26,12 +26,10 @@ from src.schema.core import (
     canonical_scheduler,
     request_limits,
 )
-from src.schema.images import ImageInputs
+from src.schema.images import STRENGTH_CAP, ImageInputs
 
 HIRES_STRENGTH_DEFAULT = 0.5
 HIRES_SCALE_MAX = 2.0
-# A1111's setup_img2img_steps divides by the strength capped at this, so a strength of 1 still stretches a little.
-HIRES_STRENGTH_CAP = 0.999
 # The hires pass's stretched schedule may not pass SD 1.5's training timesteps (diffusers' schedulers refuse it).
 HIRES_SCHEDULE_MAX = 1000
 # The size a job runs at is a multiple of this; hires' second pass only needs the latent grid's 8.
@@ -228,7 +226,7 @@ class Hires(BaseModel):
     @property
     def schedule_steps(self) -> int:
         """The steps of the stretched schedule whose last ``steps`` the pass runs: A1111's setup_img2img_steps."""
-        return int(self.steps / min(self.strength, HIRES_STRENGTH_CAP))
+        return int(self.steps / min(self.strength, STRENGTH_CAP))
 
 
 _MARGIN_NAMES = {"width": ("left", "right"), "height": ("top", "bottom")}

@@ -21,7 +21,7 @@ from src.schema.adapters import (
     without_secrets,
 )
 from src.schema.core import CONFIGURED_DEFAULT, INVALID_INPUT, SEED_MAX, InputError, RequestLimits, Task, request_limits
-from src.schema.images import IMAGE_FIELDS, MASK_FIELDS
+from src.schema.images import IMAGE_FIELDS, MASK_FIELDS, STRENGTH_CAP
 from src.schema.passes import Hires, Outpaint, check_outpaint_margins
 from src.schema.size import check_size
 
@@ -126,12 +126,6 @@ class GenerateRequest(AdapterOptions):
                 ]
             if self.mask is None and self.outpaint is None:
                 problems += [f"{name}: needs a mask or outpaint" for name in MASK_FIELDS if name in given]
-            if int(self.num_inference_steps * self.strength) < 1:
-                problems.append(
-                    f"num_inference_steps x strength = {self.num_inference_steps} x {self.strength:g} runs "
-                    f"int({self.num_inference_steps * self.strength:g}) = 0 denoising steps: it must run at "
-                    "least 1; raise num_inference_steps or strength"
-                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -212,10 +206,14 @@ class GenerateRequest(AdapterOptions):
 
     @property
     def denoising_steps(self) -> int:
-        """Steps of the first pass as the pipeline runs them: img2img runs int(steps x strength)."""
+        """Steps of the first pass as the pipeline runs them.
+
+        With an image, A1111's img2img count (its ``setup_img2img_steps`` and ``sample_img2img``): the last
+        int(steps x min(strength, 0.999)) + 1 of the ``num_inference_steps``-step schedule.
+        """
         if self.image is None:
             return self.num_inference_steps
-        return int(self.num_inference_steps * self.strength)
+        return int(self.num_inference_steps * min(self.strength, STRENGTH_CAP)) + 1
 
     def task_fields(self) -> dict[str, Any]:
         """The task and the fields it used, for the metadata."""

@@ -97,7 +97,8 @@ class Metadata(BaseModel):
     width: int = Field(description="Width the job ran at; with `hires`, its first pass.")
     height: int = Field(description="Height the job ran at; with `hires`, its first pass.")
     num_inference_steps: int = Field(
-        description="Steps asked for; img2img, inpaint and outpaint run int(steps x strength) of them."
+        description="Steps asked for; img2img, inpaint and outpaint run the last int(steps x min(strength, 0.999)) + 1 "
+        "of them, as A1111's k-diffusion samplers."
     )
     guidance_scale: float = Field(description="Classifier-free guidance used.")
     scheduler: str = Field(description="The canonical name of the scheduler used.")
