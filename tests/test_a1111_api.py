@@ -540,6 +540,11 @@ def test_the_docs_complete_example_runs(worker: None) -> None:
         pytest.param({"sampler_name": "DPM++ 2M", "scheduler": "Automatic"}, "DPM++ 2M Karras", None, id="automatic"),
         pytest.param({"sampler_name": "DPM++ 2M SDE", "scheduler": "Exponential"}, "DPM++ 2M SDE", None, id="exp"),
         pytest.param({"sampler_name": "Euler a", "scheduler": "Uniform"}, "Euler a", None, id="uniform"),
+        # DPM2 and DPM2 a: Karras is their own schedule there; Uniform is the plain name here.
+        pytest.param({"sampler_name": "DPM2"}, "DPM2 Karras", None, id="dpm2-own-schedule"),
+        pytest.param({"sampler_name": "DPM2 a", "scheduler": "Uniform"}, "DPM2 a", None, id="dpm2-a-uniform"),
+        pytest.param({"sampler_name": "DPM2 a", "eta": 0}, "DPM2 Karras", None, id="dpm2-a-eta-0"),
+        pytest.param({"sampler_name": "DPM2 a", "scheduler": "Uniform", "eta": 0}, "DPM2", None, id="dpm2-a-uni-0"),
         # k-diffusion's ancestral samplers at eta 0 add no noise: they step as their plain sampler.
         pytest.param({"sampler_name": "Euler a", "eta": 0}, "Euler", None, id="euler-a-eta-0"),
         pytest.param({"sampler_name": "Euler a", "eta": 1}, "Euler a", None, id="euler-a-eta-1"),

@@ -61,6 +61,17 @@ def test_png_carries_a1111_parameters() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("scheduler", "written"),
+    [("DPM2", "Sampler: DPM2, Schedule type: Uniform, "), ("dpm_2_karras", "Sampler: DPM2 Karras, CFG")],
+)
+def test_dpm2_on_uniform_names_its_schedule_for_a1111_whose_own_is_karras(scheduler: str, written: str) -> None:
+    # A1111 1.9 and later read "Sampler: DPM2" alone as DPM2 on Karras, and "DPM2 Karras" as that pair.
+    result = run(scheduler=scheduler)
+
+    assert written in decode_png(result["images"][0]["image"]).text["parameters"]
+
+
 def test_each_image_of_a_batch_carries_its_own_seed() -> None:
     result = run(seed=10, num_images=2)
 

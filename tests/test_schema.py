@@ -467,6 +467,8 @@ SCHEDULER_SPELLINGS = {
     "Heun": ["heun", "k_heun"],
     "DPM2": ["dpm_2", "k_dpm_2", "dpm2"],
     "DPM2 a": ["dpm_2_ancestral", "k_dpm_2_a", "k_dpm_2_ancestral", "dpm2_a", "dpm_2_a"],
+    "DPM2 Karras": ["k_dpm_2_ka", "dpm_2_karras", "dpm_2 karras"],
+    "DPM2 a Karras": ["k_dpm_2_a_ka", "dpm_2_ancestral_karras", "DPM2 a (Karras)"],
     "LMS": ["lms", "k_lms"],
     "LMS Karras": ["lms_karras", "k_lms_karras", "k_lms_ka", "lms karras"],
     "DPM++ 2M": ["dpmpp_2m", "k_dpmpp_2m", "dpm++_2m", "DPMPP 2M"],
@@ -677,7 +679,9 @@ EXPECTED_CLASSES = {
     "DPM++ 2M SDE": "DPMSolverMultistepScheduler",
     "DPM++ 2M SDE Karras": "DPMSolverMultistepScheduler",
     "DPM2": "KDPM2DiscreteScheduler",
+    "DPM2 Karras": "KDPM2DiscreteScheduler",
     "DPM2 a": "KDPM2AncestralDiscreteScheduler",
+    "DPM2 a Karras": "KDPM2AncestralDiscreteScheduler",
     "Euler": "EulerDiscreteScheduler",
     "Euler a": "EulerAncestralDiscreteScheduler",
     "Heun": "HeunDiscreteScheduler",
@@ -730,6 +734,26 @@ def test_each_k_diffusion_sampler_runs_a1111s_sigmas(name: str, schedule: str) -
     assert scheduler.sigmas.tolist() == pytest.approx(_kdiffusion_sigmas(20, schedule), rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("name", "schedule"),
+    [("DPM2", "uniform"), ("DPM2 a", "uniform"), ("DPM2 Karras", "karras"), ("DPM2 a Karras", "karras")],
+)
+def test_dpm2_runs_a1111s_sigmas_with_the_next_to_last_dropped(name: str, schedule: str) -> None:
+    """A1111's DPM2 and DPM2 a (``discard_next_to_last_sigma``): steps + 1 sigmas of the schedule, less the
+    smallest above 0; Karras is their own schedule there (1.9 and later), Uniform is named."""
+    from builder.tiny_model import SD15_SCHEDULER_CONFIG
+    from src.models.schedulers import make_scheduler
+
+    scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(20)
+    a1111 = _kdiffusion_sigmas(21, schedule)
+    a1111 = [*a1111[:-2], a1111[-1]]
+    # Each step's sigma, once: diffusers repeats each but the first for its second-order half-steps.
+    sigmas = [scheduler.sigmas[0].item(), *scheduler.sigmas[1:-1:2].tolist()]
+    assert sigmas == pytest.approx(a1111, rel=1e-3, abs=1e-4)
+    assert len(scheduler.timesteps) == 2 * 20 - 1, "two model calls a step, one for the last, as k-diffusion"
+
+
 def test_scheduler_names_and_mapping_agree() -> None:
     from src.models.schedulers import SCHEDULERS
 
@@ -746,9 +770,10 @@ def test_make_scheduler_builds_the_mapped_class(name: str) -> None:
 
     scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
     assert type(scheduler) is SCHEDULERS[name][0]
-    assert type(scheduler).__name__ == EXPECTED_CLASSES[name]
+    assert EXPECTED_CLASSES[name] in [kind.__name__ for kind in type(scheduler).__mro__]
     assert scheduler.config.num_train_timesteps == 1000
-    assert scheduler.config.get("use_karras_sigmas", False) is ("Karras" in name)
+    # DPM2's schedules, Uniform's too, are made in diffusers' Karras conversion (src/models/schedulers.py).
+    assert scheduler.config.get("use_karras_sigmas", False) is ("Karras" in name or name.startswith("DPM2"))
     if "SDE" in name:
         assert scheduler.config.algorithm_type == "sde-dpmsolver++"
     if name == "DDIM":

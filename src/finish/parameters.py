@@ -48,6 +48,7 @@ def a1111_parameters(
     fields = {
         "Steps": request.num_inference_steps,
         "Sampler": request.scheduler,
+        **_schedule_type(request.scheduler),
         "CFG scale": f"{request.guidance_scale:g}",
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -72,6 +73,15 @@ def a1111_parameters(
     added = "".join(f" <lora:{item.name}:{item.scale:g}>" for item in loras if item.name not in tagged)
     negative = f"Negative prompt: {request.negative_prompt}\n" if request.negative_prompt else ""
     return f"{request.prompt}{added}\n{negative}" + ", ".join(f"{name}: {value}" for name, value in fields.items())
+
+
+# The samplers whose plain name here runs Uniform where A1111's (1.9 and later) runs another by default: the
+# parameters name the schedule, so A1111 replays it. Their other schedule's name says it ("DPM2 Karras").
+_UNIFORM_HERE = ("DPM2", "DPM2 a")
+
+
+def _schedule_type(sampler: str) -> dict[str, str]:
+    return {"Schedule type": "Uniform"} if sampler in _UNIFORM_HERE else {}
 
 
 def controlnet_parameters(request: GenerateRequest, control_sizes: Sequence[tuple[int, int]] = ()) -> dict[str, str]:

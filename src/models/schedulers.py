@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -26,11 +27,53 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+
+class _DiscardsNextToLast:
+    """A1111's schedule for DPM2 and DPM2 a (their ``discard_next_to_last_sigma``): its schedule of steps + 1 sigmas,
+    the next-to-last (the smallest above 0) dropped, so that ``steps`` steps run and the last goes down to 0 from
+    the sigma before it. ``grid`` makes the schedule: Karras's (rho 7 between the model's smallest and largest
+    sigma, A1111's for these samplers since 1.9) or Uniform's (the model's sigmas at timesteps linspace(999, 0)).
+
+    diffusers' KDPM2 schedulers build their interleaved second-order tables from the sigmas its Karras conversion
+    returns (``use_karras_sigmas``), then take the timesteps from them, rounded: this is that conversion.
+    """
+
+    grid = "karras"
+
+    def _convert_to_karras(self, in_sigmas: Any, num_inference_steps: int) -> Any:
+        more = num_inference_steps + 1
+        if self.grid == "karras":
+            sigmas = super()._convert_to_karras(in_sigmas, more)  # type: ignore[misc]
+        else:
+            table = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # type: ignore[attr-defined]
+            timesteps = np.linspace(0, len(table) - 1, more)[::-1]
+            sigmas = np.interp(timesteps, np.arange(len(table)), table)
+        return sigmas[:-1]
+
+
+class DPM2(_DiscardsNextToLast, KDPM2DiscreteScheduler):
+    grid = "uniform"
+
+
+class DPM2Ancestral(_DiscardsNextToLast, KDPM2AncestralDiscreteScheduler):
+    grid = "uniform"
+
+
+class DPM2Karras(_DiscardsNextToLast, KDPM2DiscreteScheduler):
+    grid = "karras"
+
+
+class DPM2AncestralKarras(_DiscardsNextToLast, KDPM2AncestralDiscreteScheduler):
+    grid = "karras"
+
+
 _KARRAS = {"use_karras_sigmas": True}
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 # k-diffusion's own schedule (A1111's "Uniform": sigmas at timesteps linspace(999, 0)). SD 1.5's config says
 # "leading", which k-diffusion's samplers never used: from it they started at t=951, under-noised (11.0, not 14.6).
 _UNIFORM = {"timestep_spacing": "linspace", "steps_offset": 0}
+# The DPM2 schedules are made in diffusers' Karras conversion, over the model's sigmas at k-diffusion's timesteps.
+_DISCARDING = {**_UNIFORM, **_KARRAS}
 
 # Canonical name (src.schema.SCHEDULER_NAMES) -> (class, config overrides). The overrides follow the diffusers docs'
 # table of A1111 equivalents.
@@ -41,8 +84,11 @@ SCHEDULERS: Mapping[str, tuple[type[SchedulerMixin], dict[str, Any]]] = MappingP
         # A1111's (1.9 and later) own schedule for it, its "Automatic": Exponential.
         "DPM++ 2M SDE": (DPMSolverMultistepScheduler, {**_SDE, "use_exponential_sigmas": True}),
         "DPM++ 2M SDE Karras": (DPMSolverMultistepScheduler, {**_SDE, **_KARRAS}),
-        "DPM2": (KDPM2DiscreteScheduler, _UNIFORM),
-        "DPM2 a": (KDPM2AncestralDiscreteScheduler, _UNIFORM),
+        # A1111's own, with its next-to-last sigma dropped: Karras by default there, Uniform by name.
+        "DPM2": (DPM2, _DISCARDING),
+        "DPM2 Karras": (DPM2Karras, _DISCARDING),
+        "DPM2 a": (DPM2Ancestral, _DISCARDING),
+        "DPM2 a Karras": (DPM2AncestralKarras, _DISCARDING),
         "Euler": (EulerDiscreteScheduler, _UNIFORM),
         "Euler a": (EulerAncestralDiscreteScheduler, _UNIFORM),
         "Heun": (HeunDiscreteScheduler, _UNIFORM),

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # A1111's names for the samplers whose name here differs.
 _A1111_SAMPLER_NAMES = {"PNDM": "PLMS"}
 # Each sampler's own schedule in A1111 (1.9 and later), where it is not Uniform: its options' "scheduler".
-_OWN_SCHEDULE = {"DPM++ 2M": "karras", "DPM++ 2M SDE": "exponential"}
+_OWN_SCHEDULE = {"DPM++ 2M": "karras", "DPM++ 2M SDE": "exponential", "DPM2": "karras", "DPM2 a": "karras"}
 # The schedules a sampler may be named with here (A1111's schedulers list): (name, label, default rho).
 _SCHEDULES = (
     ("automatic", "Automatic", -1.0),

@@ -142,11 +142,18 @@ def _file_name(value: Any) -> Any:
 
 # A1111's (1.9 and later) own schedule of each sampler, its "Automatic", where the sampler's plain name here runs
 # another (modules/sd_samplers_kdiffusion.py's sampler options); DPM++ 2M SDE here runs its own, Exponential.
-_OWN_SCHEDULES = {"dpm++ 2m": "DPM++ 2M Karras"}
+_OWN_SCHEDULES = {"dpm++ 2m": "DPM++ 2M Karras", "dpm2": "DPM2 Karras", "dpm2 a": "DPM2 a Karras"}
 # The samplers that read A1111's eta, and their default (its eta_ancestral, eta_ddim); the others ignore it.
-_ETA_DEFAULTS = {"euler a": 1, "dpm2 a": 1, "dpm++ 2m sde": 1, "dpm++ 2m sde karras": 1, "ddim": 0}
+_ETA_DEFAULTS = {
+    "euler a": 1,
+    "dpm2 a": 1,
+    "dpm2 a karras": 1,
+    "dpm++ 2m sde": 1,
+    "dpm++ 2m sde karras": 1,
+    "ddim": 0,
+}
 # An ancestral sampler at eta 0 adds no noise: it steps as its plain sampler.
-_WITHOUT_NOISE = {"euler a": "Euler", "dpm2 a": "DPM2"}
+_WITHOUT_NOISE = {"euler a": "Euler", "dpm2 a": "DPM2", "dpm2 a karras": "DPM2 Karras"}
 # Samplers named with the schedule they run here by their plain name.
 _OWN_NAMED = {("dpm++ 2m sde", "exponential")}
 # The samplers whose own schedule is A1111's "Uniform", which may be named.
@@ -173,8 +180,8 @@ def _sampler(sampler: Any, schedule: Any) -> Any:
     except ValueError:
         raise ValueError(
             f"{shown(sampler)} with the {shown(schedule)} schedule is not a sampler this worker has; it has Karras "
-            "schedules for DPM++ 2M, DPM++ 2M SDE and LMS, Exponential for DPM++ 2M SDE (its own), Uniform for Euler, "
-            "Euler a, Heun, LMS, DPM2 and DPM2 a, and each sampler's own schedule ('Automatic')"
+            "schedules for DPM++ 2M, DPM++ 2M SDE, DPM2, DPM2 a and LMS, Exponential for DPM++ 2M SDE (its own), "
+            "Uniform for Euler, Euler a, Heun, LMS, DPM2 and DPM2 a, and each sampler's own schedule ('Automatic')"
         ) from None
 
 
