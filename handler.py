@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 from src.concurrency import JobSlots, in_thread, on_gpu_thread
 from src.errors import WorkerError, breaks_the_gpu, first_line
 from src.finish import finish
+from src.finish.png_info import png_info
 from src.job_loop import remember_stops_before_start, retry_dropped_result_posts, stopped_before_start
 from src.prepare import JobPlan, UpscalePlan
 from src.prepare import prepare as prepare_job
+from src.prepare.images import load_as_sent
 from src.run.a1111_listings import answer_listing
 from src.run.describe import describe
-from src.schema import InputError, check_limits, parse_a1111_listing, parse_describe
+from src.schema import InputError, check_limits, parse_a1111_listing, parse_a1111_png_info, parse_describe
 from src.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -215,12 +217,14 @@ async def _answer(job: Any, started: float) -> dict[str, Any] | list[Any]:
 
 
 def _what_the_worker_has(job: Any) -> Callable[[Engine], dict[str, Any] | list[Any]] | None:
-    """For a describe job, or a GET of one of A1111's listings: its answer, from the engine's state (no slot, no
-    GPU); None for any other job."""
+    """For a describe job, a GET of one of A1111's listings, or A1111's PNG Info: its answer, from the engine's state
+    or the image sent (no slot, no GPU); None for any other job."""
     if parse_describe(job) is not None:
         return describe
     if (listing := parse_a1111_listing(job)) is not None:
         return lambda engine: answer_listing(engine, listing)
+    if (image := parse_a1111_png_info(job)) is not None:
+        return lambda _engine: png_info(load_as_sent(image, "payload.image", get_settings(), get_storage()).image)
     return None
 
 

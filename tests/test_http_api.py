@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -270,10 +271,26 @@ def test_an_a1111_field_the_worker_cannot_honour_over_http_then_a_job(api_url: s
     refused = post(api_url, {"input": {**FLAT, "restore_faces": True}})
     assert refused["status"] == "FAILED"
     assert "restore_faces=True" in refused["error"]
-    unknown = post(api_url, {"input": {"api": {"method": "POST", "endpoint": "/sdapi/v1/png-info"}, "payload": {}}})
+    unknown = post(api_url, {"input": {"api": {"method": "POST", "endpoint": "/sdapi/v1/interrogate"}, "payload": {}}})
     assert unknown["status"] == "FAILED"
     assert "/sdapi/v1/txt2img, /sdapi/v1/img2img, /sdapi/v1/extra-single-image" in unknown["error"]
     assert post(api_url, {"input": FLAT})["status"] == "COMPLETED"
+
+
+def test_png_info_over_http_reads_back_an_images_parameters(api_url: str) -> None:
+    made = post(api_url, {"input": FLAT})
+    assert made["status"] == "COMPLETED", made
+
+    png_info = {
+        "api": {"method": "POST", "endpoint": "/sdapi/v1/png-info"},
+        "payload": {"image": made["output"]["images"][0]},
+    }
+    read = post(api_url, {"input": png_info})
+
+    assert read["status"] == "COMPLETED", read
+    assert read["output"]["info"] == json.loads(made["output"]["info"])["infotexts"][0]
+    assert read["output"]["parameters"]["Prompt"] == FLAT["prompt"]
+    assert read["output"]["parameters"]["Seed"] == str(FLAT["seed"])
 
 
 def test_a1111_listings_over_http_answer_as_a1111s_get_endpoints(api_url: str) -> None:

@@ -162,6 +162,16 @@ def load_mask(
     return LoadedImage(image=image, warnings=warnings + more, source=source)
 
 
+def load_as_sent(
+    reference: str, field: str, settings: Settings, storage: S3Storage | None, *, resolve: Resolve = system_resolve
+) -> LoadedImage:
+    """Read, check and decode an image as it was sent, its mode and metadata (``info``: a PNG's text chunks, EXIF)
+    kept, for A1111's PNG Info. Arguments and errors as for ``load_image``."""
+    data, source = _read(reference, field, settings, storage, resolve)
+    image, warnings = _decode(data, field, source, settings)
+    return LoadedImage(image=image, warnings=warnings, source=source)
+
+
 # --- reading: reference -> bytes -----------------------------------------------------------------
 
 

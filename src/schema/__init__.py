@@ -29,6 +29,7 @@ from src.schema.a1111 import (
     a1111_endpoint,
     names_a1111,
     parse_a1111_listing,
+    parse_a1111_png_info,
     read_a1111,
 )
 from src.schema.a1111_fields import A1111_NOISE_SOURCE
@@ -198,6 +199,7 @@ __all__ = [
     "names_a1111",
     "names_upscale",
     "parse_a1111_listing",
+    "parse_a1111_png_info",
     "parse_describe",
     "parse_input",
     "parse_upscale",

@@ -46,6 +46,8 @@ A1111_LISTINGS: tuple[str, ...] = (
     "/controlnet/model_list",
     "/controlnet/module_list",
 )
+# A1111's PNG Info: the parameters an image carries, read as A1111 reads them (src/finish/png_info.py).
+A1111_PNG_INFO = "/sdapi/v1/png-info"
 # This worker's fields that mean the same in an A1111 payload: the output options, which A1111 lacks.
 NATIVE_IN_A1111 = ("output_format", "output_quality", "output_type")
 
@@ -160,7 +162,7 @@ def _unknown(endpoint: Any) -> InputError:
     """The refusal of an endpoint this worker does not answer, naming those it does."""
     return InputError(
         f"{INVALID_INPUT}api.endpoint={shown(endpoint)}: not an endpoint this worker answers; it answers POST "
-        f"{', '.join(A1111_ENDPOINTS)} and GET {', '.join(A1111_LISTINGS)} "
+        f"{', '.join(A1111_ENDPOINTS)}, {A1111_PNG_INFO} and GET {', '.join(A1111_LISTINGS)} "
         '(and {"describe": true} lists its models, samplers and upscalers)'
     )
 
@@ -197,9 +199,8 @@ def parse_a1111_listing(job: Any) -> str | None:
         return None
     method, path = _method_and_path(data["api"])
     listing = _listing(path)
-    if method != "GET" or (
-        listing is None and any(path in (name, name.removeprefix("/sdapi/v1")) for name in A1111_ENDPOINTS)
-    ):
+    posted = [*A1111_ENDPOINTS, A1111_PNG_INFO]
+    if method != "GET" or (listing is None and any(path in (name, name.removeprefix("/sdapi/v1")) for name in posted)):
         return None  # a POST, or a GET of a POST endpoint: read_a1111 answers, or says what is wrong
     if listing is None:
         raise _unknown(data["api"].get("endpoint"))
@@ -208,6 +209,35 @@ def parse_a1111_listing(job: Any) -> str | None:
     if data.get("payload") not in (None, {}):
         raise InputError(f"{INVALID_INPUT}payload={shown(data['payload'])}: a GET request takes none")
     return listing
+
+
+def parse_a1111_png_info(job: Any) -> str | None:
+    """The image (a reference as ``image`` takes one) a request for A1111's PNG Info sends; None for any other job.
+
+    Raises:
+        InputError: the request is not a POST, or its payload is not ``{"image": ...}``.
+    """
+    data = job.get("input") if isinstance(job, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("api"), dict):
+        return None
+    method, path = _method_and_path(data["api"])
+    if path not in (A1111_PNG_INFO, A1111_PNG_INFO.removeprefix("/sdapi/v1")):
+        return None
+    if method != "POST":
+        raise InputError(
+            f"{INVALID_INPUT}api.method={shown(data['api'].get('method'))}: must be POST, the method of {path}"
+        )
+    if others := sorted(str(name) for name in set(data) - {"api", "payload"}):
+        raise InputError(f"{INVALID_INPUT}{', '.join(others)}: an A1111 request has only api and payload")
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        raise InputError(f'{INVALID_INPUT}payload={shown(payload)}: must be {{"image": ...}}, the image to read')
+    if others := sorted(str(name) for name in set(payload) - {"image"}):
+        raise InputError(f"{INVALID_INPUT}payload.{others[0]}: not a field of png-info, which takes only image")
+    image = payload.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise InputError(f"{INVALID_INPUT}payload.image={shown(image)}: must be an image, as base64")
+    return image
 
 
 def _flat_endpoint(data: Mapping[str, Any]) -> str:
