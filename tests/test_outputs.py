@@ -72,6 +72,14 @@ def test_dpm2_on_uniform_names_its_schedule_for_a1111_whose_own_is_karras(schedu
     assert written in decode_png(result["images"][0]["image"]).text["parameters"]
 
 
+def test_a_dpm2_hires_pass_names_its_schedule_for_a1111() -> None:
+    # Without it, A1111 runs the hires sampler on the first pass's schedule type (Automatic: Karras for DPM2).
+    result = run(scheduler="euler", hires={"scale": 1.5, "steps": 1, "sampler": "DPM2"})
+
+    text = decode_png(result["images"][0]["image"]).text["parameters"]
+    assert "Hires sampler: DPM2, Hires schedule type: Uniform" in text
+
+
 def test_each_image_of_a_batch_carries_its_own_seed() -> None:
     result = run(seed=10, num_images=2)
 

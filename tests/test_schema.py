@@ -744,14 +744,15 @@ def test_dpm2_runs_a1111s_sigmas_with_the_next_to_last_dropped(name: str, schedu
     from builder.tiny_model import SD15_SCHEDULER_CONFIG
     from src.models.schedulers import make_scheduler
 
-    scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
-    scheduler.set_timesteps(20)
-    a1111 = _kdiffusion_sigmas(21, schedule)
-    a1111 = [*a1111[:-2], a1111[-1]]
-    # Each step's sigma, once: diffusers repeats each but the first for its second-order half-steps.
-    sigmas = [scheduler.sigmas[0].item(), *scheduler.sigmas[1:-1:2].tolist()]
-    assert sigmas == pytest.approx(a1111, rel=1e-3, abs=1e-4)
-    assert len(scheduler.timesteps) == 2 * 20 - 1, "two model calls a step, one for the last, as k-diffusion"
+    for steps in (1, 2, 20):
+        scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
+        scheduler.set_timesteps(steps)
+        a1111 = _kdiffusion_sigmas(steps + 1, schedule)
+        a1111 = [*a1111[:-2], a1111[-1]]
+        # Each step's sigma, once: diffusers repeats each but the first for its second-order half-steps.
+        sigmas = [scheduler.sigmas[0].item(), *scheduler.sigmas[1:-1:2].tolist()]
+        assert sigmas == pytest.approx(a1111, rel=1e-3, abs=1e-4), f"{steps} steps"
+        assert len(scheduler.timesteps) == 2 * steps - 1, "two model calls a step, one for the last, as k-diffusion"
 
 
 def test_scheduler_names_and_mapping_agree() -> None:

@@ -161,6 +161,10 @@ def _task_fields(request: GenerateRequest, source_size: tuple[int, int] | None) 
             fields["Hires checkpoint"] = request.hires.model
         if request.hires.sampler is not None and request.hires.sampler != request.scheduler:
             fields["Hires sampler"] = request.hires.sampler
+            # Without it, A1111 runs the hires sampler on the first pass's schedule, or on DPM2's own (Karras).
+            fields.update(
+                {f"Hires {name.lower()}": value for name, value in _schedule_type(request.hires.sampler).items()}
+            )
         if request.hires.prompt is not None and request.hires.prompt != request.prompt:
             fields["Hires prompt"] = quote(request.hires.prompt)
         if request.hires.negative_prompt is not None and request.hires.negative_prompt != request.negative_prompt:

@@ -42,10 +42,11 @@ class _DiscardsNextToLast:
 
     def _convert_to_karras(self, in_sigmas: Any, num_inference_steps: int) -> Any:
         more = num_inference_steps + 1
+        # The model's own sigmas, not ``in_sigmas``: at 1 step those are the one sigma at timestep 0.
+        table = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # type: ignore[attr-defined]
         if self.grid == "karras":
-            sigmas = super()._convert_to_karras(in_sigmas, more)  # type: ignore[misc]
+            sigmas = super()._convert_to_karras(np.array([table[-1], table[0]]), more)  # type: ignore[misc]
         else:
-            table = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # type: ignore[attr-defined]
             timesteps = np.linspace(0, len(table) - 1, more)[::-1]
             sigmas = np.interp(timesteps, np.arange(len(table)), table)
         return sigmas[:-1]
