@@ -196,8 +196,8 @@ async def _answer(job: Any, started: float) -> dict[str, Any] | list[Any]:
     cancelled = threading.Event()
     try:
         settings = get_settings()
-        if (listed := _what_the_worker_has(job)) is not None:
-            return await in_thread(lambda: listed(get_engine()), cancelled)
+        if (answer := _what_the_worker_has(job)) is not None:
+            return await in_thread(answer, cancelled)
         async with _jobs_in_memory.held(settings.jobs_in_memory):
             plan = await in_thread(lambda: _prepare(job, settings, cancelled), cancelled)
             try:
@@ -216,15 +216,16 @@ async def _answer(job: Any, started: float) -> dict[str, Any] | list[Any]:
         return _unexpected(job, error)
 
 
-def _what_the_worker_has(job: Any) -> Callable[[Engine], dict[str, Any] | list[Any]] | None:
-    """For a describe job, a GET of one of A1111's listings, or A1111's PNG Info: its answer, from the engine's state
-    or the image sent (no slot, no GPU); None for any other job."""
+def _what_the_worker_has(job: Any) -> Callable[[], dict[str, Any] | list[Any]] | None:
+    """For a describe job, a GET of one of A1111's listings, or A1111's PNG Info: what answers it, from the engine's
+    state or the image sent (no slot, no GPU); None for any other job."""
     if parse_describe(job) is not None:
-        return describe
+        return lambda: describe(get_engine())
     if (listing := parse_a1111_listing(job)) is not None:
-        return lambda engine: answer_listing(engine, listing)
+        return lambda: answer_listing(get_engine(), listing)
     if (image := parse_a1111_png_info(job)) is not None:
-        return lambda _engine: png_info(load_as_sent(image, "payload.image", get_settings(), get_storage()).image)
+        field = "payload.image"
+        return lambda: png_info(load_as_sent(image, field, get_settings(), get_storage()).image, field)
     return None
 
 

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "Hires resize-1": 0,
     "Hires resize-2": 0,
     "Hires sampler": "Use same sampler",
+    "Hires schedule type": "Use same scheduler",
     "Hires checkpoint": "Use same checkpoint",
     "Hires prompt": "",
     "Hires negative prompt": "",
@@ -39,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "VAE Encoder": "Full",
     "VAE Decoder": "Full",
     "FP8 weight": "Disable",
+    "Refiner switch by sampling steps": False,
 }
 
 
@@ -60,6 +62,7 @@ def test_a1111s_own_example_parses_as_a1111_parses_it() -> None:
         "Size-2": "768",
         "Model hash": "45dee52b",
         **DEFAULTS,
+        "Emphasis": "Original",  # the prompts weigh words: A1111's emphasis, for texts that do not name one
     }
 
 
@@ -75,6 +78,20 @@ def test_quoted_values_empty_values_and_a_text_without_fields() -> None:
     # Fewer than three fields on the last line: it is the prompt's.
     assert parse_parameters("a fox\nin the snow, Steps: 4")["Prompt"] == "a fox\nin the snow, Steps: 4"
     assert parse_parameters("") == {"Prompt": "", "Negative prompt": "", **DEFAULTS}
+    assert "Emphasis" not in parse_parameters("a fox BREAK in the snow\nSteps: 4, Seed: 1, Size: 64x64")
+    # The prompts are set after the fields, as A1111 sets them: a field cannot replace them.
+    assert parse_parameters("a fox\nSteps: 1, Seed: 1, Prompt: other")["Prompt"] == "a fox"
+    # Sizes that are not sizes are kept as they came, not a failure.
+    broken = parse_parameters("a\nSteps: 1, Size: 0x0, First pass size: 0x0, Seed: 1")
+    assert (broken["Size-1"], broken["First pass size-1"]) == ("0", "0")
+
+
+def test_hires_prompts_the_same_as_the_jobs_are_empty_as_a1111_reads_them() -> None:
+    fields = 'Steps: 1, Seed: 1, Hires prompt: a fox, Hires negative prompt: "dark"'
+    parsed = parse_parameters(f"a fox\nNegative prompt: blurry\n{fields}")
+    assert (parsed["Hires prompt"], parsed["Hires negative prompt"]) == ("", "dark")
+    old = parse_parameters("a fox\nSteps: 1, Seed: 1, Hires prompt: a fox, Version: v1.8.0")
+    assert old["Hires prompt"] == "a fox", "before 1.8.0-139, A1111 keeps it"
 
 
 def test_an_old_first_pass_size_and_an_old_version_are_read_as_a1111_reads_them() -> None:
@@ -151,6 +168,18 @@ def test_other_text_chunks_are_items_and_an_image_without_parameters_parses_to_t
         "items": {"Software": "some editor"},
         "parameters": {"Prompt": "", "Negative prompt": "", **DEFAULTS},
     }
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_parameters_text_too_long_to_read_is_refused() -> None:
+    chunks = PngImagePlugin.PngInfo()
+    chunks.add_text("parameters", "a" * 70_000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG", pnginfo=chunks)
+
+    answer = png_info(base64.b64encode(buffer.getvalue()).decode())
+
+    assert "payload.image: its parameters text is 70000 characters, over the 65536" in answer["error"]
 
 
 @pytest.mark.usefixtures("worker")

@@ -17,8 +17,14 @@ from typing import Any
 from packaging import version
 from PIL import ExifTags, Image
 
-# A1111's re_param and re_imagesize (its infotext_utils).
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+from src.prompts.syntax import BREAK, parse_prompt_attention
+from src.schema import InputError
+
+# The longest parameters text read: A1111's hold a few thousand characters, and a text chunk may hold megabytes.
+MAX_PARAMETERS_TEXT = 65536
+# A1111's re_param and re_imagesize (its infotext_utils), with a key of at most 256 characters: unbounded, a long line
+# without a colon takes time in the square of its length (minutes for a text chunk a PNG may carry).
+_PARAM = re.compile(r'\s*(\w[\w \-/]{1,255}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 # The metadata A1111 leaves out of ``items`` (its images.IGNORED_INFO_KEYS).
 _IGNORED_INFO_KEYS = frozenset(
@@ -33,6 +39,7 @@ _USER_COMMENT_ENCODINGS = {b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis
 # FP8 cases are worked out in ``parse_parameters``).
 _DEFAULTS_BEFORE_HIRES: tuple[tuple[str, Any], ...] = (
     ("Hires sampler", "Use same sampler"),
+    ("Hires schedule type", "Use same scheduler"),
     ("Hires checkpoint", "Use same checkpoint"),
     ("Hires prompt", ""),
     ("Hires negative prompt", ""),
@@ -53,9 +60,18 @@ _DEFAULTS_AFTER_HIRES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def png_info(image: Image.Image) -> dict[str, Any]:
-    """A1111's answer to ``png-info`` for ``image``: ``info``, ``items`` and ``parameters``."""
+def png_info(image: Image.Image, field: str = "image") -> dict[str, Any]:
+    """A1111's answer to ``png-info`` for ``image``: ``info``, ``items`` and ``parameters``.
+
+    Raises:
+        InputError: the parameters text is longer than ``MAX_PARAMETERS_TEXT`` (``field`` names the image).
+    """
     text, items = read_info(image)
+    if text is not None and len(text) > MAX_PARAMETERS_TEXT:
+        raise InputError(
+            f"invalid input: {field}: its parameters text is {len(text)} characters, over the {MAX_PARAMETERS_TEXT} "
+            "this worker reads (A1111's hold a few thousand)"
+        )
     return {"info": text or "", "items": items, "parameters": parse_parameters(text or "")}
 
 
@@ -81,8 +97,10 @@ def parse_parameters(text: str) -> dict[str, Any]:
     if len(_PARAM.findall(last)) < 3:
         lines.append(last)
         last = ""
-    found: dict[str, Any] = dict(zip(("Prompt", "Negative prompt"), _prompts(lines), strict=True))
-    found.update(_fields(last))
+    prompt, negative = _prompts(lines)
+    found: dict[str, Any] = _fields(last)
+    _hires_prompts(found, prompt, negative)
+    found["Prompt"], found["Negative prompt"] = prompt, negative
     found.setdefault("Clip skip", "1")
     if (hypernet := found.get("Hypernet")) is not None:
         found["Prompt"] += f"<hypernet:{hypernet}:{found.get('Hypernet strength', '1.0')}>"
@@ -95,8 +113,29 @@ def parse_parameters(text: str) -> dict[str, Any]:
         found.setdefault(key, default)
     if "Cache FP16 weight for LoRA" not in found and found["FP8 weight"] != "Disable":
         found["Cache FP16 weight for LoRA"] = False
+    if "Emphasis" not in found and (_emphasised(prompt) or _emphasised(negative)):
+        found["Emphasis"] = "Original"
+    found.setdefault("Refiner switch by sampling steps", False)
     _backward_compatible(found)
     return found
+
+
+def _hires_prompts(found: dict[str, Any], prompt: str, negative: str) -> None:
+    """A1111's hires prompts, as its styles' check leaves them when there are no styles: empty when the same as the
+    job's (for a text from A1111 1.8.0-139 or later, or of no version)."""
+    if "Hires prompt" not in found and "Hires negative prompt" not in found:
+        return
+    made_by = _version(found.get("Version"))
+    if made_by is not None and not made_by > version.parse("1.8.0-139"):
+        return
+    hires_prompt, hires_negative = found.get("Hires prompt", prompt), found.get("Hires negative prompt", negative)
+    found["Hires prompt"] = "" if hires_prompt == prompt else hires_prompt
+    found["Hires negative prompt"] = "" if hires_negative == negative else hires_negative
+
+
+def _emphasised(text: str) -> bool:
+    """Whether ``text`` weighs any of its words, as A1111 tells it (a weight other than 1, BREAK aside)."""
+    return any(weight != 1.0 and piece != BREAK[0] for piece, weight in parse_prompt_attention(text))
 
 
 def _prompts(lines: list[str]) -> tuple[str, str]:
@@ -145,11 +184,14 @@ def _first_pass_size(found: dict[str, Any]) -> None:
     first_width, first_height = found.get("First pass size-1"), found.get("First pass size-2")
     if first_width is None or first_height is None:
         return
-    first_width, first_height = int(first_width), int(first_height)
-    width, height = int(found.get("Size-1", 512)), int(found.get("Size-2", 512))
-    if first_width == 0 or first_height == 0:
-        scale = math.sqrt(512 * 512 / (width * height))
-        first_width, first_height = math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
+    try:
+        first_width, first_height = int(first_width), int(first_height)
+        width, height = int(found.get("Size-1", 512)), int(found.get("Size-2", 512))
+        if first_width == 0 or first_height == 0:
+            scale = math.sqrt(512 * 512 / (width * height))
+            first_width, first_height = math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
+    except (ValueError, ZeroDivisionError):
+        return  # a size that is not one (A1111 fails on it): the fields as they are
     found["Size-1"], found["Size-2"] = first_width, first_height
     found["Hires resize-1"], found["Hires resize-2"] = width, height
 
@@ -198,9 +240,14 @@ def _user_comment(image: Image.Image) -> str:
 
 
 def _as_json(value: Any) -> Any:
-    """A metadata value as JSON carries it: text as it is, bytes as UTF-8, numbers and others as text."""
+    """A metadata value as A1111's JSON answer carries it: bytes as UTF-8, a tuple as a list, what JSON has no
+    value for as text."""
     if isinstance(value, bytes):
         return value.decode("utf8", errors="replace")
+    if isinstance(value, tuple | list):
+        return [_as_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
