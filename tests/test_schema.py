@@ -725,13 +725,28 @@ def _kdiffusion_sigmas(steps: int, schedule: str) -> list[float]:
     ],
 )
 def test_each_k_diffusion_sampler_runs_a1111s_sigmas(name: str, schedule: str) -> None:
-    """SD 1.5's config says 'leading' spacing, which k-diffusion never used: Euler started at 11.0, not 14.6."""
+    """SD 1.5's config says 'leading' spacing, which k-diffusion never used: Euler started at 11.0, not 14.6. At 1
+    step, k-diffusion starts from the largest sigma too, where diffusers' linspace of one timestep is timestep 0."""
+    from builder.tiny_model import SD15_SCHEDULER_CONFIG
+    from src.models.schedulers import make_scheduler
+
+    for steps in (1, 20):
+        scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
+        scheduler.set_timesteps(steps)
+        expected = _kdiffusion_sigmas(steps, schedule)
+        assert scheduler.sigmas.tolist() == pytest.approx(expected, rel=1e-3, abs=1e-4), f"{steps} steps"
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "Heun", "LMS", "LMS Karras"])
+def test_one_step_starts_from_the_largest_sigma_at_timestep_999(name: str) -> None:
     from builder.tiny_model import SD15_SCHEDULER_CONFIG
     from src.models.schedulers import make_scheduler
 
     scheduler = make_scheduler(name, SD15_SCHEDULER_CONFIG)
-    scheduler.set_timesteps(20)
-    assert scheduler.sigmas.tolist() == pytest.approx(_kdiffusion_sigmas(20, schedule), rel=1e-3, abs=1e-4)
+    scheduler.set_timesteps(1)
+    assert scheduler.sigmas.tolist() == pytest.approx(_kdiffusion_sigmas(1, "uniform"), rel=1e-3, abs=1e-4)
+    assert scheduler.timesteps.tolist() == [999]
+    assert scheduler.init_noise_sigma == pytest.approx(14.6146, rel=1e-4)
 
 
 @pytest.mark.parametrize(

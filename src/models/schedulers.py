@@ -68,6 +68,34 @@ class DPM2AncestralKarras(_DiscardsNextToLast, KDPM2AncestralDiscreteScheduler):
     grid = "karras"
 
 
+class _FromTheTopAtOneStep:
+    """k-diffusion's schedule at 1 step: its one sigma the model's largest (timestep 999), as A1111 runs it.
+    diffusers' ``linspace`` of one timestep is timestep 0, sigma 0.029, from which a step paints nothing but noise."""
+
+    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> None:
+        super().set_timesteps(num_inference_steps, *args, **kwargs)  # type: ignore[misc]
+        if num_inference_steps == 1:
+            table = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # type: ignore[attr-defined]
+            self.sigmas[0] = table[-1]  # type: ignore[attr-defined]
+            self.timesteps[0] = len(table) - 1  # type: ignore[attr-defined]
+
+
+class Euler(_FromTheTopAtOneStep, EulerDiscreteScheduler):
+    pass
+
+
+class EulerAncestral(_FromTheTopAtOneStep, EulerAncestralDiscreteScheduler):
+    pass
+
+
+class Heun(_FromTheTopAtOneStep, HeunDiscreteScheduler):
+    pass
+
+
+class LMS(_FromTheTopAtOneStep, LMSDiscreteScheduler):
+    pass
+
+
 _KARRAS = {"use_karras_sigmas": True}
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 # k-diffusion's own schedule (A1111's "Uniform": sigmas at timesteps linspace(999, 0)). SD 1.5's config says
@@ -90,11 +118,11 @@ SCHEDULERS: Mapping[str, tuple[type[SchedulerMixin], dict[str, Any]]] = MappingP
         "DPM2 Karras": (DPM2Karras, _DISCARDING),
         "DPM2 a": (DPM2Ancestral, _DISCARDING),
         "DPM2 a Karras": (DPM2AncestralKarras, _DISCARDING),
-        "Euler": (EulerDiscreteScheduler, _UNIFORM),
-        "Euler a": (EulerAncestralDiscreteScheduler, _UNIFORM),
-        "Heun": (HeunDiscreteScheduler, _UNIFORM),
-        "LMS": (LMSDiscreteScheduler, _UNIFORM),
-        "LMS Karras": (LMSDiscreteScheduler, {**_UNIFORM, **_KARRAS}),
+        "Euler": (Euler, _UNIFORM),
+        "Euler a": (EulerAncestral, _UNIFORM),
+        "Heun": (Heun, _UNIFORM),
+        "LMS": (LMS, _UNIFORM),
+        "LMS Karras": (LMS, {**_UNIFORM, **_KARRAS}),
         # SD 1.5's config says clip_sample=False, but a config without the key
         # would get DDIM's default (True), which clips latents and ruins images.
         "DDIM": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
