@@ -162,9 +162,8 @@ def _task_fields(request: GenerateRequest, source_size: tuple[int, int] | None) 
         if request.hires.sampler is not None and request.hires.sampler != request.scheduler:
             fields["Hires sampler"] = request.hires.sampler
             # Without it, A1111 runs the hires sampler on the first pass's schedule, or on DPM2's own (Karras).
-            fields.update(
-                {f"Hires {name.lower()}": value for name, value in _schedule_type(request.hires.sampler).items()}
-            )
+            if request.hires.sampler in _UNIFORM_HERE:
+                fields["Hires schedule type"] = "Uniform"
         if request.hires.prompt is not None and request.hires.prompt != request.prompt:
             fields["Hires prompt"] = quote(request.hires.prompt)
         if request.hires.negative_prompt is not None and request.hires.negative_prompt != request.negative_prompt:

@@ -28,6 +28,11 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
+def _model_sigmas(scheduler: Any) -> Any:
+    """The model's sigma at each training timestep, 0 to 999 (k-diffusion's ``CompVisDenoiser.sigmas``)."""
+    return ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5
+
+
 class _DiscardsNextToLast:
     """A1111's schedule for DPM2 and DPM2 a (their ``discard_next_to_last_sigma``): its schedule of steps + 1 sigmas,
     the next-to-last (the smallest above 0) dropped, so that ``steps`` steps run and the last goes down to 0 from
@@ -43,7 +48,7 @@ class _DiscardsNextToLast:
     def _convert_to_karras(self, in_sigmas: Any, num_inference_steps: int) -> Any:
         more = num_inference_steps + 1
         # The model's own sigmas, not ``in_sigmas``: at 1 step those are the one sigma at timestep 0.
-        table = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # type: ignore[attr-defined]
+        table = _model_sigmas(self).numpy()
         if self.grid == "karras":
             sigmas = super()._convert_to_karras(np.array([table[-1], table[0]]), more)  # type: ignore[misc]
         else:
@@ -75,7 +80,7 @@ class _FromTheTopAtOneStep:
     def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> None:
         super().set_timesteps(num_inference_steps, *args, **kwargs)  # type: ignore[misc]
         if num_inference_steps == 1:
-            table = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5  # type: ignore[attr-defined]
+            table = _model_sigmas(self)
             self.sigmas[0] = table[-1]  # type: ignore[attr-defined]
             self.timesteps[0] = len(table) - 1  # type: ignore[attr-defined]
 
