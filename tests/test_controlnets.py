@@ -10,6 +10,7 @@ import asyncio
 import base64
 import gc
 import io
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -217,6 +218,31 @@ def test_controlnet_mode_matches_diffusers_guess_mode() -> None:
         StableDiffusionControlNetPipeline, NET, image=CONTROL, width=64, height=64, guess_mode=True
     )
     assert np.abs(pixels(result) - np.asarray(reference, dtype=np.int16)).max() <= 1
+
+
+def test_a_controlnet_that_pools_its_conditions_keeps_every_images_control(
+    start: Callable[..., None], tiny_with_controlnets: Path, tmp_path: Path
+) -> None:
+    """A ControlNet whose config pools its conditions (A1111's shuffle) runs in diffusers' guess mode, where the
+    pipeline gives it the prompt's rows alone and leaves the negative half without control itself."""
+    folder = tmp_path / "controlnets"
+    shutil.copytree(tiny_with_controlnets / "controlnets" / NET, folder / "pooled")
+    config = json.loads((folder / "pooled" / "config.json").read_text())
+    (folder / "pooled" / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    start(CONTROLNET_DIR=str(folder))
+    result = ok(num_images=2, controlnets=[unit("pooled", control_mode="controlnet")])
+
+    reference = bare_images(
+        StableDiffusionControlNetPipeline,
+        "pooled",
+        seeds=(11, 12),
+        image=CONTROL,
+        width=64,
+        height=64,
+        num_images_per_prompt=2,
+    )
+    for index, theirs in enumerate(reference):
+        assert np.abs(pixels(result, index) - np.asarray(theirs, dtype=np.int16)).max() <= 1
 
 
 # --- what each field does -----------------------------------------------------------------------------

@@ -336,7 +336,9 @@ class _Unit(torch.nn.Module):
     def forward(self, *args: Any, guess_mode: bool = False, return_dict: bool = True, **kwargs: Any) -> Any:
         soft = guess_mode or self.control_mode != "balanced"
         down, mid = self.net(*args, guess_mode=soft, return_dict=False, **kwargs)
-        if self.control_mode == "controlnet" and self.guidance:
+        # In diffusers' guess mode (a ControlNet whose config pools its conditions) the pipeline gives it the
+        # prompt's rows alone: there is no negative half to leave without control.
+        if self.control_mode == "controlnet" and self.guidance and not guess_mode:
             half = mid.shape[0] // 2
             down = [torch.cat([torch.zeros_like(sample[:half]), sample[half:]]) for sample in down]
             mid = torch.cat([torch.zeros_like(mid[:half]), mid[half:]])
