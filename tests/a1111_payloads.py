@@ -150,6 +150,8 @@ HIRES = {
     # As A1111's paste sends an image's parameters: its RNG (randn_source) with them.
     "override_settings": {
         "CLIP_stop_at_last_layers": 2,
+        "pad_cond_uncond": True,
+        "pad_cond_uncond_v0": False,
         "sd_model_checkpoint": "tiny-a.safetensors [0123456789]",
         "randn_source": "CPU",
         "eta_noise_seed_delta": 0,
@@ -163,6 +165,7 @@ HIRES_NATIVE = {
     **SIZE,
     "scheduler": "Euler a",
     "clip_skip": 2,
+    "pad_conds": True,
     "model": "tiny-a",
     "hires": {
         "scale": 1.5,

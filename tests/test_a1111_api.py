@@ -244,6 +244,17 @@ def test_hires_reports_its_pass_and_a_controlnet_unit_its_fields(worker: None) -
     assert any("args.1: enabled false" in warning for warning in result["metadata"]["warnings"])
 
 
+def test_pad_cond_uncond_pads_the_shorter_prompt_and_says_so(worker: None) -> None:
+    """Two chunks against the negative's one: read apart by default, padded with A1111's pad_cond_uncond, which the
+    parameters name, as A1111 writes them, so that its paste sets it again."""
+    payload = {**FLAT, "prompt": "a lighthouse BREAK at night", "negative_prompt": "blurry"}
+    apart, padded = run(payload), run({**payload, "override_settings": {"pad_cond_uncond": True}})
+
+    assert "Pad conds" not in parse_infotext(json.loads(apart["info"])["infotexts"][0])
+    assert parse_infotext(json.loads(padded["info"])["infotexts"][0])["Pad conds"] == "True"
+    assert np.abs(pixels(apart["images"][0]).astype(int) - pixels(padded["images"][0])).max() > 1
+
+
 @pytest.mark.parametrize(
     ("hires", "size"),
     [
@@ -360,6 +371,11 @@ REFUSED = [
         {"override_settings": {"randn_source": "GPU"}},
         "override_settings.randn_source='GPU': this worker draws its noise as A1111's CPU source does: only 'CPU'",
         id="noise-source",
+    ),
+    pytest.param(
+        {"override_settings": {"pad_cond_uncond_v0": True}},
+        "override_settings.pad_cond_uncond_v0=True: this worker pads with empty chunks (pad_cond_uncond)",
+        id="pad-v0",
     ),
     pytest.param({"enable_hr": True, "hr_upscaler": "SwinIR 4x"}, "hr_upscaler='SwinIR 4x'", id="hr-up"),
     pytest.param({"enable_hr": True, "hr_resize_x": 100, "hr_resize_y": 200}, "hr_resize_x", id="hr-resize"),

@@ -34,6 +34,7 @@ from builder.tiny_lora import write_test_loras
 from builder.tiny_model import CHECKPOINT_FILE, write_tiny_controlnets, write_tiny_model
 from src.models.schedulers import make_scheduler
 from src.settings import Settings
+from tests.a1111_guidance import a1111_txt2img
 from tests.a1111_inpaint import a1111_inpaint
 from tests.conftest import encoding_at_the_vae_mean, noise_image, rss_bytes
 
@@ -158,6 +159,21 @@ def test_text_to_image_matches_bare_diffusers() -> None:
         controlnet_conditioning_scale=0.8,
         control_guidance_start=0.1,
         control_guidance_end=0.9,
+    )
+    for index, theirs in enumerate(reference):
+        assert np.abs(pixels(result, index) - np.asarray(theirs, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_longer_prompt_reaches_the_controlnet_as_a1111_guides_it() -> None:
+    """A prompt and a negative of different lengths: each ControlNet call, like the UNet's, reads each text's own
+    tokens, as A1111 runs the two apart."""
+    long = "a red fox, in the snow, under a pale winter sky, with pine trees and a frozen lake behind it, at dawn"
+    result = ok(prompt=long, negative_prompt="blurry", scheduler="Euler", num_images=2, controlnets=[unit()])
+
+    net = ControlNetModel.from_pretrained(Path(handler.get_settings().controlnet_dir or "") / NET)
+    reference = a1111_txt2img(
+        handler.get_engine()._pipeline, [long], "blurry", seeds=(11, 12), controlnet=net, control_image=CONTROL
     )
     for index, theirs in enumerate(reference):
         assert np.abs(pixels(result, index) - np.asarray(theirs, dtype=np.int16)).max() <= 1

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from builder.tiny_lora import write_test_loras
@@ -41,6 +42,8 @@ KINDS: dict[str, dict[str, Any]] = {
     "hires": {"hires": {"scale": 1.5, "steps": 2}},
     "a LoRA": {"loras": [{"name": LORAS[0], "scale": 0.8}]},
     "tiling": {"tiling": True},
+    # Two chunks against the empty negative's one, its padding masked out of cross-attention: one more input.
+    "a longer prompt": {"prompt": "a lighthouse BREAK on a rock"},
     "DeepCache": {"deepcache_interval": 2},
     "ToMe": {"tome_ratio": 0.5},
 }
@@ -100,6 +103,7 @@ def test_each_kind_of_job_gives_the_pixels_of_the_modules_as_written(
 
     assert np.array_equal(compiled, written)
     assert compiled_modules(engine._pipeline) == [unet, engine._pipeline.vae.decoder], "compiled again after"
+    assert not unet._compiled_call_impl.failed
     if kind in ("DeepCache", "tiling", "ToMe"):
         assert not through, f"{kind}'s evaluations run the UNet as written"
     else:
@@ -155,6 +159,26 @@ def test_the_slots_say_what_they_make_of_the_graph_for_the_compile_cache(
     assert shape["count"] == engine.loras.slot_count > 0
     assert shape["rank"] == 4, "the folder's largest rank"
     assert len(shape["layers"]) == 16
+
+
+def test_the_unet_compiles_whole_with_a_cross_attention_mask(folder: Path) -> None:
+    """The mask of a prompt and a negative of different lengths (src/run/cross_attention.py) traced in one graph,
+    with dynamic shapes, where each batch is a size of its own."""
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    counter = CompileCounterWithBackend("eager")
+    call = CompiledCall(unet, backend=counter, graphs=False, fullgraph=True, timestep=True)
+    sample = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    states = torch.randn((2, 154, unet.config.cross_attention_dim), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1.0] * 77 + [0.0] * 77, [1.0] * 154])
+    arguments = {"encoder_hidden_states": states, "encoder_attention_mask": mask, "return_dict": False}
+
+    with torch.no_grad():
+        compiled = call(sample, torch.tensor(500.0), **arguments)[0]
+        written = unet(sample, torch.tensor(500.0), **arguments)[0]
+
+    assert not call.failed
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled, written)
 
 
 class Small(torch.nn.Module):

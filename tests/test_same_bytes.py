@@ -151,6 +151,7 @@ NEUTRAL_SINCE = {
     "seed_resize_from_h": 0,
     "deepcache_interval": 1,
     "tome_ratio": 0.0,
+    "pad_conds": False,
     # Inpaint's and outpaint's only; absent from the other tasks' metadata.
     "inpaint_fill": "original",
     "mask_invert": False,

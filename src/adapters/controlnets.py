@@ -333,9 +333,20 @@ class _Unit(torch.nn.Module):
     def config(self) -> Any:
         return self.net.config
 
-    def forward(self, *args: Any, guess_mode: bool = False, return_dict: bool = True, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        *args: Any,
+        guess_mode: bool = False,
+        return_dict: bool = True,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         soft = guess_mode or self.control_mode != "balanced"
-        down, mid = self.net(*args, guess_mode=soft, return_dict=False, **kwargs)
+        if encoder_attention_mask is None:
+            down, mid = self.net(*args, guess_mode=soft, return_dict=False, **kwargs)
+        else:
+            assert not args, "diffusers calls each ControlNet of a MultiControlNetModel by keyword"
+            down, mid = self._each_text_alone(encoder_attention_mask, guess_mode=soft, **kwargs)
         # In diffusers' guess mode (a ControlNet whose config pools its conditions) the pipeline gives it the
         # prompt's rows alone: there is no negative half to leave without control.
         if self.control_mode == "controlnet" and self.guidance and not guess_mode:
@@ -343,6 +354,33 @@ class _Unit(torch.nn.Module):
             down = [torch.cat([torch.zeros_like(sample[:half]), sample[half:]]) for sample in down]
             mid = torch.cat([torch.zeros_like(mid[:half]), mid[half:]])
         return down, mid
+
+    def _each_text_alone(self, mask: torch.Tensor, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The ControlNet on the rows of each length of text apart, each row reading its own tokens (``mask``'s
+        ones, from the first; ``src.run.cross_attention``), as A1111 runs its ControlNet in each of its two calls:
+        diffusers' ControlNetModel takes no mask for its cross-attention."""
+        lengths = [int(length) for length in mask.sum(dim=1).tolist()]
+        batch = len(lengths)
+        down: list[torch.Tensor] = []
+        mid = torch.empty(0)
+        for length in dict.fromkeys(lengths):
+            rows = torch.tensor([row for row, own in enumerate(lengths) if own == length], device=mask.device)
+            part = {
+                name: value.index_select(0, rows) if _per_row(value, batch) else value for name, value in kwargs.items()
+            }
+            part["encoder_hidden_states"] = part["encoder_hidden_states"][:, :length]
+            part_down, part_mid = self.net(**part, return_dict=False)
+            if not down:
+                down = [sample.new_zeros((batch, *sample.shape[1:])) for sample in part_down]
+                mid = part_mid.new_zeros((batch, *part_mid.shape[1:]))
+            for whole, sample in zip([*down, mid], [*part_down, part_mid], strict=True):
+                whole.index_copy_(0, rows, sample)
+        return down, mid
+
+
+def _per_row(value: Any, batch: int) -> bool:
+    """Whether ``value`` is a tensor of one entry per row of a batch of ``batch``."""
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
 
 
 def _file_problem(path: Path, expected: dict[str, tuple[int, ...]]) -> str | None:

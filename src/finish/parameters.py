@@ -32,9 +32,11 @@ def a1111_parameters(
     loras: Sequence[Applied] = (),
     control_sizes: Sequence[tuple[int, int]] = (),
     subseed: int | None = None,
+    padded_conds: bool = False,
 ) -> str:
     """The parameters text AUTOMATIC1111 writes into its images, for one image: ``seed`` and ``subseed`` are
-    the image's (``subseed`` None: the request's).
+    the image's (``subseed`` None: the request's); ``padded_conds``: the job read a prompt and a negative of
+    different lengths padded to one (``pad_conds``), which A1111 writes as ``Pad conds: True``.
 
     Like A1111, it has no "Negative prompt:" line when the negative prompt is empty, and
     names only what the task used: ``Denoising strength`` and ``Mask blur`` with an image,
@@ -63,6 +65,8 @@ def a1111_parameters(
     if request.seed_resize_from is not None:
         fields["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
     fields.update(_option_fields(request))
+    if padded_conds:  # A1111's paste turns its pad_cond_uncond on from it
+        fields["Pad conds"] = "True"
     fields.update(_task_fields(request, source_size))
     if embeddings:
         fields["TI hashes"] = '"' + ", ".join(f"{name}: {digest}" for name, digest in embeddings.items()) + '"'

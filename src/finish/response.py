@@ -194,6 +194,7 @@ def infotexts(request: GenerateRequest, generation: Generation, inputs: Inputs |
             loras=generation.loras,
             control_sizes=control_sizes,
             subseed=subseed,
+            padded_conds=generation.padded_conds,
         )
         for seed, subseed in zip(generation.seeds, request.subseeds, strict=True)
     ]

@@ -18,6 +18,8 @@ import torch
 
 from src.prompts.syntax import BREAK, CHUNK_TOKENS, PromptError, TextPlan, parse_prompt_attention
 
+# The tokens CLIP reads of one chunk: its 75, with the start and end tokens around them.
+ROW_TOKENS = CHUNK_TOKENS + 2
 # A1111's comma_padding_backtrack: a chunk that fills up within this many tokens after a comma
 # moves the words after the comma to the next chunk, so a phrase is not cut in two.
 COMMA_BACKTRACK = 20
@@ -305,9 +307,28 @@ def _weighted(hidden: torch.Tensor, weights: list[float]) -> torch.Tensor:
 @dataclass(frozen=True)
 class Schedule:
     """Each pass's prompts over its steps, as prompt editing switches them: ``(last step, Encoded)``
-    in order. Every Encoded of a job has the same number of chunks, so they can replace each other."""
+    in order. Every Encoded of a job has the same number of chunks, so they can replace each other.
+
+    ``attended`` gives, for each pass, how many of those tokens (77 a chunk) cross-attention reads of its prompts
+    and of its negatives; the rest is masked out. As A1111 encodes a pass's texts of one prompt in one batch, each
+    padded with empty chunks to the longest (read), and runs a prompt and a negative of different lengths apart
+    (its default): the prompt's longest text and the negative's. With its option ``pad_cond_uncond``, the shorter
+    is padded to the longer, and both read the longest of all.
+    """
 
     passes: list[list[tuple[int, Encoded]]]
+    attended: list[tuple[int, int]]
+    # Whether a pass's prompts and negatives differ in length and the shorter's padding is read (A1111's "Pad conds").
+    padded: bool = False
+
+    @property
+    def length(self) -> int:
+        """The tokens of each of the job's embeddings, read or not."""
+        return int(self.first.prompt_embeds.shape[1])
+
+    def masked(self, pass_index: int) -> bool:
+        """Whether the pass's cross-attention skips some of the embeddings' tokens."""
+        return min(self.attended[pass_index]) < self.length
 
     @property
     def first(self) -> Encoded:
@@ -346,8 +367,11 @@ def encode_schedule(
     max_chunks: int = 8,
     embeddings: Mapping[str, Any] | None = None,
     on_encoded: Callable[[int, int], None] | None = None,
+    pad_conds: bool = False,
 ) -> Schedule:
-    """Encode each distinct text of ``plan`` once, all padded to the same number of chunks.
+    """Encode each distinct text of ``plan`` once, all padded to the same number of chunks; of each pass, what
+    cross-attention reads of them (``Schedule.attended``), as A1111 with its option ``pad_cond_uncond`` at
+    ``pad_conds``.
 
     ``on_encoded(done, total)`` is called after each text, so that the caller can stop a job that runs
     past its deadline.
@@ -387,4 +411,19 @@ def encode_schedule(
                     },
                     list(dict.fromkeys(first.embeddings + second.embeddings)),
                 )
-    return Schedule([[(last, pairs[positive, negative]) for last, positive, negative in run] for run in plan.passes])
+    return Schedule(
+        [[(last, pairs[positive, negative]) for last, positive, negative in run] for run in plan.passes],
+        *_attended(plan, chunked, pad_conds),
+    )
+
+
+def _attended(plan: TextPlan, chunked: Mapping[str, Chunks], pad_conds: bool) -> tuple[list[tuple[int, int]], bool]:
+    """``Schedule.attended`` and ``Schedule.padded``: each pass's longest prompt and longest negative, in tokens;
+    with ``pad_conds`` both the longer of the two."""
+    own = [
+        (max(len(chunked[text].rows) for _, text, _ in run), max(len(chunked[text].rows) for _, _, text in run))
+        for run in plan.passes
+    ]
+    attended = [(max(chunks),) * 2 if pad_conds else chunks for chunks in own]
+    tokens = [(prompt * ROW_TOKENS, negative * ROW_TOKENS) for prompt, negative in attended]
+    return tokens, pad_conds and any(prompt != negative for prompt, negative in own)

@@ -155,6 +155,8 @@ def _options(engine: Engine) -> dict[str, Any]:
         "sd_model_checkpoint": _checkpoints(engine)[0]["title"],
         "sd_vae": "Automatic",
         "CLIP_stop_at_last_layers": 1,
+        "pad_cond_uncond": False,
+        "pad_cond_uncond_v0": False,
         "samples_format": "png",
         "eta_noise_seed_delta": 0,
         "randn_source": A1111_NOISE_SOURCE,

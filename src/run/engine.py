@@ -74,6 +74,8 @@ class Generation:
     nsfw: list[bool] | None = None
     # {"prompt": {"tokens", "chunks"}, "negative_prompt": {...}}: what CLIP read.
     prompt_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Whether a prompt and a negative of different lengths were read padded to one (A1111's "Pad conds").
+    padded_conds: bool = False
     # The textual-inversion embeddings the prompts named, with A1111's short hash of each file.
     embeddings: dict[str, str] = field(default_factory=dict)
     # The LoRAs the job ran with, in the order asked.
@@ -216,12 +218,9 @@ class Engine:
             # 3. The job's model swapped in, its LoRAs and ControlNets on for the job only.
             with _model_and_adapters(self, request, job) as (model, loras):
                 # 4. Encode the prompts as A1111 reads them (the text encoder is shared, so under the lock).
+                limit, embeddings = self.settings.max_prompt_chunks, self.embeddings
                 job.schedule = schedule = pipelines.encode_prompts(
-                    self._pipeline,
-                    plan.texts,
-                    job,
-                    max_chunks=self.settings.max_prompt_chunks,
-                    embeddings=self.embeddings,
+                    self._pipeline, plan.texts, job, max_chunks=limit, embeddings=embeddings
                 )
                 job.before_pass = _hires_model(self, plan, job)
                 # 5. Generate; after an OOM, free memory and retry frugally once.
@@ -239,6 +238,7 @@ class Engine:
             warnings=job.warnings,
             nsfw=nsfw,
             prompt_tokens=schedule.first.counts,
+            padded_conds=schedule.padded,
             embeddings={name: self.embeddings[name].short_hash for name in schedule.embeddings},
             loras=loras,
             phases_ms=job.phases.milliseconds(),
@@ -386,12 +386,15 @@ def _right_here(stage: Callable[[], None]) -> None:
 def _warm_up(engine: Engine, compile_cache: CompileCache | None = None) -> None:
     """Compile and record before the first job, inside the cold start: the production shape (512², one image,
     the default scheduler), then a second shape (two images, 448x512), which makes torch compile the dynamic
-    graphs every other size and batch replays. Then keep what was compiled (COMPILE_CACHE_DIR) for the next
-    workers, and log how far the compiled image is from the uncompiled one. A warm-up that fails costs
-    FAST_MODE, never the worker: it serves on uncompiled."""
+    graphs every other size and batch replays, its prompt two chunks long (``BREAK``) against an empty
+    negative's one, for the graphs with a cross-attention mask (``src.run.cross_attention``). Then keep what was
+    compiled (COMPILE_CACHE_DIR) for the next workers, and log how far the compiled image is from the uncompiled
+    one. A warm-up that fails costs FAST_MODE, never the worker: it serves on uncompiled."""
     started = time.perf_counter()
     first = {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}
     second = {**first, "num_images": min(2, engine.settings.max_images), "width": 448}
+    if engine.settings.max_prompt_chunks > 1:
+        second["prompt"] = "warm-up BREAK warm-up"
     requests = [GenerateRequest.model_validate(job, context={"limits": engine.settings}) for job in (first, second)]
     try:
         compiled = [engine.generate(request, timeout_s=3600) for request in requests]

@@ -56,10 +56,14 @@ class CompiledCall:
         """``timestep``: the module is the UNet, whose second argument is the timestep (``_float_timestep``)."""
         self.module, self.graphs, self.timestep = module, graphs, timestep
         self.name = type(module).__name__
+        self.failed = False
         options: dict[str, Any] = {"mode": "reduce-overhead"} if graphs else {}
-        self.compiled = torch.compile(module._call_impl, backend=backend, fullgraph=fullgraph, dynamic=True, **options)
+        call = _same_batch(module._call_impl) if timestep else module._call_impl
+        self.compiled = torch.compile(call, backend=backend, fullgraph=fullgraph, dynamic=True, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed:  # reached through a job's wrapper (``src.run.cross_attention``) after it failed
+            return self.module._call_impl(*args, **kwargs)
         if self.timestep:
             args = _float_timestep(args)
         try:
@@ -73,8 +77,24 @@ class CompiledCall:
                 return _copied(self.compiled(*args, **kwargs))
         except torch._dynamo.exc.TorchDynamoException as error:
             log.warning("FAST_MODE: compiling the %s failed; it runs uncompiled from now on: %s", self.name, error)
-            self.module._compiled_call_impl = None
+            self.failed = True
+            if self.module._compiled_call_impl is self:
+                self.module._compiled_call_impl = None
             return self.module._call_impl(*args, **kwargs)
+
+
+def _same_batch(call: Any) -> Any:
+    """The UNet's ``call``, telling the compiler that a cross-attention mask (``src.run.cross_attention``) and the
+    encoder states have the sample's batch. With dynamic shapes each is a size of its own, and attention's reshape
+    of the mask (diffusers' ``view(batch, heads, -1, keys)``) cannot be traced without knowing them equal."""
+
+    def checked(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("encoder_attention_mask") is not None:
+            torch._check(kwargs["encoder_attention_mask"].shape[0] == sample.shape[0])
+            torch._check(kwargs["encoder_hidden_states"].shape[0] == sample.shape[0])
+        return call(sample, *args, **kwargs)
+
+    return checked
 
 
 def _shape_options() -> dict[str, Any]:
@@ -121,10 +141,10 @@ def apply_fast_mode(
     else:
         pipeline.fuse_qkv_projections()
         fullgraph = True
-    # Compiled again for each number of LoRAs on (none, 1, 2, ...), with and without ControlNet residuals, and
-    # wherever a guard of the card's own kernels' choice falls: more variants than torch.compile keeps by default
-    # (8), after which it would run them uncompiled.
-    limit = 8 * (loras.slot_count + 2)
+    # Compiled again for each number of LoRAs on (none, 1, 2, ...), with and without ControlNet residuals and a
+    # cross-attention mask, and wherever a guard of the card's own kernels' choice falls: more variants than
+    # torch.compile keeps by default (8), after which it would run them uncompiled.
+    limit = 16 * (loras.slot_count + 2)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     unet._compiled_call_impl = CompiledCall(unet, backend=backend, graphs=graphs, fullgraph=fullgraph, timestep=True)
     vae.decoder._compiled_call_impl = CompiledCall(vae.decoder, backend=backend, graphs=False, fullgraph=True)

@@ -45,6 +45,9 @@ class FeatureReuse:
         unet = self.unet
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), kwargs.get("timestep_cond"))
         attention = {"cross_attention_kwargs": kwargs.get("cross_attention_kwargs")}
+        mask = kwargs.get("encoder_attention_mask")
+        if mask is not None:  # as the UNet's forward makes it a bias (``src.run.cross_attention``)
+            attention["encoder_attention_mask"] = ((1 - mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
         first, last = unet.down_blocks[0], unet.up_blocks[-1]
         hidden = unet.conv_in(sample)
         if getattr(first, "has_cross_attention", False):

@@ -31,6 +31,7 @@ from src.prepare.passes import Pass, PipelineKind
 from src.prompts.encoding import Schedule, encode_schedule
 from src.prompts.syntax import PromptError, TextPlan
 from src.run.brownian import brownian_step_noise
+from src.run.cross_attention import KeyMask, own_tokens
 from src.run.fast_path import uncompiled
 from src.run.feature_reuse import feature_reuse
 from src.run.inpaint import Masked, blend_each_step, masked_start
@@ -82,6 +83,7 @@ def encode_prompts(
             text_encoder=base.text_encoder,
             device=base._execution_device,
             clip_skip=job.request.clip_skip,
+            pad_conds=job.request.pad_conds,
             max_chunks=max_chunks,
             embeddings=embeddings,
             on_encoded=job.texts_encoded,
@@ -222,19 +224,14 @@ def denoise(
     scheduler = step.scheduler or request.scheduler
     pipeline = pipeline_for(base, scheduler, step.pipeline, controlnet, show_progress=show_progress)
     job.run_started(step.denoising_steps)
-    all_seeds = request.seeds
-    seeds = [all_seeds[index] for index in indices]
+    seeds = [request.seeds[index] for index in indices]
     brownian_step_noise(pipeline.scheduler, seeds)
     masked = _masked(pipeline, step, scheduler, arguments, seeds=seeds, request=request)
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    with (
-        encoded_at_mean(pipeline),
-        initial_noise(pipeline, _variation(request, indices, seeds)),
-        feature_reuse(pipeline.unet, request.deepcache_interval),
-        # The job's first seed, not the sub-batch's: ToMe draws one merge pattern for the whole batch, so each
-        # image keeps its pixels however admission or the out-of-memory retry splits the job.
-        token_merging(pipeline.unet, request.tome_ratio, seed=all_seeds[0], device=pipeline._execution_device),
-    ):
+    mask = None
+    if schedule.masked(pass_index):
+        mask = KeyMask(schedule.attended[pass_index], schedule.length, len(indices), pipeline._execution_device)
+    with _noise_and_speedups(pipeline, request, indices, seeds), own_tokens(_attending(pipeline), mask):
         latents = pipeline(
             prompt_embeds=encoded.prompt_embeds,
             negative_prompt_embeds=encoded.negative_prompt_embeds,
@@ -251,6 +248,27 @@ def denoise(
     job.run_finished()
     job.phase_ended("denoising")
     return latents
+
+
+@contextlib.contextmanager
+def _noise_and_speedups(pipeline: Any, request: Any, indices: list[int], seeds: list[int]) -> Iterator[None]:
+    """The noise of the images ``indices`` (their ``seeds``), and the UNet's feature reuse and token merging, for
+    one pipeline call."""
+    with (
+        encoded_at_mean(pipeline),
+        initial_noise(pipeline, _variation(request, indices, seeds)),
+        feature_reuse(pipeline.unet, request.deepcache_interval),
+        # The job's first seed, not the sub-batch's: ToMe draws one merge pattern for the whole batch, so each
+        # image keeps its pixels however admission or the out-of-memory retry splits the job.
+        token_merging(pipeline.unet, request.tome_ratio, seed=request.seeds[0], device=pipeline._execution_device),
+    ):
+        yield
+
+
+def _attending(pipeline: Any) -> list[torch.nn.Module]:
+    """The modules whose cross-attention reads the prompts: the UNet and each of the job's ControlNets."""
+    controlnet = getattr(pipeline, "controlnet", None)
+    return [pipeline.unet, *(controlnet.nets if controlnet is not None else [])]
 
 
 def _masked(

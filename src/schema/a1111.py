@@ -108,6 +108,7 @@ _COUNTERPARTS: Mapping[str, str] = {
     "model": "override_settings.sd_model_checkpoint",
     "vae": "override_settings.sd_vae",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "pad_conds": "override_settings.pad_cond_uncond",
     "controlnets": "alwayson_scripts.controlnet",
     "upscaler": "upscaler_1",
     "scale": "upscaling_resize",

@@ -33,6 +33,8 @@ A1111_OVERRIDES = (
     "sd_model_checkpoint",
     "sd_vae",
     "CLIP_stop_at_last_layers",
+    "pad_cond_uncond",
+    "pad_cond_uncond_v0",
     "samples_format",
     "eta_noise_seed_delta",
     "randn_source",
@@ -521,6 +523,10 @@ class _ControlNetUnit:
 # The override_settings taken at one value only: (whether a value is it, the rule that refuses another).
 _NEUTRAL_OVERRIDES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
     "eta_noise_seed_delta": (_is_zero, "this worker's noise has no seed delta: only 0"),
+    "pad_cond_uncond_v0": (
+        lambda value: value is False,
+        "this worker pads with empty chunks (pad_cond_uncond), not with the last vector as v0 does: only false",
+    ),
     "randn_source": (
         lambda value: value == A1111_NOISE_SOURCE,
         f"this worker draws its noise as A1111's {A1111_NOISE_SOURCE} source does: only {A1111_NOISE_SOURCE!r}",
@@ -544,6 +550,8 @@ def read_overrides(self: Translation) -> None:
                 self.out["vae"], self.names["vae"] = _file_name(value), where
         elif name == "CLIP_stop_at_last_layers":
             self.out["clip_skip"], self.names["clip_skip"] = value, where
+        elif name == "pad_cond_uncond":
+            self.out["pad_conds"], self.names["pad_conds"] = value, where
         elif name == "samples_format":
             self.out["output_format"], self.names["output_format"] = value, where
         elif name in _NEUTRAL_OVERRIDES:

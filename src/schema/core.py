@@ -354,6 +354,12 @@ class RequestCore(BaseModel):
         description=f"1 to {CLIP_SKIP_MAX}, as A1111 counts: 1 reads CLIP's last layer, 2 the one before it "
         "(through the final layer norm), and so on.",
     )
+    pad_conds: StrictBool = Field(
+        False,
+        description="A prompt and a negative prompt of different numbers of chunks (75 tokens each): `false` "
+        "guides with each read alone, as A1111 does by default; `true` pads the shorter with empty chunks, as "
+        'A1111\'s "Pad prompt/negative prompt" option (its `pad_cond_uncond`) does, and the image differs.',
+    )
     tiling: StrictBool = Field(
         False,
         description="`true`: the image tiles seamlessly, its left edge continuing its right and its top its bottom "

@@ -103,6 +103,10 @@ class Metadata(BaseModel):
     guidance_scale: float = Field(description="Classifier-free guidance used.")
     scheduler: str = Field(description="The canonical name of the scheduler used.")
     clip_skip: int = Field(description="The CLIP layer read, counted from the last as A1111 counts it.")
+    pad_conds: bool = Field(
+        description="The option the job ran with: `true` reads the shorter of a prompt and a negative of different "
+        "lengths padded to the longer (A1111's Pad conds), `false` each alone."
+    )
     tiling: bool = Field(description="Whether the image was made to tile seamlessly.")
     deepcache_interval: int = Field(description="DeepCache's interval: the UNet ran whole every this many steps.")
     tome_ratio: float = Field(description="Token merging's ratio; 0: off.")
