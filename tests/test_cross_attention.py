@@ -83,7 +83,7 @@ def test_one_image_and_no_guidance_read_the_prompts_own_tokens() -> None:
     result = run(prompt=SHORT, negative_prompt=LONG, guidance_scale=1.0, num_images=1)
     alone = run(prompt=SHORT, negative_prompt="", guidance_scale=1.0, num_images=1)
 
-    assert apart(result, [decode_png(alone["images"][0]["image"])]) == 0
+    assert apart(result, [decode_png(alone["images"][0]["image"])]) <= 1
 
 
 def test_feature_reuse_reads_the_mask_in_its_outer_blocks() -> None:
@@ -118,19 +118,23 @@ class Reads(torch.nn.Module):
         return sample + (encoder_hidden_states.sum(-1) * weights).sum(-1)
 
 
-def test_a_compiled_call_that_fails_during_a_job_keeps_the_mask_and_is_dropped_after() -> None:
+def test_a_compile_that_fails_with_the_mask_leaves_only_masked_calls_uncompiled() -> None:
     states = torch.ones((2, 154, 2))  # the negative's row, then the prompt's
-    module = Reads()
+    module, tried = Reads(), []
 
     def broken(_graph: torch.fx.GraphModule, _inputs: list[Any]) -> Any:
+        tried.append(True)
         raise RuntimeError("the compiler broke (injected)")
 
-    module._compiled_call_impl = CompiledCall(module, backend=broken, graphs=False, fullgraph=True)
-    with own_tokens([module], KeyMask((154, 77), 154, 1, torch.device("cpu"))):
-        first = module(torch.zeros(2), torch.tensor(1), encoder_hidden_states=states)
-        second = module(torch.zeros(2), torch.tensor(1), encoder_hidden_states=states)
-        unguided = module(torch.zeros(1), torch.tensor(1), encoder_hidden_states=states[1:])
+    call = CompiledCall(module, backend=broken, graphs=False, fullgraph=True)
+    module._compiled_call_impl = call
+    for _job in range(2):
+        with own_tokens([module], KeyMask((154, 77), 154, 1, torch.device("cpu"))):
+            guided = module(torch.zeros(2), torch.tensor(1), encoder_hidden_states=states)
+            unguided = module(torch.zeros(1), torch.tensor(1), encoder_hidden_states=states[1:])
+        assert guided.tolist() == [154.0, 308.0], "each row its own tokens"
+        assert unguided.tolist() == [308.0], "the prompt's row alone"
 
-    assert first.tolist() == second.tolist() == [154.0, 308.0], "each row its own tokens, after the failure too"
-    assert unguided.tolist() == [308.0], "the prompt's row alone"
-    assert module._compiled_call_impl is None, "dropped, as it drops itself outside a job"
+    assert len(tried) == 1, "not compiled again at each masked call"
+    assert module._compiled_call_impl is call, "the unmasked calls keep it"
+    assert call.failed_masked

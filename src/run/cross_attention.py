@@ -32,6 +32,7 @@ class KeyMask:
 
     def rows(self, count: int) -> torch.Tensor:
         """The mask for a batch of ``count`` rows: twice the images under guidance, the images without."""
+        assert count in (self.images, 2 * self.images), f"{count} rows for {self.images} images"
         if count not in self._made:
             negatives = [self.negative] * self.images if count == 2 * self.images else []
             self._made[count] = torch.stack([*negatives, *[self.prompt] * self.images]).float()
@@ -64,5 +65,4 @@ def own_tokens(modules: Sequence[torch.nn.Module], mask: KeyMask | None) -> Iter
     finally:
         for module, call, wrapper in zip(modules, kept, wrappers, strict=True):
             if module._compiled_call_impl is wrapper:  # not dropped meanwhile (``drop_fast_mode``)
-                # A compiled call that failed during the job is dropped now, as it would have dropped itself.
-                module._compiled_call_impl = None if getattr(call, "failed", False) else call
+                module._compiled_call_impl = call

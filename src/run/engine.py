@@ -387,7 +387,8 @@ def _warm_up(engine: Engine, compile_cache: CompileCache | None = None) -> None:
     """Compile and record before the first job, inside the cold start: the production shape (512², one image,
     the default scheduler), then a second shape (two images, 448x512), which makes torch compile the dynamic
     graphs every other size and batch replays, its prompt two chunks long (``BREAK``) against an empty
-    negative's one, for the graphs with a cross-attention mask (``src.run.cross_attention``). Then keep what was
+    negative's one, for the graphs with a cross-attention mask (``src.run.cross_attention``); with LoRA slots,
+    both again with the first slot on. Then keep what was
     compiled (COMPILE_CACHE_DIR) for the next workers, and log how far the compiled image is from the uncompiled
     one. A warm-up that fails costs FAST_MODE, never the worker: it serves on uncompiled."""
     started = time.perf_counter()
@@ -400,7 +401,8 @@ def _warm_up(engine: Engine, compile_cache: CompileCache | None = None) -> None:
         compiled = [engine.generate(request, timeout_s=3600) for request in requests]
         if engine.loras.has_slots:
             with engine.loras.first_slot_on():
-                engine.generate(requests[0], timeout_s=3600)
+                for request in requests:
+                    engine.generate(request, timeout_s=3600)
     except Exception:  # whatever the compiler raised, the worker serves on without it
         log.exception("FAST_MODE's warm-up failed: the worker serves on without FAST_MODE's compiled modules")
         fast_path.drop_fast_mode(engine._pipeline)

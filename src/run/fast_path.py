@@ -56,13 +56,15 @@ class CompiledCall:
         """``timestep``: the module is the UNet, whose second argument is the timestep (``_float_timestep``)."""
         self.module, self.graphs, self.timestep = module, graphs, timestep
         self.name = type(module).__name__
-        self.failed = False
+        # Set when compiling with a cross-attention mask failed: such calls run as written from then on.
+        self.failed_masked = False
         options: dict[str, Any] = {"mode": "reduce-overhead"} if graphs else {}
         call = _same_batch(module._call_impl) if timestep else module._call_impl
         self.compiled = torch.compile(call, backend=backend, fullgraph=fullgraph, dynamic=True, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failed:  # reached through a job's wrapper (``src.run.cross_attention``) after it failed
+        masked = kwargs.get("encoder_attention_mask") is not None
+        if masked and self.failed_masked:
             return self.module._call_impl(*args, **kwargs)
         if self.timestep:
             args = _float_timestep(args)
@@ -76,10 +78,17 @@ class CompiledCall:
                 torch.compiler.cudagraph_mark_step_begin()
                 return _copied(self.compiled(*args, **kwargs))
         except torch._dynamo.exc.TorchDynamoException as error:
+            if masked:  # the other jobs keep the compiled graphs they have
+                log.warning(
+                    "FAST_MODE: compiling the %s with a cross-attention mask failed; such calls run "
+                    "uncompiled from now on: %s",
+                    self.name,
+                    error,
+                )
+                self.failed_masked = True
+                return self.module._call_impl(*args, **kwargs)
             log.warning("FAST_MODE: compiling the %s failed; it runs uncompiled from now on: %s", self.name, error)
-            self.failed = True
-            if self.module._compiled_call_impl is self:
-                self.module._compiled_call_impl = None
+            self.module._compiled_call_impl = None
             return self.module._call_impl(*args, **kwargs)
 
 
@@ -90,8 +99,9 @@ def _same_batch(call: Any) -> Any:
 
     def checked(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("encoder_attention_mask") is not None:
+            states = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
             torch._check(kwargs["encoder_attention_mask"].shape[0] == sample.shape[0])
-            torch._check(kwargs["encoder_hidden_states"].shape[0] == sample.shape[0])
+            torch._check(states.shape[0] == sample.shape[0])
         return call(sample, *args, **kwargs)
 
     return checked
