@@ -485,7 +485,7 @@ SCHEDULER_SPELLINGS = {
     "DPM++ 2M SDE Karras": ["dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_karras", "k_dpmpp_2m_sde_ka", "dpmpp_2m_sde karras"],
     "DDIM": ["ddim"],
     "PNDM": ["pndm", "plms", "PLMS"],
-    "UniPC": ["uni_pc", "unipc", "uni_pc_bh2", "UNI-PC"],
+    "UniPC": ["uni_pc", "unipc", "UNI-PC"],
 }
 
 
@@ -768,6 +768,47 @@ def test_dpm2_runs_a1111s_sigmas_with_the_next_to_last_dropped(name: str, schedu
         sigmas = [scheduler.sigmas[0].item(), *scheduler.sigmas[1:-1:2].tolist()]
         assert sigmas == pytest.approx(a1111, rel=1e-3, abs=1e-4), f"{steps} steps"
         assert len(scheduler.timesteps) == 2 * steps - 1, "two model calls a step, one for the last, as k-diffusion"
+
+
+@pytest.mark.parametrize("steps", [3, 4, 7, 20])
+def test_unipc_samples_as_a1111s(steps: int) -> None:
+    """A1111's UniPC at its default options (bh1, order 3, time-uniform from timestep 999 to 0, unrounded), written
+    out in tests/a1111_unipc.py, on a smooth stand-in for the guided UNet: the same latents to float32's rounding.
+    diffusers' own UniPC (bh2, order 2, from 951 on SD 1.5's "leading" config) lands elsewhere."""
+    import torch
+    from diffusers import UniPCMultistepScheduler
+
+    from builder.tiny_model import SD15_SCHEDULER_CONFIG
+    from src.models.schedulers import make_scheduler
+    from tests.a1111_unipc import a1111_unipc
+
+    weights = torch.randn((4, 4), generator=torch.Generator().manual_seed(0)) * 0.3
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.einsum("ij,bj...->bi...", weights.to(x.dtype), x) + 0.5 * (t / 1000).to(x.dtype))
+
+    def sampled(scheduler: Any) -> torch.Tensor:
+        scheduler.set_timesteps(steps)
+        x = noise.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(eps(x, t), t, x).prev_sample
+        return x.double()
+
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    ours = make_scheduler("UniPC", SD15_SCHEDULER_CONFIG)
+    a1111 = a1111_unipc(eps, noise, ours.alphas_cumprod, steps)
+    torch.testing.assert_close(sampled(ours), a1111, atol=1e-4, rtol=1e-5)
+    assert (sampled(UniPCMultistepScheduler.from_config(SD15_SCHEDULER_CONFIG)) - a1111).abs().max() > 0.01
+
+
+def test_unipc_at_one_step_starts_from_timestep_999() -> None:
+    from builder.tiny_model import SD15_SCHEDULER_CONFIG
+    from src.models.schedulers import make_scheduler
+
+    scheduler = make_scheduler("UniPC", SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [999.0]
+    assert scheduler.sigmas.tolist() == pytest.approx(_kdiffusion_sigmas(2, "uniform")[:2], rel=1e-4)
 
 
 def test_scheduler_names_and_mapping_agree() -> None:

@@ -23,6 +23,7 @@ import handler
 from src.models.schedulers import make_scheduler
 from src.prepare.canvas import fill_masked
 from tests.a1111_inpaint import a1111_inpaint
+from tests.a1111_unipc import a1111_unipc
 from tests.conftest import box_mask, decode_png, encoding_at_the_vae_mean, noise_image
 from tests.test_resilience import CUDA_OOM, injected, raises_on
 
@@ -210,6 +211,27 @@ def test_img2img_matches_bare_diffusers(scheduler: str) -> None:
         generator=[torch.Generator().manual_seed(seed) for seed in (11, 12)],
     ).images
     for ours, theirs in zip(images_of(result), reference, strict=True):
+        assert np.abs(array(ours) - array(theirs)).max() <= 1
+
+
+def test_unipc_text_to_image_is_a1111s() -> None:
+    """UniPC as A1111 samples with it (tests/a1111_unipc.py), the worker's UNet guided as diffusers guides it."""
+    result = ok(scheduler="UniPC", num_inference_steps=5, width=64, height=64, num_images=2)
+
+    base = engine()._pipeline
+    with torch.no_grad():
+        cond, uncond = base.encode_prompt("a fox", torch.device("cpu"), 2, True)
+        texts = torch.cat([uncond, cond])
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            noise = base.unet(torch.cat([x, x]).float(), t.float(), encoder_hidden_states=texts).sample
+            unguided, guided = noise.chunk(2)
+            return unguided + 7.5 * (guided - unguided)
+
+        noise = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in (11, 12)])
+        latents = a1111_unipc(eps, noise, base.scheduler.alphas_cumprod, 5).float()
+        decoded = base.vae.decode(latents / base.vae.config.scaling_factor).sample
+    for ours, theirs in zip(images_of(result), base.image_processor.postprocess(decoded), strict=True):
         assert np.abs(array(ours) - array(theirs)).max() <= 1
 
 

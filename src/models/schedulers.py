@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -101,6 +102,25 @@ class LMS(_FromTheTopAtOneStep, LMSDiscreteScheduler):
     pass
 
 
+class UniPC(UniPCMultistepScheduler):
+    """A1111's UniPC (its timestep sampler, at its default options: variant bh1, order 3, lower orders at the end,
+    "time_uniform" steps): the model's continuous time from 1 to 1/1000 in equal steps, given to the UNet as the
+    timestep (t - 1/1000) x 1000, linspace(999, 0) unrounded, at noise levels read off the model's log alphas by
+    linear interpolation, down to the noise of timestep 0. diffusers' solver is the same one (from UniPC's
+    authors); its own schedule rounds the timesteps and, from SD 1.5's config, starts at 951 ("leading"), on less
+    noise than the latents hold."""
+
+    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> None:
+        super().set_timesteps(num_inference_steps, *args, **kwargs)
+        rounded: torch.Tensor = self.timesteps  # type: ignore[has-type]
+        last = len(self.alphas_cumprod) - 1
+        timesteps = np.linspace(last, 0, len(rounded) + 1)
+        log_alphas = 0.5 * np.log(self.alphas_cumprod.numpy().astype(np.float64))
+        alphas = np.exp(np.interp(timesteps, np.arange(last + 1), log_alphas))
+        self.sigmas = torch.from_numpy((np.sqrt(1 - alphas**2) / alphas).astype(np.float32))
+        self.timesteps = torch.from_numpy(timesteps[:-1].astype(np.float32)).to(rounded.device)
+
+
 _KARRAS = {"use_karras_sigmas": True}
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
 # k-diffusion's own schedule (A1111's "Uniform": sigmas at timesteps linspace(999, 0)). SD 1.5's config says
@@ -132,7 +152,7 @@ SCHEDULERS: Mapping[str, tuple[type[SchedulerMixin], dict[str, Any]]] = MappingP
         # would get DDIM's default (True), which clips latents and ruins images.
         "DDIM": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
         "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
-        "UniPC": (UniPCMultistepScheduler, {}),
+        "UniPC": (UniPC, {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True}),
         # For the LCM-LoRA (or an LCM-distilled checkpoint): 4 to 8 steps at guidance 1 to 2.
         "LCM": (LCMScheduler, {}),
     }

@@ -97,7 +97,6 @@ SCHEDULER_ALIASES: Mapping[str, str] = {
     "k_dpmpp_2m_sde_ka": "DPM++ 2M SDE Karras",
     "plms": "PNDM",
     "uni_pc": "UniPC",
-    "uni_pc_bh2": "UniPC",
 }
 Task = Literal["txt2img", "img2img", "inpaint", "outpaint"]
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
