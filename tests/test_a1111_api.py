@@ -582,6 +582,7 @@ def test_the_docs_complete_example_runs(worker: None) -> None:
             "LMS Karras",
             id="hires-same-sampler-karras",
         ),
+        pytest.param({"sampler_name": "DPM++ 2M", "scheduler": "Uniform"}, "DPM++ 2M", None, id="dpm++-2m-uniform"),
         pytest.param(
             {"sampler_name": "DPM++ 2M", "scheduler": "Karras", "hr_sampler_name": "DPM++ 2M SDE"},
             "DPM++ 2M Karras",

@@ -63,7 +63,12 @@ def test_png_carries_a1111_parameters() -> None:
 
 @pytest.mark.parametrize(
     ("scheduler", "written"),
-    [("DPM2", "Sampler: DPM2, Schedule type: Uniform, "), ("dpm_2_karras", "Sampler: DPM2 Karras, CFG")],
+    [
+        ("DPM2", "Sampler: DPM2, Schedule type: Uniform, "),
+        ("dpm_2_karras", "Sampler: DPM2 Karras, CFG"),
+        ("DPM++ 2M", "Sampler: DPM++ 2M, Schedule type: Uniform, "),
+        ("dpmpp_2m_karras", "Sampler: DPM++ 2M Karras, CFG"),
+    ],
 )
 def test_dpm2_on_uniform_names_its_schedule_for_a1111_whose_own_is_karras(scheduler: str, written: str) -> None:
     # A1111 1.9 and later read "Sampler: DPM2" alone as DPM2 on Karras, and "DPM2 Karras" as that pair.

@@ -81,7 +81,7 @@ def a1111_parameters(
 
 # The samplers whose plain name here runs Uniform where A1111's (1.9 and later) runs another by default: the
 # parameters name the schedule, so A1111 replays it. Their other schedule's name says it ("DPM2 Karras").
-_UNIFORM_HERE = ("DPM2", "DPM2 a")
+_UNIFORM_HERE = ("DPM2", "DPM2 a", "DPM++ 2M")
 
 
 def _schedule_type(sampler: str) -> dict[str, str]:

@@ -102,6 +102,22 @@ class LMS(_FromTheTopAtOneStep, LMSDiscreteScheduler):
     pass
 
 
+class DPMPlusPlus2M(DPMSolverMultistepScheduler):
+    """DPM++ 2M on A1111's "Uniform" schedule, k-diffusion's own: the model's sigmas at timesteps
+    linspace(999, 0, steps), interpolated in log sigma as k-diffusion's CompVisDenoiser does, then 0; the UNet
+    given those timesteps, unrounded. diffusers' own spacing for SD 1.5 ("leading") starts at timestep 941 at
+    20 steps, on less noise than the latents hold, and at 1 step at 501."""
+
+    def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> None:
+        super().set_timesteps(num_inference_steps, *args, **kwargs)
+        rounded: torch.Tensor = self.timesteps  # type: ignore[has-type]
+        table = np.log(_model_sigmas(self).numpy().astype(np.float64))
+        timesteps = np.linspace(len(table) - 1, 0, len(rounded))
+        sigmas = np.exp(np.interp(timesteps, np.arange(len(table)), table))
+        self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+        self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(rounded.device)
+
+
 class UniPC(UniPCMultistepScheduler):
     """A1111's UniPC (its timestep sampler, at its default options: variant bh1, order 3, lower orders at the end,
     "time_uniform" steps): the model's continuous time from 1 to 1/1000 in equal steps, given to the UNet as the
@@ -133,7 +149,8 @@ _DISCARDING = {**_UNIFORM, **_KARRAS}
 # table of A1111 equivalents.
 SCHEDULERS: Mapping[str, tuple[type[SchedulerMixin], dict[str, Any]]] = MappingProxyType(
     {
-        "DPM++ 2M": (DPMSolverMultistepScheduler, {}),
+        # A1111's "Uniform" for it; its own default (1.9 and later) is Karras, by name here.
+        "DPM++ 2M": (DPMPlusPlus2M, {"final_sigmas_type": "zero"}),
         "DPM++ 2M Karras": (DPMSolverMultistepScheduler, _KARRAS),
         # A1111's (1.9 and later) own schedule for it, its "Automatic": Exponential.
         "DPM++ 2M SDE": (DPMSolverMultistepScheduler, {**_SDE, "use_exponential_sigmas": True}),

@@ -159,7 +159,7 @@ _WITHOUT_NOISE = {"euler a": "Euler", "dpm2 a": "DPM2", "dpm2 a karras": "DPM2 K
 # Samplers named with the schedule they run here by their plain name.
 _OWN_NAMED = {("dpm++ 2m sde", "exponential")}
 # The samplers whose own schedule is A1111's "Uniform", which may be named.
-_UNIFORM_SAMPLERS = ("euler", "euler a", "heun", "lms", "dpm2", "dpm2 a")
+_UNIFORM_SAMPLERS = ("euler", "euler a", "heun", "lms", "dpm2", "dpm2 a", "dpm++ 2m")
 
 
 def _sampler(sampler: Any, schedule: Any) -> Any:
@@ -183,7 +183,8 @@ def _sampler(sampler: Any, schedule: Any) -> Any:
         raise ValueError(
             f"{shown(sampler)} with the {shown(schedule)} schedule is not a sampler this worker has; it has Karras "
             "schedules for DPM++ 2M, DPM++ 2M SDE, DPM2, DPM2 a and LMS, Exponential for DPM++ 2M SDE (its own), "
-            "Uniform for Euler, Euler a, Heun, LMS, DPM2 and DPM2 a, and each sampler's own schedule ('Automatic')"
+            "Uniform for Euler, Euler a, Heun, LMS, DPM2, DPM2 a and DPM++ 2M, and each sampler's own schedule "
+            "('Automatic')"
         ) from None
 
 
