@@ -452,6 +452,20 @@ def test_weights_past_float16_are_refused_naming_the_field_and_weighted_in_float
         ("a [cat|dog]", 3, [(1, "a cat"), (2, "a dog"), (3, "a cat")]),
         ("[a:[b|c]:0.5] x", 4, [(2, "a x"), (3, "b x"), (4, "c x")]),
         ("[a:b:0.01]", 20, [(20, "b")]),
+        # lark's SIGNED_NUMBER: a sign, an exponent (without a dot a step number: 1e1 is step 10, 5e-1 step 0).
+        ("[a:b:+2]", 4, [(2, "a"), (4, "b")]),
+        ("[a:b:1e1]", 20, [(10, "a"), (20, "b")]),
+        ("[a:b:5e-1]", 4, [(4, "b")]),
+        ("[a:b:-1]", 4, [(4, "b")]),
+        ("[a:b:2.5E-1]", 4, [(1, "a"), (4, "b")]),
+        # What A1111's grammar cannot parse, it edits nothing of (get_schedule's LarkError fallback).
+        ("masterpiece | best quality, a [cat:dog:0.5]", 4, [(4, "masterpiece | best quality, a [cat:dog:0.5]")]),
+        ("(a|b) [cat:dog:2]", 4, [(4, "(a|b) [cat:dog:2]")]),
+        ("[a|b:c]", 3, [(3, "[a|b:c]")]),
+        ("[a|(b] [cat:dog:2]", 4, [(4, "[a|(b] [cat:dog:2]")]),
+        ("a [cat:dog:2] \\", 4, [(4, "a [cat:dog:2] \\")]),
+        ("[a|(b:1.2)] \\\\", 2, [(1, "a \\\\"), (2, "(b:1.2) \\\\")]),
+        ("a \\| b [cat:dog:2]", 4, [(2, "a \\| b cat"), (4, "a \\| b dog")]),
         ("(a [cat:dog:0.5]:1.2) [blurry]", 2, [(1, "(a cat:1.2) [blurry]"), (2, "(a dog:1.2) [blurry]")]),
         ("plain [blurry] (x:1.2)", 4, [(4, "plain [blurry] (x:1.2)")]),
         ("\\[a|b\\] [a:b:c] [unclosed|x", 4, [(4, "\\[a|b\\] [a:b:c] [unclosed|x")]),
@@ -632,11 +646,11 @@ def test_prompt_editing_switches_the_prompt_during_the_run() -> None:
 EditSchedule = Callable[[int], tuple[str, str]]
 
 
-def bare(pipeline_class: type[Any]) -> Any:
-    """A bare diffusers pipeline on the worker's weights, with the worker's default scheduler, its input image
-    encoded at the VAE's mean."""
+def bare(pipeline_class: type[Any], scheduler_name: str = "DPM++ 2M Karras") -> Any:
+    """A bare diffusers pipeline on the worker's weights, with the worker's default scheduler (or
+    ``scheduler_name``), its input image encoded at the VAE's mean."""
     base = handler.get_engine()._pipeline
-    scheduler = make_scheduler("DPM++ 2M Karras", base.scheduler.config)
+    scheduler = make_scheduler(scheduler_name, base.scheduler.config)
     components = {**base.components, "scheduler": scheduler}
     pipeline = encoding_at_the_vae_mean(pipeline_class)(**components, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
@@ -722,6 +736,35 @@ def test_an_edit_at_step_k_switches_where_a1111_does(images: int) -> None:
         height=64,
         num_inference_steps=4,
         generator=seeded(5, images),
+    )
+    assert same_as(result, expected)
+
+
+@pytestmark_worker
+@pytest.mark.parametrize("sampler", ["Heun", "DPM2", "DPM2 a Karras"])
+@pytest.mark.parametrize(
+    ("prompt", "texts"),
+    [
+        # Over 4 steps' 8 calls (7 made: two a step, one at the last), "[cat:dog:3]" is cat for calls 0 to 3.
+        pytest.param("a [cat:dog:3]", cat_then_dog(3), id="step"),
+        pytest.param("a [cat:dog:0.25]", cat_then_dog(2), id="fraction"),
+        # The text of step k serves its index k too (A1111's end_at_step from 1): cat, cat, dog, cat, dog...
+        pytest.param("a [cat|dog]", lambda index: (("a cat", "a dog")[max(index - 1, 0) % 2], ""), id="alternation"),
+    ],
+)
+def test_a_second_order_sampler_edits_by_model_call_as_a1111(sampler: str, prompt: str, texts: EditSchedule) -> None:
+    """A1111 counts a second-order sampler's model calls (its denoiser's step counter), over twice the steps
+    (SamplerData.total_steps); each iteration of diffusers' Heun and KDPM2 pipelines is one call, in order."""
+    result = ok(prompt=prompt, num_inference_steps=4, scheduler=sampler)
+
+    expected = by_hand(
+        bare(StableDiffusionPipeline, sampler),
+        texts,
+        1,
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        generator=seeded(5, 1),
     )
     assert same_as(result, expected)
 

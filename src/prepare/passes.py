@@ -18,7 +18,7 @@ from PIL import Image
 
 from src.prepare.canvas import ControlMaps, TaskImages
 from src.prompts.syntax import Span
-from src.schema import GenerateRequest
+from src.schema import SECOND_ORDER_SAMPLERS, GenerateRequest
 
 # The kind of diffusers pipeline a pass calls; ``run`` builds it (and its ControlNet variant) from the shared models.
 PipelineKind = Literal["txt2img", "img2img", "inpaint"]
@@ -87,15 +87,21 @@ def _controlled(request: GenerateRequest, step: Pass, maps: list[Image.Image]) -
     return replace(step, arguments=arguments, controlled=True)
 
 
+def _calls(steps: int, sampler: str) -> int:
+    """The model calls A1111's prompt editing counts over ``steps`` steps of ``sampler``."""
+    return steps * (2 if sampler in SECOND_ORDER_SAMPLERS else 1)
+
+
 def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
     width, height = request.size
     task = request.task
+    calls = _calls(request.num_inference_steps, request.scheduler)
     if task == "txt2img":
         first = Pass(
             "txt2img",
             steps=request.num_inference_steps,
             denoising_steps=request.num_inference_steps,
-            prompt_span=Span(request.num_inference_steps),
+            prompt_span=Span(calls),
             arguments={"width": width, "height": height},
         )
         if request.hires is None:
@@ -108,7 +114,7 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
             "img2img",
             steps=schedule,
             denoising_steps=hires.steps,
-            prompt_span=Span(hires.steps, after=request.num_inference_steps),
+            prompt_span=Span(_calls(hires.steps, hires.sampler or request.scheduler), after=calls),
             arguments={"strength": strength_for(schedule, hires.steps)},
             upscale_to=request.output_size,
             upscaler=hires.upscaler,
@@ -127,7 +133,7 @@ def _passes(request: GenerateRequest, images: TaskImages | None) -> list[Pass]:
             steps=request.num_inference_steps,
             denoising_steps=request.denoising_steps,
             # As A1111's img2img: editing counts over all the steps asked for, from the first step that runs.
-            prompt_span=Span(request.num_inference_steps),
+            prompt_span=Span(calls),
             arguments={"image": images.image, "strength": strength},
             mask=images.mask,
         )

@@ -149,7 +149,8 @@ class _Group:
     inside: list[Any]
 
 
-_NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
+# A1111's grammar's NUMBER (lark's SIGNED_NUMBER): a sign, a decimal, an exponent.
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*")
 
 
 def check_nesting(text: str, name: str) -> None:
@@ -195,6 +196,8 @@ def prompt_schedule(text: str, steps: int, *, after: int | None = None) -> list[
     if "[" not in text:
         return [(steps, text)]
     nodes = _editing_nodes(text)
+    if not _a1111_parses(text, nodes):
+        return [(steps, text)]
     schedule: list[tuple[int, str]] = []
     for step in range(1, steps + 1):
         rendered = _render(nodes, step, steps, after)
@@ -227,6 +230,37 @@ def _editing_nodes(text: str) -> list[Any]:
         position = end + 1
     nodes.append("".join(plain))
     return nodes
+
+
+def _a1111_parses(text: str, nodes: list[Any], in_option: bool = False) -> bool:
+    """Whether A1111's prompt grammar parses ``text``, whose nodes are ``nodes``. Where it does not, A1111 edits
+    nothing (its get_schedule falls back to the whole text at every step): a ``|`` outside an alternation, a
+    ``:`` or an unpaired round bracket in an alternation's option, or a backslash that ends the text."""
+    if not in_option and (len(text) - len(text.rstrip("\\"))) % 2:
+        return False
+    for node in nodes:
+        if isinstance(node, str):
+            bare = re.sub(r"\\.", "", node, flags=re.DOTALL)
+            if "|" in bare or (in_option and any(char in _outside_round_brackets(bare) for char in ":()")):
+                return False
+        elif isinstance(node, _Group):
+            if not _a1111_parses("", node.inside, in_option):
+                return False
+        elif isinstance(node, _Alternate):
+            if not all(_a1111_parses("", option, True) for option in node.options):
+                return False
+        elif not (_a1111_parses("", node.before, in_option) and _a1111_parses("", node.after, in_option)):
+            return False
+    return True
+
+
+def _outside_round_brackets(text: str) -> str:
+    """``text`` less each pair of round brackets and what they hold."""
+    while True:
+        inner = re.sub(r"\([^()]*\)", "", text)
+        if inner == text:
+            return text
+        text = inner
 
 
 def _closing_bracket(text: str, start: int) -> int:
@@ -315,7 +349,8 @@ def _switch_step(when: str, steps: int, after: int | None) -> int:
 
 @dataclass(frozen=True)
 class Span:
-    """The steps one pass's prompt editing counts over, as A1111 counts them.
+    """The steps one pass's prompt editing counts over, as A1111 counts them: its model calls, twice the steps
+    for a second-order sampler (Heun, DPM2).
 
     ``steps``: the pass's steps (for img2img, inpaint and outpaint, ``num_inference_steps``, of which the
     pass runs the last part). ``after``: for the hires pass, the first pass's steps.

@@ -164,8 +164,9 @@ class PromptSwitch:
 
     def __call__(self, pipeline: Any, index: int, timestep: object, tensors: dict[str, Any]) -> dict[str, Any]:
         tensors = self.job.on_step_end(pipeline, index, timestep, tensors)
-        # The next step's index from 0 is the number of steps done.
-        upcoming = self.schedule.at(self.pass_index, self.job.steps_in_run(pipeline, index))
+        # A1111 compares its denoiser's count of model calls so far: each of the pipeline's iterations is one
+        # call, in k-diffusion's order (a second-order sampler's span counts calls, ``src.prepare.passes``).
+        upcoming = self.schedule.at(self.pass_index, index + 1)
         if upcoming is not self.current:
             self.current = upcoming
             # As the pipeline lays them out: each prompt once per image, the negatives first under guidance.

@@ -63,6 +63,9 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "UniPC",
     "LCM",
 )
+# The samplers A1111 marks second_order (two model calls a step, one at the last): its prompt editing counts
+# their calls, twice the steps (its SamplerData.total_steps).
+SECOND_ORDER_SAMPLERS = frozenset({"Heun", "DPM2", "DPM2 a", "DPM2 Karras", "DPM2 a Karras"})
 # Other spellings of each: A1111's k-diffusion names and ComfyUI's sampler_name values, alone
 # or joined to ComfyUI's scheduler "karras". Case, spaces, underscores, hyphens, colons and
 # brackets do not matter (see _name_key), so "dpmpp_2m karras" and "DPM++ 2M (Karras)" need no entry.
