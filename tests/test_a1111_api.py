@@ -583,6 +583,9 @@ def test_the_docs_complete_example_runs(worker: None) -> None:
             id="hires-same-sampler-karras",
         ),
         pytest.param({"sampler_name": "DPM++ 2M", "scheduler": "Uniform"}, "DPM++ 2M", None, id="dpm++-2m-uniform"),
+        # A1111's aliases name their samplers: their own schedule, and Uniform where it may be named.
+        pytest.param({"sampler_name": "k_dpmpp_2m"}, "DPM++ 2M Karras", None, id="alias-own-schedule"),
+        pytest.param({"sampler_name": "k_euler", "scheduler": "Uniform"}, "k_euler", None, id="alias-uniform"),
         pytest.param(
             {"sampler_name": "DPM++ 2M", "scheduler": "Karras", "hr_sampler_name": "DPM++ 2M SDE"},
             "DPM++ 2M Karras",

@@ -466,6 +466,23 @@ def test_weights_past_float16_are_refused_naming_the_field_and_weighted_in_float
         ("a [cat:dog:2] \\", 4, [(4, "a [cat:dog:2] \\")]),
         ("[a|(b:1.2)] \\\\", 2, [(1, "a \\\\"), (2, "(b:1.2) \\\\")]),
         ("a \\| b [cat:dog:2]", 4, [(2, "a \\| b cat"), (4, "a \\| b dog")]),
+        ("[a|(b:1.2:3)] [x:y:2]", 4, [(4, "[a|(b:1.2:3)] [x:y:2]")]),  # one colon a round pair in an option
+        ("a [cat:dog:2] \\\nb", 4, [(4, "a [cat:dog:2] \\\nb")]),  # a backslash before a line break
+        ("[a:b:\u0663]", 4, [(4, "[a:b:\u0663]")]),  # lark's digits are ASCII
+        ("[a:b:1e400]", 4, [(4, "a")]),
+        ("[a:b:-1e400]", 4, [(4, "b")]),
+        # A1111 parses these: options whose round brackets hold bracketed parts.
+        (
+            "a [cat|(dog, [blurry])], in a [forest:city:0.5]",
+            4,
+            [
+                (1, "a cat, in a forest"),
+                (2, "a (dog, [blurry]), in a forest"),
+                (3, "a cat, in a city"),
+                (4, "a (dog, [blurry]), in a city"),
+            ],
+        ),
+        ("[cat|([dog:wolf:0.5]:1.2)]", 4, [(1, "cat"), (2, "(dog:1.2)"), (3, "cat"), (4, "(wolf:1.2)")]),
         ("(a [cat:dog:0.5]:1.2) [blurry]", 2, [(1, "(a cat:1.2) [blurry]"), (2, "(a dog:1.2) [blurry]")]),
         ("plain [blurry] (x:1.2)", 4, [(4, "plain [blurry] (x:1.2)")]),
         ("\\[a|b\\] [a:b:c] [unclosed|x", 4, [(4, "\\[a|b\\] [a:b:c] [unclosed|x")]),

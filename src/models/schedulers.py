@@ -123,7 +123,7 @@ class UniPC(UniPCMultistepScheduler):
     "time_uniform" steps): the model's continuous time from 1 to 1/1000 in equal steps, given to the UNet as the
     timestep (t - 1/1000) x 1000, linspace(999, 0) unrounded, at noise levels read off the model's log alphas by
     linear interpolation, down to the noise of timestep 0. diffusers' solver is the same one (from UniPC's
-    authors); its own schedule rounds the timesteps and, from SD 1.5's config, starts at 951 ("leading"), on less
+    authors); its own schedule rounds the timesteps and, from SD 1.5's config, starts at 941 ("leading"), on less
     noise than the latents hold."""
 
     def set_timesteps(self, num_inference_steps: int | None = None, *args: Any, **kwargs: Any) -> None:

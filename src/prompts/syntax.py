@@ -150,7 +150,7 @@ class _Group:
 
 
 # A1111's grammar's NUMBER (lark's SIGNED_NUMBER): a sign, a decimal, an exponent.
-_NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*")
+_NUMBER = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*")
 
 
 def check_nesting(text: str, name: str) -> None:
@@ -196,7 +196,7 @@ def prompt_schedule(text: str, steps: int, *, after: int | None = None) -> list[
     if "[" not in text:
         return [(steps, text)]
     nodes = _editing_nodes(text)
-    if not _a1111_parses(text, nodes):
+    if not _a1111_parses(nodes):
         return [(steps, text)]
     schedule: list[tuple[int, str]] = []
     for step in range(1, steps + 1):
@@ -232,35 +232,49 @@ def _editing_nodes(text: str) -> list[Any]:
     return nodes
 
 
-def _a1111_parses(text: str, nodes: list[Any], in_option: bool = False) -> bool:
-    """Whether A1111's prompt grammar parses ``text``, whose nodes are ``nodes``. Where it does not, A1111 edits
-    nothing (its get_schedule falls back to the whole text at every step): a ``|`` outside an alternation, a
-    ``:`` or an unpaired round bracket in an alternation's option, or a backslash that ends the text."""
-    if not in_option and (len(text) - len(text.rstrip("\\"))) % 2:
+def _a1111_parses(nodes: list[Any], strict: bool = False) -> bool:
+    """Whether A1111's prompt grammar parses the text ``nodes`` make. Where it does not, A1111 edits nothing (its
+    get_schedule falls back to the whole text at every step): a ``|`` outside an alternation, a backslash that
+    escapes nothing (one that ends the text, or one before a line break). Out of an alternation the grammar lets
+    stray brackets and colons be text; in an alternation's option (``strict``) its own text must be a prompt:
+    round brackets paired, a ``:`` only inside them, one a pair at most."""
+    skeleton = "".join(re.sub(r"\\.", "", node) if isinstance(node, str) else "\0" for node in nodes)
+    if "\\" in skeleton or "|" in skeleton or (strict and not _is_prompt(skeleton)):
         return False
     for node in nodes:
-        if isinstance(node, str):
-            bare = re.sub(r"\\.", "", node, flags=re.DOTALL)
-            if "|" in bare or (in_option and any(char in _outside_round_brackets(bare) for char in ":()")):
-                return False
-        elif isinstance(node, _Group):
-            if not _a1111_parses("", node.inside, in_option):
-                return False
+        if isinstance(node, _Group):
+            parts = [node.inside]
         elif isinstance(node, _Alternate):
-            if not all(_a1111_parses("", option, True) for option in node.options):
+            if not all(_a1111_parses(option, strict=True) for option in node.options):
                 return False
-        elif not (_a1111_parses("", node.before, in_option) and _a1111_parses("", node.after, in_option)):
+            parts = []
+        elif isinstance(node, _Scheduled):
+            parts = [node.before, node.after]
+        else:
+            parts = []
+        if not all(_a1111_parses(part, strict) for part in parts):
             return False
     return True
 
 
-def _outside_round_brackets(text: str) -> str:
-    """``text`` less each pair of round brackets and what they hold."""
-    while True:
-        inner = re.sub(r"\([^()]*\)", "", text)
-        if inner == text:
-            return text
-        text = inner
+def _is_prompt(skeleton: str) -> bool:
+    """Whether ``skeleton`` (a text without escapes, its bracketed parts as ``\\0``) is A1111's ``prompt``: its
+    round brackets paired, a ``:`` only inside a pair and one a pair at most, no stray square bracket."""
+    colons = [0]
+    for char in skeleton:
+        if char in "[]":
+            return False
+        if char == "(":
+            colons.append(0)
+        elif char == ")":
+            if len(colons) == 1:
+                return False
+            colons.pop()
+        elif char == ":":
+            colons[-1] += 1
+            if len(colons) == 1 or colons[-1] > 1:
+                return False
+    return len(colons) == 1
 
 
 def _closing_bracket(text: str, start: int) -> int:
@@ -344,7 +358,8 @@ def _switch_step(when: str, steps: int, after: int | None) -> int:
         value = (value - (1.0 if after is not None else 0.0)) * steps
     elif after is not None:
         value -= after
-    return min(steps, int(value))
+    # An exponent may make it infinite (1e400): below 0 and past the steps, every value acts alike.
+    return int(max(-1.0, min(float(steps), value)))
 
 
 @dataclass(frozen=True)
@@ -353,7 +368,7 @@ class Span:
     for a second-order sampler (Heun, DPM2).
 
     ``steps``: the pass's steps (for img2img, inpaint and outpaint, ``num_inference_steps``, of which the
-    pass runs the last part). ``after``: for the hires pass, the first pass's steps.
+    pass runs the last part). ``after``: for the hires pass, the first pass's (its model calls).
     """
 
     steps: int

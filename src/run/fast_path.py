@@ -118,10 +118,10 @@ def _known(config: Any, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _float_timestep(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The UNet's arguments with its timestep (the second) a float32 tensor. Schedulers give int64 (DPM++, DDIM,
-    LCM), float32 (Euler, Heun, LMS) or float64 (DPM2) timesteps, and a new dtype compiles the whole UNet again,
-    inside a job; the UNet's time embedding casts it to float32 first thing (diffusers' get_timestep_embedding), so the
-    result is the same."""
+    """The UNet's arguments with its timestep (the second) a float32 tensor. Schedulers give int64 (DPM++ 2M Karras
+    and the SDE ones, DDIM, LCM), float32 (Euler, Heun, LMS, DPM++ 2M, UniPC) or float64 (DPM2) timesteps, and a
+    new dtype compiles the whole UNet again, inside a job; the UNet's time embedding casts it to float32 first thing
+    (diffusers' get_timestep_embedding), so the result is the same."""
     if len(args) < 2 or not isinstance(args[1], torch.Tensor) or args[1].dtype == torch.float32:
         return args
     return (args[0], args[1].to(torch.float32), *args[2:])

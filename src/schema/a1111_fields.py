@@ -7,6 +7,7 @@ refuses the fields never read as unknown. ``src.schema.a1111`` says which payloa
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from math import isfinite
@@ -173,6 +174,8 @@ def _sampler(sampler: Any, schedule: Any) -> Any:
     if not isinstance(sampler, str):
         return sampler
     key, wanted = sampler.strip().lower(), (schedule or "").strip().lower()
+    with contextlib.suppress(ValueError):  # an alias (k_dpmpp_2m) as the name it stands for
+        key = canonical_scheduler(sampler).lower()
     if wanted in _AUTOMATIC:
         return _OWN_SCHEDULES.get(key, sampler)
     if key.endswith(wanted) or (key, wanted) in _OWN_NAMED or (wanted == "uniform" and key in _UNIFORM_SAMPLERS):
