@@ -328,6 +328,8 @@ class _Unit(torch.nn.Module):
         self.net = net
         self.control_mode = control_mode
         self.guidance = guidance
+        # The last cross-attention mask read, and its rows' lengths (``_each_text_alone``).
+        self._read: tuple[torch.Tensor, list[int]] | None = None
 
     @property
     def config(self) -> Any:
@@ -359,7 +361,10 @@ class _Unit(torch.nn.Module):
         """The ControlNet on the rows of each length of text apart, each row reading its own tokens (``mask``'s
         ones, from the first; ``src.run.cross_attention``), as A1111 runs its ControlNet in each of its two calls:
         diffusers' ControlNetModel takes no mask for its cross-attention."""
-        lengths = [int(length) for length in mask.sum(dim=1).tolist()]
+        # A pass's mask is one tensor (``KeyMask`` keeps it): read on the host once, not at each step's call.
+        if self._read is None or self._read[0] is not mask:
+            self._read = (mask, [int(length) for length in mask.sum(dim=1).tolist()])
+        lengths = self._read[1]
         batch = len(lengths)
         down: list[torch.Tensor] = []
         mid = torch.empty(0)

@@ -388,9 +388,9 @@ def _warm_up(engine: Engine, compile_cache: CompileCache | None = None) -> None:
     the default scheduler), then a second shape (two images, 448x512), which makes torch compile the dynamic
     graphs every other size and batch replays, its prompt two chunks long (``BREAK``) against an empty
     negative's one, for the graphs with a cross-attention mask (``src.run.cross_attention``); with LoRA slots,
-    both again with the first slot on. Then keep what was
-    compiled (COMPILE_CACHE_DIR) for the next workers, and log how far the compiled image is from the uncompiled
-    one. A warm-up that fails costs FAST_MODE, never the worker: it serves on uncompiled."""
+    both again with the first slot on. Then keep what was compiled (COMPILE_CACHE_DIR) for the next workers, and
+    log how far the compiled image is from the uncompiled one. A warm-up that fails costs FAST_MODE, never the
+    worker: it serves on uncompiled."""
     started = time.perf_counter()
     first = {"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}
     second = {**first, "num_images": min(2, engine.settings.max_images), "width": 448}
